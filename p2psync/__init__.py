@@ -1,0 +1,66 @@
+"""p2psync: peer-to-peer sync of business records over a signed, hash-chained change log."""
+
+from p2psync.api import (
+    Change,
+    Conflict,
+    Database,
+    IngestResult,
+    LogEntry,
+    Transaction,
+    VerifyReport,
+    open,
+)
+from p2psync.core.entry import OpKind
+from p2psync.errors import (
+    ChainError,
+    CorruptionError,
+    DecodeError,
+    EntryError,
+    ForkError,
+    FrozenAuthorError,
+    FutureTimestampError,
+    HomeError,
+    IntegrityError,
+    InvalidDeviceID,
+    InvalidRecord,
+    NestingError,
+    NonCanonicalError,
+    OversizeError,
+    P2PSyncError,
+    SignatureError,
+    StoreError,
+    UsageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChainError",
+    "Change",
+    "Conflict",
+    "CorruptionError",
+    "Database",
+    "DecodeError",
+    "EntryError",
+    "ForkError",
+    "FrozenAuthorError",
+    "FutureTimestampError",
+    "HomeError",
+    "IngestResult",
+    "IntegrityError",
+    "InvalidDeviceID",
+    "InvalidRecord",
+    "LogEntry",
+    "NestingError",
+    "NonCanonicalError",
+    "OpKind",
+    "OversizeError",
+    "P2PSyncError",
+    "SignatureError",
+    "StoreError",
+    "Transaction",
+    "UsageError",
+    "VerifyReport",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,241 @@
+"""The Python API: open a home, read and write records, ingest entries.
+
+::
+
+    import p2psync
+    with p2psync.open(home) as db:
+        db.put("vouchers", "V-1001", {"amount": 1200, "party": "ACME"})
+        with db.transaction() as tx:          # one entry, atomic everywhere
+            tx.put("ledgers", "ACME", {"balance": 1200})
+            tx.delete("drafts", "V-1001")
+        db.get("vouchers", "V-1001")
+        list(db.scan("vouchers", prefix="V-"))
+        db.conflicts()
+
+Several processes may open one home at once; reads never wait for writers and
+writes are serialised by the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from p2psync import home as home_mod
+from p2psync.core import canonical, hlc
+from p2psync.core.canonical import Value
+from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored
+from p2psync.core.identity import Identity
+from p2psync.errors import HomeError
+from p2psync.store.ingest import IngestResult
+from p2psync.store.records import Conflict, VersionInfo
+from p2psync.store.store import AuthorState, Change, Store
+from p2psync.store.verify import VerifyReport
+from p2psync.store.writer import wire_from_stored
+
+__all__ = [
+    "AuthorState",
+    "Change",
+    "Conflict",
+    "Database",
+    "IngestResult",
+    "LogEntry",
+    "LogOp",
+    "Transaction",
+    "VerifyReport",
+    "VersionInfo",
+    "open",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LogOp:
+    collection: str
+    key: str | None  # None when the payload is withheld from this agent
+    kind: OpKind | None
+    value: Value
+    bases: tuple[bytes, ...]
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    author: bytes
+    seq: int
+    id: bytes
+    prev: bytes | None
+    hlc: int
+    signature: bytes
+    ops: tuple[LogOp, ...]
+
+
+def open(home: str | os.PathLike[str] | None = None) -> Database:
+    """Open an initialised home. Creates nothing; a missing home is a HomeError."""
+    path = home_mod.resolve(home)
+    loaded = home_mod.load(path)
+    if not loaded.store_path.exists():
+        raise HomeError(f"{path} has an identity but no store; it is damaged or incomplete")
+    return Database(loaded, Store(loaded.store_path, home_mod.now_ms()))
+
+
+class Database:
+    """An open home: identity plus store."""
+
+    def __init__(self, home: home_mod.Home, store: Store) -> None:
+        self.home = home
+        self.store = store
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def identity(self) -> Identity:
+        return self.home.identity
+
+    @property
+    def device_id(self) -> str:
+        return self.home.identity.device_id
+
+    @property
+    def path(self) -> Path:
+        return self.home.path
+
+    # ------------------------------------------------------------ writing
+
+    def put(self, collection: str, key: str, value: Value) -> bytes:
+        """Write one record as one entry; returns the entry ID."""
+        return self.write([[Change(OpKind.PUT, collection, key, value)]])[0]
+
+    def delete(self, collection: str, key: str) -> bool:
+        """Delete one record (a tombstone); False when it did not exist."""
+        return bool(self.write([[Change(OpKind.DELETE, collection, key)]]))
+
+    def resolve(self, collection: str, key: str, value: Value) -> bytes:
+        """Write ``value`` superseding every conflicting version of the record."""
+        return self.write([[Change(OpKind.PUT, collection, key, value, resolve=True)]])[0]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """Collect changes; on a clean exit they become one entry (atomic everywhere)."""
+        tx = Transaction(self)
+        yield tx
+        if tx.changes:
+            self.write([tx.changes])
+
+    def write(
+        self,
+        transactions: Iterable[Sequence[Change]],
+        salt: Callable[[], bytes] | None = None,
+    ) -> list[bytes]:
+        """One entry per transaction, all committed in one store transaction."""
+        return self.store.write_local(
+            self.identity,
+            transactions,
+            home_mod.now_ms,
+            salt or (lambda: os.urandom(16)),
+        )
+
+    def ingest(
+        self, wires: Sequence[bytes], *, max_skew_ms: int = hlc.DEFAULT_MAX_SKEW_MS
+    ) -> IngestResult:
+        """Verify and apply entries (wire form) from any author."""
+        return self.store.ingest(wires, home_mod.now_ms(), max_skew_ms)
+
+    # ------------------------------------------------------------ reading
+
+    def get(self, collection: str, key: str) -> Value:
+        """The record's value, or None when absent or deleted."""
+        return self.store.get(collection, key)
+
+    def exists(self, collection: str, key: str) -> bool:
+        """True when the record exists and is not deleted (its value may be null)."""
+        return self.store.exists(collection, key)
+
+    def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
+        """Live records of a collection in key order, optionally by key prefix."""
+        return self.store.scan(collection, prefix)
+
+    def collections(self) -> list[tuple[str, int]]:
+        return self.store.collections()
+
+    def conflicts(self) -> list[Conflict]:
+        return self.store.conflicts()
+
+    def authors(self) -> list[AuthorState]:
+        return self.store.authors()
+
+    def export(self, author: bytes | None = None) -> Iterator[bytes]:
+        """Wire forms of stored entries (one author in seq order, or all in clock order)."""
+        for stored in self.store.entries(author):
+            yield wire_from_stored(stored.signed, stored.payloads)
+
+    def log(self, author: bytes | None = None) -> Iterator[LogEntry]:
+        for stored in self.store.entries(author):
+            entry = decode_stored(stored.signed, stored.payloads)
+            ops = []
+            for collection, digest, op in zip(
+                entry.collections, entry.digests, entry.ops, strict=True
+            ):
+                if op is None:
+                    ops.append(LogOp(collection, None, None, None, (), digest))
+                else:
+                    ops.append(LogOp(collection, op.key, op.kind, op.value, op.bases, digest))
+            yield LogEntry(
+                entry.author,
+                entry.seq,
+                entry.id,
+                entry.prev,
+                entry.hlc,
+                entry.signature,
+                tuple(ops),
+            )
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        return self.store.verify(progress)
+
+
+class Transaction:
+    """Changes collected by :meth:`Database.transaction`; the last change per record wins."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._changes: dict[tuple[str, str], Change] = {}
+
+    @property
+    def changes(self) -> list[Change]:
+        return list(self._changes.values())
+
+    def put(self, collection: str, key: str, value: Value) -> None:
+        check_collection(collection)
+        check_key(key)
+        canonical.check_value(value)
+        self._changes[(collection, key)] = Change(OpKind.PUT, collection, key, value)
+
+    def delete(self, collection: str, key: str) -> None:
+        check_collection(collection)
+        check_key(key)
+        self._changes[(collection, key)] = Change(OpKind.DELETE, collection, key)
+
+    def get(self, collection: str, key: str) -> Value:
+        """Read through the pending changes of this transaction."""
+        change = self._changes.get((collection, key))
+        if change is not None:
+            return change.value if change.kind is OpKind.PUT else None
+        return self._db.get(collection, key)

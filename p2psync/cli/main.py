@@ -1,0 +1,106 @@
+"""The ``p2psync`` command line.
+
+The CLI is the only place that prints or picks exit codes: 0 success, 1 an
+error explained in one sentence on stderr, 2 a usage error. No tracebacks
+unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from p2psync import __version__
+from p2psync import home as home_mod
+from p2psync.cli import logs, output, records
+from p2psync.cli.context import State, pass_state
+from p2psync.errors import P2PSyncError, UsageError
+
+
+class Group(click.Group):
+    """Turns p2psync errors into one sentence and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except UsageError as exc:
+            fail(str(exc), code=2)
+        except P2PSyncError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(1)
+        except Exception as exc:
+            state = ctx.find_object(State)
+            if state is not None and state.debug:
+                raise
+            fail(
+                f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for details)"
+            )
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"p2psync: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    metavar="PATH",
+    help="Agent home folder (default: $P2PSYNC_HOME, else the XDG data dir).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.version_option(__version__, prog_name="p2psync")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
+    """p2psync: keep business records in step between sites, peer to peer."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = State(home, debug)
+
+
+@cli.command()
+@click.option("--name", help="Display name of this site (default: derived from the ID).")
+@pass_state
+def init(state: State, name: str | None) -> None:
+    """Create a home with a new identity; prints the device ID first."""
+    created = home_mod.init(state.home, name)
+    click.echo(created.identity.device_id)
+    click.echo(f"initialised {created.name!r} at {created.path}")
+
+
+@cli.command(name="id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def show_id(state: State, as_json: bool) -> None:
+    """Show this agent's device ID."""
+    loaded = home_mod.load(state.home)
+    if as_json:
+        output.emit_json(
+            {
+                "device_id": loaded.identity.device_id,
+                "short_id": loaded.identity.short_id,
+                "name": loaded.name,
+                "home": str(loaded.path),
+            }
+        )
+    else:
+        click.echo(loaded.identity.device_id)
+
+
+for _command in (*records.COMMANDS, *logs.COMMANDS):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="p2psync")

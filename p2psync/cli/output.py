@@ -1,0 +1,71 @@
+"""JSON in and out of the CLI.
+
+Record values are JSON on the command line. JSON has no byte strings, so a
+byte string is shown as ``{"$base64": "..."}``, and such a one-key object
+given as input becomes a byte string again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Any
+
+import click
+
+from p2psync.core.canonical import Value
+from p2psync.errors import InvalidRecord
+
+_BYTES_KEY = "$base64"
+
+
+def to_json(value: Any) -> Any:
+    """A JSON-ready copy of a record value (bytes as ``{"$base64": ...}``)."""
+    if isinstance(value, bytes):
+        return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, list):
+        return [to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
+    return value
+
+
+def from_json(value: Any) -> Value:
+    if isinstance(value, dict):
+        if len(value) == 1 and _BYTES_KEY in value and isinstance(value[_BYTES_KEY], str):
+            try:
+                return base64.b64decode(value[_BYTES_KEY], validate=True)
+            except binascii.Error as exc:
+                raise InvalidRecord(f"invalid base64 in {_BYTES_KEY}: {exc}") from exc
+        return {key: from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRecord("NaN and Infinity are not allowed in values")
+    result: Value = value
+    return result
+
+
+def parse_value(text: str, what: str = "value") -> Value:
+    """Parse JSON text given by the user into a record value."""
+    try:
+        return from_json(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"{what} is not valid JSON: {exc.msg} at position {exc.pos}"
+        ) from None
+    except RecursionError as exc:
+        raise InvalidRecord(f"{what} nests too deeply") from exc
+
+
+def dumps(value: Any, *, pretty: bool = False) -> str:
+    if pretty:
+        return json.dumps(to_json(value), indent=2, ensure_ascii=False, sort_keys=False)
+    return json.dumps(to_json(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def emit_json(document: Any) -> None:
+    """Print one JSON document on stdout."""
+    click.echo(json.dumps(to_json(document), indent=2, ensure_ascii=False))

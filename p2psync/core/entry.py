@@ -1,0 +1,379 @@
+"""Entries: the signed, hash-chained units of an author's change log.
+
+The byte layouts are specified in ``docs/entry-format.md``; in short::
+
+    body     = {0: 1, 1: author, 2: seq, 3: prev|null, 4: hlc, 5: [[collection, digest], ...]}
+    signed   = [body (bstr), signature (bstr)]       signature = Ed25519(PREFIX || body)
+    entry ID = BLAKE2b-256(signed)
+    payload  = [salt, kind, key, value|null, [base entry IDs]]   digest = BLAKE2b-256(payload)
+    wire     = [signed (bstr), [payload (bstr) | null, ...]]
+
+The body commits to each op by its collection and the digest of its payload, so
+a receiver that may not see a collection gets ``null`` in place of that payload
+and still verifies the chain. The random salt in each payload keeps a withheld
+op from being guessed by hashing candidate values.
+
+Everything here is pure: no clock (the HLC is passed in), no randomness (salts
+are passed in), no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+from p2psync.core import canonical
+from p2psync.core.canonical import Value
+from p2psync.core.identity import KEY_BYTES, SIGNATURE_BYTES, Identity, verify
+from p2psync.errors import DecodeError, InvalidRecord, NonCanonicalError, OversizeError
+
+FORMAT_VERSION = 1
+#: Domain-separation prefix of every entry signature.
+SIGN_PREFIX = b"p2psync/v1/entry\x00"
+ID_BYTES = 32
+SALT_BYTES = 16
+#: Largest wire form of one entry (signed part plus every payload).
+MAX_ENTRY_BYTES = 1 << 20
+#: Most ops one entry may hold.
+MAX_OPS = 10_000
+#: Most bases one op may name.
+MAX_BASES = 64
+MAX_COLLECTION_CHARS = 128
+MAX_KEY_CHARS = 1024
+MAX_SEQ = (1 << 63) - 1
+
+_BODY_KEYS = [0, 1, 2, 3, 4, 5]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_GLOB = re.compile(r"[*?\[\]]")
+
+
+class OpKind(IntEnum):
+    PUT = 0
+    DELETE = 1
+
+
+_KINDS = (OpKind.PUT, OpKind.DELETE)
+
+
+class Op(NamedTuple):
+    """One put or delete of one record, with the versions it supersedes (its bases).
+
+    A NamedTuple rather than a frozen dataclass: it is built once per op on the
+    ingest hot path, where a frozen dataclass costs four times as much.
+    """
+
+    collection: str
+    key: str
+    kind: OpKind
+    value: Value
+    bases: tuple[bytes, ...]
+    payload: bytes
+    digest: bytes
+
+
+class Entry(NamedTuple):
+    """A decoded, structurally valid entry. Its signature is checked separately."""
+
+    id: bytes
+    author: bytes
+    seq: int
+    prev: bytes | None
+    hlc: int
+    collections: tuple[str, ...]
+    digests: tuple[bytes, ...]
+    body: bytes
+    signature: bytes
+    signed: bytes
+    ops: tuple[Op | None, ...]
+    #: canonical CBOR array of the payloads held (``null`` where withheld)
+    payloads_blob: bytes
+
+    @property
+    def payloads(self) -> tuple[bytes | None, ...]:
+        return tuple(None if op is None else op.payload for op in self.ops)
+
+    def wire(self) -> bytes:
+        """The transfer form: signed part plus every payload we hold."""
+        return b"\x82" + canonical.encode(self.signed) + self.payloads_blob
+
+    def signature_valid(self) -> bool:
+        return verify(self.author, SIGN_PREFIX + self.body, self.signature)
+
+    def dependencies(self) -> set[bytes]:
+        """Entry IDs that must be applied before this one."""
+        deps = {base for op in self.ops if op is not None for base in op.bases}
+        if self.prev is not None:
+            deps.add(self.prev)
+        return deps
+
+
+def entry_id(signed: bytes) -> bytes:
+    return hashlib.blake2b(signed, digest_size=ID_BYTES).digest()
+
+
+# ---------------------------------------------------------------- local writes
+
+
+def check_collection(name: object) -> str:
+    """Return ``name`` if it is a valid collection name, else raise InvalidRecord."""
+    if (
+        type(name) is not str
+        or not 0 < len(name) <= MAX_COLLECTION_CHARS
+        or _CONTROL.search(name)
+        or _GLOB.search(name)
+    ):
+        raise InvalidRecord(
+            f"invalid collection name {name!r}: use 1-{MAX_COLLECTION_CHARS} characters, "
+            "no control characters and none of * ? [ ]"
+        )
+    return name
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a valid record key, else raise InvalidRecord."""
+    if type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS or _CONTROL.search(key):
+        raise InvalidRecord(
+            f"invalid record key {key!r}: use 1-{MAX_KEY_CHARS} characters, no control characters"
+        )
+    return key
+
+
+def make_op(
+    kind: OpKind,
+    collection: str,
+    key: str,
+    value: Value,
+    bases: Sequence[bytes],
+    salt: bytes,
+) -> Op:
+    """Build one op from local input, validating it."""
+    check_collection(collection)
+    check_key(key)
+    if kind is OpKind.DELETE:
+        value = None
+    else:
+        canonical.check_value(value)
+    if len(salt) != SALT_BYTES:
+        raise ValueError("salt must be 16 bytes")
+    ordered = tuple(sorted(set(bases)))
+    if len(ordered) > MAX_BASES:
+        raise InvalidRecord(f"a record may be resolved over at most {MAX_BASES} versions")
+    payload = canonical.encode([salt, int(kind), key, value, list(ordered)])
+    digest = hashlib.blake2b(payload, digest_size=ID_BYTES).digest()
+    return Op(collection, key, kind, value, ordered, payload, digest)
+
+
+def sign_entry(
+    identity: Identity, seq: int, prev: bytes | None, hlc: int, ops: Sequence[Op]
+) -> Entry:
+    """Build and sign the entry holding ``ops`` as one transaction."""
+    if not ops:
+        raise InvalidRecord("an entry needs at least one op")
+    if len(ops) > MAX_OPS:
+        raise InvalidRecord(f"a transaction may hold at most {MAX_OPS} changes")
+    records = {(op.collection, op.key) for op in ops}
+    if len(records) != len(ops):
+        raise InvalidRecord("a transaction may change each record only once")
+    body = canonical.encode(
+        {
+            0: FORMAT_VERSION,
+            1: identity.public_key,
+            2: seq,
+            3: prev,
+            4: hlc,
+            5: [[op.collection, op.digest] for op in ops],
+        }
+    )
+    signature = identity.sign(SIGN_PREFIX + body)
+    signed = canonical.encode([body, signature])
+    entry = Entry(
+        id=entry_id(signed),
+        author=identity.public_key,
+        seq=seq,
+        prev=prev,
+        hlc=hlc,
+        collections=tuple(op.collection for op in ops),
+        digests=tuple(op.digest for op in ops),
+        body=body,
+        signature=signature,
+        signed=signed,
+        ops=tuple(ops),
+        payloads_blob=canonical.encode([op.payload for op in ops]),
+    )
+    size = len(signed) + len(entry.payloads_blob) + 6
+    if size > MAX_ENTRY_BYTES:
+        raise InvalidRecord(
+            f"transaction is {size} bytes; one entry may be at most {MAX_ENTRY_BYTES} bytes"
+        )
+    return entry
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_wire(data: bytes) -> Entry:
+    """Decode and validate the wire form of an entry (signature not checked).
+
+    The two outer layers are fixed-shape (an array of two byte strings) and are
+    parsed by hand, with the same strictness as the canonical decoder.
+    """
+    if len(data) > MAX_ENTRY_BYTES:
+        raise OversizeError(f"entry is {len(data)} bytes; the limit is {MAX_ENTRY_BYTES}")
+    if len(data) < 2 or data[0] != 0x82:
+        raise DecodeError("entry is not a [signed, payloads] pair")
+    start, end = _bstr_span(data, 1, "entry")
+    payloads_blob = data[end:]
+    payloads = canonical.decode_ordered(payloads_blob, what="entry payloads", max_depth=1)
+    if type(payloads) is not list:
+        raise DecodeError("entry payloads are not a list")
+    return _decode(data[start:end], payloads, payloads_blob)
+
+
+def decode_stored(signed: bytes, payloads_blob: bytes) -> Entry:
+    """Decode an entry from the two columns the store keeps."""
+    payloads = canonical.decode_ordered(payloads_blob, what="stored payloads", max_depth=1)
+    if type(payloads) is not list:
+        raise DecodeError("stored payloads are not a list")
+    return _decode(signed, payloads, payloads_blob)
+
+
+def _bstr_span(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """``(start, end)`` of the canonical CBOR byte string whose head is at ``pos``."""
+    if pos >= len(data):
+        raise DecodeError(f"{what} is truncated")
+    initial = data[pos]
+    if initial >> 5 != 2:
+        raise DecodeError(f"{what}: expected a byte string")
+    info = initial & 0x1F
+    if info < 24:
+        length, start = info, pos + 1
+    elif 24 <= info <= 26:
+        width = 1 << (info - 24)
+        length = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+        start = pos + 1 + width
+        if length < (24 if width == 1 else 1 << (4 * width)):
+            raise NonCanonicalError(f"{what}: byte string length is not minimally encoded")
+    else:
+        raise DecodeError(f"{what}: byte string length is invalid or too large")
+    end = start + length
+    if end > len(data):
+        raise DecodeError(f"{what} is truncated")
+    return start, end
+
+
+def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
+    # signed = [body (bstr), signature (64-byte bstr)]
+    if len(signed) < 2 or signed[0] != 0x82:
+        raise DecodeError("signed entry is not a [body, signature] pair")
+    start, end = _bstr_span(signed, 1, "signed entry")
+    if len(signed) != end + 2 + SIGNATURE_BYTES or signed[end : end + 2] != b"\x58\x40":
+        raise DecodeError("signed entry is not a [body, 64-byte signature] pair")
+    body = signed[start:end]
+    signature = signed[end + 2 :]
+    fields = canonical.decode_ordered(body, what="entry body", max_depth=3)
+    if type(fields) is not dict or list(fields) != _BODY_KEYS:
+        raise DecodeError("entry body must have exactly the keys 0-5 in order")
+    version, author, seq, prev, hlc, refs = (fields[k] for k in _BODY_KEYS)
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise DecodeError(f"unknown entry format version {version!r}")
+    if type(author) is not bytes or len(author) != KEY_BYTES:
+        raise DecodeError("author is not a 32-byte key")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise DecodeError(f"invalid sequence number {seq!r}")
+    if seq == 1:
+        if prev is not None:
+            raise DecodeError("the first entry of a log must not name a predecessor")
+    elif type(prev) is not bytes or len(prev) != ID_BYTES:
+        raise DecodeError("predecessor is not a 32-byte entry ID")
+    if type(hlc) is not int or hlc < 0:
+        raise DecodeError("invalid clock value")
+    if type(refs) is not list or not 0 < len(refs) <= MAX_OPS:
+        raise DecodeError(f"an entry holds 1-{MAX_OPS} ops")
+    if len(payloads) != len(refs):
+        raise DecodeError("payload list does not match the op list")
+    collections: list[str] = []
+    digests: list[bytes] = []
+    ops: list[Op | None] = []
+    seen: set[tuple[str, str]] = set()
+    for ref, payload in zip(refs, payloads, strict=True):
+        if type(ref) is not list or len(ref) != 2:
+            raise DecodeError("op reference is not a [collection, digest] pair")
+        collection, digest = ref
+        if type(digest) is not bytes or len(digest) != ID_BYTES:
+            raise DecodeError("op digest is not 32 bytes")
+        _check_received_collection(collection)
+        collections.append(collection)
+        digests.append(digest)
+        if payload is None:
+            ops.append(None)
+            continue
+        if type(payload) is not bytes:
+            raise DecodeError("op payload is neither bytes nor null")
+        op = _decode_payload(collection, digest, payload)
+        record = (collection, op.key)
+        if record in seen:
+            raise DecodeError("an entry changes one record twice")
+        seen.add(record)
+        ops.append(op)
+    return Entry(
+        id=entry_id(signed),
+        author=author,
+        seq=seq,
+        prev=prev,
+        hlc=hlc,
+        collections=tuple(collections),
+        digests=tuple(digests),
+        body=body,
+        signature=signature,
+        signed=signed,
+        ops=tuple(ops),
+        payloads_blob=payloads_blob,
+    )
+
+
+_valid_collections: set[str] = set()
+
+
+def _check_received_collection(name: object) -> None:
+    if name in _valid_collections:
+        return
+    try:
+        check_collection(name)
+    except InvalidRecord as exc:
+        raise DecodeError(str(exc)) from None
+    if len(_valid_collections) < 4096:
+        _valid_collections.add(name)  # type: ignore[arg-type]
+
+
+def _decode_payload(collection: str, digest: bytes, payload: bytes) -> Op:
+    if hashlib.blake2b(payload, digest_size=ID_BYTES).digest() != digest:
+        raise DecodeError("op payload does not match its digest")
+    fields = canonical.decode_value(
+        payload, what="op payload", max_depth=canonical.MAX_VALUE_DEPTH + 1
+    )
+    if type(fields) is not list or len(fields) != 5:
+        raise DecodeError("op payload is not [salt, kind, key, value, bases]")
+    salt, kind, key, value, bases = fields
+    if type(salt) is not bytes or len(salt) != SALT_BYTES:
+        raise DecodeError("op salt is not 16 bytes")
+    if type(kind) is not int or kind not in (0, 1):
+        raise DecodeError(f"unknown op kind {kind!r}")
+    if (
+        type(key) is not str
+        or not 0 < len(key) <= MAX_KEY_CHARS
+        or (not key.isprintable() and _CONTROL.search(key))
+    ):
+        raise DecodeError("invalid record key")
+    if kind == 1 and value is not None:
+        raise DecodeError("a delete carries no value")
+    if type(bases) is not list or len(bases) > MAX_BASES:
+        raise DecodeError("op bases are not a short list")
+    previous = b""
+    for base in bases:
+        if type(base) is not bytes or len(base) != ID_BYTES or base <= previous:
+            raise DecodeError("op bases must be sorted, distinct 32-byte entry IDs")
+        previous = base
+    return Op(collection, key, _KINDS[kind], value, tuple(bases), payload, digest)

@@ -1,0 +1,108 @@
+"""The one exception tree of p2psync.
+
+Every error p2psync raises on purpose is a :class:`P2PSyncError`. Foreign
+exceptions (``sqlite3``, ``nacl``, ``cbor2``, ``OSError``) are translated at the
+module that touches them, with ``raise X from exc``.
+
+::
+
+    P2PSyncError
+    ├── UsageError                 the caller asked for something invalid
+    │   ├── InvalidDeviceID        a device ID failed its check characters
+    │   └── InvalidRecord          bad collection name, key or value
+    ├── HomeError                  home folder missing, uninitialised, or already initialised
+    ├── StoreError                 the SQLite store could not be read or written
+    ├── EntryError                 an entry from elsewhere was refused (carries a reason)
+    │   ├── DecodeError            not a well-formed entry
+    │   │   ├── NonCanonicalError  valid CBOR, but not its one canonical encoding
+    │   │   ├── OversizeError      larger than the limits
+    │   │   └── NestingError       nested deeper than the limit
+    │   ├── SignatureError         signature does not verify
+    │   ├── ChainError             does not fit its author's chain (order, clock)
+    │   ├── FutureTimestampError   clock too far ahead of ours
+    │   ├── FrozenAuthorError      its author is frozen after a fork
+    │   └── HeldLimitError         too many entries already waiting for predecessors
+    └── IntegrityError             stored or received data proves tampering or misbehaviour
+        ├── ForkError              an author signed two different entries at one seq
+        └── CorruptionError        the local store does not verify
+
+``ForkError`` is also an ``EntryError``: it is the reason an entry was refused.
+"""
+
+from __future__ import annotations
+
+
+class P2PSyncError(Exception):
+    """Base class of every error p2psync raises on purpose."""
+
+
+class UsageError(P2PSyncError):
+    """The caller (user, CLI, API) asked for something invalid."""
+
+
+class InvalidDeviceID(UsageError):
+    """A device ID text form is malformed or fails its check characters."""
+
+
+class InvalidRecord(UsageError):
+    """A collection name, record key or value is not allowed."""
+
+
+class HomeError(P2PSyncError):
+    """The home folder is missing, not initialised, or already initialised."""
+
+
+class StoreError(P2PSyncError):
+    """The SQLite store could not be opened, read or written."""
+
+
+class EntryError(P2PSyncError):
+    """An entry received from elsewhere was refused."""
+
+
+class DecodeError(EntryError):
+    """The bytes are not a well-formed entry."""
+
+
+class NonCanonicalError(DecodeError):
+    """Valid CBOR, but not the one canonical encoding of its value."""
+
+
+class OversizeError(DecodeError):
+    """The entry (or one of its parts) exceeds a size limit."""
+
+
+class NestingError(DecodeError):
+    """The entry nests containers deeper than allowed."""
+
+
+class SignatureError(EntryError):
+    """The author's signature does not verify."""
+
+
+class ChainError(EntryError):
+    """The entry does not fit its author's chain (sequence, links or clock)."""
+
+
+class FutureTimestampError(EntryError):
+    """The entry's clock is too far ahead of this agent's clock."""
+
+
+class FrozenAuthorError(EntryError):
+    """The entry's author is frozen after a fork; nothing more is accepted from it."""
+
+
+class HeldLimitError(EntryError):
+    """Too many entries already wait for their predecessors."""
+
+
+class IntegrityError(P2PSyncError):
+    """Data proves tampering, damage or author misbehaviour."""
+
+
+class ForkError(IntegrityError, EntryError):
+    """An author signed two different entries for one sequence number."""
+
+
+class CorruptionError(IntegrityError):
+    """The local store does not verify."""

@@ -1,0 +1,143 @@
+"""The home folder: identity key, store and config of one agent.
+
+Resolution order: an explicit path (``--home``), else ``$P2PSYNC_HOME``, else
+``$XDG_DATA_HOME/p2psync`` (``~/.local/share/p2psync``).
+
+Layout::
+
+    HOME/identity.key   Ed25519 seed, JSON, mode 0600, never overwritten
+    HOME/config.json    display name and settings
+    HOME/store.sqlite   the store (plus -wal and -shm files)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2psync.core.identity import Identity
+from p2psync.errors import HomeError
+from p2psync.store.store import STORE_FILE, Store
+
+KEY_FILE = "identity.key"
+CONFIG_FILE = "config.json"
+_KEY_TYPE = "p2psync-ed25519-seed"
+
+
+def resolve(home: str | os.PathLike[str] | None = None) -> Path:
+    """The home folder to use, from the argument, the environment or XDG."""
+    if home is not None and str(home) != "":
+        return Path(home).expanduser()
+    env = os.environ.get("P2PSYNC_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "p2psync"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Home:
+    path: Path
+    identity: Identity
+    name: str
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / STORE_FILE
+
+
+def init(path: Path, name: str | None = None) -> Home:
+    """Create a new home with a fresh identity; refuse if one exists."""
+    key_path = path / KEY_FILE
+    if key_path.exists():
+        raise HomeError(
+            f"{path} already holds a p2psync identity; it is never overwritten "
+            "(use another --home for a second agent)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise HomeError(f"cannot create the home at {path}: {exc.strerror or exc}") from exc
+    seed = os.urandom(32)
+    identity = Identity(seed)
+    display = name or f"p2psync-{identity.short_id}"
+    # The key file is written last: it marks a finished init, so an interrupted
+    # init can simply be run again.
+    store = Store(path / STORE_FILE, now_ms(), create=True)
+    try:
+        owner = store.get_meta("self")
+        if owner is not None and store.authors():
+            raise HomeError(
+                f"{path / STORE_FILE} belongs to another identity whose key is missing; "
+                "restore its identity.key or use another --home"
+            )
+        store.set_meta("self", identity.public_key)
+    finally:
+        store.close()
+    try:
+        _write_config(path, {"name": display})
+        _write_new(
+            key_path,
+            json.dumps({"type": _KEY_TYPE, "version": 1, "seed": seed.hex()}).encode() + b"\n",
+        )
+    except OSError as exc:
+        raise HomeError(f"cannot create the home at {path}: {exc.strerror or exc}") from exc
+    return Home(path, identity, display)
+
+
+def load(path: Path) -> Home:
+    """Load an existing home; a missing or uninitialised one is a clear error."""
+    key_path = path / KEY_FILE
+    if not key_path.exists():
+        raise HomeError(f"no p2psync home at {path}; run `p2psync init --home {path}` first")
+    try:
+        mode = key_path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise HomeError(f"{key_path} can be read by other users; run `chmod 600 {key_path}`")
+        data = json.loads(key_path.read_text())
+        seed = bytes.fromhex(data["seed"])
+        if data.get("type") != _KEY_TYPE or len(seed) != 32:
+            raise ValueError("not a p2psync key")
+        identity = Identity(seed)
+    except HomeError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HomeError(f"{key_path} is not a readable p2psync identity ({exc})") from exc
+    config = read_config(path)
+    name = config.get("name")
+    return Home(path, identity, name if isinstance(name, str) else identity.short_id)
+
+
+def read_config(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise HomeError(f"{path / CONFIG_FILE} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise HomeError(f"{path / CONFIG_FILE} must hold a JSON object")
+    return data
+
+
+def _write_config(path: Path, config: dict[str, object]) -> None:
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / CONFIG_FILE)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,195 @@
+"""Ingesting entries from elsewhere: decode, authenticate, apply in causal order.
+
+One call is one store transaction. Steps:
+
+1. Decode each wire form strictly and check its clock against ours (no lock held).
+2. Per author: refuse everything from a frozen author; authenticate the rest
+   (:func:`p2psync.core.chain.authenticate`: hash links plus one signature per run).
+3. Apply in input order through a work queue: an entry whose predecessor or a
+   base is missing waits on that ID and is retried the moment it is applied,
+   whether it came in this batch or was held from an earlier one.
+4. What still waits at the end is *held* in the store (not applied, not lost)
+   until its dependency arrives.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from p2psync.core import hlc as hlc_mod
+from p2psync.core.chain import authenticate
+from p2psync.core.entry import Entry, decode_wire
+from p2psync.core.identity import short_id
+from p2psync.errors import (
+    DecodeError,
+    EntryError,
+    FrozenAuthorError,
+    FutureTimestampError,
+    HeldLimitError,
+)
+from p2psync.store.writer import Outcome, Writer
+
+#: Most entries the store holds waiting for predecessors, from all authors.
+MAX_HELD = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An entry that was refused, and why."""
+
+    index: int | None  # position in the input; None for an entry held earlier
+    author: bytes | None
+    seq: int | None
+    entry_id: bytes | None
+    error: EntryError
+
+    def describe(self) -> str:
+        where = f"entry {self.seq} of {short_id(self.author)}" if self.author else "entry"
+        if self.index is not None:
+            where += f" (input #{self.index})"
+        return f"{where}: {self.error}"
+
+
+@dataclass
+class IngestResult:
+    """What one :meth:`Store.ingest` call did with each entry."""
+
+    accepted: list[bytes] = field(default_factory=list)
+    held: list[bytes] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    signatures_checked: int = 0
+
+
+@dataclass(slots=True)
+class Item:
+    entry: Entry
+    wire: bytes
+    index: int | None
+
+
+def ingest(
+    writer: Writer,
+    items: list[Item],
+    result: IngestResult,
+    max_held: int = MAX_HELD,
+) -> None:
+    """Authenticate and apply ``items`` with ``writer`` (inside its transaction)."""
+    by_author: dict[bytes, list[Item]] = defaultdict(list)
+    for item in items:
+        by_author[item.entry.author].append(item)
+    ready: list[Item] = []
+    for author, group in by_author.items():
+        if writer.head(author).frozen:
+            for item in group:
+                _refuse(result, item, FrozenAuthorError(f"author {short_id(author)} is frozen"))
+            continue
+        checked = authenticate(item.entry for item in group)
+        result.signatures_checked += checked.signatures_checked
+        by_id = {item.entry.id: item for item in group}
+        for entry, error in checked.rejected:
+            _refuse(result, by_id[entry.id], error)
+        ready.extend(by_id[entry.id] for entry in checked.entries)
+        result.duplicates += len(group) - len(by_id)
+    ready.sort(key=_position)
+    writer.prefetch(
+        (op.collection, op.key) for item in ready for op in item.entry.ops if op is not None
+    )
+    _apply_all(writer, ready, result, max_held)
+
+
+def _position(item: Item) -> tuple[int, int]:
+    return (item.index if item.index is not None else -1, item.entry.seq)
+
+
+def _apply_all(writer: Writer, ready: list[Item], result: IngestResult, max_held: int) -> None:
+    queue = deque(ready)
+    waiting: dict[bytes, list[Item]] = defaultdict(list)
+    while queue:
+        item = queue.popleft()
+        attempt = writer.try_apply(item.entry, item.wire)
+        if attempt.outcome is Outcome.APPLIED:
+            result.accepted.append(item.entry.id)
+            queue.extend(waiting.pop(item.entry.id, ()))
+            if writer.has_held:
+                writer.drop_held(item.entry.id)
+                queue.extend(_released(writer, item.entry.id, result))
+        elif attempt.outcome is Outcome.WAIT:
+            assert attempt.dep is not None
+            waiting[attempt.dep].append(item)
+        elif attempt.outcome is Outcome.DUPLICATE:
+            result.duplicates += 1
+            writer.drop_held(item.entry.id)
+        else:
+            assert attempt.error is not None
+            _refuse(result, item, attempt.error)
+            writer.drop_held(item.entry.id)
+    if not waiting:
+        return
+    room = max_held - writer.held_count()
+    for dep, items in waiting.items():
+        for item in items:
+            if room <= 0:
+                _refuse(
+                    result,
+                    item,
+                    HeldLimitError(
+                        f"{max_held} entries already wait for predecessors; "
+                        "entry refused until some arrive"
+                    ),
+                )
+                continue
+            writer.hold(item.entry, dep, item.wire)
+            result.held.append(item.entry.id)
+            room -= 1
+
+
+def _released(writer: Writer, dep: bytes, result: IngestResult) -> list[Item]:
+    released: list[Item] = []
+    for wire in writer.take_held(dep):
+        try:
+            entry = decode_wire(wire)
+        except EntryError as exc:  # damaged while held: drop it, say so
+            result.rejected.append(Rejected(None, None, None, None, exc))
+            continue
+        released.append(Item(entry, wire, None))
+    return released
+
+
+def _refuse(result: IngestResult, item: Item, error: EntryError) -> None:
+    entry = item.entry
+    result.rejected.append(Rejected(item.index, entry.author, entry.seq, entry.id, error))
+
+
+def decode_batch(
+    wires: Sequence[bytes], now_ms: int, max_skew_ms: int, result: IngestResult
+) -> list[Item]:
+    """Decode wire forms; refuse malformed ones and clocks too far ahead."""
+    items: list[Item] = []
+    for index, wire in enumerate(wires):
+        try:
+            if type(wire) is not bytes:
+                raise DecodeError("an entry must be given as bytes")
+            entry = decode_wire(wire)
+        except EntryError as exc:
+            result.rejected.append(Rejected(index, None, None, None, exc))
+            continue
+        if hlc_mod.too_far_ahead(entry.hlc, now_ms, max_skew_ms):
+            ahead_s = (hlc_mod.wall_ms(entry.hlc) - now_ms) / 1000
+            result.rejected.append(
+                Rejected(
+                    index,
+                    entry.author,
+                    entry.seq,
+                    entry.id,
+                    FutureTimestampError(
+                        f"its clock is {ahead_s:.0f} s ahead of ours "
+                        f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock"
+                    ),
+                )
+            )
+            continue
+        items.append(Item(entry, wire, index))
+    return items

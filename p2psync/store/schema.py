@@ -1,0 +1,129 @@
+"""SQLite schema of the store, as forward migrations.
+
+``schema_migrations`` records every migration applied. Opening a store runs
+the missing ones in one transaction; a store written by a newer p2psync is
+refused rather than guessed at.
+
+Tables (version 1):
+
+``meta``        key/value: ``self`` (this agent's public key), ``clock`` (HLC).
+``authors``     one row per author seen: compact index, key, head (seq, id, hlc),
+                ``frozen`` after a fork.
+``entries``     every applied entry, exactly as signed (``signed``) plus the
+                payloads held (``payloads``, a canonical CBOR array).
+``records``     the winning version of each record; ``payload`` is the op
+                payload (value inside), ``deleted`` marks a tombstone,
+                ``conflicted`` says the ``losers`` table holds other heads.
+``losers``      the other heads of conflicted records.
+``held``        authenticated entries waiting for a predecessor or base (``dep``).
+``forks``       proof of forks: the two entries the author signed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from p2psync.errors import StoreError
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB
+    );
+    CREATE TABLE authors (
+        idx      INTEGER PRIMARY KEY,
+        key      BLOB NOT NULL UNIQUE,
+        head_seq INTEGER NOT NULL DEFAULT 0,
+        head_id  BLOB,
+        head_hlc INTEGER NOT NULL DEFAULT 0,
+        frozen   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE entries (
+        author   INTEGER NOT NULL,
+        seq      INTEGER NOT NULL,
+        id       BLOB NOT NULL,
+        hlc      INTEGER NOT NULL,
+        signed   BLOB NOT NULL,
+        payloads BLOB NOT NULL,
+        PRIMARY KEY (author, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX entries_by_id ON entries (id);
+    CREATE TABLE records (
+        collection TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        entry      BLOB NOT NULL,
+        hlc        INTEGER NOT NULL,
+        author     BLOB NOT NULL,
+        payload    BLOB NOT NULL,
+        deleted    INTEGER NOT NULL,
+        conflicted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (collection, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX records_conflicted ON records (collection, key) WHERE conflicted = 1;
+    CREATE TABLE losers (
+        collection TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        entry      BLOB NOT NULL,
+        hlc        INTEGER NOT NULL,
+        author     BLOB NOT NULL,
+        payload    BLOB NOT NULL,
+        deleted    INTEGER NOT NULL,
+        PRIMARY KEY (collection, key, entry)
+    ) WITHOUT ROWID;
+    CREATE TABLE held (
+        id       BLOB PRIMARY KEY,
+        author   BLOB NOT NULL,
+        seq      INTEGER NOT NULL,
+        dep      BLOB NOT NULL,
+        wire     BLOB NOT NULL,
+        received INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX held_by_dep ON held (dep);
+    CREATE TABLE forks (
+        author   INTEGER NOT NULL,
+        seq      INTEGER NOT NULL,
+        ours     BLOB NOT NULL,
+        theirs   BLOB NOT NULL,
+        detected INTEGER NOT NULL,
+        PRIMARY KEY (author, seq)
+    );
+    """,
+}
+
+LATEST = max(MIGRATIONS)
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, now_ms: int) -> None:
+    """Bring the schema up to :data:`LATEST`, all in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = current_version(conn)
+        if version > LATEST:
+            raise StoreError(
+                f"this store has schema version {version}, newer than this p2psync "
+                f"understands ({LATEST}); upgrade p2psync"
+            )
+        if version == 0:
+            conn.execute(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER)"
+            )
+        for number in range(version + 1, LATEST + 1):
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, now_ms))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,257 @@
+"""The store: one SQLite file holding change logs, records and conflicts.
+
+Reads never wait for the writer (WAL). Every write is one ``BEGIN IMMEDIATE``
+transaction, so several processes on one home (agent, CLI, API) serialise
+safely; a crash at any instant leaves the last committed state.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2psync.core import hlc as hlc_mod
+from p2psync.core.canonical import Value
+from p2psync.core.entry import Op, OpKind, make_op, sign_entry
+from p2psync.core.identity import Identity
+from p2psync.errors import IntegrityError, StoreError
+from p2psync.store import records, schema
+from p2psync.store.connection import Guard, connect
+from p2psync.store.ingest import IngestResult, decode_batch, ingest
+from p2psync.store.verify import VerifyReport, verify
+from p2psync.store.writer import Writer
+
+STORE_FILE = "store.sqlite"
+_WRITE_CHUNK = 1000
+
+
+def _chunks(items: Iterable[Sequence[Change]], size: int) -> Iterator[list[Sequence[Change]]]:
+    chunk: list[Sequence[Change]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change a local writer asks for."""
+
+    kind: OpKind
+    collection: str
+    key: str
+    value: Value = None
+    resolve: bool = False  # supersede every head of the record, ending a conflict
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    author: bytes
+    seq: int
+    id: bytes
+    hlc: int
+    signed: bytes
+    payloads: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorState:
+    author: bytes
+    seq: int
+    head: bytes | None
+    hlc: int
+    frozen: bool
+
+
+class Store:
+    """The SQLite store of one home."""
+
+    def __init__(self, path: Path, now_ms: int, *, create: bool = False) -> None:
+        if not create and not path.exists():
+            raise StoreError(f"no store at {path}")
+        self.path = path
+        conn = connect(path)
+        try:
+            schema.migrate(conn, now_ms)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot prepare the store at {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._db = Guard(conn, path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------ meta
+
+    def get_meta(self, key: str) -> object:
+        with self._db.reading() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: object) -> None:
+        with self._db.writing() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------ records
+
+    def get(self, collection: str, key: str) -> Value:
+        with self._db.reading() as conn:
+            return records.get(conn, collection, key)
+
+    def exists(self, collection: str, key: str) -> bool:
+        with self._db.reading() as conn:
+            return records.exists(conn, collection, key)
+
+    def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
+        after: str | None = None
+        while True:
+            with self._db.reading() as conn:
+                page = records.scan_page(conn, collection, prefix, after)
+            for key, payload in page:
+                yield key, records.payload_value(payload)
+            if len(page) < records.SCAN_PAGE:
+                return
+            after = page[-1][0]
+
+    def collections(self) -> list[tuple[str, int]]:
+        with self._db.reading() as conn:
+            return records.collections(conn)
+
+    def conflicts(self) -> list[records.Conflict]:
+        with self._db.reading() as conn:
+            return list(records.conflicts(conn))
+
+    # ------------------------------------------------------------ logs
+
+    def authors(self) -> list[AuthorState]:
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                "SELECT key, head_seq, head_id, head_hlc, frozen FROM authors ORDER BY key"
+            ).fetchall()
+        return [AuthorState(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def entries(self, author: bytes | None = None) -> Iterator[StoredEntry]:
+        """Stored entries: one author's in seq order, or everyone's in clock order."""
+        sql = (
+            "SELECT a.key, e.seq, e.id, e.hlc, e.signed, e.payloads "
+            "FROM entries e JOIN authors a ON a.idx = e.author "
+        )
+        if author is None:
+            sql += "ORDER BY e.hlc, a.key"
+            args: tuple[object, ...] = ()
+        else:
+            sql += "WHERE a.key = ? ORDER BY e.seq"
+            args = (author,)
+        with self._db.reading() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        for row in rows:
+            yield StoredEntry(*row)
+
+    def forks(self) -> list[tuple[bytes, int, bytes, bytes]]:
+        """``(author, seq, ours, theirs)`` for every fork on record."""
+        with self._db.reading() as conn:
+            return conn.execute(
+                "SELECT a.key, f.seq, f.ours, f.theirs FROM forks f "
+                "JOIN authors a ON a.idx = f.author ORDER BY a.key, f.seq"
+            ).fetchall()
+
+    def held_count(self) -> int:
+        with self._db.reading() as conn:
+            return int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        with self._db.reading() as conn:
+            conn.execute("BEGIN")  # one consistent snapshot
+            try:
+                return verify(conn, progress)
+            finally:
+                conn.execute("COMMIT")
+
+    # ------------------------------------------------------------ writing
+
+    def write_local(
+        self,
+        identity: Identity,
+        transactions: Iterable[Sequence[Change]],
+        now_ms: Callable[[], int],
+        salt: Callable[[], bytes],
+    ) -> list[bytes]:
+        """Sign and apply one entry per transaction, all in one store transaction.
+
+        Returns the IDs of the entries written (a transaction whose every change
+        was a no-op, such as deleting a missing record, writes none).
+        """
+        written: list[bytes] = []
+        with self._db.writing() as conn:
+            writer = Writer(conn, now_ms())
+            head = writer.head(identity.public_key)
+            if head.frozen:
+                raise IntegrityError(
+                    "this site's own log is forked (its key was used elsewhere); "
+                    "it must be re-keyed before it can write"
+                )
+            for chunk in _chunks(transactions, _WRITE_CHUNK):
+                writer.prefetch((c.collection, c.key) for changes in chunk for c in changes)
+                for changes in chunk:
+                    entry_id = self._write_one(writer, identity, changes, now_ms, salt)
+                    if entry_id is not None:
+                        written.append(entry_id)
+                writer.flush()
+            writer.finish()
+        return written
+
+    @staticmethod
+    def _write_one(
+        writer: Writer,
+        identity: Identity,
+        changes: Sequence[Change],
+        now_ms: Callable[[], int],
+        salt: Callable[[], bytes],
+    ) -> bytes | None:
+        states = {}
+        ops: list[Op] = []
+        for change in changes:
+            heads = writer.record_heads(change.collection, change.key)
+            live = bool(heads) and not heads[0].deleted
+            if change.kind is OpKind.DELETE and not live and not change.resolve:
+                continue
+            if change.resolve:
+                bases = [version.entry for version in heads]
+            else:
+                bases = [heads[0].entry] if heads else []
+            ops.append(
+                make_op(change.kind, change.collection, change.key, change.value, bases, salt())
+            )
+            states[(change.collection, change.key)] = heads
+        if not ops:
+            return None
+        head = writer.head(identity.public_key)
+        stamp = hlc_mod.tick(max(writer.clock, head.hlc), now_ms())
+        entry = sign_entry(identity, head.seq + 1, head.id, stamp, ops)
+        writer.apply(entry, states)
+        return entry.id
+
+    def ingest(
+        self,
+        wires: Sequence[bytes],
+        now_ms: int,
+        max_skew_ms: int = hlc_mod.DEFAULT_MAX_SKEW_MS,
+    ) -> IngestResult:
+        """Verify and apply entries from elsewhere, in one transaction."""
+        result = IngestResult()
+        items = decode_batch(wires, now_ms, max_skew_ms, result)
+        if not items:
+            return result
+        with self._db.writing() as conn:
+            writer = Writer(conn, now_ms)
+            ingest(writer, items, result)
+            writer.finish()
+        return result

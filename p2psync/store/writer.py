@@ -1,0 +1,334 @@
+"""Applying entries to the store inside one write transaction.
+
+:class:`Writer` is the only code that changes ``entries``, ``records``,
+``losers``, ``authors``, ``held`` and ``forks``. Local writes and ingested
+entries both go through :meth:`Writer.try_apply` / :meth:`Writer.apply`, so a
+local entry is merged exactly like one that arrives from a peer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+from p2psync.core import canonical
+from p2psync.core.entry import Entry, OpKind
+from p2psync.core.identity import short_id
+from p2psync.core.merge import Version, merge
+from p2psync.errors import ChainError, EntryError, ForkError, FrozenAuthorError
+
+META_CLOCK = "clock"
+
+
+@dataclass
+class Head:
+    """An author's chain head, as held in this transaction."""
+
+    idx: int | None  # None until the author's first row is needed
+    key: bytes
+    seq: int
+    id: bytes | None
+    hlc: int
+    frozen: bool
+    dirty: bool = False
+
+
+class Outcome(Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    WAIT = "wait"
+    REFUSED = "refused"
+
+
+class Attempt(NamedTuple):
+    outcome: Outcome
+    dep: bytes | None = None
+    error: EntryError | None = None
+
+
+_States = dict[tuple[str, str], list[Version]]
+
+_RECORD_COLUMNS = "entry, hlc, author, payload, deleted"
+_PREFETCH_CHUNK = 500
+
+
+def wire_from_stored(signed: bytes, payloads_blob: bytes) -> bytes:
+    """The wire form ``[signed, payloads]`` of a stored entry, without decoding it."""
+    return b"\x82" + canonical.encode(signed) + payloads_blob
+
+
+class Writer:
+    """Applies entries within one open write transaction on ``conn``."""
+
+    def __init__(self, conn: sqlite3.Connection, now_ms: int) -> None:
+        self.conn = conn
+        self.now_ms = now_ms
+        self.heads: dict[bytes, Head] = {}
+        self.applied: set[bytes] = set()
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_CLOCK,)).fetchone()
+        self.clock = int(row[0]) if row else 0
+        self._clock_start = self.clock
+        self.has_held = conn.execute("SELECT EXISTS (SELECT 1 FROM held)").fetchone()[0] == 1
+        # Write-back caches, flushed by flush(): record heads as loaded (and whether
+        # they had losers in the table), records changed since, entry rows to insert.
+        self._records: dict[tuple[str, str], list[Version]] = {}
+        self._had_losers: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
+        self._new_entries: list[tuple[int, int, bytes, int, bytes, bytes]] = []
+
+    # ------------------------------------------------------------ reading
+
+    def head(self, author: bytes) -> Head:
+        head = self.heads.get(author)
+        if head is not None:
+            return head
+        row = self.conn.execute(
+            "SELECT idx, head_seq, head_id, head_hlc, frozen FROM authors WHERE key = ?",
+            (author,),
+        ).fetchone()
+        if row is None:
+            head = Head(None, author, 0, None, 0, False)
+        else:
+            head = Head(row[0], author, row[1], row[2], row[3], bool(row[4]))
+        self.heads[author] = head
+        return head
+
+    def _row(self, head: Head) -> int:
+        """The author's row index, creating the row on first use."""
+        if head.idx is None:
+            cursor = self.conn.execute("INSERT INTO authors (key) VALUES (?)", (head.key,))
+            assert cursor.lastrowid is not None
+            head.idx = cursor.lastrowid
+        return head.idx
+
+    def record_heads(self, collection: str, key: str) -> list[Version]:
+        """The record's heads, winner first; empty when the record was never written."""
+        cached = self._records.get((collection, key))
+        if cached is not None:
+            return cached
+        self.prefetch([(collection, key)])
+        return self._records[(collection, key)]
+
+    def prefetch(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Load the heads of many records with a few queries."""
+        by_collection: dict[str, list[str]] = defaultdict(list)
+        for record in wanted:
+            if record not in self._records:
+                by_collection[record[0]].append(record[1])
+                self._records[record] = []
+        for collection, keys in by_collection.items():
+            for start in range(0, len(keys), _PREFETCH_CHUNK):
+                chunk = keys[start : start + _PREFETCH_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self.conn.execute(
+                    f"SELECT key, {_RECORD_COLUMNS}, conflicted FROM records "
+                    f"WHERE collection = ? AND key IN ({marks})",
+                    (collection, *chunk),
+                ).fetchall()
+                for key, entry, hlc, author, payload, deleted, conflicted in rows:
+                    heads = [Version(entry, hlc, author, payload, bool(deleted))]
+                    if conflicted:
+                        self._had_losers.add((collection, key))
+                        heads.extend(
+                            Version(r[0], r[1], r[2], r[3], bool(r[4]))
+                            for r in self.conn.execute(
+                                f"SELECT {_RECORD_COLUMNS} FROM losers "
+                                "WHERE collection = ? AND key = ?",
+                                (collection, key),
+                            )
+                        )
+                    self._records[(collection, key)] = heads
+
+    def has_entry(self, entry_id: bytes) -> bool:
+        if entry_id in self.applied:
+            return True
+        self._flush_entries()
+        row = self.conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return row is not None
+
+    def stored_wire(self, head: Head, seq: int) -> tuple[bytes, bytes] | None:
+        """``(id, wire)`` of the stored entry ``seq`` of an author, if held."""
+        if head.idx is None:
+            return None
+        self._flush_entries()
+        row = self.conn.execute(
+            "SELECT id, signed, payloads FROM entries WHERE author = ? AND seq = ?",
+            (head.idx, seq),
+        ).fetchone()
+        if row is None:
+            return None
+        return row[0], wire_from_stored(row[1], row[2])
+
+    # ------------------------------------------------------------ applying
+
+    def try_apply(self, entry: Entry, wire: bytes) -> Attempt:
+        """Apply an authenticated entry if everything it depends on is applied."""
+        head = self.head(entry.author)
+        if head.frozen:
+            return Attempt(
+                Outcome.REFUSED,
+                error=FrozenAuthorError(f"author {short_id(entry.author)} is frozen after a fork"),
+            )
+        if entry.seq <= head.seq:
+            stored = self.stored_wire(head, entry.seq)
+            if stored is not None and stored[0] == entry.id:
+                return Attempt(Outcome.DUPLICATE)
+            ours = stored[1] if stored is not None else b""
+            return self._fork(head, entry.seq, ours, wire)
+        if entry.seq > head.seq + 1:
+            assert entry.prev is not None
+            return Attempt(Outcome.WAIT, dep=entry.prev)
+        if entry.prev != head.id:
+            stored = self.stored_wire(head, head.seq)
+            return self._fork(head, head.seq, stored[1] if stored else b"", wire)
+        if entry.hlc <= head.hlc:
+            return Attempt(
+                Outcome.REFUSED,
+                error=ChainError(
+                    f"entry {entry.seq} of {short_id(entry.author)}: "
+                    "clock does not advance on its predecessor"
+                ),
+            )
+        states: _States = {}
+        for op in entry.ops:
+            if op is None:
+                continue
+            heads = self.record_heads(op.collection, op.key)
+            states[(op.collection, op.key)] = heads
+            if op.bases:
+                present = {version.entry for version in heads}
+                for base in op.bases:
+                    if base not in present and not self.has_entry(base):
+                        return Attempt(Outcome.WAIT, dep=base)
+        self.apply(entry, states)
+        return Attempt(Outcome.APPLIED)
+
+    def apply(self, entry: Entry, states: _States) -> None:
+        """Store ``entry`` and merge its ops; its dependencies must be applied."""
+        head = self.head(entry.author)
+        self._new_entries.append(
+            (self._row(head), entry.seq, entry.id, entry.hlc, entry.signed, entry.payloads_blob)
+        )
+        for op in entry.ops:
+            if op is None:
+                continue
+            record = (op.collection, op.key)
+            version = Version(
+                entry.id, entry.hlc, entry.author, op.payload, op.kind is OpKind.DELETE
+            )
+            self._records[record] = merge(states[record], version, op.bases)
+            self._dirty.add(record)
+        head.seq, head.id, head.hlc, head.dirty = entry.seq, entry.id, entry.hlc, True
+        self.applied.add(entry.id)
+        self.clock = max(self.clock, entry.hlc)
+
+    def _flush_entries(self) -> None:
+        if self._new_entries:
+            self.conn.executemany(
+                "INSERT INTO entries (author, seq, id, hlc, signed, payloads) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                self._new_entries,
+            )
+            self._new_entries.clear()
+
+    def flush(self) -> None:
+        """Write cached changes to the transaction and empty the caches."""
+        self._flush_entries()
+        rows: list[tuple[object, ...]] = []
+        loser_keys: list[tuple[str, str]] = []
+        loser_rows: list[tuple[object, ...]] = []
+        for record in self._dirty:
+            heads = self._records[record]
+            winner = heads[0]
+            rows.append(
+                (
+                    *record,
+                    winner.entry,
+                    winner.hlc,
+                    winner.author,
+                    winner.payload,
+                    winner.deleted,
+                    len(heads) > 1,
+                )
+            )
+            if len(heads) > 1 or record in self._had_losers:
+                loser_keys.append(record)
+                loser_rows.extend(
+                    (*record, v.entry, v.hlc, v.author, v.payload, v.deleted) for v in heads[1:]
+                )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO records (collection, key, entry, hlc, author, payload, "
+            "deleted, conflicted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        if loser_keys:
+            self.conn.executemany("DELETE FROM losers WHERE collection = ? AND key = ?", loser_keys)
+            self.conn.executemany(
+                f"INSERT INTO losers (collection, key, {_RECORD_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                loser_rows,
+            )
+        self._records.clear()
+        self._had_losers.clear()
+        self._dirty.clear()
+
+    def _fork(self, head: Head, seq: int, ours: bytes, theirs: bytes) -> Attempt:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO forks (author, seq, ours, theirs, detected) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (self._row(head), seq, ours, theirs, self.now_ms),
+        )
+        head.frozen = True
+        head.dirty = True
+        return Attempt(
+            Outcome.REFUSED,
+            error=ForkError(
+                f"author {short_id(head.key)} signed two different entries at seq {seq}; "
+                "both kept as proof and the author is frozen"
+            ),
+        )
+
+    # ------------------------------------------------------------ held entries
+
+    def hold(self, entry: Entry, dep: bytes, wire: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO held (id, author, seq, dep, wire, received) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (entry.id, entry.author, entry.seq, dep, wire, self.now_ms),
+        )
+        self.has_held = True
+
+    def held_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM held").fetchone()[0])
+
+    def take_held(self, dep: bytes) -> list[bytes]:
+        """Remove and return the wire forms of held entries waiting for ``dep``."""
+        if not self.has_held:
+            return []
+        rows = self.conn.execute("SELECT id, wire FROM held WHERE dep = ?", (dep,)).fetchall()
+        if rows:
+            self.conn.executemany("DELETE FROM held WHERE id = ?", [(r[0],) for r in rows])
+        return [r[1] for r in rows]
+
+    def drop_held(self, entry_id: bytes) -> None:
+        if self.has_held:
+            self.conn.execute("DELETE FROM held WHERE id = ?", (entry_id,))
+
+    # ------------------------------------------------------------ finishing
+
+    def finish(self) -> None:
+        """Write back every cached change, author heads and the clock."""
+        self.flush()
+        self.conn.executemany(
+            "UPDATE authors SET head_seq = ?, head_id = ?, head_hlc = ?, frozen = ? WHERE idx = ?",
+            [(h.seq, h.id, h.hlc, int(h.frozen), h.idx) for h in self.heads.values() if h.dirty],
+        )
+        if self.clock != self._clock_start:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (META_CLOCK, self.clock),
+            )

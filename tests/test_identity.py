@@ -1,0 +1,78 @@
+"""Device IDs: round trip, forgiving input, every single typo refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2psync.core.identity import Identity, device_id, parse_device_id, short_id, verify
+from p2psync.errors import InvalidDeviceID
+
+B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_device_id_round_trip(key: bytes) -> None:
+    text = device_id(key)
+    assert parse_device_id(text) == key
+    assert len(text) == 63 and text.count("-") == 7
+    assert short_id(key) == text[:7]
+
+
+def test_parsing_forgives_case_spacing_and_confusable_digits() -> None:
+    key = os.urandom(32)
+    text = device_id(key)
+    assert parse_device_id(text.lower()) == key
+    assert parse_device_id(" " + text.replace("-", " ") + "\n") == key
+    assert parse_device_id(text.replace("-", "")) == key
+    confusable = text.replace("O", "0").replace("I", "1").replace("B", "8")
+    assert parse_device_id(confusable) == key
+
+
+def test_every_single_character_typo_is_refused() -> None:
+    for _ in range(5):
+        raw = device_id(os.urandom(32)).replace("-", "")
+        for position in range(len(raw)):
+            for char in B32:
+                if char == raw[position]:
+                    continue
+                typo = raw[:position] + char + raw[position + 1 :]
+                with pytest.raises(InvalidDeviceID, match="invalid device ID"):
+                    parse_device_id(typo)
+
+
+def test_adjacent_swaps_are_mostly_refused() -> None:
+    raw = device_id(os.urandom(32)).replace("-", "")
+    accepted = 0
+    for position in range(len(raw) - 1):
+        swapped = raw[:position] + raw[position + 1] + raw[position] + raw[position + 2 :]
+        if swapped == raw:
+            continue
+        try:
+            parse_device_id(swapped)
+            accepted += 1
+        except InvalidDeviceID:
+            pass
+    assert accepted == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "hello", "A" * 56, device_id(bytes(32))[:-1], device_id(bytes(32)) + "A", "!" * 56],
+)
+def test_malformed_ids_are_refused(text: str) -> None:
+    with pytest.raises(InvalidDeviceID):
+        parse_device_id(text)
+
+
+def test_signatures() -> None:
+    identity = Identity(os.urandom(32))
+    signature = identity.sign(b"message")
+    assert verify(identity.public_key, b"message", signature)
+    assert not verify(identity.public_key, b"messagE", signature)
+    assert not verify(identity.public_key, b"message", signature[:-1] + b"\x00")
+    assert not verify(identity.public_key, b"message", b"short")
+    assert Identity(identity.seed).public_key == identity.public_key

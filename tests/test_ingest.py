@@ -1,0 +1,275 @@
+"""Ingesting entries from elsewhere: good ones apply, each bad one gets its typed
+error and changes nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from typing import Any
+
+import cbor2
+
+import p2psync
+from p2psync.core import canonical, hlc
+from p2psync.core.entry import SIGN_PREFIX, Entry
+from p2psync.errors import (
+    ChainError,
+    DecodeError,
+    ForkError,
+    FrozenAuthorError,
+    FutureTimestampError,
+    NestingError,
+    NonCanonicalError,
+    OversizeError,
+    SignatureError,
+)
+from p2psync.home import now_ms
+from tests.helpers import Author
+
+
+def snapshot(db: p2psync.Database) -> dict[str, Any]:
+    """Everything the store holds, for before/after comparisons."""
+    conn = sqlite3.connect(db.home.store_path)
+    try:
+        return {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in ("authors", "entries", "records", "losers", "held", "forks")
+        }
+    finally:
+        conn.close()
+
+
+def live_author() -> Author:
+    author = Author()
+    author.clock = hlc.from_wall(now_ms())
+    return author
+
+
+def wires(entries: list[Entry]) -> list[bytes]:
+    return [entry.wire() for entry in entries]
+
+
+def resign(author: Author, entry: Entry, **changes: Any) -> bytes:
+    """Re-encode ``entry`` with body fields changed, signed properly by ``author``."""
+    fields = cbor2.loads(entry.body)
+    for key, value in changes.items():
+        fields[{"seq": 2, "prev": 3, "hlc": 4}[key]] = value
+    body = canonical.encode(fields)
+    signature = author.identity.sign(SIGN_PREFIX + body)
+    return canonical.encode([canonical.encode([body, signature]), list(entry.payloads)])
+
+
+def test_valid_chain_applies_with_one_signature_check(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(500)
+    result = db.ingest(wires(chain))
+    assert not result.rejected and not result.held
+    assert len(result.accepted) == 500
+    assert result.signatures_checked == 1
+    assert db.get("c", "k499") == {"i": 499}
+    again = db.ingest(wires(chain))
+    assert again.duplicates == 500 and not again.accepted and not again.rejected
+
+
+def test_forged_last_signature(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(5)
+    last = chain[-1]
+    forged_signed = canonical.encode([last.body, bytes(64)])
+    forged = canonical.encode([forged_signed, list(last.payloads)])
+    result = db.ingest([*wires(chain[:-1]), forged])
+    assert len(result.accepted) == 4
+    assert [type(r.error) for r in result.rejected] == [SignatureError]
+    assert db.get("c", "k4") is None and db.get("c", "k3") == {"i": 3}
+
+
+def test_forged_middle_entry_rejected_and_rest_held(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(3)
+    fields = cbor2.loads(chain[1].body)
+    fields[4] += 5  # change the clock without the key
+    body = canonical.encode(fields)
+    forged = canonical.encode(
+        [canonical.encode([body, chain[1].signature]), list(chain[1].payloads)]
+    )
+    other = live_author()
+    before_other = db.ingest(wires(other.chain(2)))
+    assert len(before_other.accepted) == 2
+    result = db.ingest([chain[0].wire(), forged, chain[2].wire()])
+    assert [type(r.error) for r in result.rejected] == [SignatureError]
+    assert result.accepted == [chain[0].id]
+    assert result.held == [chain[2].id]
+    released = db.ingest([chain[1].wire()])
+    assert released.accepted == [chain[1].id, chain[2].id]
+    assert db.verify().ok
+
+
+def test_reordered_delivery_is_fine(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(50)
+    result = db.ingest(wires(chain[::-1]))
+    assert len(result.accepted) == 50 and not result.held and not result.rejected
+
+
+def test_relabelled_chain_is_refused(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(3)
+    # swap the seq numbers of entries 2 and 3 without the author's key
+    swapped = []
+    for entry, seq in ((chain[1], 3), (chain[2], 2)):
+        fields = cbor2.loads(entry.body)
+        fields[2] = seq
+        body = canonical.encode(fields)
+        swapped.append(
+            canonical.encode([canonical.encode([body, entry.signature]), list(entry.payloads)])
+        )
+    before = snapshot(db)
+    result = db.ingest(swapped)
+    assert {type(r.error) for r in result.rejected} == {SignatureError}
+    assert not result.accepted
+    assert snapshot(db) == before
+
+
+def test_clock_going_backwards_is_a_chain_error(db: p2psync.Database) -> None:
+    author = live_author()
+    first = author.put("c", "a", 1)
+    second = author.put("c", "b", 2)
+    backwards = resign(author, second, hlc=first.hlc - 1)
+    result = db.ingest([first.wire(), backwards])
+    assert [type(r.error) for r in result.rejected] == [ChainError]
+    assert result.accepted == [first.id]
+
+
+def test_missing_predecessor_is_held_then_applied(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(4)
+    result = db.ingest([chain[0].wire(), chain[2].wire(), chain[3].wire()])
+    assert result.accepted == [chain[0].id]
+    assert sorted(result.held) == sorted([chain[2].id, chain[3].id])
+    assert db.get("c", "k2") is None
+    assert db.store.held_count() == 2
+    result = db.ingest([chain[1].wire()])
+    assert result.accepted == [chain[1].id, chain[2].id, chain[3].id]
+    assert db.get("c", "k3") == {"i": 3}
+    assert db.store.held_count() == 0
+
+
+def test_missing_base_is_held_then_applied(db: p2psync.Database) -> None:
+    a, b = live_author(), live_author()
+    master = a.put("ledgers", "ACME", {"balance": 0})
+    b.clock = max(b.clock, master.hlc)
+    update = b.put("ledgers", "ACME", {"balance": 10}, bases=[master.id])
+    result = db.ingest([update.wire()])
+    assert result.held == [update.id]
+    assert db.get("ledgers", "ACME") is None
+    result = db.ingest([master.wire()])
+    assert result.accepted == [master.id, update.id]
+    assert db.get("ledgers", "ACME") == {"balance": 10}
+    assert db.conflicts() == []
+
+
+def test_fork_is_kept_as_proof_and_freezes_the_author(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(2)
+    # the same key signs a different entry 2
+    author.seq, author.prev = 1, chain[0].id
+    other_two = author.put("c", "evil", 666)
+    assert other_two.seq == 2 and other_two.id != chain[1].id
+    db.ingest(wires(chain))
+    bystander = live_author()
+    before = snapshot(db)
+    result = db.ingest([other_two.wire(), *wires(bystander.chain(2))])
+    assert [type(r.error) for r in result.rejected] == [ForkError]
+    assert len(result.accepted) == 2  # the bystander's entries are unaffected
+    assert db.get("c", "evil") is None
+    forks = db.store.forks()
+    assert len(forks) == 1 and forks[0][0] == author.key and forks[0][1] == 2
+    assert forks[0][2] == chain[1].wire() and forks[0][3] == other_two.wire()
+    after = snapshot(db)
+    assert after["records"] != before["records"]  # only the bystander's records were added
+    assert len(after["entries"]) == len(before["entries"]) + 2
+    # frozen: nothing more from that author
+    author.seq, author.prev = 2, chain[1].id
+    more = author.put("c", "later", 1)
+    result = db.ingest([more.wire()])
+    assert [type(r.error) for r in result.rejected] == [FrozenAuthorError]
+    report = db.verify()
+    assert not report.ok and "forked at seq 2" in report.problems[0]
+    assert issubclass(ForkError, p2psync.IntegrityError)
+
+
+def test_fork_via_link_mismatch(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(2)
+    author.seq, author.prev = 1, chain[0].id
+    alternative_two = author.put("c", "alt", 1)
+    alternative_three = author.put("c", "alt3", 1)
+    db.ingest(wires(chain))
+    result = db.ingest([alternative_three.wire()])
+    assert [type(r.error) for r in result.rejected] == [ForkError]
+    assert alternative_two.id != chain[1].id
+
+
+def test_non_canonical_entry_refused(db: p2psync.Database) -> None:
+    entry = live_author().put("c", "k", 1)
+    non_canonical = b"\x82\x59" + len(entry.signed).to_bytes(2, "big") + entry.signed
+    before = snapshot(db)
+    result = db.ingest([non_canonical + entry.payloads_blob])
+    assert isinstance(result.rejected[0].error, NonCanonicalError)
+    assert snapshot(db) == before
+
+
+def test_oversize_entry_refused(db: p2psync.Database) -> None:
+    before = snapshot(db)
+    result = db.ingest([b"\x82" + b"\x00" * (2 << 20)])
+    assert isinstance(result.rejected[0].error, OversizeError)
+    assert snapshot(db) == before
+
+
+def test_deeply_nested_value_refused(db: p2psync.Database) -> None:
+    author = live_author()
+    entry = author.put("c", "k", 1)
+    deep = b"\x81" * 100 + b"\x00"
+    payload = b"\x85\x50" + b"s" * 16 + b"\x00\x61k" + deep + b"\x80"  # [salt, 0, "k", deep, []]
+    digest = hashlib.blake2b(payload, digest_size=32).digest()
+    fields = cbor2.loads(entry.body)
+    fields[5] = [["c", digest]]
+    body = canonical.encode(fields)
+    signature = author.identity.sign(SIGN_PREFIX + body)
+    wire = canonical.encode([canonical.encode([body, signature]), [payload]])
+    before = snapshot(db)
+    result = db.ingest([wire])
+    assert isinstance(result.rejected[0].error, NestingError)
+    assert snapshot(db) == before
+
+
+def test_future_timestamp_refused_with_reason(db: p2psync.Database) -> None:
+    author = live_author()
+    author.clock = hlc.from_wall(now_ms() + 3_600_000)
+    entry = author.put("c", "k", 1)
+    before = snapshot(db)
+    result = db.ingest([entry.wire()])
+    error = result.rejected[0].error
+    assert isinstance(error, FutureTimestampError)
+    assert "ahead" in str(error) and "clock" in str(error)
+    assert snapshot(db) == before
+    relaxed = db.ingest([entry.wire()], max_skew_ms=2 * 3_600_000)
+    assert relaxed.accepted == [entry.id]
+
+
+def test_garbage_refused(db: p2psync.Database) -> None:
+    before = snapshot(db)
+    result = db.ingest([b"", b"\x00", b"\x82\x40\x80", b"\xff" * 40, "text"])  # type: ignore[list-item]
+    assert len(result.rejected) == 5
+    assert all(isinstance(r.error, DecodeError) for r in result.rejected)
+    assert snapshot(db) == before
+
+
+def test_clock_moves_past_ingested_entries(db: p2psync.Database) -> None:
+    author = live_author()
+    author.clock = hlc.from_wall(now_ms() + 60_000)  # a minute ahead: allowed
+    entry = author.put("c", "k", 1)
+    db.ingest([entry.wire()])
+    db.put("c", "k", 2)
+    assert db.get("c", "k") == 2  # our later write wins although our wall clock is behind
+    assert db.conflicts() == []
