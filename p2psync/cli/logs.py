@@ -10,7 +10,6 @@ import click
 from p2psync.api import LogEntry
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
-from p2psync.core.hlc import describe
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.errors import CorruptionError, IntegrityError
 
@@ -22,7 +21,7 @@ def _entry_json(entry: LogEntry) -> dict[str, Any]:
         "id": entry.id.hex(),
         "prev": entry.prev.hex() if entry.prev else None,
         "hlc": entry.hlc,
-        "time": describe(entry.hlc),
+        "time": output.describe_hlc(entry.hlc),
         "signature": entry.signature.hex(),
         "ops": [
             {
@@ -68,7 +67,7 @@ def log(state: State, author: str | None, as_json: bool) -> None:
         for entry in entries:
             click.echo(
                 f"{short_id(entry.author)} #{entry.seq} {entry.id.hex()[:16]} "
-                f"{describe(entry.hlc)} sig {entry.signature.hex()[:16]}"
+                f"{output.describe_hlc(entry.hlc)} sig {entry.signature.hex()[:16]}"
             )
             for op in entry.ops:
                 if op.kind is None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import json
 import math
 from typing import Any
 
 import click
 
+from p2psync.core import hlc
 from p2psync.core.canonical import Value
 from p2psync.errors import InvalidRecord
 
@@ -69,3 +71,14 @@ def dumps(value: Any, *, pretty: bool = False) -> str:
 def emit_json(document: Any) -> None:
     """Print one JSON document on stdout."""
     click.echo(json.dumps(to_json(document), indent=2, ensure_ascii=False))
+
+
+def describe_hlc(stamp: int) -> str:
+    """ISO-8601 UTC time of a clock value, plus its counter when non-zero."""
+    ms = hlc.wall_ms(stamp)
+    text = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).isoformat(
+        timespec="milliseconds"
+    )
+    counter = stamp & ((1 << hlc.LOGICAL_BITS) - 1)
+    text = text.replace("+00:00", "Z")
+    return f"{text}+{counter}" if counter else text

@@ -13,7 +13,6 @@ from p2psync.api import Change, Database
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.core.entry import OpKind
-from p2psync.core.hlc import describe
 from p2psync.core.identity import device_id, short_id
 from p2psync.errors import InvalidRecord, P2PSyncError
 from p2psync.store.records import VersionInfo
@@ -171,14 +170,14 @@ def _version_json(version: VersionInfo) -> dict[str, Any]:
         "deleted": version.deleted,
         "author": device_id(version.author),
         "hlc": version.hlc,
-        "time": describe(version.hlc),
+        "time": output.describe_hlc(version.hlc),
         "entry": version.entry.hex(),
     }
 
 
 def _version_text(version: VersionInfo) -> str:
     shown = "(deleted)" if version.deleted else output.dumps(version.value)
-    return f"{shown} by {short_id(version.author)} at {describe(version.hlc)}"
+    return f"{shown} by {short_id(version.author)} at {output.describe_hlc(version.hlc)}"
 
 
 @click.command()

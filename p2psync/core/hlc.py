@@ -13,8 +13,6 @@ The current wall time is always an argument: nothing here reads a clock.
 
 from __future__ import annotations
 
-import datetime as _dt
-
 LOGICAL_BITS = 16
 MAX_HLC = (1 << 64) - 1
 
@@ -40,12 +38,3 @@ def tick(last: int, now_ms: int) -> int:
 def too_far_ahead(hlc: int, now_ms: int, max_skew_ms: int = DEFAULT_MAX_SKEW_MS) -> bool:
     """True when ``hlc`` lies more than ``max_skew_ms`` ahead of ``now_ms``."""
     return wall_ms(hlc) > now_ms + max_skew_ms
-
-
-def describe(hlc: int) -> str:
-    """ISO-8601 UTC text of the wall part, plus the counter when non-zero."""
-    ms = wall_ms(hlc)
-    stamp = _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC).isoformat(timespec="milliseconds")
-    counter = hlc & ((1 << LOGICAL_BITS) - 1)
-    stamp = stamp.replace("+00:00", "Z")
-    return f"{stamp}+{counter}" if counter else stamp

@@ -1,0 +1,72 @@
+"""The pure core imports no I/O: no sockets, files, clocks, randomness or UI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import p2psync
+
+CORE = Path(p2psync.__file__).parent / "core"
+FORBIDDEN = {
+    "asyncio",
+    "click",
+    "datetime",
+    "io",
+    "os",
+    "pathlib",
+    "random",
+    "secrets",
+    "select",
+    "selectors",
+    "socket",
+    "sqlite3",
+    "ssl",
+    "subprocess",
+    "threading",
+    "time",
+    "trio",
+    "zeroconf",
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_modules_import_no_io() -> None:
+    modules = sorted(CORE.glob("*.py"))
+    assert len(modules) >= 5
+    offenders = {
+        path.name: sorted(imported_modules(path) & FORBIDDEN)
+        for path in modules
+        if imported_modules(path) & FORBIDDEN
+    }
+    assert offenders == {}
+
+
+def test_core_depends_only_on_core_and_errors() -> None:
+    for path in CORE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("p2psync")
+            ):
+                assert node.module.startswith(("p2psync.core", "p2psync.errors")), (
+                    f"{path.name} imports {node.module}"
+                )
+
+
+def test_the_checker_sees_forbidden_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "bad.py"
+    sample.write_text("import os\nfrom trio import open_nursery\nimport sqlite3 as db\n")
+    assert imported_modules(sample) & FORBIDDEN == {"os", "trio", "sqlite3"}

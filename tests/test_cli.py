@@ -1,0 +1,139 @@
+"""The command line: outputs, JSON documents, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import p2psync
+from p2psync.cli.main import cli
+from p2psync.core.identity import parse_device_id
+
+Run = Callable[..., Result]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    home = tmp_path / "home"
+
+    def invoke(*args: str, input: str | None = None, home_path: Path = home) -> Result:
+        return CliRunner().invoke(cli, ["--home", str(home_path), *args], input=input)
+
+    return invoke
+
+
+def test_init_prints_device_id_first(run: Run) -> None:
+    result = run("init", "--name", "Head office")
+    assert result.exit_code == 0
+    first = result.output.splitlines()[0]
+    parse_device_id(first)
+    again = run("init")
+    assert again.exit_code == 1 and "never overwritten" in again.output
+    shown = json.loads(run("id", "--json").output)
+    assert shown["device_id"] == first and shown["name"] == "Head office"
+    assert run("id").output.strip() == first
+
+
+def test_record_commands(run: Run) -> None:
+    run("init")
+    assert run("put", "vouchers", "V-1001", '{"amount": 1200, "party": "ACME"}').exit_code == 0
+    assert json.loads(run("get", "vouchers", "V-1001").output) == {"amount": 1200, "party": "ACME"}
+    missing = run("get", "vouchers", "V-9")
+    assert missing.exit_code == 1 and "not found" in missing.output
+    assert run("put", "vouchers", "V-2", "-", input='{"amount": 5}').exit_code == 0
+    assert run("put", "vouchers", "V-3", "null").exit_code == 0
+    assert run("get", "vouchers", "V-3").output.strip() == "null"
+    listing = json.loads(run("ls", "vouchers", "--prefix", "V-", "--json").output)
+    assert [item["key"] for item in listing] == ["V-1001", "V-2", "V-3"]
+    assert run("ls").output.splitlines() == ["vouchers\t3"]
+    assert run("del", "vouchers", "V-2").exit_code == 0
+    assert run("del", "vouchers", "V-2").exit_code == 1
+    assert run("put", "vouchers", "V-4", '{"blob": {"$base64": "AAEC"}}').exit_code == 0
+    assert json.loads(run("get", "vouchers", "V-4").output) == {"blob": {"$base64": "AAEC"}}
+
+
+def test_usage_errors_exit_2(run: Run) -> None:
+    run("init")
+    assert run("put", "c", "k", "{bad json").exit_code == 2
+    assert run("put", "c", "k").exit_code == 2
+    assert run("put", "bad*", "k", "1").exit_code == 2
+    assert run("log", "--author", "NOT-AN-ID").exit_code == 2
+    assert run("nonsense").exit_code == 2
+
+
+def test_bulk_load_and_atomic(run: Run, tmp_path: Path) -> None:
+    run("init")
+    lines = "\n".join(
+        json.dumps({"collection": "stock", "key": f"item{i}", "value": {"qty": i}})
+        for i in range(100)
+    )
+    lines += '\n{"collection": "stock", "key": "item5", "delete": true}\n'
+    result = run("put", "--from", "-", input=lines)
+    assert result.exit_code == 0 and "101 changes written" in result.output
+    log = json.loads(run("log", "--json").output)["entries"]
+    assert len(log) == 101
+    atomic = "\n".join(
+        json.dumps({"collection": "ledgers", "key": f"L{i}", "value": i}) for i in range(10)
+    )
+    result = run("put", "--from", "-", "--atomic", input=atomic)
+    assert result.exit_code == 0
+    log = json.loads(run("log", "--json").output)["entries"]
+    assert len(log) == 102 and len(log[-1]["ops"]) == 10
+    bad = '{"collection": "c", "key": "a", "value": 1}\n{"collection": "c"}\n'
+    result = run("put", "--from", "-", input=bad)
+    assert result.exit_code == 2 and "line 2" in result.output
+    assert run("get", "c", "a").exit_code == 1  # nothing from the failed load was kept
+
+
+def test_log_verify_conflicts_resolve(run: Run, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    run("init")
+    run("init", home_path=other)
+    run("put", "stock", "bolts", '{"qty": 1}')
+    run("put", "stock", "bolts", '{"qty": 2}', home_path=other)
+    with p2psync.open(tmp_path / "home") as a, p2psync.open(other) as b:
+        a.ingest(list(b.export()))
+    text = run("conflicts").output
+    assert "stock/bolts" in text and "applied:" in text and "kept:" in text
+    listed = json.loads(run("conflicts", "--json").output)
+    assert len(listed) == 1 and len(listed[0]["losers"]) == 1
+    assert run("resolve", "stock", "bolts", '{"qty": 3}').exit_code == 0
+    assert run("conflicts", "--json").output.strip() == "[]"
+    verified = run("verify")
+    assert verified.exit_code == 0
+    assert verified.output.strip() == "3 entries from 2 authors verified"
+    log_text = run("log").output
+    assert "put stock/bolts" in log_text
+    entry = json.loads(run("log", "--json").output)["entries"][0]
+    assert {"author", "seq", "id", "hlc", "ops", "signature"} <= set(entry)
+
+
+def test_real_process_errors_have_no_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2psync", "--home", str(tmp_path / "none"), "get", "c", "k"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("p2psync: no p2psync home")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_verify_reports_damage(run: Run, tmp_path: Path) -> None:
+    run("init")
+    run("put", "c", "k", "1")
+    run("put", "c", "k2", "2")
+    conn = sqlite3.connect(tmp_path / "home" / "store.sqlite")
+    conn.execute("UPDATE entries SET payloads = x'8140' WHERE seq = 1")
+    conn.commit()
+    conn.close()
+    result = run("verify")
+    assert result.exit_code == 1 and "entry 1 of" in result.output
