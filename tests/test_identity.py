@@ -73,6 +73,6 @@ def test_signatures() -> None:
     signature = identity.sign(b"message")
     assert verify(identity.public_key, b"message", signature)
     assert not verify(identity.public_key, b"messagE", signature)
-    assert not verify(identity.public_key, b"message", signature[:-1] + b"\x00")
+    assert not verify(identity.public_key, b"message", signature[:-1] + bytes([signature[-1] ^ 1]))
     assert not verify(identity.public_key, b"message", b"short")
     assert Identity(identity.seed).public_key == identity.public_key

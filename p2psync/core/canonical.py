@@ -44,7 +44,7 @@ def decode(data: bytes, *, what: str, max_depth: int) -> Any:
     ``what`` names the thing for error messages; ``max_depth`` bounds nesting
     before anything deep is built.
     """
-    obj = _loads(data, what=what, max_depth=max_depth)
+    obj = loads_strict(data, what=what, max_depth=max_depth)
     if cbor2.dumps(obj, canonical=True) != data:
         raise NonCanonicalError(f"{what} is not canonical CBOR")
     return obj
@@ -58,7 +58,7 @@ def decode_ordered(data: bytes, *, what: str, max_depth: int) -> Any:
     canonical order and that no floats occur (both true for entry bodies and
     envelopes). About twice as fast as :func:`decode`.
     """
-    obj = _loads(data, what=what, max_depth=max_depth)
+    obj = loads_strict(data, what=what, max_depth=max_depth)
     if cbor2.dumps(obj) != data:
         raise NonCanonicalError(f"{what} is not canonical CBOR")
     return obj
@@ -72,7 +72,7 @@ def decode_value(data: bytes, *, what: str, max_depth: int) -> Any:
     canonical width only the canonical encoder picks; map key order is checked
     while walking.
     """
-    obj = _loads(data, what=what, max_depth=max_depth)
+    obj = loads_strict(data, what=what, max_depth=max_depth)
     has_float = check_value(obj, what=what, received=True)
     encoded = cbor2.dumps(obj, canonical=True) if has_float else cbor2.dumps(obj)
     if encoded != data:
@@ -80,7 +80,10 @@ def decode_value(data: bytes, *, what: str, max_depth: int) -> Any:
     return obj
 
 
-def _loads(data: bytes, *, what: str, max_depth: int) -> Any:
+def loads_strict(data: bytes, *, what: str, max_depth: int) -> Any:
+    """Decode one CBOR item, refusing duplicate keys, indefinite lengths and deep
+    nesting. Does *not* check canonical form or trailing bytes: callers compare a
+    re-encoding (see :func:`decode`)."""
     try:
         return cbor2.loads(
             data,
@@ -103,44 +106,54 @@ def check_value(value: Any, *, what: str = "value", received: bool = False) -> b
     :class:`NestingError` when ``received`` (the value came from elsewhere).
     Received maps must also list their keys in canonical order.
     """
-    has_float = False
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bytes or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not _INT_MIN <= item <= _INT_MAX:
-                _fail(f"{what} holds an integer outside the 64-bit range", received)
-            continue
-        if kind is float:
-            if not math.isfinite(item):
-                _fail(f"{what} holds a NaN or infinite number", received)
-            has_float = True
-            continue
-        if kind is list or kind is dict:
-            if depth >= MAX_VALUE_DEPTH:
-                msg = f"{what} nests deeper than {MAX_VALUE_DEPTH} levels"
-                if received:
-                    raise NestingError(msg)
-                raise InvalidRecord(msg)
-            if kind is list:
-                stack.extend((child, depth + 1) for child in item)
-            else:
-                previous: tuple[int, bytes] | None = None
-                for key, child in item.items():
-                    if type(key) is not str:
-                        _fail(f"{what} has a map key that is not text", received)
-                    if received:
-                        encoded = key.encode()
-                        rank = (len(encoded), encoded)
-                        if previous is not None and rank <= previous:
-                            raise NonCanonicalError(f"{what} has map keys out of canonical order")
-                        previous = rank
-                    stack.append((child, depth + 1))
-            continue
+    return _check(value, 0, what, received)
+
+
+def _check(item: Any, depth: int, what: str, received: bool) -> bool:
+    kind = type(item)
+    if kind is str or kind is bytes or kind is bool or item is None:
+        return False
+    if kind is int:
+        if not _INT_MIN <= item <= _INT_MAX:
+            _fail(f"{what} holds an integer outside the 64-bit range", received)
+        return False
+    if kind is float:
+        if not math.isfinite(item):
+            _fail(f"{what} holds a NaN or infinite number", received)
+        return True
+    if kind is not list and kind is not dict:
         _fail(f"{what} holds an unsupported type {kind.__name__}", received)
+    if depth >= MAX_VALUE_DEPTH:
+        message = f"{what} nests deeper than {MAX_VALUE_DEPTH} levels"
+        if received:
+            raise NestingError(message)
+        raise InvalidRecord(message)
+    has_float = False
+    if kind is list:
+        for child in item:
+            child_kind = type(child)
+            if child_kind is str or child_kind is bytes or child_kind is bool or child is None:
+                continue
+            has_float = _check(child, depth + 1, what, received) or has_float
+        return has_float
+    previous: str | None = None
+    previous_size = 0
+    for key, child in item.items():
+        if type(key) is not str:
+            _fail(f"{what} has a map key that is not text", received)
+        if received:
+            # canonical order: shorter UTF-8 encoding first, then bytewise, which
+            # for equal lengths is code point order
+            size = len(key) if key.isascii() else len(key.encode())
+            if previous is not None and (
+                size < previous_size or (size == previous_size and key <= previous)
+            ):
+                raise NonCanonicalError(f"{what} has map keys out of canonical order")
+            previous, previous_size = key, size
+        child_kind = type(child)
+        if child_kind is str or child_kind is bytes or child_kind is bool or child is None:
+            continue
+        has_float = _check(child, depth + 1, what, received) or has_float
     return has_float
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+
+import cbor2
 from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -226,18 +228,28 @@ def decode_wire(data: bytes) -> Entry:
         raise DecodeError("entry is not a [signed, payloads] pair")
     start, end = _bstr_span(data, 1, "entry")
     payloads_blob = data[end:]
-    payloads = canonical.decode_ordered(payloads_blob, what="entry payloads", max_depth=1)
-    if type(payloads) is not list:
-        raise DecodeError("entry payloads are not a list")
-    return _decode(data[start:end], payloads, payloads_blob)
+    return _decode(data[start:end], _payload_list(payloads_blob), payloads_blob)
 
 
 def decode_stored(signed: bytes, payloads_blob: bytes) -> Entry:
     """Decode an entry from the two columns the store keeps."""
-    payloads = canonical.decode_ordered(payloads_blob, what="stored payloads", max_depth=1)
+    return _decode(signed, _payload_list(payloads_blob), payloads_blob)
+
+
+def _payload_list(blob: bytes) -> list[Any]:
+    """The payload array: byte strings, or null where withheld."""
+    if len(blob) > 2 and blob[0] == 0x81:  # fast path: one op with its payload
+        try:
+            start, end = _bstr_span(blob, 1, "entry payloads")
+        except DecodeError:
+            pass
+        else:
+            if end == len(blob):
+                return [blob[start:end]]
+    payloads = canonical.decode_ordered(blob, what="entry payloads", max_depth=1)
     if type(payloads) is not list:
-        raise DecodeError("stored payloads are not a list")
-    return _decode(signed, payloads, payloads_blob)
+        raise DecodeError("entry payloads are not a list")
+    return payloads
 
 
 def _bstr_span(data: bytes, pos: int, what: str) -> tuple[int, int]:
@@ -245,6 +257,16 @@ def _bstr_span(data: bytes, pos: int, what: str) -> tuple[int, int]:
     if pos >= len(data):
         raise DecodeError(f"{what} is truncated")
     initial = data[pos]
+    # fast paths for the common sizes, 24-255 and 256-65535 bytes
+    if initial == 0x58 and pos + 2 <= len(data):
+        end = pos + 2 + data[pos + 1]
+        if data[pos + 1] >= 24 and end <= len(data):
+            return pos + 2, end
+    elif initial == 0x59 and pos + 3 <= len(data):
+        length = (data[pos + 1] << 8) | data[pos + 2]
+        end = pos + 3 + length
+        if length >= 0x100 and end <= len(data):
+            return pos + 3, end
     if initial >> 5 != 2:
         raise DecodeError(f"{what}: expected a byte string")
     info = initial & 0x1F
@@ -276,7 +298,9 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
     fields = canonical.decode_ordered(body, what="entry body", max_depth=3)
     if type(fields) is not dict or list(fields) != _BODY_KEYS:
         raise DecodeError("entry body must have exactly the keys 0-5 in order")
-    version, author, seq, prev, hlc, refs = (fields[k] for k in _BODY_KEYS)
+    version, author, seq, prev, hlc, refs = (
+        fields[0], fields[1], fields[2], fields[3], fields[4], fields[5],
+    )
     if version != FORMAT_VERSION or type(version) is not int:
         raise DecodeError(f"unknown entry format version {version!r}")
     if type(author) is not bytes or len(author) != KEY_BYTES:
@@ -351,7 +375,7 @@ def _check_received_collection(name: object) -> None:
 def _decode_payload(collection: str, digest: bytes, payload: bytes) -> Op:
     if hashlib.blake2b(payload, digest_size=ID_BYTES).digest() != digest:
         raise DecodeError("op payload does not match its digest")
-    fields = canonical.decode_value(
+    fields = canonical.loads_strict(
         payload, what="op payload", max_depth=canonical.MAX_VALUE_DEPTH + 1
     )
     if type(fields) is not list or len(fields) != 5:
@@ -376,4 +400,15 @@ def _decode_payload(collection: str, digest: bytes, payload: bytes) -> Op:
         if type(base) is not bytes or len(base) != ID_BYTES or base <= previous:
             raise DecodeError("op bases must be sorted, distinct 32-byte entry IDs")
         previous = base
+    # Canonical check: the plain encoder reproduces the input exactly when every
+    # head is minimal; map key order is checked while walking the value, and only
+    # floats need the canonical encoder (which picks their shortest width).
+    kind_of_value = type(value)
+    if kind_of_value is str or kind_of_value is bytes or kind_of_value is bool or value is None:
+        has_float = False
+    else:
+        has_float = canonical.check_value(value, what="value", received=True)
+    encoded = cbor2.dumps(fields, canonical=True) if has_float else cbor2.dumps(fields)
+    if encoded != payload:
+        raise NonCanonicalError("op payload is not canonical CBOR")
     return Op(collection, key, _KINDS[kind], value, tuple(bases), payload, digest)

@@ -220,7 +220,11 @@ class Writer:
             version = Version(
                 entry.id, entry.hlc, entry.author, op.payload, op.kind is OpKind.DELETE
             )
-            self._records[record] = merge(states[record], version, op.bases)
+            old = states[record]
+            if not old or (len(old) == 1 and old[0].entry in op.bases):
+                self._records[record] = [version]  # the common case, without merge()
+            else:
+                self._records[record] = merge(old, version, op.bases)
             self._dirty.add(record)
         head.seq, head.id, head.hlc, head.dirty = entry.seq, entry.id, entry.hlc, True
         self.applied.add(entry.id)
