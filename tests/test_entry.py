@@ -180,3 +180,46 @@ def test_local_limits() -> None:
         sign_entry(identity, 1, None, 1, [op, make_op(OpKind.PUT, "c", "k", 2, (), os.urandom(16))])
     with pytest.raises(InvalidRecord):
         sign_entry(identity, 1, None, 1, [])
+
+
+def _signed_wire(author: Author, body: bytes, payloads: list[bytes | None]) -> bytes:
+    signature = author.identity.sign(SIGN_PREFIX + body)
+    return canonical.encode([canonical.encode([body, signature]), payloads])
+
+
+@pytest.mark.parametrize(
+    ("seq", "hlc", "tail"),
+    [
+        (b"\x18\x01", None, b""),  # seq 1 with a one-byte head
+        (b"\x01", b"\x1b" + (5).to_bytes(8, "big"), b""),  # small clock in 8 bytes
+        (b"\x01", None, b"\x00"),  # trailing byte inside the body
+        (b"\xc2\x41\x01", None, b""),  # seq as a bignum tag
+    ],
+)
+def test_signed_non_canonical_body_refused(seq: bytes, hlc: bytes | None, tail: bytes) -> None:
+    """Bodies the author really signed, but not in canonical form."""
+    author = Author()
+    entry = author.put("c", "k", 1)
+    clock = hlc if hlc is not None else canonical.encode(entry.hlc)
+    body = (
+        b"\xa6\x00\x01\x01\x58\x20"
+        + author.key
+        + b"\x02"
+        + seq
+        + b"\x03\xf6\x04"
+        + clock
+        + b"\x05"
+        + canonical.encode([["c", entry.digests[0]]])
+        + tail
+    )
+    good = (
+        b"\xa6\x00\x01\x01\x58\x20"
+        + author.key
+        + b"\x02\x01\x03\xf6\x04"
+        + canonical.encode(entry.hlc)
+        + b"\x05"
+        + canonical.encode([["c", entry.digests[0]]])
+    )
+    assert good == entry.body  # the hand-built layout is the canonical one
+    with pytest.raises(DecodeError):
+        decode_wire(_signed_wire(author, body, list(entry.payloads)))

@@ -32,10 +32,14 @@ class Authenticated:
     signatures_checked: int = 0
 
 
+def _seq(entry: Entry) -> int:
+    return entry.seq
+
+
 def split_runs(entries: Iterable[Entry]) -> list[list[Entry]]:
     """Sort one author's entries by seq, drop exact duplicates, cut into linked runs."""
     unique = {entry.id: entry for entry in entries}
-    ordered = sorted(unique.values(), key=lambda entry: (entry.seq, entry.id))
+    ordered = sorted(unique.values(), key=_seq)
     runs: list[list[Entry]] = []
     for entry in ordered:
         if runs:

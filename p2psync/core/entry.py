@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-
-import cbor2
 from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
+
+import cbor2
 
 from p2psync.core import canonical
 from p2psync.core.canonical import Value
@@ -46,6 +46,7 @@ MAX_BASES = 64
 MAX_COLLECTION_CHARS = 128
 MAX_KEY_CHARS = 1024
 MAX_SEQ = (1 << 63) - 1
+MAX_HLC = (1 << 64) - 1
 
 _BODY_KEYS = [0, 1, 2, 3, 4, 5]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -252,6 +253,17 @@ def _payload_list(blob: bytes) -> list[Any]:
     return payloads
 
 
+def _head_size(value: int) -> int:
+    """Bytes of the canonical CBOR head carrying ``value`` (an integer or a length)."""
+    if value < 24:
+        return 1
+    if value < 0x100:
+        return 2
+    if value < 0x10000:
+        return 3
+    return 5 if value < 0x100000000 else 9
+
+
 def _bstr_span(data: bytes, pos: int, what: str) -> tuple[int, int]:
     """``(start, end)`` of the canonical CBOR byte string whose head is at ``pos``."""
     if pos >= len(data):
@@ -295,11 +307,16 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
         raise DecodeError("signed entry is not a [body, 64-byte signature] pair")
     body = signed[start:end]
     signature = signed[end + 2 :]
-    fields = canonical.decode_ordered(body, what="entry body", max_depth=3)
+    fields = canonical.loads_strict(body, what="entry body", max_depth=3)
     if type(fields) is not dict or list(fields) != _BODY_KEYS:
         raise DecodeError("entry body must have exactly the keys 0-5 in order")
     version, author, seq, prev, hlc, refs = (
-        fields[0], fields[1], fields[2], fields[3], fields[4], fields[5],
+        fields[0],
+        fields[1],
+        fields[2],
+        fields[3],
+        fields[4],
+        fields[5],
     )
     if version != FORMAT_VERSION or type(version) is not int:
         raise DecodeError(f"unknown entry format version {version!r}")
@@ -312,7 +329,7 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
             raise DecodeError("the first entry of a log must not name a predecessor")
     elif type(prev) is not bytes or len(prev) != ID_BYTES:
         raise DecodeError("predecessor is not a 32-byte entry ID")
-    if type(hlc) is not int or hlc < 0:
+    if type(hlc) is not int or not 0 <= hlc <= MAX_HLC:
         raise DecodeError("invalid clock value")
     if type(refs) is not list or not 0 < len(refs) <= MAX_OPS:
         raise DecodeError(f"an entry holds 1-{MAX_OPS} ops")
@@ -322,6 +339,12 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
     digests: list[bytes] = []
     ops: list[Op | None] = []
     seen: set[tuple[str, str]] = set()
+    # Canonical check without re-encoding: a strict decoder's input is at least as
+    # long as the canonical encoding of what it decoded, with equality only for the
+    # canonical encoding itself (key order is checked above, and nothing here can
+    # be a float). So the body is canonical iff its length is this sum.
+    size = 42 + _head_size(seq) + (1 if prev is None else 34) + _head_size(hlc)
+    size += _head_size(len(refs))
     for ref, payload in zip(refs, payloads, strict=True):
         if type(ref) is not list or len(ref) != 2:
             raise DecodeError("op reference is not a [collection, digest] pair")
@@ -329,6 +352,8 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
         if type(digest) is not bytes or len(digest) != ID_BYTES:
             raise DecodeError("op digest is not 32 bytes")
         _check_received_collection(collection)
+        length = len(collection) if collection.isascii() else len(collection.encode())
+        size += 35 + _head_size(length) + length
         collections.append(collection)
         digests.append(digest)
         if payload is None:
@@ -342,6 +367,8 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
             raise DecodeError("an entry changes one record twice")
         seen.add(record)
         ops.append(op)
+    if size != len(body):
+        raise NonCanonicalError("entry body is not canonical CBOR")
     return Entry(
         id=entry_id(signed),
         author=author,

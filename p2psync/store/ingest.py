@@ -93,7 +93,8 @@ def ingest(
             _refuse(result, by_id[entry.id], error)
         ready.extend(by_id[entry.id] for entry in checked.entries)
         result.duplicates += len(group) - len(by_id)
-    ready.sort(key=_position)
+    if len(by_author) > 1:  # one author's entries are already in causal (seq) order
+        ready.sort(key=_position)
     writer.prefetch(
         (op.collection, op.key) for item in ready for op in item.entry.ops if op is not None
     )

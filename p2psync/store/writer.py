@@ -50,6 +50,9 @@ class Attempt(NamedTuple):
     error: EntryError | None = None
 
 
+_APPLIED = Attempt(Outcome.APPLIED)
+_DUPLICATE = Attempt(Outcome.DUPLICATE)
+
 _States = dict[tuple[str, str], list[Version]]
 
 _RECORD_COLUMNS = "entry, hlc, author, payload, deleted"
@@ -176,7 +179,7 @@ class Writer:
         if entry.seq <= head.seq:
             stored = self.stored_wire(head, entry.seq)
             if stored is not None and stored[0] == entry.id:
-                return Attempt(Outcome.DUPLICATE)
+                return _DUPLICATE
             ours = stored[1] if stored is not None else b""
             return self._fork(head, entry.seq, ours, wire)
         if entry.seq > head.seq + 1:
@@ -205,7 +208,7 @@ class Writer:
                     if base not in present and not self.has_entry(base):
                         return Attempt(Outcome.WAIT, dep=base)
         self.apply(entry, states)
-        return Attempt(Outcome.APPLIED)
+        return _APPLIED
 
     def apply(self, entry: Entry, states: _States) -> None:
         """Store ``entry`` and merge its ops; its dependencies must be applied."""
