@@ -97,14 +97,19 @@ def _put_lines(db: Database, source: IO[str], atomic: bool) -> int:
             raise InvalidRecord("--atomic: the file changes one record more than once")
         return len(batch) if db.write([batch]) else 0
     counted = 0
+    show = sys.stderr.isatty()
 
     def one_each() -> Iterator[list[Change]]:
         nonlocal counted
         for change in changes:
             counted += 1
+            if show and counted % 10_000 == 0:
+                click.echo(f"\r{counted} lines read...", err=True, nl=False)
             yield [change]
 
     db.write(one_each())
+    if show and counted >= 10_000:
+        click.echo("", err=True)
     return counted
 
 
