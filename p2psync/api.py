@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from p2psync import home as home_mod
+from p2psync.agent import sockets
 from p2psync.core import canonical, hlc
 from p2psync.core.canonical import Value
 from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored
@@ -145,18 +146,24 @@ class Database:
         salt: Callable[[], bytes] | None = None,
     ) -> list[bytes]:
         """One entry per transaction, all committed in one store transaction."""
-        return self.store.write_local(
+        written = self.store.write_local(
             self.identity,
             transactions,
             home_mod.now_ms,
             salt or (lambda: os.urandom(16)),
         )
+        if written:
+            sockets.notify(self.path)  # a running agent pushes them to peers at once
+        return written
 
     def ingest(
         self, wires: Sequence[bytes], *, max_skew_ms: int = hlc.DEFAULT_MAX_SKEW_MS
     ) -> IngestResult:
         """Verify and apply entries (wire form) from any author."""
-        return self.store.ingest(wires, home_mod.now_ms(), max_skew_ms)
+        result = self.store.ingest(wires, home_mod.now_ms(), max_skew_ms)
+        if result.accepted:
+            sockets.notify(self.path)
+        return result
 
     # ------------------------------------------------------------ reading
 

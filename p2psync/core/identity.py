@@ -123,6 +123,12 @@ class Identity:
     def short_id(self) -> str:
         return short_id(self.public_key)
 
+    @property
+    def x25519_private(self) -> bytes:
+        """The X25519 form of the secret key (the Noise static key)."""
+        converted: bytes = nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(self._secret)
+        return converted
+
     def sign(self, message: bytes) -> bytes:
         """Return the 64-byte Ed25519 signature of ``message``."""
         signed: bytes = nacl.bindings.crypto_sign(message, self._secret)

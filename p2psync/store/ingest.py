@@ -61,6 +61,8 @@ class IngestResult:
     duplicates: int = 0
     rejected: list[Rejected] = field(default_factory=list)
     signatures_checked: int = 0
+    #: ``(author, seq, entry ID)`` of every input that decoded: what the sender holds
+    seen: list[tuple[bytes, int, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -194,4 +196,5 @@ def decode_batch(
             )
             continue
         items.append(Item(entry, wire, index))
+        result.seen.append((entry.author, entry.seq, entry.id))
     return items

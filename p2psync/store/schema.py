@@ -17,6 +17,14 @@ Tables (version 1):
 ``losers``      the other heads of conflicted records.
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
+
+Version 2 adds peers:
+
+``peers``       agents this one knows: key, display name, state, addresses to
+                dial (JSON list of ``host:port``), when last seen / synced, the
+                last error.
+``peer_heads``  what each peer held of each author when last heard from, for
+                "entries behind / ahead" without a connection.
 """
 
 from __future__ import annotations
@@ -88,6 +96,24 @@ MIGRATIONS: dict[int, str] = {
         detected INTEGER NOT NULL,
         PRIMARY KEY (author, seq)
     );
+    """,
+    2: """
+    CREATE TABLE peers (
+        key        BLOB PRIMARY KEY,
+        name       TEXT,
+        state      TEXT NOT NULL,
+        addresses  TEXT NOT NULL DEFAULT '[]',
+        added      INTEGER NOT NULL,
+        last_seen  INTEGER,
+        last_sync  INTEGER,
+        last_error TEXT
+    );
+    CREATE TABLE peer_heads (
+        peer   BLOB NOT NULL,
+        author BLOB NOT NULL,
+        seq    INTEGER NOT NULL,
+        PRIMARY KEY (peer, author)
+    ) WITHOUT ROWID;
     """,
 }
 

@@ -8,7 +8,7 @@ safely; a crash at any instant leaves the last committed state.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,9 @@ from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, make_op, sign_entry
 from p2psync.core.identity import Identity
+from p2psync.core.messages import Head
 from p2psync.errors import IntegrityError, StoreError
-from p2psync.store import records, schema
+from p2psync.store import logs, peers, records, schema
 from p2psync.store.connection import Guard, connect
 from p2psync.store.ingest import IngestResult, decode_batch, ingest
 from p2psync.store.verify import VerifyReport, verify
@@ -85,14 +86,23 @@ class Store:
             conn.close()
             raise
         self._db = Guard(conn, path)
+        # Reads get their own connection: in WAL mode they then never wait for,
+        # or hold up, a write transaction on the other one (sync reads what to
+        # send while it ingests what it receives).
+        try:
+            self._reader = Guard(connect(path), path)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
+        self._reader.close()
         self._db.close()
 
     # ------------------------------------------------------------ meta
 
     def get_meta(self, key: str) -> object:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
@@ -103,17 +113,17 @@ class Store:
     # ------------------------------------------------------------ records
 
     def get(self, collection: str, key: str) -> Value:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             return records.get(conn, collection, key)
 
     def exists(self, collection: str, key: str) -> bool:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             return records.exists(conn, collection, key)
 
     def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
         after: str | None = None
         while True:
-            with self._db.reading() as conn:
+            with self._reader.reading() as conn:
                 page = records.scan_page(conn, collection, prefix, after)
             for key, payload in page:
                 yield key, records.payload_value(payload)
@@ -122,17 +132,17 @@ class Store:
             after = page[-1][0]
 
     def collections(self) -> list[tuple[str, int]]:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             return records.collections(conn)
 
     def conflicts(self) -> list[records.Conflict]:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             return list(records.conflicts(conn))
 
     # ------------------------------------------------------------ logs
 
     def authors(self) -> list[AuthorState]:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             rows = conn.execute(
                 "SELECT key, head_seq, head_id, head_hlc, frozen FROM authors ORDER BY key"
             ).fetchall()
@@ -150,25 +160,100 @@ class Store:
         else:
             sql += "WHERE a.key = ? ORDER BY e.seq"
             args = (author,)
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             rows = conn.execute(sql, args).fetchall()
         for row in rows:
             yield StoredEntry(*row)
 
     def forks(self) -> list[tuple[bytes, int, bytes, bytes]]:
         """``(author, seq, ours, theirs)`` for every fork on record."""
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             return conn.execute(
                 "SELECT a.key, f.seq, f.ours, f.theirs FROM forks f "
                 "JOIN authors a ON a.idx = f.author ORDER BY a.key, f.seq"
             ).fetchall()
 
     def held_count(self) -> int:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             return int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
 
+    # ------------------------------------------------------------ sync
+
+    def heads(self) -> dict[bytes, Head]:
+        with self._reader.reading() as conn:
+            return logs.heads(conn)
+
+    def entries_after(
+        self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
+    ) -> list[logs.Outgoing]:
+        with self._reader.reading() as conn:
+            conn.execute("BEGIN")  # one snapshot across the per-author reads
+            try:
+                return logs.entries_after(conn, after, max_entries, max_bytes)
+            finally:
+                conn.execute("COMMIT")
+
+    def entry_at(self, author: bytes, seq: int) -> logs.Outgoing | None:
+        with self._reader.reading() as conn:
+            return logs.entry_at(conn, author, seq)
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (see PRAGMA data_version)."""
+        with self._reader.reading() as conn:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+    # ------------------------------------------------------------ peers
+
+    def add_peer(
+        self, key: bytes, name: str | None, addresses: Sequence[str], now_ms: int
+    ) -> peers.Peer:
+        with self._db.writing() as conn:
+            return peers.add(conn, key, name, addresses, now_ms)
+
+    def remove_peer(self, key: bytes) -> bool:
+        with self._db.writing() as conn:
+            return peers.remove(conn, key)
+
+    def peer(self, key: bytes) -> peers.Peer | None:
+        with self._reader.reading() as conn:
+            return peers.get(conn, key)
+
+    def peers(self) -> list[peers.Peer]:
+        with self._reader.reading() as conn:
+            return peers.all_peers(conn)
+
+    def record_peer(
+        self,
+        key: bytes,
+        *,
+        seen: int | None = None,
+        synced: int | None = None,
+        error: str | None = None,
+        clear_error: bool = False,
+        address: str | None = None,
+        heads: Mapping[bytes, int] | None = None,
+    ) -> None:
+        with self._db.writing() as conn:
+            peers.record(
+                conn,
+                key,
+                seen=seen,
+                synced=synced,
+                error=error,
+                clear_error=clear_error,
+                address=address,
+            )
+            if heads is not None:
+                peers.set_heads(conn, key, heads)
+
+    def peer_heads(self, key: bytes) -> dict[bytes, int]:
+        with self._reader.reading() as conn:
+            return peers.heads_of(conn, key)
+
+    # ------------------------------------------------------------ checking
+
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        with self._db.reading() as conn:
+        with self._reader.reading() as conn:
             conn.execute("BEGIN")  # one consistent snapshot
             try:
                 return verify(conn, progress)

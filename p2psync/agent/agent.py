@@ -1,0 +1,403 @@
+"""The agent: listens, dials trusted peers, and keeps every connection in sync.
+
+One trio nursery per agent holds:
+
+* the TCP listener(s) and one task per inbound connection;
+* one dialer per trusted peer with known addresses (capped exponential backoff
+  with jitter; it waits while any connection with that peer is up);
+* the notification socket (commits by other processes, peer changes) plus a
+  periodic check of ``PRAGMA data_version`` in case a datagram was lost;
+* the control socket (status, sync requests).
+
+A connection's failure is logged and ends that connection only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2psync.agent import sockets
+from p2psync.agent.connections import Connection, Registry
+from p2psync.agent.control import handle_control
+from p2psync.api import Database
+from p2psync.core.frames import FrameError
+from p2psync.core.identity import device_id, short_id
+from p2psync.core.messages import lag
+from p2psync.core.noise import HandshakeError
+from p2psync.core.session import SessionConfig, SyncSession
+from p2psync.errors import P2PSyncError
+from p2psync.home import now_ms
+from p2psync.net.storeio import ChangeFeed, TrioStore
+from p2psync.net.sync import SessionStats, run_session
+from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.store.peers import Peer, PeerState
+
+log = logging.getLogger(__name__)
+
+AGENT_FILE = "agent.json"
+RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    session: SessionConfig = field(default_factory=SessionConfig)
+    backoff_start: float = 0.5
+    backoff_cap: float = 30.0
+    dial_timeout: float = 5.0
+    poll_interval: float = 2.0  # fallback check for commits we were not told about
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) → (host, port); raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Agent:
+    def __init__(
+        self,
+        db: Database,
+        listen: list[tuple[str, int]],
+        config: AgentConfig | None = None,
+    ) -> None:
+        self.db = db
+        self.home: Path = db.path
+        self.identity = db.identity
+        self.name = db.home.name
+        self.listen = listen
+        self.config = config or AgentConfig()
+        self.store = TrioStore(db.store)
+        self.feed = ChangeFeed()
+        self.registry = Registry()
+        self.peers: dict[bytes, Peer] = {}
+        self.addresses: list[str] = []
+        self._dialers: dict[bytes, trio.CancelScope] = {}
+        self._dial_now: dict[bytes, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self.started_ms = now_ms()
+
+    # ------------------------------------------------------------ running
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; reports the listen addresses once listening."""
+        listeners: list[trio.SocketListener] = []
+        for host, port in self.listen:
+            try:
+                listeners.extend(await trio.open_tcp_listeners(port, host=host))
+            except OSError as exc:
+                raise P2PSyncError(
+                    f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
+                ) from exc
+        self.addresses = [
+            format_address(*listener.socket.getsockname()[:2]) for listener in listeners
+        ]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._reload_peers()
+            nursery.start_soon(trio.serve_listeners, self._inbound, listeners)
+            await nursery.start(self._serve_notifications)
+            await nursery.start(self._serve_control)
+            nursery.start_soon(self._poll_changes)
+            self._write_agent_file()
+            task_status.started(self.addresses)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._remove_agent_file()
+
+    def _write_agent_file(self) -> None:
+        data = {
+            "pid": os.getpid(),
+            "listen": self.addresses,
+            "device_id": self.identity.device_id,
+            "name": self.name,
+            "started": self.started_ms,
+        }
+        tmp = self.home / (AGENT_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.home / AGENT_FILE)
+
+    def _remove_agent_file(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / AGENT_FILE).unlink()
+
+    # ------------------------------------------------------------ peers and dialers
+
+    def _trusted(self, key: bytes) -> bool:
+        peer = self.peers.get(key)
+        return peer is not None and peer.state is PeerState.TRUSTED
+
+    async def _reload_peers(self) -> None:
+        peers = await trio.to_thread.run_sync(self.db.store.peers)
+        self.peers = {peer.key: peer for peer in peers}
+        for key, conn in list(self.registry.by_peer.items()):
+            if not self._trusted(key):
+                log.info("%s is no longer trusted: disconnecting", short_id(key))
+                conn.scope.cancel()
+        if self._nursery is None:
+            return
+        wanted = {key for key, peer in self.peers.items() if self._trusted(key) and peer.addresses}
+        for key in set(self._dialers) - wanted:
+            self._dialers.pop(key).cancel()
+        for key in wanted - set(self._dialers):
+            scope = trio.CancelScope()
+            self._dialers[key] = scope
+            self._dial_now[key] = trio.Event()
+            self._nursery.start_soon(self._dialer, key, scope)
+
+    def dial_now(self, key: bytes | None = None) -> None:
+        """Skip the backoff wait of one dialer (or all)."""
+        for peer, event in list(self._dial_now.items()):
+            if key is None or peer == key:
+                event.set()
+                self._dial_now[peer] = trio.Event()
+
+    async def _dialer(self, key: bytes, scope: trio.CancelScope) -> None:
+        failures = 0
+        with scope:
+            while True:
+                existing = self.registry.get(key)
+                if existing is not None:
+                    await existing.closed.wait()
+                    await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
+                    continue
+                started = trio.current_time()
+                healthy = await self._dial_once(key)
+                if healthy or trio.current_time() - started > 30:
+                    failures = 0
+                else:
+                    failures += 1
+                delay = min(
+                    self.config.backoff_cap, self.config.backoff_start * 2 ** min(failures, 16)
+                ) * random.uniform(0.5, 1.5)
+                with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
+                    await self._dial_now[key].wait()
+
+    async def _dial_once(self, key: bytes) -> bool:
+        """Try each known address once; True when a session ran and synced."""
+        peer = self.peers.get(key)
+        if peer is None:
+            return False
+        for address in peer.addresses:
+            try:
+                host, port = parse_address(address)
+            except ValueError:
+                continue
+            stream: trio.SocketStream | None = None
+            try:
+                with trio.fail_after(self.config.dial_timeout):
+                    stream = await trio.open_tcp_stream(host, port)
+                secured = await secure(
+                    stream, self.identity, initiator=True, name=self.name, expect=key
+                )
+            except (OSError, trio.TooSlowError, HandshakeError, FrameError, ConnectionLost) as exc:
+                log.debug("dialling %s at %s failed: %s", short_id(key), address, exc)
+                if stream is not None:
+                    await stream.aclose()
+                if isinstance(exc, HandshakeError):
+                    await self._record(key, error=f"handshake with {address} failed: {exc}")
+                continue
+            stats = await self._run_connection(secured, outbound=True, address=address)
+            return stats is not None and stats.synced
+        return False
+
+    # ------------------------------------------------------------ connections
+
+    async def _inbound(self, stream: trio.SocketStream) -> None:
+        try:
+            remote = stream.socket.getpeername()
+            address = format_address(str(remote[0]), int(remote[1]))
+        except OSError:
+            address = "?"
+        try:
+            secured = await secure(
+                stream, self.identity, initiator=False, name=self.name, trust=self._trusted
+            )
+        except (HandshakeError, FrameError, ConnectionLost) as exc:
+            log.warning("refused connection from %s: %s", address, exc)
+            await stream.aclose()
+            return
+        await self._run_connection(secured, outbound=False, address=address)
+
+    async def _run_connection(
+        self, secured: SecureStream, *, outbound: bool, address: str
+    ) -> SessionStats | None:
+        peer = secured.peer
+        conn = Connection(
+            peer=peer,
+            dialled_by=self.identity.public_key if outbound else peer,
+            outbound=outbound,
+            address=address,
+        )
+        if not self.registry.add(conn):
+            log.debug("keeping the other connection with %s", short_id(peer))
+            await secured.aclose()
+            return None
+        log.info("connected to %s (%s, %s)", short_id(peer), secured.peer_name, address)
+        await self._record(peer, seen=now_ms(), clear_error=True)
+
+        def started(machine: SyncSession, stats: SessionStats) -> None:
+            conn.machine, conn.stats = machine, stats
+
+        last_recorded = -RECORD_EVERY
+
+        def synced(_stats: SessionStats) -> None:
+            nonlocal last_recorded
+            now = trio.current_time()
+            if now - last_recorded >= RECORD_EVERY and self._nursery is not None:
+                last_recorded = now
+                assert conn.machine is not None
+                heads = {a: h.seq for a, h in conn.machine.peer.items()}
+                self._nursery.start_soon(
+                    partial(self._record, peer, seen=now_ms(), synced=now_ms(), heads=heads)
+                )
+
+        stats: SessionStats | None = None
+        try:
+            with conn.scope:
+                stats = await run_session(
+                    secured,
+                    self.store,
+                    self.feed,
+                    live=True,
+                    config=self.config.session,
+                    on_start=started,
+                    on_synced=synced,
+                )
+        except P2PSyncError as exc:
+            log.warning("connection with %s failed: %s", short_id(peer), exc)
+            await self._record(peer, error=str(exc))
+        finally:
+            self.registry.remove(conn)
+            if conn.machine is not None:
+                await self._record(
+                    peer,
+                    seen=now_ms(),
+                    synced=now_ms() if conn.stats is not None and conn.stats.synced else None,
+                    heads={a: h.seq for a, h in conn.machine.peer.items()},
+                    error=conn.stats.reason if conn.stats and conn.stats.error else None,
+                )
+        return stats
+
+    async def _record(self, peer: bytes, **fields: Any) -> None:
+        if peer not in self.peers:
+            return
+        try:
+            await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
+        except P2PSyncError as exc:
+            log.warning("could not record the state of %s: %s", short_id(peer), exc)
+
+    # ------------------------------------------------------------ local changes
+
+    async def _serve_notifications(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        path = sockets.socket_path(self.home, sockets.NOTIFY)
+        _unlink(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+        try:
+            await sock.bind(path)
+            task_status.started()
+            while True:
+                data = await sock.recv(64)
+                if sockets.CHANGED_PEERS in data:
+                    await self._reload_peers()
+                    self.dial_now()
+                self.feed.bump()
+        finally:
+            sock.close()
+            _unlink(path)
+
+    async def _poll_changes(self) -> None:
+        version = await trio.to_thread.run_sync(self.db.store.data_version)
+        while True:
+            await trio.sleep(self.config.poll_interval)
+            current = await trio.to_thread.run_sync(self.db.store.data_version)
+            if current != version:
+                version = current
+                await self._reload_peers()
+                self.feed.bump()
+
+    # ------------------------------------------------------------ control socket
+
+    async def _serve_control(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        path = sockets.socket_path(self.home, sockets.CONTROL)
+        _unlink(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            sock.listen(16)
+            listener = trio.SocketListener(sock)
+            task_status.started()
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await handle_control(self, stream)
+
+            await trio.serve_listeners(handler, [listener])
+        finally:
+            sock.close()
+            _unlink(path)
+
+    def status(self) -> dict[str, Any]:
+        """What ``p2psync status`` shows."""
+        connections = []
+        for conn in self.registry.by_peer.values():
+            machine, stats = conn.machine, conn.stats
+            behind = ahead = 0
+            if machine is not None:
+                behind, ahead = lag(
+                    {a: h.seq for a, h in machine.local.items()},
+                    {a: h.seq for a, h in machine.peer.items()},
+                )
+            peer = self.peers.get(conn.peer)
+            connections.append(
+                {
+                    "peer": peer.name if peer is not None else None,
+                    "device_id": device_id(conn.peer),
+                    "direction": "out" if conn.outbound else "in",
+                    "address": conn.address,
+                    "since": conn.since_ms,
+                    "synced": bool(machine is not None and machine.synced),
+                    "entries_sent": stats.sent if stats else 0,
+                    "entries_received": stats.received if stats else 0,
+                    "behind": behind,
+                    "ahead": ahead,
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "device_id": self.identity.device_id,
+            "name": self.name,
+            "listen": self.addresses,
+            "started": self.started_ms,
+            "connections": connections,
+        }
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

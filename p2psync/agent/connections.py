@@ -1,0 +1,64 @@
+"""Which connections an agent keeps: one per peer.
+
+When two agents dial each other at the same moment both connections may
+complete. Each side then keeps the connection **dialled by the smaller
+identity key** (bytewise), so both keep the same one and close the other.
+Between two connections dialled by the same side, the newer one wins (the older
+is most likely dead: the peer restarted).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from p2psync.core.session import SyncSession
+from p2psync.net.sync import SessionStats
+
+
+@dataclass(eq=False)
+class Connection:
+    peer: bytes
+    dialled_by: bytes
+    outbound: bool
+    address: str
+    since_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed: trio.Event = field(default_factory=trio.Event)
+    stats: SessionStats | None = None
+    machine: SyncSession | None = None
+
+
+def prefer(new: Connection, old: Connection) -> bool:
+    """True when ``new`` should replace ``old`` (both with the same peer)."""
+    if new.dialled_by != old.dialled_by:
+        return new.dialled_by < old.dialled_by
+    return True
+
+
+class Registry:
+    """The live connections of one agent, by peer."""
+
+    def __init__(self) -> None:
+        self.by_peer: dict[bytes, Connection] = {}
+        self.changed = trio.Event()
+
+    def add(self, conn: Connection) -> bool:
+        """Register ``conn``; False when an existing connection is kept instead."""
+        existing = self.by_peer.get(conn.peer)
+        if existing is not None:
+            if not prefer(conn, existing):
+                return False
+            existing.scope.cancel()
+        self.by_peer[conn.peer] = conn
+        return True
+
+    def remove(self, conn: Connection) -> None:
+        if self.by_peer.get(conn.peer) is conn:
+            del self.by_peer[conn.peer]
+        conn.closed.set()
+
+    def get(self, peer: bytes) -> Connection | None:
+        return self.by_peer.get(peer)

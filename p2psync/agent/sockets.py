@@ -1,0 +1,77 @@
+"""Local sockets of a running agent, in its home folder.
+
+``agent.sock`` (datagram): any process that commits to the store sends one
+byte here so the agent pushes the new entries at once (``e``), or re-reads its
+peers (``p``). Best effort: a lost datagram only delays things until the
+agent's periodic check.
+
+``control.sock`` (stream): one JSON request line, one JSON response line;
+used by ``p2psync status`` and ``p2psync sync`` to talk to a running agent.
+
+Unix socket paths are limited to ~107 bytes; for a deeper home the sockets
+live in the system temp folder under a name derived from the home's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+NOTIFY = "agent.sock"
+CONTROL = "control.sock"
+_MAX_PATH = 100
+
+CHANGED_ENTRIES = b"e"
+CHANGED_PEERS = b"p"
+
+
+def socket_path(home: Path, name: str) -> str:
+    path = str(home.resolve() / name)
+    if len(path.encode()) <= _MAX_PATH:
+        return path
+    digest = hashlib.blake2b(str(home.resolve()).encode(), digest_size=8).hexdigest()
+    return os.path.join(tempfile.gettempdir(), f"p2psync-{digest}-{name}")
+
+
+def notify(home: Path, what: bytes = CHANGED_ENTRIES) -> None:
+    """Tell a running agent (if any) that the store changed. Never raises."""
+    path = socket_path(home, NOTIFY)
+    if not os.path.exists(path):
+        return
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.sendto(what, path)
+
+
+class AgentNotRunning(Exception):
+    """No agent answers on the control socket."""
+
+
+def request(home: Path, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send one control request to the running agent and return its answer."""
+    path = socket_path(home, CONTROL)
+    if not os.path.exists(path):
+        raise AgentNotRunning(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise AgentNotRunning(path) from exc
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data) if data else {}
+    if not isinstance(answer, dict):
+        raise ValueError("the agent's answer is not a JSON object")
+    return answer

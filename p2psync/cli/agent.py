@@ -1,0 +1,236 @@
+"""Agent commands: run, sync, status."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from p2psync.agent import sockets
+from p2psync.agent.agent import AGENT_FILE, Agent, parse_address
+from p2psync.cli import output
+from p2psync.cli.context import State, pass_state
+from p2psync.cli.peers import resolve_peer
+from p2psync.core.identity import device_id, short_id
+from p2psync.errors import P2PSyncError, UsageError
+from p2psync.net.oneshot import SyncOutcome, sync_once
+
+LOCK_FILE = "agent.lock"
+DEFAULT_LISTEN = "0.0.0.0:7717"
+
+
+@contextmanager
+def agent_lock(home: Path) -> Iterator[None]:
+    """Hold the home's agent lock, or fail naming the agent that holds it."""
+    path = home / LOCK_FILE
+    handle = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = "?"
+            with suppress(OSError, ValueError, KeyError):
+                pid = str(json.loads((home / AGENT_FILE).read_text())["pid"])
+            raise P2PSyncError(
+                f"an agent is already running for {home} (pid {pid}); stop it first"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+@click.command()
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help=f"Address to listen on (repeatable; default {DEFAULT_LISTEN}; port 0 = any).",
+)
+@click.option("--no-discovery", is_flag=True, help="Do not use mDNS discovery.")
+@click.option(
+    "--discovery-interface",
+    multiple=True,
+    metavar="IP",
+    help="Limit discovery to these interfaces (repeatable).",
+)
+@click.option("--quiet", is_flag=True, help="Log warnings only.")
+@pass_state
+def run(
+    state: State,
+    listen: tuple[str, ...],
+    no_discovery: bool,
+    discovery_interface: tuple[str, ...],
+    quiet: bool,
+) -> None:
+    """Run the agent in the foreground until SIGINT or SIGTERM."""
+    del no_discovery, discovery_interface  # discovery arrives with the LAN issue
+    try:
+        addresses = [parse_address(a) for a in (listen or (DEFAULT_LISTEN,))]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not quiet and not state.debug:
+        logging.getLogger("p2psync").setLevel(logging.INFO)
+    with state.open() as db, agent_lock(db.path):
+        agent = Agent(db, addresses)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                listening = await nursery.start(agent.run)
+                for address in listening:
+                    click.echo(f"listening on {address}")
+                sys.stdout.flush()
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        logging.getLogger("p2psync").info(
+                            "stopping on %s", signal.Signals(signum).name
+                        )
+                        nursery.cancel_scope.cancel()
+                        break
+
+        trio.run(main)
+    click.echo("stopped")
+
+
+@click.command()
+@click.argument("peer", required=False)
+@click.option("--address", metavar="HOST:PORT", help="Dial this address (skips the agent).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
+@pass_state
+def sync(state: State, peer: str | None, address: str | None, timeout: float) -> None:
+    """Sync now with PEER (or every paired peer); exit 0 once in step."""
+    if address is None:
+        try:
+            answer = sockets.request(
+                state.home,
+                {"op": "sync", "peer": _peer_id(state, peer), "timeout": timeout},
+                timeout=timeout + 5,
+            )
+        except sockets.AgentNotRunning:
+            pass
+        except (OSError, ValueError) as exc:
+            raise P2PSyncError(f"the running agent did not answer: {exc}") from exc
+        else:
+            _report([_from_agent(r) for r in answer.get("peers", [])], answer.get("error"))
+            return
+    try:
+        target = parse_address(address) if address else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with state.open() as db:
+        keys = [resolve_peer(db, peer).key] if peer else None
+        show = sys.stderr.isatty()
+
+        def progress(who: bytes, received: int, total: int, sent: int) -> None:
+            if show:
+                click.echo(
+                    f"\r{short_id(who)}: received {received}/{total} entries, sent {sent}",
+                    err=True,
+                    nl=False,
+                )
+
+        outcomes = trio.run(lambda: sync_once(db, keys, target, timeout=timeout, progress=progress))
+        if show:
+            click.echo("", err=True)
+    _report(outcomes, None)
+
+
+def _peer_id(state: State, peer: str | None) -> str | None:
+    if peer is None:
+        return None
+    with state.open() as db:
+        return device_id(resolve_peer(db, peer).key)
+
+
+def _from_agent(row: dict[str, Any]) -> SyncOutcome:
+    return SyncOutcome(row["device_id"], bool(row["synced"]), row.get("error"), 0, 0)
+
+
+def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
+    if error:
+        raise P2PSyncError(error)
+    if not outcomes:
+        raise P2PSyncError("no paired peer with an address to sync with; see `p2psync peers`")
+    for outcome in outcomes:
+        who = outcome.peer[:7]
+        if outcome.synced:
+            click.echo(f"{who}: in sync (received {outcome.received}, sent {outcome.sent})")
+        else:
+            click.echo(f"{who}: NOT in sync: {outcome.error}")
+    failed = [o for o in outcomes if not o.synced]
+    if failed:
+        raise P2PSyncError(f"{len(failed)} of {len(outcomes)} peers are not in sync")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def status(state: State, as_json: bool) -> None:
+    """Show the agent, its connections, per-peer lag and errors."""
+    try:
+        running: dict[str, Any] | None = sockets.request(state.home, {"op": "status"}, 3)
+    except (sockets.AgentNotRunning, OSError, ValueError):
+        running = None
+    with state.open() as db:
+        store = {
+            "entries": sum(a.seq for a in db.authors()),
+            "authors": len([a for a in db.authors() if a.seq]),
+            "conflicts": len(db.conflicts()),
+            "held": db.store.held_count(),
+        }
+        peer_rows: list[dict[str, Any]] = [
+            {
+                "name": p.name,
+                "device_id": device_id(p.key),
+                "last_sync": p.last_sync,
+                "last_error": p.last_error,
+            }
+            for p in db.store.peers()
+        ]
+        me = {"device_id": db.device_id, "name": db.home.name}
+    document = {
+        **me,
+        "running": running is not None,
+        "agent": running,
+        "store": store,
+        "peers": peer_rows,
+    }
+    if as_json:
+        output.emit_json(document)
+        return
+    click.echo(f"{me['name']}  {me['device_id']}")
+    if running is None:
+        click.echo("agent: not running (start it with `p2psync run`)")
+    else:
+        click.echo(
+            f"agent: running, pid {running['pid']}, listening on {', '.join(running['listen'])}"
+        )
+        for conn in running["connections"]:
+            click.echo(
+                f"  {conn['peer'] or conn['device_id'][:7]} ({conn['direction']}, "
+                f"{conn['address']}): {'in sync' if conn['synced'] else 'syncing'}, "
+                f"{conn['behind']} behind, {conn['ahead']} ahead, "
+                f"sent {conn['entries_sent']}, received {conn['entries_received']}"
+            )
+    click.echo(
+        f"store: {store['entries']} entries from {store['authors']} authors, "
+        f"{store['conflicts']} conflicts, {store['held']} held"
+    )
+    for row in peer_rows:
+        line = f"  peer {row['name']}: last in sync "
+        line += output.describe_hlc(row["last_sync"] << 16) if row["last_sync"] else "never"
+        if row["last_error"]:
+            line += f"; last error: {row['last_error']}"
+        click.echo(line)
+
+
+COMMANDS = (run, sync, status)

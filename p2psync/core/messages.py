@@ -1,0 +1,217 @@
+"""Sync protocol messages: what travels inside the encrypted frames.
+
+Every message is the canonical CBOR encoding of an array whose first element is
+the message type. Decoding is strict: wrong shapes, unknown types, trailing
+bytes and non-canonical encodings are a :class:`ProtocolError`. The full wire
+description is in ``docs/protocol.md``.
+
+====  =========  ===============================================================
+type  name       fields
+====  =========  ===============================================================
+1     Have       heads: [[author(32), seq, head(32), frozen(bool)], ...]
+2     Entries    batch (uint), [wire entry (bstr), ...]
+3     Ack        batch (uint)
+4     Caught     heads digest (16 bytes)
+5     Ping       nonce (uint)
+6     Pong       nonce (uint)
+7     Bye        reason (text)
+====  =========  ===============================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from p2psync.core import canonical
+from p2psync.errors import DecodeError, P2PSyncError
+
+
+class ProtocolError(P2PSyncError):
+    """The peer broke the sync protocol; the connection is closed with this reason."""
+
+
+#: Largest decoded message; an Entries batch stays well below it.
+MAX_MESSAGE_BYTES = 2 << 20
+MAX_AUTHORS = 100_000
+MAX_BATCH_ENTRIES = 10_000
+MAX_REASON_CHARS = 500
+DIGEST_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What one side holds of one author's log."""
+
+    seq: int
+    head: bytes
+    frozen: bool = False
+
+
+Heads = Mapping[bytes, Head]
+
+
+@dataclass(frozen=True, slots=True)
+class Have:
+    heads: dict[bytes, Head]
+
+
+@dataclass(frozen=True, slots=True)
+class Entries:
+    batch: int
+    wires: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    batch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Caught:
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str
+
+
+Message = Have | Entries | Ack | Caught | Ping | Pong | Bye
+
+
+def heads_digest(heads: Heads) -> bytes:
+    """A short digest of a set of heads: equal digests mean equal holdings."""
+    hasher = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"p2psync-heads")
+    for author in sorted(heads):
+        head = heads[author]
+        hasher.update(author + head.seq.to_bytes(8, "big") + head.head)
+    return hasher.digest()
+
+
+def lag(ours: Mapping[bytes, int], theirs: Mapping[bytes, int]) -> tuple[int, int]:
+    """``(behind, ahead)``: entries they hold that we lack, and the reverse."""
+    behind = sum(max(0, seq - ours.get(author, 0)) for author, seq in theirs.items())
+    ahead = sum(max(0, seq - theirs.get(author, 0)) for author, seq in ours.items())
+    return behind, ahead
+
+
+def encode(message: Message) -> bytes:
+    body: list[Any]
+    if isinstance(message, Have):
+        body = [1, [[a, h.seq, h.head, h.frozen] for a, h in sorted(message.heads.items())]]
+    elif isinstance(message, Entries):
+        body = [2, message.batch, message.wires]
+    elif isinstance(message, Ack):
+        body = [3, message.batch]
+    elif isinstance(message, Caught):
+        body = [4, message.digest]
+    elif isinstance(message, Ping):
+        body = [5, message.nonce]
+    elif isinstance(message, Pong):
+        body = [6, message.nonce]
+    else:
+        body = [7, message.reason[:MAX_REASON_CHARS]]
+    return canonical.encode(body)
+
+
+def decode(data: bytes) -> Message:
+    """Strictly decode one message; raise :class:`ProtocolError` on anything off."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = canonical.loads_strict(data, what="message", max_depth=3)
+    except DecodeError as exc:
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+    if type(body) is not list or not body or type(body[0]) is not int:
+        raise ProtocolError("a message is an array starting with its type")
+    # Every message is arrays of byte/text strings, ints and bools: the plain
+    # encoder reproduces canonical input exactly.
+    if cbor2.dumps(body) != data:
+        raise ProtocolError("message is not canonical CBOR")
+    decoder = _DECODERS.get(body[0])
+    if decoder is None:
+        raise ProtocolError(f"unknown message type {body[0]}")
+    try:
+        return decoder(body)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"malformed message of type {body[0]}: {exc}") from exc
+
+
+def _uint(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError("expected an unsigned 64-bit integer")
+    return value
+
+
+def _bytes(value: object, size: int) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise ValueError(f"expected {size} bytes")
+    return value
+
+
+def _fields(body: list[Any], count: int) -> list[Any]:
+    if len(body) != count + 1:
+        raise ValueError(f"expected {count} fields")
+    return body[1:]
+
+
+def _have(body: list[Any]) -> Have:
+    (rows,) = _fields(body, 1)
+    if type(rows) is not list or len(rows) > MAX_AUTHORS:
+        raise ValueError("heads must be a list")
+    heads: dict[bytes, Head] = {}
+    previous = b""
+    for row in rows:
+        if type(row) is not list or len(row) != 4:
+            raise ValueError("a head is [author, seq, head, frozen]")
+        author = _bytes(row[0], 32)
+        if author <= previous:
+            raise ValueError("heads must be sorted by author, without repeats")
+        previous = author
+        if type(row[3]) is not bool:
+            raise ValueError("frozen must be a boolean")
+        heads[author] = Head(_uint(row[1]), _bytes(row[2], 32), row[3])
+    return Have(heads)
+
+
+def _entries(body: list[Any]) -> Entries:
+    batch, wires = _fields(body, 2)
+    if type(wires) is not list or not 0 < len(wires) <= MAX_BATCH_ENTRIES:
+        raise ValueError(f"a batch holds 1-{MAX_BATCH_ENTRIES} entries")
+    for wire in wires:
+        if type(wire) is not bytes:
+            raise ValueError("entries are byte strings")
+    return Entries(_uint(batch), wires)
+
+
+def _reason(body: list[Any]) -> Bye:
+    (reason,) = _fields(body, 1)
+    if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
+        raise ValueError("reason must be short text")
+    return Bye(reason)
+
+
+_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
+    1: _have,
+    2: _entries,
+    3: lambda body: Ack(_uint(_fields(body, 1)[0])),
+    4: lambda body: Caught(_bytes(_fields(body, 1)[0], DIGEST_BYTES)),
+    5: lambda body: Ping(_uint(_fields(body, 1)[0])),
+    6: lambda body: Pong(_uint(_fields(body, 1)[0])),
+    7: _reason,
+}

@@ -1,0 +1,296 @@
+"""The sync session: a sans-IO state machine for one secured connection.
+
+Both sides run the same machine (the protocol is symmetric once the handshake
+is done). Bytes never pass through here: the shell decodes frames into
+:mod:`~p2psync.core.messages` and feeds them in, sends what :meth:`take_outbox`
+returns, and tells the machine what the store did. Time is an argument.
+
+Flow::
+
+    both:   Have(heads)                        first message, exactly once
+    sender: Entries(n, [...]) ...              what the peer lacks, causal order,
+                                               at most ``window`` batches unacknowledged
+    recv:   Ack(n)                             after batch n is committed
+    both:   Caught(digest)                     "I have sent you everything I hold"
+    either: Ping/Pong                          keepalive while idle
+    either: Bye(reason)                        closing, with the reason
+
+The machine tracks what the peer holds (its ``Have``, plus every entry sent to
+it or received from it) so nothing the peer has is sent again, and it declares
+the pair *synced* when both sides have sent ``Caught`` with equal digests.
+A peer that breaks the protocol gets ``Bye(reason)`` and the session closes;
+nothing it sent before is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from p2psync.core.messages import (
+    Ack,
+    Bye,
+    Caught,
+    Entries,
+    Have,
+    Head,
+    Heads,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    heads_digest,
+)
+
+
+class Phase(Enum):
+    OPENING = "opening"  # our Have sent, the peer's not yet received
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    window: int = 4  # batches sent and not yet acknowledged
+    keepalive: float = 15.0  # send a Ping after this long without sending
+    idle_timeout: float = 45.0  # close after this long without receiving
+
+
+# Events: what happened, for the shell to act on (past tense).
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHeadsReceived:
+    heads: dict[bytes, Head]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReceived:
+    batch: int
+    wires: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedWithPeer:
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    reason: str
+    by_peer: bool
+    error: bool
+
+
+Event = PeerHeadsReceived | BatchReceived | SyncedWithPeer | SessionClosed
+
+Position = tuple[bytes, int, bytes]  # author, seq, entry ID
+
+
+class SyncSession:
+    """The protocol state of one connection."""
+
+    def __init__(self, local: Heads, now: float, config: SessionConfig | None = None) -> None:
+        self.config = config or SessionConfig()
+        self.phase = Phase.OPENING
+        self.local: dict[bytes, Head] = dict(local)
+        self.peer: dict[bytes, Head] = {}
+        self._outbox: list[Message] = [Have(dict(local))]
+        self._next_batch_out = 1
+        self._unacked: list[int] = []
+        self._next_batch_in = 1
+        self._receiving: set[int] = set()  # batches handed to the shell, not yet ingested
+        self._caught_sent: bytes | None = None
+        self._peer_caught: bytes | None = None
+        self._synced: bytes | None = None
+        self._last_received = now
+        self._last_sent = now
+        self._ping_nonce = 0
+        self.close_reason: str | None = None
+
+    # ------------------------------------------------------------ output
+
+    def take_outbox(self, now: float) -> list[Message]:
+        """Messages to send now, in order."""
+        out, self._outbox = self._outbox, []
+        if out:
+            self._last_sent = now
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    # ------------------------------------------------------------ what to send
+
+    def wants(self) -> dict[bytes, int]:
+        """Per author, the seq after which the peer lacks entries we hold."""
+        if self.phase is not Phase.OPEN:
+            return {}
+        wanted = {}
+        for author, head in self.local.items():
+            theirs = self.peer.get(author)
+            if theirs is not None and theirs.frozen:
+                continue  # the peer refuses this author: sending would only be refused
+            have = theirs.seq if theirs is not None else 0
+            if head.seq > have:
+                wanted[author] = have
+        return wanted
+
+    def can_send(self) -> bool:
+        return self.phase is Phase.OPEN and len(self._unacked) < self.config.window
+
+    def send_batch(self, wires: list[bytes], positions: Iterable[Position]) -> None:
+        """Queue an Entries message; ``positions`` say which entries it carries."""
+        if not self.can_send():
+            raise RuntimeError("send_batch called while the window is full or closed")
+        batch = self._next_batch_out
+        self._next_batch_out += 1
+        self._unacked.append(batch)
+        self._outbox.append(Entries(batch, wires))
+        self._peer_has(positions)
+
+    # ------------------------------------------------------------ store events
+
+    def local_changed(self, local: Heads) -> None:
+        """Our store's heads changed (a local write or an ingest)."""
+        self.local = dict(local)
+        self._check_caught()
+
+    def ingested(self, batch: int, positions: Iterable[Position]) -> None:
+        """Batch ``batch`` from the peer is committed; ``positions`` it holds now."""
+        if batch not in self._receiving:
+            raise RuntimeError(f"batch {batch} was not being received")
+        self._receiving.discard(batch)
+        self._peer_has(positions)
+        if self.phase is not Phase.CLOSED:
+            self._outbox.append(Ack(batch))
+
+    def _peer_has(self, positions: Iterable[Position]) -> None:
+        for author, seq, entry_id in positions:
+            known = self.peer.get(author)
+            if known is None or seq > known.seq:
+                self.peer[author] = Head(seq, entry_id, known.frozen if known else False)
+
+    # ------------------------------------------------------------ receiving
+
+    def receive(self, message: Message, now: float) -> list[Event]:
+        """Feed one message from the peer."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self._last_received = now
+        try:
+            return self._dispatch(message)
+        except ProtocolError as exc:
+            return self.fail(str(exc))
+
+    def _dispatch(self, message: Message) -> list[Event]:
+        if isinstance(message, Bye):
+            self.phase = Phase.CLOSED
+            self.close_reason = message.reason
+            return [SessionClosed(message.reason, by_peer=True, error=False)]
+        if self.phase is Phase.OPENING:
+            if not isinstance(message, Have):
+                raise ProtocolError(f"expected Have first, got {type(message).__name__}")
+            self.phase = Phase.OPEN
+            self.peer = dict(message.heads)
+            events: list[Event] = [PeerHeadsReceived(dict(message.heads))]
+            self._check_caught()
+            return events
+        if isinstance(message, Entries):
+            if message.batch != self._next_batch_in:
+                raise ProtocolError(
+                    f"batch {message.batch} out of order (expected {self._next_batch_in})"
+                )
+            if len(self._receiving) >= self.config.window:
+                raise ProtocolError("peer exceeded the window of unacknowledged batches")
+            self._next_batch_in += 1
+            self._receiving.add(message.batch)
+            self._peer_caught = None  # the peer had more to say after all
+            return [BatchReceived(message.batch, message.wires)]
+        if isinstance(message, Ack):
+            if not self._unacked or message.batch != self._unacked[0]:
+                raise ProtocolError(f"acknowledgement of batch {message.batch} not expected")
+            self._unacked.pop(0)
+            self._check_caught()
+            return self._synced_event()
+        if isinstance(message, Caught):
+            self._peer_caught = message.digest
+            return self._synced_event()
+        if isinstance(message, Ping):
+            self._outbox.append(Pong(message.nonce))
+            return []
+        if isinstance(message, Pong):
+            return []
+        raise ProtocolError(f"unexpected {type(message).__name__}")
+
+    # ------------------------------------------------------------ caught up / synced
+
+    def _check_caught(self) -> None:
+        """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
+        if self.phase is not Phase.OPEN or self._unacked or self.wants():
+            return
+        digest = heads_digest(self.local)
+        if digest != self._caught_sent:
+            self._caught_sent = digest
+            self._outbox.append(Caught(digest))
+
+    def _synced_event(self) -> list[Event]:
+        if (
+            self._peer_caught is not None
+            and self._peer_caught == self._caught_sent
+            and not self._unacked
+            and not self._receiving
+            and self._peer_caught != self._synced
+        ):
+            self._synced = self._peer_caught
+            return [SyncedWithPeer(self._peer_caught)]
+        return []
+
+    def poll_synced(self) -> list[Event]:
+        """Re-check the synced condition (after ``ingested`` or ``local_changed``)."""
+        self._check_caught()
+        return self._synced_event()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced is not None and self._synced == heads_digest(self.local)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    # ------------------------------------------------------------ time and closing
+
+    def next_deadline(self) -> float:
+        return min(
+            self._last_sent + self.config.keepalive,
+            self._last_received + self.config.idle_timeout,
+        )
+
+    def timer(self, now: float) -> list[Event]:
+        if self.phase is Phase.CLOSED:
+            return []
+        if now >= self._last_received + self.config.idle_timeout:
+            return self.fail(f"nothing received for {self.config.idle_timeout:g} s")
+        if now >= self._last_sent + self.config.keepalive:
+            self._ping_nonce += 1
+            self._outbox.append(Ping(self._ping_nonce))
+        return []
+
+    def fail(self, reason: str) -> list[Event]:
+        """Close because the peer broke the protocol (or went silent)."""
+        return self._close(reason, error=True)
+
+    def close(self, reason: str) -> list[Event]:
+        """Close on our side, telling the peer why."""
+        return self._close(reason, error=False)
+
+    def _close(self, reason: str, error: bool) -> list[Event]:
+        if self.phase is Phase.CLOSED:
+            return []
+        self.phase = Phase.CLOSED
+        self.close_reason = reason
+        self._outbox = [Bye(reason)]
+        return [SessionClosed(reason, by_peer=False, error=error)]

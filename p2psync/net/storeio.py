@@ -1,0 +1,62 @@
+"""The store as trio sees it: blocking calls run in worker threads, and a feed
+that says when the store changed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import trio
+
+from p2psync.core.messages import Head
+from p2psync.home import now_ms
+from p2psync.store.ingest import IngestResult
+from p2psync.store.logs import Outgoing
+from p2psync.store.store import Store
+
+
+class ChangeFeed:
+    """A counter bumped whenever the store gains entries; tasks wait for bumps."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = trio.Event()
+
+    def bump(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait_beyond(self, version: int) -> int:
+        """Wait until the version is greater than ``version``; return the new one."""
+        while self.version <= version:
+            await self._event.wait()
+        return self.version
+
+
+class TrioStore:
+    """Async access to a :class:`Store`; calls run in threads so trio never blocks."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # one writer at a time is enforced by SQLite; limiting threads keeps ingest
+        # batches from piling up behind each other's locks
+        self._writes = trio.CapacityLimiter(1)
+
+    async def heads(self) -> dict[bytes, Head]:
+        return await trio.to_thread.run_sync(self.store.heads)
+
+    async def ingest(self, wires: Sequence[bytes]) -> IngestResult:
+        return await trio.to_thread.run_sync(
+            lambda: self.store.ingest(wires, now_ms()), limiter=self._writes
+        )
+
+    async def entries_after(
+        self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
+    ) -> list[Outgoing]:
+        return await trio.to_thread.run_sync(
+            partial(self.store.entries_after, dict(after), max_entries, max_bytes)
+        )
+
+    async def entry_at(self, author: bytes, seq: int) -> Outgoing | None:
+        return await trio.to_thread.run_sync(self.store.entry_at, author, seq)

@@ -1,0 +1,300 @@
+"""Running a sync session over a secure stream (the trio shell around
+:class:`p2psync.core.session.SyncSession`).
+
+Six small tasks share one machine; trio runs one at a time, so every machine
+call is atomic:
+
+* **reader** — frames in, messages decoded and fed to the machine;
+* **ingester** — received batches into the store (one transaction each), then ``Ack``;
+* **sender** — what the peer lacks, read in causal order, sent while the window allows;
+* **writer** — the only task that writes to the stream: the machine's outbox, in order;
+* **timer** — keepalive pings and the idle timeout;
+* **watcher** — local commits (by anyone) update our heads, so new entries go out live.
+
+A peer that sends an invalid entry, breaks the protocol or goes silent is
+disconnected with the reason; what it sent before that stays committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2psync.core import messages
+from p2psync.core.frames import FrameError
+from p2psync.core.identity import short_id
+from p2psync.core.messages import Head
+from p2psync.core.session import (
+    BatchReceived,
+    Event,
+    PeerHeadsReceived,
+    SessionClosed,
+    SessionConfig,
+    SyncedWithPeer,
+    SyncSession,
+)
+from p2psync.errors import ChainError, DecodeError, ForkError, SignatureError, StoreError
+from p2psync.net.storeio import ChangeFeed, TrioStore
+from p2psync.net.transport import ConnectionLost, SecureStream
+
+log = logging.getLogger(__name__)
+
+#: Entries that prove the sender is broken or hostile: the connection is closed.
+HOSTILE = (DecodeError, SignatureError, ChainError, ForkError)
+BATCH_ENTRIES = 1000
+BATCH_BYTES = 512 * 1024
+
+
+@dataclass
+class SessionStats:
+    sent: int = 0  # entries sent
+    received: int = 0  # entries received and accepted
+    held: int = 0
+    refused: int = 0
+    synced: bool = False
+    reason: str = ""
+    error: bool = False
+    peer_heads: dict[bytes, Head] = field(default_factory=dict)
+    to_receive: int = 0  # entries the peer announced that we lacked when it said Have
+    bytes_sent: int = 0  # on the wire, handshake included
+    bytes_received: int = 0
+
+
+class _Signal:
+    """A resettable wake-up for one waiting task."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+class _Run:
+    def __init__(
+        self,
+        secure: SecureStream,
+        store: TrioStore,
+        feed: ChangeFeed,
+        machine: SyncSession,
+        live: bool,
+        on_progress: Callable[[SessionStats], None] | None,
+        on_synced: Callable[[SessionStats], None] | None = None,
+    ) -> None:
+        self.on_synced = on_synced
+        self.secure = secure
+        self.store = store
+        self.feed = feed
+        self.machine = machine
+        self.live = live
+        self.on_progress = on_progress
+        self.stats = SessionStats()
+        self.outbox_ready = _Signal()
+        self.sender_wake = _Signal()
+        self.batches_in, self.batches_out = trio.open_memory_channel[BatchReceived](
+            machine.config.window + 1
+        )
+        self.nursery: trio.Nursery | None = None
+        self.who = short_id(secure.peer)
+
+    # ------------------------------------------------------------ plumbing
+
+    def handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, PeerHeadsReceived):
+                self.stats.peer_heads = event.heads
+                self.stats.to_receive = sum(
+                    max(0, head.seq - self.machine.local.get(a, Head(0, b"")).seq)
+                    for a, head in event.heads.items()
+                )
+                assert self.nursery is not None
+                self.nursery.start_soon(self.send_fork_proofs, event.heads)
+            elif isinstance(event, BatchReceived):
+                self.batches_in.send_nowait(event)  # the machine enforces the window
+            elif isinstance(event, SyncedWithPeer):
+                self.stats.synced = True
+                log.debug("in sync with %s", self.who)
+                if self.on_synced is not None:
+                    self.on_synced(self.stats)
+                if not self.live:
+                    self.handle(self.machine.close("synced"))
+            elif isinstance(event, SessionClosed):
+                self.stats.reason = event.reason
+                self.stats.error = event.error
+                if event.error:
+                    log.warning("closing connection with %s: %s", self.who, event.reason)
+                else:
+                    log.info("connection with %s closed: %s", self.who, event.reason)
+        self.outbox_ready.set()
+        self.sender_wake.set()
+
+    def lost(self, reason: str, error: bool) -> None:
+        """The connection itself failed: nothing more can be sent; stop everything."""
+        if not self.stats.reason:
+            self.stats.reason = reason
+            self.stats.error = error
+        log.log(
+            logging.WARNING if error else logging.INFO,
+            "connection with %s ended: %s",
+            self.who,
+            reason,
+        )
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    def progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+
+    # ------------------------------------------------------------ tasks
+
+    async def writer(self) -> None:
+        try:
+            while True:
+                await self.outbox_ready.wait()
+                for message in self.machine.take_outbox(trio.current_time()):
+                    await self.secure.send(messages.encode(message))
+                if self.machine.closed:
+                    break
+        except ConnectionLost as exc:
+            self.lost(str(exc), error=False)
+            return
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    async def reader(self) -> None:
+        try:
+            while not self.machine.closed:
+                data = await self.secure.receive()
+                try:
+                    message = messages.decode(data)
+                except messages.ProtocolError as exc:
+                    self.handle(self.machine.fail(str(exc)))
+                    return
+                self.handle(self.machine.receive(message, trio.current_time()))
+        except ConnectionLost as exc:
+            self.lost(str(exc), error=False)
+        except FrameError as exc:
+            self.handle(self.machine.fail(str(exc)))  # try to say why, then close
+
+    async def ingester(self) -> None:
+        async for event in self.batches_out:
+            try:
+                result = await self.store.ingest(event.wires)
+            except StoreError as exc:
+                log.error("cannot store entries from %s: %s", self.who, exc)
+                self.handle(self.machine.close(f"receiver cannot store entries: {exc}"))
+                return
+            if self.machine.closed:
+                return
+            self.stats.received += len(result.accepted)
+            self.stats.held += len(result.held)
+            self.stats.refused += len(result.rejected)
+            self.machine.ingested(event.batch, result.seen)
+            if result.accepted:
+                self.feed.bump()  # other sessions forward these to their peers
+            self.machine.local_changed(await self.store.heads())
+            hostile = [r for r in result.rejected if isinstance(r.error, HOSTILE)]
+            for rejected in result.rejected:
+                if not isinstance(rejected.error, HOSTILE):
+                    log.warning("entry from %s not applied: %s", self.who, rejected.describe())
+            if hostile:
+                self.handle(self.machine.fail(f"invalid entry: {hostile[0].describe()}"))
+                return
+            self.handle(self.machine.poll_synced())
+            self.progress()
+
+    async def sender(self) -> None:
+        while not self.machine.closed:
+            wants = self.machine.wants()
+            if wants and self.machine.can_send():
+                batch = await self.store.entries_after(wants, BATCH_ENTRIES, BATCH_BYTES)
+                now_wanted = self.machine.wants()  # the peer may have gained some meanwhile
+                batch = [
+                    o for o in batch if o.author in now_wanted and o.seq > now_wanted[o.author]
+                ]
+                if batch and self.machine.can_send():
+                    self.machine.send_batch(
+                        [o.wire for o in batch], [(o.author, o.seq, o.id) for o in batch]
+                    )
+                    self.stats.sent += len(batch)
+                    self.outbox_ready.set()
+                    self.progress()
+                    continue
+                if not batch:
+                    # nothing readable although heads said so (another writer's commit
+                    # not yet visible): look again after the next change
+                    self.handle(self.machine.poll_synced())
+            await self.sender_wake.wait()
+
+    async def timer(self) -> None:
+        while not self.machine.closed:
+            await trio.sleep_until(self.machine.next_deadline())
+            self.handle(self.machine.timer(trio.current_time()))
+
+    async def watcher(self) -> None:
+        version = self.feed.version
+        while not self.machine.closed:
+            version = await self.feed.wait_beyond(version)
+            self.machine.local_changed(await self.store.heads())
+            self.handle(self.machine.poll_synced())
+
+    async def send_fork_proofs(self, peer_heads: dict[bytes, Head]) -> None:
+        """Where the peer's head differs from our entry at the same seq, send ours:
+        the peer then holds proof of the fork too."""
+        for author, theirs in peer_heads.items():
+            ours = self.machine.local.get(author)
+            if ours is None or theirs.seq > ours.seq or theirs.seq == 0:
+                continue
+            stored = await self.store.entry_at(author, theirs.seq)
+            if stored is not None and stored.id != theirs.head and self.machine.can_send():
+                log.warning(
+                    "%s holds a different entry %d of %s: sending ours as proof",
+                    self.who,
+                    theirs.seq,
+                    short_id(author),
+                )
+                self.machine.send_batch([stored.wire], [])
+                self.outbox_ready.set()
+
+
+async def run_session(
+    secure: SecureStream,
+    store: TrioStore,
+    feed: ChangeFeed,
+    *,
+    live: bool,
+    config: SessionConfig | None = None,
+    on_progress: Callable[[SessionStats], None] | None = None,
+    on_start: Callable[[SyncSession, SessionStats], None] | None = None,
+    on_synced: Callable[[SessionStats], None] | None = None,
+) -> SessionStats:
+    """Sync with the peer at the other end of ``secure`` until the session ends.
+
+    ``live``: stay connected and push new entries as they are committed;
+    otherwise end as soon as both sides hold the same entries.
+    """
+    machine = SyncSession(await store.heads(), trio.current_time(), config)
+    run = _Run(secure, store, feed, machine, live, on_progress, on_synced)
+    if on_start is not None:
+        on_start(machine, run.stats)
+    try:
+        async with trio.open_nursery() as nursery:
+            run.nursery = nursery
+            run.outbox_ready.set()  # our Have
+            for task in (run.writer, run.reader, run.ingester, run.sender, run.timer, run.watcher):
+                nursery.start_soon(task)
+    finally:
+        run.stats.bytes_sent, run.stats.bytes_received = secure.bytes_out, secure.bytes_in
+        await secure.aclose()
+    if not run.stats.reason:
+        run.stats.reason = machine.close_reason or "closed"
+    run.stats.synced = run.stats.synced or machine.synced
+    return run.stats

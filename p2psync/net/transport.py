@@ -1,0 +1,169 @@
+"""Secure streams: the Noise handshake and sealed frames over a trio stream.
+
+:func:`secure` runs the handshake of :mod:`p2psync.core.handshake` over any
+``trio.abc.Stream`` (a TCP socket, or a memory stream in tests) and returns a
+:class:`SecureStream` that sends and receives whole messages. All waiting is
+bounded: the handshake must finish within ``handshake_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from p2psync.core.frames import (
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    FrameError,
+    FrameReader,
+    Opener,
+    Sealer,
+    frame,
+)
+from p2psync.core.handshake import Handshake
+from p2psync.core.identity import Identity, short_id
+from p2psync.core.noise import HandshakeError
+from p2psync.errors import P2PSyncError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_CHUNK = 1 << 16
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class ConnectionLost(P2PSyncError):
+    """The other end closed the connection or it broke."""
+
+
+class SecureStream:
+    """Whole, authenticated, encrypted messages over a byte stream."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        reader: FrameReader,
+        *,
+        peer: bytes,
+        peer_name: str,
+        send_key: bytes,
+        receive_key: bytes,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.peer_name = peer_name
+        self._reader = reader
+        self._reader.set_limit(MAX_FRAME)
+        self._sealer = Sealer(send_key)
+        self._opener = Opener(receive_key)
+        self._send_lock = trio.Lock()
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+
+    async def send(self, message: bytes) -> None:
+        async with self._send_lock:
+            data = self._sealer.seal(message)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"connection to {short_id(self.peer)} broke: {exc}") from exc
+            self.bytes_out += len(data)
+
+    async def receive(self) -> bytes:
+        """The next message; raises ConnectionLost at end of stream, FrameError on bad frames."""
+        header_body = await _next_frame(self.stream, self._reader, self)
+        return self._opener.open(*header_body)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await self.stream.aclose()
+
+
+class _Counter:
+    bytes_in = 0
+
+
+async def _next_frame(
+    stream: trio.abc.Stream, reader: FrameReader, counter: _Counter | SecureStream
+) -> tuple[bytes, bytes]:
+    while True:
+        framed = reader.next_frame()
+        if framed is not None:
+            return framed
+        try:
+            data = await stream.receive_some(RECEIVE_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"connection broke: {exc}") from exc
+        if not data:
+            if reader.pending:
+                raise ConnectionLost("connection closed in the middle of a frame")
+            raise ConnectionLost("connection closed by the peer")
+        counter.bytes_in += len(data)
+        reader.feed(data)
+
+
+async def secure(
+    stream: trio.abc.Stream,
+    identity: Identity,
+    *,
+    initiator: bool,
+    name: str,
+    expect: bytes | None = None,
+    trust: Callable[[bytes], bool] | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> SecureStream:
+    """Run the handshake on ``stream``; raise HandshakeError, FrameError or ConnectionLost."""
+    handshake = Handshake(
+        identity,
+        initiator=initiator,
+        ephemeral=os.urandom(32),
+        name=name,
+        expect=expect,
+        trust=trust,
+    )
+    reader = FrameReader(MAX_HANDSHAKE_FRAME)
+    counter = _Counter()
+    sent = 0
+    with trio.move_on_after(timeout) as scope:
+        first = handshake.start()
+        if first is not None:
+            sent += await _send_plain(stream, first)
+        while not handshake.done:
+            header, body = await _next_frame(stream, reader, counter)
+            del header
+            reply = handshake.receive(body)
+            if reply is not None:
+                sent += await _send_plain(stream, reply)
+    if scope.cancelled_caught:
+        raise HandshakeError(f"handshake did not finish within {timeout:g} s")
+    outcome = handshake.outcome
+    assert outcome is not None
+    return SecureStream(
+        stream,
+        reader,
+        peer=outcome.peer,
+        peer_name=outcome.peer_name,
+        send_key=outcome.send_key,
+        receive_key=outcome.receive_key,
+        bytes_in=counter.bytes_in,
+        bytes_out=sent,
+    )
+
+
+async def _send_plain(stream: trio.abc.Stream, message: bytes) -> int:
+    data = frame(message)
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise ConnectionLost(f"connection broke during the handshake: {exc}") from exc
+    return len(data)
+
+
+__all__ = ["ConnectionLost", "FrameError", "SecureStream", "secure"]

@@ -1,0 +1,76 @@
+"""Reading change logs out of the store: heads, and entries to send a peer."""
+
+from __future__ import annotations
+
+import heapq
+import sqlite3
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from p2psync.core.messages import Head
+from p2psync.store.writer import wire_from_stored
+
+
+class Outgoing(NamedTuple):
+    """One stored entry ready to send."""
+
+    hlc: int
+    author: bytes
+    seq: int
+    id: bytes
+    wire: bytes
+
+
+def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
+    """What this store holds of every author: applied head and frozen flag."""
+    rows = conn.execute(
+        "SELECT key, head_seq, head_id, frozen FROM authors WHERE head_seq > 0"
+    ).fetchall()
+    return {key: Head(seq, head, bool(frozen)) for key, seq, head, frozen in rows}
+
+
+def entries_after(
+    conn: sqlite3.Connection,
+    after: Mapping[bytes, int],
+    max_entries: int,
+    max_bytes: int,
+) -> list[Outgoing]:
+    """Entries following ``after[author]`` for each author, merged in clock order.
+
+    Clock order is a causal order: an entry's predecessor and bases all have
+    smaller clocks. At most ``max_entries`` entries and about ``max_bytes``
+    bytes (at least one entry) are returned.
+    """
+    streams = []
+    for author, seq in after.items():
+        row = conn.execute("SELECT idx FROM authors WHERE key = ?", (author,)).fetchone()
+        if row is None:
+            continue
+        rows = conn.execute(
+            "SELECT hlc, seq, id, signed, payloads FROM entries "
+            "WHERE author = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (row[0], seq, max_entries),
+        ).fetchall()
+        streams.append(
+            [Outgoing(r[0], author, r[1], r[2], wire_from_stored(r[3], r[4])) for r in rows]
+        )
+    merged = streams[0] if len(streams) == 1 else heapq.merge(*streams)
+    out: list[Outgoing] = []
+    size = 0
+    for item in merged:
+        if out and (len(out) >= max_entries or size + len(item.wire) > max_bytes):
+            break
+        out.append(item)
+        size += len(item.wire)
+    return out
+
+
+def entry_at(conn: sqlite3.Connection, author: bytes, seq: int) -> Outgoing | None:
+    row = conn.execute(
+        "SELECT e.hlc, e.id, e.signed, e.payloads FROM entries e "
+        "JOIN authors a ON a.idx = e.author WHERE a.key = ? AND e.seq = ?",
+        (author, seq),
+    ).fetchone()
+    if row is None:
+        return None
+    return Outgoing(row[0], author, seq, row[1], wire_from_stored(row[2], row[3]))
