@@ -29,14 +29,13 @@ from p2psync import home as home_mod
 from p2psync.agent import sockets
 from p2psync.core import canonical, hlc
 from p2psync.core.canonical import Value
-from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored
+from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored, wire_form
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError
 from p2psync.store.ingest import IngestResult
 from p2psync.store.records import Conflict, VersionInfo
 from p2psync.store.store import AuthorState, Change, Store
 from p2psync.store.verify import VerifyReport
-from p2psync.store.writer import wire_from_stored
 
 __all__ = [
     "AuthorState",
@@ -191,7 +190,7 @@ class Database:
     def export(self, author: bytes | None = None) -> Iterator[bytes]:
         """Wire forms of stored entries (one author in seq order, or all in clock order)."""
         for stored in self.store.entries(author):
-            yield wire_from_stored(stored.signed, stored.payloads)
+            yield wire_form(stored.signed, stored.payloads)
 
     def log(self, author: bytes | None = None) -> Iterator[LogEntry]:
         for stored in self.store.entries(author):

@@ -21,6 +21,7 @@ module that touches them, with ``raise X from exc``.
     │   ├── ChainError             does not fit its author's chain (order, clock)
     │   ├── FutureTimestampError   clock too far ahead of ours
     │   ├── FrozenAuthorError      its author is frozen after a fork
+    │   ├── WithheldError          a payload this agent may see was left out
     │   └── HeldLimitError         too many entries already waiting for predecessors
     └── IntegrityError             stored or received data proves tampering or misbehaviour
         ├── ForkError              an author signed two different entries at one seq
@@ -90,6 +91,10 @@ class FutureTimestampError(EntryError):
 
 class FrozenAuthorError(EntryError):
     """The entry's author is frozen after a fork; nothing more is accepted from it."""
+
+
+class WithheldError(EntryError):
+    """An op's payload was left out although this agent may see its collection."""
 
 
 class HeldLimitError(EntryError):

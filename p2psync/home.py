@@ -13,6 +13,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError
 from p2psync.store.store import STORE_FILE, Store
+
+log = logging.getLogger(__name__)
 
 KEY_FILE = "identity.key"
 CONFIG_FILE = "config.json"
@@ -117,27 +120,45 @@ def load(path: Path) -> Home:
 
 
 def read_config(path: Path) -> dict[str, object]:
+    """The home's settings; a missing or unreadable file means the defaults (the
+    identity and store do not depend on it), with a warning."""
     try:
         data = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise HomeError(f"{path / CONFIG_FILE} is not valid JSON ({exc})") from exc
+        log.warning("ignoring %s: %s", path / CONFIG_FILE, exc)
+        return {}
     if not isinstance(data, dict):
-        raise HomeError(f"{path / CONFIG_FILE} must hold a JSON object")
+        log.warning("ignoring %s: not a JSON object", path / CONFIG_FILE)
+        return {}
     return data
 
 
 def _write_config(path: Path, config: dict[str, object]) -> None:
     tmp = path / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with tmp.open("w") as out:
+        out.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path / CONFIG_FILE)
+    _fsync_dir(path)
 
 
 def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new or renamed file in ``path`` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)

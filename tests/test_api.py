@@ -133,3 +133,34 @@ def test_several_processes_write_one_home(db: p2psync.Database) -> None:
 def test_key_file_layout(tmp_path: Path) -> None:
     home_mod.init(tmp_path / "h")
     assert sorted(os.listdir(tmp_path / "h"))[:2] == ["config.json", "identity.key"]
+
+
+def test_opening_and_reading_do_not_wait_for_a_writer(db: p2psync.Database) -> None:
+    db.put("c", "k", 1)
+    writer = sqlite3.connect(db.home.store_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with p2psync.open(db.path) as other:
+            assert other.get("c", "k") == 1
+            assert other.conflicts() == []
+        assert time.monotonic() - started < 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("collection", "key", "value"),
+    [
+        ("c", "bad\ud800key", 1),
+        ("c\ud800", "k", 1),
+        ("c", "k", {"text": "lone \udc00 surrogate"}),
+        ("c", "k", {"\ud800": 1}),
+    ],
+)
+def test_strings_that_cannot_be_encoded_are_refused(
+    db: p2psync.Database, collection: str, key: str, value: object
+) -> None:
+    with pytest.raises(p2psync.InvalidRecord):
+        db.put(collection, key, value)  # type: ignore[arg-type]

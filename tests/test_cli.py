@@ -137,3 +137,29 @@ def test_verify_reports_damage(run: Run, tmp_path: Path) -> None:
     conn.close()
     result = run("verify")
     assert result.exit_code == 1 and "entry 1 of" in result.output
+
+
+def test_hostile_text_is_escaped_when_printed(run: Run, tmp_path: Path) -> None:
+    run("init")
+    run("put", "c", "k\u202e", '"\u009b31m evil"')
+    listing = run("ls", "c").output
+    assert "\u009b" not in listing and "\\u009b" in listing
+    assert "\u202e" not in listing and "\\u202e" in listing
+    assert "\u202e" not in run("ls", "c", "--json").output
+    assert "\u009b" not in run("log").output
+
+
+@pytest.mark.parametrize(
+    "value", ["1" * 5000, "[" * 100_000 + "]" * 100_000, '"\\ud800"', '{"\\udc00": 1}']
+)
+def test_awkward_json_is_refused_cleanly(run: Run, value: str) -> None:
+    run("init")
+    result = run("put", "c", "k", value)
+    assert result.exit_code == 2
+    assert "internal error" not in result.output
+
+
+def test_prefix_ending_before_the_surrogates(run: Run) -> None:
+    run("init")
+    run("put", "c", "a\ud7ffz", "1")
+    assert run("ls", "c", "--prefix", "a\ud7ff").exit_code == 0

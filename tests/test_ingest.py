@@ -8,22 +8,26 @@ import sqlite3
 from typing import Any
 
 import cbor2
+import pytest
 
 import p2psync
 from p2psync.core import canonical, hlc
-from p2psync.core.entry import SIGN_PREFIX, Entry
+from p2psync.core.entry import SIGN_PREFIX, Entry, entry_id
 from p2psync.errors import (
     ChainError,
     DecodeError,
     ForkError,
     FrozenAuthorError,
     FutureTimestampError,
+    HeldLimitError,
     NestingError,
     NonCanonicalError,
     OversizeError,
     SignatureError,
+    WithheldError,
 )
 from p2psync.home import now_ms
+from p2psync.store import ingest as ingest_mod
 from tests.helpers import Author
 
 
@@ -194,7 +198,7 @@ def test_fork_is_kept_as_proof_and_freezes_the_author(db: p2psync.Database) -> N
     result = db.ingest([more.wire()])
     assert [type(r.error) for r in result.rejected] == [FrozenAuthorError]
     report = db.verify()
-    assert not report.ok and "forked at seq 2" in report.problems[0]
+    assert not report.ok and "forked at seq 2" in report.forks[0] and not report.problems
     assert issubclass(ForkError, p2psync.IntegrityError)
 
 
@@ -273,3 +277,91 @@ def test_clock_moves_past_ingested_entries(db: p2psync.Database) -> None:
     db.put("c", "k", 2)
     assert db.get("c", "k") == 2  # our later write wins although our wall clock is behind
     assert db.conflicts() == []
+
+
+def test_withheld_payload_is_refused_and_cannot_displace_the_full_copy(
+    db: p2psync.Database,
+) -> None:
+    author = live_author()
+    entry = author.write(author.op("ledgers", "ACME", {"balance": 1200}))
+    stripped = canonical.encode([entry.signed, [None]])
+    before = snapshot(db)
+    result = db.ingest([stripped])
+    assert [type(r.error) for r in result.rejected] == [WithheldError]
+    assert snapshot(db) == before
+    full = db.ingest([entry.wire()])
+    assert full.accepted == [entry.id]
+    assert db.get("ledgers", "ACME") == {"balance": 1200}
+
+
+def test_payloads_of_invisible_collections_may_be_withheld(db: p2psync.Database) -> None:
+    author = live_author()
+    entry = author.write(author.op("public", "a", 1), author.op("payroll", "b", {"pay": 9}))
+    filtered = canonical.encode([entry.signed, [entry.payloads[0], None]])
+    result = db.store.ingest([filtered], now_ms(), visible=lambda c: c != "payroll")
+    assert result.accepted == [entry.id]
+    assert db.get("public", "a") == 1 and db.get("payroll", "b") is None
+    assert db.verify().ok
+
+
+def test_body_with_boolean_keys_is_refused(db: p2psync.Database) -> None:
+    """false/true equal 0/1 in Python; the body must use integer keys."""
+    author = live_author()
+    entry = author.put("c", "k", 1)
+    assert entry.body[1:3] == b"\x00\x01" and entry.body[3] == 0x01
+    body = b"\xa6\xf4\x01\xf5" + entry.body[4:]  # keys 0 and 1 as false and true
+    signature = author.identity.sign(SIGN_PREFIX + body)
+    wire = canonical.encode([canonical.encode([body, signature]), list(entry.payloads)])
+    result = db.ingest([wire])
+    assert [type(r.error) for r in result.rejected] == [DecodeError]
+
+
+def test_held_entries_have_a_quota_per_author(
+    db: p2psync.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest_mod, "MAX_HELD_PER_AUTHOR", 5)
+    flooder, honest = live_author(), live_author()
+    flood = flooder.chain(20)
+    result = db.ingest(wires(flood[1:]))  # entry 1 missing: all would wait
+    assert len(result.held) == 5
+    assert {type(r.error) for r in result.rejected} == {HeldLimitError}
+    mine = honest.chain(3)
+    result = db.ingest([mine[2].wire()])
+    assert result.held == [mine[2].id]  # another author is not crowded out
+    result = db.ingest(wires(mine[:2]))
+    assert len(result.accepted) == 3
+
+
+def test_held_entries_expire(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(3)
+    week = 7 * 24 * 3600 * 1000
+    db.store.ingest([chain[2].wire()], now_ms() - week - 1000, max_skew_ms=2 * week)
+    assert db.store.held_count() == 1
+    db.ingest([live_author().put("c", "other", 1).wire(), chain[1].wire()])
+    assert db.store.held_count() == 1  # the week-old one is gone; entry 2 waits now
+
+
+def test_vouched_entry_is_accepted_whatever_the_batching(db: p2psync.Database) -> None:
+    """An entry whose own signature is bad but which its signed successor names by
+    hash is accepted in one batch; it must be accepted in two batches too."""
+    author = live_author()
+    first = author.put("c", "a", 1)
+    bad_first = canonical.encode([canonical.encode([first.body, bytes(64)]), list(first.payloads)])
+    # the successor must name the badly signed form's ID
+    author.seq, author.prev = 1, entry_id(canonical.encode([first.body, bytes(64)]))
+    second = author.put("c", "b", 2)
+    result = db.ingest([second.wire()])
+    assert result.held == [second.id]
+    result = db.ingest([bad_first])
+    assert len(result.accepted) == 2 and not result.rejected
+    assert db.get("c", "b") == 2
+
+
+def test_a_far_ahead_clock_moves_ours_only_a_little(db: p2psync.Database) -> None:
+    author = live_author()
+    author.clock = hlc.from_wall(now_ms() + 9 * 60_000)  # allowed, but far ahead
+    db.ingest([author.put("c", "k", 1).wire()])
+    db.put("c", "mine", 1)
+    mine = [e for e in db.log(db.identity.public_key)][-1]
+    assert hlc.wall_ms(mine.hlc) <= now_ms() + hlc.MAX_ADOPT_AHEAD_MS

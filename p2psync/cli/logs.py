@@ -71,11 +71,15 @@ def log(state: State, author: str | None, as_json: bool) -> None:
             )
             for op in entry.ops:
                 if op.kind is None:
-                    click.echo(f"    ({op.collection}: withheld, digest {op.digest.hex()[:16]})")
+                    click.echo(
+                        f"    ({output.safe(op.collection)}: withheld, "
+                        f"digest {op.digest.hex()[:16]})"
+                    )
                 elif op.kind.name == "DELETE":
-                    click.echo(f"    del {op.collection}/{op.key}")
+                    click.echo(f"    del {output.safe(f'{op.collection}/{op.key}')}")
                 else:
-                    click.echo(f"    put {op.collection}/{op.key} = {output.dumps(op.value)}")
+                    record = output.safe(f"{op.collection}/{op.key}")
+                    click.echo(f"    put {record} = {output.dumps(op.value)}")
     for author_key, seq, _, _ in forks:
         click.echo(
             f"FORK: author {short_id(author_key)} signed two entries at seq {seq}; frozen",
@@ -97,13 +101,10 @@ def verify(state: State) -> None:
         report = db.verify(progress)
     if show and report.entries >= 10_000:
         click.echo("", err=True)
-    if not report.ok:
-        first = report.problems[0]
-        extra = len(report.problems) - 1
-        more = f" (and {extra} more problems)" if extra else ""
-        if "forked" in first:
-            raise IntegrityError(first + more)
-        raise CorruptionError(first + more)
+    for found, error in ((report.problems, CorruptionError), (report.forks, IntegrityError)):
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise error(found[0] + more)
     held = f"; {report.held} entries wait for predecessors" if report.held else ""
     authors = f"{report.authors} author" + ("" if report.authors == 1 else "s")
     click.echo(f"{report.entries} entries from {authors} verified{held}")

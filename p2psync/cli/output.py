@@ -12,6 +12,7 @@ import binascii
 import datetime
 import json
 import math
+import re
 from typing import Any
 
 import click
@@ -58,19 +59,35 @@ def parse_value(text: str, what: str = "value") -> Value:
         raise click.BadParameter(
             f"{what} is not valid JSON: {exc.msg} at position {exc.pos}"
         ) from None
-    except RecursionError as exc:
-        raise InvalidRecord(f"{what} nests too deeply") from exc
+    except RecursionError:
+        raise InvalidRecord(f"{what} nests too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise InvalidRecord(f"{what} is not acceptable JSON: {exc}") from None
 
 
-def dumps(value: Any, *, pretty: bool = False) -> str:
-    if pretty:
-        return json.dumps(to_json(value), indent=2, ensure_ascii=False, sort_keys=False)
-    return json.dumps(to_json(value), ensure_ascii=False, separators=(",", ":"))
+# Characters a terminal acts on or that reorder text (C1 controls, bidi overrides):
+# records come from other sites, so they are escaped in everything we print.
+_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def safe(text: str) -> str:
+    """``text`` with control and reordering characters shown as ``\\uXXXX``."""
+    text = "".join(c if c >= " " else f"\\u{ord(c):04x}" for c in text)
+    return _escape(text)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON of a record value, safe to print."""
+    return _escape(json.dumps(to_json(value), ensure_ascii=False, separators=(",", ":")))
 
 
 def emit_json(document: Any) -> None:
-    """Print one JSON document on stdout."""
-    click.echo(json.dumps(to_json(document), indent=2, ensure_ascii=False))
+    """Print one JSON document on stdout (safe to print: see :func:`safe`)."""
+    click.echo(_escape(json.dumps(to_json(document), indent=2, ensure_ascii=False)))
 
 
 def describe_hlc(stamp: int) -> str:

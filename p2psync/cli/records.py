@@ -12,7 +12,7 @@ import click
 from p2psync.api import Change, Database
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
-from p2psync.core.entry import OpKind
+from p2psync.core.entry import OpKind, check_collection, check_key
 from p2psync.core.identity import device_id, short_id
 from p2psync.errors import InvalidRecord, P2PSyncError
 from p2psync.store.records import VersionInfo
@@ -35,7 +35,8 @@ def _value_arg(text: str) -> Any:
     "source",
     type=click.File("r", encoding="utf-8"),
     help='JSON lines {"collection","key","value"} or {"collection","key","delete":true}; '
-    "- reads stdin.",
+    "- reads stdin. One entry per line, all in one store transaction: a bad line "
+    "aborts the whole load.",
 )
 @click.option("--atomic", is_flag=True, help="With --from: the whole file is one entry.")
 @pass_state
@@ -74,6 +75,8 @@ def _read_lines(source: IO[str]) -> Iterator[Change]:
             if not isinstance(item, dict):
                 raise InvalidRecord("each line must be a JSON object")
             collection, key = item["collection"], item["key"]
+            check_collection(collection)  # here, so an error names its line
+            check_key(key)
             if item.get("delete") is True:
                 if "value" in item:
                     raise InvalidRecord("a delete line has no value")
@@ -84,6 +87,10 @@ def _read_lines(source: IO[str]) -> Iterator[Change]:
             raise InvalidRecord(f"line {number}: not valid JSON ({exc.msg})") from exc
         except KeyError as exc:
             raise InvalidRecord(f"line {number}: missing {exc.args[0]!r}") from exc
+        except RecursionError:
+            raise InvalidRecord(f"line {number}: nests too deeply") from None
+        except ValueError as exc:
+            raise InvalidRecord(f"line {number}: {exc}") from None
         except P2PSyncError as exc:
             raise InvalidRecord(f"line {number}: {exc}") from exc
 
@@ -159,14 +166,14 @@ def list_records(state: State, collection: str | None, prefix: str, as_json: boo
                 output.emit_json([{"collection": n, "records": c} for n, c in names])
             else:
                 for name, count in names:
-                    click.echo(f"{name}\t{count}")
+                    click.echo(f"{output.safe(name)}\t{count}")
             return
         rows = db.scan(collection, prefix)
         if as_json:
             output.emit_json([{"key": k, "value": v} for k, v in rows])
         else:
             for key, value in rows:
-                click.echo(f"{key}\t{output.dumps(value)}")
+                click.echo(f"{output.safe(key)}\t{output.dumps(value)}")
 
 
 def _version_json(version: VersionInfo) -> dict[str, Any]:
@@ -208,7 +215,7 @@ def conflicts(state: State, as_json: bool) -> None:
     if not found:
         click.echo("no conflicts")
     for conflict in found:
-        click.echo(f"{conflict.collection}/{conflict.key}")
+        click.echo(output.safe(f"{conflict.collection}/{conflict.key}"))
         click.echo(f"  applied: {_version_text(conflict.winner)}")
         for loser in conflict.losers:
             click.echo(f"  kept:    {_version_text(loser)}")

@@ -64,32 +64,55 @@ def decode_ordered(data: bytes, *, what: str, max_depth: int) -> Any:
     return obj
 
 
-def decode_value(data: bytes, *, what: str, max_depth: int) -> Any:
-    """Strictly decode a structure holding record values, and check the data model.
+def _refuse_tag(*_args: Any) -> Any:
+    raise cbor2.CBORDecodeError("CBOR tags are not allowed")
 
-    Equivalent to :func:`decode` plus :func:`check_value`, but compares against
-    the plain encoder (twice as fast) unless the value holds floats, whose
-    canonical width only the canonical encoder picks; map key order is checked
-    while walking.
-    """
-    obj = loads_strict(data, what=what, max_depth=max_depth)
-    has_float = check_value(obj, what=what, received=True)
-    encoded = cbor2.dumps(obj, canonical=True) if has_float else cbor2.dumps(obj)
-    if encoded != data:
-        raise NonCanonicalError(f"{what} is not canonical CBOR")
-    return obj
+
+# cbor2 acts on these tags itself (shared references, bignums, fractions, sets,
+# dates, ...) before anything of ours runs; some of them cost time or memory out
+# of all proportion to their size. Mapping every one of them (and tag_hook, for
+# the rest) to a refusal makes the decoder stop at the first tag it meets.
+# The list is what cbor2 6 handles; tests/test_canonical.py checks it is complete.
+_CBOR2_TAGS = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    25,
+    28,
+    29,
+    30,
+    35,
+    36,
+    37,
+    52,
+    54,
+    100,
+    256,
+    258,
+    260,
+    261,
+    1004,
+    43000,
+    55799,
+)
+_NO_TAGS = {tag: _refuse_tag for tag in (*range(300), *_CBOR2_TAGS)}
 
 
 def loads_strict(data: bytes, *, what: str, max_depth: int) -> Any:
-    """Decode one CBOR item, refusing duplicate keys, indefinite lengths and deep
-    nesting. Does *not* check canonical form or trailing bytes: callers compare a
-    re-encoding (see :func:`decode`)."""
+    """Decode one CBOR item, refusing tags, duplicate keys, indefinite lengths and
+    deep nesting. Does *not* check canonical form or trailing bytes: callers
+    compare a re-encoding (see :func:`decode`) or check the length."""
     try:
         return cbor2.loads(
             data,
             allow_duplicate_keys=False,
             allow_indefinite=False,
             max_depth=max_depth,
+            semantic_decoders=_NO_TAGS,
+            tag_hook=_refuse_tag,
         )
     except cbor2.CBORDecodeError as exc:
         if "nesting depth" in str(exc):
@@ -111,7 +134,11 @@ def check_value(value: Any, *, what: str = "value", received: bool = False) -> b
 
 def _check(item: Any, depth: int, what: str, received: bool) -> bool:
     kind = type(item)
-    if kind is str or kind is bytes or kind is bool or item is None:
+    if kind is str:
+        if not received:  # decoded text is always valid; local text may not be
+            _check_text(item, what)
+        return False
+    if kind is bytes or kind is bool or item is None:
         return False
     if kind is int:
         if not _INT_MIN <= item <= _INT_MAX:
@@ -132,7 +159,7 @@ def _check(item: Any, depth: int, what: str, received: bool) -> bool:
     if kind is list:
         for child in item:
             child_kind = type(child)
-            if child_kind is str or child_kind is bytes or child_kind is bool or child is None:
+            if child_kind is bytes or child_kind is bool or child is None:
                 continue
             has_float = _check(child, depth + 1, what, received) or has_float
         return has_float
@@ -141,7 +168,9 @@ def _check(item: Any, depth: int, what: str, received: bool) -> bool:
     for key, child in item.items():
         if type(key) is not str:
             _fail(f"{what} has a map key that is not text", received)
-        if received:
+        if not received:
+            _check_text(key, what)
+        else:
             # canonical order: shorter UTF-8 encoding first, then bytewise, which
             # for equal lengths is code point order
             size = len(key) if key.isascii() else len(key.encode())
@@ -151,10 +180,19 @@ def _check(item: Any, depth: int, what: str, received: bool) -> bool:
                 raise NonCanonicalError(f"{what} has map keys out of canonical order")
             previous, previous_size = key, size
         child_kind = type(child)
-        if child_kind is str or child_kind is bytes or child_kind is bool or child is None:
+        if child_kind is bytes or child_kind is bool or child is None:
+            continue
+        if child_kind is str and received:
             continue
         has_float = _check(child, depth + 1, what, received) or has_float
     return has_float
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidRecord(f"{what} holds text that is not valid Unicode") from None
 
 
 def _fail(message: str, received: bool) -> None:

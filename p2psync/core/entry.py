@@ -29,6 +29,7 @@ import cbor2
 
 from p2psync.core import canonical
 from p2psync.core.canonical import Value
+from p2psync.core.hlc import MAX_HLC
 from p2psync.core.identity import KEY_BYTES, SIGNATURE_BYTES, Identity, verify
 from p2psync.errors import DecodeError, InvalidRecord, NonCanonicalError, OversizeError
 
@@ -46,10 +47,9 @@ MAX_BASES = 64
 MAX_COLLECTION_CHARS = 128
 MAX_KEY_CHARS = 1024
 MAX_SEQ = (1 << 63) - 1
-MAX_HLC = (1 << 64) - 1
 
 _BODY_KEYS = [0, 1, 2, 3, 4, 5]
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _GLOB = re.compile(r"[*?\[\]]")
 
 
@@ -100,17 +100,15 @@ class Entry(NamedTuple):
 
     def wire(self) -> bytes:
         """The transfer form: signed part plus every payload we hold."""
-        return b"\x82" + canonical.encode(self.signed) + self.payloads_blob
+        return wire_form(self.signed, self.payloads_blob)
 
     def signature_valid(self) -> bool:
         return verify(self.author, SIGN_PREFIX + self.body, self.signature)
 
-    def dependencies(self) -> set[bytes]:
-        """Entry IDs that must be applied before this one."""
-        deps = {base for op in self.ops if op is not None for base in op.bases}
-        if self.prev is not None:
-            deps.add(self.prev)
-        return deps
+
+def wire_form(signed: bytes, payloads_blob: bytes) -> bytes:
+    """``[signed, payloads]`` from the two stored parts, without decoding them."""
+    return b"\x82" + canonical.encode(signed) + payloads_blob
 
 
 def entry_id(signed: bytes) -> bytes:
@@ -120,6 +118,15 @@ def entry_id(signed: bytes) -> bytes:
 # ---------------------------------------------------------------- local writes
 
 
+def _encodable(text: str) -> bool:
+    """False for strings holding lone surrogates (not valid Unicode text)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_collection(name: object) -> str:
     """Return ``name`` if it is a valid collection name, else raise InvalidRecord."""
     if (
@@ -127,6 +134,7 @@ def check_collection(name: object) -> str:
         or not 0 < len(name) <= MAX_COLLECTION_CHARS
         or _CONTROL.search(name)
         or _GLOB.search(name)
+        or not _encodable(name)
     ):
         raise InvalidRecord(
             f"invalid collection name {name!r}: use 1-{MAX_COLLECTION_CHARS} characters, "
@@ -137,7 +145,12 @@ def check_collection(name: object) -> str:
 
 def check_key(key: object) -> str:
     """Return ``key`` if it is a valid record key, else raise InvalidRecord."""
-    if type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS or _CONTROL.search(key):
+    if (
+        type(key) is not str
+        or not 0 < len(key) <= MAX_KEY_CHARS
+        or _CONTROL.search(key)
+        or not _encodable(key)
+    ):
         raise InvalidRecord(
             f"invalid record key {key!r}: use 1-{MAX_KEY_CHARS} characters, no control characters"
         )
@@ -206,7 +219,7 @@ def sign_entry(
         ops=tuple(ops),
         payloads_blob=canonical.encode([op.payload for op in ops]),
     )
-    size = len(signed) + len(entry.payloads_blob) + 6
+    size = len(wire_form(signed, entry.payloads_blob))
     if size > MAX_ENTRY_BYTES:
         raise InvalidRecord(
             f"transaction is {size} bytes; one entry may be at most {MAX_ENTRY_BYTES} bytes"
@@ -308,8 +321,12 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
     body = signed[start:end]
     signature = signed[end + 2 :]
     fields = canonical.loads_strict(body, what="entry body", max_depth=3)
-    if type(fields) is not dict or list(fields) != _BODY_KEYS:
-        raise DecodeError("entry body must have exactly the keys 0-5 in order")
+    if (
+        type(fields) is not dict
+        or list(fields) != _BODY_KEYS
+        or not all(type(key) is int for key in fields)  # false/true/simple(n) equal 0/1/n
+    ):
+        raise DecodeError("entry body must have exactly the integer keys 0-5 in order")
     version, author, seq, prev, hlc, refs = (
         fields[0],
         fields[1],
@@ -339,10 +356,11 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
     digests: list[bytes] = []
     ops: list[Op | None] = []
     seen: set[tuple[str, str]] = set()
-    # Canonical check without re-encoding: a strict decoder's input is at least as
-    # long as the canonical encoding of what it decoded, with equality only for the
-    # canonical encoding itself (key order is checked above, and nothing here can
-    # be a float). So the body is canonical iff its length is this sum.
+    # Canonical check without re-encoding: the decoder refuses tags and indefinite
+    # lengths, every key and value has been checked to be of its exact type (int,
+    # bytes, text, null, array), so the input is at least as long as the canonical
+    # encoding of what was decoded, and equally long only if it *is* that encoding
+    # (key order is checked above). So the body is canonical iff its length is this.
     size = 42 + _head_size(seq) + (1 if prev is None else 34) + _head_size(hlc)
     size += _head_size(len(refs))
     for ref, payload in zip(refs, payloads, strict=True):

@@ -73,7 +73,7 @@ def short_id(key: bytes) -> str:
 def parse_device_id(text: str) -> bytes:
     """Return the public key a device ID names; raise :class:`InvalidDeviceID`."""
     cleaned = "".join(text.split()).replace("-", "").upper().translate(_CONFUSABLE)
-    if len(cleaned) != _TEXT_CHARS or not set(cleaned) <= _ALPHABET:
+    if not text.isascii() or len(cleaned) != _TEXT_CHARS or not set(cleaned) <= _ALPHABET:
         raise InvalidDeviceID(
             f"invalid device ID {text!r}: expected {_TEXT_CHARS} letters and digits 2-7"
         )

@@ -15,7 +15,7 @@ One call is one store transaction. Steps:
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from p2psync.core import hlc as hlc_mod
@@ -28,11 +28,17 @@ from p2psync.errors import (
     FrozenAuthorError,
     FutureTimestampError,
     HeldLimitError,
+    SignatureError,
+    WithheldError,
 )
 from p2psync.store.writer import Outcome, Writer
 
-#: Most entries the store holds waiting for predecessors, from all authors.
+#: Limits on entries held waiting for predecessors: in all, per author, in bytes,
+#: and for how long. An author (any key can author) cannot crowd out the others.
 MAX_HELD = 200_000
+MAX_HELD_PER_AUTHOR = 50_000
+MAX_HELD_BYTES = 256 << 20
+HELD_FOR_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +85,7 @@ def ingest(
     max_held: int = MAX_HELD,
 ) -> None:
     """Authenticate and apply ``items`` with ``writer`` (inside its transaction)."""
+    writer.expire_held(HELD_FOR_MS)
     by_author: dict[bytes, list[Item]] = defaultdict(list)
     for item in items:
         by_author[item.entry.author].append(item)
@@ -92,7 +99,12 @@ def ingest(
         result.signatures_checked += checked.signatures_checked
         by_id = {item.entry.id: item for item in group}
         for entry, error in checked.rejected:
-            _refuse(result, by_id[entry.id], error)
+            if isinstance(error, SignatureError) and writer.held_successor(entry):
+                # its signature fails, but a held (authenticated) successor names
+                # it by hash: the author vouched for it, as in a run
+                ready.append(by_id[entry.id])
+            else:
+                _refuse(result, by_id[entry.id], error)
         ready.extend(by_id[entry.id] for entry in checked.entries)
         result.duplicates += len(group) - len(by_id)
     if len(by_author) > 1:  # one author's entries are already in causal (seq) order
@@ -131,22 +143,15 @@ def _apply_all(writer: Writer, ready: list[Item], result: IngestResult, max_held
             writer.drop_held(item.entry.id)
     if not waiting:
         return
-    room = max_held - writer.held_count()
+    quota = writer.held_quota(max_held, MAX_HELD_PER_AUTHOR, MAX_HELD_BYTES)
     for dep, items in waiting.items():
         for item in items:
-            if room <= 0:
-                _refuse(
-                    result,
-                    item,
-                    HeldLimitError(
-                        f"{max_held} entries already wait for predecessors; "
-                        "entry refused until some arrive"
-                    ),
-                )
+            refusal = quota.take(item.entry.author, len(item.wire))
+            if refusal is not None:
+                _refuse(result, item, HeldLimitError(refusal))
                 continue
             writer.hold(item.entry, dep, item.wire)
             result.held.append(item.entry.id)
-            room -= 1
 
 
 def _released(writer: Writer, dep: bytes, result: IngestResult) -> list[Item]:
@@ -167,9 +172,15 @@ def _refuse(result: IngestResult, item: Item, error: EntryError) -> None:
 
 
 def decode_batch(
-    wires: Sequence[bytes], now_ms: int, max_skew_ms: int, result: IngestResult
+    wires: Sequence[bytes],
+    now_ms: int,
+    max_skew_ms: int,
+    result: IngestResult,
+    visible: Callable[[str], bool] | None = None,
 ) -> list[Item]:
-    """Decode wire forms; refuse malformed ones and clocks too far ahead."""
+    """Decode wire forms; refuse malformed ones, clocks too far ahead, and entries
+    missing a payload of a collection this agent may see (``visible``; default:
+    every collection)."""
     items: list[Item] = []
     limit = hlc_mod.from_wall(now_ms + max_skew_ms + 1) - 1  # greatest allowed timestamp
     for index, wire in enumerate(wires):
@@ -192,6 +203,24 @@ def decode_batch(
                         f"its clock is {ahead_s:.0f} s ahead of ours "
                         f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock"
                     ),
+                )
+            )
+            continue
+        withheld = [
+            collection
+            for collection, op in zip(entry.collections, entry.ops, strict=True)
+            if op is None and (visible is None or visible(collection))
+        ]
+        if withheld:
+            # applying it without those ops would lose them for good: a later full
+            # copy has the same ID and counts as a duplicate
+            result.rejected.append(
+                Rejected(
+                    index,
+                    entry.author,
+                    entry.seq,
+                    entry.id,
+                    WithheldError(f"the payload of an op in {withheld[0]!r} was left out"),
                 )
             )
             continue

@@ -7,8 +7,8 @@ import sqlite3
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from p2psync.core.entry import wire_form
 from p2psync.core.messages import Head
-from p2psync.store.writer import wire_from_stored
 
 
 class Outgoing(NamedTuple):
@@ -51,9 +51,7 @@ def entries_after(
             "WHERE author = ? AND seq > ? ORDER BY seq LIMIT ?",
             (row[0], seq, max_entries),
         ).fetchall()
-        streams.append(
-            [Outgoing(r[0], author, r[1], r[2], wire_from_stored(r[3], r[4])) for r in rows]
-        )
+        streams.append([Outgoing(r[0], author, r[1], r[2], wire_form(r[3], r[4])) for r in rows])
     merged = streams[0] if len(streams) == 1 else heapq.merge(*streams)
     out: list[Outgoing] = []
     size = 0
@@ -73,4 +71,4 @@ def entry_at(conn: sqlite3.Connection, author: bytes, seq: int) -> Outgoing | No
     ).fetchone()
     if row is None:
         return None
-    return Outgoing(row[0], author, seq, row[1], wire_from_stored(row[2], row[3]))
+    return Outgoing(row[0], author, seq, row[1], wire_form(row[2], row[3]))

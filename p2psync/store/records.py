@@ -67,7 +67,8 @@ def _prefix_end(prefix: str) -> str | None:
     while prefix:
         last = ord(prefix[-1])
         if last < 0x10FFFF:
-            return prefix[:-1] + chr(last + 1)
+            following = last + 1 if last + 1 != 0xD800 else 0xE000  # skip surrogates
+            return prefix[:-1] + chr(following)
         prefix = prefix[:-1]
     return None
 

@@ -18,6 +18,9 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 3 gives ``held`` a ``size`` column and an index by author: the quotas on
+held entries (in all, per author, in bytes) are read from the index alone.
+
 Version 2 adds peers:
 
 ``peers``       agents this one knows: key, display name, state, addresses to
@@ -33,7 +36,7 @@ import sqlite3
 
 from p2psync.errors import StoreError
 
-MIGRATIONS: dict[int, str] = {
+MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one)
     1: """
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
@@ -115,6 +118,11 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (peer, author)
     ) WITHOUT ROWID;
     """,
+    3: """
+    ALTER TABLE held ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE held SET size = length(wire);
+    CREATE INDEX held_by_author ON held (author, size)
+    """,
 }
 
 LATEST = max(MIGRATIONS)
@@ -131,7 +139,12 @@ def current_version(conn: sqlite3.Connection) -> int:
 
 
 def migrate(conn: sqlite3.Connection, now_ms: int) -> None:
-    """Bring the schema up to :data:`LATEST`, all in one transaction."""
+    """Bring the schema up to :data:`LATEST`, all in one transaction.
+
+    An up-to-date store is only read: opening a store never waits for a writer.
+    """
+    if current_version(conn) == LATEST:
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = current_version(conn)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
-from p2psync.core.entry import Op, OpKind, make_op, sign_entry
+from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
 from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
 from p2psync.errors import IntegrityError, StoreError
@@ -137,7 +137,11 @@ class Store:
 
     def conflicts(self) -> list[records.Conflict]:
         with self._reader.reading() as conn:
-            return list(records.conflicts(conn))
+            conn.execute("BEGIN")  # winners and losers from one snapshot
+            try:
+                return list(records.conflicts(conn))
+            finally:
+                conn.execute("COMMIT")
 
     # ------------------------------------------------------------ logs
 
@@ -284,6 +288,10 @@ class Store:
                     "it must be re-keyed before it can write"
                 )
             for chunk in _chunks(transactions, _WRITE_CHUNK):
+                for changes in chunk:
+                    for change in changes:
+                        check_collection(change.collection)
+                        check_key(change.key)
                 writer.prefetch((c.collection, c.key) for changes in chunk for c in changes)
                 for changes in chunk:
                     entry_id = self._write_one(writer, identity, changes, now_ms, salt)
@@ -329,10 +337,11 @@ class Store:
         wires: Sequence[bytes],
         now_ms: int,
         max_skew_ms: int = hlc_mod.DEFAULT_MAX_SKEW_MS,
+        visible: Callable[[str], bool] | None = None,
     ) -> IngestResult:
         """Verify and apply entries from elsewhere, in one transaction."""
         result = IngestResult()
-        items = decode_batch(wires, now_ms, max_skew_ms, result)
+        items = decode_batch(wires, now_ms, max_skew_ms, result, visible)
         if not items:
             return result
         with self._db.writing() as conn:

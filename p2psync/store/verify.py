@@ -25,11 +25,12 @@ class VerifyReport:
     entries: int = 0
     authors: int = 0
     held: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # damage: the store is corrupt
+    forks: list[str] = field(default_factory=list)  # authors that signed two histories
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.forks
 
 
 def verify(conn: sqlite3.Connection, progress: Callable[[int], None] | None = None) -> VerifyReport:
@@ -45,7 +46,7 @@ def verify(conn: sqlite3.Connection, progress: Callable[[int], None] | None = No
             report.authors += 1
         if frozen:
             for (seq,) in conn.execute("SELECT seq FROM forks WHERE author = ?", (idx,)):
-                report.problems.append(
+                report.forks.append(
                     f"author {short_id(key)} forked at seq {seq} (proof kept); "
                     "nothing more is accepted from it"
                 )

@@ -1,9 +1,10 @@
 """Applying entries to the store inside one write transaction.
 
 :class:`Writer` is the only code that changes ``entries``, ``records``,
-``losers``, ``authors``, ``held`` and ``forks``. Local writes and ingested
-entries both go through :meth:`Writer.try_apply` / :meth:`Writer.apply`, so a
-local entry is merged exactly like one that arrives from a peer.
+``losers``, ``authors``, ``held`` and ``forks``. Ingested entries go through
+:meth:`Writer.try_apply` (which checks their place in the chain and their
+dependencies), local ones straight to :meth:`Writer.apply`; both merge the same
+way.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
-from p2psync.core import canonical
-from p2psync.core.entry import Entry, OpKind
+from p2psync.core import hlc as hlc_mod
+from p2psync.core.entry import Entry, OpKind, wire_form
 from p2psync.core.identity import short_id
 from p2psync.core.merge import Version, merge
 from p2psync.errors import ChainError, EntryError, ForkError, FrozenAuthorError
@@ -59,9 +60,34 @@ _RECORD_COLUMNS = "entry, hlc, author, payload, deleted"
 _PREFETCH_CHUNK = 500
 
 
-def wire_from_stored(signed: bytes, payloads_blob: bytes) -> bytes:
-    """The wire form ``[signed, payloads]`` of a stored entry, without decoding it."""
-    return b"\x82" + canonical.encode(signed) + payloads_blob
+class HeldQuota:
+    """Room left for held entries in one ingest, in all and per author."""
+
+    def __init__(self, conn: sqlite3.Connection, count: int, size: int, per_author: int) -> None:
+        self.conn = conn
+        self.count = count
+        self.size = size
+        self.per_author = per_author
+        self._authors: dict[bytes, int] = {}
+
+    def take(self, author: bytes, size: int) -> str | None:
+        """Reserve room for one entry, or say why there is none."""
+        if author not in self._authors:
+            held = self.conn.execute(
+                "SELECT count(*) FROM held WHERE author = ?", (author,)
+            ).fetchone()[0]
+            self._authors[author] = self.per_author - held
+        if self._authors[author] <= 0:
+            return (
+                f"{self.per_author} entries of author {short_id(author)} already wait for "
+                "predecessors; refused until those arrive"
+            )
+        if self.count <= 0 or self.size < size:
+            return "the store holds as many entries waiting for predecessors as it may"
+        self._authors[author] -= 1
+        self.count -= 1
+        self.size -= size
+        return None
 
 
 class Writer:
@@ -164,7 +190,7 @@ class Writer:
         ).fetchone()
         if row is None:
             return None
-        return row[0], wire_from_stored(row[1], row[2])
+        return row[0], wire_form(row[1], row[2])
 
     # ------------------------------------------------------------ applying
 
@@ -231,7 +257,7 @@ class Writer:
             self._dirty.add(record)
         head.seq, head.id, head.hlc, head.dirty = entry.seq, entry.id, entry.hlc, True
         self.applied.add(entry.id)
-        self.clock = max(self.clock, entry.hlc)
+        self.clock = hlc_mod.observe(self.clock, entry.hlc, self.now_ms)
 
     def _flush_entries(self) -> None:
         if self._new_entries:
@@ -291,6 +317,8 @@ class Writer:
         )
         head.frozen = True
         head.dirty = True
+        if self.has_held:  # nothing more will be accepted from this author
+            self.conn.execute("DELETE FROM held WHERE author = ?", (head.key,))
         return Attempt(
             Outcome.REFUSED,
             error=ForkError(
@@ -303,14 +331,31 @@ class Writer:
 
     def hold(self, entry: Entry, dep: bytes, wire: bytes) -> None:
         self.conn.execute(
-            "INSERT OR REPLACE INTO held (id, author, seq, dep, wire, received) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (entry.id, entry.author, entry.seq, dep, wire, self.now_ms),
+            "INSERT OR REPLACE INTO held (id, author, seq, dep, wire, received, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (entry.id, entry.author, entry.seq, dep, wire, self.now_ms, len(wire)),
         )
         self.has_held = True
 
-    def held_count(self) -> int:
-        return int(self.conn.execute("SELECT count(*) FROM held").fetchone()[0])
+    def held_successor(self, entry: Entry) -> bool:
+        """True when a held (authenticated) entry of the same author names ``entry``."""
+        if not self.has_held:
+            return False
+        row = self.conn.execute(
+            "SELECT 1 FROM held WHERE author = ? AND seq = ? AND dep = ?",
+            (entry.author, entry.seq + 1, entry.id),
+        ).fetchone()
+        return row is not None
+
+    def held_quota(self, max_count: int, per_author: int, max_bytes: int) -> HeldQuota:
+        count, size = self.conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM held INDEXED BY held_by_author"
+        ).fetchone()
+        return HeldQuota(self.conn, max_count - count, max_bytes - size, per_author)
+
+    def expire_held(self, older_than_ms: int) -> None:
+        if self.has_held:
+            self.conn.execute("DELETE FROM held WHERE received < ?", (self.now_ms - older_than_ms,))
 
     def take_held(self, dep: bytes) -> list[bytes]:
         """Remove and return the wire forms of held entries waiting for ``dep``."""
