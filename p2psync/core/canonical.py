@@ -161,6 +161,8 @@ def _check(item: Any, depth: int, what: str, received: bool) -> bool:
             child_kind = type(child)
             if child_kind is bytes or child_kind is bool or child is None:
                 continue
+            if child_kind is str and received:
+                continue
             has_float = _check(child, depth + 1, what, received) or has_float
         return has_float
     previous: str | None = None

@@ -49,6 +49,7 @@ MAX_KEY_CHARS = 1024
 MAX_SEQ = (1 << 63) - 1
 
 _BODY_KEYS = [0, 1, 2, 3, 4, 5]
+_BODY_KEY_TYPES = (int,) * 6
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _GLOB = re.compile(r"[*?\[\]]")
 
@@ -324,7 +325,7 @@ def _decode(signed: bytes, payloads: list[Any], payloads_blob: bytes) -> Entry:
     if (
         type(fields) is not dict
         or list(fields) != _BODY_KEYS
-        or not all(type(key) is int for key in fields)  # false/true/simple(n) equal 0/1/n
+        or tuple(map(type, fields)) != _BODY_KEY_TYPES  # false/true/simple(n) equal 0/1/n
     ):
         raise DecodeError("entry body must have exactly the integer keys 0-5 in order")
     version, author, seq, prev, hlc, refs = (

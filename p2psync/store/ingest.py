@@ -206,7 +206,7 @@ def decode_batch(
                 )
             )
             continue
-        withheld = [
+        withheld = None in entry.ops and [
             collection
             for collection, op in zip(entry.collections, entry.ops, strict=True)
             if op is None and (visible is None or visible(collection))
