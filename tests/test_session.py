@@ -1,0 +1,195 @@
+"""The sync session machine alone: no I/O, time passed in, two machines wired together."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from p2psync.core import messages
+from p2psync.core.messages import (
+    Ack,
+    Bye,
+    Caught,
+    Entries,
+    Have,
+    Head,
+    Ping,
+    Pong,
+    ProtocolError,
+    heads_digest,
+)
+from p2psync.core.session import (
+    BatchReceived,
+    PeerHeadsReceived,
+    SessionClosed,
+    SessionConfig,
+    SyncedWithPeer,
+    SyncSession,
+)
+
+AUTHOR = os.urandom(32)
+
+
+def head(seq: int) -> Head:
+    return Head(seq, seq.to_bytes(32, "big"))
+
+
+def through_wire(machine: SyncSession, now: float = 0.0) -> list[messages.Message]:
+    """The outbox, encoded and decoded again (as it would travel)."""
+    return [messages.decode(messages.encode(m)) for m in machine.take_outbox(now)]
+
+
+def deliver(source: SyncSession, target: SyncSession, now: float = 0.0) -> list[object]:
+    events: list[object] = []
+    for message in through_wire(source, now):
+        events.extend(target.receive(message, now))
+    return events
+
+
+def test_first_message_is_have_and_must_be() -> None:
+    a = SyncSession({AUTHOR: head(3)}, 0.0)
+    out = a.take_outbox(0.0)
+    assert out == [Have({AUTHOR: head(3)})]
+    b = SyncSession({}, 0.0)
+    events = b.receive(Ack(1), 0.0)
+    assert isinstance(events[0], SessionClosed) and events[0].error
+    assert isinstance(b.take_outbox(0.0)[0], Bye)
+
+
+def test_a_full_exchange_ends_synced_on_both_sides() -> None:
+    a = SyncSession({AUTHOR: head(5)}, 0.0)
+    b = SyncSession({}, 0.0)
+    assert isinstance(deliver(a, b)[0], PeerHeadsReceived)
+    deliver(b, a)
+    assert a.wants() == {AUTHOR: 0} and b.wants() == {}
+    # b has nothing a lacks: it says Caught at once
+    a.send_batch([b"e1", b"e2", b"e3"], [(AUTHOR, s, head(s).head) for s in (1, 2, 3)])
+    a.send_batch([b"e4", b"e5"], [(AUTHOR, s, head(s).head) for s in (4, 5)])
+    assert a.wants() == {}  # everything is on its way
+    batches = [e for e in deliver(a, b) if isinstance(e, BatchReceived)]
+    assert [x.batch for x in batches] == [1, 2]
+    for batch in batches:
+        b.ingested(batch.batch, [])
+    b.local_changed({AUTHOR: head(5)})
+    events = deliver(b, a) + deliver(a, b)
+    assert any(isinstance(e, SyncedWithPeer) for e in events)
+    assert a.synced and b.synced
+
+
+def test_window_limits_unacknowledged_batches() -> None:
+    a = SyncSession({AUTHOR: head(100)}, 0.0, SessionConfig(window=2))
+    b = SyncSession({}, 0.0, SessionConfig(window=2))
+    deliver(a, b)
+    deliver(b, a)
+    a.send_batch([b"x"], [(AUTHOR, 1, head(1).head)])
+    a.send_batch([b"y"], [(AUTHOR, 2, head(2).head)])
+    assert not a.can_send()
+    with pytest.raises(RuntimeError):
+        a.send_batch([b"z"], [])
+    # a peer that ignores the window is cut off
+    c = SyncSession({}, 0.0, SessionConfig(window=2))
+    c.receive(Have({}), 0.0)
+    for n in (1, 2):
+        c.receive(Entries(n, [b"w"]), 0.0)
+    events = c.receive(Entries(3, [b"w"]), 0.0)
+    assert isinstance(events[0], SessionClosed) and "window" in events[0].reason
+
+
+@pytest.mark.parametrize(
+    "message",
+    [Entries(2, [b"x"]), Ack(1), Ack(7)],
+)
+def test_out_of_order_batches_and_stray_acks_close(message: messages.Message) -> None:
+    machine = SyncSession({}, 0.0)
+    machine.receive(Have({}), 0.0)
+    events = machine.receive(message, 0.0)
+    assert isinstance(events[0], SessionClosed) and events[0].error
+
+
+def test_keepalive_and_idle_timeout_without_sleeping() -> None:
+    config = SessionConfig(keepalive=10, idle_timeout=30)
+    machine = SyncSession({}, 0.0, config)
+    machine.receive(Have({}), 0.0)
+    machine.take_outbox(0.0)
+    assert machine.next_deadline() == 10
+    machine.timer(10.0)
+    assert Ping(1) in machine.take_outbox(10.0)
+    machine.receive(Pong(1), 12.0)
+    assert machine.next_deadline() == 20
+    events = machine.timer(42.0)
+    assert isinstance(events[0], SessionClosed) and "30" in events[0].reason
+    assert machine.closed
+
+
+def test_pings_are_answered() -> None:
+    machine = SyncSession({}, 0.0)
+    machine.take_outbox(0.0)
+    machine.receive(Have({}), 1.0)
+    machine.receive(Ping(7), 2.0)
+    assert Pong(7) in machine.take_outbox(2.0)
+
+
+def test_frozen_authors_are_not_offered() -> None:
+    machine = SyncSession({AUTHOR: head(9)}, 0.0)
+    machine.receive(Have({AUTHOR: Head(2, head(2).head, frozen=True)}), 0.0)
+    assert machine.wants() == {}
+
+
+def test_entries_received_are_not_sent_back() -> None:
+    a = SyncSession({}, 0.0)
+    a.receive(Have({}), 0.0)
+    a.receive(Entries(1, [b"e"]), 0.0)
+    a.ingested(1, [(AUTHOR, 1, head(1).head)])
+    a.local_changed({AUTHOR: head(1)})
+    assert a.wants() == {}
+
+
+def test_bye_closes_quietly() -> None:
+    machine = SyncSession({}, 0.0)
+    events = machine.receive(Bye("agent stopping"), 0.0)
+    assert events == [SessionClosed("agent stopping", by_peer=True, error=False)]
+
+
+def test_caught_digest_must_match() -> None:
+    machine = SyncSession({AUTHOR: head(1)}, 0.0)
+    machine.receive(Have({AUTHOR: head(1)}), 0.0)
+    out = machine.take_outbox(0.0)
+    assert Caught(heads_digest({AUTHOR: head(1)})) in out
+    assert machine.receive(Caught(b"\x00" * 16), 0.0) == []  # different holdings
+    assert not machine.synced
+    assert machine.receive(Caught(heads_digest({AUTHOR: head(1)})), 0.0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x80",
+        b"\x82\x09\x00",  # unknown type
+        b"\x82\x03\x20",  # negative batch
+        b"\x83\x03\x01\x01",  # extra field
+        b"\x82\x01\x81\x84" + b"\x58\x20" + b"a" * 32 + b"\x01\x58\x20" + b"b" * 32 + b"\x01",
+        b"\x82\x07\x19\x00\x01",  # reason not text
+        b"\x82\x03\x18\x01",  # non-canonical int
+        b"\x82\x03\x01\x00",  # trailing byte
+        b"\x82\x05\xc2\x41\x01",  # tagged nonce
+    ],
+)
+def test_malformed_messages_are_protocol_errors(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        messages.decode(data)
+
+
+def test_message_round_trip() -> None:
+    samples: list[messages.Message] = [
+        Have({AUTHOR: head(4), os.urandom(32): Head(1, os.urandom(32), True)}),
+        Entries(3, [b"a", b"b" * 300]),
+        Ack(3),
+        Caught(os.urandom(16)),
+        Ping(9),
+        Pong(9),
+        Bye("bye"),
+    ]
+    for message in samples:
+        assert messages.decode(messages.encode(message)) == message
