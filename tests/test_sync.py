@@ -4,8 +4,10 @@ forwarding, resuming, and hostile peers (test doubles speaking the protocol)."""
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -364,3 +366,31 @@ async def test_unexpected_message_closes(make_db: MakeDb) -> None:
 
 def test_signed_prefix_constant() -> None:
     assert SIGN_PREFIX.startswith(b"p2psync/v1/")
+
+
+async def test_store_restored_from_a_backup_refuses_writes_until_synced(
+    make_db: MakeDb, tmp_path: Path
+) -> None:
+    a, b = make_db("a"), make_db("b")
+    fill(a, 5)
+    backup = tmp_path / "backup.sqlite"
+    a.store._reader.conn.execute(f"VACUUM INTO '{backup}'")
+    fill(a, 10, "later")
+    await sync_pair(a, b)
+    a.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(a.home.store_path) + suffix).unlink(missing_ok=True)
+    shutil.copy(backup, a.home.store_path)
+    restored = p2psync.open(a.path)
+    try:
+        assert restored.authors()[0].seq == 5
+        # the peer's Have shows our own log at 15: writing now would fork it
+        restored.store.note_peer_heads(b.store.heads())
+        with pytest.raises(p2psync.IntegrityError, match="restored from a backup"):
+            restored.put("c", "new", 1)
+        await sync_pair(restored, b)
+        assert restored.authors()[0].seq == 15
+        restored.put("c", "new", 1)  # our log is whole again
+        assert restored.verify().ok
+    finally:
+        restored.close()

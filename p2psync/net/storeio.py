@@ -58,5 +58,8 @@ class TrioStore:
             partial(self.store.entries_after, dict(after), max_entries, max_bytes)
         )
 
+    async def note_peer_heads(self, heads: Mapping[bytes, Head]) -> int | None:
+        return await trio.to_thread.run_sync(self.store.note_peer_heads, dict(heads))
+
     async def entry_at(self, author: bytes, seq: int) -> Outgoing | None:
         return await trio.to_thread.run_sync(self.store.entry_at, author, seq)

@@ -248,7 +248,14 @@ class _Run:
 
     async def send_fork_proofs(self, peer_heads: dict[bytes, Head]) -> None:
         """Where the peer's head differs from our entry at the same seq, send ours:
-        the peer then holds proof of the fork too."""
+        the peer then holds proof of the fork too. And if the peer holds more of our
+        own log than we do, stop local writes until we have it back."""
+        behind = await self.store.note_peer_heads(peer_heads)
+        if behind is not None:
+            log.warning(
+                "%s holds this site's own log up to %d, more than this store: "
+                "local writes wait until it is back", self.who, behind,
+            )
         for author, theirs in peer_heads.items():
             ours = self.machine.local.get(author)
             if ours is None or theirs.seq > ours.seq or theirs.seq == 0:

@@ -201,6 +201,29 @@ class Store:
         with self._reader.reading() as conn:
             return logs.entry_at(conn, author, seq)
 
+    def note_peer_heads(self, heads: Mapping[bytes, Head]) -> int | None:
+        """Remember if a peer holds more of *our own* log than we do (the store was
+        restored from a backup, say): until we have it back, new local writes would
+        reuse sequence numbers and fork our own log. Returns that seq, if so."""
+        own = self.get_meta("self")
+        if not isinstance(own, bytes) or own not in heads:
+            return None
+        theirs = heads[own].seq
+        with self._db.writing() as conn:
+            row = conn.execute("SELECT head_seq FROM authors WHERE key = ?", (own,)).fetchone()
+            ours = row[0] if row else 0
+            if theirs <= ours:
+                return None
+            current = conn.execute(
+                "SELECT value FROM meta WHERE key = 'own_behind'"
+            ).fetchone()
+            if current is None or int(current[0]) < theirs:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('own_behind', ?)",
+                    (theirs,),
+                )
+        return theirs
+
     def data_version(self) -> int:
         """Changes whenever another connection commits (see PRAGMA data_version)."""
         with self._reader.reading() as conn:
@@ -286,6 +309,13 @@ class Store:
                 raise IntegrityError(
                     "this site's own log is forked (its key was used elsewhere); "
                     "it must be re-keyed before it can write"
+                )
+            behind = conn.execute("SELECT value FROM meta WHERE key = 'own_behind'").fetchone()
+            if behind is not None and int(behind[0]) > head.seq:
+                raise IntegrityError(
+                    f"a peer holds entries {head.seq + 1}-{behind[0]} of this site's own log "
+                    "that this store lacks (restored from a backup?); sync with your peers "
+                    "(`p2psync sync`) before writing, or new entries would fork the log"
                 )
             for chunk in _chunks(transactions, _WRITE_CHUNK):
                 for changes in chunk:

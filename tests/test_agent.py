@@ -1,0 +1,156 @@
+"""Two and three real agent processes over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import p2psync
+from tests.agents import AgentProcess, cli, value_at, wait_for
+
+Make = Callable[[str], AgentProcess]
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Make]:
+    started: list[AgentProcess] = []
+
+    def make(name: str) -> AgentProcess:
+        agent = AgentProcess(tmp_path / name, name).init()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.stop()
+
+
+def pair_up(*agents: AgentProcess) -> None:
+    for a in agents:
+        for b in agents:
+            if a is not b:
+                a.pair(b)
+
+
+def test_two_agents_sync_live(agents: Make) -> None:
+    a, b = agents("a").start(), agents("b").start()
+    pair_up(a, b)
+    with a.db() as db:
+        db.put("vouchers", "V-1", {"amount": 5})  # from another process than the agent
+    wait_for(lambda: value_at(b, "vouchers", "V-1") == {"amount": 5}, timeout=5)
+    cli(b.home, "put", "vouchers", "V-2", '{"amount": 7}')
+    wait_for(lambda: value_at(a, "vouchers", "V-2") == {"amount": 7}, timeout=5)
+    status = a.status()
+    assert status["running"] and status["agent"]["connections"][0]["device_id"] == b.device_id
+    peers = json.loads(cli(a.home, "peers", "--json"))
+    assert peers[0]["connected"] and peers[0]["state"] == "trusted"
+    agent_file = json.loads((a.home / "agent.json").read_text())
+    assert agent_file["pid"] == a.pid and agent_file["listen"] == [a.address]
+    assert a.stop() == 0
+    assert not (a.home / "agent.json").exists()
+
+
+def test_entries_travel_through_a_middle_agent(agents: Make) -> None:
+    a, b, c = agents("a").start(), agents("b").start(), agents("c").start()
+    pair_up(a, b)
+    pair_up(b, c)  # a and c never meet
+    cli(a.home, "put", "stock", "bolts", '{"qty": 1}')
+    wait_for(lambda: value_at(c, "stock", "bolts") == {"qty": 1}, timeout=5)
+    cli(c.home, "put", "stock", "nuts", '{"qty": 2}')
+    wait_for(lambda: value_at(a, "stock", "nuts") == {"qty": 2}, timeout=5)
+
+
+def test_a_stopped_agent_catches_up_when_restarted(agents: Make) -> None:
+    a, b = agents("a").start(), agents("b").start()
+    pair_up(a, b)
+    cli(a.home, "put", "c", "before", "1")
+    wait_for(lambda: value_at(b, "c", "before") == 1)
+    b.stop()
+    for i in range(3):
+        cli(a.home, "put", "c", f"while-down-{i}", str(i))
+    with a.db() as db:
+        db.write([p2psync.Change(p2psync.OpKind.PUT, "c", f"bulk{i}", i)] for i in range(500))
+    b.start()
+    wait_for(lambda: value_at(b, "c", "bulk499") == 499, timeout=10)
+    assert value_at(b, "c", "while-down-2") == 2
+
+
+def test_unknown_device_is_refused(agents: Make) -> None:
+    a = agents("a").start()
+    stranger = agents("stranger").start()
+    stranger.pair(a)  # the stranger trusts a, but a never added it
+    cli(stranger.home, "put", "c", "k", "1")
+    out = cli(stranger.home, "sync", "--timeout", "3", check=False)
+    assert "NOT in sync" in out
+    time.sleep(0.3)
+    assert "refused connection" in a.log.read_text()
+    with a.db() as db:
+        assert db.authors() == [] and db.get("c", "k") is None
+
+
+def test_on_demand_sync_without_an_agent(agents: Make) -> None:
+    a = agents("a").start()
+    b = agents("b")  # never started
+    a.pair(b, with_address=False)
+    b.pair(a)
+    with a.db() as db:
+        db.write([p2psync.Change(p2psync.OpKind.PUT, "c", f"k{i}", i)] for i in range(300))
+    out = cli(b.home, "sync")
+    assert "in sync (received 300, sent 0)" in out
+    assert value_at(b, "c", "k299") == 299
+    assert cli(b.home, "sync", a.device_id).strip().endswith("sent 0)")
+    assert cli(b.home, "verify").startswith("300 entries from 1 author verified")
+
+
+def test_sync_through_a_running_agent(agents: Make) -> None:
+    a, b = agents("a").start(), agents("b").start()
+    pair_up(a, b)
+    cli(a.home, "put", "c", "k", "1")
+    out = cli(b.home, "sync", "--timeout", "10")
+    assert "in sync" in out
+    assert value_at(b, "c", "k") == 1
+
+
+def test_second_agent_on_one_home_is_refused(agents: Make) -> None:
+    a = agents("a").start()
+    second = AgentProcess(a.home, "a-again")
+    with pytest.raises(AssertionError, match="already running"):
+        second.start()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_receiver_mid_sync(agents: Make) -> None:
+    """20 times: kill the receiving agent at a random moment, restart it; in the end
+    it holds every entry exactly once and verifies."""
+    a, b = agents("a").start(), agents("b")
+    with a.db() as db:
+        db.write(
+            [p2psync.Change(p2psync.OpKind.PUT, "bench", f"k{i}", {"i": i, "pad": "x" * 80})]
+            for i in range(30_000)
+        )
+    a.pair(b, with_address=False)
+    b.pair(a)
+    rng = random.Random(os.getpid())
+    seen = 0
+    for _ in range(20):
+        b.start()
+        time.sleep(rng.uniform(0.0, 0.6))
+        b.kill9()
+        with b.db() as db:
+            report = db.verify()
+            assert report.ok, report.problems
+            held = sum(x.seq for x in db.authors())
+            assert held >= seen  # nothing committed was lost
+            seen = held
+    b.start()
+    wait_for(lambda: value_at(b, "bench", "k29999") == {"i": 29999, "pad": "x" * 80}, 60)
+    with b.db() as db:
+        assert db.verify().entries == 30_000
+        count = db.store._reader.conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        assert count == 30_000 and len(list(db.scan("bench"))) == 30_000
