@@ -1,12 +1,22 @@
 """p2psync benchmarks. Run through ``scripts/bench`` (which prepares .venv).
 
     scripts/bench local [--records N] [--runs R]
+    scripts/bench sync  [--records N] [--runs R] [--live-writes W]
 
 ``local`` measures the local core (issue 2): single puts, a bulk load of N
 records (one entry each), and ingest of N entries from another author (verify +
 apply) with the peak RSS of the ingesting process. Workload: collection
 ``bench``, key ``k<i>``, a ~100-byte map value. Every figure is the median of R
 runs with min and max beside it; each run starts from a fresh home.
+
+``sync`` runs two agent processes on 127.0.0.1 (issue 3):
+
+* W1 initial sync of N records from A to an empty B: records/s from B's agent
+  listening to B holding all N, and the peak RSS (VmHWM) of each agent;
+* W2 live latency: W single puts at A (API, another process than the agent)
+  ~10 ms apart, from the put call to the record readable in B's store;
+* W3 no-op resync with N records on both sides: bytes on the wire (handshake
+  included) and time from dialling to "in sync".
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import signal
+import sqlite3
 import statistics
 import struct
 import subprocess
@@ -23,6 +36,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import trio
 
 import p2psync
 from p2psync import home as home_mod
@@ -220,6 +235,179 @@ def run_local(args: argparse.Namespace) -> None:
         )
 
 
+# ---------------------------------------------------------------- sync
+
+
+class Agent:
+    """An agent process on 127.0.0.1, ended by PID."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2psync",
+                "--home",
+                str(home),
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-discovery",
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on "):
+            self.process.kill()
+            raise SystemExit(f"agent at {home} did not start")
+        self.address = line.split()[-1]
+        self.started = time.perf_counter()
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def head_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT max(head_seq) FROM authors").fetchone()
+    return int(row[0] or 0)
+
+
+def pair(a: Path, b: Path, b_address: str | None) -> None:
+    with p2psync.open(a) as db_a, p2psync.open(b) as db_b:
+        db_a.store.add_peer(
+            db_b.identity.public_key, "B", [b_address] if b_address else [], home_mod.now_ms()
+        )
+
+
+def bench_w1(base: Path, source: Path, count: int) -> tuple[float, float, float, Path, Agent]:
+    """One W1 run; returns records/s, peak RSS of A and B, B's home, A's agent."""
+    a_home = base / f"a-{time.monotonic_ns()}"
+    shutil.copytree(source, a_home)
+    b_home = fresh_home(base, "b")
+    pair(a_home, b_home, None)  # before A starts: it trusts B from the first dial
+    agent_a = Agent(a_home)
+    pair(b_home, a_home, agent_a.address)
+    agent_b = Agent(b_home)  # dials A at once
+    started = agent_b.started
+    conn = sqlite3.connect(f"file:{b_home / 'store.sqlite'}?mode=ro", uri=True)
+    while head_seq(conn) < count:
+        time.sleep(0.01)
+        if time.perf_counter() - started > 3600:
+            raise SystemExit("W1 did not finish")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    rss_a, rss_b = agent_a.peak_rss_mib(), agent_b.peak_rss_mib()
+    agent_b.stop()
+    return count / elapsed, rss_a, rss_b, b_home, agent_a
+
+
+def bench_w2(a_home: Path, b_home: Path, writes: int) -> list[float]:
+    """Live latency in ms, write call at A to readable at B (both agents running)."""
+    latencies = []
+    conn = sqlite3.connect(f"file:{b_home / 'store.sqlite'}?mode=ro", uri=True)
+    query = "SELECT 1 FROM records WHERE collection = 'live' AND key = ?"
+    with p2psync.open(a_home) as db:
+        for i in range(writes):
+            key = f"w{i}-{time.monotonic_ns()}"
+            started = time.perf_counter()
+            db.put("live", key, value(i))
+            while conn.execute(query, (key,)).fetchone() is None:
+                time.sleep(0.0001)
+                if time.perf_counter() - started > 10:
+                    raise SystemExit("W2: a live write did not arrive within 10 s")
+            latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(max(0.0, 0.010 - (time.perf_counter() - started)))
+    conn.close()
+    return latencies
+
+
+def bench_w3(b_home: Path, a_key: bytes) -> tuple[int, float]:
+    """No-op resync from B (no agent) to A's agent: bytes on the wire, ms."""
+    from p2psync.net.oneshot import sync_once  # noqa: PLC0415 - only this suite needs trio
+
+    with p2psync.open(b_home) as db:
+
+        async def timed() -> tuple[int, float]:
+            started = trio.current_time()
+            [outcome] = await sync_once(db, [a_key], None, timeout=30)
+            if not outcome.synced or outcome.received or outcome.sent:
+                raise SystemExit(f"W3: not a no-op resync: {outcome}")
+            return (
+                outcome.bytes_sent + outcome.bytes_received,
+                (trio.current_time() - started) * 1000,
+            )
+
+        return trio.run(timed)
+
+
+def run_sync(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
+        base = Path(tmp)
+        source = fresh_home(base, "source")
+        with p2psync.open(source) as db:
+            db.write(changes(args.records))
+            a_key = db.identity.public_key
+        print(
+            f"p2psync sync benchmarks — {os.cpu_count()} CPUs, Python "
+            f"{sys.version.split()[0]}, {args.records:,} records, two agents on 127.0.0.1"
+        )
+        rates, rss_a, rss_b, w2, w3_bytes, w3_ms = [], [], [], [], [], []
+        for run in range(args.runs):
+            rate, peak_a, peak_b, b_home, agent_a = bench_w1(base, source, args.records)
+            rates.append(rate)
+            rss_a.append(peak_a)
+            rss_b.append(peak_b)
+            try:
+                for _ in range(3):
+                    size, ms = bench_w3(b_home, a_key)
+                    w3_bytes.append(size)
+                    w3_ms.append(ms)
+                if run == 0 and args.live_writes:
+                    agent_b = Agent(b_home)
+                    time.sleep(1.0)  # connected and in sync
+                    try:
+                        w2 = bench_w2(agent_a.home, b_home, args.live_writes)
+                    finally:
+                        agent_b.stop()
+            finally:
+                agent_a.stop()
+            shutil.rmtree(b_home)
+        print(f"{'W1 initial sync, records/s':<60} {summary(rates)}")
+        print(f"{'W1 peak RSS of the sending agent (A), MiB':<60} {summary(rss_a)}")
+        print(f"{'W1 peak RSS of the receiving agent (B), MiB':<60} {summary(rss_b)}")
+        if w2:
+            ordered = sorted(w2)
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            print(
+                f"{f'W2 live latency over {len(w2)} writes, ms':<60} median "
+                f"{statistics.median(w2):.2f}, p99 {p99:.2f}, min {min(w2):.2f}, "
+                f"max {max(w2):.2f}"
+            )
+        print(f"{'W3 no-op resync, bytes on the wire':<60} {summary(w3_bytes)}")
+        print(
+            f"{'W3 no-op resync, ms to in sync':<60} "
+            f"{statistics.median(w3_ms):>12.1f}  (min {min(w3_ms):.1f}, max {max(w3_ms):.1f},"
+            f" n={len(w3_ms)})"
+        )
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_ingest_worker":
         ingest_worker(sys.argv[2], sys.argv[3])
@@ -231,9 +419,15 @@ def main() -> None:
     local = sub.add_parser("local", help="local core: puts, bulk load, ingest")
     local.add_argument("--records", type=int, default=100_000)
     local.add_argument("--runs", type=int, default=5)
+    sync = sub.add_parser("sync", help="two agents: initial sync, live latency, no-op resync")
+    sync.add_argument("--records", type=int, default=100_000)
+    sync.add_argument("--runs", type=int, default=5)
+    sync.add_argument("--live-writes", type=int, default=200)
     args = parser.parse_args()
     if args.suite == "local":
         run_local(args)
+    else:
+        run_sync(args)
 
 
 if __name__ == "__main__":

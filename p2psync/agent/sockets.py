@@ -39,14 +39,20 @@ def socket_path(home: Path, name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"p2psync-{digest}-{name}")
 
 
+_sender: socket.socket | None = None
+
+
 def notify(home: Path, what: bytes = CHANGED_ENTRIES) -> None:
     """Tell a running agent (if any) that the store changed. Never raises."""
+    global _sender  # one datagram socket per process, made on first use  # noqa: PLW0603
     path = socket_path(home, NOTIFY)
     if not os.path.exists(path):
         return
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.sendto(what, path)
+    with contextlib.suppress(OSError):
+        if _sender is None:
+            _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            _sender.setblocking(False)
+        _sender.sendto(what, path)
 
 
 class AgentNotRunning(Exception):

@@ -138,6 +138,12 @@ class SyncSession:
                 wanted[author] = have
         return wanted
 
+    def peer_positions(self) -> dict[bytes, int]:
+        """What the peer holds, per author (its frozen authors as holding everything)."""
+        return {
+            author: (1 << 63) if head.frozen else head.seq for author, head in self.peer.items()
+        }
+
     def can_send(self) -> bool:
         return self.phase is Phase.OPEN and len(self._unacked) < self.config.window
 

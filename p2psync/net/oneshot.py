@@ -32,6 +32,8 @@ class SyncOutcome:
     error: str | None
     received: int
     sent: int
+    bytes_sent: int = 0  # on the wire, handshake included
+    bytes_received: int = 0
 
 
 async def sync_once(
@@ -107,6 +109,8 @@ async def _one(
             None if stats.synced else stats.reason,
             stats.received,
             stats.sent,
+            stats.bytes_sent,
+            stats.bytes_received,
         )
     )
 

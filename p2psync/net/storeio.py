@@ -46,10 +46,14 @@ class TrioStore:
     async def heads(self) -> dict[bytes, Head]:
         return await trio.to_thread.run_sync(self.store.heads)
 
-    async def ingest(self, wires: Sequence[bytes]) -> IngestResult:
-        return await trio.to_thread.run_sync(
-            lambda: self.store.ingest(wires, now_ms()), limiter=self._writes
-        )
+    async def ingest(self, wires: Sequence[bytes]) -> tuple[IngestResult, dict[bytes, Head]]:
+        """Ingest a batch; also return our heads after it (one trip to the thread)."""
+
+        def work() -> tuple[IngestResult, dict[bytes, Head]]:
+            result = self.store.ingest(wires, now_ms())
+            return result, self.store.heads()
+
+        return await trio.to_thread.run_sync(work, limiter=self._writes)
 
     async def entries_after(
         self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
@@ -57,6 +61,23 @@ class TrioStore:
         return await trio.to_thread.run_sync(
             partial(self.store.entries_after, dict(after), max_entries, max_bytes)
         )
+
+    async def pending(
+        self, peer: Mapping[bytes, int], max_entries: int, max_bytes: int
+    ) -> tuple[dict[bytes, Head], list[Outgoing]]:
+        """Our heads, and the entries a peer holding ``peer`` lacks (in causal order)."""
+
+        def work() -> tuple[dict[bytes, Head], list[Outgoing]]:
+            heads = self.store.heads()
+            after = {
+                author: peer.get(author, 0)
+                for author, head in heads.items()
+                if head.seq > peer.get(author, 0)
+            }
+            batch = self.store.entries_after(after, max_entries, max_bytes) if after else []
+            return heads, batch
+
+        return await trio.to_thread.run_sync(work)
 
     async def note_peer_heads(self, heads: Mapping[bytes, Head]) -> int | None:
         return await trio.to_thread.run_sync(self.store.note_peer_heads, dict(heads))

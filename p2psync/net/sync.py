@@ -31,6 +31,7 @@ from p2psync.core.session import (
     BatchReceived,
     Event,
     PeerHeadsReceived,
+    Phase,
     SessionClosed,
     SessionConfig,
     SyncedWithPeer,
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Entries that prove the sender is broken or hostile: the connection is closed.
 HOSTILE = (DecodeError, SignatureError, ChainError, ForkError)
-BATCH_ENTRIES = 1000
-BATCH_BYTES = 512 * 1024
+BATCH_ENTRIES = 2000
+BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -103,6 +104,7 @@ class _Run:
         )
         self.nursery: trio.Nursery | None = None
         self.who = short_id(secure.peer)
+        self.local_stale = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -187,7 +189,7 @@ class _Run:
     async def ingester(self) -> None:
         async for event in self.batches_out:
             try:
-                result = await self.store.ingest(event.wires)
+                result, heads = await self.store.ingest(event.wires)
             except StoreError as exc:
                 log.error("cannot store entries from %s: %s", self.who, exc)
                 self.handle(self.machine.close(f"receiver cannot store entries: {exc}"))
@@ -200,7 +202,7 @@ class _Run:
             self.machine.ingested(event.batch, result.seen)
             if result.accepted:
                 self.feed.bump()  # other sessions forward these to their peers
-            self.machine.local_changed(await self.store.heads())
+            self.machine.local_changed(heads)
             hostile = [r for r in result.rejected if isinstance(r.error, HOSTILE)]
             for rejected in result.rejected:
                 if not isinstance(rejected.error, HOSTILE):
@@ -213,9 +215,14 @@ class _Run:
 
     async def sender(self) -> None:
         while not self.machine.closed:
-            wants = self.machine.wants()
-            if wants and self.machine.can_send():
-                batch = await self.store.entries_after(wants, BATCH_ENTRIES, BATCH_BYTES)
+            stale = self.local_stale
+            if self.machine.can_send() and (stale or self.machine.wants()):
+                # one trip to the store: our heads now, and what the peer lacks of them
+                self.local_stale = False
+                heads, batch = await self.store.pending(
+                    self.machine.peer_positions(), BATCH_ENTRIES, BATCH_BYTES
+                )
+                self.machine.local_changed(heads)
                 now_wanted = self.machine.wants()  # the peer may have gained some meanwhile
                 batch = [
                     o for o in batch if o.author in now_wanted and o.seq > now_wanted[o.author]
@@ -229,9 +236,13 @@ class _Run:
                     self.progress()
                     continue
                 if not batch:
-                    # nothing readable although heads said so (another writer's commit
-                    # not yet visible): look again after the next change
                     self.handle(self.machine.poll_synced())
+                continue
+            if stale and self.machine.phase is Phase.OPEN and not self.machine.unacked:
+                self.local_stale = False
+                self.machine.local_changed(await self.store.heads())
+                self.handle(self.machine.poll_synced())
+                continue
             await self.sender_wake.wait()
 
     async def timer(self) -> None:
@@ -243,8 +254,8 @@ class _Run:
         version = self.feed.version
         while not self.machine.closed:
             version = await self.feed.wait_beyond(version)
-            self.machine.local_changed(await self.store.heads())
-            self.handle(self.machine.poll_synced())
+            self.local_stale = True  # the sender reads heads and new entries in one go
+            self.sender_wake.set()
 
     async def send_fork_proofs(self, peer_heads: dict[bytes, Head]) -> None:
         """Where the peer's head differs from our entry at the same seq, send ours:
@@ -254,7 +265,9 @@ class _Run:
         if behind is not None:
             log.warning(
                 "%s holds this site's own log up to %d, more than this store: "
-                "local writes wait until it is back", self.who, behind,
+                "local writes wait until it is back",
+                self.who,
+                behind,
             )
         for author, theirs in peer_heads.items():
             ours = self.machine.local.get(author)

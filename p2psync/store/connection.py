@@ -11,6 +11,7 @@ failure.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -81,10 +82,19 @@ class Guard:
                 raise translate(exc, self.path) from exc
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed on success, rolled back on any error."""
+    def writing(self, *, visible_first: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any error.
+
+        Either way it is on disk when this returns. ``visible_first`` makes the
+        commit visible to readers *before* it is on disk: it commits without the
+        fsync and then fsyncs the WAL file itself. Ingest uses it: received entries
+        become readable a fsync (~0.2 ms) sooner, and are still durable before the
+        sender is told they arrived.
+        """
         with self.lock:
             try:
+                if visible_first:
+                    self.conn.execute("PRAGMA synchronous = NORMAL")
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise translate(exc, self.path) from exc
@@ -97,6 +107,28 @@ class Guard:
                 if isinstance(exc, sqlite3.Error):
                     raise translate(exc, self.path) from exc
                 raise
+            finally:
+                if visible_first:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.conn.execute("PRAGMA synchronous = FULL")
+            if visible_first:
+                self._sync_wal()
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL: every committed frame is then on disk (Linux fsync is per
+        file, whichever descriptor asks)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed away: a checkpoint syncs before it copies
+        except OSError as exc:
+            raise StoreError(f"cannot sync {self.path}-wal: {exc.strerror}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot sync {self.path}-wal: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self.lock:

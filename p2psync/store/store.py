@@ -214,9 +214,7 @@ class Store:
             ours = row[0] if row else 0
             if theirs <= ours:
                 return None
-            current = conn.execute(
-                "SELECT value FROM meta WHERE key = 'own_behind'"
-            ).fetchone()
+            current = conn.execute("SELECT value FROM meta WHERE key = 'own_behind'").fetchone()
             if current is None or int(current[0]) < theirs:
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('own_behind', ?)",
@@ -374,7 +372,7 @@ class Store:
         items = decode_batch(wires, now_ms, max_skew_ms, result, visible)
         if not items:
             return result
-        with self._db.writing() as conn:
+        with self._db.writing(visible_first=True) as conn:
             writer = Writer(conn, now_ms)
             ingest(writer, items, result)
             writer.finish()
