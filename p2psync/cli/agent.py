@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -233,4 +234,24 @@ def status(state: State, as_json: bool) -> None:
         click.echo(line)
 
 
-COMMANDS = (run, sync, status)
+@click.command()
+@click.option("--keep", is_flag=True, help="Keep the demo's homes (their path is printed).")
+def demo(keep: bool) -> None:
+    """Three agents on this machine: live sync, a conflict, catching up."""
+    from p2psync import demo as demo_mod  # noqa: PLC0415 - only this command needs it
+
+    bold = sys.stdout.isatty()
+
+    def say(text: str) -> None:
+        click.echo("")
+        click.secho(f"== {text}", bold=bold)
+
+    def shell(text: str) -> None:
+        click.echo(f"   {text}")
+
+    started = time.monotonic()
+    demo_mod.run(say, shell, keep=keep)
+    click.echo(f"\n(the demo took {time.monotonic() - started:.0f} s)")
+
+
+COMMANDS = (run, sync, status, demo)
