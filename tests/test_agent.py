@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,7 +50,8 @@ def test_two_agents_sync_live(agents: Make) -> None:
     cli(b.home, "put", "vouchers", "V-2", '{"amount": 7}')
     wait_for(lambda: value_at(a, "vouchers", "V-2") == {"amount": 7}, timeout=5)
     status = a.status()
-    assert status["running"] and status["agent"]["connections"][0]["device_id"] == b.device_id
+    [connection] = status["agent"]["connections"]  # both dialled: exactly one connection kept
+    assert status["running"] and connection["device_id"] == b.device_id
     peers = json.loads(cli(a.home, "peers", "--json"))
     assert peers[0]["connected"] and peers[0]["state"] == "trusted"
     agent_file = json.loads((a.home / "agent.json").read_text())
@@ -92,6 +96,31 @@ def test_unknown_device_is_refused(agents: Make) -> None:
     assert "refused connection" in a.log.read_text()
     with a.db() as db:
         assert db.authors() == [] and db.get("c", "k") is None
+
+
+def test_hostile_connections_do_not_disturb_the_agent(agents: Make) -> None:
+    a, b = agents("a").start(), agents("b").start()
+    pair_up(a, b)
+    host, port = a.address.rsplit(":", 1)
+    attacks = [
+        struct.pack(">I", 0xFFFFFFFF),  # a 4 GiB frame announced
+        os.urandom(5000),  # garbage instead of a handshake
+        struct.pack(">I", 32) + os.urandom(32) + struct.pack(">I", 3000) + os.urandom(3000),
+        b"",  # connect and say nothing
+    ]
+    sockets = []
+    for attack in attacks:
+        sock = socket.create_connection((host, int(port)))
+        if attack:
+            with contextlib.suppress(OSError):
+                sock.sendall(attack)
+        sockets.append(sock)
+    cli(a.home, "put", "c", "still", "1")
+    wait_for(lambda: value_at(b, "c", "still") == 1, timeout=5)
+    for sock in sockets:
+        sock.close()
+    assert a.process is not None and a.process.poll() is None  # still running
+    assert "refused connection" in a.log.read_text()
 
 
 def test_on_demand_sync_without_an_agent(agents: Make) -> None:

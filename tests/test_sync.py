@@ -253,11 +253,13 @@ async def against_hostile(
 ) -> SessionStats:
     sa, sb = await connect(attacker, victim)
     result: list[SessionStats] = []
+    done = trio.Event()
 
     async def serve() -> None:
         result.append(
             await run_session(sb, TrioStore(victim.store), ChangeFeed(), live=True, config=config)
         )
+        done.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve)
@@ -265,8 +267,7 @@ async def against_hostile(
         await hostile.send(Have({}))
         await behave(hostile)  # type: ignore[misc]
         with trio.fail_after(120):
-            while not result:
-                await trio.sleep(0.01)
+            await done.wait()
         nursery.cancel_scope.cancel()
     return result[0]
 
@@ -340,7 +341,14 @@ async def test_garbage_after_the_handshake_closes(make_db: MakeDb) -> None:
     assert stats.error and "authentication" in stats.reason
 
 
-async def test_stalling_mid_batch_times_out(make_db: MakeDb) -> None:
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time: jumps ahead whenever every task has waited 20 real ms (store
+    calls in threads finish well within that)."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+async def test_stalling_mid_batch_times_out(make_db: MakeDb, clock: trio.testing.MockClock) -> None:
     victim, attacker = make_db("victim"), make_db("attacker")
     fill(attacker, 2)
 
@@ -348,9 +356,11 @@ async def test_stalling_mid_batch_times_out(make_db: MakeDb) -> None:
         frame = h.stream._sealer.seal(messages.encode(Entries(1, list(attacker.export()))))
         await h.raw(frame[: len(frame) // 2])  # and never the rest
 
-    config = SessionConfig(keepalive=0.2, idle_timeout=0.6)
+    config = SessionConfig(keepalive=15, idle_timeout=45)
+    started = trio.current_time()
     stats = await against_hostile(victim, attacker, behave, config)
-    assert stats.error and "nothing received" in stats.reason
+    assert stats.error and "nothing received for 45 s" in stats.reason
+    assert 45 <= trio.current_time() - started < 60  # virtual seconds
     assert victim.authors() == []
 
 
