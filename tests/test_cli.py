@@ -163,3 +163,23 @@ def test_prefix_ending_before_the_surrogates(run: Run) -> None:
     run("init")
     run("put", "c", "a\ud7ffz", "1")
     assert run("ls", "c", "--prefix", "a\ud7ff").exit_code == 0
+
+
+def test_pairing_commands(run: Run, tmp_path: Path) -> None:
+    own = run("init").output.splitlines()[0]
+    other = run("init", home_path=tmp_path / "other").output.splitlines()[0]
+    assert run("pair", "add", "NOT-AN-ID").exit_code == 2
+    typo = other[:-1] + ("A" if other[-1] != "A" else "B")
+    assert "invalid device ID" in run("pair", "add", typo).output
+    assert run("pair", "add", own).exit_code == 2  # ourselves
+    assert run("pair", "add", other, "--address", "no-port").exit_code == 2
+    added = run("pair", "add", other, "--address", "10.0.0.2:7717", "--name", "Branch")
+    assert added.exit_code == 0 and "p2psync pair add " + own in added.output
+    listed = json.loads(run("peers", "--json").output)
+    assert listed[0]["name"] == "Branch" and listed[0]["addresses"] == ["10.0.0.2:7717"]
+    assert listed[0]["connected"] is False and listed[0]["behind"] is None
+    assert run("pair", "remove", "Nobody").exit_code == 2
+    assert run("pair", "remove", "Branch").exit_code == 0
+    assert json.loads(run("peers", "--json").output) == []
+    status = json.loads(run("status", "--json").output)
+    assert status["running"] is False and status["store"]["entries"] == 0
