@@ -38,9 +38,20 @@ class Site:
     def start(self) -> None:
         log = (self.home / "agent.log").open("a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "p2psync", "--home", str(self.home), "run",
-             "--listen", self.address, "--no-discovery"],
-            stdout=subprocess.PIPE, stderr=log, text=True,
+            [
+                sys.executable,
+                "-m",
+                "p2psync",
+                "--home",
+                str(self.home),
+                "run",
+                "--listen",
+                self.address,
+                "--no-discovery",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
         )
         log.close()
         assert self.process.stdout is not None
@@ -66,7 +77,9 @@ class Site:
     def cli(self, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "p2psync", "--home", str(self.home), *args],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise p2psync.P2PSyncError(f"{self.name}: p2psync {args[0]} failed: {result.stderr}")
@@ -116,46 +129,64 @@ def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
     for site in sites:
         for other in sites:
             if other is not site:
-                site.cli("pair", "add", other.device_id, "--address", other.address,
-                         "--name", other.name)
+                site.cli(
+                    "pair", "add", other.device_id, "--address", other.address, "--name", other.name
+                )
     wait_until(lambda: all(_connections(s) == 2 for s in sites))
     shell("all three connected to each other; every message signed and encrypted end to end")
 
     say("Live sync: the head office records a voucher; the branches have it at once")
     started = time.monotonic()
     head.cli("put", "vouchers", "V-1001", '{"party": "ACME", "amount": 1200}')
-    wait_until(lambda: north.get("vouchers", "V-1001") is not None
-               and south.get("vouchers", "V-1001") is not None)
-    shell(f"Branch North and Branch South hold V-1001 {1000 * (time.monotonic() - started):.0f} "
-          "ms after the command was started (including its own start-up)")
+    wait_until(
+        lambda: (
+            north.get("vouchers", "V-1001") is not None
+            and south.get("vouchers", "V-1001") is not None
+        )
+    )
+    shell(
+        f"Branch North and Branch South hold V-1001 {1000 * (time.monotonic() - started):.0f} "
+        "ms after the command was started (including its own start-up)"
+    )
     shell(f"Branch South reads: {json.dumps(south.get('vouchers', 'V-1001'))}")
 
-    say("A conflict: Branch South goes offline, and both it and the head office "
-        "change the ACME ledger")
+    say(
+        "A conflict: Branch South goes offline, and both it and the head office "
+        "change the ACME ledger"
+    )
     south.stop()
     head.cli("put", "ledgers", "ACME", '{"balance": 1200, "by": "head office"}')
     south.cli("put", "ledgers", "ACME", '{"balance": 1150, "by": "branch south"}')
     shell("head office wrote balance 1200; Branch South (offline) wrote balance 1150")
     south.start()
     wait_until(lambda: all(_conflicts(s) == 1 for s in sites))
-    shell("Branch South is back: every site now lists the same conflict, and applies "
-          "the same winner (the later write):")
+    shell(
+        "Branch South is back: every site now lists the same conflict, and applies "
+        "the same winner (the later write):"
+    )
     for line in north.cli("conflicts").splitlines():
         shell(f"    {line}")
 
     say("The head office resolves it; the resolution reaches everyone")
     head.cli("resolve", "ledgers", "ACME", '{"balance": 1150, "by": "agreed"}')
     wait_until(lambda: all(_conflicts(s) == 0 for s in sites))
-    shell(f"every site: ledgers/ACME = {json.dumps(north.get('ledgers', 'ACME'))}, "
-          "no conflicts")
+    shell(f"every site: ledgers/ACME = {json.dumps(north.get('ledgers', 'ACME'))}, no conflicts")
 
     say("Branch North stops; the head office keeps working; North catches up on restart")
     north.stop()
     lines = base / "stock.jsonl"
     with lines.open("w") as out:
         for i in range(2000):
-            out.write(json.dumps({"collection": "stock", "key": f"item-{i:04d}",
-                                  "value": {"qty": i % 50, "site": "head office"}}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "collection": "stock",
+                        "key": f"item-{i:04d}",
+                        "value": {"qty": i % 50, "site": "head office"},
+                    }
+                )
+                + "\n"
+            )
     head.cli("put", "--from", str(lines))
     shell("head office loaded 2,000 stock records while Branch North was down")
     north.start()
@@ -183,4 +214,3 @@ def _connections(site: Site) -> int:
 def _conflicts(site: Site) -> int:
     with p2psync.open(site.home) as db:
         return len(db.conflicts())
-

@@ -22,6 +22,7 @@ module that touches them, with ``raise X from exc``.
     │   ├── FutureTimestampError   clock too far ahead of ours
     │   ├── FrozenAuthorError      its author is frozen after a fork
     │   ├── WithheldError          a payload this agent may see was left out
+    │   ├── RuleViolationError     a payload this agent may not receive was sent
     │   └── HeldLimitError         too many entries already waiting for predecessors
     └── IntegrityError             stored or received data proves tampering or misbehaviour
         ├── ForkError              an author signed two different entries at one seq
@@ -95,6 +96,10 @@ class FrozenAuthorError(EntryError):
 
 class WithheldError(EntryError):
     """An op's payload was left out although this agent may see its collection."""
+
+
+class RuleViolationError(EntryError):
+    """The sender sent a payload of a collection no rule lets it send here."""
 
 
 class HeldLimitError(EntryError):

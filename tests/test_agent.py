@@ -53,7 +53,7 @@ def test_two_agents_sync_live(agents: Make) -> None:
     [connection] = status["agent"]["connections"]  # both dialled: exactly one connection kept
     assert status["running"] and connection["device_id"] == b.device_id
     peers = json.loads(cli(a.home, "peers", "--json"))
-    assert peers[0]["connected"] and peers[0]["state"] == "trusted"
+    assert peers[0]["connected"] and peers[0]["state"] == "paired"
     agent_file = json.loads((a.home / "agent.json").read_text())
     assert agent_file["pid"] == a.pid and agent_file["listen"] == [a.address]
     assert a.stop() == 0
@@ -85,17 +85,23 @@ def test_a_stopped_agent_catches_up_when_restarted(agents: Make) -> None:
     assert value_at(b, "c", "while-down-2") == 2
 
 
-def test_unknown_device_is_refused(agents: Make) -> None:
+def test_an_unpaired_agent_gets_nothing_and_can_be_rejected(agents: Make) -> None:
     a = agents("a").start()
     stranger = agents("stranger").start()
-    stranger.pair(a)  # the stranger trusts a, but a never added it
+    stranger.pair(a)  # a pairing request a never asked for
     cli(stranger.home, "put", "c", "k", "1")
-    out = cli(stranger.home, "sync", "--timeout", "3", check=False)
-    assert "NOT in sync" in out
-    time.sleep(0.3)
-    assert "refused connection" in a.log.read_text()
+    cli(a.home, "put", "c", "secret", "1")
+    out = cli(stranger.home, "sync", "--timeout", "5", check=False)
+    assert "NOT in sync" in out and "awaits approval" in out
     with a.db() as db:
-        assert db.authors() == [] and db.get("c", "k") is None
+        assert db.authors()[0].seq == 1 and db.get("c", "k") is None  # nothing of its data
+    assert value_at(stranger, "c", "secret") is None  # and nothing of ours
+    pending = json.loads(cli(a.home, "pair", "pending", "--json"))
+    assert pending[0]["peer_name"] == "stranger" and pending[0]["awaiting"] == "you"
+    cli(a.home, "pair", "reject", "stranger", "--reason", "we do not know you")
+    cli(stranger.home, "sync", "--timeout", "5", check=False)  # hears the answer
+    [row] = json.loads(cli(stranger.home, "peers", "--json"))
+    assert row["state"] == "rejected by them: we do not know you"
 
 
 def test_hostile_connections_do_not_disturb_the_agent(agents: Make) -> None:

@@ -180,6 +180,9 @@ def test_pairing_commands(run: Run, tmp_path: Path) -> None:
     assert listed[0]["connected"] is False and listed[0]["behind"] is None
     assert run("pair", "remove", "Nobody").exit_code == 2
     assert run("pair", "remove", "Branch").exit_code == 0
-    assert json.loads(run("peers", "--json").output) == []
+    [removed] = json.loads(run("peers", "--json").output)
+    assert removed["state"] == "removed"
+    [rule] = json.loads(run("rule", "list", "--json").output)
+    assert rule["state"] == "revoked" and rule["proposed_by"] == "you"
     status = json.loads(run("status", "--json").output)
     assert status["running"] is False and status["store"]["entries"] == 0

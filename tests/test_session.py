@@ -21,7 +21,9 @@ from p2psync.core.messages import (
 )
 from p2psync.core.session import (
     BatchReceived,
+    JoinRequested,
     PeerHeadsReceived,
+    RulesReceived,
     SessionClosed,
     SessionConfig,
     SyncedWithPeer,
@@ -33,6 +35,15 @@ AUTHOR = os.urandom(32)
 
 def head(seq: int) -> Head:
     return Head(seq, seq.to_bytes(32, "big"))
+
+
+def started(
+    local: dict[bytes, Head], now: float = 0.0, config: SessionConfig | None = None
+) -> SyncSession:
+    """A machine past pairing: it has said Have."""
+    machine = SyncSession(now, config)
+    machine.begin(local)
+    return machine
 
 
 def through_wire(machine: SyncSession, now: float = 0.0) -> list[messages.Message]:
@@ -47,19 +58,20 @@ def deliver(source: SyncSession, target: SyncSession, now: float = 0.0) -> list[
     return events
 
 
-def test_first_message_is_have_and_must_be() -> None:
-    a = SyncSession({AUTHOR: head(3)}, 0.0)
-    out = a.take_outbox(0.0)
-    assert out == [Have({AUTHOR: head(3)})]
-    b = SyncSession({}, 0.0)
+def test_nothing_flows_before_both_sides_said_have() -> None:
+    a = SyncSession(0.0)
+    assert a.take_outbox(0.0) == []  # pairing first: Have only once a rule is in force
+    a.begin({AUTHOR: head(3)})
+    assert a.take_outbox(0.0) == [Have({AUTHOR: head(3)})]
+    b = started({})
     events = b.receive(Ack(1), 0.0)
     assert isinstance(events[0], SessionClosed) and events[0].error
     assert isinstance(b.take_outbox(0.0)[0], Bye)
 
 
 def test_a_full_exchange_ends_synced_on_both_sides() -> None:
-    a = SyncSession({AUTHOR: head(5)}, 0.0)
-    b = SyncSession({}, 0.0)
+    a = started({AUTHOR: head(5)})
+    b = started({})
     assert isinstance(deliver(a, b)[0], PeerHeadsReceived)
     deliver(b, a)
     assert a.wants() == {AUTHOR: 0} and b.wants() == {}
@@ -78,8 +90,8 @@ def test_a_full_exchange_ends_synced_on_both_sides() -> None:
 
 
 def test_window_limits_unacknowledged_batches() -> None:
-    a = SyncSession({AUTHOR: head(100)}, 0.0, SessionConfig(window=2))
-    b = SyncSession({}, 0.0, SessionConfig(window=2))
+    a = started({AUTHOR: head(100)}, config=SessionConfig(window=2))
+    b = started({}, config=SessionConfig(window=2))
     deliver(a, b)
     deliver(b, a)
     a.send_batch([b"x"], [(AUTHOR, 1, head(1).head)])
@@ -88,7 +100,7 @@ def test_window_limits_unacknowledged_batches() -> None:
     with pytest.raises(RuntimeError):
         a.send_batch([b"z"], [])
     # a peer that ignores the window is cut off
-    c = SyncSession({}, 0.0, SessionConfig(window=2))
+    c = started({}, config=SessionConfig(window=2))
     c.receive(Have({}), 0.0)
     for n in (1, 2):
         c.receive(Entries(n, [b"w"]), 0.0)
@@ -101,7 +113,7 @@ def test_window_limits_unacknowledged_batches() -> None:
     [Entries(2, [b"x"]), Ack(1), Ack(7)],
 )
 def test_out_of_order_batches_and_stray_acks_close(message: messages.Message) -> None:
-    machine = SyncSession({}, 0.0)
+    machine = started({})
     machine.receive(Have({}), 0.0)
     events = machine.receive(message, 0.0)
     assert isinstance(events[0], SessionClosed) and events[0].error
@@ -109,7 +121,7 @@ def test_out_of_order_batches_and_stray_acks_close(message: messages.Message) ->
 
 def test_keepalive_and_idle_timeout_without_sleeping() -> None:
     config = SessionConfig(keepalive=10, idle_timeout=30)
-    machine = SyncSession({}, 0.0, config)
+    machine = started({}, config=config)
     machine.receive(Have({}), 0.0)
     machine.take_outbox(0.0)
     assert machine.next_deadline() == 10
@@ -123,7 +135,7 @@ def test_keepalive_and_idle_timeout_without_sleeping() -> None:
 
 
 def test_pings_are_answered() -> None:
-    machine = SyncSession({}, 0.0)
+    machine = started({})
     machine.take_outbox(0.0)
     machine.receive(Have({}), 1.0)
     machine.receive(Ping(7), 2.0)
@@ -131,13 +143,13 @@ def test_pings_are_answered() -> None:
 
 
 def test_frozen_authors_are_not_offered() -> None:
-    machine = SyncSession({AUTHOR: head(9)}, 0.0)
+    machine = started({AUTHOR: head(9)})
     machine.receive(Have({AUTHOR: Head(2, head(2).head, frozen=True)}), 0.0)
     assert machine.wants() == {}
 
 
 def test_entries_received_are_not_sent_back() -> None:
-    a = SyncSession({}, 0.0)
+    a = started({})
     a.receive(Have({}), 0.0)
     a.receive(Entries(1, [b"e"]), 0.0)
     a.ingested(1, [(AUTHOR, 1, head(1).head)])
@@ -145,14 +157,26 @@ def test_entries_received_are_not_sent_back() -> None:
     assert a.wants() == {}
 
 
+def test_rules_and_joins_are_events_in_any_phase() -> None:
+    machine = SyncSession(0.0)
+    assert machine.receive(messages.Rules([b"r"]), 0.0) == [RulesReceived([b"r"])]
+    assert machine.receive(messages.Join(b"i" * 8, b"p" * 32), 0.0) == [
+        JoinRequested(b"i" * 8, b"p" * 32)
+    ]
+    machine.receive(Have({}), 0.0)  # the peer said Have; we have not begun
+    assert machine.wants() == {} and machine.phase.value == "pairing"
+    events = machine.receive(Entries(1, [b"x"]), 0.0)
+    assert isinstance(events[0], SessionClosed) and "before both sides" in events[0].reason
+
+
 def test_bye_closes_quietly() -> None:
-    machine = SyncSession({}, 0.0)
+    machine = started({})
     events = machine.receive(Bye("agent stopping"), 0.0)
     assert events == [SessionClosed("agent stopping", by_peer=True, error=False)]
 
 
 def test_caught_digest_must_match() -> None:
-    machine = SyncSession({AUTHOR: head(1)}, 0.0)
+    machine = started({AUTHOR: head(1)})
     machine.receive(Have({AUTHOR: head(1)}), 0.0)
     out = machine.take_outbox(0.0)
     assert Caught(heads_digest({AUTHOR: head(1)})) in out

@@ -38,6 +38,7 @@ from p2psync.core.noise import HandshakeError
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import now_ms
+from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
@@ -85,6 +86,9 @@ class Agent:
         self.config = config or AgentConfig()
         self.store = TrioStore(db.store)
         self.feed = ChangeFeed()
+        self.rules_feed = ChangeFeed()
+        #: per peer: when its last connection ended, why, and whether it was in sync
+        self.ended: dict[bytes, tuple[float, str, bool]] = {}
         self.registry = Registry()
         self.peers: dict[bytes, Peer] = {}
         self.addresses: list[str] = []
@@ -142,20 +146,19 @@ class Agent:
 
     # ------------------------------------------------------------ peers and dialers
 
-    def _trusted(self, key: bytes) -> bool:
+    def _dialled(self, key: bytes) -> bool:
+        """Peers we dial: every known peer not removed (paired, or with a proposal to
+        deliver or to hear back about)."""
         peer = self.peers.get(key)
-        return peer is not None and peer.state is PeerState.TRUSTED
+        return peer is not None and peer.state is PeerState.KNOWN
 
     async def _reload_peers(self) -> None:
         peers = await trio.to_thread.run_sync(self.db.store.peers)
         self.peers = {peer.key: peer for peer in peers}
-        for key, conn in list(self.registry.by_peer.items()):
-            if not self._trusted(key):
-                log.info("%s is no longer trusted: disconnecting", short_id(key))
-                conn.scope.cancel()
+        self.rules_feed.bump()  # live sessions re-send rule objects and re-check them
         if self._nursery is None:
             return
-        wanted = {key for key, peer in self.peers.items() if self._trusted(key) and peer.addresses}
+        wanted = {key for key, peer in self.peers.items() if self._dialled(key) and peer.addresses}
         for key in set(self._dialers) - wanted:
             self._dialers.pop(key).cancel()
         for key in wanted - set(self._dialers):
@@ -229,9 +232,9 @@ class Agent:
         except OSError:
             address = "?"
         try:
-            secured = await secure(
-                stream, self.identity, initiator=False, name=self.name, trust=self._trusted
-            )
+            # anyone may connect: an unpaired agent can only exchange rule objects
+            # (pairing requests, invite joins); no entry flows without a rule in force
+            secured = await secure(stream, self.identity, initiator=False, name=self.name)
         except (HandshakeError, FrameError, ConnectionLost) as exc:
             log.warning("refused connection from %s: %s", address, exc)
             await stream.aclose()
@@ -274,6 +277,14 @@ class Agent:
         stats: SessionStats | None = None
         try:
             with conn.scope:
+                link = PairLink(
+                    self.db,
+                    peer,
+                    live=True,
+                    handshake_hash=secured.handshake_hash,
+                    peer_name=secured.peer_name,
+                    rules_feed=self.rules_feed,
+                )
                 stats = await run_session(
                     secured,
                     self.store,
@@ -282,25 +293,29 @@ class Agent:
                     config=self.config.session,
                     on_start=started,
                     on_synced=synced,
+                    link=link,
                 )
         except P2PSyncError as exc:
             log.warning("connection with %s failed: %s", short_id(peer), exc)
             await self._record(peer, error=str(exc))
         finally:
             self.registry.remove(conn)
+            reason = conn.stats.reason if conn.stats else "connection failed"
+            in_sync = bool(conn.stats and conn.stats.synced)
+            self.ended[peer] = (trio.current_time(), reason, in_sync)
             if conn.machine is not None:
                 await self._record(
                     peer,
                     seen=now_ms(),
-                    synced=now_ms() if conn.stats is not None and conn.stats.synced else None,
-                    heads={a: h.seq for a, h in conn.machine.peer.items()},
-                    error=conn.stats.reason if conn.stats and conn.stats.error else None,
+                    synced=now_ms() if in_sync else None,
+                    heads={a: h.seq for a, h in conn.machine.peer.items()} or None,
+                    # why it ended, unless all was well
+                    error=None if in_sync else reason,
+                    clear_error=in_sync,
                 )
         return stats
 
     async def _record(self, peer: bytes, **fields: Any) -> None:
-        if peer not in self.peers:
-            return
         try:
             await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
         except P2PSyncError as exc:

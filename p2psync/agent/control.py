@@ -60,25 +60,33 @@ async def _answer(agent: Agent, request: Any) -> dict[str, Any]:
 
 
 async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any]:
+    """Dial now and wait until each peer is in sync, or its connection ends
+    without it (not paired, refused, unreachable: the reason is reported)."""
     if peer:
         keys = [parse_device_id(peer)]
         if keys[0] not in agent.peers:
-            raise ValueError(f"{peer} is not a paired peer")
+            raise ValueError(f"{peer} is not a known peer")
     else:
         keys = [key for key in agent.peers if agent.peers[key].addresses or agent.registry.get(key)]
+    asked = trio.current_time()
     agent.dial_now()
     results: dict[bytes, dict[str, Any]] = {}
     with trio.move_on_after(timeout):
         while len(results) < len(keys):
             for key in keys:
+                if key in results:
+                    continue
                 conn = agent.registry.get(key)
                 machine = conn.machine if conn is not None else None
-                if key not in results and machine is not None and machine.synced:
+                ended = agent.ended.get(key)
+                if machine is not None and machine.synced:
                     results[key] = {"device_id": device_id(key), "synced": True, "error": None}
+                elif conn is None and ended is not None and ended[0] > asked and not ended[2]:
+                    results[key] = {"device_id": device_id(key), "synced": False, "error": ended[1]}
             await trio.sleep(0.02)
     for key in keys:
         if key not in results:
-            peer_row = agent.peers.get(key)
-            error = (peer_row.last_error if peer_row else None) or "not in sync before the timeout"
+            row = await trio.to_thread.run_sync(agent.db.store.peer, key)
+            error = (row.last_error if row else None) or "not in sync before the timeout"
             results[key] = {"device_id": device_id(key), "synced": False, "error": error}
     return {"ok": all(r["synced"] for r in results.values()), "peers": list(results.values())}

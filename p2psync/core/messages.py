@@ -15,6 +15,8 @@ type  name       fields
 5     Ping       nonce (uint)
 6     Pong       nonce (uint)
 7     Bye        reason (text)
+8     Rules      [signed rule object (bstr), ...]
+9     Join       invite id (8 bytes), proof (32 bytes)
 ====  =========  ===============================================================
 """
 
@@ -41,6 +43,7 @@ MAX_AUTHORS = 100_000
 MAX_BATCH_ENTRIES = 10_000
 MAX_REASON_CHARS = 500
 DIGEST_BYTES = 16
+MAX_RULE_OBJECTS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,18 @@ class Bye:
     reason: str
 
 
-Message = Have | Entries | Ack | Caught | Ping | Pong | Bye
+@dataclass(frozen=True, slots=True)
+class Rules:
+    objects: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    invite: bytes
+    proof: bytes
+
+
+Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join
 
 
 def heads_digest(heads: Heads) -> bytes:
@@ -124,8 +138,12 @@ def encode(message: Message) -> bytes:
         body = [5, message.nonce]
     elif isinstance(message, Pong):
         body = [6, message.nonce]
-    else:
+    elif isinstance(message, Bye):
         body = [7, message.reason[:MAX_REASON_CHARS]]
+    elif isinstance(message, Rules):
+        body = [8, message.objects]
+    else:
+        body = [9, message.invite, message.proof]
     return canonical.encode(body)
 
 
@@ -206,6 +224,21 @@ def _reason(body: list[Any]) -> Bye:
     return Bye(reason)
 
 
+def _rules(body: list[Any]) -> Rules:
+    (objects,) = _fields(body, 1)
+    if type(objects) is not list or len(objects) > MAX_RULE_OBJECTS:
+        raise ValueError(f"at most {MAX_RULE_OBJECTS} rule objects")
+    for obj in objects:
+        if type(obj) is not bytes:
+            raise ValueError("rule objects are byte strings")
+    return Rules(objects)
+
+
+def _join(body: list[Any]) -> Join:
+    invite, proof = _fields(body, 2)
+    return Join(_bytes(invite, 8), _bytes(proof, 32))
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     1: _have,
     2: _entries,
@@ -214,4 +247,6 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     5: lambda body: Ping(_uint(_fields(body, 1)[0])),
     6: lambda body: Pong(_uint(_fields(body, 1)[0])),
     7: _reason,
+    8: _rules,
+    9: _join,
 }

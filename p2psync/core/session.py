@@ -7,7 +7,9 @@ returns, and tells the machine what the store did. Time is an argument.
 
 Flow::
 
-    both:   Have(heads)                        first message, exactly once
+    both:   Rules([...])                       every rule object about this pair
+    joiner: Join(invite, proof)                when pairing by invite code
+    both:   Have(heads)                        once the pair has a rule in force
     sender: Entries(n, [...]) ...              what the peer lacks, causal order,
                                                at most ``window`` batches unacknowledged
     recv:   Ack(n)                             after batch n is committed
@@ -36,17 +38,19 @@ from p2psync.core.messages import (
     Have,
     Head,
     Heads,
+    Join,
     Message,
     Ping,
     Pong,
     ProtocolError,
+    Rules,
     heads_digest,
 )
 
 
 class Phase(Enum):
-    OPENING = "opening"  # our Have sent, the peer's not yet received
-    OPEN = "open"
+    PAIRING = "pairing"  # rules being exchanged; no Have sent or not yet received
+    OPEN = "open"  # both Haves exchanged: entries may flow
     CLOSED = "closed"
 
 
@@ -63,6 +67,17 @@ class SessionConfig:
 @dataclass(frozen=True, slots=True)
 class PeerHeadsReceived:
     heads: dict[bytes, Head]
+
+
+@dataclass(frozen=True, slots=True)
+class RulesReceived:
+    objects: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequested:
+    invite: bytes
+    proof: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +98,14 @@ class SessionClosed:
     error: bool
 
 
-Event = PeerHeadsReceived | BatchReceived | SyncedWithPeer | SessionClosed
+Event = (
+    PeerHeadsReceived
+    | BatchReceived
+    | SyncedWithPeer
+    | SessionClosed
+    | RulesReceived
+    | JoinRequested
+)
 
 Position = tuple[bytes, int, bytes]  # author, seq, entry ID
 
@@ -91,12 +113,14 @@ Position = tuple[bytes, int, bytes]  # author, seq, entry ID
 class SyncSession:
     """The protocol state of one connection."""
 
-    def __init__(self, local: Heads, now: float, config: SessionConfig | None = None) -> None:
+    def __init__(self, now: float, config: SessionConfig | None = None) -> None:
         self.config = config or SessionConfig()
-        self.phase = Phase.OPENING
-        self.local: dict[bytes, Head] = dict(local)
+        self.phase = Phase.PAIRING
+        self.local: dict[bytes, Head] = {}
         self.peer: dict[bytes, Head] = {}
-        self._outbox: list[Message] = [Have(dict(local))]
+        self._outbox: list[Message] = []
+        self._begun = False
+        self._peer_have: dict[bytes, Head] | None = None
         self._next_batch_out = 1
         self._unacked: list[int] = []
         self._next_batch_in = 1
@@ -121,6 +145,37 @@ class SyncSession:
     @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
+
+    # ------------------------------------------------------------ pairing
+
+    def send_rules(self, objects: list[bytes]) -> None:
+        if self.phase is not Phase.CLOSED:
+            self._outbox.append(Rules(objects))
+
+    def send_join(self, invite: bytes, proof: bytes) -> None:
+        if self.phase is not Phase.CLOSED:
+            self._outbox.append(Join(invite, proof))
+
+    def begin(self, local: Heads) -> list[Event]:
+        """The pair has a rule in force: state our heads and start syncing."""
+        if self._begun or self.phase is Phase.CLOSED:
+            return []
+        self._begun = True
+        self.local = dict(local)
+        self._outbox.append(Have(dict(local)))
+        return self._open()
+
+    @property
+    def begun(self) -> bool:
+        return self._begun
+
+    def _open(self) -> list[Event]:
+        if not self._begun or self._peer_have is None or self.phase is not Phase.PAIRING:
+            return []
+        self.phase = Phase.OPEN
+        self.peer = dict(self._peer_have)
+        self._check_caught()
+        return [PeerHeadsReceived(dict(self._peer_have))]
 
     # ------------------------------------------------------------ what to send
 
@@ -196,14 +251,22 @@ class SyncSession:
             self.phase = Phase.CLOSED
             self.close_reason = message.reason
             return [SessionClosed(message.reason, by_peer=True, error=False)]
-        if self.phase is Phase.OPENING:
-            if not isinstance(message, Have):
-                raise ProtocolError(f"expected Have first, got {type(message).__name__}")
-            self.phase = Phase.OPEN
-            self.peer = dict(message.heads)
-            events: list[Event] = [PeerHeadsReceived(dict(message.heads))]
-            self._check_caught()
-            return events
+        if isinstance(message, Rules):
+            return [RulesReceived(message.objects)]
+        if isinstance(message, Join):
+            return [JoinRequested(message.invite, message.proof)]
+        if isinstance(message, Ping):
+            self._outbox.append(Pong(message.nonce))
+            return []
+        if isinstance(message, Pong):
+            return []
+        if isinstance(message, Have):
+            if self._peer_have is not None:
+                raise ProtocolError("a second Have")
+            self._peer_have = dict(message.heads)
+            return self._open()
+        if self.phase is not Phase.OPEN:
+            raise ProtocolError(f"{type(message).__name__} before both sides said Have")
         if isinstance(message, Entries):
             if message.batch != self._next_batch_in:
                 raise ProtocolError(
@@ -224,11 +287,6 @@ class SyncSession:
         if isinstance(message, Caught):
             self._peer_caught = message.digest
             return self._synced_event()
-        if isinstance(message, Ping):
-            self._outbox.append(Pong(message.nonce))
-            return []
-        if isinstance(message, Pong):
-            return []
         raise ProtocolError(f"unexpected {type(message).__name__}")
 
     # ------------------------------------------------------------ caught up / synced

@@ -15,6 +15,7 @@ from p2psync.core.frames import FrameError
 from p2psync.core.identity import device_id
 from p2psync.core.noise import HandshakeError
 from p2psync.home import now_ms
+from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
@@ -45,7 +46,7 @@ async def sync_once(
     progress: Progress | None = None,
 ) -> list[SyncOutcome]:
     """Sync with the given peers (default: every trusted peer with an address)."""
-    trusted = {p.key: p for p in db.store.peers() if p.state is PeerState.TRUSTED}
+    trusted = {p.key: p for p in db.store.peers() if p.state is PeerState.KNOWN}
     store, feed = TrioStore(db.store), ChangeFeed()
     if target is not None:
         jobs: list[tuple[bytes | None, list[str]]] = [
@@ -90,7 +91,10 @@ async def _one(
         if progress is not None:
             progress(peer, stats.received, stats.to_receive, stats.sent)
 
-    stats = await run_session(secured, store, feed, live=False, on_progress=report)
+    link = PairLink(
+        db, peer, live=False, handshake_hash=secured.handshake_hash, peer_name=secured.peer_name
+    )
+    stats = await run_session(secured, store, feed, live=False, on_progress=report, link=link)
     if peer in trusted:
         synced = stats.synced
         await trio.to_thread.run_sync(
@@ -129,12 +133,7 @@ async def _connect(
             continue
         try:
             secured = await secure(
-                stream,
-                db.identity,
-                initiator=True,
-                name=db.home.name,
-                expect=key,
-                trust=(lambda k: k in trusted) if key is None else None,
+                stream, db.identity, initiator=True, name=db.home.name, expect=key
             )
         except (HandshakeError, FrameError, ConnectionLost) as exc:
             await stream.aclose()

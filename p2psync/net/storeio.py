@@ -3,7 +3,7 @@ that says when the store changed."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import trio
@@ -46,11 +46,13 @@ class TrioStore:
     async def heads(self) -> dict[bytes, Head]:
         return await trio.to_thread.run_sync(self.store.heads)
 
-    async def ingest(self, wires: Sequence[bytes]) -> tuple[IngestResult, dict[bytes, Head]]:
+    async def ingest(
+        self, wires: Sequence[bytes], visible: Callable[[str], bool] | None = None
+    ) -> tuple[IngestResult, dict[bytes, Head]]:
         """Ingest a batch; also return our heads after it (one trip to the thread)."""
 
         def work() -> tuple[IngestResult, dict[bytes, Head]]:
-            result = self.store.ingest(wires, now_ms())
+            result = self.store.ingest(wires, now_ms(), visible=visible)
             return result, self.store.heads()
 
         return await trio.to_thread.run_sync(work, limiter=self._writes)

@@ -27,24 +27,38 @@ from p2psync.core import messages
 from p2psync.core.frames import FrameError
 from p2psync.core.identity import short_id
 from p2psync.core.messages import Head
+from p2psync.core.rules import Permissions
 from p2psync.core.session import (
     BatchReceived,
     Event,
+    JoinRequested,
     PeerHeadsReceived,
     Phase,
+    RulesReceived,
     SessionClosed,
     SessionConfig,
     SyncedWithPeer,
     SyncSession,
 )
-from p2psync.errors import ChainError, DecodeError, ForkError, SignatureError, StoreError
+from p2psync.errors import (
+    ChainError,
+    DecodeError,
+    ForkError,
+    P2PSyncError,
+    RuleViolationError,
+    SignatureError,
+    StoreError,
+    WithheldError,
+)
+from p2psync.net.filter import withhold
+from p2psync.net.link import EVERYTHING, PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.transport import ConnectionLost, SecureStream
 
 log = logging.getLogger(__name__)
 
 #: Entries that prove the sender is broken or hostile: the connection is closed.
-HOSTILE = (DecodeError, SignatureError, ChainError, ForkError)
+HOSTILE = (DecodeError, SignatureError, ChainError, ForkError, WithheldError, RuleViolationError)
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
 
@@ -88,8 +102,11 @@ class _Run:
         live: bool,
         on_progress: Callable[[SessionStats], None] | None,
         on_synced: Callable[[SessionStats], None] | None = None,
+        link: PairLink | None = None,
     ) -> None:
         self.on_synced = on_synced
+        self.link = link
+        self.permissions: Permissions = EVERYTHING
         self.secure = secure
         self.store = store
         self.feed = feed
@@ -119,7 +136,16 @@ class _Run:
                 assert self.nursery is not None
                 self.nursery.start_soon(self.send_fork_proofs, event.heads)
             elif isinstance(event, BatchReceived):
+                if not self.permissions.receive:
+                    self.handle(self.machine.fail("entries sent, but no rule lets you send any"))
+                    return
                 self.batches_in.send_nowait(event)  # the machine enforces the window
+            elif isinstance(event, RulesReceived):
+                assert self.nursery is not None
+                self.nursery.start_soon(self.rules_received, event.objects)
+            elif isinstance(event, JoinRequested):
+                assert self.nursery is not None
+                self.nursery.start_soon(self.join_requested, event.invite, event.proof)
             elif isinstance(event, SyncedWithPeer):
                 self.stats.synced = True
                 log.debug("in sync with %s", self.who)
@@ -155,6 +181,78 @@ class _Run:
         if self.on_progress is not None:
             self.on_progress(self.stats)
 
+    # ------------------------------------------------------------ pairing
+
+    async def start(self) -> None:
+        """Our first messages: every rule object of the pair (and a join, if joining);
+        then Have, if a rule is in force."""
+        if self.link is None:
+            self.handle(self.machine.begin(await self.store.heads()))
+            return
+        self.machine.send_rules(await self.link.objects())
+        join = self.link.join_proof()
+        if join is not None:
+            self.machine.send_join(*join)
+        await self.refresh_permissions()
+        self.outbox_ready.set()
+
+    async def refresh_permissions(self) -> None:
+        assert self.link is not None
+        permissions = await self.link.permissions()
+        if not self.machine.begun:
+            self.permissions = permissions
+            if permissions.paired:
+                log.info("paired with %s", self.who)
+                self.handle(self.machine.begin(await self.store.heads()))
+        elif permissions != self.permissions:
+            # a rule changed in the middle of a session: start afresh under the new ones
+            self.handle(self.machine.close("the rules between us changed"))
+
+    async def rules_received(self, objects: list[bytes]) -> None:
+        assert self.link is not None
+        try:
+            answers = await self.link.receive(objects)
+        except P2PSyncError as exc:
+            self.handle(self.machine.fail(f"bad rule object: {exc}"))
+            return
+        if answers:
+            self.machine.send_rules(answers)
+            self.outbox_ready.set()
+        await self.refresh_permissions()
+
+    async def join_requested(self, invite: bytes, proof: bytes) -> None:
+        assert self.link is not None
+        try:
+            proposal = await self.link.answer_join(invite, proof)
+        except P2PSyncError as exc:
+            self.handle(self.machine.fail(str(exc)))
+            return
+        log.info("%s joined with an invite code", self.who)
+        self.machine.send_rules([proposal])
+        self.outbox_ready.set()
+
+    async def rules_watcher(self, feed: ChangeFeed) -> None:
+        """Rules changed here (accepted, revoked...): tell the peer, re-check ours."""
+        assert self.link is not None
+        version = feed.version
+        while not self.machine.closed:
+            version = await feed.wait_beyond(version)
+            self.machine.send_rules(await self.link.objects())
+            self.outbox_ready.set()
+            await self.refresh_permissions()
+
+    async def pairing_deadline(self, seconds: float) -> None:
+        """A pair with no rule in force has nothing to do once rules are exchanged."""
+        await trio.sleep(seconds)
+        if not self.machine.begun:
+            self.handle(self.machine.close("not paired: the pairing request awaits approval"))
+
+    def strip(self, wires: list[bytes]) -> list[bytes]:
+        """Withhold the payloads of collections the peer may not receive."""
+        if any(t.collections == ("*",) for t in self.permissions.send):
+            return wires
+        return [withhold(wire, self.permissions.may_send) for wire in wires]
+
     # ------------------------------------------------------------ tasks
 
     async def writer(self) -> None:
@@ -188,8 +286,9 @@ class _Run:
 
     async def ingester(self) -> None:
         async for event in self.batches_out:
+            visible = None if self.link is None else self.permissions.may_receive
             try:
-                result, heads = await self.store.ingest(event.wires)
+                result, heads = await self.store.ingest(event.wires, visible)
             except StoreError as exc:
                 log.error("cannot store entries from %s: %s", self.who, exc)
                 self.handle(self.machine.close(f"receiver cannot store entries: {exc}"))
@@ -216,6 +315,9 @@ class _Run:
     async def sender(self) -> None:
         while not self.machine.closed:
             stale = self.local_stale
+            if not self.permissions.send:  # no rule lets us send to this peer
+                await self.sender_wake.wait()
+                continue
             if self.machine.can_send() and (stale or self.machine.wants()):
                 # one trip to the store: our heads now, and what the peer lacks of them
                 self.local_stale = False
@@ -229,7 +331,8 @@ class _Run:
                 ]
                 if batch and self.machine.can_send():
                     self.machine.send_batch(
-                        [o.wire for o in batch], [(o.author, o.seq, o.id) for o in batch]
+                        self.strip([o.wire for o in batch]),
+                        [(o.author, o.seq, o.id) for o in batch],
                     )
                     self.stats.sent += len(batch)
                     self.outbox_ready.set()
@@ -274,14 +377,19 @@ class _Run:
             if ours is None or theirs.seq > ours.seq or theirs.seq == 0:
                 continue
             stored = await self.store.entry_at(author, theirs.seq)
-            if stored is not None and stored.id != theirs.head and self.machine.can_send():
+            if (
+                stored is not None
+                and stored.id != theirs.head
+                and self.machine.can_send()
+                and self.permissions.send
+            ):
                 log.warning(
                     "%s holds a different entry %d of %s: sending ours as proof",
                     self.who,
                     theirs.seq,
                     short_id(author),
                 )
-                self.machine.send_batch([stored.wire], [])
+                self.machine.send_batch(self.strip([stored.wire]), [])
                 self.outbox_ready.set()
 
 
@@ -295,22 +403,29 @@ async def run_session(
     on_progress: Callable[[SessionStats], None] | None = None,
     on_start: Callable[[SyncSession, SessionStats], None] | None = None,
     on_synced: Callable[[SessionStats], None] | None = None,
+    link: PairLink | None = None,
+    pairing_timeout: float = 5.0,
 ) -> SessionStats:
     """Sync with the peer at the other end of ``secure`` until the session ends.
 
     ``live``: stay connected and push new entries as they are committed;
     otherwise end as soon as both sides hold the same entries.
     """
-    machine = SyncSession(await store.heads(), trio.current_time(), config)
-    run = _Run(secure, store, feed, machine, live, on_progress, on_synced)
+    machine = SyncSession(trio.current_time(), config)
+    run = _Run(secure, store, feed, machine, live, on_progress, on_synced, link)
     if on_start is not None:
         on_start(machine, run.stats)
     try:
         async with trio.open_nursery() as nursery:
             run.nursery = nursery
-            run.outbox_ready.set()  # our Have
-            for task in (run.writer, run.reader, run.ingester, run.sender, run.timer, run.watcher):
+            nursery.start_soon(run.writer)
+            await run.start()  # before reading: whatever the peer says finds us started
+            for task in (run.reader, run.ingester, run.sender, run.timer, run.watcher):
                 nursery.start_soon(task)
+            if link is not None:
+                nursery.start_soon(run.pairing_deadline, pairing_timeout)
+                if link.rules_feed is not None:
+                    nursery.start_soon(run.rules_watcher, link.rules_feed)
     finally:
         run.stats.bytes_sent, run.stats.bytes_received = secure.bytes_out, secure.bytes_in
         await secure.aclose()

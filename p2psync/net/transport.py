@@ -53,8 +53,10 @@ class SecureStream:
         receive_key: bytes,
         bytes_in: int,
         bytes_out: int,
+        handshake_hash: bytes = b"",
     ) -> None:
         self.stream = stream
+        self.handshake_hash = handshake_hash
         self.peer = peer
         self.peer_name = peer_name
         self._reader = reader
@@ -154,6 +156,7 @@ async def secure(
         receive_key=outcome.receive_key,
         bytes_in=counter.bytes_in,
         bytes_out=sent,
+        handshake_hash=outcome.handshake_hash,
     )
 
 

@@ -28,6 +28,7 @@ from p2psync.errors import (
     FrozenAuthorError,
     FutureTimestampError,
     HeldLimitError,
+    RuleViolationError,
     SignatureError,
     WithheldError,
 )
@@ -206,6 +207,26 @@ def decode_batch(
                 )
             )
             continue
+        if visible is not None:
+            forbidden = [
+                collection
+                for collection, op in zip(entry.collections, entry.ops, strict=True)
+                if op is not None and not visible(collection)
+            ]
+            if forbidden:
+                result.rejected.append(
+                    Rejected(
+                        index,
+                        entry.author,
+                        entry.seq,
+                        entry.id,
+                        RuleViolationError(
+                            f"carries the payload of an op in {forbidden[0]!r}, which no "
+                            "rule lets it send here"
+                        ),
+                    )
+                )
+                continue
         withheld = None in entry.ops and [
             collection
             for collection, op in zip(entry.collections, entry.ops, strict=True)

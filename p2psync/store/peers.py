@@ -11,7 +11,8 @@ from typing import Any
 
 
 class PeerState(Enum):
-    TRUSTED = "trusted"
+    KNOWN = "known"  # what flows is decided by the rules between us
+    REMOVED = "removed"  # `pair remove`: its rules revoked, not dialled
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +47,20 @@ def _peer(row: tuple[Any, ...]) -> Peer:
 def add(
     conn: sqlite3.Connection, key: bytes, name: str | None, addresses: Sequence[str], now_ms: int
 ) -> Peer:
-    """Trust ``key``; an existing peer keeps its addresses and gains the new ones."""
+    """Know ``key`` (a removed peer becomes known again); an existing peer keeps its
+    addresses and gains the new ones."""
     existing = get(conn, key)
     known = list(existing.addresses) if existing else []
     merged = [*addresses, *(a for a in known if a not in addresses)]
     if existing is None:
         conn.execute(
             "INSERT INTO peers (key, name, state, addresses, added) VALUES (?, ?, ?, ?, ?)",
-            (key, name, PeerState.TRUSTED.value, json.dumps(merged), now_ms),
+            (key, name, PeerState.KNOWN.value, json.dumps(merged), now_ms),
         )
     else:
         conn.execute(
             "UPDATE peers SET name = coalesce(?, name), state = ?, addresses = ? WHERE key = ?",
-            (name, PeerState.TRUSTED.value, json.dumps(merged), key),
+            (name, PeerState.KNOWN.value, json.dumps(merged), key),
         )
     peer = get(conn, key)
     assert peer is not None

@@ -18,6 +18,14 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 4 adds sync rules and invites (and peers are ``known`` rather than
+``trusted``: the rules decide what flows):
+
+``rule_objects`` every signed rule object (proposal, acceptance, rejection,
+                revocation) shared with a peer, exactly as signed.
+``invites``     invite codes this agent issued: secret, rule terms, expiry, and
+                the agent that used it (a code works once).
+
 Version 3 gives ``held`` a ``size`` column and an index by author: the quotas on
 held entries (in all, per author, in bytes) are read from the index alone.
 
@@ -122,6 +130,27 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     ALTER TABLE held ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
     UPDATE held SET size = length(wire);
     CREATE INDEX held_by_author ON held (author, size)
+    """,
+    4: """
+    CREATE TABLE rule_objects (
+        id       BLOB PRIMARY KEY,
+        proposal BLOB NOT NULL,
+        kind     TEXT NOT NULL,
+        signer   BLOB NOT NULL,
+        peer     BLOB NOT NULL,
+        signed   BLOB NOT NULL,
+        received INTEGER NOT NULL
+    );
+    CREATE INDEX rule_objects_by_peer ON rule_objects (peer);
+    UPDATE peers SET state = 'known' WHERE state = 'trusted';
+    CREATE TABLE invites (
+        id      BLOB PRIMARY KEY,
+        secret  BLOB NOT NULL,
+        terms   BLOB NOT NULL,
+        expires INTEGER NOT NULL,
+        used_by BLOB,
+        created INTEGER NOT NULL
+    )
     """,
 }
 

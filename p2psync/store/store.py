@@ -17,10 +17,13 @@ from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
 from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
+from p2psync.core.rules import Rule, Terms
 from p2psync.errors import IntegrityError, StoreError
 from p2psync.store import logs, peers, records, schema
+from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect
 from p2psync.store.ingest import IngestResult, decode_batch, ingest
+from p2psync.store.peers import PeerState
 from p2psync.store.verify import VerifyReport, verify
 from p2psync.store.writer import Writer
 
@@ -274,6 +277,43 @@ class Store:
     def peer_heads(self, key: bytes) -> dict[bytes, int]:
         with self._reader.reading() as conn:
             return peers.heads_of(conn, key)
+
+    # ------------------------------------------------------------ rules and invites
+
+    def add_rule_objects(self, me: bytes, signed: Sequence[bytes], now_ms: int) -> int:
+        """Verify and keep rule objects concerning ``me``; returns how many were new."""
+        with self._db.writing() as conn:
+            return len(rules_mod.add_objects(conn, me, signed, now_ms))
+
+    def rule_objects(self, peer: bytes | None) -> list[bytes]:
+        with self._reader.reading() as conn:
+            return rules_mod.objects_with(conn, peer)
+
+    def rules(self, peer: bytes | None = None) -> list[Rule]:
+        with self._reader.reading() as conn:
+            return rules_mod.rules_with(conn, peer)
+
+    def add_invite(
+        self, invite: bytes, secret: bytes, terms: Terms, expires: int, now_ms: int
+    ) -> None:
+        with self._db.writing() as conn:
+            rules_mod.add_invite(conn, invite, secret, terms, expires, now_ms)
+
+    def invite(self, invite: bytes) -> rules_mod.Invite | None:
+        with self._reader.reading() as conn:
+            return rules_mod.get_invite(conn, invite)
+
+    def use_invite(self, invite: bytes, by: bytes) -> bool:
+        with self._db.writing() as conn:
+            return rules_mod.use_invite(conn, invite, by)
+
+    def delete_meta(self, key: str) -> None:
+        with self._db.writing() as conn:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+    def set_peer_state(self, key: bytes, state: PeerState) -> None:
+        with self._db.writing() as conn:
+            conn.execute("UPDATE peers SET state = ? WHERE key = ?", (state.value, key))
 
     # ------------------------------------------------------------ checking
 

@@ -1,0 +1,126 @@
+"""Rule objects and invites in the store.
+
+``rule_objects`` keeps every verified signed rule object (proposals, answers,
+revocations) that concerns this agent, exactly as signed; the state of each
+proposal is folded from them (:func:`p2psync.core.rules.fold`). ``invites``
+keeps the invites this agent issued (secret, terms, expiry, who used it) and
+the ones it is joining.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from p2psync.core import canonical
+from p2psync.core import rules as core
+from p2psync.core.rules import Rule, RuleError, RuleObject
+
+
+def add_objects(
+    conn: sqlite3.Connection, me: bytes, signed: Iterable[bytes], now_ms: int
+) -> list[RuleObject]:
+    """Verify and keep rule objects that concern ``me``; return the new ones.
+
+    Objects about other pairs, or answers to proposals we do not hold, are refused.
+    """
+    added = []
+    known = {
+        row[0]: row[1]
+        for row in conn.execute("SELECT id, peer FROM rule_objects WHERE kind = 'propose'")
+    }
+    pending = []
+    for blob in signed:
+        obj = core.decode(blob)
+        if conn.execute("SELECT 1 FROM rule_objects WHERE id = ?", (obj.id,)).fetchone():
+            continue
+        pending.append(obj)
+    # proposals first, so answers arriving in the same batch find them
+    for obj in sorted(pending, key=lambda o: o.kind is not core.Kind.PROPOSE):
+        if obj.kind is core.Kind.PROPOSE:
+            assert obj.acceptor is not None
+            if me not in (obj.signer, obj.acceptor):
+                raise RuleError("a rule proposal between other agents")
+            peer = obj.acceptor if obj.signer == me else obj.signer
+            proposal = obj.id
+            known[obj.id] = peer
+        else:
+            assert obj.proposal is not None
+            if obj.proposal not in known:
+                raise RuleError("an answer to a proposal this agent does not hold")
+            peer = known[obj.proposal]
+            if obj.signer not in (me, peer):
+                raise RuleError("a rule answer signed by a third agent")
+            proposal = obj.proposal
+        conn.execute(
+            "INSERT INTO rule_objects (id, proposal, kind, signer, peer, signed, received) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (obj.id, proposal, obj.kind.value, obj.signer, peer, obj.signed, now_ms),
+        )
+        added.append(obj)
+    return added
+
+
+def objects_with(conn: sqlite3.Connection, peer: bytes | None) -> list[bytes]:
+    """Every signed rule object shared with ``peer`` (or with anyone)."""
+    if peer is None:
+        rows = conn.execute("SELECT signed FROM rule_objects ORDER BY received, id")
+    else:
+        rows = conn.execute(
+            "SELECT signed FROM rule_objects WHERE peer = ? ORDER BY received, id", (peer,)
+        )
+    return [row[0] for row in rows]
+
+
+def rules_with(conn: sqlite3.Connection, peer: bytes | None) -> list[Rule]:
+    objects = [core.decode(blob) for blob in objects_with(conn, peer)]
+    return sorted(core.fold(objects).values(), key=lambda r: (r.proposer, r.id))
+
+
+def find(conn: sqlite3.Connection, prefix: bytes) -> list[Rule]:
+    """Rules whose ID starts with ``prefix``."""
+    return [r for r in rules_with(conn, None) if r.id.startswith(prefix)]
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    id: bytes
+    secret: bytes
+    terms: core.Terms
+    expires: int
+    used_by: bytes | None
+
+
+def add_invite(
+    conn: sqlite3.Connection,
+    invite_id: bytes,
+    secret: bytes,
+    terms: core.Terms,
+    expires: int,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "INSERT INTO invites (id, secret, terms, expires, created) VALUES (?, ?, ?, ?, ?)",
+        (invite_id, secret, canonical.encode(terms.encode()), expires, now_ms),
+    )
+
+
+def get_invite(conn: sqlite3.Connection, invite_id: bytes) -> Invite | None:
+    row = conn.execute(
+        "SELECT id, secret, terms, expires, used_by FROM invites WHERE id = ?", (invite_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    terms = core.Terms.decode(canonical.decode(row[2], what="invite terms", max_depth=2))
+    return Invite(row[0], row[1], terms, row[3], row[4])
+
+
+def use_invite(conn: sqlite3.Connection, invite_id: bytes, by: bytes) -> bool:
+    """Mark an unused invite used; False when it was already used."""
+    return (
+        conn.execute(
+            "UPDATE invites SET used_by = ? WHERE id = ? AND used_by IS NULL", (by, invite_id)
+        ).rowcount
+        == 1
+    )
