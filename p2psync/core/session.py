@@ -121,6 +121,8 @@ class SyncSession:
         self._outbox: list[Message] = []
         self._begun = False
         self._peer_have: dict[bytes, Head] | None = None
+        self.sending = True
+        self.receiving = True
         self._next_batch_out = 1
         self._unacked: list[int] = []
         self._next_batch_in = 1
@@ -179,9 +181,13 @@ class SyncSession:
 
     # ------------------------------------------------------------ what to send
 
+    def set_flow(self, *, sending: bool, receiving: bool) -> None:
+        """Whether the rules let us send to the peer, and receive from it."""
+        self.sending, self.receiving = sending, receiving
+
     def wants(self) -> dict[bytes, int]:
-        """Per author, the seq after which the peer lacks entries we hold."""
-        if self.phase is not Phase.OPEN:
+        """Per author, the seq after which the peer lacks entries we hold (and may get)."""
+        if self.phase is not Phase.OPEN or not self.sending:
             return {}
         wanted = {}
         for author, head in self.local.items():
@@ -300,17 +306,41 @@ class SyncSession:
             self._caught_sent = digest
             self._outbox.append(Caught(digest))
 
-    def _synced_event(self) -> list[Event]:
+    def _in_sync(self) -> bool:
+        """Both sides have sent all the other may have, and it has all arrived.
+
+        We said Caught for our current heads (nothing left to send); the peer said
+        Caught for heads that are exactly what we know it holds; and, if the peer
+        may send to us, we hold everything it holds.
+        """
         if (
-            self._peer_caught is not None
-            and self._peer_caught == self._caught_sent
-            and not self._unacked
-            and not self._receiving
-            and self._peer_caught != self._synced
+            self.phase is not Phase.OPEN
+            or self._peer_caught is None
+            or self._unacked
+            or self._receiving
+            or self.wants()
+            or self._caught_sent != heads_digest(self.local)
+            or self._peer_caught != heads_digest(self.peer)
         ):
-            self._synced = self._peer_caught
-            return [SyncedWithPeer(self._peer_caught)]
-        return []
+            return False
+        if not self.receiving:
+            return True
+        for author, head in self.peer.items():
+            ours = self.local.get(author)
+            if head.frozen or (ours is not None and ours.frozen):
+                continue  # a forked author: nothing more flows either way
+            if ours is None or ours.seq < head.seq:
+                return False
+        return True
+
+    def _synced_event(self) -> list[Event]:
+        if not self._in_sync():
+            return []
+        state = heads_digest(self.local) + heads_digest(self.peer)
+        if state == self._synced:
+            return []
+        self._synced = state
+        return [SyncedWithPeer(heads_digest(self.local))]
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after ``ingested`` or ``local_changed``)."""
@@ -319,7 +349,7 @@ class SyncSession:
 
     @property
     def synced(self) -> bool:
-        return self._synced is not None and self._synced == heads_digest(self.local)
+        return self._synced is not None and self._in_sync()
 
     @property
     def unacked(self) -> int:

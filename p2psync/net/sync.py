@@ -201,6 +201,9 @@ class _Run:
         permissions = await self.link.permissions()
         if not self.machine.begun:
             self.permissions = permissions
+            self.machine.set_flow(
+                sending=bool(permissions.send), receiving=bool(permissions.receive)
+            )
             if permissions.paired:
                 log.info("paired with %s", self.who)
                 self.handle(self.machine.begin(await self.store.heads()))

@@ -1,0 +1,196 @@
+"""Pairing and rules between real stores over memory streams: requests, mutual
+adds, rejections, revocations, invites, and filtered replication."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import trio
+
+import p2psync
+from p2psync import pairing
+from p2psync.core.rules import Direction, RuleState, Terms
+from p2psync.errors import UsageError
+from p2psync.net.link import PairLink
+from p2psync.net.storeio import ChangeFeed, TrioStore
+from p2psync.net.sync import SessionStats, run_session
+from tests.test_sync import connect
+
+MakeDb = Callable[[str], p2psync.Database]
+
+
+async def session(
+    a: p2psync.Database, b: p2psync.Database, *, live_b: bool = True
+) -> tuple[SessionStats, SessionStats]:
+    """a dials b and syncs once (like `p2psync sync`); b serves like an agent."""
+    sa, sb = await connect(a, b)
+    out: dict[str, SessionStats] = {}
+
+    async def side(name: str, stream, db, peer, live: bool) -> None:  # type: ignore[no-untyped-def]
+        link = PairLink(
+            db,
+            peer.identity.public_key,
+            live=live,
+            handshake_hash=stream.handshake_hash,
+            peer_name=peer.home.name,
+        )
+        out[name] = await run_session(
+            stream, TrioStore(db.store), ChangeFeed(), live=live, link=link, pairing_timeout=2
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "a", sa, a, b, False)
+        nursery.start_soon(side, "b", sb, b, a, live_b)
+    return out["a"], out["b"]
+
+
+def key(db: p2psync.Database) -> bytes:
+    return db.identity.public_key
+
+
+def state_of(db: p2psync.Database, peer: p2psync.Database) -> set[RuleState]:
+    return {rule.state for rule in db.store.rules(key(peer))}
+
+
+async def test_request_then_accept(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    a.put("vouchers", "V-1", 1)
+    pairing.propose(a, key(b), Terms())
+    stats_a, _ = await session(a, b)
+    assert not stats_a.synced and "awaits approval" in stats_a.reason
+    assert b.get("vouchers", "V-1") is None  # nothing flows before an answer
+    [waiting] = [r for r in b.store.rules() if r.state is RuleState.PROPOSED]
+    assert waiting.proposer == key(a)
+    assert b.store.peer(key(a)) is not None and b.store.peer(key(a)).name == "a"  # type: ignore[union-attr]
+    pairing.accept(b, waiting)
+    stats_a, _ = await session(a, b)
+    assert stats_a.synced and b.get("vouchers", "V-1") == 1
+    assert state_of(a, b) == {RuleState.ACCEPTED}
+
+
+async def test_both_adding_each_other_is_mutual_acceptance(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, key(b), Terms())
+    pairing.propose(b, key(a), Terms.make(["vouchers"]))
+    a.put("vouchers", "V-1", 1)
+    a.put("payroll", "P-1", 1)
+    stats_a, _ = await session(a, b)
+    assert stats_a.synced
+    assert state_of(a, b) == state_of(b, a) == {RuleState.ACCEPTED}
+    assert b.get("vouchers", "V-1") == 1 and b.get("payroll", "P-1") is None  # the common part
+
+
+async def test_rejection_reason_reaches_the_proposer(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, key(b), Terms())
+    await session(a, b)
+    [waiting] = b.store.rules()
+    pairing.reject(b, waiting, "we do not work with you")
+    await session(a, b)
+    [rule] = a.store.rules()
+    assert rule.state is RuleState.REJECTED and rule.reason == "we do not work with you"
+
+
+async def test_revocation_stops_flow_on_both_sides(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, key(b), Terms())
+    pairing.propose(b, key(a), Terms())
+    a.put("c", "before", 1)
+    await session(a, b)
+    assert b.get("c", "before") == 1
+    for rule in a.store.rules(key(b)):
+        pairing.revoke(a, rule)
+    a.put("c", "after", 1)
+    b.put("c", "from-b", 1)
+    stats_a, _ = await session(a, b)
+    assert not stats_a.synced
+    assert b.get("c", "after") is None and a.get("c", "from-b") is None
+    assert state_of(b, a) == {RuleState.REVOKED}  # b learnt of it too
+
+
+async def test_filtered_replication_keeps_chains_verifiable(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, key(b), Terms.make(["vouchers", "stock/*"]))
+    pairing.propose(b, key(a), Terms())
+    a.put("vouchers", "V-1", {"amount": 5})
+    a.put("payroll", "alice", {"salary": 9000})
+    with a.transaction() as tx:
+        tx.put("vouchers", "V-2", {"amount": 7})
+        tx.put("payroll", "bob", {"salary": 8000})
+        tx.put("stock/bolts", "B-1", {"qty": 3})
+    stats_a, _ = await session(a, b)
+    assert stats_a.synced
+    assert b.get("vouchers", "V-2") == {"amount": 7} and b.get("stock/bolts", "B-1") == {"qty": 3}
+    assert b.get("payroll", "alice") is None and b.get("payroll", "bob") is None
+    report = b.verify()
+    assert report.ok and report.entries == 3  # the whole chain, payroll ops proven by hash
+    hidden = [op for entry in b.log() for op in entry.ops if op.kind is None]
+    assert {op.collection for op in hidden} == {"payroll"} and len(hidden) == 2
+
+
+async def test_one_way_rule(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, key(b), Terms.make(["*"], Direction.SEND))  # a sends, b receives
+    pairing.propose(b, key(a), Terms())
+    a.put("c", "from-a", 1)
+    b.put("c", "from-b", 1)
+    stats_a, _ = await session(a, b)
+    assert stats_a.synced  # in sync for what flows: b keeps its own entry
+    assert b.get("c", "from-a") == 1 and a.get("c", "from-b") is None
+
+
+async def test_third_party_entries_only_along_allowing_rules(make_db: MakeDb) -> None:
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    pairing.propose(c, key(b), Terms())
+    pairing.propose(b, key(c), Terms())
+    pairing.propose(b, key(a), Terms.make(["vouchers"]))
+    pairing.propose(a, key(b), Terms())
+    c.put("vouchers", "V-9", 9)
+    c.put("payroll", "eve", 1)
+    await session(c, b)
+    assert b.get("payroll", "eve") == 1
+    await session(a, b)
+    assert a.get("vouchers", "V-9") == 9 and a.get("payroll", "eve") is None
+    assert a.verify().ok
+
+
+async def test_invite_code_pairs_once(make_db: MakeDb) -> None:
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    a.put("vouchers", "V-1", 1)
+    code = pairing.create_invite(a, Terms.make(["vouchers"]), 600, ["127.0.0.1:7717"])
+    invite = pairing.parse_invite(code)
+    assert invite.inviter == key(a) and invite.addresses == ("127.0.0.1:7717",)
+    pairing.remember_join(b, invite)
+    stats_b, _ = await session(b, a)
+    assert stats_b.synced and b.get("vouchers", "V-1") == 1
+    assert state_of(a, b) == state_of(b, a) == {RuleState.ACCEPTED}
+    assert pairing.pending_join(b, key(a)) is None
+    # the same code again, from another agent: refused
+    pairing.remember_join(c, invite)
+    stats_c, stats_a = await session(c, a)
+    assert not stats_c.synced and "already used" in stats_a.reason
+    assert c.get("vouchers", "V-1") is None
+
+
+async def test_wrong_or_expired_invite_is_refused(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    code = pairing.create_invite(a, Terms(), 600, ["127.0.0.1:1"])
+    invite = pairing.parse_invite(code)
+    forged = pairing.InviteCode(invite.inviter, invite.invite, os.urandom(16), (), 0)
+    pairing.remember_join(b, forged)
+    _, stats_a = await session(b, a)
+    assert "invalid invite code" in stats_a.reason
+    expired = pairing.create_invite(a, Terms(), -1, ["127.0.0.1:1"])
+    pairing.remember_join(b, pairing.parse_invite(expired))
+    _, stats_a = await session(b, a)
+    assert "expired" in stats_a.reason
+    assert state_of(a, b) == set()
+
+
+def test_invite_codes_catch_typos() -> None:
+    with pytest.raises(UsageError, match="P2PS-"):
+        pairing.parse_invite("hello")
+    with pytest.raises(UsageError, match="mistyped"):
+        pairing.parse_invite("P2PS-AAAAAAAA-BBBBBBBB")
