@@ -32,12 +32,14 @@ from p2psync.agent.connections import Connection, Registry
 from p2psync.agent.control import handle_control
 from p2psync.api import Database
 from p2psync.core.frames import FrameError
+from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import device_id, short_id
 from p2psync.core.messages import lag
 from p2psync.core.noise import HandshakeError
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import now_ms
+from p2psync.net.discovery import Discovery, Found, local_ipv4
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
@@ -53,6 +55,8 @@ RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connecti
 @dataclass(frozen=True)
 class AgentConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
+    discovery: bool = True
+    discovery_interfaces: tuple[str, ...] = ()
     backoff_start: float = 0.5
     backoff_cap: float = 30.0
     dial_timeout: float = 5.0
@@ -89,6 +93,7 @@ class Agent:
         self.rules_feed = ChangeFeed()
         #: per peer: when its last connection ended, why, and whether it was in sync
         self.ended: dict[bytes, tuple[float, str, bool]] = {}
+        self.discovery: Discovery | None = None
         self.registry = Registry()
         self.peers: dict[bytes, Peer] = {}
         self.addresses: list[str] = []
@@ -120,6 +125,16 @@ class Agent:
             nursery.start_soon(trio.serve_listeners, self._inbound, listeners)
             await nursery.start(self._serve_notifications)
             await nursery.start(self._serve_control)
+            if self.config.discovery:
+                self.discovery = Discovery(
+                    self.identity,
+                    self.name,
+                    int(self.addresses[0].rsplit(":", 1)[1]),
+                    self.config.discovery_interfaces or self._listen_hosts(),
+                    self._found,
+                    self._lost,
+                )
+                await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
             self._write_agent_file()
             task_status.started(self.addresses)
@@ -127,6 +142,32 @@ class Agent:
                 await trio.sleep_forever()
             finally:
                 self._remove_agent_file()
+
+    def _listen_hosts(self) -> tuple[str, ...]:
+        """Specific listen addresses also bound discovery; 0.0.0.0 means every interface."""
+        hosts = {parse_address(a)[0] for a in self.addresses}
+        return () if hosts & {"0.0.0.0", "::"} else tuple(sorted(hosts))
+
+    def _found(self, found: Found) -> None:
+        """A LAN advert: dial a known peer at once at the address it advertises."""
+        peer = self.peers.get(found.key)
+        log.info("discovered %s (%s) at %s", short_id(found.key), found.name,
+                 ", ".join(found.addresses))
+        if peer is None or peer.state is PeerState.REMOVED:
+            return
+        new = [a for a in found.addresses if a not in peer.addresses]
+        if new and self._nursery is not None:
+            self._nursery.start_soon(self._learn_addresses, found.key, new)
+
+    async def _learn_addresses(self, key: bytes, addresses: list[str]) -> None:
+        await trio.to_thread.run_sync(
+            lambda: self.db.store.add_peer(key, None, addresses, now_ms())
+        )
+        await self._reload_peers()
+        self.dial_now(key)
+
+    def _lost(self, key: bytes) -> None:
+        log.info("%s withdrew from the LAN", short_id(key))
 
     def _write_agent_file(self) -> None:
         data = {
@@ -158,6 +199,13 @@ class Agent:
         self.rules_feed.bump()  # live sessions re-send rule objects and re-check them
         if self._nursery is None:
             return
+        if self.discovery is not None:  # a peer added after we saw it on the LAN
+            for key, found in self.discovery.table.items():
+                peer = self.peers.get(key)
+                if peer is not None and peer.state is not PeerState.REMOVED:
+                    new = [a for a in found.addresses if a not in peer.addresses]
+                    if new:
+                        self._nursery.start_soon(self._learn_addresses, key, new)
         wanted = {key for key, peer in self.peers.items() if self._dialled(key) and peer.addresses}
         for key in set(self._dialers) - wanted:
             self._dialers.pop(key).cancel()
@@ -216,7 +264,13 @@ class Agent:
                 log.debug("dialling %s at %s failed: %s", short_id(key), address, exc)
                 if stream is not None:
                     await stream.aclose()
-                if isinstance(exc, HandshakeError):
+                if isinstance(exc, IdentityMismatch):
+                    # an advert or a stale address pointing at another agent: forget it
+                    log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
+                    await trio.to_thread.run_sync(
+                        self.db.store.forget_peer_address, key, address
+                    )
+                elif isinstance(exc, HandshakeError):
                     await self._record(key, error=f"handshake with {address} failed: {exc}")
                 continue
             stats = await self._run_connection(secured, outbound=True, address=address)
@@ -400,13 +454,27 @@ class Agent:
                     "ahead": ahead,
                 }
             )
+        discovered = []
+        if self.discovery is not None:
+            discovered = [
+                {
+                    "device_id": device_id(found.key),
+                    "name": found.name,
+                    "addresses": list(found.addresses),
+                    "first_seen": found.first_seen,
+                    "last_seen": found.last_seen,
+                }
+                for found in self.discovery.table.values()
+            ]
         return {
             "pid": os.getpid(),
             "device_id": self.identity.device_id,
             "name": self.name,
             "listen": self.addresses,
+            "interfaces": self.discovery.advertised if self.discovery else local_ipv4(None),
             "started": self.started_ms,
             "connections": connections,
+            "discovered": discovered,
         }
 
 

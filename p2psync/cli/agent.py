@@ -17,7 +17,7 @@ import click
 import trio
 
 from p2psync.agent import sockets
-from p2psync.agent.agent import AGENT_FILE, Agent, parse_address
+from p2psync.agent.agent import AGENT_FILE, Agent, AgentConfig, parse_address
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.peers import resolve_peer
@@ -74,7 +74,6 @@ def run(
     quiet: bool,
 ) -> None:
     """Run the agent in the foreground until SIGINT or SIGTERM."""
-    del no_discovery, discovery_interface  # discovery arrives with the LAN issue
     try:
         addresses = [parse_address(a) for a in (listen or (DEFAULT_LISTEN,))]
     except ValueError as exc:
@@ -82,7 +81,10 @@ def run(
     if not quiet and not state.debug:
         logging.getLogger("p2psync").setLevel(logging.INFO)
     with state.open() as db, agent_lock(db.path):
-        agent = Agent(db, addresses)
+        config = AgentConfig(
+            discovery=not no_discovery, discovery_interfaces=tuple(discovery_interface)
+        )
+        agent = Agent(db, addresses, config)
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:

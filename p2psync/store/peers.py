@@ -67,6 +67,13 @@ def add(
     return peer
 
 
+def forget_address(conn: sqlite3.Connection, key: bytes, address: str) -> None:
+    peer = get(conn, key)
+    if peer is not None and address in peer.addresses:
+        kept = [a for a in peer.addresses if a != address]
+        conn.execute("UPDATE peers SET addresses = ? WHERE key = ?", (json.dumps(kept), key))
+
+
 def remove(conn: sqlite3.Connection, key: bytes) -> bool:
     conn.execute("DELETE FROM peer_heads WHERE peer = ?", (key,))
     return conn.execute("DELETE FROM peers WHERE key = ?", (key,)).rowcount > 0

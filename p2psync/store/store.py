@@ -238,6 +238,10 @@ class Store:
         with self._db.writing() as conn:
             return peers.add(conn, key, name, addresses, now_ms)
 
+    def forget_peer_address(self, key: bytes, address: str) -> None:
+        with self._db.writing() as conn:
+            peers.forget_address(conn, key, address)
+
     def remove_peer(self, key: bytes) -> bool:
         with self._db.writing() as conn:
             return peers.remove(conn, key)

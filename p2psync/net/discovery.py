@@ -1,0 +1,209 @@
+"""LAN discovery over mDNS / DNS-SD, with python-zeroconf's threaded API bridged
+into trio.
+
+Each agent advertises ``<short ID>._p2psync._tcp.local.`` with its port and a TXT
+record holding exactly ``id`` (the full device ID), ``v`` (protocol version) and
+``name`` (display name) — no collection or data names. It browses the same type
+and keeps a table of the agents it sees; withdrawals and goodbyes remove them.
+
+What an advert claims is only a hint: an address is dialled *expecting* the
+advertised identity, so an advert claiming someone else's ID fails the
+handshake. Malformed or foreign adverts are ignored. Nothing here needs the
+Internet: mDNS is link-local multicast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ifaddr
+import trio
+from zeroconf import (
+    InterfaceChoice,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+
+from p2psync.core.identity import Identity, parse_device_id, short_id
+from p2psync.errors import InvalidDeviceID
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_p2psync._tcp.local."
+PROTOCOL_VERSION = "1"
+RESOLVE_TIMEOUT_MS = 3000
+MAX_NAME_BYTES = 63
+
+
+@dataclass
+class Found:
+    """An agent seen on the LAN."""
+
+    key: bytes
+    name: str
+    addresses: tuple[str, ...]  # host:port
+    instance: str
+    first_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    last_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+
+def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
+    """Addresses to advertise: the chosen interfaces, else every non-loopback IPv4."""
+    if interfaces:
+        return list(interfaces)
+    found = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                address = ipaddress.ip_address(ip.ip)
+                if not address.is_loopback and not address.is_link_local:
+                    found.append(ip.ip)
+    return found
+
+
+def parse_advert(properties: dict[bytes, bytes | None]) -> tuple[bytes, str] | None:
+    """(identity key, name) from a TXT record, or None when it is not one of ours."""
+    try:
+        text = {k.decode("ascii"): (v or b"").decode("utf-8") for k, v in properties.items()}
+    except (UnicodeDecodeError, AttributeError):
+        return None
+    if text.get("v") != PROTOCOL_VERSION or "id" not in text:
+        return None
+    try:
+        key = parse_device_id(text["id"])
+    except InvalidDeviceID:
+        return None
+    name = "".join(c for c in text.get("name", "") if c.isprintable())[:64]
+    return key, name
+
+
+class Discovery:
+    """Advertise this agent and report the agents seen, until cancelled."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        name: str,
+        port: int,
+        interfaces: Sequence[str] | None,
+        on_found: Callable[[Found], None],
+        on_lost: Callable[[bytes], None],
+    ) -> None:
+        self.identity = identity
+        self.name = name
+        self.port = port
+        self.interfaces = list(interfaces) if interfaces else None
+        self.on_found = on_found
+        self.on_lost = on_lost
+        self.table: dict[bytes, Found] = {}
+        self._instances: dict[str, bytes] = {}
+        self.advertised: list[str] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        zc = await trio.to_thread.run_sync(
+            lambda: Zeroconf(
+                interfaces=self.interfaces or InterfaceChoice.All,
+                ip_version=IPVersion.V4Only,
+            )
+        )
+        send, receive = trio.open_memory_channel[tuple[str, ServiceStateChange]](1024)
+        token = trio.lowlevel.current_trio_token()
+
+        def handler(
+            zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+        ) -> None:  # runs in a zeroconf thread
+            with contextlib.suppress(
+                trio.RunFinishedError, trio.WouldBlock, trio.BrokenResourceError
+            ):
+                trio.from_thread.run_sync(send.send_nowait, (name, state_change), trio_token=token)
+
+        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[handler])
+        info = self._service_info()
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._register, zc, info)
+                async for name, change in receive:
+                    if change is ServiceStateChange.Removed:
+                        self._lost(name)
+                    else:
+                        nursery.start_soon(self._resolve, zc, name)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                await trio.to_thread.run_sync(lambda: _close(zc, browser, info))
+
+    def _service_info(self) -> ServiceInfo:
+        self.advertised = local_ipv4(self.interfaces)
+        short = short_id(self.identity.public_key)
+        return ServiceInfo(
+            SERVICE_TYPE,
+            f"{short}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(ip) for ip in self.advertised],
+            port=self.port,
+            properties={
+                "id": self.identity.device_id,
+                "v": PROTOCOL_VERSION,
+                "name": self.name.encode()[:MAX_NAME_BYTES].decode("utf-8", "ignore"),
+            },
+            server=f"p2psync-{short.lower()}.local.",
+        )
+
+    async def _register(self, zc: Zeroconf, info: ServiceInfo) -> None:
+        try:  # probing and announcing block for ~1.6 s
+            await trio.to_thread.run_sync(
+                lambda: zc.register_service(info, allow_name_change=True)
+            )
+        except (NonUniqueNameException, OSError) as exc:
+            log.warning("could not advertise this agent on the LAN: %s", exc)
+            return
+        log.info("advertised on the LAN as %s at %s", info.name, ", ".join(self.advertised))
+
+    async def _resolve(self, zc: Zeroconf, instance: str) -> None:
+        info: Any = await trio.to_thread.run_sync(
+            lambda: zc.get_service_info(SERVICE_TYPE, instance, timeout=RESOLVE_TIMEOUT_MS),
+            abandon_on_cancel=True,
+        )
+        if info is None or not info.port:
+            return
+        parsed = parse_advert(info.properties or {})
+        if parsed is None:
+            log.debug("ignoring a foreign or malformed advert %s", instance)
+            return
+        key, name = parsed
+        if key == self.identity.public_key:
+            return
+        addresses = tuple(f"{ip}:{info.port}" for ip in info.parsed_addresses(IPVersion.V4Only))
+        if not addresses:
+            return
+        known = self.table.get(key)
+        found = Found(key, name, addresses, instance)
+        if known is not None:
+            found.first_seen = known.first_seen
+        self.table[key] = found
+        self._instances[instance] = key
+        self.on_found(found)
+
+    def _lost(self, instance: str) -> None:
+        key = self._instances.pop(instance, None)
+        if key is not None and self.table.pop(key, None) is not None:
+            self.on_lost(key)
+
+
+def _close(zc: Zeroconf, browser: ServiceBrowser, info: ServiceInfo) -> None:
+    browser.cancel()
+    try:
+        zc.unregister_service(info)  # goodbye: peers drop us at once
+    except Exception:
+        log.debug("unregistering from mDNS failed", exc_info=True)
+    zc.close()
