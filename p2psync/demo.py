@@ -47,7 +47,8 @@ class Site:
                 "run",
                 "--listen",
                 self.address,
-                "--no-discovery",
+                "--discovery-interface",
+                "127.0.0.1",
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -125,15 +126,34 @@ def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
         site.start()
         shell(f"{site.name}: device ID {site.device_id}, listening on {site.address}")
 
-    say("Each site trusts the other two by device ID (p2psync pair add ID --address HOST:PORT)")
-    for site in sites:
-        for other in sites:
-            if other is not site:
-                site.cli(
-                    "pair", "add", other.device_id, "--address", other.address, "--name", other.name
-                )
-    wait_until(lambda: all(_connections(s) == 2 for s in sites))
-    shell("all three connected to each other; every message signed and encrypted end to end")
+    say("They find each other over mDNS (bound to 127.0.0.1 here), but share nothing yet")
+    wait_until(lambda: all(len(_discovered(s)) == 2 for s in sites), timeout=10)
+    for row in json.loads(head.cli("peers", "--json")):
+        shell(
+            f"head office sees {row['name']} ({row['device_id'][:7]}) at "
+            f"{', '.join(row['addresses'])}: {row['state']}"
+        )
+
+    say("The head office invites Branch North with a one-time code (all collections)")
+    code = head.cli("pair", "invite", "--expires", "5m").splitlines()[-1]
+    shell(f"p2psync pair invite  ->  {code}")
+    joined = north.cli("pair", "join", code).splitlines()[0]
+    shell(f"Branch North: p2psync pair join <code>  ->  {joined}")
+
+    say("Branch South asks to pair for vouchers and ledgers only; the head office accepts")
+    south.cli(
+        "pair", "add", head.device_id, "-c", "vouchers", "-c", "ledgers", "--name", "Head office"
+    )
+    wait_until(lambda: bool(json.loads(head.cli("pair", "pending", "--json"))))
+    for line in head.cli("pair", "pending").splitlines()[:1]:
+        shell(f"head office: p2psync pair pending  ->  {line}")
+    head.cli("pair", "accept", "Branch South")
+    shell("head office: p2psync pair accept 'Branch South'")
+    wait_until(lambda: _connections(head) == 2)
+    shell(
+        "connected: every message signed and encrypted end to end (Noise XX); "
+        "the branches reach each other's records through the head office"
+    )
 
     say("Live sync: the head office records a voucher; the branches have it at once")
     started = time.monotonic()
@@ -204,6 +224,10 @@ def _status(site: Site) -> dict[str, Any]:
         return json.loads(site.cli("status", "--json"))  # type: ignore[no-any-return]
     except (p2psync.P2PSyncError, ValueError):
         return {}
+
+
+def _discovered(site: Site) -> list[Any]:
+    return [r for r in json.loads(site.cli("peers", "--json")) if r["state"].startswith("disc")]
 
 
 def _connections(site: Site) -> int:

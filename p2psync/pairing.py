@@ -129,7 +129,9 @@ def receive(
     known (under the name it gave), so ``pair pending`` can name it.
     """
     me = db.identity.public_key
-    if db.store.add_rule_objects(me, list(objects), now_ms()) and db.store.peer(peer) is None:
+    added = db.store.add_rule_objects(me, list(objects), now_ms())
+    known = db.store.peer(peer)
+    if (added and known is None) or (known is not None and not known.name and peer_name):
         db.store.add_peer(peer, peer_name, [], now_ms())
     answers = settle(db, peer)
     if joining:

@@ -151,8 +151,9 @@ class Agent:
     def _found(self, found: Found) -> None:
         """A LAN advert: dial a known peer at once at the address it advertises."""
         peer = self.peers.get(found.key)
-        log.info("discovered %s (%s) at %s", short_id(found.key), found.name,
-                 ", ".join(found.addresses))
+        log.info(
+            "discovered %s (%s) at %s", short_id(found.key), found.name, ", ".join(found.addresses)
+        )
         if peer is None or peer.state is PeerState.REMOVED:
             return
         new = [a for a in found.addresses if a not in peer.addresses]
@@ -267,9 +268,7 @@ class Agent:
                 if isinstance(exc, IdentityMismatch):
                     # an advert or a stale address pointing at another agent: forget it
                     log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
-                    await trio.to_thread.run_sync(
-                        self.db.store.forget_peer_address, key, address
-                    )
+                    await trio.to_thread.run_sync(self.db.store.forget_peer_address, key, address)
                 elif isinstance(exc, HandshakeError):
                     await self._record(key, error=f"handshake with {address} failed: {exc}")
                 continue

@@ -161,9 +161,7 @@ class Discovery:
 
     async def _register(self, zc: Zeroconf, info: ServiceInfo) -> None:
         try:  # probing and announcing block for ~1.6 s
-            await trio.to_thread.run_sync(
-                lambda: zc.register_service(info, allow_name_change=True)
-            )
+            await trio.to_thread.run_sync(lambda: zc.register_service(info, allow_name_change=True))
         except (NonUniqueNameException, OSError) as exc:
             log.warning("could not advertise this agent on the LAN: %s", exc)
             return
