@@ -2,6 +2,7 @@
 
     scripts/bench local [--records N] [--runs R]
     scripts/bench sync  [--records N] [--runs R] [--live-writes W]
+    scripts/bench lan   [--runs R] [--agents N]          (root: builds network namespaces)
 
 ``local`` measures the local core (issue 2): single puts, a bulk load of N
 records (one entry each), and ingest of N entries from another author (verify +
@@ -17,6 +18,14 @@ runs with min and max beside it; each run starts from a fresh home.
   ~10 ms apart, from the put call to the record readable in B's store;
 * W3 no-op resync with N records on both sides: bytes on the wire (handshake
   included) and time from dialling to "in sync".
+
+``lan`` runs agents in a LAN of network namespaces (tests/lan.py):
+
+* start-to-synced: a paired agent is restarted after writing while stopped;
+  time from starting its process until its peer holds the new record — with
+  the peer's address known, and with it forgotten (found again by mDNS);
+* discovery of N agents started together: time until each lists the N-1 others;
+* CPU used by an idle agent over 60 s, with discovery on and off.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -408,6 +418,158 @@ def run_sync(args: argparse.Namespace) -> None:
         )
 
 
+# ---------------------------------------------------------------- lan
+
+
+class LanAgent:
+    def __init__(self, lan: Any, i: int, base: Path, name: str) -> None:
+        self.lan, self.i, self.home, self.name = lan, i, base / name, name
+        self.device_id = self.cli("init", "--name", name).splitlines()[0]
+        self.process: subprocess.Popen[str] | None = None
+
+    def cli(self, *args: str) -> str:
+        result = self.lan.p2psync(self.i, self.home, *args)
+        if result.returncode != 0:
+            raise SystemExit(f"{self.name}: p2psync {' '.join(args)}: {result.stderr}")
+        return str(result.stdout)
+
+    def start(self, *extra: str) -> float:
+        """Start; returns the perf_counter at which the process was started."""
+        started = time.perf_counter()
+        self.process = self.lan.spawn(
+            self.i,
+            sys.executable,
+            "-m",
+            "p2psync",
+            "--home",
+            str(self.home),
+            "run",
+            "--listen",
+            "0.0.0.0:7717",
+            "--quiet",
+            *extra,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.process.stdout is not None
+        if not self.process.stdout.readline().startswith("listening on"):
+            raise SystemExit(f"{self.name} did not start")
+        return started
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def cpu_seconds(self) -> float:
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def has(self, collection: str, key: str) -> bool:
+        conn = sqlite3.connect(f"file:{self.home / 'store.sqlite'}?mode=ro", uri=True)
+        try:
+            row = conn.execute(
+                "SELECT 1 FROM records WHERE collection = ? AND key = ?", (collection, key)
+            ).fetchone()
+        finally:
+            conn.close()
+        return row is not None
+
+    def discovered(self) -> int:
+        rows = json.loads(self.cli("peers", "--json"))
+        return sum(1 for row in rows if row["state"].startswith("discovered") or row["connected"])
+
+
+def wait_until(check: Any, timeout: float) -> float:
+    started = time.perf_counter()
+    while not check():
+        if time.perf_counter() - started > timeout:
+            raise SystemExit("a LAN benchmark step did not finish in time")
+        time.sleep(0.01)
+    return time.perf_counter()
+
+
+def run_lan(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.lan import Lan, unavailable  # noqa: PLC0415 - the test suite's LAN builder
+
+    reason = unavailable()
+    if reason:
+        raise SystemExit(f"cannot build a LAN here: {reason}")
+    print(f"p2psync LAN benchmarks — {os.cpu_count()} CPUs, agents in network namespaces")
+    known, rediscovered = [], []
+    with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
+        lan = Lan(2)
+        try:
+            a, b = LanAgent(lan, 1, Path(tmp), "a"), LanAgent(lan, 2, Path(tmp), "b")
+            a.start()
+            b.start()
+            code = a.cli("pair", "invite").splitlines()[-1]
+            b.cli("pair", "join", code)
+            for run in range(args.runs * 2):
+                forget = run % 2 == 1
+                b.stop()
+                key = f"r{run}"
+                b.cli("put", "bench", key, "1")
+                if forget:  # as if b's address had changed: a must find it by mDNS
+                    with p2psync.open(b.home) as db:
+                        db.store.forget_peer_address(a_key(a), lan.ip(1) + ":7717")
+                    a.stop()
+                    a.start()
+                    time.sleep(2.5)  # a has announced itself and settled
+                started = b.start()
+                done = wait_until(lambda k=key: a.has("bench", k), 30)
+                (rediscovered if forget else known).append((done - started) * 1000)
+        finally:
+            lan.close()
+    print(f"{'start to peer holding the new record, address known, ms':<60} {summary(known)}")
+    print(
+        f"{'start to peer holding the new record, found by mDNS, ms':<60} {summary(rediscovered)}"
+    )
+    discover, idle_on, idle_off = [], [], []
+    with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
+        lan = Lan(args.agents)
+        try:
+            agents = [LanAgent(lan, i, Path(tmp), f"h{i}") for i in range(1, args.agents + 1)]
+            starts = [agent.start() for agent in agents]
+            for agent, started in zip(agents, starts, strict=True):
+                done = wait_until(lambda x=agent: x.discovered() >= args.agents - 1, 30)
+                discover.append((done - started) * 1000)
+            time.sleep(5)
+            for label, samples in (("on", idle_on), ("off", idle_off)):
+                if label == "off":
+                    for agent in agents[:3]:
+                        agent.stop()
+                        agent.start("--no-discovery")
+                    time.sleep(5)
+                before = [agent.cpu_seconds() for agent in agents[:3]]
+                time.sleep(60)
+                after = [agent.cpu_seconds() for agent in agents[:3]]
+                samples.extend(100 * (y - x) / 60 for x, y in zip(before, after, strict=True))
+        finally:
+            lan.close()
+    print(
+        f"{f'discovery of {args.agents} agents started together, ms until each sees all':<60} "
+        f"{summary(discover)}"
+    )
+    print(
+        f"{'idle agent CPU with discovery on, % of one core':<60} "
+        f"{statistics.median(idle_on):>12.3f}  (min {min(idle_on):.3f}, max {max(idle_on):.3f},"
+        f" n={len(idle_on)})"
+    )
+    print(
+        f"{'idle agent CPU with discovery off, % of one core':<60} "
+        f"{statistics.median(idle_off):>12.3f}  (min {min(idle_off):.3f}, "
+        f"max {max(idle_off):.3f}, n={len(idle_off)})"
+    )
+
+
+def a_key(agent: LanAgent) -> bytes:
+    with p2psync.open(agent.home) as db:
+        return db.identity.public_key
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_ingest_worker":
         ingest_worker(sys.argv[2], sys.argv[3])
@@ -423,11 +585,16 @@ def main() -> None:
     sync.add_argument("--records", type=int, default=100_000)
     sync.add_argument("--runs", type=int, default=5)
     sync.add_argument("--live-writes", type=int, default=200)
+    lan = sub.add_parser("lan", help="agents in network namespaces: start-to-synced, discovery")
+    lan.add_argument("--runs", type=int, default=5)
+    lan.add_argument("--agents", type=int, default=10)
     args = parser.parse_args()
     if args.suite == "local":
         run_local(args)
-    else:
+    elif args.suite == "sync":
         run_sync(args)
+    else:
+        run_lan(args)
 
 
 if __name__ == "__main__":
