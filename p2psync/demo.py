@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import p2psync
 from p2psync import home as home_mod
+from p2psync.agent.process import AgentProcess
 
 Say = Callable[[str], None]
 
@@ -32,48 +32,19 @@ class Site:
         self.name = name
         self.home = base / name.lower().replace(" ", "-")
         self.device_id = home_mod.init(self.home, name).identity.device_id
-        self.address = "127.0.0.1:0"
-        self.process: subprocess.Popen[str] | None = None
+        self.agent = AgentProcess(
+            self.home, args=["--discovery-interface", "127.0.0.1"], log=self.home / "agent.log"
+        )
+
+    @property
+    def address(self) -> str:
+        return self.agent.address
 
     def start(self) -> None:
-        log = (self.home / "agent.log").open("a")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "p2psync",
-                "--home",
-                str(self.home),
-                "run",
-                "--listen",
-                self.address,
-                "--discovery-interface",
-                "127.0.0.1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        log.close()
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("listening on "):
-            self.stop()
-            raise p2psync.P2PSyncError(f"the agent of {self.name} did not start")
-        self.address = line.split()[-1]  # keep the port across restarts
+        self.agent.start()
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        self.process = None
+        self.agent.stop()
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(

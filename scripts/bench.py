@@ -35,7 +35,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import sqlite3
 import statistics
 import struct
@@ -51,6 +50,9 @@ import trio
 
 import p2psync
 from p2psync import home as home_mod
+from p2psync import pairing
+from p2psync.agent.process import AgentProcess
+from p2psync.core.rules import Terms
 
 BATCH = 2000  # entries per ingest call (one store transaction each)
 
@@ -248,50 +250,10 @@ def run_local(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- sync
 
 
-class Agent:
-    """An agent process on 127.0.0.1, ended by PID."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "p2psync",
-                "--home",
-                str(home),
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-discovery",
-                "--quiet",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("listening on "):
-            self.process.kill()
-            raise SystemExit(f"agent at {home} did not start")
-        self.address = line.split()[-1]
-        self.started = time.perf_counter()
-
-    def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+def start_agent(home: Path, *extra: str) -> AgentProcess:
+    agent = AgentProcess(home, args=["--no-discovery", "--quiet", *extra])
+    agent.start()
+    return agent
 
 
 def head_seq(conn: sqlite3.Connection) -> int:
@@ -300,22 +262,29 @@ def head_seq(conn: sqlite3.Connection) -> int:
 
 
 def pair(a: Path, b: Path, b_address: str | None) -> None:
+    """``a`` proposes an everything-both-ways rule to ``b`` (both sides doing it is a pair)."""
     with p2psync.open(a) as db_a, p2psync.open(b) as db_b:
-        db_a.store.add_peer(
-            db_b.identity.public_key, "B", [b_address] if b_address else [], home_mod.now_ms()
+        pairing.propose(
+            db_a,
+            db_b.identity.public_key,
+            Terms(),
+            name="peer",
+            addresses=[b_address] if b_address else [],
         )
 
 
-def bench_w1(base: Path, source: Path, count: int) -> tuple[float, float, float, Path, Agent]:
+def bench_w1(
+    base: Path, source: Path, count: int
+) -> tuple[float, float, float, Path, AgentProcess]:
     """One W1 run; returns records/s, peak RSS of A and B, B's home, A's agent."""
     a_home = base / f"a-{time.monotonic_ns()}"
     shutil.copytree(source, a_home)
     b_home = fresh_home(base, "b")
     pair(a_home, b_home, None)  # before A starts: it trusts B from the first dial
-    agent_a = Agent(a_home)
+    agent_a = start_agent(a_home)
     pair(b_home, a_home, agent_a.address)
-    agent_b = Agent(b_home)  # dials A at once
-    started = agent_b.started
+    started = time.perf_counter()
+    agent_b = start_agent(b_home)  # dials A at once
     conn = sqlite3.connect(f"file:{b_home / 'store.sqlite'}?mode=ro", uri=True)
     while head_seq(conn) < count:
         time.sleep(0.01)
@@ -390,7 +359,7 @@ def run_sync(args: argparse.Namespace) -> None:
                     w3_bytes.append(size)
                     w3_ms.append(ms)
                 if run == 0 and args.live_writes:
-                    agent_b = Agent(b_home)
+                    agent_b = start_agent(b_home)
                     time.sleep(1.0)  # connected and in sync
                     try:
                         w2 = bench_w2(agent_a.home, b_home, args.live_writes)
@@ -425,7 +394,12 @@ class LanAgent:
     def __init__(self, lan: Any, i: int, base: Path, name: str) -> None:
         self.lan, self.i, self.home, self.name = lan, i, base / name, name
         self.device_id = self.cli("init", "--name", name).splitlines()[0]
-        self.process: subprocess.Popen[str] | None = None
+        self.agent = AgentProcess(
+            self.home,
+            listen="0.0.0.0:7717",
+            args=["--quiet"],
+            prefix=["ip", "netns", "exec", lan.host(i)],
+        )
 
     def cli(self, *args: str) -> str:
         result = self.lan.p2psync(self.i, self.home, *args)
@@ -436,35 +410,14 @@ class LanAgent:
     def start(self, *extra: str) -> float:
         """Start; returns the perf_counter at which the process was started."""
         started = time.perf_counter()
-        self.process = self.lan.spawn(
-            self.i,
-            sys.executable,
-            "-m",
-            "p2psync",
-            "--home",
-            str(self.home),
-            "run",
-            "--listen",
-            "0.0.0.0:7717",
-            "--quiet",
-            *extra,
-            stderr=subprocess.DEVNULL,
-        )
-        assert self.process.stdout is not None
-        if not self.process.stdout.readline().startswith("listening on"):
-            raise SystemExit(f"{self.name} did not start")
+        self.agent.start(*extra)
         return started
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+        self.agent.stop()
 
     def cpu_seconds(self) -> float:
-        assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return self.agent.cpu_seconds()
 
     def has(self, collection: str, key: str) -> bool:
         conn = sqlite3.connect(f"file:{self.home / 'store.sqlite'}?mode=ro", uri=True)

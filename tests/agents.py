@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import p2psync
 from p2psync import home as home_mod
+from p2psync.agent.process import AgentProcess
 
 
 def cli(home: Path, *args: str, check: bool = True, timeout: float = 60) -> str:
@@ -29,80 +27,26 @@ def cli(home: Path, *args: str, check: bool = True, timeout: float = 60) -> str:
     return result.stdout
 
 
-@dataclass
-class AgentProcess:
-    home: Path
-    name: str
-    device_id: str = ""
-    address: str = ""
-    process: subprocess.Popen[str] | None = None
-    log: Path = field(init=False)
+class SpawnedAgent(AgentProcess):
+    """An agent process for tests: made with its own home, logging to a file."""
 
-    def __post_init__(self) -> None:
-        self.log = self.home.parent / f"{self.name}.log"
+    def __init__(self, home: Path, name: str) -> None:
+        super().__init__(home, args=["--no-discovery"], log=home.parent / f"{name}.log")
+        self.name = name
+        self.device_id = ""
 
-    def init(self) -> AgentProcess:
-        created = home_mod.init(self.home, self.name)
-        self.device_id = created.identity.device_id
+    def init(self) -> SpawnedAgent:
+        self.device_id = home_mod.init(self.home, self.name).identity.device_id
         return self
 
-    def start(self, listen: str | None = None) -> AgentProcess:
-        listen = listen or (self.address or "127.0.0.1:0")
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "p2psync",
-                    "--home",
-                    str(self.home),
-                    "run",
-                    "--listen",
-                    listen,
-                    "--no-discovery",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("listening on "):
-            self.process.kill()
-            raise AssertionError(f"agent {self.name} did not start: {self.log.read_text()}")
-        self.address = line.split()[-1]
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        if self.process is None:
-            return 0
-        self.process.send_signal(signal.SIGTERM)
+    def start(self, *extra: str) -> SpawnedAgent:  # type: ignore[override]
         try:
-            code = self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self._close()
-        return code
+            super().start(*extra)
+        except p2psync.P2PSyncError as exc:
+            raise AssertionError(str(exc)) from exc
+        return self
 
-    def kill9(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self._close()
-
-    def _close(self) -> None:
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
-        self.process = None
-
-    def pair(self, other: AgentProcess, with_address: bool = True) -> None:
+    def pair(self, other: SpawnedAgent, with_address: bool = True) -> None:
         args = ["pair", "add", other.device_id, "--name", other.name]
         if with_address and other.address:
             args += ["--address", other.address]
@@ -123,6 +67,6 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) -> Non
         time.sleep(interval)
 
 
-def value_at(agent: AgentProcess, collection: str, key: str) -> Any:
+def value_at(agent: SpawnedAgent, collection: str, key: str) -> Any:
     with agent.db() as db:
         return db.get(collection, key)

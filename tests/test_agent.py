@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 import p2psync
-from tests.agents import AgentProcess, cli, value_at, wait_for
+from tests.agents import SpawnedAgent, cli, value_at, wait_for
 
-Make = Callable[[str], AgentProcess]
+Make = Callable[[str], SpawnedAgent]
 
 
 @pytest.fixture
 def agents(tmp_path: Path) -> Iterator[Make]:
-    started: list[AgentProcess] = []
+    started: list[SpawnedAgent] = []
 
-    def make(name: str) -> AgentProcess:
-        agent = AgentProcess(tmp_path / name, name).init()
+    def make(name: str) -> SpawnedAgent:
+        agent = SpawnedAgent(tmp_path / name, name).init()
         started.append(agent)
         return agent
 
@@ -34,7 +34,7 @@ def agents(tmp_path: Path) -> Iterator[Make]:
         agent.stop()
 
 
-def pair_up(*agents: AgentProcess) -> None:
+def pair_up(*agents: SpawnedAgent) -> None:
     for a in agents:
         for b in agents:
             if a is not b:
@@ -125,7 +125,7 @@ def test_hostile_connections_do_not_disturb_the_agent(agents: Make) -> None:
     wait_for(lambda: value_at(b, "c", "still") == 1, timeout=5)
     for sock in sockets:
         sock.close()
-    assert a.process is not None and a.process.poll() is None  # still running
+    assert a.running
     assert "refused connection" in a.log.read_text()
 
 
@@ -154,7 +154,7 @@ def test_sync_through_a_running_agent(agents: Make) -> None:
 
 def test_second_agent_on_one_home_is_refused(agents: Make) -> None:
     a = agents("a").start()
-    second = AgentProcess(a.home, "a-again")
+    second = SpawnedAgent(a.home, "a-again")
     with pytest.raises(AssertionError, match="already running"):
         second.start()
 

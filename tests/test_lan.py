@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from p2psync.agent.process import AgentProcess
 from tests.lan import Lan, unavailable
 
 pytestmark = [
@@ -33,8 +33,13 @@ class HostAgent:
         self.home = base / name
         out = self.cli("init", "--name", name)
         self.device_id = out.splitlines()[0]
-        self.process: subprocess.Popen[str] | None = None
         self.log = base / f"{name}.log"
+        self.agent = AgentProcess(
+            self.home,
+            listen="0.0.0.0:7717",
+            prefix=["ip", "netns", "exec", lan.host(i)],
+            log=self.log,
+        )
 
     def cli(self, *args: str, check: bool = True) -> str:
         result = self.lan.p2psync(self.i, self.home, *args)
@@ -46,31 +51,11 @@ class HostAgent:
         return json.loads(self.cli(*args, "--json"))
 
     def start(self) -> HostAgent:
-        log = self.log.open("a")
-        self.process = self.lan.spawn(
-            self.i,
-            sys.executable,
-            "-m",
-            "p2psync",
-            "--home",
-            str(self.home),
-            "run",
-            "--listen",
-            "0.0.0.0:7717",
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-        log.close()
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line.startswith("listening on"), self.log.read_text()
+        self.agent.start()
         return self
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+        self.agent.stop()
 
     def get(self, collection: str, key: str) -> Any:
         result = self.lan.p2psync(self.i, self.home, "get", collection, key)
@@ -281,4 +266,4 @@ def test_avahi_resolves_our_agent(lan3: Lan, tmp_path: Path) -> None:
     assert any(
         lan3.ip(1) in line and "7717" in line and h1.device_id in line for line in resolved
     ), result.stdout + result.stderr
-    assert h1.process is not None and h1.process.poll() is None
+    assert h1.agent.running

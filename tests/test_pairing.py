@@ -194,3 +194,14 @@ def test_invite_codes_catch_typos() -> None:
         pairing.parse_invite("hello")
     with pytest.raises(UsageError, match="mistyped"):
         pairing.parse_invite("P2PS-AAAAAAAA-BBBBBBBB")
+
+
+async def test_a_no_op_resync_of_a_paired_pair_is_small(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, key(b), Terms())
+    pairing.propose(b, key(a), Terms())
+    a.put("c", "k", 1)
+    await session(a, b)
+    stats_a, _ = await session(a, b)  # the rule objects are not sent again
+    assert stats_a.synced and stats_a.sent == stats_a.received == 0
+    assert stats_a.bytes_sent + stats_a.bytes_received < 1024

@@ -34,7 +34,7 @@ from p2psync.api import Database
 from p2psync.core.frames import FrameError
 from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import device_id, short_id
-from p2psync.core.messages import lag
+from p2psync.core.messages import lag, rules_digest
 from p2psync.core.noise import HandshakeError
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
@@ -94,6 +94,7 @@ class Agent:
         #: per peer: when its last connection ended, why, and whether it was in sync
         self.ended: dict[bytes, tuple[float, str, bool]] = {}
         self.discovery: Discovery | None = None
+        self._rules_seen = b""
         self.registry = Registry()
         self.peers: dict[bytes, Peer] = {}
         self.addresses: list[str] = []
@@ -195,9 +196,14 @@ class Agent:
         return peer is not None and peer.state is PeerState.KNOWN
 
     async def _reload_peers(self) -> None:
-        peers = await trio.to_thread.run_sync(self.db.store.peers)
+        def load() -> tuple[list[Peer], bytes]:
+            return self.db.store.peers(), rules_digest(self.db.store.rule_objects(None))
+
+        peers, rules = await trio.to_thread.run_sync(load)
         self.peers = {peer.key: peer for peer in peers}
-        self.rules_feed.bump()  # live sessions re-send rule objects and re-check them
+        if rules != self._rules_seen:  # live sessions re-send rule objects and re-check them
+            self._rules_seen = rules
+            self.rules_feed.bump()
         if self._nursery is None:
             return
         if self.discovery is not None:  # a peer added after we saw it on the LAN

@@ -17,13 +17,14 @@ type  name       fields
 7     Bye        reason (text)
 8     Rules      [signed rule object (bstr), ...]
 9     Join       invite id (8 bytes), proof (32 bytes)
+10    RulesHeld  digest of the IDs of the rule objects held for the pair (16 bytes)
 ====  =========  ===============================================================
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +106,12 @@ class Join:
     proof: bytes
 
 
-Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join
+@dataclass(frozen=True, slots=True)
+class RulesHeld:
+    digest: bytes
+
+
+Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld
 
 
 def heads_digest(heads: Heads) -> bytes:
@@ -114,6 +120,14 @@ def heads_digest(heads: Heads) -> bytes:
     for author in sorted(heads):
         head = heads[author]
         hasher.update(author + head.seq.to_bytes(8, "big") + head.head)
+    return hasher.digest()
+
+
+def rules_digest(objects: Iterable[bytes]) -> bytes:
+    """Digest of a set of signed rule objects (order does not matter)."""
+    hasher = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"p2psync-rules")
+    for identifier in sorted(hashlib.blake2b(o, digest_size=32).digest() for o in objects):
+        hasher.update(identifier)
     return hasher.digest()
 
 
@@ -142,8 +156,10 @@ def encode(message: Message) -> bytes:
         body = [7, message.reason[:MAX_REASON_CHARS]]
     elif isinstance(message, Rules):
         body = [8, message.objects]
-    else:
+    elif isinstance(message, Join):
         body = [9, message.invite, message.proof]
+    else:
+        body = [10, message.digest]
     return canonical.encode(body)
 
 
@@ -249,4 +265,5 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     7: _reason,
     8: _rules,
     9: _join,
+    10: lambda body: RulesHeld(_bytes(_fields(body, 1)[0], DIGEST_BYTES)),
 }

@@ -7,7 +7,8 @@ returns, and tells the machine what the store did. Time is an argument.
 
 Flow::
 
-    both:   Rules([...])                       every rule object about this pair
+    both:   RulesHeld(digest)                  which rule objects about the pair it holds
+    both:   Rules([...])                       all of them, when the digests differ
     joiner: Join(invite, proof)                when pairing by invite code
     both:   Have(heads)                        once the pair has a rule in force
     sender: Entries(n, [...]) ...              what the peer lacks, causal order,
@@ -44,6 +45,7 @@ from p2psync.core.messages import (
     Pong,
     ProtocolError,
     Rules,
+    RulesHeld,
     heads_digest,
 )
 
@@ -72,6 +74,11 @@ class PeerHeadsReceived:
 @dataclass(frozen=True, slots=True)
 class RulesReceived:
     objects: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class RulesHeldReceived:
+    digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,7 @@ Event = (
     | SessionClosed
     | RulesReceived
     | JoinRequested
+    | RulesHeldReceived
 )
 
 Position = tuple[bytes, int, bytes]  # author, seq, entry ID
@@ -153,6 +161,10 @@ class SyncSession:
     def send_rules(self, objects: list[bytes]) -> None:
         if self.phase is not Phase.CLOSED:
             self._outbox.append(Rules(objects))
+
+    def send_rules_held(self, digest: bytes) -> None:
+        if self.phase is not Phase.CLOSED:
+            self._outbox.append(RulesHeld(digest))
 
     def send_join(self, invite: bytes, proof: bytes) -> None:
         if self.phase is not Phase.CLOSED:
@@ -259,6 +271,8 @@ class SyncSession:
             return [SessionClosed(message.reason, by_peer=True, error=False)]
         if isinstance(message, Rules):
             return [RulesReceived(message.objects)]
+        if isinstance(message, RulesHeld):
+            return [RulesHeldReceived(message.digest)]
         if isinstance(message, Join):
             return [JoinRequested(message.invite, message.proof)]
         if isinstance(message, Ping):

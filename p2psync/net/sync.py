@@ -34,6 +34,7 @@ from p2psync.core.session import (
     JoinRequested,
     PeerHeadsReceived,
     Phase,
+    RulesHeldReceived,
     RulesReceived,
     SessionClosed,
     SessionConfig,
@@ -122,6 +123,7 @@ class _Run:
         self.nursery: trio.Nursery | None = None
         self.who = short_id(secure.peer)
         self.local_stale = False
+        self._visible_memo: dict[str, bool] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -143,6 +145,9 @@ class _Run:
             elif isinstance(event, RulesReceived):
                 assert self.nursery is not None
                 self.nursery.start_soon(self.rules_received, event.objects)
+            elif isinstance(event, RulesHeldReceived):
+                assert self.nursery is not None
+                self.nursery.start_soon(self.rules_held, event.digest)
             elif isinstance(event, JoinRequested):
                 assert self.nursery is not None
                 self.nursery.start_soon(self.join_requested, event.invite, event.proof)
@@ -189,7 +194,7 @@ class _Run:
         if self.link is None:
             self.handle(self.machine.begin(await self.store.heads()))
             return
-        self.machine.send_rules(await self.link.objects())
+        self.machine.send_rules_held(messages.rules_digest(await self.link.objects()))
         join = self.link.join_proof()
         if join is not None:
             self.machine.send_join(*join)
@@ -223,6 +228,14 @@ class _Run:
             self.outbox_ready.set()
         await self.refresh_permissions()
 
+    async def rules_held(self, digest: bytes) -> None:
+        """The peer says which rule objects it holds: send ours if it lacks any."""
+        assert self.link is not None
+        ours = await self.link.objects()
+        if messages.rules_digest(ours) != digest:
+            self.machine.send_rules(ours)
+            self.outbox_ready.set()
+
     async def join_requested(self, invite: bytes, proof: bytes) -> None:
         assert self.link is not None
         try:
@@ -249,6 +262,22 @@ class _Run:
         await trio.sleep(seconds)
         if not self.machine.begun:
             self.handle(self.machine.close("not paired: the pairing request awaits approval"))
+
+    def visible(self) -> Callable[[str], bool] | None:
+        """What we may receive, as the store's ingest wants it: None for everything,
+        else a (memoised) test per collection."""
+        if self.link is None or any(t.collections == ("*",) for t in self.permissions.receive):
+            return None
+        permissions, memo = self.permissions, self._visible_memo
+        memo.clear()
+
+        def visible(collection: str) -> bool:
+            allowed = memo.get(collection)
+            if allowed is None:
+                allowed = memo[collection] = permissions.may_receive(collection)
+            return allowed
+
+        return visible
 
     def strip(self, wires: list[bytes]) -> list[bytes]:
         """Withhold the payloads of collections the peer may not receive."""
@@ -289,7 +318,7 @@ class _Run:
 
     async def ingester(self) -> None:
         async for event in self.batches_out:
-            visible = None if self.link is None else self.permissions.may_receive
+            visible = self.visible()
             try:
                 result, heads = await self.store.ingest(event.wires, visible)
             except StoreError as exc:
@@ -301,7 +330,9 @@ class _Run:
             self.stats.received += len(result.accepted)
             self.stats.held += len(result.held)
             self.stats.refused += len(result.rejected)
-            self.machine.ingested(event.batch, result.seen)
+            self.machine.ingested(
+                event.batch, [(author, seq, eid) for author, (seq, eid) in result.seen.items()]
+            )
             if result.accepted:
                 self.feed.bump()  # other sessions forward these to their peers
             self.machine.local_changed(heads)
@@ -333,9 +364,10 @@ class _Run:
                     o for o in batch if o.author in now_wanted and o.seq > now_wanted[o.author]
                 ]
                 if batch and self.machine.can_send():
+                    last = {o.author: (o.seq, o.id) for o in batch}  # seqs rise per author
                     self.machine.send_batch(
                         self.strip([o.wire for o in batch]),
-                        [(o.author, o.seq, o.id) for o in batch],
+                        [(author, seq, eid) for author, (seq, eid) in last.items()],
                     )
                     self.stats.sent += len(batch)
                     self.outbox_ready.set()

@@ -68,8 +68,9 @@ class IngestResult:
     duplicates: int = 0
     rejected: list[Rejected] = field(default_factory=list)
     signatures_checked: int = 0
-    #: ``(author, seq, entry ID)`` of every input that decoded: what the sender holds
-    seen: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    #: per author, ``(seq, entry ID)`` of the furthest input that decoded: what the
+    #: sender holds (a sender holds whole chains, so the last one says it all)
+    seen: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -246,5 +247,7 @@ def decode_batch(
             )
             continue
         items.append(Item(entry, wire, index))
-        result.seen.append((entry.author, entry.seq, entry.id))
+        furthest = result.seen.get(entry.author)
+        if furthest is None or entry.seq > furthest[0]:
+            result.seen[entry.author] = (entry.seq, entry.id)
     return items
