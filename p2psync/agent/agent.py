@@ -267,16 +267,18 @@ class Agent:
                 secured = await secure(
                     stream, self.identity, initiator=True, name=self.name, expect=key
                 )
-            except (OSError, trio.TooSlowError, HandshakeError, FrameError, ConnectionLost) as exc:
-                log.debug("dialling %s at %s failed: %s", short_id(key), address, exc)
+            except Exception as exc:  # whatever the far end does, only this attempt fails
+                log.debug("dialling %s at %s failed: %r", short_id(key), address, exc)
                 if stream is not None:
                     await stream.aclose()
                 if isinstance(exc, IdentityMismatch):
                     # an advert or a stale address pointing at another agent: forget it
                     log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
                     await trio.to_thread.run_sync(self.db.store.forget_peer_address, key, address)
-                elif isinstance(exc, HandshakeError):
+                elif isinstance(exc, HandshakeError | FrameError | ConnectionLost):
                     await self._record(key, error=f"handshake with {address} failed: {exc}")
+                elif not isinstance(exc, OSError | trio.TooSlowError):
+                    log.warning("dialling %s at %s failed: %r", short_id(key), address, exc)
                 continue
             stats = await self._run_connection(secured, outbound=True, address=address)
             return stats is not None and stats.synced
@@ -294,7 +296,7 @@ class Agent:
             # anyone may connect: an unpaired agent can only exchange rule objects
             # (pairing requests, invite joins); no entry flows without a rule in force
             secured = await secure(stream, self.identity, initiator=False, name=self.name)
-        except (HandshakeError, FrameError, ConnectionLost) as exc:
+        except Exception as exc:  # one bad connection never takes the agent down
             log.warning("refused connection from %s: %s", address, exc)
             await stream.aclose()
             return
@@ -354,8 +356,8 @@ class Agent:
                     on_synced=synced,
                     link=link,
                 )
-        except P2PSyncError as exc:
-            log.warning("connection with %s failed: %s", short_id(peer), exc)
+        except Exception as exc:  # one bad connection never takes the agent down
+            log.warning("connection with %s failed: %r", short_id(peer), exc)
             await self._record(peer, error=str(exc))
         finally:
             self.registry.remove(conn)

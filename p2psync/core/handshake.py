@@ -143,7 +143,11 @@ class Handshake:
             fields = canonical.decode(payload, what="handshake payload", max_depth=1)
         except DecodeError as exc:
             raise HandshakeError(f"bad handshake payload: {exc}") from exc
-        if type(fields) is not dict or sorted(fields) != [0, 1, 2, 3]:
+        if (
+            type(fields) is not dict
+            or not all(type(key) is int for key in fields)
+            or set(fields) != {0, 1, 2, 3}
+        ):
             raise HandshakeError("handshake payload must have the keys 0-3")
         version, key, signature, name = fields[0], fields[1], fields[2], fields[3]
         if version != PROTOCOL_VERSION:
@@ -153,7 +157,7 @@ class Handshake:
             )
         if type(key) is not bytes or len(key) != KEY_BYTES or type(signature) is not bytes:
             raise HandshakeError("handshake payload has a malformed identity")
-        if type(name) is not str or len(name) > MAX_NAME_CHARS:
+        if type(name) is not str or len(name) > MAX_NAME_CHARS or not name.isprintable():
             raise HandshakeError("handshake payload has a malformed name")
         if x25519_public(key) != remote_static:
             raise HandshakeError("peer's identity key does not match its handshake key")

@@ -298,8 +298,8 @@ def _fields(
     return RuleObject(identifier, kind, signer, signed, _ms(body[4]), proposal=proposal)
 
 
-def _keys(body: dict[int, Any], count: int) -> None:
-    if sorted(body) != list(range(count)) or not all(type(k) is int for k in body):
+def _keys(body: dict[Any, Any], count: int) -> None:
+    if not all(type(k) is int for k in body) or set(body) != set(range(count)):
         raise DecodeError(f"rule body must have the keys 0-{count - 1}")
 
 
