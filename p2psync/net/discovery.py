@@ -44,6 +44,7 @@ SERVICE_TYPE = "_p2psync._tcp.local."
 PROTOCOL_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 MAX_NAME_BYTES = 63
+MAX_TABLE = 1000  # agents remembered from adverts
 
 
 @dataclass
@@ -108,6 +109,9 @@ class Discovery:
         self.on_lost = on_lost
         self.table: dict[bytes, Found] = {}
         self._instances: dict[str, bytes] = {}
+        self._resolving: set[str] = set()
+        # resolving may wait seconds: its own few threads, not the store's
+        self._resolvers = trio.CapacityLimiter(4)
         self.advertised: list[str] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -168,10 +172,20 @@ class Discovery:
         log.info("advertised on the LAN as %s at %s", info.name, ", ".join(self.advertised))
 
     async def _resolve(self, zc: Zeroconf, instance: str) -> None:
-        info: Any = await trio.to_thread.run_sync(
-            lambda: zc.get_service_info(SERVICE_TYPE, instance, timeout=RESOLVE_TIMEOUT_MS),
-            abandon_on_cancel=True,
-        )
+        if instance in self._resolving or len(self.table) >= MAX_TABLE:
+            return
+        self._resolving.add(instance)
+        try:
+            info: Any = await trio.to_thread.run_sync(
+                lambda: zc.get_service_info(SERVICE_TYPE, instance, timeout=RESOLVE_TIMEOUT_MS),
+                abandon_on_cancel=True,
+                limiter=self._resolvers,
+            )
+        except Exception as exc:  # whatever a LAN host sends, discovery carries on
+            log.debug("cannot resolve %r: %r", instance, exc)
+            return
+        finally:
+            self._resolving.discard(instance)
         if info is None or not info.port:
             return
         parsed = parse_advert(info.properties or {})
