@@ -168,7 +168,7 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
         if outcome.synced:
             click.echo(f"{who}: in sync (received {outcome.received}, sent {outcome.sent})")
         else:
-            click.echo(f"{who}: NOT in sync: {outcome.error}")
+            click.echo(f"{who}: NOT in sync: {output.safe(outcome.error or '')}")
     failed = [o for o in outcomes if not o.synced]
     if failed:
         raise P2PSyncError(f"{len(failed)} of {len(outcomes)} peers are not in sync")
@@ -219,7 +219,7 @@ def status(state: State, as_json: bool) -> None:
         )
         for conn in running["connections"]:
             click.echo(
-                f"  {conn['peer'] or conn['device_id'][:7]} ({conn['direction']}, "
+                f"  {output.safe(conn['peer'] or conn['device_id'][:7])} ({conn['direction']}, "
                 f"{conn['address']}): {'in sync' if conn['synced'] else 'syncing'}, "
                 f"{conn['behind']} behind, {conn['ahead']} ahead, "
                 f"sent {conn['entries_sent']}, received {conn['entries_received']}"
@@ -229,10 +229,10 @@ def status(state: State, as_json: bool) -> None:
         f"{store['conflicts']} conflicts, {store['held']} held"
     )
     for row in peer_rows:
-        line = f"  peer {row['name']}: last in sync "
+        line = f"  peer {output.safe(row['name'] or '?')}: last in sync "
         line += output.describe_hlc(row["last_sync"] << 16) if row["last_sync"] else "never"
         if row["last_error"]:
-            line += f"; last error: {row['last_error']}"
+            line += f"; last error: {output.safe(row['last_error'])}"
         click.echo(line)
 
 
