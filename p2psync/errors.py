@@ -23,7 +23,8 @@ module that touches them, with ``raise X from exc``.
     │   ├── FrozenAuthorError      its author is frozen after a fork
     │   ├── WithheldError          a payload this agent may see was left out
     │   ├── RuleViolationError     a payload this agent may not receive was sent
-    │   └── HeldLimitError         too many entries already waiting for predecessors
+    │   ├── HeldLimitError         too many entries already waiting for predecessors
+    │   └── AuthorLimitError       the store holds as many authors' logs as it may
     └── IntegrityError             stored or received data proves tampering or misbehaviour
         ├── ForkError              an author signed two different entries at one seq
         └── CorruptionError        the local store does not verify
@@ -104,6 +105,10 @@ class RuleViolationError(EntryError):
 
 class HeldLimitError(EntryError):
     """Too many entries already wait for their predecessors."""
+
+
+class AuthorLimitError(EntryError):
+    """The store already holds the logs of as many authors as it may."""
 
 
 class IntegrityError(P2PSyncError):

@@ -8,8 +8,10 @@ invite code pairs without a further question: the inviter proposes the terms
 it chose, and the joiner, who asked by presenting the code, accepts them.
 
 Invite codes: ``P2PS-`` then base32 of canonical CBOR
-``[inviter key, invite id (8), secret (16), [[ip (4/16 bytes), port], ...], expires ms]``
-plus a 2-byte BLAKE2b check. The joiner proves it holds the secret with
+``[inviter key, invite id (8), secret (16), [[ip (4/16 bytes), port], ...], expires ms,
+terms hash (8)]`` plus a 2-byte BLAKE2b check. The joiner accepts only a proposal
+whose terms match the hash: the code says what it pairs for. The joiner proves it
+holds the secret with
 ``BLAKE2b-256(key=secret, b"p2psync/v1/join\\x00" || handshake hash)``: bound to
 its own handshake, so an overheard proof is worthless elsewhere.
 """
@@ -119,26 +121,35 @@ def receive(
     db: Database,
     peer: bytes,
     objects: Iterable[bytes],
-    joining: bool,
+    joining: bytes | None,
     peer_name: str | None = None,
 ) -> list[bytes]:
     """Keep rule objects the peer sent; return our answers to send back.
 
-    ``joining``: we presented an invite code to this peer, so we accept the
-    proposal it makes in return, as is. A peer that proposes something becomes
-    known (under the name it gave), so ``pair pending`` can name it.
+    ``joining``: we presented an invite code to this peer (these are the code's
+    terms hash), so we accept, as is, the proposal it makes in return with exactly
+    those terms. A peer that proposes something becomes known (under the name it
+    gave), so ``pair pending`` can name it.
     """
     me = db.identity.public_key
-    added = db.store.add_rule_objects(me, list(objects), now_ms())
+    added = db.store.add_rule_objects(me, list(objects), now_ms(), peer_only=peer)
     known = db.store.peer(peer)
     if (added and known is None) or (known is not None and not known.name and peer_name):
         db.store.add_peer(peer, peer_name, [], now_ms())
     answers = settle(db, peer)
-    if joining:
+    if joining is not None:
         for rule in db.store.rules(peer):
-            if rule.proposer == peer and rule.state is RuleState.PROPOSED:
+            if (
+                rule.proposer == peer
+                and rule.state is RuleState.PROPOSED
+                and terms_hash(rule.proposed) == joining
+            ):
                 answers.append(accept(db, rule))
     return answers
+
+
+def terms_hash(terms: Terms) -> bytes:
+    return hashlib.blake2b(canonical.encode(terms.encode()), digest_size=8).digest()
 
 
 # ---------------------------------------------------------------- invites
@@ -151,6 +162,7 @@ class InviteCode:
     secret: bytes
     addresses: tuple[str, ...]
     expires: int
+    terms: bytes  # hash of the terms the inviter will propose
 
 
 def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Sequence[str]) -> str:
@@ -166,7 +178,9 @@ def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Se
             hints.append([ipaddress.ip_address(host.strip("[]")).packed, int(port)])
         except ValueError:
             continue
-    payload = canonical.encode([db.identity.public_key, invite, secret, hints, expires])
+    payload = canonical.encode(
+        [db.identity.public_key, invite, secret, hints, expires, terms_hash(terms)]
+    )
     check = hashlib.blake2b(payload, digest_size=2).digest()
     text = base64.b32encode(payload + check).decode("ascii").rstrip("=")
     return INVITE_PREFIX + "-".join(text[i : i + 8] for i in range(0, len(text), 8))
@@ -186,9 +200,11 @@ def parse_invite(code: str) -> InviteCode:
         raise UsageError("invalid invite code: it was mistyped or cut short")
     try:
         fields = canonical.decode(payload, what="invite code", max_depth=3)
-        inviter, invite, secret, hints, expires = fields
+        inviter, invite, secret, hints, expires, terms = fields
         if (
-            type(inviter) is not bytes
+            type(terms) is not bytes
+            or len(terms) != 8
+            or type(inviter) is not bytes
             or len(inviter) != KEY_BYTES
             or type(invite) is not bytes
             or len(invite) != 8
@@ -204,7 +220,7 @@ def parse_invite(code: str) -> InviteCode:
             addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     except (DecodeError, ValueError, TypeError):
         raise UsageError("invalid invite code: its contents are malformed") from None
-    return InviteCode(inviter, invite, secret, tuple(addresses), expires)
+    return InviteCode(inviter, invite, secret, tuple(addresses), expires, terms)
 
 
 def join_proof(secret: bytes, handshake_hash: bytes) -> bytes:
@@ -220,6 +236,10 @@ def answer_join(
         raise PairingError(f"{short_id(peer)} presented an invalid invite code")
     if found.expires < now_ms():
         raise PairingError(f"{short_id(peer)} presented an expired invite code")
+    if found.used_by == peer:  # the same joiner again (its first session was cut short)
+        for rule in db.store.rules(peer):
+            if rule.proposer == db.identity.public_key and rule.proposed == found.terms:
+                return rule.objects[0]
     if not db.store.use_invite(invite, peer):
         raise PairingError(f"{short_id(peer)} presented an invite code that was already used")
     db.store.add_peer(peer, None, [], now_ms())
@@ -228,16 +248,16 @@ def answer_join(
     return signed
 
 
-def pending_join(db: Database, peer: bytes) -> tuple[bytes, bytes] | None:
-    """``(invite id, secret)`` when we are joining ``peer`` with an invite code."""
+def pending_join(db: Database, peer: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """``(invite id, secret, terms hash)`` when we are joining ``peer`` with a code."""
     value = db.store.get_meta(f"join:{peer.hex()}")
-    if not isinstance(value, bytes) or len(value) != 24:
+    if not isinstance(value, bytes) or len(value) != 32:
         return None
-    return value[:8], value[8:]
+    return value[:8], value[8:24], value[24:]
 
 
 def remember_join(db: Database, code: InviteCode) -> None:
-    db.store.set_meta(f"join:{code.inviter.hex()}", code.invite + code.secret)
+    db.store.set_meta(f"join:{code.inviter.hex()}", code.invite + code.secret + code.terms)
 
 
 def forget_join(db: Database, peer: bytes) -> None:

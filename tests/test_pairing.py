@@ -178,7 +178,7 @@ async def test_wrong_or_expired_invite_is_refused(make_db: MakeDb) -> None:
     a, b = make_db("a"), make_db("b")
     code = pairing.create_invite(a, Terms(), 600, ["127.0.0.1:1"])
     invite = pairing.parse_invite(code)
-    forged = pairing.InviteCode(invite.inviter, invite.invite, os.urandom(16), (), 0)
+    forged = pairing.InviteCode(invite.inviter, invite.invite, os.urandom(16), (), 0, invite.terms)
     pairing.remember_join(b, forged)
     _, stats_a = await session(b, a)
     assert "invalid invite code" in stats_a.reason

@@ -395,7 +395,7 @@ async def test_store_restored_from_a_backup_refuses_writes_until_synced(
     try:
         assert restored.authors()[0].seq == 5
         # the peer's Have shows our own log at 15: writing now would fork it
-        restored.store.note_peer_heads(b.store.heads())
+        restored.store.note_peer_heads(b.identity.public_key, b.store.heads())
         with pytest.raises(p2psync.IntegrityError, match="restored from a backup"):
             restored.put("c", "new", 1)
         await sync_pair(restored, b)

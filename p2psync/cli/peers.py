@@ -286,7 +286,7 @@ def pair_pending(state: State, as_json: bool) -> None:
     if not rows:
         click.echo("nothing pending")
     for row in rows:
-        who = row["peer_name"] or row["peer"][:7]
+        who = output.safe(row["peer_name"] or row["peer"][:7])
         if row["awaiting"] == "you":
             click.echo(f"{who} asks: {row['terms']}  (rule {row['id'][:12]})")
             click.echo(
@@ -312,15 +312,27 @@ def pair_accept(
     mode: str | None,
     route: str | None,
 ) -> None:
-    """Accept PEER's pairing request (optionally narrowed)."""
+    """Accept PEER's pairing request, optionally narrowed (options in this agent's
+    view, as `pair pending` shows it)."""
     with state.open() as db:
         found = resolve_peer(db, peer)
         rule = _waiting_from(db, found)
-        terms = make_terms(collections, direction, mode, route, base=rule.proposed)
-        pairing.accept(db, rule, terms)
+        mine = _accept(db, rule, collections, direction, mode, route)
         db.store.add_peer(found.key, None, [], now_ms())
     notify(state)
-    click.echo(f"paired with {found.name} ({short_id(found.key)}): {terms.describe()}")
+    click.echo(f"paired with {output.safe(found.name or '')} ({short_id(found.key)}): "
+               f"{mine.describe()}")
+
+
+def _accept(
+    db: Database, rule: Rule, collections: tuple[str, ...], direction: str | None,
+    mode: str | None, route: str | None,
+) -> Terms:
+    """Accept ``rule`` with options given in the acceptor's view; returns the terms
+    in that view."""
+    mine = make_terms(collections, direction, mode, route, base=rule.proposed.flipped())
+    pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
+    return mine
 
 
 @pair.command(name="reject")
@@ -358,7 +370,13 @@ def _waiting_from(db: Database, peer: Peer) -> Rule:
     ]
     if not waiting:
         raise UsageError(f"{peer.name} has no request waiting for an answer")
-    return waiting[-1]
+    if len(waiting) > 1:
+        ids = ", ".join(r.id.hex()[:12] for r in waiting)
+        raise UsageError(
+            f"{peer.name} has {len(waiting)} requests waiting ({ids}); see `p2psync pair "
+            "pending` and answer one with `p2psync rule accept ID` or `rule reject ID`"
+        )
+    return waiting[0]
 
 
 # ---------------------------------------------------------------- rule
@@ -406,8 +424,8 @@ def rule_list(state: State, as_json: bool) -> None:
     if not rows:
         click.echo("no rules")
     for row in rows:
-        who = row["peer_name"] or row["peer"][:7]
-        reason = f" ({row['reason']})" if row["reason"] else ""
+        who = output.safe(row["peer_name"] or row["peer"][:7])
+        reason = f" ({output.safe(row['reason'])})" if row["reason"] else ""
         click.echo(f"{row['id'][:12]}  {who}  {row['state']}{reason}: {row['terms']}")
 
 
@@ -423,13 +441,12 @@ def rule_accept(
     mode: str | None,
     route: str | None,
 ) -> None:
-    """Accept a proposed rule (optionally narrowed)."""
+    """Accept a proposed rule, optionally narrowed (options in this agent's view)."""
     with state.open() as db:
         found = resolve_rule(db, rule_id)
-        terms = make_terms(collections, direction, mode, route, base=found.proposed)
-        pairing.accept(db, found, terms)
+        mine = _accept(db, found, collections, direction, mode, route)
     notify(state)
-    click.echo(f"accepted rule {found.id.hex()[:12]}: {terms.describe()}")
+    click.echo(f"accepted rule {found.id.hex()[:12]}: {mine.describe()}")
 
 
 @rule.command(name="reject")
@@ -548,7 +565,7 @@ def peers(state: State, as_json: bool) -> None:
             else "lag unknown"
         )
         click.echo(f"{output.safe(row['name'] or '?')}  {row['device_id']}")
-        click.echo(f"    {row['state']}; {link}; {lagging}")
+        click.echo(f"    {output.safe(row['state'])}; {link}; {lagging}")
         click.echo(f"    addresses: {', '.join(row['addresses']) or '-'}")
         click.echo(f"    last seen: {_ms(row['last_seen'])}; last in sync: {_ms(row['last_sync'])}")
         if row["last_error"]:

@@ -17,7 +17,7 @@ type  name       fields
 7     Bye        reason (text)
 8     Rules      [signed rule object (bstr), ...]
 9     Join       invite id (8 bytes), proof (32 bytes)
-10    RulesHeld  digest of the IDs of the rule objects held for the pair (16 bytes)
+10    RulesHeld  digest of the rule objects held for the pair (16 bytes), on demand (bool)
 ====  =========  ===============================================================
 """
 
@@ -40,7 +40,7 @@ class ProtocolError(P2PSyncError):
 
 #: Largest decoded message; an Entries batch stays well below it.
 MAX_MESSAGE_BYTES = 2 << 20
-MAX_AUTHORS = 100_000
+MAX_AUTHORS = 10_000  # a store's limit (store/writer.py); ~790 KB of Have at most
 MAX_BATCH_ENTRIES = 10_000
 MAX_REASON_CHARS = 500
 DIGEST_BYTES = 16
@@ -109,6 +109,7 @@ class Join:
 @dataclass(frozen=True, slots=True)
 class RulesHeld:
     digest: bytes
+    on_demand: bool = False  # the sender syncs on demand: on-demand rules count
 
 
 Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld
@@ -159,7 +160,7 @@ def encode(message: Message) -> bytes:
     elif isinstance(message, Join):
         body = [9, message.invite, message.proof]
     else:
-        body = [10, message.digest]
+        body = [10, message.digest, message.on_demand]
     return canonical.encode(body)
 
 
@@ -250,6 +251,13 @@ def _rules(body: list[Any]) -> Rules:
     return Rules(objects)
 
 
+def _rules_held(body: list[Any]) -> RulesHeld:
+    digest, on_demand = _fields(body, 2)
+    if type(on_demand) is not bool:
+        raise ValueError("on_demand must be a boolean")
+    return RulesHeld(_bytes(digest, DIGEST_BYTES), on_demand)
+
+
 def _join(body: list[Any]) -> Join:
     invite, proof = _fields(body, 2)
     return Join(_bytes(invite, 8), _bytes(proof, 32))
@@ -265,5 +273,5 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     7: _reason,
     8: _rules,
     9: _join,
-    10: lambda body: RulesHeld(_bytes(_fields(body, 1)[0], DIGEST_BYTES)),
+    10: _rules_held,
 }

@@ -79,6 +79,7 @@ class RulesReceived:
 @dataclass(frozen=True, slots=True)
 class RulesHeldReceived:
     digest: bytes
+    on_demand: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +163,9 @@ class SyncSession:
         if self.phase is not Phase.CLOSED:
             self._outbox.append(Rules(objects))
 
-    def send_rules_held(self, digest: bytes) -> None:
+    def send_rules_held(self, digest: bytes, *, on_demand: bool = False) -> None:
         if self.phase is not Phase.CLOSED:
-            self._outbox.append(RulesHeld(digest))
+            self._outbox.append(RulesHeld(digest, on_demand))
 
     def send_join(self, invite: bytes, proof: bytes) -> None:
         if self.phase is not Phase.CLOSED:
@@ -272,7 +273,7 @@ class SyncSession:
         if isinstance(message, Rules):
             return [RulesReceived(message.objects)]
         if isinstance(message, RulesHeld):
-            return [RulesHeldReceived(message.digest)]
+            return [RulesHeldReceived(message.digest, message.on_demand)]
         if isinstance(message, Join):
             return [JoinRequested(message.invite, message.proof)]
         if isinstance(message, Ping):
@@ -383,8 +384,10 @@ class SyncSession:
         if now >= self._last_received + self.config.idle_timeout:
             return self.fail(f"nothing received for {self.config.idle_timeout:g} s")
         if now >= self._last_sent + self.config.keepalive:
-            self._ping_nonce += 1
-            self._outbox.append(Ping(self._ping_nonce))
+            if not any(isinstance(m, Ping) for m in self._outbox):
+                self._ping_nonce += 1
+                self._outbox.append(Ping(self._ping_nonce))
+            self._last_sent = now  # queued counts as sent: no busy loop while the writer waits
         return []
 
     def fail(self, reason: str) -> list[Event]:

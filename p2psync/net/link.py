@@ -40,7 +40,7 @@ class PairLink:
         self.handshake_hash = handshake_hash
         self.peer_name = peer_name
         self.rules_feed = rules_feed  # bumped when rules change locally (CLI, API)
-        self.join = pairing.pending_join(db, peer)  # (invite, secret) when joining
+        self.join = pairing.pending_join(db, peer)  # (invite, secret, terms) when joining
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(work)
@@ -52,11 +52,11 @@ class PairLink:
         return await self._run(lambda: pairing.permissions(self.db, self.peer, live=self.live))
 
     async def receive(self, objects: list[bytes]) -> list[bytes]:
-        joining = self.join is not None
+        joining = self.join[2] if self.join is not None else None
         answers = await self._run(
             lambda: pairing.receive(self.db, self.peer, objects, joining, self.peer_name)
         )
-        if joining and answers:
+        if joining is not None and answers:
             self.join = None
             await self._run(lambda: pairing.forget_join(self.db, self.peer))
         return answers
@@ -64,7 +64,7 @@ class PairLink:
     def join_proof(self) -> tuple[bytes, bytes] | None:
         if self.join is None:
             return None
-        invite, secret = self.join
+        invite, secret, _ = self.join
         return invite, pairing.join_proof(secret, self.handshake_hash)
 
     async def answer_join(self, invite: bytes, proof: bytes) -> bytes:

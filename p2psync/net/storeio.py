@@ -81,8 +81,8 @@ class TrioStore:
 
         return await trio.to_thread.run_sync(work)
 
-    async def note_peer_heads(self, heads: Mapping[bytes, Head]) -> int | None:
-        return await trio.to_thread.run_sync(self.store.note_peer_heads, dict(heads))
+    async def note_peer_heads(self, peer: bytes, heads: Mapping[bytes, Head]) -> int | None:
+        return await trio.to_thread.run_sync(self.store.note_peer_heads, peer, dict(heads))
 
     async def entry_at(self, author: bytes, seq: int) -> Outgoing | None:
         return await trio.to_thread.run_sync(self.store.entry_at, author, seq)

@@ -26,8 +26,8 @@ import trio
 from p2psync.core import messages
 from p2psync.core.frames import FrameError
 from p2psync.core.identity import short_id
-from p2psync.core.messages import Head
-from p2psync.core.rules import Permissions
+from p2psync.core.messages import Bye, Head
+from p2psync.core.rules import Permissions, RuleError
 from p2psync.core.session import (
     BatchReceived,
     Event,
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 #: Entries that prove the sender is broken or hostile: the connection is closed.
 HOSTILE = (DecodeError, SignatureError, ChainError, ForkError, WithheldError, RuleViolationError)
+MAX_RULES_HELD = 4  # RulesHeld messages a session may carry before rules must settle
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
 
@@ -124,6 +125,9 @@ class _Run:
         self.who = short_id(secure.peer)
         self.local_stale = False
         self._visible_memo: dict[str, bool] = {}
+        self.settled = False  # both sides hold the same rule objects
+        self.held_messages = 0
+        self.rule_events_in, self.rule_events_out = trio.open_memory_channel[Event](8)
 
     # ------------------------------------------------------------ plumbing
 
@@ -142,15 +146,11 @@ class _Run:
                     self.handle(self.machine.fail("entries sent, but no rule lets you send any"))
                     return
                 self.batches_in.send_nowait(event)  # the machine enforces the window
-            elif isinstance(event, RulesReceived):
-                assert self.nursery is not None
-                self.nursery.start_soon(self.rules_received, event.objects)
-            elif isinstance(event, RulesHeldReceived):
-                assert self.nursery is not None
-                self.nursery.start_soon(self.rules_held, event.digest)
-            elif isinstance(event, JoinRequested):
-                assert self.nursery is not None
-                self.nursery.start_soon(self.join_requested, event.invite, event.proof)
+            elif isinstance(event, RulesReceived | RulesHeldReceived | JoinRequested):
+                if self.link is None:
+                    self.handle(self.machine.fail("no pairing on this connection"))
+                    return
+                self.pairing_event(event)
             elif isinstance(event, SyncedWithPeer):
                 self.stats.synced = True
                 log.debug("in sync with %s", self.who)
@@ -189,20 +189,78 @@ class _Run:
     # ------------------------------------------------------------ pairing
 
     async def start(self) -> None:
-        """Our first messages: every rule object of the pair (and a join, if joining);
-        then Have, if a rule is in force."""
+        """Our first messages: the digest of the pair's rule objects (and a join, if
+        joining). Have follows once both sides hold the same rule objects and a rule
+        is in force."""
         if self.link is None:
             self.handle(self.machine.begin(await self.store.heads()))
             return
-        self.machine.send_rules_held(messages.rules_digest(await self.link.objects()))
+        self.machine.send_rules_held(
+            messages.rules_digest(await self.link.objects()), on_demand=not self.live
+        )
         join = self.link.join_proof()
         if join is not None:
             self.machine.send_join(*join)
+        self.outbox_ready.set()
+
+    def pairing_event(self, event: Event) -> None:
+        """Rule messages are handled one at a time, in order, by ``pairing_worker``;
+        a peer that floods them is cut off."""
+        try:
+            self.rule_events_in.send_nowait(event)
+        except trio.WouldBlock:
+            self.handle(self.machine.fail("too many rule messages at once"))
+
+    async def pairing_worker(self) -> None:
+        assert self.link is not None
+        async for event in self.rule_events_out:
+            try:
+                if isinstance(event, RulesHeldReceived):
+                    await self.rules_held(event.digest, event.on_demand)
+                elif isinstance(event, RulesReceived):
+                    await self.rules_received(event.objects)
+                elif isinstance(event, JoinRequested):
+                    await self.join_requested(event.invite, event.proof)
+            except P2PSyncError as exc:
+                self.handle(self.machine.fail(str(exc)))
+                return
+
+    async def rules_held(self, digest: bytes, on_demand: bool) -> None:
+        """The peer says which rule objects it holds; send ours if they differ."""
+        assert self.link is not None
+        self.held_messages += 1
+        if self.held_messages > MAX_RULES_HELD:
+            raise RuleError("the rule objects of this pair do not settle")
+        if on_demand and self.live:
+            self.link.live = False  # the peer syncs on demand: on-demand rules count too
+        ours = await self.link.objects()
+        if messages.rules_digest(ours) == digest:
+            self.settled = True
+        else:
+            self.machine.send_rules(ours)
+            self.outbox_ready.set()
         await self.refresh_permissions()
+
+    async def rules_received(self, objects: list[bytes]) -> None:
+        assert self.link is not None
+        answers = await self.link.receive(objects)
+        self.settled = True  # we hold the union of both sides' objects now
+        if answers:
+            self.machine.send_rules(answers)
+            self.outbox_ready.set()
+        await self.refresh_permissions()
+
+    async def join_requested(self, invite: bytes, proof: bytes) -> None:
+        assert self.link is not None
+        proposal = await self.link.answer_join(invite, proof)
+        log.info("%s joined with an invite code", self.who)
+        self.machine.send_rules([proposal])
         self.outbox_ready.set()
 
     async def refresh_permissions(self) -> None:
         assert self.link is not None
+        if not self.settled:
+            return
         permissions = await self.link.permissions()
         if not self.machine.begun:
             self.permissions = permissions
@@ -216,46 +274,20 @@ class _Run:
             # a rule changed in the middle of a session: start afresh under the new ones
             self.handle(self.machine.close("the rules between us changed"))
 
-    async def rules_received(self, objects: list[bytes]) -> None:
-        assert self.link is not None
-        try:
-            answers = await self.link.receive(objects)
-        except P2PSyncError as exc:
-            self.handle(self.machine.fail(f"bad rule object: {exc}"))
-            return
-        if answers:
-            self.machine.send_rules(answers)
-            self.outbox_ready.set()
-        await self.refresh_permissions()
-
-    async def rules_held(self, digest: bytes) -> None:
-        """The peer says which rule objects it holds: send ours if it lacks any."""
-        assert self.link is not None
-        ours = await self.link.objects()
-        if messages.rules_digest(ours) != digest:
-            self.machine.send_rules(ours)
-            self.outbox_ready.set()
-
-    async def join_requested(self, invite: bytes, proof: bytes) -> None:
-        assert self.link is not None
-        try:
-            proposal = await self.link.answer_join(invite, proof)
-        except P2PSyncError as exc:
-            self.handle(self.machine.fail(str(exc)))
-            return
-        log.info("%s joined with an invite code", self.who)
-        self.machine.send_rules([proposal])
-        self.outbox_ready.set()
-
     async def rules_watcher(self, feed: ChangeFeed) -> None:
-        """Rules changed here (accepted, revoked...): tell the peer, re-check ours."""
+        """Rules changed here (accepted, revoked...): tell the peer if they concern
+        it, and re-check ours."""
         assert self.link is not None
         version = feed.version
+        sent = messages.rules_digest(await self.link.objects())
         while not self.machine.closed:
             version = await feed.wait_beyond(version)
-            self.machine.send_rules(await self.link.objects())
-            self.outbox_ready.set()
-            await self.refresh_permissions()
+            ours = await self.link.objects()
+            if messages.rules_digest(ours) != sent:
+                sent = messages.rules_digest(ours)
+                self.machine.send_rules(ours)
+                self.outbox_ready.set()
+                await self.refresh_permissions()
 
     async def pairing_deadline(self, seconds: float) -> None:
         """A pair with no rule in force has nothing to do once rules are exchanged."""
@@ -288,11 +320,18 @@ class _Run:
     # ------------------------------------------------------------ tasks
 
     async def writer(self) -> None:
+        """The only task that writes. A peer that stops reading stalls it: after the
+        idle timeout (one second for a farewell) the connection is dropped."""
+        patience = self.machine.config.idle_timeout
         try:
             while True:
                 await self.outbox_ready.wait()
                 for message in self.machine.take_outbox(trio.current_time()):
-                    await self.secure.send(messages.encode(message))
+                    with trio.move_on_after(1 if isinstance(message, Bye) else patience):
+                        await self.secure.send(messages.encode(message))
+                        continue
+                    self.lost(f"the peer stopped reading for {patience:g} s", error=True)
+                    return
                 if self.machine.closed:
                     break
         except ConnectionLost as exc:
@@ -399,7 +438,9 @@ class _Run:
         """Where the peer's head differs from our entry at the same seq, send ours:
         the peer then holds proof of the fork too. And if the peer holds more of our
         own log than we do, stop local writes until we have it back."""
-        behind = await self.store.note_peer_heads(peer_heads)
+        behind = None
+        if self.permissions.receive:  # only a peer that may send to us can prove it
+            behind = await self.store.note_peer_heads(self.secure.peer, peer_heads)
         if behind is not None:
             log.warning(
                 "%s holds this site's own log up to %d, more than this store: "
@@ -409,7 +450,7 @@ class _Run:
             )
         for author, theirs in peer_heads.items():
             ours = self.machine.local.get(author)
-            if ours is None or theirs.seq > ours.seq or theirs.seq == 0:
+            if ours is None or theirs.seq > ours.seq or theirs.seq == 0 or theirs.frozen:
                 continue
             stored = await self.store.entry_at(author, theirs.seq)
             if (
@@ -458,6 +499,7 @@ async def run_session(
             for task in (run.reader, run.ingester, run.sender, run.timer, run.watcher):
                 nursery.start_soon(task)
             if link is not None:
+                nursery.start_soon(run.pairing_worker)
                 nursery.start_soon(run.pairing_deadline, pairing_timeout)
                 if link.rules_feed is not None:
                     nursery.start_soon(run.rules_watcher, link.rules_feed)

@@ -17,13 +17,23 @@ from p2psync.core import canonical
 from p2psync.core import rules as core
 from p2psync.core.rules import Rule, RuleError, RuleObject
 
+#: Limits per peer: a stranger can only fill its own small corner of the store.
+MAX_OPEN_PROPOSALS = 16
+MAX_OBJECTS_PER_PEER = 256
+
 
 def add_objects(
-    conn: sqlite3.Connection, me: bytes, signed: Iterable[bytes], now_ms: int
+    conn: sqlite3.Connection,
+    me: bytes,
+    signed: Iterable[bytes],
+    now_ms: int,
+    peer_only: bytes | None = None,
 ) -> list[RuleObject]:
     """Verify and keep rule objects that concern ``me``; return the new ones.
 
-    Objects about other pairs, or answers to proposals we do not hold, are refused.
+    Objects about other pairs (or, with ``peer_only``, about any pair but ``me``
+    and that peer), answers to proposals we do not hold, and objects beyond the
+    per-peer limits are refused.
     """
     added = []
     known = {
@@ -45,6 +55,8 @@ def add_objects(
             peer = obj.acceptor if obj.signer == me else obj.signer
             proposal = obj.id
             known[obj.id] = peer
+            if obj.signer != me and _open_proposals(conn, peer) >= MAX_OPEN_PROPOSALS:
+                raise RuleError(f"{MAX_OPEN_PROPOSALS} proposals from this agent await answers")
         else:
             assert obj.proposal is not None
             if obj.proposal not in known:
@@ -53,6 +65,13 @@ def add_objects(
             if obj.signer not in (me, peer):
                 raise RuleError("a rule answer signed by a third agent")
             proposal = obj.proposal
+        if peer_only is not None and peer != peer_only:
+            raise RuleError("a rule object about another pair")
+        count = conn.execute(
+            "SELECT count(*) FROM rule_objects WHERE peer = ?", (peer,)
+        ).fetchone()[0]
+        if count >= MAX_OBJECTS_PER_PEER:
+            raise RuleError(f"{MAX_OBJECTS_PER_PEER} rule objects with this agent already")
         conn.execute(
             "INSERT INTO rule_objects (id, proposal, kind, signer, peer, signed, received) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -60,6 +79,17 @@ def add_objects(
         )
         added.append(obj)
     return added
+
+
+def _open_proposals(conn: sqlite3.Connection, peer: bytes) -> int:
+    """Proposals signed by ``peer`` with no answer yet."""
+    row = conn.execute(
+        "SELECT count(*) FROM rule_objects p WHERE p.kind = 'propose' AND p.signer = ? "
+        "AND NOT EXISTS (SELECT 1 FROM rule_objects a WHERE a.proposal = p.id "
+        "AND a.kind != 'propose')",
+        (peer,),
+    ).fetchone()
+    return int(row[0])
 
 
 def objects_with(conn: sqlite3.Connection, peer: bytes | None) -> list[bytes]:

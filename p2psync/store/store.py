@@ -15,7 +15,7 @@ from pathlib import Path
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
-from p2psync.core.identity import Identity
+from p2psync.core.identity import Identity, short_id
 from p2psync.core.messages import Head
 from p2psync.core.rules import Rule, Terms
 from p2psync.errors import IntegrityError, StoreError
@@ -28,6 +28,22 @@ from p2psync.store.verify import VerifyReport, verify
 from p2psync.store.writer import Writer
 
 STORE_FILE = "store.sqlite"
+OWN_BEHIND = "own_behind:"
+
+
+def _own_log_behind(conn: sqlite3.Connection, head: int) -> tuple[str, int] | None:
+    """(peer short ID, seq) of a claim that our own log goes beyond ``head``."""
+    rows = conn.execute(
+        "SELECT m.key, m.value FROM meta m WHERE m.key LIKE 'own_behind:%'"
+    ).fetchall()
+    for key, seq in rows:
+        peer = bytes.fromhex(key[len(OWN_BEHIND):])
+        removed = conn.execute(
+            "SELECT 1 FROM peers WHERE key = ? AND state = 'removed'", (peer,)
+        ).fetchone()
+        if int(seq) > head and removed is None:
+            return short_id(peer), int(seq)
+    return None
 _WRITE_CHUNK = 1000
 
 
@@ -204,25 +220,27 @@ class Store:
         with self._reader.reading() as conn:
             return logs.entry_at(conn, author, seq)
 
-    def note_peer_heads(self, heads: Mapping[bytes, Head]) -> int | None:
-        """Remember if a peer holds more of *our own* log than we do (the store was
-        restored from a backup, say): until we have it back, new local writes would
-        reuse sequence numbers and fork our own log. Returns that seq, if so."""
+    def note_peer_heads(self, peer: bytes, heads: Mapping[bytes, Head]) -> int | None:
+        """Remember if ``peer`` says it holds more of *our own* log than we do (the
+        store was restored from a backup, say): until we have it back, new local
+        writes would reuse sequence numbers and fork our own log. Returns that seq.
+
+        The claim is the peer's word: call this only for peers allowed to send to
+        us (so they can prove it by sending); it is forgotten once our log reaches
+        it or the peer is removed.
+        """
         own = self.get_meta("self")
         if not isinstance(own, bytes) or own not in heads:
             return None
         theirs = heads[own].seq
         with self._db.writing() as conn:
             row = conn.execute("SELECT head_seq FROM authors WHERE key = ?", (own,)).fetchone()
-            ours = row[0] if row else 0
-            if theirs <= ours:
+            if theirs <= (row[0] if row else 0):
                 return None
-            current = conn.execute("SELECT value FROM meta WHERE key = 'own_behind'").fetchone()
-            if current is None or int(current[0]) < theirs:
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('own_behind', ?)",
-                    (theirs,),
-                )
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"{OWN_BEHIND}{peer.hex()}", theirs),
+            )
         return theirs
 
     def data_version(self) -> int:
@@ -284,10 +302,12 @@ class Store:
 
     # ------------------------------------------------------------ rules and invites
 
-    def add_rule_objects(self, me: bytes, signed: Sequence[bytes], now_ms: int) -> int:
+    def add_rule_objects(
+        self, me: bytes, signed: Sequence[bytes], now_ms: int, peer_only: bytes | None = None
+    ) -> int:
         """Verify and keep rule objects concerning ``me``; returns how many were new."""
         with self._db.writing() as conn:
-            return len(rules_mod.add_objects(conn, me, signed, now_ms))
+            return len(rules_mod.add_objects(conn, me, signed, now_ms, peer_only))
 
     def rule_objects(self, peer: bytes | None) -> list[bytes]:
         with self._reader.reading() as conn:
@@ -352,11 +372,11 @@ class Store:
                     "this site's own log is forked (its key was used elsewhere); "
                     "it must be re-keyed before it can write"
                 )
-            behind = conn.execute("SELECT value FROM meta WHERE key = 'own_behind'").fetchone()
-            if behind is not None and int(behind[0]) > head.seq:
+            behind = _own_log_behind(conn, head.seq)
+            if behind is not None:
                 raise IntegrityError(
-                    f"a peer holds entries {head.seq + 1}-{behind[0]} of this site's own log "
-                    "that this store lacks (restored from a backup?); sync with your peers "
+                    f"{behind[0]} holds entries {head.seq + 1}-{behind[1]} of this site's own "
+                    "log that this store lacks (restored from a backup?); sync with it "
                     "(`p2psync sync`) before writing, or new entries would fork the log"
                 )
             for chunk in _chunks(transactions, _WRITE_CHUNK):

@@ -20,9 +20,19 @@ from p2psync.core import hlc as hlc_mod
 from p2psync.core.entry import Entry, OpKind, wire_form
 from p2psync.core.identity import short_id
 from p2psync.core.merge import Version, merge
-from p2psync.errors import ChainError, EntryError, ForkError, FrozenAuthorError
+from p2psync.errors import (
+    AuthorLimitError,
+    ChainError,
+    EntryError,
+    ForkError,
+    FrozenAuthorError,
+)
 
 META_CLOCK = "clock"
+#: Most authors a store holds logs of. Sites are authors, so real deployments
+#: have tens or hundreds; the limit keeps a peer from flooding us with throwaway
+#: keys (and keeps a Have message well inside one frame).
+MAX_AUTHORS = 10_000
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Writer:
         self.conn = conn
         self.now_ms = now_ms
         self.heads: dict[bytes, Head] = {}
+        self._authors: int | None = None
         self.applied: set[bytes] = set()
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_CLOCK,)).fetchone()
         self.clock = int(row[0]) if row else 0
@@ -126,12 +137,19 @@ class Writer:
         self.heads[author] = head
         return head
 
+    def author_count(self) -> int:
+        if self._authors is None:
+            self._authors = int(self.conn.execute("SELECT count(*) FROM authors").fetchone()[0])
+        return self._authors
+
     def _row(self, head: Head) -> int:
         """The author's row index, creating the row on first use."""
         if head.idx is None:
             cursor = self.conn.execute("INSERT INTO authors (key) VALUES (?)", (head.key,))
             assert cursor.lastrowid is not None
             head.idx = cursor.lastrowid
+            if self._authors is not None:
+                self._authors += 1
         return head.idx
 
     def record_heads(self, collection: str, key: str) -> list[Version]:
@@ -211,6 +229,14 @@ class Writer:
         if entry.seq > head.seq + 1:
             assert entry.prev is not None
             return Attempt(Outcome.WAIT, dep=entry.prev)
+        if head.idx is None and self.author_count() >= MAX_AUTHORS:
+            return Attempt(
+                Outcome.REFUSED,
+                error=AuthorLimitError(
+                    f"this store already holds the logs of {MAX_AUTHORS} authors; "
+                    f"entries of a new author ({short_id(entry.author)}) are refused"
+                ),
+            )
         if entry.prev != head.id:
             stored = self.stored_wire(head, head.seq)
             return self._fork(head, head.seq, stored[1] if stored else b"", wire)
