@@ -139,6 +139,9 @@ class SyncSession:
         self._caught_sent: bytes | None = None
         self._peer_caught: bytes | None = None
         self._synced: bytes | None = None
+        # heads digests cost O(authors); cached so a flood of Caught costs O(1) each
+        self._local_digest: bytes | None = None
+        self._peer_digest: bytes | None = None
         self._last_received = now
         self._last_sent = now
         self._ping_nonce = 0
@@ -177,6 +180,7 @@ class SyncSession:
             return []
         self._begun = True
         self.local = dict(local)
+        self._local_digest = None
         self._outbox.append(Have(dict(local)))
         return self._open()
 
@@ -189,6 +193,7 @@ class SyncSession:
             return []
         self.phase = Phase.OPEN
         self.peer = dict(self._peer_have)
+        self._peer_digest = None
         self._check_caught()
         return [PeerHeadsReceived(dict(self._peer_have))]
 
@@ -236,6 +241,7 @@ class SyncSession:
     def local_changed(self, local: Heads) -> None:
         """Our store's heads changed (a local write or an ingest)."""
         self.local = dict(local)
+        self._local_digest = None
         self._check_caught()
 
     def ingested(self, batch: int, positions: Iterable[Position]) -> None:
@@ -252,6 +258,17 @@ class SyncSession:
             known = self.peer.get(author)
             if known is None or seq > known.seq:
                 self.peer[author] = Head(seq, entry_id, known.frozen if known else False)
+                self._peer_digest = None
+
+    def _local_heads_digest(self) -> bytes:
+        if self._local_digest is None:
+            self._local_digest = heads_digest(self.local)
+        return self._local_digest
+
+    def _peer_heads_digest(self) -> bytes:
+        if self._peer_digest is None:
+            self._peer_digest = heads_digest(self.peer)
+        return self._peer_digest
 
     # ------------------------------------------------------------ receiving
 
@@ -306,6 +323,8 @@ class SyncSession:
             self._check_caught()
             return self._synced_event()
         if isinstance(message, Caught):
+            if message.digest == self._peer_caught:
+                return []  # nothing new: whatever changed since was checked when it did
             self._peer_caught = message.digest
             return self._synced_event()
         raise ProtocolError(f"unexpected {type(message).__name__}")
@@ -316,7 +335,7 @@ class SyncSession:
         """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
         if self.phase is not Phase.OPEN or self._unacked or self.wants():
             return
-        digest = heads_digest(self.local)
+        digest = self._local_heads_digest()
         if digest != self._caught_sent:
             self._caught_sent = digest
             self._outbox.append(Caught(digest))
@@ -333,9 +352,9 @@ class SyncSession:
             or self._peer_caught is None
             or self._unacked
             or self._receiving
+            or self._caught_sent != self._local_heads_digest()
+            or self._peer_caught != self._peer_heads_digest()
             or self.wants()
-            or self._caught_sent != heads_digest(self.local)
-            or self._peer_caught != heads_digest(self.peer)
         ):
             return False
         if not self.receiving:
@@ -351,11 +370,11 @@ class SyncSession:
     def _synced_event(self) -> list[Event]:
         if not self._in_sync():
             return []
-        state = heads_digest(self.local) + heads_digest(self.peer)
+        state = self._local_heads_digest() + self._peer_heads_digest()
         if state == self._synced:
             return []
         self._synced = state
-        return [SyncedWithPeer(heads_digest(self.local))]
+        return [SyncedWithPeer(self._local_heads_digest())]
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after ``ingested`` or ``local_changed``)."""
