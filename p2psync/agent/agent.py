@@ -3,13 +3,20 @@
 One trio nursery per agent holds:
 
 * the TCP listener(s) and one task per inbound connection;
-* one dialer per trusted peer with known addresses (capped exponential backoff
-  with jitter; it waits while any connection with that peer is up);
+* one dialer per known peer with an address, stored or advertised on the LAN
+  (capped exponential backoff with jitter; it waits while any connection with
+  that peer is up);
 * the notification socket (commits by other processes, peer changes) plus a
   periodic check of ``PRAGMA data_version`` in case a datagram was lost;
 * the control socket (status, sync requests).
 
-A connection's failure is logged and ends that connection only.
+A connection's failure is logged and ends that connection only. Inbound
+handshakes in progress and connections from agents that are not known peers are
+capped, so a flood of strangers cannot starve the peers we know.
+
+Addresses from LAN adverts are not trusted: they are kept in memory only, tried
+first with a short timeout, and stored only once a handshake there proved the
+peer's key.
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 
 AGENT_FILE = "agent.json"
 RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
+MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
+MAX_UNPAIRED = 16  # connections open at once with agents that are not known peers
+LAN_DIAL_TIMEOUT = 2.0  # seconds to connect to an advertised address
+MAX_ENDED = 1024  # connection endings remembered for status
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,8 @@ class Agent:
         self._dialers: dict[bytes, trio.CancelScope] = {}
         self._dial_now: dict[bytes, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        self._handshaking = 0
+        self._unpaired = 0
         self.started_ms = now_ms()
 
     # ------------------------------------------------------------ running
@@ -157,16 +170,11 @@ class Agent:
         )
         if peer is None or peer.state is PeerState.REMOVED:
             return
-        new = [a for a in found.addresses if a not in peer.addresses]
-        if new and self._nursery is not None:
-            self._nursery.start_soon(self._learn_addresses, found.key, new)
+        self._update_dialers()
+        self.dial_now(found.key)
 
-    async def _learn_addresses(self, key: bytes, addresses: list[str]) -> None:
-        await trio.to_thread.run_sync(
-            lambda: self.db.store.add_peer(key, None, addresses, now_ms())
-        )
-        await self._reload_peers()
-        self.dial_now(key)
+    def _lan_addresses(self, key: bytes) -> tuple[str, ...]:
+        return self.discovery.addresses(key) if self.discovery is not None else ()
 
     def _lost(self, key: bytes) -> None:
         log.info("%s withdrew from the LAN", short_id(key))
@@ -204,16 +212,17 @@ class Agent:
         if rules != self._rules_seen:  # live sessions re-send rule objects and re-check them
             self._rules_seen = rules
             self.rules_feed.bump()
+        self._update_dialers()
+
+    def _update_dialers(self) -> None:
+        """A dialer for every known peer with an address (stored, or seen on the LAN)."""
         if self._nursery is None:
             return
-        if self.discovery is not None:  # a peer added after we saw it on the LAN
-            for key, found in self.discovery.table.items():
-                peer = self.peers.get(key)
-                if peer is not None and peer.state is not PeerState.REMOVED:
-                    new = [a for a in found.addresses if a not in peer.addresses]
-                    if new:
-                        self._nursery.start_soon(self._learn_addresses, key, new)
-        wanted = {key for key, peer in self.peers.items() if self._dialled(key) and peer.addresses}
+        wanted = {
+            key
+            for key, peer in self.peers.items()
+            if self._dialled(key) and (peer.addresses or self._lan_addresses(key))
+        }
         for key in set(self._dialers) - wanted:
             self._dialers.pop(key).cancel()
         for key in wanted - set(self._dialers):
@@ -245,24 +254,29 @@ class Agent:
                 else:
                     failures += 1
                 delay = min(
-                    self.config.backoff_cap, self.config.backoff_start * 2 ** min(failures, 16)
+                    self.config.backoff_cap,
+                    self.config.backoff_start * 2 ** min(max(failures - 1, 0), 16),
                 ) * random.uniform(0.5, 1.5)
                 with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
                     await self._dial_now[key].wait()
 
     async def _dial_once(self, key: bytes) -> bool:
-        """Try each known address once; True when a session ran and synced."""
+        """Try each address once, the LAN's first; True when a session ran and synced."""
         peer = self.peers.get(key)
         if peer is None:
             return False
-        for address in peer.addresses:
+        advertised = [a for a in self._lan_addresses(key) if a not in peer.addresses]
+        for address in [*advertised, *peer.addresses]:
             try:
                 host, port = parse_address(address)
             except ValueError:
                 continue
+            timeout = self.config.dial_timeout
+            if address in advertised:
+                timeout = min(timeout, LAN_DIAL_TIMEOUT)
             stream: trio.SocketStream | None = None
             try:
-                with trio.fail_after(self.config.dial_timeout):
+                with trio.fail_after(timeout):
                     stream = await trio.open_tcp_stream(host, port)
                 secured = await secure(
                     stream, self.identity, initiator=True, name=self.name, expect=key
@@ -274,7 +288,13 @@ class Agent:
                 if isinstance(exc, IdentityMismatch):
                     # an advert or a stale address pointing at another agent: forget it
                     log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
-                    await trio.to_thread.run_sync(self.db.store.forget_peer_address, key, address)
+                    if address in advertised:
+                        assert self.discovery is not None
+                        self.discovery.discard(key, address)
+                    else:
+                        await trio.to_thread.run_sync(
+                            self.db.store.forget_peer_address, key, address
+                        )
                 elif isinstance(exc, HandshakeError | FrameError | ConnectionLost):
                     await self._record(key, error=f"handshake with {address} failed: {exc}")
                 elif not isinstance(exc, OSError | trio.TooSlowError):
@@ -292,6 +312,11 @@ class Agent:
             address = format_address(str(remote[0]), int(remote[1]))
         except OSError:
             address = "?"
+        if self._handshaking >= MAX_HANDSHAKES:
+            log.warning("refused connection from %s: too many handshakes in progress", address)
+            await stream.aclose()
+            return
+        self._handshaking += 1
         try:
             # anyone may connect: an unpaired agent can only exchange rule objects
             # (pairing requests, invite joins); no entry flows without a rule in force
@@ -300,7 +325,25 @@ class Agent:
             log.warning("refused connection from %s: %s", address, exc)
             await stream.aclose()
             return
-        await self._run_connection(secured, outbound=False, address=address)
+        finally:
+            self._handshaking -= 1
+        known = self.peers.get(secured.peer)
+        if known is not None and known.state is PeerState.KNOWN:
+            await self._run_connection(secured, outbound=False, address=address)
+            return
+        if self._unpaired >= MAX_UNPAIRED:
+            log.warning(
+                "refused %s from %s: too many unknown agents connected",
+                short_id(secured.peer),
+                address,
+            )
+            await secured.aclose()
+            return
+        self._unpaired += 1
+        try:
+            await self._run_connection(secured, outbound=False, address=address)
+        finally:
+            self._unpaired -= 1
 
     async def _run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str
@@ -317,7 +360,10 @@ class Agent:
             await secured.aclose()
             return None
         log.info("connected to %s (%s, %s)", short_id(peer), secured.peer_name, address)
-        await self._record(peer, seen=now_ms(), clear_error=True)
+        # an address we dialled proved the peer's key: try it first from now on
+        await self._record(
+            peer, seen=now_ms(), clear_error=True, address=address if outbound else None
+        )
 
         def started(machine: SyncSession, stats: SessionStats) -> None:
             conn.machine, conn.stats = machine, stats
@@ -363,7 +409,10 @@ class Agent:
             self.registry.remove(conn)
             reason = conn.stats.reason if conn.stats else "connection failed"
             in_sync = bool(conn.stats and conn.stats.synced)
+            self.ended.pop(peer, None)
             self.ended[peer] = (trio.current_time(), reason, in_sync)
+            while len(self.ended) > MAX_ENDED:
+                del self.ended[next(iter(self.ended))]
             if conn.machine is not None:
                 await self._record(
                     peer,

@@ -45,6 +45,7 @@ PROTOCOL_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 MAX_NAME_BYTES = 63
 MAX_TABLE = 1000  # agents remembered from adverts
+MAX_ADDRESSES = 8  # per advert
 
 
 @dataclass
@@ -195,7 +196,9 @@ class Discovery:
         key, name = parsed
         if key == self.identity.public_key:
             return
-        addresses = tuple(f"{ip}:{info.port}" for ip in info.parsed_addresses(IPVersion.V4Only))
+        addresses = tuple(
+            f"{ip}:{info.port}" for ip in info.parsed_addresses(IPVersion.V4Only)
+        )[:MAX_ADDRESSES]
         if not addresses:
             return
         known = self.table.get(key)
@@ -205,6 +208,17 @@ class Discovery:
         self.table[key] = found
         self._instances[instance] = key
         self.on_found(found)
+
+    def addresses(self, key: bytes) -> tuple[str, ...]:
+        """Where the LAN says ``key`` is (unverified until a handshake proves it)."""
+        found = self.table.get(key)
+        return found.addresses if found is not None else ()
+
+    def discard(self, key: bytes, address: str) -> None:
+        """``address`` did not answer as ``key``: stop offering it (until re-advertised)."""
+        found = self.table.get(key)
+        if found is not None:
+            found.addresses = tuple(a for a in found.addresses if a != address)
 
     def _lost(self, instance: str) -> None:
         key = self._instances.pop(instance, None)

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+#: Addresses kept per peer, most recently useful first.
+MAX_ADDRESSES = 8
+
 
 class PeerState(Enum):
     KNOWN = "known"  # what flows is decided by the rules between us
@@ -51,7 +54,8 @@ def add(
     addresses and gains the new ones."""
     existing = get(conn, key)
     known = list(existing.addresses) if existing else []
-    merged = [*addresses, *(a for a in known if a not in addresses)]
+    merged = [*dict.fromkeys(addresses), *(a for a in known if a not in addresses)]
+    merged = merged[:MAX_ADDRESSES]
     if existing is None:
         conn.execute(
             "INSERT INTO peers (key, name, state, addresses, added) VALUES (?, ?, ?, ?, ?)",
@@ -106,12 +110,12 @@ def record(
         conn.execute("UPDATE peers SET last_sync = ? WHERE key = ?", (synced, key))
     if error is not None or clear_error:
         conn.execute("UPDATE peers SET last_error = ? WHERE key = ?", (error, key))
-    if address is not None:
+    if address is not None:  # it answered as this peer: try it first from now on
         peer = get(conn, key)
-        if peer is not None and address not in peer.addresses:
+        if peer is not None and peer.addresses[:1] != (address,):
+            kept = [address, *(a for a in peer.addresses if a != address)][:MAX_ADDRESSES]
             conn.execute(
-                "UPDATE peers SET addresses = ? WHERE key = ?",
-                (json.dumps([*peer.addresses, address]), key),
+                "UPDATE peers SET addresses = ? WHERE key = ?", (json.dumps(kept), key)
             )
 
 
