@@ -185,8 +185,9 @@ def pair_add(
     notify(state)
     assert peer is not None
     where = f" at {', '.join(peer.addresses)}" if peer.addresses else " (no address yet)"
-    click.echo(f"proposed to {peer.name} ({short_id(key)}){where}: {terms.describe()}")
-    click.echo(f"{peer.name}: {relationship(me, peer, rules)}")
+    who = output.safe(peer.name or "?")
+    click.echo(f"proposed to {who} ({short_id(key)}){where}: {terms.describe()}")
+    click.echo(f"{output.safe(peer.name or '?')}: {relationship(me, peer, rules)}")
     if relationship(me, peer, rules) != "paired":
         click.echo(f"on that agent, run: p2psync pair add {own}  (or: p2psync pair accept)")
 
@@ -263,7 +264,7 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
         raise P2PSyncError(f"pairing with {short_id(invite.inviter)} failed: {pairing_error}")
     accepted = next(r for r in rules if r.state is RuleState.ACCEPTED)
     click.echo(
-        f"paired with {peer.name or short_id(peer.key)} ({short_id(peer.key)}): "
+        f"paired with {output.safe(peer.name or short_id(peer.key))} ({short_id(peer.key)}): "
         f"{accepted.terms_for(me).describe()}"
     )
     if outcomes and outcomes[0].synced:
@@ -345,7 +346,7 @@ def pair_reject(state: State, peer: str, reason: str) -> None:
         found = resolve_peer(db, peer)
         pairing.reject(db, _waiting_from(db, found), reason)
     notify(state)
-    click.echo(f"rejected {found.name} ({short_id(found.key)}): {reason}")
+    click.echo(f"rejected {output.safe(found.name or '')} ({short_id(found.key)}): {reason}")
 
 
 @pair.command(name="remove")
@@ -360,7 +361,10 @@ def pair_remove(state: State, peer: str) -> None:
                 pairing.revoke(db, rule)
         db.store.set_peer_state(found.key, PeerState.REMOVED)
     notify(state)
-    click.echo(f"removed {found.name} ({short_id(found.key)}); records it sent are kept")
+    click.echo(
+        f"removed {output.safe(found.name or '')} ({short_id(found.key)}); "
+        "records it sent are kept"
+    )
 
 
 def _waiting_from(db: Database, peer: Peer) -> Rule:
@@ -369,11 +373,12 @@ def _waiting_from(db: Database, peer: Peer) -> Rule:
         r for r in db.store.rules(peer.key) if r.state is RuleState.PROPOSED and r.acceptor == me
     ]
     if not waiting:
-        raise UsageError(f"{peer.name} has no request waiting for an answer")
+        raise UsageError(f"{output.safe(peer.name or '?')} has no request waiting for an answer")
     if len(waiting) > 1:
         ids = ", ".join(r.id.hex()[:12] for r in waiting)
         raise UsageError(
-            f"{peer.name} has {len(waiting)} requests waiting ({ids}); see `p2psync pair "
+            f"{output.safe(peer.name or '?')} has {len(waiting)} requests waiting ({ids}); "
+            "see `p2psync pair "
             "pending` and answer one with `p2psync rule accept ID` or `rule reject ID`"
         )
     return waiting[0]
@@ -405,7 +410,7 @@ def rule_propose(
         found = resolve_peer(db, peer)
         pairing.propose(db, found.key, terms)
     notify(state)
-    click.echo(f"proposed to {found.name}: {terms.describe()}")
+    click.echo(f"proposed to {output.safe(found.name or '?')}: {terms.describe()}")
 
 
 @rule.command(name="list")
