@@ -129,6 +129,21 @@ def test_hostile_connections_do_not_disturb_the_agent(agents: Make) -> None:
     assert "refused connection" in a.log.read_text()
 
 
+def test_a_flood_of_silent_connections_does_not_starve_known_peers(agents: Make) -> None:
+    a, b = agents("a").start(), agents("b").start()
+    pair_up(a, b)
+    host, port = a.address.rsplit(":", 1)
+    flood = [socket.create_connection((host, int(port))) for _ in range(60)]
+    try:
+        wait_for(lambda: "too many handshakes" in a.log.read_text(), timeout=10)
+        cli(b.home, "put", "c", "through", "1")
+        wait_for(lambda: value_at(a, "c", "through") == 1, timeout=10)
+        assert a.running
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 def test_on_demand_sync_without_an_agent(agents: Make) -> None:
     a = agents("a").start()
     b = agents("b")  # never started

@@ -208,6 +208,8 @@ def test_a_spoofed_advert_fails_the_handshake(lan3: Lan, tmp_path: Path) -> None
         20,
         "the impostor's handshake is refused and logged",
     )
+    stored = [p["addresses"] for p in h1.json("peers") if p["device_id"] == h2.device_id]
+    assert stored and f"{lan3.ip(3)}:7717" not in stored[0]  # an advert is not stored
     h2.start()
     h2.cli("put", "c", "real", "1")
     wait(lambda: h1.get("c", "real") == 1, 20, "h1 syncs with the real h2")
