@@ -156,6 +156,31 @@ async def test_third_party_entries_only_along_allowing_rules(make_db: MakeDb) ->
     assert a.verify().ok
 
 
+async def test_entries_filtered_upstream_are_forwarded_without_wedging(
+    make_db: MakeDb,
+) -> None:
+    """c shares only vouchers with b; b shares everything with a. c's entries reach
+    a through b without their payroll payloads (b never had them): a applies the
+    vouchers, lists the gap, and the a-b session completes instead of failing on
+    every retry."""
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    pairing.propose(c, key(b), Terms.make(["vouchers"]))
+    pairing.propose(b, key(c), Terms())
+    pairing.propose(b, key(a), Terms())
+    pairing.propose(a, key(b), Terms())
+    c.put("payroll", "eve", 1)
+    c.put("vouchers", "V-9", 9)
+    await session(c, b)
+    assert b.get("vouchers", "V-9") == 9 and b.get("payroll", "eve") is None
+    b.put("vouchers", "V-10", 10)
+    stats_a, stats_b = await session(a, b)
+    assert stats_a.synced and not stats_b.error
+    assert a.get("vouchers", "V-9") == 9 and a.get("vouchers", "V-10") == 10
+    assert a.get("payroll", "eve") is None
+    assert a.store.withheld_count() == (1, 1)
+    assert a.verify().ok
+
+
 async def test_invite_code_pairs_once(make_db: MakeDb) -> None:
     a, b, c = make_db("a"), make_db("b"), make_db("c")
     a.put("vouchers", "V-1", 1)

@@ -49,7 +49,6 @@ from p2psync.errors import (
     RuleViolationError,
     SignatureError,
     StoreError,
-    WithheldError,
 )
 from p2psync.net.filter import withhold
 from p2psync.net.link import EVERYTHING, PairLink
@@ -59,7 +58,7 @@ from p2psync.net.transport import ConnectionLost, SecureStream
 log = logging.getLogger(__name__)
 
 #: Entries that prove the sender is broken or hostile: the connection is closed.
-HOSTILE = (DecodeError, SignatureError, ChainError, ForkError, WithheldError, RuleViolationError)
+HOSTILE = (DecodeError, SignatureError, ChainError, ForkError, RuleViolationError)
 MAX_RULES_HELD = 4  # RulesHeld messages a session may carry before rules must settle
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
@@ -369,6 +368,12 @@ class _Run:
             self.stats.received += len(result.accepted)
             self.stats.held += len(result.held)
             self.stats.refused += len(result.rejected)
+            if result.incomplete:
+                log.info(
+                    "%d entries from %s lacked payloads this agent may see (filtered "
+                    "before they reached %s); their other ops are applied",
+                    len(result.incomplete), self.who, self.who,
+                )
             self.machine.ingested(
                 event.batch, [(author, seq, eid) for author, (seq, eid) in result.seen.items()]
             )

@@ -1,0 +1,45 @@
+"""Schema migrations: an older store is brought forward on open, data intact; a
+store from a newer p2psync is refused with a clear message."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import p2psync
+from p2psync.store import schema
+
+MakeDb = Callable[[str], p2psync.Database]
+
+
+def test_a_version_4_store_gains_the_withheld_table(make_db: MakeDb, tmp_path: Path) -> None:
+    db = make_db("a")
+    db.put("vouchers", "V-1", {"amount": 10})
+    path = db.home.store_path
+    db.close()
+    with sqlite3.connect(path) as conn:  # as a version 4 store left it
+        conn.execute("DROP TABLE withheld")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 5")
+    reopened = p2psync.open(tmp_path / "a")
+    try:
+        assert reopened.get("vouchers", "V-1") == {"amount": 10}
+        assert reopened.store.withheld_count() == (0, 0)
+        assert reopened.verify().ok
+    finally:
+        reopened.close()
+    with sqlite3.connect(path) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == list(range(1, schema.LATEST + 1))
+
+
+def test_a_store_from_a_newer_p2psync_is_refused(make_db: MakeDb, tmp_path: Path) -> None:
+    db = make_db("a")
+    path = db.home.store_path
+    db.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (schema.LATEST + 1,))
+    with pytest.raises(p2psync.P2PSyncError, match="upgrade p2psync"):
+        p2psync.open(tmp_path / "a")
