@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import p2psync
 
 CORE = Path(p2psync.__file__).parent / "core"
@@ -70,3 +72,24 @@ def test_the_checker_sees_forbidden_imports(tmp_path: Path) -> None:
     sample = tmp_path / "bad.py"
     sample.write_text("import os\nfrom trio import open_nursery\nimport sqlite3 as db\n")
     assert imported_modules(sample) & FORBIDDEN == {"os", "trio", "sqlite3"}
+
+
+#: Which layers each package may import (the layers below it, never above).
+LAYERS = {
+    "store": ("p2psync.core", "p2psync.errors", "p2psync.store"),
+    "net": ("p2psync.core", "p2psync.errors", "p2psync.store", "p2psync.net", "p2psync.api",
+            "p2psync.pairing", "p2psync.home"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_lower_layers_do_not_import_higher_ones(package: str) -> None:
+    root = CORE.parent / package
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                "p2psync."
+            ):
+                assert node.module.startswith(LAYERS[package]), (
+                    f"{package}/{path.name} imports {node.module}"
+                )

@@ -46,6 +46,7 @@ from p2psync.core.noise import HandshakeError
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import now_ms
+from p2psync.net.address import format_address, parse_address
 from p2psync.net.discovery import Discovery, Found, local_ipv4
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -72,18 +73,6 @@ class AgentConfig:
     backoff_cap: float = 30.0
     dial_timeout: float = 5.0
     poll_interval: float = 2.0  # fallback check for commits we were not told about
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) → (host, port); raises ValueError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Agent:

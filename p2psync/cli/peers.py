@@ -12,7 +12,6 @@ import trio
 
 from p2psync import pairing
 from p2psync.agent import sockets
-from p2psync.agent.agent import parse_address
 from p2psync.api import Database
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
@@ -21,6 +20,7 @@ from p2psync.core.messages import lag
 from p2psync.core.rules import Direction, Mode, Route, Rule, RuleState, Terms
 from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 from p2psync.home import now_ms
+from p2psync.net.address import parse_address
 from p2psync.net.oneshot import sync_once
 from p2psync.store.peers import Peer, PeerState
 
