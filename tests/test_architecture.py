@@ -1,4 +1,5 @@
-"""The pure core imports no I/O: no sockets, files, clocks, randomness or UI."""
+"""Architecture rules: the pure core imports no I/O (no sockets, files, clocks,
+randomness or UI), and lower layers never import higher ones."""
 
 from __future__ import annotations
 

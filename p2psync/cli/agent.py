@@ -20,7 +20,7 @@ from p2psync.agent import sockets
 from p2psync.agent.agent import AGENT_FILE, Agent, AgentConfig
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
-from p2psync.cli.peers import resolve_peer
+from p2psync.cli.lookup import resolve_peer
 from p2psync.core.identity import device_id, short_id
 from p2psync.errors import P2PSyncError, UsageError
 from p2psync.net.address import parse_address

@@ -15,7 +15,7 @@ import click
 
 from p2psync import __version__
 from p2psync import home as home_mod
-from p2psync.cli import agent, logs, output, peers, records
+from p2psync.cli import agent, logs, output, pair, peers, records, rule
 from p2psync.cli.context import State, pass_state
 from p2psync.errors import P2PSyncError, UsageError
 
@@ -98,7 +98,8 @@ def show_id(state: State, as_json: bool) -> None:
         click.echo(loaded.identity.device_id)
 
 
-for _command in (*records.COMMANDS, *logs.COMMANDS, *peers.COMMANDS, *agent.COMMANDS):
+_GROUPS = (records, logs, pair, rule, peers, agent)
+for _command in (command for group in _GROUPS for command in group.COMMANDS):
     cli.add_command(_command)
 
 

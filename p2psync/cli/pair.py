@@ -1,0 +1,263 @@
+"""`p2psync pair`: add, invite, join, pending, accept, reject, remove."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+import trio
+
+from p2psync import pairing
+from p2psync.api import Database
+from p2psync.cli import output
+from p2psync.cli.context import State, pass_state
+from p2psync.cli.lookup import (
+    listen_hints,
+    notify,
+    relationship,
+    resolve_peer,
+)
+from p2psync.cli.rule import rule_row
+from p2psync.cli.terms import accept_in_view, make_terms, parse_duration, rule_options
+from p2psync.core.identity import parse_device_id, short_id
+from p2psync.core.rules import Rule, RuleState
+from p2psync.errors import P2PSyncError, UsageError
+from p2psync.home import now_ms
+from p2psync.net.address import parse_address
+from p2psync.net.oneshot import sync_once
+from p2psync.store.peers import Peer, PeerState
+
+
+@click.group()
+def pair() -> None:
+    """Pair with other agents: add, invite, join, pending, accept, reject, remove."""
+
+
+@pair.command(name="add")
+@click.argument("device_id")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Where the peer listens (repeatable).",
+)
+@click.option("--name", help="A name for the peer (default: its short ID).")
+@rule_options()
+@pass_state
+def pair_add(
+    state: State,
+    device_id: str,
+    addresses: tuple[str, ...],
+    name: str | None,
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+) -> None:
+    """Ask DEVICE_ID to pair, proposing a sync rule; nothing flows until it accepts
+    (or has added this agent too)."""
+    key = parse_device_id(device_id)
+    for address in addresses:
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    terms = make_terms(collections, direction, mode, route)
+    with state.open() as db:
+        rules = pairing.propose(db, key, terms, name=name or short_id(key), addresses=addresses)
+        peer = db.store.peer(key)
+        own = db.device_id
+        me = db.identity.public_key
+    notify(state)
+    assert peer is not None
+    where = f" at {', '.join(peer.addresses)}" if peer.addresses else " (no address yet)"
+    who = output.safe(peer.name or "?")
+    click.echo(f"proposed to {who} ({short_id(key)}){where}: {terms.describe()}")
+    click.echo(f"{output.safe(peer.name or '?')}: {relationship(me, peer, rules)}")
+    if relationship(me, peer, rules) != "paired":
+        click.echo(f"on that agent, run: p2psync pair add {own}  (or: p2psync pair accept)")
+
+
+@pair.command(name="invite")
+@rule_options()
+@click.option(
+    "--expires",
+    default="10m",
+    show_default=True,
+    help="How long the code works: e.g. 90s, 10m, 2h, 1d.",
+)
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Where joiners reach this agent (default: its listen addresses).",
+)
+@pass_state
+def pair_invite(
+    state: State,
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+    expires: str,
+    addresses: tuple[str, ...],
+) -> None:
+    """Print a one-time code that pairs another agent with this rule (code on the last line)."""
+    seconds = parse_duration(expires)
+    terms = make_terms(collections, direction, mode, route)
+    hints = list(addresses) or listen_hints(state)
+    if not hints:
+        raise UsageError(
+            "no address to put in the code: start the agent (p2psync run) or give --address"
+        )
+    with state.open() as db:
+        code = pairing.create_invite(db, terms, seconds, hints)
+    click.echo(
+        f"invite for: {terms.describe()}; works once, for {expires}; "
+        f"reaches this agent at {', '.join(hints)}"
+    )
+    click.echo("on the other agent, run: p2psync pair join CODE")
+    click.echo(code)
+
+
+@pair.command(name="join")
+@click.argument("code")
+@click.option("--name", help="A name for the inviting peer (default: the name it gives).")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
+@pass_state
+def pair_join(state: State, code: str, name: str | None, timeout: float) -> None:
+    """Pair with the agent that printed CODE (no further approval), then sync once."""
+    invite = pairing.parse_invite(code)
+    if invite.expires < now_ms():
+        raise P2PSyncError("this invite code has expired; ask for a new one")
+    with state.open() as db:
+        if invite.inviter == db.identity.public_key:
+            raise UsageError("this code was made by this agent; run `pair join` on the other one")
+        db.store.add_peer(invite.inviter, name, list(invite.addresses), now_ms())
+        pairing.remember_join(db, invite)
+        outcomes = trio.run(
+            functools.partial(sync_once, db, [invite.inviter], None, timeout=timeout)
+        )
+        rules = db.store.rules(invite.inviter)
+        peer = db.store.peer(invite.inviter)
+        me = db.identity.public_key
+    notify(state)
+    assert peer is not None
+    status = relationship(me, peer, rules)
+    if status != "paired":
+        pairing_error = outcomes[0].error if outcomes else "no answer"
+        raise P2PSyncError(f"pairing with {short_id(invite.inviter)} failed: {pairing_error}")
+    accepted = next(r for r in rules if r.state is RuleState.ACCEPTED)
+    click.echo(
+        f"paired with {output.safe(peer.name or short_id(peer.key))} ({short_id(peer.key)}): "
+        f"{accepted.terms_for(me).describe()}"
+    )
+    if outcomes and outcomes[0].synced:
+        click.echo(f"in sync (received {outcomes[0].received}, sent {outcomes[0].sent})")
+
+
+@pair.command(name="pending")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def pair_pending(state: State, as_json: bool) -> None:
+    """Pairing requests and rule proposals waiting for an answer."""
+    with state.open() as db:
+        me = db.identity.public_key
+        waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
+        names = {p.key: p.name for p in db.store.peers()}
+    rows = [rule_row(me, r, names) for r in waiting]
+    if as_json:
+        output.emit_json(rows)
+        return
+    if not rows:
+        click.echo("nothing pending")
+    for row in rows:
+        who = output.safe(row["peer_name"] or row["peer"][:7])
+        if row["awaiting"] == "you":
+            click.echo(f"{who} asks: {row['terms']}  (rule {row['id'][:12]})")
+            click.echo(
+                f"    p2psync pair accept {row['peer'][:7]}   or   "
+                f"p2psync pair reject {row['peer'][:7]} --reason TEXT"
+            )
+        else:
+            click.echo(
+                f"you asked {who}: {row['terms']}  (rule {row['id'][:12]}); "
+                "waiting for their answer"
+            )
+
+
+@pair.command(name="accept")
+@click.argument("peer")
+@rule_options(narrowing=True)
+@pass_state
+def pairaccept_in_view(
+    state: State,
+    peer: str,
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+) -> None:
+    """Accept PEER's pairing request, optionally narrowed (options in this agent's
+    view, as `pair pending` shows it)."""
+    with state.open() as db:
+        found = resolve_peer(db, peer)
+        rule = _waiting_from(db, found)
+        mine = accept_in_view(db, rule, collections, direction, mode, route)
+        db.store.add_peer(found.key, None, [], now_ms())
+    notify(state)
+    click.echo(
+        f"paired with {output.safe(found.name or '')} ({short_id(found.key)}): {mine.describe()}"
+    )
+
+
+@pair.command(name="reject")
+@click.argument("peer")
+@click.option("--reason", required=True, help="Why (the requester sees it).")
+@pass_state
+def pair_reject(state: State, peer: str, reason: str) -> None:
+    """Reject PEER's pairing request, saying why."""
+    with state.open() as db:
+        found = resolve_peer(db, peer)
+        pairing.reject(db, _waiting_from(db, found), reason)
+    notify(state)
+    click.echo(f"rejected {output.safe(found.name or '')} ({short_id(found.key)}): {reason}")
+
+
+@pair.command(name="remove")
+@click.argument("peer")
+@pass_state
+def pair_remove(state: State, peer: str) -> None:
+    """Stop syncing with PEER (its rules are revoked); its records stay."""
+    with state.open() as db:
+        found = resolve_peer(db, peer)
+        for rule in db.store.rules(found.key):
+            if rule.state in (RuleState.PROPOSED, RuleState.ACCEPTED):
+                pairing.revoke(db, rule)
+        db.store.set_peer_state(found.key, PeerState.REMOVED)
+    notify(state)
+    click.echo(
+        f"removed {output.safe(found.name or '')} ({short_id(found.key)}); records it sent are kept"
+    )
+
+
+def _waiting_from(db: Database, peer: Peer) -> Rule:
+    me = db.identity.public_key
+    waiting = [
+        r for r in db.store.rules(peer.key) if r.state is RuleState.PROPOSED and r.acceptor == me
+    ]
+    if not waiting:
+        raise UsageError(f"{output.safe(peer.name or '?')} has no request waiting for an answer")
+    if len(waiting) > 1:
+        ids = ", ".join(r.id.hex()[:12] for r in waiting)
+        raise UsageError(
+            f"{output.safe(peer.name or '?')} has {len(waiting)} requests waiting ({ids}); "
+            "see `p2psync pair "
+            "pending` and answer one with `p2psync rule accept ID` or `rule reject ID`"
+        )
+    return waiting[0]
+
+
+COMMANDS = (pair,)

@@ -1,0 +1,138 @@
+"""`p2psync rule`: propose, list, accept, reject, revoke."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from p2psync import pairing
+from p2psync.cli import output
+from p2psync.cli.context import State, pass_state
+from p2psync.cli.lookup import (
+    notify,
+    resolve_peer,
+    resolve_rule,
+)
+from p2psync.cli.terms import accept_in_view, make_terms, rule_options
+from p2psync.core.identity import device_id
+from p2psync.core.rules import Rule, RuleState
+
+
+@click.group()
+def rule() -> None:
+    """Sync rules with paired peers: propose, list, accept, reject, revoke."""
+
+
+@rule.command(name="propose")
+@click.argument("peer")
+@rule_options()
+@pass_state
+def rule_propose(
+    state: State,
+    peer: str,
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+) -> None:
+    """Propose another rule to PEER."""
+    terms = make_terms(collections, direction, mode, route)
+    with state.open() as db:
+        found = resolve_peer(db, peer)
+        pairing.propose(db, found.key, terms)
+    notify(state)
+    click.echo(f"proposed to {output.safe(found.name or '?')}: {terms.describe()}")
+
+
+@rule.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def rule_list(state: State, as_json: bool) -> None:
+    """Every rule with its state."""
+    with state.open() as db:
+        me = db.identity.public_key
+        rows = [
+            rule_row(me, r, {p.key: p.name for p in db.store.peers()}) for r in db.store.rules()
+        ]
+    if as_json:
+        output.emit_json(rows)
+        return
+    if not rows:
+        click.echo("no rules")
+    for row in rows:
+        who = output.safe(row["peer_name"] or row["peer"][:7])
+        reason = f" ({output.safe(row['reason'])})" if row["reason"] else ""
+        click.echo(f"{row['id'][:12]}  {who}  {row['state']}{reason}: {row['terms']}")
+
+
+@rule.command(name="accept")
+@click.argument("rule_id")
+@rule_options(narrowing=True)
+@pass_state
+def ruleaccept_in_view(
+    state: State,
+    rule_id: str,
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+) -> None:
+    """Accept a proposed rule, optionally narrowed (options in this agent's view)."""
+    with state.open() as db:
+        found = resolve_rule(db, rule_id)
+        mine = accept_in_view(db, found, collections, direction, mode, route)
+    notify(state)
+    click.echo(f"accepted rule {found.id.hex()[:12]}: {mine.describe()}")
+
+
+@rule.command(name="reject")
+@click.argument("rule_id")
+@click.option("--reason", required=True, help="Why (the proposer sees it).")
+@pass_state
+def rule_reject(state: State, rule_id: str, reason: str) -> None:
+    """Reject a proposed rule."""
+    with state.open() as db:
+        found = resolve_rule(db, rule_id)
+        pairing.reject(db, found, reason)
+    notify(state)
+    click.echo(f"rejected rule {found.id.hex()[:12]}: {reason}")
+
+
+@rule.command(name="revoke")
+@click.argument("rule_id")
+@pass_state
+def rule_revoke(state: State, rule_id: str) -> None:
+    """Revoke a rule: flow under it stops on both sides."""
+    with state.open() as db:
+        found = resolve_rule(db, rule_id)
+        pairing.revoke(db, found)
+    notify(state)
+    click.echo(f"revoked rule {found.id.hex()[:12]}")
+
+
+def rule_row(me: bytes, rule: Rule, names: dict[bytes, str | None]) -> dict[str, Any]:
+    peer = rule.acceptor if rule.proposer == me else rule.proposer
+    return {
+        "id": rule.id.hex(),
+        "peer": device_id(peer),
+        "peer_name": names.get(peer),
+        "proposed_by": "you" if rule.proposer == me else "them",
+        "awaiting": (
+            None
+            if rule.state is not RuleState.PROPOSED
+            else "you"
+            if rule.acceptor == me
+            else "them"
+        ),
+        "state": rule.state.value,
+        "reason": rule.reason,
+        "terms": rule.terms_for(me).describe(),
+        "collections": list(rule.terms.collections),
+        "direction": rule.terms_for(me).direction.value,
+        "mode": rule.terms.mode.value,
+        "route": rule.terms.route.value,
+    }
+
+
+COMMANDS = (rule,)

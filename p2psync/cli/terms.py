@@ -1,0 +1,94 @@
+"""Sync-rule terms on the command line: the options that make them, accepting in
+the acceptor's view, and durations like ``10m``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from p2psync import pairing
+from p2psync.api import Database
+from p2psync.core.rules import Direction, Mode, Route, Rule, Terms
+from p2psync.errors import UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rule_options(narrowing: bool = False) -> Callable[[F], F]:
+    """--collection/--direction/--mode/--route; defaults: everything, both, online, auto."""
+
+    def decorate(function: F) -> F:
+        help_suffix = " (default: as proposed)" if narrowing else ""
+        for option in reversed(
+            [
+                click.option(
+                    "--collection",
+                    "-c",
+                    "collections",
+                    multiple=True,
+                    metavar="GLOB",
+                    help=f"Collections the rule covers (repeatable; default *){help_suffix}.",
+                ),
+                click.option(
+                    "--direction",
+                    type=click.Choice([d.value for d in Direction]),
+                    help="From the proposer's view: send, receive or both (default both).",
+                ),
+                click.option(
+                    "--mode",
+                    type=click.Choice([m.value for m in Mode]),
+                    help="online: live while connected; on-demand: only on `p2psync sync`.",
+                ),
+                click.option(
+                    "--route",
+                    type=click.Choice([r.value for r in Route]),
+                    help="direct, relay or auto (default auto).",
+                ),
+            ]
+        ):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def make_terms(
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+    base: Terms | None = None,
+) -> Terms:
+    base = base or Terms()
+    return Terms.make(
+        list(collections) or list(base.collections),
+        Direction(direction) if direction else base.direction,
+        Mode(mode) if mode else base.mode,
+        Route(route) if route else base.route,
+    )
+
+
+def parse_duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match:
+        raise UsageError(f"{text!r} is not a duration like 90s, 10m, 2h or 1d")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def accept_in_view(
+    db: Database,
+    rule: Rule,
+    collections: tuple[str, ...],
+    direction: str | None,
+    mode: str | None,
+    route: str | None,
+) -> Terms:
+    """Accept ``rule`` with options given in the acceptor's view; returns the terms
+    in that view."""
+    mine = make_terms(collections, direction, mode, route, base=rule.proposed.flipped())
+    pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
+    return mine
