@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 KEY_FILE = "identity.key"
 CONFIG_FILE = "config.json"
+AGENT_FILE = "agent.json"  # written by a running agent: pid, listen addresses
 _KEY_TYPE = "p2psync-ed25519-seed"
 
 

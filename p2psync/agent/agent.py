@@ -45,7 +45,7 @@ from p2psync.core.messages import lag, rules_digest
 from p2psync.core.noise import HandshakeError
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
-from p2psync.home import now_ms
+from p2psync.home import AGENT_FILE, now_ms
 from p2psync.net.address import format_address, parse_address
 from p2psync.net.discovery import Discovery, Found, local_ipv4
 from p2psync.net.link import PairLink
@@ -56,7 +56,6 @@ from p2psync.store.peers import Peer, PeerState
 
 log = logging.getLogger(__name__)
 
-AGENT_FILE = "agent.json"
 RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
 MAX_UNPAIRED = 16  # connections open at once with agents that are not known peers

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import click
-import trio
 
 from p2psync import pairing
 from p2psync.api import Database
@@ -24,7 +23,6 @@ from p2psync.core.rules import Rule, RuleState
 from p2psync.errors import P2PSyncError, UsageError
 from p2psync.home import now_ms
 from p2psync.net.address import parse_address
-from p2psync.net.oneshot import sync_once
 from p2psync.store.peers import Peer, PeerState
 
 
@@ -137,6 +135,10 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
             raise UsageError("this code was made by this agent; run `pair join` on the other one")
         db.store.add_peer(invite.inviter, name, list(invite.addresses), now_ms())
         pairing.remember_join(db, invite)
+        import trio  # noqa: PLC0415 - a record command starts faster without trio
+
+        from p2psync.net.oneshot import sync_once  # noqa: PLC0415
+
         outcomes = trio.run(
             functools.partial(sync_once, db, [invite.inviter], None, timeout=timeout)
         )
