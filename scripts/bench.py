@@ -12,8 +12,9 @@ runs with min and max beside it; each run starts from a fresh home.
 
 ``sync`` runs two agent processes on 127.0.0.1 (issue 3):
 
-* W1 initial sync of N records from A to an empty B: records/s from B's agent
-  listening to B holding all N, and the peak RSS (VmHWM) of each agent;
+* W1 initial sync of N records from A to an empty B: records/s until B holds
+  all N, counted from launching B's agent process and from B listening (so
+  without its ~0.2 s start-up), and the peak RSS (VmHWM) of each agent;
 * W2 live latency: W single puts at A (API, another process than the agent)
   ~10 ms apart, from the put call to the record readable in B's store;
 * W3 no-op resync with N records on both sides: bytes on the wire (handshake
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,13 @@ import p2psync
 from p2psync import home as home_mod
 from p2psync import pairing
 from p2psync.agent.process import AgentProcess
+from p2psync.core.canonical import Value
 from p2psync.core.rules import Terms
 
 BATCH = 2000  # entries per ingest call (one store transaction each)
 
 
-def value(i: int) -> dict[str, object]:
+def value(i: int) -> Value:
     """A ~100-byte record value."""
     return {"i": i, "party": f"party-{i % 977}", "amount": i * 7 % 100_000, "memo": "x" * 40}
 
@@ -73,7 +75,7 @@ def fresh_home(base: Path, name: str) -> Path:
     return path
 
 
-def summary(samples: list[float]) -> str:
+def summary(samples: Sequence[float]) -> str:
     return (
         f"{statistics.median(samples):>12,.0f}  (min {min(samples):,.0f}, max {max(samples):,.0f},"
         f" n={len(samples)})"
@@ -275,8 +277,10 @@ def pair(a: Path, b: Path, b_address: str | None) -> None:
 
 def bench_w1(
     base: Path, source: Path, count: int
-) -> tuple[float, float, float, Path, AgentProcess]:
-    """One W1 run; returns records/s, peak RSS of A and B, B's home, A's agent."""
+) -> tuple[float, float, float, float, Path, AgentProcess]:
+    """One W1 run; returns records/s counted from launching B's agent process and
+    from B listening (its start-up, ~0.2 s, excluded), peak RSS of A and B, B's
+    home, A's agent."""
     a_home = base / f"a-{time.monotonic_ns()}"
     shutil.copytree(source, a_home)
     b_home = fresh_home(base, "b")
@@ -285,16 +289,17 @@ def bench_w1(
     pair(b_home, a_home, agent_a.address)
     started = time.perf_counter()
     agent_b = start_agent(b_home)  # dials A at once
+    listening = time.perf_counter()
     conn = sqlite3.connect(f"file:{b_home / 'store.sqlite'}?mode=ro", uri=True)
     while head_seq(conn) < count:
         time.sleep(0.01)
         if time.perf_counter() - started > 3600:
             raise SystemExit("W1 did not finish")
-    elapsed = time.perf_counter() - started
+    done = time.perf_counter()
     conn.close()
     rss_a, rss_b = agent_a.peak_rss_mib(), agent_b.peak_rss_mib()
     agent_b.stop()
-    return count / elapsed, rss_a, rss_b, b_home, agent_a
+    return count / (done - started), count / (done - listening), rss_a, rss_b, b_home, agent_a
 
 
 def bench_w2(a_home: Path, b_home: Path, writes: int) -> list[float]:
@@ -347,10 +352,13 @@ def run_sync(args: argparse.Namespace) -> None:
             f"p2psync sync benchmarks — {os.cpu_count()} CPUs, Python "
             f"{sys.version.split()[0]}, {args.records:,} records, two agents on 127.0.0.1"
         )
-        rates, rss_a, rss_b, w2, w3_bytes, w3_ms = [], [], [], [], [], []
+        rates, rates_up, rss_a, rss_b, w2, w3_bytes, w3_ms = [], [], [], [], [], [], []
         for run in range(args.runs):
-            rate, peak_a, peak_b, b_home, agent_a = bench_w1(base, source, args.records)
+            rate, rate_up, peak_a, peak_b, b_home, agent_a = bench_w1(
+                base, source, args.records
+            )
             rates.append(rate)
+            rates_up.append(rate_up)
             rss_a.append(peak_a)
             rss_b.append(peak_b)
             try:
@@ -368,7 +376,8 @@ def run_sync(args: argparse.Namespace) -> None:
             finally:
                 agent_a.stop()
             shutil.rmtree(b_home)
-        print(f"{'W1 initial sync, records/s':<60} {summary(rates)}")
+        print(f"{'W1 initial sync, records/s (from launching B)':<60} {summary(rates)}")
+        print(f"{'W1 initial sync, records/s (from B listening)':<60} {summary(rates_up)}")
         print(f"{'W1 peak RSS of the sending agent (A), MiB':<60} {summary(rss_a)}")
         print(f"{'W1 peak RSS of the receiving agent (B), MiB':<60} {summary(rss_b)}")
         if w2:
@@ -451,7 +460,8 @@ def run_lan(args: argparse.Namespace) -> None:
     if reason:
         raise SystemExit(f"cannot build a LAN here: {reason}")
     print(f"p2psync LAN benchmarks — {os.cpu_count()} CPUs, agents in network namespaces")
-    known, rediscovered = [], []
+    known: list[float] = []
+    rediscovered: list[float] = []
     with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
         lan = Lan(2)
         try:
@@ -480,7 +490,9 @@ def run_lan(args: argparse.Namespace) -> None:
     print(
         f"{'start to peer holding the new record, found by mDNS, ms':<60} {summary(rediscovered)}"
     )
-    discover, idle_on, idle_off = [], [], []
+    discover: list[float] = []
+    idle_on: list[float] = []
+    idle_off: list[float] = []
     with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
         lan = Lan(args.agents)
         try:
