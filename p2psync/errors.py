@@ -21,6 +21,7 @@ module that touches them, with ``raise X from exc``.
     │   ├── ChainError             does not fit its author's chain (order, clock)
     │   ├── FutureTimestampError   clock too far ahead of ours
     │   ├── FrozenAuthorError      its author is frozen after a fork
+    │   ├── WithheldError          a payload this agent may see was left out
     │   ├── RuleViolationError     a payload this agent may not receive was sent
     │   ├── HeldLimitError         too many entries already waiting for predecessors
     │   └── AuthorLimitError       the store holds as many authors' logs as it may
@@ -92,6 +93,10 @@ class FutureTimestampError(EntryError):
 
 class FrozenAuthorError(EntryError):
     """The entry's author is frozen after a fork; nothing more is accepted from it."""
+
+
+class WithheldError(EntryError):
+    """An op's payload was left out although this agent may see its collection."""
 
 
 class RuleViolationError(EntryError):

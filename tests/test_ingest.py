@@ -24,6 +24,7 @@ from p2psync.errors import (
     NonCanonicalError,
     OversizeError,
     SignatureError,
+    WithheldError,
 )
 from p2psync.home import now_ms
 from p2psync.store import ingest as ingest_mod
@@ -278,25 +279,19 @@ def test_clock_moves_past_ingested_entries(db: p2psync.Database) -> None:
     assert db.conflicts() == []
 
 
-def test_a_withheld_payload_is_applied_without_that_op_and_listed(
+def test_withheld_payload_is_refused_and_cannot_displace_the_full_copy(
     db: p2psync.Database,
 ) -> None:
-    """An entry lacking a payload this agent may see (filtered upstream) is applied
-    with its other ops; the gap is recorded, not hidden and not a refusal."""
     author = live_author()
-    entry = author.write(
-        author.op("ledgers", "ACME", {"balance": 1200}), author.op("vouchers", "V-1", 5)
-    )
-    stripped = canonical.encode([entry.signed, [None, entry.payloads[1]]])
+    entry = author.write(author.op("ledgers", "ACME", {"balance": 1200}))
+    stripped = canonical.encode([entry.signed, [None]])
+    before = snapshot(db)
     result = db.ingest([stripped])
-    assert result.accepted == [entry.id] and result.incomplete == [entry.id]
-    assert result.rejected == []
-    assert db.get("vouchers", "V-1") == 5 and db.get("ledgers", "ACME") is None
-    assert db.store.withheld_count() == (1, 1)
-    report = db.verify()
-    assert report.ok and report.withheld == 1
-    again = db.ingest([entry.wire()])  # the complete copy: same entry, a duplicate
-    assert again.duplicates == 1
+    assert [type(r.error) for r in result.rejected] == [WithheldError]
+    assert snapshot(db) == before
+    full = db.ingest([entry.wire()])
+    assert full.accepted == [entry.id]
+    assert db.get("ledgers", "ACME") == {"balance": 1200}
 
 
 def test_payloads_of_invisible_collections_may_be_withheld(db: p2psync.Database) -> None:
@@ -306,7 +301,7 @@ def test_payloads_of_invisible_collections_may_be_withheld(db: p2psync.Database)
     result = db.store.ingest([filtered], now_ms(), visible=lambda c: c != "payroll")
     assert result.accepted == [entry.id]
     assert db.get("public", "a") == 1 and db.get("payroll", "b") is None
-    assert db.verify().ok and result.incomplete == [] and db.store.withheld_count() == (0, 0)
+    assert db.verify().ok
 
 
 def test_body_with_boolean_keys_is_refused(db: p2psync.Database) -> None:

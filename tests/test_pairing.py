@@ -156,13 +156,14 @@ async def test_third_party_entries_only_along_allowing_rules(make_db: MakeDb) ->
     assert a.verify().ok
 
 
-async def test_entries_filtered_upstream_are_forwarded_without_wedging(
+async def test_entries_filtered_upstream_are_refused_without_losing_the_session(
     make_db: MakeDb,
 ) -> None:
-    """c shares only vouchers with b; b shares everything with a. c's entries reach
-    a through b without their payroll payloads (b never had them): a applies the
-    vouchers, lists the gap, and the a-b session completes instead of failing on
-    every retry."""
+    """c shares only vouchers with b; b's rule with a covers everything. c's entries
+    reach b without their payroll payloads, so b cannot give a what a's rule says a
+    may have: a refuses them (applying them would lose those payloads for good) but
+    keeps everything else from b, and says what to change. Once the a-b rule leaves
+    payroll out, c's entries flow with payroll proven by hash."""
     a, b, c = make_db("a"), make_db("b"), make_db("c")
     pairing.propose(c, key(b), Terms.make(["vouchers"]))
     pairing.propose(b, key(c), Terms())
@@ -174,10 +175,16 @@ async def test_entries_filtered_upstream_are_forwarded_without_wedging(
     assert b.get("vouchers", "V-9") == 9 and b.get("payroll", "eve") is None
     b.put("vouchers", "V-10", 10)
     stats_a, stats_b = await session(a, b)
-    assert stats_a.synced and not stats_b.error
-    assert a.get("vouchers", "V-9") == 9 and a.get("vouchers", "V-10") == 10
-    assert a.get("payroll", "eve") is None
-    assert a.store.withheld_count() == (1, 1)
+    assert not stats_a.synced and "payroll" in stats_a.reason and not stats_b.error
+    assert a.get("vouchers", "V-10") == 10  # b's own entries arrived
+    assert a.get("vouchers", "V-9") is None  # c's wait behind the refused one
+    for rule in a.store.rules(key(b)):
+        pairing.revoke(a, rule)
+    pairing.propose(a, key(b), Terms.make(["vouchers"]))
+    pairing.propose(b, key(a), Terms.make(["vouchers"]))
+    await session(b, a)  # the new rule reaches a
+    stats_a, _ = await session(a, b)
+    assert stats_a.synced and a.get("vouchers", "V-9") == 9
     assert a.verify().ok
 
 

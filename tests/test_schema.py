@@ -15,24 +15,34 @@ from p2psync.store import schema
 MakeDb = Callable[[str], p2psync.Database]
 
 
-def test_a_version_4_store_gains_the_withheld_table(make_db: MakeDb, tmp_path: Path) -> None:
+def test_a_version_3_store_is_brought_forward_with_its_data(
+    make_db: MakeDb, tmp_path: Path
+) -> None:
     db = make_db("a")
     db.put("vouchers", "V-1", {"amount": 10})
     path = db.home.store_path
     db.close()
-    with sqlite3.connect(path) as conn:  # as a version 4 store left it
-        conn.execute("DROP TABLE withheld")
-        conn.execute("DELETE FROM schema_migrations WHERE version = 5")
+    with sqlite3.connect(path) as conn:  # as a version 3 store left it
+        conn.execute("DROP TABLE rule_objects")
+        conn.execute("DROP TABLE invites")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 4")
+        conn.execute(
+            "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
+            (bytes(32),),
+        )
     reopened = p2psync.open(tmp_path / "a")
     try:
         assert reopened.get("vouchers", "V-1") == {"amount": 10}
-        assert reopened.store.withheld_count() == (0, 0)
         assert reopened.verify().ok
     finally:
         reopened.close()
     with sqlite3.connect(path) as conn:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+        states = [s for (s,) in conn.execute("SELECT state FROM peers")]
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert versions == list(range(1, schema.LATEST + 1))
+    assert states == ["known"]
+    assert {"rule_objects", "invites"} <= tables
 
 
 def test_a_store_from_a_newer_p2psync_is_refused(make_db: MakeDb, tmp_path: Path) -> None:

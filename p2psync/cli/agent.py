@@ -202,7 +202,6 @@ def status(state: State, as_json: bool) -> None:
             "authors": len([a for a in db.authors() if a.seq]),
             "conflicts": len(db.conflicts()),
             "held": db.store.held_count(),
-            "withheld_ops": db.store.withheld_count()[1],
         }
         peer_rows: list[dict[str, Any]] = [
             {
@@ -242,11 +241,6 @@ def status(state: State, as_json: bool) -> None:
         f"store: {store['entries']} entries from {store['authors']} authors, "
         f"{store['conflicts']} conflicts, {store['held']} held"
     )
-    if store["withheld_ops"]:
-        click.echo(
-            f"  {store['withheld_ops']} ops arrived without their payload (filtered before "
-            "they reached the peer that forwarded them); see docs/protocol.md"
-        )
     for row in peer_rows:
         line = f"  peer {output.safe(row['name'] or '?')}: last in sync "
         line += output.describe_hlc(row["last_sync"] << 16) if row["last_sync"] else "never"

@@ -106,8 +106,6 @@ def verify(state: State) -> None:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise error(found[0] + more)
     held = f"; {report.held} entries wait for predecessors" if report.held else ""
-    if report.withheld:
-        held += f"; {report.withheld} ops arrived without their payload"
     authors = f"{report.authors} author" + ("" if report.authors == 1 else "s")
     click.echo(f"{report.entries} entries from {authors} verified{held}")
 

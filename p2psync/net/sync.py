@@ -49,6 +49,7 @@ from p2psync.errors import (
     RuleViolationError,
     SignatureError,
     StoreError,
+    WithheldError,
 )
 from p2psync.net.filter import withhold
 from p2psync.net.link import EVERYTHING, PairLink
@@ -368,12 +369,6 @@ class _Run:
             self.stats.received += len(result.accepted)
             self.stats.held += len(result.held)
             self.stats.refused += len(result.rejected)
-            if result.incomplete:
-                log.info(
-                    "%d entries from %s lacked payloads this agent may see (filtered "
-                    "before they reached %s); their other ops are applied",
-                    len(result.incomplete), self.who, self.who,
-                )
             self.machine.ingested(
                 event.batch, [(author, seq, eid) for author, (seq, eid) in result.seen.items()]
             )
@@ -381,11 +376,19 @@ class _Run:
                 self.feed.bump()  # other sessions forward these to their peers
             self.machine.local_changed(heads)
             hostile = [r for r in result.rejected if isinstance(r.error, HOSTILE)]
-            for rejected in result.rejected:
-                if not isinstance(rejected.error, HOSTILE):
-                    log.warning("entry from %s not applied: %s", self.who, rejected.describe())
             if hostile:
                 self.handle(self.machine.fail(f"invalid entry: {hostile[0].describe()}"))
+                return
+            refused = result.rejected  # not the sender's fault: logged, the session goes on
+            if refused:
+                more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+                log.warning(
+                    "entry from %s not applied: %s%s", self.who, refused[0].describe(), more
+                )
+            withheld = [r for r in refused if isinstance(r.error, WithheldError)]
+            if withheld and not self.live:
+                # an on-demand sync cannot end in step: say why now, not at its timeout
+                self.handle(self.machine.close(f"not in sync: {withheld[0].describe()}"))
                 return
             self.handle(self.machine.poll_synced())
             self.progress()

@@ -30,6 +30,7 @@ from p2psync.errors import (
     HeldLimitError,
     RuleViolationError,
     SignatureError,
+    WithheldError,
 )
 from p2psync.store.writer import Outcome, Writer
 
@@ -67,8 +68,6 @@ class IngestResult:
     duplicates: int = 0
     rejected: list[Rejected] = field(default_factory=list)
     signatures_checked: int = 0
-    #: applied entries that lacked payloads this agent may see (see ``withheld``)
-    incomplete: list[bytes] = field(default_factory=list)
     #: per author, ``(seq, entry ID)`` of the furthest input that decoded: what the
     #: sender holds (a sender holds whole chains, so the last one says it all)
     seen: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
@@ -86,15 +85,8 @@ def ingest(
     items: list[Item],
     result: IngestResult,
     max_held: int = MAX_HELD,
-    visible: Callable[[str], bool] | None = None,
 ) -> None:
-    """Authenticate and apply ``items`` with ``writer`` (inside its transaction).
-
-    An entry may lack payloads of collections this agent may see (``visible``):
-    the peer forwarding it was never sent them (filtered upstream). Refusing it
-    would stall every later entry of that author on this path, so it is applied
-    with those ops unread and they are listed in the ``withheld`` table.
-    """
+    """Authenticate and apply ``items`` with ``writer`` (inside its transaction)."""
     writer.expire_held(HELD_FOR_MS)
     by_author: dict[bytes, list[Item]] = defaultdict(list)
     for item in items:
@@ -122,20 +114,14 @@ def ingest(
     writer.prefetch(
         (op.collection, op.key) for item in ready for op in item.entry.ops if op is not None
     )
-    _apply_all(writer, ready, result, max_held, visible)
+    _apply_all(writer, ready, result, max_held)
 
 
 def _position(item: Item) -> tuple[int, int]:
     return (item.index if item.index is not None else -1, item.entry.seq)
 
 
-def _apply_all(
-    writer: Writer,
-    ready: list[Item],
-    result: IngestResult,
-    max_held: int,
-    visible: Callable[[str], bool] | None,
-) -> None:
+def _apply_all(writer: Writer, ready: list[Item], result: IngestResult, max_held: int) -> None:
     queue = deque(ready)
     waiting: dict[bytes, list[Item]] = defaultdict(list)
     while queue:
@@ -143,8 +129,6 @@ def _apply_all(
         attempt = writer.try_apply(item.entry, item.wire)
         if attempt.outcome is Outcome.APPLIED:
             result.accepted.append(item.entry.id)
-            if None in item.entry.ops:
-                _note_withheld(writer, item.entry, result, visible)
             queue.extend(waiting.pop(item.entry.id, ()))
             if writer.has_held:
                 writer.drop_held(item.entry.id)
@@ -172,19 +156,6 @@ def _apply_all(
             result.held.append(item.entry.id)
 
 
-def _note_withheld(
-    writer: Writer, entry: Entry, result: IngestResult, visible: Callable[[str], bool] | None
-) -> None:
-    missing = [
-        (index, collection)
-        for index, (collection, op) in enumerate(zip(entry.collections, entry.ops, strict=True))
-        if op is None and (visible is None or visible(collection))
-    ]
-    if missing:
-        writer.note_withheld(entry.id, missing)
-        result.incomplete.append(entry.id)
-
-
 def _released(writer: Writer, dep: bytes, result: IngestResult) -> list[Item]:
     released: list[Item] = []
     for wire in writer.take_held(dep):
@@ -210,8 +181,8 @@ def decode_batch(
     visible: Callable[[str], bool] | None = None,
 ) -> list[Item]:
     """Decode wire forms; refuse malformed ones, clocks too far ahead, and entries
-    carrying a payload of a collection this agent may not see (``visible``;
-    default: every collection may be seen)."""
+    missing a payload of a collection this agent may see (``visible``; default:
+    every collection)."""
     items: list[Item] = []
     limit = hlc_mod.from_wall(now_ms + max_skew_ms + 1) - 1  # greatest allowed timestamp
     for index, wire in enumerate(wires):
@@ -257,6 +228,31 @@ def decode_batch(
                     )
                 )
                 continue
+        withheld = None in entry.ops and [
+            collection
+            for collection, op in zip(entry.collections, entry.ops, strict=True)
+            if op is None and (visible is None or visible(collection))
+        ]
+        if withheld:
+            # applying it without those ops would lose them for good: a later full
+            # copy has the same ID and counts as a duplicate. Not the sender's fault
+            # when it never had them (filtered before they reached it).
+            result.rejected.append(
+                Rejected(
+                    index,
+                    entry.author,
+                    entry.seq,
+                    entry.id,
+                    WithheldError(
+                        f"it lacks the payload of an op in {withheld[0]!r}, which the rule "
+                        f"with the sender covers but the sender does not hold (a rule "
+                        f"upstream leaves it out); this author's later entries wait. "
+                        f"Leave {withheld[0]!r} out of the rule with the sender, or get "
+                        "these entries from a peer that holds them in full"
+                    ),
+                )
+            )
+            continue
         items.append(Item(entry, wire, index))
         furthest = result.seen.get(entry.author)
         if furthest is None or entry.seq > furthest[0]:

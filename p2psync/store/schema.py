@@ -18,11 +18,6 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
-Version 5 adds ``withheld``: ops of applied entries that arrived without their
-payload although this agent may see their collection (the forwarding peer did
-not hold it: it was filtered upstream). Kept so the gap is visible and can be
-filled when a complete copy is fetched.
-
 Version 4 adds sync rules and invites (and peers are ``known`` rather than
 ``trusted``: the rules decide what flows):
 
@@ -156,14 +151,6 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         used_by BLOB,
         created INTEGER NOT NULL
     )
-    """,
-    5: """
-    CREATE TABLE withheld (
-        entry      BLOB NOT NULL,
-        op         INTEGER NOT NULL,
-        collection TEXT NOT NULL,
-        PRIMARY KEY (entry, op)
-    ) WITHOUT ROWID
     """,
 }
 

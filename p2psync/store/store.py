@@ -196,14 +196,6 @@ class Store:
                 "JOIN authors a ON a.idx = f.author ORDER BY a.key, f.seq"
             ).fetchall()
 
-    def withheld_count(self) -> tuple[int, int]:
-        """(entries, ops) applied without payloads this agent may see."""
-        with self._reader.reading() as conn:
-            row = conn.execute(
-                "SELECT count(DISTINCT entry), count(*) FROM withheld"
-            ).fetchone()
-            return int(row[0]), int(row[1])
-
     def held_count(self) -> int:
         with self._reader.reading() as conn:
             return int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
@@ -446,6 +438,6 @@ class Store:
             return result
         with self._db.writing(visible_first=True) as conn:
             writer = Writer(conn, now_ms)
-            ingest(writer, items, result, visible=visible)
+            ingest(writer, items, result)
             writer.finish()
         return result

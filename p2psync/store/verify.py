@@ -25,7 +25,6 @@ class VerifyReport:
     entries: int = 0
     authors: int = 0
     held: int = 0
-    withheld: int = 0  # ops applied without a payload this agent may see
     problems: list[str] = field(default_factory=list)  # damage: the store is corrupt
     forks: list[str] = field(default_factory=list)  # authors that signed two histories
 
@@ -52,7 +51,6 @@ def verify(conn: sqlite3.Connection, progress: Callable[[int], None] | None = No
                     "nothing more is accepted from it"
                 )
     report.held = int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
-    report.withheld = int(conn.execute("SELECT count(*) FROM withheld").fetchone()[0])
     return report
 
 

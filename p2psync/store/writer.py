@@ -285,14 +285,6 @@ class Writer:
         self.applied.add(entry.id)
         self.clock = hlc_mod.observe(self.clock, entry.hlc, self.now_ms)
 
-    def note_withheld(self, entry_id: bytes, ops: list[tuple[int, str]]) -> None:
-        """``entry_id`` was applied without the payloads of ``ops`` (index, collection)
-        that this agent may see."""
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO withheld (entry, op, collection) VALUES (?, ?, ?)",
-            [(entry_id, index, collection) for index, collection in ops],
-        )
-
     def _flush_entries(self) -> None:
         if self._new_entries:
             self.conn.executemany(
