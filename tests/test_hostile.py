@@ -29,10 +29,12 @@ from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Direction, RuleState, Terms
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import DecodeError
+from p2psync.home import now_ms
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.store import rules as store_rules
 from tests.test_pairing import key, session, state_of
 from tests.test_sync import Hostile, connect, fill
 
@@ -289,3 +291,44 @@ async def test_pair_accept_refuses_to_guess_between_two_requests(
     assert result.exit_code != 0 and "2 requests waiting" in result.output
     assert "Traceback" not in result.output
     assert RuleState.ACCEPTED not in state_of(a, b)
+
+
+# ---------------------------------------------------------------- rule object quotas
+
+
+def test_a_peer_that_fills_its_quota_can_still_be_removed(
+    make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_rules, "MAX_OBJECTS_PER_PEER", 40)
+    a, p = make_db("a"), make_db("p")
+    pairing.propose(a, key(p), Terms.make(["vouchers"]))
+    p.store.add_rule_objects(key(p), a.store.rule_objects(key(p)), now_ms(), peer_only=key(a))
+    [proposal] = p.store.rules(key(a))
+    pairing.receive(a, key(p), [pairing.accept(p, proposal)], None)
+    with pytest.raises(p2psync.P2PSyncError, match="the most it keeps"):
+        for _ in range(store_rules.MAX_OBJECTS_PER_PEER):  # propose + revoke, again and again
+            signed = core_rules.propose(p.identity, key(a), Terms(), os.urandom(16), now_ms())
+            revoke = core_rules.revoke(p.identity, core_rules.decode(signed).id, now_ms())
+            pairing.receive(a, key(p), [signed, revoke], None)
+    [live] = [r for r in a.store.rules(key(p)) if r.state is RuleState.ACCEPTED]
+    pairing.revoke(a, live)  # our own revocation is never refused
+    assert RuleState.ACCEPTED not in state_of(a, p)
+
+
+def test_requests_from_too_many_strangers_are_refused_until_answered(
+    make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_rules, "MAX_STRANGERS", 3)
+    a = make_db("a")
+    strangers = [make_db(f"s{i}") for i in range(4)]
+    for s in strangers[:3]:
+        pairing.propose(s, key(a), Terms())
+        pairing.receive(a, key(s), s.store.rule_objects(key(a)), None)
+    late = strangers[3]
+    pairing.propose(late, key(a), Terms())
+    with pytest.raises(p2psync.P2PSyncError, match="await an answer"):
+        pairing.receive(a, key(late), late.store.rule_objects(key(a)), None)
+    [waiting] = a.store.rules(key(strangers[0]))
+    pairing.reject(a, waiting, "no")  # answered: room for one more
+    pairing.receive(a, key(late), late.store.rules(key(a))[0].objects, None)
+    assert len(a.store.rules(key(late))) == 1

@@ -19,7 +19,14 @@ from p2psync.core.rules import Rule, RuleError, RuleObject
 
 #: Limits per peer: a stranger can only fill its own small corner of the store.
 MAX_OPEN_PROPOSALS = 16
-MAX_OBJECTS_PER_PEER = 256
+#: Rule objects a peer may have signed with us (~500 rule changes), and their bytes.
+#: Objects we sign ourselves never count: our own revocation must always go through.
+MAX_OBJECTS_PER_PEER = 1024
+MAX_BYTES_PER_PEER = 1 << 20
+#: Agents with requests awaiting our answer and nothing signed by us yet: beyond
+#: this many, requests from further strangers are refused until some are answered
+#: (throwaway keys cannot grow the store without bound; invite codes still work).
+MAX_STRANGERS = 64
 
 
 def add_objects(
@@ -57,6 +64,13 @@ def add_objects(
             known[obj.id] = peer
             if obj.signer != me and _open_proposals(conn, peer) >= MAX_OPEN_PROPOSALS:
                 raise RuleError(f"{MAX_OPEN_PROPOSALS} proposals from this agent await answers")
+            if obj.signer != me and _stranger(conn, peer) and _strangers(conn, me) >= (
+                MAX_STRANGERS
+            ):
+                raise RuleError(
+                    f"{MAX_STRANGERS} pairing requests from other agents await an answer "
+                    "here; answer or reject some (`p2psync pair pending`), or use an invite"
+                )
         else:
             assert obj.proposal is not None
             if obj.proposal not in known:
@@ -67,11 +81,17 @@ def add_objects(
             proposal = obj.proposal
         if peer_only is not None and peer != peer_only:
             raise RuleError("a rule object about another pair")
-        count = conn.execute(
-            "SELECT count(*) FROM rule_objects WHERE peer = ?", (peer,)
-        ).fetchone()[0]
-        if count >= MAX_OBJECTS_PER_PEER:
-            raise RuleError(f"{MAX_OBJECTS_PER_PEER} rule objects with this agent already")
+        if obj.signer != me:
+            count, size = conn.execute(
+                "SELECT count(*), coalesce(sum(length(signed)), 0) FROM rule_objects "
+                "WHERE peer = ? AND signer = ?",
+                (peer, peer),
+            ).fetchone()
+            if count >= MAX_OBJECTS_PER_PEER or size + len(obj.signed) > MAX_BYTES_PER_PEER:
+                raise RuleError(
+                    f"this agent already holds {count} rule objects ({size} bytes) signed by "
+                    "that peer, the most it keeps"
+                )
         conn.execute(
             "INSERT INTO rule_objects (id, proposal, kind, signer, peer, signed, received) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -79,6 +99,21 @@ def add_objects(
         )
         added.append(obj)
     return added
+
+
+def _stranger(conn: sqlite3.Connection, peer: bytes) -> bool:
+    """``peer`` has no rule object with us yet (a first request)."""
+    return conn.execute("SELECT 1 FROM rule_objects WHERE peer = ?", (peer,)).fetchone() is None
+
+
+def _strangers(conn: sqlite3.Connection, me: bytes) -> int:
+    """Agents whose rule objects with us are all their own: requests never answered."""
+    row = conn.execute(
+        "SELECT count(DISTINCT r.peer) FROM rule_objects r WHERE NOT EXISTS "
+        "(SELECT 1 FROM rule_objects m WHERE m.peer = r.peer AND m.signer = ?)",
+        (me,),
+    ).fetchone()
+    return int(row[0])
 
 
 def _open_proposals(conn: sqlite3.Connection, peer: bytes) -> int:
