@@ -11,8 +11,8 @@ One trio nursery per agent holds:
 * the control socket (status, sync requests).
 
 A connection's failure is logged and ends that connection only. Inbound
-handshakes in progress and connections from agents that are not known peers are
-capped, so a flood of strangers cannot starve the peers we know.
+handshakes in progress and connections with agents that have no rule in force
+are capped, so a flood of strangers cannot starve the peers we sync with.
 
 Addresses from LAN adverts are not trusted: they are kept in memory only, tried
 first with a short timeout, and stored only once a handshake there proved the
@@ -43,6 +43,7 @@ from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import device_id, short_id
 from p2psync.core.messages import lag, rules_digest
 from p2psync.core.noise import HandshakeError
+from p2psync.core.rules import RuleState
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE, now_ms
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 
 RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
-MAX_UNPAIRED = 16  # connections open at once with agents that are not known peers
+MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
 LAN_DIAL_TIMEOUT = 2.0  # seconds to connect to an advertised address
 MAX_ENDED = 1024  # connection endings remembered for status
 
@@ -101,7 +102,8 @@ class Agent:
         self._dial_now: dict[bytes, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._handshaking = 0
-        self._unpaired = 0
+        self._paired: set[bytes] = set()  # peers with a rule in force
+        self._paired_checked = -1e9
         self.started_ms = now_ms()
 
     # ------------------------------------------------------------ running
@@ -192,10 +194,17 @@ class Agent:
         return peer is not None and peer.state is PeerState.KNOWN
 
     async def _reload_peers(self) -> None:
-        def load() -> tuple[list[Peer], bytes]:
-            return self.db.store.peers(), rules_digest(self.db.store.rule_objects(None))
+        me = self.identity.public_key
 
-        peers, rules = await trio.to_thread.run_sync(load)
+        def load() -> tuple[list[Peer], bytes, set[bytes]]:
+            paired = {
+                rule.acceptor if rule.proposer == me else rule.proposer
+                for rule in self.db.store.rules(None)
+                if rule.state is RuleState.ACCEPTED
+            }
+            return self.db.store.peers(), rules_digest(self.db.store.rule_objects(None)), paired
+
+        peers, rules, self._paired = await trio.to_thread.run_sync(load)
         self.peers = {peer.key: peer for peer in peers}
         if rules != self._rules_seen:  # live sessions re-send rule objects and re-check them
             self._rules_seen = rules
@@ -315,23 +324,23 @@ class Agent:
             return
         finally:
             self._handshaking -= 1
-        known = self.peers.get(secured.peer)
-        if known is not None and known.state is PeerState.KNOWN:
-            await self._run_connection(secured, outbound=False, address=address)
-            return
-        if self._unpaired >= MAX_UNPAIRED:
-            log.warning(
-                "refused %s from %s: too many unknown agents connected",
-                short_id(secured.peer),
-                address,
-            )
-            await secured.aclose()
-            return
-        self._unpaired += 1
-        try:
-            await self._run_connection(secured, outbound=False, address=address)
-        finally:
-            self._unpaired -= 1
+        if secured.peer not in self._paired and self._strangers() >= MAX_UNPAIRED:
+            if trio.current_time() - self._paired_checked > 1.0:  # someone may have paired
+                self._paired_checked = trio.current_time()
+                await self._reload_peers()
+            if secured.peer not in self._paired and self._strangers() >= MAX_UNPAIRED:
+                log.warning(
+                    "refused %s from %s: too many unpaired agents connected",
+                    short_id(secured.peer),
+                    address,
+                )
+                await secured.aclose()
+                return
+        await self._run_connection(secured, outbound=False, address=address)
+
+    def _strangers(self) -> int:
+        """Connections open with agents that have no rule in force with us."""
+        return sum(1 for peer in self.registry.by_peer if peer not in self._paired)
 
     async def _run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str
