@@ -4,9 +4,24 @@ network here: mDNS itself is exercised inside namespaces, tests/test_lan.py)."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
+
+import pytest
+import trio
+import trio.testing
+from zeroconf import ServiceInfo
 
 from p2psync.core.identity import Identity
-from p2psync.net.discovery import PROTOCOL_VERSION, Discovery, parse_advert
+from p2psync.net import discovery as discovery_mod
+from p2psync.net.discovery import (
+    MAX_FAILURES,
+    MAX_PENDING,
+    PROTOCOL_VERSION,
+    SERVICE_TYPE,
+    Discovery,
+    parse_advert,
+)
 
 
 def test_our_advert_carries_id_version_and_name_only() -> None:
@@ -40,3 +55,107 @@ def test_foreign_and_malformed_adverts_are_ignored() -> None:
         assert parse_advert(properties) is None
     accepted = parse_advert({b"id": good_id, b"v": b"1", b"name": b"\x1b[31mred"})
     assert accepted is not None and accepted[1] == "[31mred"  # control characters dropped
+
+
+class HostileLan:
+    """Stands in for the LAN's answers to our lookups: whatever adverts a host on
+    it (possibly hostile) chooses to publish. Lookups may be made to block."""
+
+    def __init__(self) -> None:
+        self.adverts: dict[str, ServiceInfo] = {}
+        self.block = threading.Event()
+        self.block.set()
+
+    def publish(self, instance: str, identity: Identity, *addresses: str) -> None:
+        self.adverts[instance] = ServiceInfo(
+            SERVICE_TYPE,
+            instance,
+            addresses=[socket.inet_aton(a) for a in addresses],
+            port=7717,
+            properties={"id": identity.device_id, "v": PROTOCOL_VERSION, "name": "x"},
+        )
+
+    def get_service_info(self, type_: str, name: str, timeout: int) -> ServiceInfo | None:
+        self.block.wait(5)
+        return self.adverts.get(name)
+
+
+def _discovery(wanted: set[bytes] | None = None) -> tuple[Discovery, list[bytes]]:
+    lost: list[bytes] = []
+    keep = wanted or set()
+    return (
+        Discovery(
+            Identity(os.urandom(32)),
+            "me",
+            1,
+            ["127.0.0.1"],
+            lambda found: None,
+            lost.append,
+            wanted=lambda key: key in keep,
+        ),
+        lost,
+    )
+
+
+def _instance(n: int) -> str:
+    return f"A{n}.{SERVICE_TYPE}"
+
+
+async def test_a_spoofed_advert_adds_its_address_without_hiding_the_real_one() -> None:
+    discovery, _ = _discovery()
+    lan, peer = HostileLan(), Identity(os.urandom(32))
+    lan.publish(_instance(1), peer, "10.0.0.2")
+    lan.publish(_instance(2), peer, "10.0.0.66")  # same ID, the attacker's address
+    await discovery._resolve(lan, _instance(1))  # type: ignore[arg-type]
+    await discovery._resolve(lan, _instance(2))  # type: ignore[arg-type]
+    assert discovery.addresses(peer.public_key) == ("10.0.0.66:7717", "10.0.0.2:7717")
+    discovery.discard(peer.public_key, "10.0.0.66:7717")  # the handshake there failed
+    assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",)
+
+
+async def test_an_address_that_keeps_failing_is_dropped() -> None:
+    discovery, _ = _discovery()
+    lan, peer = HostileLan(), Identity(os.urandom(32))
+    lan.publish(_instance(1), peer, "10.0.0.2", "10.0.0.3")
+    await discovery._resolve(lan, _instance(1))  # type: ignore[arg-type]
+    key = peer.public_key
+    for _ in range(MAX_FAILURES - 1):
+        discovery.failed(key, "10.0.0.3:7717")
+        discovery.failed(key, "10.0.0.2:7717")
+    discovery.succeeded(key, "10.0.0.2:7717")  # a success resets the count
+    discovery.failed(key, "10.0.0.3:7717")
+    discovery.failed(key, "10.0.0.2:7717")
+    assert discovery.addresses(key) == ("10.0.0.2:7717",)
+
+
+async def test_a_full_table_evicts_the_stalest_stranger_never_a_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(discovery_mod, "MAX_TABLE", 3)
+    peer = Identity(os.urandom(32))
+    discovery, lost = _discovery({peer.public_key})
+    lan = HostileLan()
+    lan.publish(_instance(0), peer, "10.0.0.2")
+    await discovery._resolve(lan, _instance(0))  # type: ignore[arg-type]
+    strangers = [Identity(os.urandom(32)) for _ in range(5)]
+    for n, stranger in enumerate(strangers, start=1):
+        lan.publish(_instance(n), stranger, f"10.0.1.{n}")
+        await discovery._resolve(lan, _instance(n))  # type: ignore[arg-type]
+        discovery.table[stranger.public_key].last_seen += n  # seen in this order
+    assert set(discovery.table) == {
+        peer.public_key, strangers[3].public_key, strangers[4].public_key
+    }
+    assert lost == [s.public_key for s in strangers[:3]]
+
+
+async def test_a_flood_of_adverts_is_dropped_not_queued() -> None:
+    discovery, _ = _discovery()
+    lan = HostileLan()
+    lan.block.clear()  # every lookup hangs, as a host that never answers would make it
+    async with trio.open_nursery() as nursery:
+        for n in range(MAX_PENDING + 50):
+            nursery.start_soon(discovery._resolve, lan, _instance(n))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(discovery._resolving) == MAX_PENDING
+        lan.block.set()
+    assert discovery._resolving == set()

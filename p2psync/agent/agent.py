@@ -137,6 +137,7 @@ class Agent:
                     self.config.discovery_interfaces or self._listen_hosts(),
                     self._found,
                     self._lost,
+                    wanted=self._dialled,
                 )
                 await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
@@ -292,11 +293,18 @@ class Agent:
                         await trio.to_thread.run_sync(
                             self.db.store.forget_peer_address, key, address
                         )
-                elif isinstance(exc, HandshakeError | FrameError | ConnectionLost):
-                    await self._record(key, error=f"handshake with {address} failed: {exc}")
-                elif not isinstance(exc, OSError | trio.TooSlowError):
-                    log.warning("dialling %s at %s failed: %r", short_id(key), address, exc)
+                else:
+                    if address in advertised:  # a few failures and the hint is dropped
+                        assert self.discovery is not None
+                        self.discovery.failed(key, address)
+                    if isinstance(exc, HandshakeError | FrameError | ConnectionLost):
+                        await self._record(key, error=f"handshake with {address} failed: {exc}")
+                    elif not isinstance(exc, OSError | trio.TooSlowError):
+                        log.warning("dialling %s at %s failed: %r", short_id(key), address, exc)
                 continue
+            if address in advertised:
+                assert self.discovery is not None
+                self.discovery.succeeded(key, address)
             stats = await self._run_connection(secured, outbound=True, address=address)
             return stats is not None and stats.synced
         return False

@@ -45,7 +45,9 @@ PROTOCOL_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 MAX_NAME_BYTES = 63
 MAX_TABLE = 1000  # agents remembered from adverts
-MAX_ADDRESSES = 8  # per advert
+MAX_ADDRESSES = 8  # per agent
+MAX_PENDING = 64  # adverts waiting to be resolved; more are dropped until some finish
+MAX_FAILURES = 3  # failed dials after which an advertised address is dropped
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Found:
     instance: str
     first_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     last_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    failures: dict[str, int] = field(default_factory=dict)  # address -> failed dials
 
 
 def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
@@ -101,6 +104,7 @@ class Discovery:
         interfaces: Sequence[str] | None,
         on_found: Callable[[Found], None],
         on_lost: Callable[[bytes], None],
+        wanted: Callable[[bytes], bool] = lambda key: False,
     ) -> None:
         self.identity = identity
         self.name = name
@@ -108,6 +112,7 @@ class Discovery:
         self.interfaces = list(interfaces) if interfaces else None
         self.on_found = on_found
         self.on_lost = on_lost
+        self.wanted = wanted  # agents never evicted to make room (our peers)
         self.table: dict[bytes, Found] = {}
         self._instances: dict[str, bytes] = {}
         self._resolving: set[str] = set()
@@ -173,7 +178,10 @@ class Discovery:
         log.info("advertised on the LAN as %s at %s", info.name, ", ".join(self.advertised))
 
     async def _resolve(self, zc: Zeroconf, instance: str) -> None:
-        if instance in self._resolving or len(self.table) >= MAX_TABLE:
+        if instance in self._resolving:
+            return
+        if len(self._resolving) >= MAX_PENDING:  # a flood of adverts: drop, do not queue
+            log.debug("too many adverts to resolve; dropped %r", instance)
             return
         self._resolving.add(instance)
         try:
@@ -202,9 +210,20 @@ class Discovery:
         if not addresses:
             return
         known = self.table.get(key)
-        found = Found(key, name, addresses, instance)
         if known is not None:
+            # an advert is a hint: a second one for the same ID (perhaps a spoof)
+            # adds its addresses in front instead of replacing the others
+            merged = dict.fromkeys((*addresses, *known.addresses))
+            found = Found(key, name, tuple(merged)[:MAX_ADDRESSES], instance)
             found.first_seen = known.first_seen
+            found.failures = {a: n for a, n in known.failures.items() if a not in addresses}
+            if known.instance != instance:
+                self._instances.pop(known.instance, None)
+        elif not self._make_room():
+            log.debug("discovery table full; ignoring %s", instance)
+            return
+        else:
+            found = Found(key, name, addresses, instance)
         self.table[key] = found
         self._instances[instance] = key
         self.on_found(found)
@@ -219,6 +238,36 @@ class Discovery:
         found = self.table.get(key)
         if found is not None:
             found.addresses = tuple(a for a in found.addresses if a != address)
+            found.failures.pop(address, None)
+
+    def failed(self, key: bytes, address: str) -> None:
+        """Dialling ``key`` at ``address`` failed; after a few failures in a row the
+        address is dropped (until re-advertised)."""
+        found = self.table.get(key)
+        if found is None or address not in found.addresses:
+            return
+        found.failures[address] = found.failures.get(address, 0) + 1
+        if found.failures[address] >= MAX_FAILURES:
+            self.discard(key, address)
+
+    def succeeded(self, key: bytes, address: str) -> None:
+        found = self.table.get(key)
+        if found is not None:
+            found.failures.pop(address, None)
+
+    def _make_room(self) -> bool:
+        """Below :data:`MAX_TABLE` entries, evicting the least recently seen agent
+        that is not wanted if need be; False when every entry is wanted."""
+        if len(self.table) < MAX_TABLE:
+            return True
+        victims = [f for f in self.table.values() if not self.wanted(f.key)]
+        if not victims:
+            return False
+        oldest = min(victims, key=lambda f: f.last_seen)
+        del self.table[oldest.key]
+        self._instances.pop(oldest.instance, None)
+        self.on_lost(oldest.key)
+        return True
 
     def _lost(self, instance: str) -> None:
         key = self._instances.pop(instance, None)
