@@ -100,6 +100,13 @@ class SyncedWithPeer:
 
 
 @dataclass(frozen=True, slots=True)
+class StuckOnRefused:
+    """Everything has flowed except entries we refused for good (see ``give_up``)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SessionClosed:
     reason: str
     by_peer: bool
@@ -110,6 +117,7 @@ Event = (
     PeerHeadsReceived
     | BatchReceived
     | SyncedWithPeer
+    | StuckOnRefused
     | SessionClosed
     | RulesReceived
     | JoinRequested
@@ -139,6 +147,9 @@ class SyncSession:
         self._caught_sent: bytes | None = None
         self._peer_caught: bytes | None = None
         self._synced: bytes | None = None
+        #: authors whose entries from the peer we refused for good, and why
+        self.given_up: dict[bytes, str] = {}
+        self._stuck_reported = False
         # heads digests cost O(authors); cached so a flood of Caught costs O(1) each
         self._local_digest: bytes | None = None
         self._peer_digest: bytes | None = None
@@ -340,12 +351,13 @@ class SyncSession:
             self._caught_sent = digest
             self._outbox.append(Caught(digest))
 
-    def _in_sync(self) -> bool:
+    def _in_sync(self, *, except_given_up: bool = False) -> bool:
         """Both sides have sent all the other may have, and it has all arrived.
 
         We said Caught for our current heads (nothing left to send); the peer said
         Caught for heads that are exactly what we know it holds; and, if the peer
-        may send to us, we hold everything it holds.
+        may send to us, we hold everything it holds (``except_given_up``: apart
+        from the authors we refused for good).
         """
         if (
             self.phase is not Phase.OPEN
@@ -363,18 +375,33 @@ class SyncSession:
             ours = self.local.get(author)
             if head.frozen or (ours is not None and ours.frozen):
                 continue  # a forked author: nothing more flows either way
+            if except_given_up and author in self.given_up:
+                continue
             if ours is None or ours.seq < head.seq:
                 return False
         return True
 
     def _synced_event(self) -> list[Event]:
         if not self._in_sync():
+            if (
+                self.given_up
+                and not self._stuck_reported
+                and self._in_sync(except_given_up=True)
+            ):
+                self._stuck_reported = True
+                return [StuckOnRefused(next(iter(self.given_up.values())))]
             return []
         state = self._local_heads_digest() + self._peer_heads_digest()
         if state == self._synced:
             return []
         self._synced = state
         return [SyncedWithPeer(self._local_heads_digest())]
+
+    def give_up(self, author: bytes, reason: str) -> None:
+        """We refused ``author``'s entries from the peer for a reason this session
+        cannot cure (an author limit, a payload the sender lacks): being in step
+        is out of reach, which ``StuckOnRefused`` reports once all else has flowed."""
+        self.given_up.setdefault(author, reason)
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after ``ingested`` or ``local_changed``)."""

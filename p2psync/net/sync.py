@@ -38,13 +38,16 @@ from p2psync.core.session import (
     RulesReceived,
     SessionClosed,
     SessionConfig,
+    StuckOnRefused,
     SyncedWithPeer,
     SyncSession,
 )
 from p2psync.errors import (
+    AuthorLimitError,
     ChainError,
     DecodeError,
     ForkError,
+    FrozenAuthorError,
     P2PSyncError,
     RuleViolationError,
     SignatureError,
@@ -60,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: Entries that prove the sender is broken or hostile: the connection is closed.
 HOSTILE = (DecodeError, SignatureError, ChainError, ForkError, RuleViolationError)
+#: refusals no retry in this session can cure: an on-demand sync stops with the reason
+LASTING = (WithheldError, AuthorLimitError, FrozenAuthorError)
 MAX_RULES_HELD = 4  # RulesHeld messages a session may carry before rules must settle
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
@@ -158,6 +163,10 @@ class _Run:
                     self.on_synced(self.stats)
                 if not self.live:
                     self.handle(self.machine.close("synced"))
+            elif isinstance(event, StuckOnRefused):
+                log.warning("cannot get in step with %s: %s", self.who, event.reason)
+                if not self.live:  # an on-demand sync says why now, not at its timeout
+                    self.handle(self.machine.close(f"not in sync: {event.reason}"))
             elif isinstance(event, SessionClosed):
                 self.stats.reason = event.reason
                 self.stats.error = event.error
@@ -385,11 +394,9 @@ class _Run:
                 log.warning(
                     "entry from %s not applied: %s%s", self.who, refused[0].describe(), more
                 )
-            withheld = [r for r in refused if isinstance(r.error, WithheldError)]
-            if withheld and not self.live:
-                # an on-demand sync cannot end in step: say why now, not at its timeout
-                self.handle(self.machine.close(f"not in sync: {withheld[0].describe()}"))
-                return
+            for rejected in refused:
+                if isinstance(rejected.error, LASTING) and rejected.author is not None:
+                    self.machine.give_up(rejected.author, rejected.describe())
             self.handle(self.machine.poll_synced())
             self.progress()
 
