@@ -22,6 +22,7 @@ from p2psync.errors import IntegrityError, StoreError
 from p2psync.store import logs, peers, records, schema
 from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect
+from p2psync.store.gcpause import fewer_collections
 from p2psync.store.ingest import IngestResult, decode_batch, ingest
 from p2psync.store.peers import PeerState
 from p2psync.store.verify import VerifyReport, verify
@@ -433,11 +434,21 @@ class Store:
     ) -> IngestResult:
         """Verify and apply entries from elsewhere, in one transaction."""
         result = IngestResult()
-        items = decode_batch(wires, now_ms, max_skew_ms, result, visible)
-        if not items:
-            return result
-        with self._db.writing(visible_first=True) as conn:
-            writer = Writer(conn, now_ms)
-            ingest(writer, items, result)
-            writer.finish()
+        with fewer_collections():  # the batch's objects are freed before it ends
+            self._ingest(wires, now_ms, max_skew_ms, visible, result)
         return result
+
+    def _ingest(
+        self,
+        wires: Sequence[bytes],
+        now_ms: int,
+        max_skew_ms: int,
+        visible: Callable[[str], bool] | None,
+        result: IngestResult,
+    ) -> None:
+        items = decode_batch(wires, now_ms, max_skew_ms, result, visible)
+        if items:
+            with self._db.writing(visible_first=True) as conn:
+                writer = Writer(conn, now_ms)
+                ingest(writer, items, result)
+                writer.finish()
