@@ -4,8 +4,7 @@ One trio nursery per agent holds:
 
 * the TCP listener(s) and one task per inbound connection;
 * one dialer per known peer with an address, stored or advertised on the LAN
-  (capped exponential backoff with jitter; it waits while any connection with
-  that peer is up);
+  (``dialing.py``);
 * the notification socket (commits by other processes, peer changes) plus a
   periodic check of ``PRAGMA data_version`` in case a datagram was lost;
 * the control socket (status, sync requests).
@@ -13,10 +12,6 @@ One trio nursery per agent holds:
 A connection's failure is logged and ends that connection only. Inbound
 handshakes in progress and connections with agents that have no rule in force
 are capped, so a flood of strangers cannot starve the peers we sync with.
-
-Addresses from LAN adverts are not trusted: they are kept in memory only, tried
-first with a short timeout, and stored only once a handshake there proved the
-peer's key.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,22 +31,21 @@ import trio
 from p2psync.agent import sockets
 from p2psync.agent.connections import Connection, Registry
 from p2psync.agent.control import handle_control
+from p2psync.agent.dialing import Dialing
+from p2psync.agent.status import agent_status
 from p2psync.api import Database
-from p2psync.core.frames import FrameError
-from p2psync.core.handshake import IdentityMismatch
-from p2psync.core.identity import device_id, short_id
-from p2psync.core.messages import lag, rules_digest
-from p2psync.core.noise import HandshakeError
+from p2psync.core.identity import short_id
+from p2psync.core.messages import rules_digest
 from p2psync.core.rules import RuleState
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE, now_ms
 from p2psync.net.address import format_address, parse_address
-from p2psync.net.discovery import Discovery, Found, local_ipv4
+from p2psync.net.discovery import Discovery, Found
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.transport import SecureStream, secure
 from p2psync.store.peers import Peer, PeerState
 
 log = logging.getLogger(__name__)
@@ -60,7 +53,6 @@ log = logging.getLogger(__name__)
 RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
 MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
-LAN_DIAL_TIMEOUT = 2.0  # seconds to connect to an advertised address
 MAX_ENDED = 1024  # connection endings remembered for status
 
 
@@ -98,8 +90,7 @@ class Agent:
         self.registry = Registry()
         self.peers: dict[bytes, Peer] = {}
         self.addresses: list[str] = []
-        self._dialers: dict[bytes, trio.CancelScope] = {}
-        self._dial_now: dict[bytes, trio.Event] = {}
+        self.dialing = Dialing(self)
         self._nursery: trio.Nursery | None = None
         self._handshaking = 0
         self._paired: set[bytes] = set()  # peers with a rule in force
@@ -137,7 +128,7 @@ class Agent:
                     self.config.discovery_interfaces or self._listen_hosts(),
                     self._found,
                     self._lost,
-                    wanted=self._dialled,
+                    wanted=self.dialing.dialled,
                 )
                 await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
@@ -161,11 +152,9 @@ class Agent:
         )
         if peer is None or peer.state is PeerState.REMOVED:
             return
-        self._update_dialers()
+        if self._nursery is not None:
+            self.dialing.update(self._nursery)
         self.dial_now(found.key)
-
-    def _lan_addresses(self, key: bytes) -> tuple[str, ...]:
-        return self.discovery.addresses(key) if self.discovery is not None else ()
 
     def _lost(self, key: bytes) -> None:
         log.info("%s withdrew from the LAN", short_id(key))
@@ -188,12 +177,6 @@ class Agent:
 
     # ------------------------------------------------------------ peers and dialers
 
-    def _dialled(self, key: bytes) -> bool:
-        """Peers we dial: every known peer not removed (paired, or with a proposal to
-        deliver or to hear back about)."""
-        peer = self.peers.get(key)
-        return peer is not None and peer.state is PeerState.KNOWN
-
     async def _reload_peers(self) -> None:
         me = self.identity.public_key
 
@@ -210,104 +193,8 @@ class Agent:
         if rules != self._rules_seen:  # live sessions re-send rule objects and re-check them
             self._rules_seen = rules
             self.rules_feed.bump()
-        self._update_dialers()
-
-    def _update_dialers(self) -> None:
-        """A dialer for every known peer with an address (stored, or seen on the LAN)."""
-        if self._nursery is None:
-            return
-        wanted = {
-            key
-            for key, peer in self.peers.items()
-            if self._dialled(key) and (peer.addresses or self._lan_addresses(key))
-        }
-        for key in set(self._dialers) - wanted:
-            self._dialers.pop(key).cancel()
-        for key in wanted - set(self._dialers):
-            scope = trio.CancelScope()
-            self._dialers[key] = scope
-            self._dial_now[key] = trio.Event()
-            self._nursery.start_soon(self._dialer, key, scope)
-
-    def dial_now(self, key: bytes | None = None) -> None:
-        """Skip the backoff wait of one dialer (or all)."""
-        for peer, event in list(self._dial_now.items()):
-            if key is None or peer == key:
-                event.set()
-                self._dial_now[peer] = trio.Event()
-
-    async def _dialer(self, key: bytes, scope: trio.CancelScope) -> None:
-        failures = 0
-        with scope:
-            while True:
-                existing = self.registry.get(key)
-                if existing is not None:
-                    await existing.closed.wait()
-                    await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
-                    continue
-                started = trio.current_time()
-                healthy = await self._dial_once(key)
-                if healthy or trio.current_time() - started > 30:
-                    failures = 0
-                else:
-                    failures += 1
-                delay = min(
-                    self.config.backoff_cap,
-                    self.config.backoff_start * 2 ** min(max(failures - 1, 0), 16),
-                ) * random.uniform(0.5, 1.5)
-                with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
-                    await self._dial_now[key].wait()
-
-    async def _dial_once(self, key: bytes) -> bool:
-        """Try each address once, the LAN's first; True when a session ran and synced."""
-        peer = self.peers.get(key)
-        if peer is None:
-            return False
-        advertised = [a for a in self._lan_addresses(key) if a not in peer.addresses]
-        for address in [*advertised, *peer.addresses]:
-            try:
-                host, port = parse_address(address)
-            except ValueError:
-                continue
-            timeout = self.config.dial_timeout
-            if address in advertised:
-                timeout = min(timeout, LAN_DIAL_TIMEOUT)
-            stream: trio.SocketStream | None = None
-            try:
-                with trio.fail_after(timeout):
-                    stream = await trio.open_tcp_stream(host, port)
-                secured = await secure(
-                    stream, self.identity, initiator=True, name=self.name, expect=key
-                )
-            except Exception as exc:  # whatever the far end does, only this attempt fails
-                log.debug("dialling %s at %s failed: %r", short_id(key), address, exc)
-                if stream is not None:
-                    await stream.aclose()
-                if isinstance(exc, IdentityMismatch):
-                    # an advert or a stale address pointing at another agent: forget it
-                    log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
-                    if address in advertised:
-                        assert self.discovery is not None
-                        self.discovery.discard(key, address)
-                    else:
-                        await trio.to_thread.run_sync(
-                            self.db.store.forget_peer_address, key, address
-                        )
-                else:
-                    if address in advertised:  # a few failures and the hint is dropped
-                        assert self.discovery is not None
-                        self.discovery.failed(key, address)
-                    if isinstance(exc, HandshakeError | FrameError | ConnectionLost):
-                        await self._record(key, error=f"handshake with {address} failed: {exc}")
-                    elif not isinstance(exc, OSError | trio.TooSlowError):
-                        log.warning("dialling %s at %s failed: %r", short_id(key), address, exc)
-                continue
-            if address in advertised:
-                assert self.discovery is not None
-                self.discovery.succeeded(key, address)
-            stats = await self._run_connection(secured, outbound=True, address=address)
-            return stats is not None and stats.synced
-        return False
+        if self._nursery is not None:
+            self.dialing.update(self._nursery)
 
     # ------------------------------------------------------------ connections
 
@@ -344,13 +231,13 @@ class Agent:
                 )
                 await secured.aclose()
                 return
-        await self._run_connection(secured, outbound=False, address=address)
+        await self.run_connection(secured, outbound=False, address=address)
 
     def _strangers(self) -> int:
         """Connections open with agents that have no rule in force with us."""
         return sum(1 for peer in self.registry.by_peer if peer not in self._paired)
 
-    async def _run_connection(
+    async def run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str
     ) -> SessionStats | None:
         peer = secured.peer
@@ -366,7 +253,7 @@ class Agent:
             return None
         log.info("connected to %s (%s, %s)", short_id(peer), secured.peer_name, address)
         # an address we dialled proved the peer's key: try it first from now on
-        await self._record(
+        await self.record(
             peer, seen=now_ms(), clear_error=True, address=address if outbound else None
         )
 
@@ -383,7 +270,7 @@ class Agent:
                 assert conn.machine is not None
                 heads = {a: h.seq for a, h in conn.machine.peer.items()}
                 self._nursery.start_soon(
-                    partial(self._record, peer, seen=now_ms(), synced=now_ms(), heads=heads)
+                    partial(self.record, peer, seen=now_ms(), synced=now_ms(), heads=heads)
                 )
 
         stats: SessionStats | None = None
@@ -409,7 +296,7 @@ class Agent:
                 )
         except Exception as exc:  # one bad connection never takes the agent down
             log.warning("connection with %s failed: %r", short_id(peer), exc)
-            await self._record(peer, error=str(exc))
+            await self.record(peer, error=str(exc))
         finally:
             self.registry.remove(conn)
             reason = conn.stats.reason if conn.stats else "connection failed"
@@ -419,7 +306,7 @@ class Agent:
             while len(self.ended) > MAX_ENDED:
                 del self.ended[next(iter(self.ended))]
             if conn.machine is not None:
-                await self._record(
+                await self.record(
                     peer,
                     seen=now_ms(),
                     synced=now_ms() if in_sync else None,
@@ -430,7 +317,7 @@ class Agent:
                 )
         return stats
 
-    async def _record(self, peer: bytes, **fields: Any) -> None:
+    async def record(self, peer: bytes, **fields: Any) -> None:
         try:
             await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
         except P2PSyncError as exc:
@@ -489,54 +376,14 @@ class Agent:
             sock.close()
             _unlink(path)
 
+
     def status(self) -> dict[str, Any]:
         """What ``p2psync status`` shows."""
-        connections = []
-        for conn in self.registry.by_peer.values():
-            machine, stats = conn.machine, conn.stats
-            behind = ahead = 0
-            if machine is not None:
-                behind, ahead = lag(
-                    {a: h.seq for a, h in machine.local.items()},
-                    {a: h.seq for a, h in machine.peer.items()},
-                )
-            peer = self.peers.get(conn.peer)
-            connections.append(
-                {
-                    "peer": peer.name if peer is not None else None,
-                    "device_id": device_id(conn.peer),
-                    "direction": "out" if conn.outbound else "in",
-                    "address": conn.address,
-                    "since": conn.since_ms,
-                    "synced": bool(machine is not None and machine.synced),
-                    "entries_sent": stats.sent if stats else 0,
-                    "entries_received": stats.received if stats else 0,
-                    "behind": behind,
-                    "ahead": ahead,
-                }
-            )
-        discovered = []
-        if self.discovery is not None:
-            discovered = [
-                {
-                    "device_id": device_id(found.key),
-                    "name": found.name,
-                    "addresses": list(found.addresses),
-                    "first_seen": found.first_seen,
-                    "last_seen": found.last_seen,
-                }
-                for found in self.discovery.table.values()
-            ]
-        return {
-            "pid": os.getpid(),
-            "device_id": self.identity.device_id,
-            "name": self.name,
-            "listen": self.addresses,
-            "interfaces": self.discovery.advertised if self.discovery else local_ipv4(None),
-            "started": self.started_ms,
-            "connections": connections,
-            "discovered": discovered,
-        }
+        return agent_status(self)
+
+    def dial_now(self, key: bytes | None = None) -> None:
+        """Skip the backoff wait of one dialer (or all)."""
+        self.dialing.now(key)
 
 
 def _unlink(path: str) -> None:

@@ -1,0 +1,148 @@
+"""Dialling peers: one task per known peer with an address, stored or advertised
+on the LAN, with capped exponential backoff and jitter; it waits while any
+connection with that peer is up.
+
+Addresses from LAN adverts are not trusted: they are tried first with a short
+timeout, dropped after an identity mismatch (or a few failures), and stored only
+once a handshake there proved the peer's key (the agent does that on connect).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING
+
+import trio
+
+from p2psync.core.frames import FrameError
+from p2psync.core.handshake import IdentityMismatch
+from p2psync.core.identity import short_id
+from p2psync.core.noise import HandshakeError
+from p2psync.net.address import parse_address
+from p2psync.net.transport import ConnectionLost, secure
+from p2psync.store.peers import PeerState
+
+if TYPE_CHECKING:
+    from p2psync.agent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+LAN_DIAL_TIMEOUT = 2.0  # seconds to connect to an advertised address
+HEALTHY_SESSION = 30.0  # seconds: a session this long resets the backoff
+
+
+class Dialing:
+    """The agent's dialers, one per peer it dials."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._dialers: dict[bytes, trio.CancelScope] = {}
+        self._now: dict[bytes, trio.Event] = {}
+
+    def dialled(self, key: bytes) -> bool:
+        """Peers we dial: every known peer not removed (paired, or with a proposal to
+        deliver or to hear back about)."""
+        peer = self.agent.peers.get(key)
+        return peer is not None and peer.state is PeerState.KNOWN
+
+    def lan_addresses(self, key: bytes) -> tuple[str, ...]:
+        discovery = self.agent.discovery
+        return discovery.addresses(key) if discovery is not None else ()
+
+    def update(self, nursery: trio.Nursery) -> None:
+        """A dialer for every known peer with an address (stored, or seen on the LAN)."""
+        wanted = {
+            key
+            for key, peer in self.agent.peers.items()
+            if self.dialled(key) and (peer.addresses or self.lan_addresses(key))
+        }
+        for key in set(self._dialers) - wanted:
+            self._dialers.pop(key).cancel()
+        for key in wanted - set(self._dialers):
+            scope = trio.CancelScope()
+            self._dialers[key] = scope
+            self._now[key] = trio.Event()
+            nursery.start_soon(self._dialer, key, scope)
+
+    def now(self, key: bytes | None = None) -> None:
+        """Skip the backoff wait of one dialer (or all)."""
+        for peer, event in list(self._now.items()):
+            if key is None or peer == key:
+                event.set()
+                self._now[peer] = trio.Event()
+
+    async def _dialer(self, key: bytes, scope: trio.CancelScope) -> None:
+        config = self.agent.config
+        failures = 0
+        with scope:
+            while True:
+                existing = self.agent.registry.get(key)
+                if existing is not None:
+                    await existing.closed.wait()
+                    await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
+                    continue
+                started = trio.current_time()
+                healthy = await self._dial_once(key)
+                if healthy or trio.current_time() - started > HEALTHY_SESSION:
+                    failures = 0
+                else:
+                    failures += 1
+                delay = min(
+                    config.backoff_cap,
+                    config.backoff_start * 2 ** min(max(failures - 1, 0), 16),
+                ) * random.uniform(0.5, 1.5)
+                with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
+                    await self._now[key].wait()
+
+    async def _dial_once(self, key: bytes) -> bool:
+        """Try each address once, the LAN's first; True when a session ran and synced."""
+        agent = self.agent
+        peer = agent.peers.get(key)
+        if peer is None:
+            return False
+        advertised = [a for a in self.lan_addresses(key) if a not in peer.addresses]
+        for address in [*advertised, *peer.addresses]:
+            try:
+                host, port = parse_address(address)
+            except ValueError:
+                continue
+            timeout = agent.config.dial_timeout
+            if address in advertised:
+                timeout = min(timeout, LAN_DIAL_TIMEOUT)
+            stream: trio.SocketStream | None = None
+            try:
+                with trio.fail_after(timeout):
+                    stream = await trio.open_tcp_stream(host, port)
+                secured = await secure(
+                    stream, agent.identity, initiator=True, name=agent.name, expect=key
+                )
+            except Exception as exc:  # whatever the far end does, only this attempt fails
+                log.debug("dialling %s at %s failed: %r", short_id(key), address, exc)
+                if stream is not None:
+                    await stream.aclose()
+                await self._failed(key, address, exc, advertised=address in advertised)
+                continue
+            if address in advertised and agent.discovery is not None:
+                agent.discovery.succeeded(key, address)
+            stats = await agent.run_connection(secured, outbound=True, address=address)
+            return stats is not None and stats.synced
+        return False
+
+    async def _failed(self, key: bytes, address: str, exc: Exception, *, advertised: bool) -> None:
+        agent = self.agent
+        if isinstance(exc, IdentityMismatch):
+            # an advert or a stale address pointing at another agent: forget it
+            log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
+            if advertised:
+                if agent.discovery is not None:
+                    agent.discovery.discard(key, address)
+            else:
+                await trio.to_thread.run_sync(agent.db.store.forget_peer_address, key, address)
+            return
+        if advertised and agent.discovery is not None:  # a few failures drop the hint
+            agent.discovery.failed(key, address)
+        if isinstance(exc, HandshakeError | FrameError | ConnectionLost):
+            await agent.record(key, error=f"handshake with {address} failed: {exc}")
+        elif not isinstance(exc, OSError | trio.TooSlowError):
+            log.warning("dialling %s at %s failed: %r", short_id(key), address, exc)

@@ -1,0 +1,65 @@
+"""What ``p2psync status`` shows about a running agent."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from p2psync.core.identity import device_id
+from p2psync.core.messages import lag
+from p2psync.net.discovery import local_ipv4
+
+if TYPE_CHECKING:
+    from p2psync.agent.agent import Agent
+
+
+def agent_status(agent: Agent) -> dict[str, Any]:
+    """Identity, listen addresses, live connections with their lag, and the agents
+    discovered on the LAN."""
+    connections = []
+    for conn in agent.registry.by_peer.values():
+        machine, stats = conn.machine, conn.stats
+        behind = ahead = 0
+        if machine is not None:
+            behind, ahead = lag(
+                {a: h.seq for a, h in machine.local.items()},
+                {a: h.seq for a, h in machine.peer.items()},
+            )
+        peer = agent.peers.get(conn.peer)
+        connections.append(
+            {
+                "peer": peer.name if peer is not None else None,
+                "device_id": device_id(conn.peer),
+                "direction": "out" if conn.outbound else "in",
+                "address": conn.address,
+                "since": conn.since_ms,
+                "synced": bool(machine is not None and machine.synced),
+                "entries_sent": stats.sent if stats else 0,
+                "entries_received": stats.received if stats else 0,
+                "behind": behind,
+                "ahead": ahead,
+            }
+        )
+    discovery = agent.discovery
+    discovered = []
+    if discovery is not None:
+        discovered = [
+            {
+                "device_id": device_id(found.key),
+                "name": found.name,
+                "addresses": list(found.addresses),
+                "first_seen": found.first_seen,
+                "last_seen": found.last_seen,
+            }
+            for found in discovery.table.values()
+        ]
+    return {
+        "pid": os.getpid(),
+        "device_id": agent.identity.device_id,
+        "name": agent.name,
+        "listen": agent.addresses,
+        "interfaces": discovery.advertised if discovery else local_ipv4(None),
+        "started": agent.started_ms,
+        "connections": connections,
+        "discovered": discovered,
+    }
