@@ -238,6 +238,8 @@ def run_local(args: argparse.Namespace) -> None:
             ),
         ]
         print(f"p2psync local benchmarks — {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+        if args.ingest_only:
+            rows = []
         for label, measure in rows:
             print(f"{label:<60} {summary(measure())}", flush=True)
         rates, peaks, baselines = bench_ingest(base, args.runs, args.records)
@@ -546,6 +548,11 @@ def main() -> None:
     local = sub.add_parser("local", help="local core: puts, bulk load, ingest")
     local.add_argument("--records", type=int, default=100_000)
     local.add_argument("--runs", type=int, default=5)
+    local.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="only the ingest benchmark (without the disk writes of the others before it)",
+    )
     sync = sub.add_parser("sync", help="two agents: initial sync, live latency, no-op resync")
     sync.add_argument("--records", type=int, default=100_000)
     sync.add_argument("--runs", type=int, default=5)
