@@ -365,3 +365,24 @@ def test_a_far_ahead_clock_moves_ours_only_a_little(db: p2psync.Database) -> Non
     db.put("c", "mine", 1)
     mine = [e for e in db.log(db.identity.public_key)][-1]
     assert hlc.wall_ms(mine.hlc) <= now_ms() + hlc.MAX_ADOPT_AHEAD_MS
+
+
+def test_a_forged_entry_counts_as_forged_whatever_else_is_wrong(db: p2psync.Database) -> None:
+    """A missing payload or a clock far ahead is not the sender's fault, so they
+    are decided only once the entry is proven authentic: a forged one must not
+    pass for an honest refusal (which would keep a hostile sender connected)."""
+    author = live_author()
+    entry = author.write(author.op("ledgers", "ACME", {"balance": 1200}))
+    forged_withheld = canonical.encode([canonical.encode([entry.body, bytes(64)]), [None]])
+    ahead = live_author()
+    ahead.clock = hlc.from_wall(now_ms() + 3_600_000)
+    late = ahead.put("c", "k", 1)
+    forged_ahead = canonical.encode(
+        [canonical.encode([late.body, bytes(64)]), list(late.payloads)]
+    )
+    before = snapshot(db)
+    result = db.ingest([forged_withheld, forged_ahead])
+    assert [type(r.error) for r in result.rejected] == [SignatureError, SignatureError]
+    assert snapshot(db) == before
+    honest = db.ingest([canonical.encode([entry.signed, [None]]), late.wire()])
+    assert {type(r.error) for r in honest.rejected} == {WithheldError, FutureTimestampError}

@@ -78,6 +78,9 @@ class Item:
     entry: Entry
     wire: bytes
     index: int | None
+    #: a refusal that is not the sender's fault, decided once the entry is proven
+    #: authentic (a forged entry must count as forged, whatever else is wrong)
+    deferred: EntryError | None = None
 
 
 def ingest(
@@ -100,14 +103,19 @@ def ingest(
         checked = authenticate(item.entry for item in group)
         result.signatures_checked += checked.signatures_checked
         by_id = {item.entry.id: item for item in group}
+        authentic = [by_id[entry.id] for entry in checked.entries]
         for entry, error in checked.rejected:
             if isinstance(error, SignatureError) and writer.held_successor(entry):
                 # its signature fails, but a held (authenticated) successor names
                 # it by hash: the author vouched for it, as in a run
-                ready.append(by_id[entry.id])
+                authentic.append(by_id[entry.id])
             else:
                 _refuse(result, by_id[entry.id], error)
-        ready.extend(by_id[entry.id] for entry in checked.entries)
+        for item in authentic:
+            if item.deferred is not None:
+                _refuse(result, item, item.deferred)
+            else:
+                ready.append(item)
         result.duplicates += len(group) - len(by_id)
     if len(by_author) > 1:  # one author's entries are already in causal (seq) order
         ready.sort(key=_position)
@@ -180,9 +188,10 @@ def decode_batch(
     result: IngestResult,
     visible: Callable[[str], bool] | None = None,
 ) -> list[Item]:
-    """Decode wire forms; refuse malformed ones, clocks too far ahead, and entries
-    missing a payload of a collection this agent may see (``visible``; default:
-    every collection)."""
+    """Decode wire forms; refuse malformed ones and those carrying a payload this
+    agent may not see (``visible``; default: every collection may be seen). Clocks
+    too far ahead and missing payloads of collections this agent may see are
+    refused by :func:`ingest`, once the entry is proven authentic."""
     items: list[Item] = []
     limit = hlc_mod.from_wall(now_ms + max_skew_ms + 1) - 1  # greatest allowed timestamp
     for index, wire in enumerate(wires):
@@ -193,21 +202,13 @@ def decode_batch(
         except EntryError as exc:
             result.rejected.append(Rejected(index, None, None, None, exc))
             continue
+        deferred: EntryError | None = None
         if entry.hlc > limit:
             ahead_s = (hlc_mod.wall_ms(entry.hlc) - now_ms) / 1000
-            result.rejected.append(
-                Rejected(
-                    index,
-                    entry.author,
-                    entry.seq,
-                    entry.id,
-                    FutureTimestampError(
-                        f"its clock is {ahead_s:.0f} s ahead of ours "
-                        f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock"
-                    ),
-                )
+            deferred = FutureTimestampError(
+                f"its clock is {ahead_s:.0f} s ahead of ours "
+                f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock"
             )
-            continue
         if visible is not None:
             forbidden = [
                 collection
@@ -233,27 +234,18 @@ def decode_batch(
             for collection, op in zip(entry.collections, entry.ops, strict=True)
             if op is None and (visible is None or visible(collection))
         ]
-        if withheld:
+        if withheld and deferred is None:
             # applying it without those ops would lose them for good: a later full
             # copy has the same ID and counts as a duplicate. Not the sender's fault
             # when it never had them (filtered before they reached it).
-            result.rejected.append(
-                Rejected(
-                    index,
-                    entry.author,
-                    entry.seq,
-                    entry.id,
-                    WithheldError(
-                        f"it lacks the payload of an op in {withheld[0]!r}, which the rule "
-                        f"with the sender covers but the sender does not hold (a rule "
-                        f"upstream leaves it out); this author's later entries wait. "
-                        f"Leave {withheld[0]!r} out of the rule with the sender, or get "
-                        "these entries from a peer that holds them in full"
-                    ),
-                )
+            deferred = WithheldError(
+                f"it lacks the payload of an op in {withheld[0]!r}, which the rule "
+                f"with the sender covers but the sender does not hold (a rule "
+                f"upstream leaves it out); this author's later entries wait. "
+                f"Leave {withheld[0]!r} out of the rule with the sender, or get "
+                "these entries from a peer that holds them in full"
             )
-            continue
-        items.append(Item(entry, wire, index))
+        items.append(Item(entry, wire, index, deferred))
         furthest = result.seen.get(entry.author)
         if furthest is None or entry.seq > furthest[0]:
             result.seen[entry.author] = (entry.seq, entry.id)
