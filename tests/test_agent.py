@@ -167,6 +167,31 @@ def test_sync_through_a_running_agent(agents: Make) -> None:
     assert value_at(b, "c", "k") == 1
 
 
+def test_sync_through_an_agent_that_cannot_get_in_step_says_why_at_once(
+    agents: Make,
+) -> None:
+    """c shares only vouchers with b, so b holds c's entries without their payroll
+    payloads and cannot give them to a, whose rule with b covers payroll: `sync`
+    through a's agent ends as soon as all else has flowed, with the reason, rather
+    than at its timeout."""
+    a, b = agents("a").start(), agents("b").start()
+    c = agents("c")  # never started: syncs on demand
+    pair_up(a, b)
+    cli(c.home, "pair", "add", b.device_id, "--address", b.address, "--collection", "vouchers")
+    b.pair(c, with_address=False)
+    cli(c.home, "put", "payroll", "eve", "1")
+    cli(c.home, "put", "vouchers", "V-9", "9")
+    cli(b.home, "put", "vouchers", "V-10", "10")
+    cli(c.home, "sync", b.device_id, "--address", b.address, "--timeout", "10")
+    wait_for(lambda: value_at(b, "vouchers", "V-9") == 9, timeout=10)
+    wait_for(lambda: value_at(a, "vouchers", "V-10") == 10, timeout=10)
+    started = time.monotonic()
+    out = cli(a.home, "sync", b.device_id, "--timeout", "20", check=False)
+    assert time.monotonic() - started < 5
+    assert "NOT in sync" in out and "'payroll'" in out and "Leave 'payroll' out" in out
+    assert out.count("not in sync") == 0  # said once, by the CLI
+
+
 def test_second_agent_on_one_home_is_refused(agents: Make) -> None:
     a = agents("a").start()
     second = SpawnedAgent(a.home, "a-again")

@@ -26,6 +26,7 @@ from p2psync.core.session import (
     RulesReceived,
     SessionClosed,
     SessionConfig,
+    StuckOnRefused,
     SyncedWithPeer,
     SyncSession,
 )
@@ -217,3 +218,40 @@ def test_message_round_trip() -> None:
     ]
     for message in samples:
         assert messages.decode(messages.encode(message)) == message
+
+
+def test_entries_refused_leave_the_session_stuck_with_the_reason() -> None:
+    """b refuses a's entries 4 and 5 (not a's fault): once all has flowed, b is
+    stuck and says why, never in sync; a later write that b applies clears it."""
+    a = started({AUTHOR: head(5)})
+    b = started({AUTHOR: head(3)})
+    deliver(a, b)
+    deliver(b, a)
+    a.send_batch([b"e4", b"e5"], [(AUTHOR, s, head(s).head) for s in (4, 5)])
+    batch = next(e for e in deliver(a, b) if isinstance(e, BatchReceived))
+    b.note_refused(AUTHOR, "entry 4: its clock is far ahead")
+    b.ingested(batch.batch, [(AUTHOR, 5, head(5).head)])  # a holds up to 5
+    assert b.stuck_reason is None  # a has not said Caught for that yet
+    events = deliver(b, a) + deliver(a, b) + deliver(b, a)
+    assert b.stuck_reason == "entry 4: its clock is far ahead"
+    stuck = [e for e in events if isinstance(e, StuckOnRefused)]
+    assert stuck == [StuckOnRefused("entry 4: its clock is far ahead")]
+    assert not b.synced and not any(isinstance(e, SyncedWithPeer) for e in events)
+    assert b.poll_synced() == []  # reported once per state
+    b.local_changed({AUTHOR: head(5)})  # the entries arrived by another path
+    assert b.stuck_reason is None
+    assert any(isinstance(e, SyncedWithPeer) for e in b.poll_synced()) and b.synced
+
+
+def test_lacking_entries_without_a_known_refusal_still_say_so() -> None:
+    a = started({AUTHOR: head(2)})
+    b = started({})
+    deliver(a, b)
+    deliver(b, a)
+    a.send_batch([b"e1", b"e2"], [(AUTHOR, s, head(s).head) for s in (1, 2)])
+    batch = next(e for e in deliver(a, b) if isinstance(e, BatchReceived))
+    b.ingested(batch.batch, [(AUTHOR, 2, head(2).head)])  # held, not applied
+    deliver(b, a)
+    deliver(a, b)
+    deliver(b, a)
+    assert b.stuck_reason is not None and "not applied here" in b.stuck_reason

@@ -81,6 +81,10 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
                 ended = agent.ended.get(key)
                 if machine is not None and machine.synced:
                     results[key] = {"device_id": device_id(key), "synced": True, "error": None}
+                elif machine is not None and machine.stuck_reason is not None:
+                    # all that will flow has flowed; waiting longer changes nothing
+                    error = f"cannot get in step: {machine.stuck_reason}"
+                    results[key] = {"device_id": device_id(key), "synced": False, "error": error}
                 elif conn is None and ended is not None and ended[0] > asked and not ended[2]:
                     results[key] = {"device_id": device_id(key), "synced": False, "error": ended[1]}
             await trio.sleep(0.02)

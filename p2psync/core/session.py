@@ -101,7 +101,8 @@ class SyncedWithPeer:
 
 @dataclass(frozen=True, slots=True)
 class StuckOnRefused:
-    """Everything has flowed except entries we refused for good (see ``give_up``)."""
+    """All has flowed that will flow in this session, yet the peer holds entries we
+    do not: we refused or are holding some (see ``note_refused``)."""
 
     reason: str
 
@@ -147,9 +148,9 @@ class SyncSession:
         self._caught_sent: bytes | None = None
         self._peer_caught: bytes | None = None
         self._synced: bytes | None = None
-        #: authors whose entries from the peer we refused for good, and why
-        self.given_up: dict[bytes, str] = {}
-        self._stuck_reported = False
+        #: authors whose entries from the peer we refused (not the peer's fault), and why
+        self.refusals: dict[bytes, str] = {}
+        self._stuck: bytes | None = None
         # heads digests cost O(authors); cached so a flood of Caught costs O(1) each
         self._local_digest: bytes | None = None
         self._peer_digest: bytes | None = None
@@ -351,15 +352,13 @@ class SyncSession:
             self._caught_sent = digest
             self._outbox.append(Caught(digest))
 
-    def _in_sync(self, *, except_given_up: bool = False) -> bool:
-        """Both sides have sent all the other may have, and it has all arrived.
+    def _quiet(self) -> bool:
+        """Nothing more will flow in this session until a side's heads change.
 
         We said Caught for our current heads (nothing left to send); the peer said
-        Caught for heads that are exactly what we know it holds; and, if the peer
-        may send to us, we hold everything it holds (``except_given_up``: apart
-        from the authors we refused for good).
+        Caught for heads that are exactly what we know it holds; nothing in flight.
         """
-        if (
+        return not (
             self.phase is not Phase.OPEN
             or self._peer_caught is None
             or self._unacked
@@ -367,41 +366,64 @@ class SyncSession:
             or self._caught_sent != self._local_heads_digest()
             or self._peer_caught != self._peer_heads_digest()
             or self.wants()
-        ):
-            return False
+        )
+
+    def _lacking(self) -> list[bytes]:
+        """Authors of which the peer holds entries we do not, if it may send to us
+        (forked authors aside: nothing more flows for them either way)."""
         if not self.receiving:
-            return True
+            return []
+        lacking = []
         for author, head in self.peer.items():
             ours = self.local.get(author)
             if head.frozen or (ours is not None and ours.frozen):
-                continue  # a forked author: nothing more flows either way
-            if except_given_up and author in self.given_up:
                 continue
             if ours is None or ours.seq < head.seq:
-                return False
-        return True
+                lacking.append(author)
+        return lacking
+
+    def _in_sync(self) -> bool:
+        """Both sides have sent all the other may have, and it has all arrived."""
+        return self._quiet() and not self._lacking()
 
     def _synced_event(self) -> list[Event]:
-        if not self._in_sync():
-            if (
-                self.given_up
-                and not self._stuck_reported
-                and self._in_sync(except_given_up=True)
-            ):
-                self._stuck_reported = True
-                return [StuckOnRefused(next(iter(self.given_up.values())))]
+        if not self._quiet():
             return []
         state = self._local_heads_digest() + self._peer_heads_digest()
+        lacking = self._lacking()
+        if lacking:
+            # the peer sent all it had for us, so what we lack we refused (or hold,
+            # waiting for an entry we refused): stuck until a side's heads change
+            if state == self._stuck:
+                return []
+            self._stuck = state
+            return [StuckOnRefused(self._why(lacking))]
         if state == self._synced:
             return []
         self._synced = state
         return [SyncedWithPeer(self._local_heads_digest())]
 
-    def give_up(self, author: bytes, reason: str) -> None:
-        """We refused ``author``'s entries from the peer for a reason this session
-        cannot cure (an author limit, a payload the sender lacks): being in step
-        is out of reach, which ``StuckOnRefused`` reports once all else has flowed."""
-        self.given_up.setdefault(author, reason)
+    def _why(self, lacking: list[bytes]) -> str:
+        known = [self.refusals[a] for a in lacking if a in self.refusals]
+        if known:
+            return known[0]
+        return (
+            f"entries of {len(lacking)} authors that the peer holds were not applied "
+            "here (see the log)"
+        )
+
+    @property
+    def stuck_reason(self) -> str | None:
+        """Why we cannot get in step in this session, once nothing more will flow."""
+        if not self._quiet():
+            return None
+        lacking = self._lacking()
+        return self._why(lacking) if lacking else None
+
+    def note_refused(self, author: bytes, reason: str) -> None:
+        """We refused one of ``author``'s entries from the peer, for a reason that is
+        not the peer's fault; ``StuckOnRefused`` gives it if we end up lacking it."""
+        self.refusals[author] = reason
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after ``ingested`` or ``local_changed``)."""

@@ -43,16 +43,13 @@ from p2psync.core.session import (
     SyncSession,
 )
 from p2psync.errors import (
-    AuthorLimitError,
     ChainError,
     DecodeError,
     ForkError,
-    FrozenAuthorError,
     P2PSyncError,
     RuleViolationError,
     SignatureError,
     StoreError,
-    WithheldError,
 )
 from p2psync.net.filter import withhold
 from p2psync.net.link import EVERYTHING, PairLink
@@ -63,8 +60,6 @@ log = logging.getLogger(__name__)
 
 #: Entries that prove the sender is broken or hostile: the connection is closed.
 HOSTILE = (DecodeError, SignatureError, ChainError, ForkError, RuleViolationError)
-#: refusals no retry in this session can cure: an on-demand sync stops with the reason
-LASTING = (WithheldError, AuthorLimitError, FrozenAuthorError)
 MAX_RULES_HELD = 4  # RulesHeld messages a session may carry before rules must settle
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
@@ -165,8 +160,10 @@ class _Run:
                     self.handle(self.machine.close("synced"))
             elif isinstance(event, StuckOnRefused):
                 log.warning("cannot get in step with %s: %s", self.who, event.reason)
-                if not self.live:  # an on-demand sync says why now, not at its timeout
-                    self.handle(self.machine.close(f"not in sync: {event.reason}"))
+                if not self.live or (self.link is not None and not self.link.live):
+                    # an on-demand sync (ours or the peer's) says why now rather than
+                    # at its timeout; the peer learns the reason from our Bye
+                    self.handle(self.machine.close(f"cannot get in step: {event.reason}"))
             elif isinstance(event, SessionClosed):
                 self.stats.reason = event.reason
                 self.stats.error = event.error
@@ -395,8 +392,8 @@ class _Run:
                     "entry from %s not applied: %s%s", self.who, refused[0].describe(), more
                 )
             for rejected in refused:
-                if isinstance(rejected.error, LASTING) and rejected.author is not None:
-                    self.machine.give_up(rejected.author, rejected.describe())
+                if rejected.author is not None:
+                    self.machine.note_refused(rejected.author, rejected.describe())
             self.handle(self.machine.poll_synced())
             self.progress()
 

@@ -1,0 +1,56 @@
+"""Sessions that cannot get in step (entries refused for reasons that are not the
+sender's fault) end an on-demand sync with the reason as soon as all else has
+flowed, whichever side syncs on demand, instead of at its timeout."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+
+import p2psync
+from p2psync import pairing
+from p2psync.core.rules import Direction, Terms
+from p2psync.store import writer as writer_mod
+from tests.test_pairing import key, session
+
+MakeDb = Callable[[str], p2psync.Database]
+
+
+async def test_refused_entry_that_another_author_builds_on(make_db: MakeDb) -> None:
+    """As in test_pairing's filtered-upstream test, but b then updates c's voucher:
+    b's entry has c's refused one as a base, so a holds it; a still learns why."""
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    pairing.propose(c, key(b), Terms.make(["vouchers"]))
+    pairing.propose(b, key(c), Terms())
+    pairing.propose(b, key(a), Terms())
+    pairing.propose(a, key(b), Terms())
+    c.put("payroll", "eve", 1)
+    c.put("vouchers", "V-9", 9)
+    await session(c, b)
+    b.put("vouchers", "V-9", 10)  # b builds on c's entry
+    with trio.fail_after(10):
+        stats_a, _ = await session(a, b)  # a: on demand; b: live agent
+    assert not stats_a.synced and "payroll" in stats_a.reason
+    assert a.get("vouchers", "V-9") is None and b.get("vouchers", "V-9") == 10
+
+
+async def test_on_demand_side_that_pushes_to_a_refusing_agent(
+    make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The on-demand side (a) sends and the live agent (b) refuses (its author
+    limit): b tells a why in its Bye."""
+    a, b, c, d = make_db("a"), make_db("b"), make_db("c"), make_db("d")
+    c.put("vouchers", "V-9", 9)
+    a.ingest(list(c.export()))
+    a.put("vouchers", "V-1", 1)
+    d.put("vouchers", "V-4", 4)
+    b.ingest(list(d.export()))
+    b.put("vouchers", "V-2", 2)
+    monkeypatch.setattr(writer_mod, "MAX_AUTHORS", 3)
+    pairing.propose(a, key(b), Terms.make(["*"], Direction.SEND))  # a sends, b receives
+    pairing.propose(b, key(a), Terms())
+    with trio.fail_after(10):
+        stats_a, stats_b = await session(a, b)  # a dials on demand, b serves live
+    assert not stats_a.synced and "authors" in stats_a.reason
+    assert not stats_b.error and len(b.authors()) == 3
