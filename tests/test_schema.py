@@ -25,7 +25,7 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
     with sqlite3.connect(path) as conn:  # as a version 3 store left it
         conn.execute("DROP TABLE rule_objects")
         conn.execute("DROP TABLE invites")
-        conn.execute("DELETE FROM schema_migrations WHERE version = 4")
+        conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
             (bytes(32),),
@@ -53,3 +53,25 @@ def test_a_store_from_a_newer_p2psync_is_refused(make_db: MakeDb, tmp_path: Path
         conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (schema.LATEST + 1,))
     with pytest.raises(p2psync.P2PSyncError, match="upgrade p2psync"):
         p2psync.open(tmp_path / "a")
+
+
+def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path) -> None:
+    """Version 5 briefly added a `withheld` table; such stores open and move on."""
+    db = make_db("a")
+    db.put("vouchers", "V-1", {"amount": 10})
+    path = db.home.store_path
+    db.close()
+    with sqlite3.connect(path) as conn:
+        for index in ("rule_objects_by_signer", "rule_objects_by_proposal", "rule_objects_by_kind"):
+            conn.execute(f"DROP INDEX {index}")
+        conn.execute("CREATE INDEX rule_objects_by_peer ON rule_objects (peer)")
+        conn.execute("CREATE TABLE withheld (entry BLOB, op INTEGER, collection TEXT)")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 6")
+    reopened = p2psync.open(tmp_path / "a")
+    try:
+        assert reopened.get("vouchers", "V-1") == {"amount": 10}
+    finally:
+        reopened.close()
+    with sqlite3.connect(path) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == list(range(1, schema.LATEST + 1))

@@ -35,8 +35,6 @@ from p2psync.agent.dialing import Dialing
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
 from p2psync.core.identity import short_id
-from p2psync.core.messages import rules_digest
-from p2psync.core.rules import RuleState
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE, now_ms
@@ -86,7 +84,8 @@ class Agent:
         #: per peer: when its last connection ended, why, and whether it was in sync
         self.ended: dict[bytes, tuple[float, str, bool]] = {}
         self.discovery: Discovery | None = None
-        self._rules_seen = b""
+        self._rules_version = -1
+        self._reloading = trio.Lock()
         self.registry = Registry()
         self.peers: dict[bytes, Peer] = {}
         self.addresses: list[str] = []
@@ -178,23 +177,25 @@ class Agent:
     # ------------------------------------------------------------ peers and dialers
 
     async def _reload_peers(self) -> None:
-        me = self.identity.public_key
+        """Re-read the peers, and the rules when rule objects were added (cheap to
+        check; folding them is not, so it is done only then and only for pairs
+        that hold an acceptance)."""
+        async with self._reloading:  # one at a time: they never pile up on threads
+            seen = self._rules_version
+            store = self.db.store
 
-        def load() -> tuple[list[Peer], bytes, set[bytes]]:
-            paired = {
-                rule.acceptor if rule.proposer == me else rule.proposer
-                for rule in self.db.store.rules(None)
-                if rule.state is RuleState.ACCEPTED
-            }
-            return self.db.store.peers(), rules_digest(self.db.store.rule_objects(None)), paired
+            def load() -> tuple[list[Peer], int, set[bytes] | None]:
+                version = store.rules_version()
+                paired = store.peers_in_force() if version != seen else None
+                return store.peers(), version, paired
 
-        peers, rules, self._paired = await trio.to_thread.run_sync(load)
-        self.peers = {peer.key: peer for peer in peers}
-        if rules != self._rules_seen:  # live sessions re-send rule objects and re-check them
-            self._rules_seen = rules
-            self.rules_feed.bump()
-        if self._nursery is not None:
-            self.dialing.update(self._nursery)
+            peers, version, paired = await trio.to_thread.run_sync(load)
+            self.peers = {peer.key: peer for peer in peers}
+            if paired is not None:
+                self._rules_version, self._paired = version, paired
+                self.rules_feed.bump()  # live sessions re-send rule objects, re-check them
+            if self._nursery is not None:
+                self.dialing.update(self._nursery)
 
     # ------------------------------------------------------------ connections
 
@@ -375,7 +376,6 @@ class Agent:
         finally:
             sock.close()
             _unlink(path)
-
 
     def status(self) -> dict[str, Any]:
         """What ``p2psync status`` shows."""

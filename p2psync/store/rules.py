@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from p2psync.core import canonical
 from p2psync.core import rules as core
-from p2psync.core.rules import Rule, RuleError, RuleObject
+from p2psync.core.rules import Rule, RuleError, RuleObject, RuleState
 
 #: Limits per peer: a stranger can only fill its own small corner of the store.
 MAX_OPEN_PROPOSALS = 16
@@ -43,10 +43,8 @@ def add_objects(
     per-peer limits are refused.
     """
     added = []
-    known = {
-        row[0]: row[1]
-        for row in conn.execute("SELECT id, peer FROM rule_objects WHERE kind = 'propose'")
-    }
+    known: dict[bytes, bytes] = {}  # proposal ID -> the other party, as looked up
+    usage: dict[bytes, list[int]] = {}  # peer -> [objects, bytes] it has signed with us
     pending = []
     for blob in signed:
         obj = core.decode(blob)
@@ -74,7 +72,13 @@ def add_objects(
         else:
             assert obj.proposal is not None
             if obj.proposal not in known:
-                raise RuleError("an answer to a proposal this agent does not hold")
+                row = conn.execute(
+                    "SELECT peer FROM rule_objects WHERE id = ? AND kind = 'propose'",
+                    (obj.proposal,),
+                ).fetchone()
+                if row is None:
+                    raise RuleError("an answer to a proposal this agent does not hold")
+                known[obj.proposal] = row[0]
             peer = known[obj.proposal]
             if obj.signer not in (me, peer):
                 raise RuleError("a rule answer signed by a third agent")
@@ -82,16 +86,21 @@ def add_objects(
         if peer_only is not None and peer != peer_only:
             raise RuleError("a rule object about another pair")
         if obj.signer != me:
-            count, size = conn.execute(
-                "SELECT count(*), coalesce(sum(length(signed)), 0) FROM rule_objects "
-                "WHERE peer = ? AND signer = ?",
-                (peer, peer),
-            ).fetchone()
+            if peer not in usage:
+                usage[peer] = list(
+                    conn.execute(
+                        "SELECT count(*), coalesce(sum(length(signed)), 0) FROM rule_objects "
+                        "WHERE peer = ? AND signer = ?",
+                        (peer, peer),
+                    ).fetchone()
+                )
+            count, size = usage[peer]
             if count >= MAX_OBJECTS_PER_PEER or size + len(obj.signed) > MAX_BYTES_PER_PEER:
                 raise RuleError(
                     f"this agent already holds {count} rule objects ({size} bytes) signed by "
                     "that peer, the most it keeps"
                 )
+            usage[peer] = [count + 1, size + len(obj.signed)]
         conn.execute(
             "INSERT INTO rule_objects (id, proposal, kind, signer, peer, signed, received) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -109,8 +118,8 @@ def _stranger(conn: sqlite3.Connection, peer: bytes) -> bool:
 def _strangers(conn: sqlite3.Connection, me: bytes) -> int:
     """Agents whose rule objects with us are all their own: requests never answered."""
     row = conn.execute(
-        "SELECT count(DISTINCT r.peer) FROM rule_objects r WHERE NOT EXISTS "
-        "(SELECT 1 FROM rule_objects m WHERE m.peer = r.peer AND m.signer = ?)",
+        "SELECT count(*) FROM (SELECT peer FROM rule_objects GROUP BY peer "
+        "HAVING max(signer = ?) = 0)",
         (me,),
     ).fetchone()
     return int(row[0])
@@ -119,12 +128,29 @@ def _strangers(conn: sqlite3.Connection, me: bytes) -> int:
 def _open_proposals(conn: sqlite3.Connection, peer: bytes) -> int:
     """Proposals signed by ``peer`` with no answer yet."""
     row = conn.execute(
-        "SELECT count(*) FROM rule_objects p WHERE p.kind = 'propose' AND p.signer = ? "
-        "AND NOT EXISTS (SELECT 1 FROM rule_objects a WHERE a.proposal = p.id "
-        "AND a.kind != 'propose')",
-        (peer,),
+        "SELECT count(*) FROM rule_objects p WHERE p.peer = ? AND p.signer = ? "
+        "AND p.kind = 'propose' AND NOT EXISTS (SELECT 1 FROM rule_objects a "
+        "WHERE a.proposal = p.id AND a.kind != 'propose')",
+        (peer, peer),
     ).fetchone()
     return int(row[0])
+
+
+def version(conn: sqlite3.Connection) -> int:
+    """Changes whenever a rule object is added (they are never deleted)."""
+    return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM rule_objects").fetchone()[0])
+
+
+def peers_in_force(conn: sqlite3.Connection) -> set[bytes]:
+    """Peers with a rule in force with us. Only pairs holding an acceptance can
+    have one, so strangers' piles of requests are never folded here."""
+    rows = conn.execute("SELECT DISTINCT peer FROM rule_objects WHERE kind = 'accept'")
+    answered = [row[0] for row in rows]
+    return {
+        peer
+        for peer in answered
+        if any(rule.state is RuleState.ACCEPTED for rule in rules_with(conn, peer))
+    }
 
 
 def objects_with(conn: sqlite3.Connection, peer: bytes | None) -> list[bytes]:

@@ -152,6 +152,17 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         created INTEGER NOT NULL
     )
     """,
+    # 5 briefly added a "withheld" table (development builds only); it is gone
+    5: """
+    DROP TABLE IF EXISTS withheld
+    """,
+    # quota checks and reloads stay cheap however many requests strangers send
+    6: """
+    DROP INDEX rule_objects_by_peer;
+    CREATE INDEX rule_objects_by_signer ON rule_objects (peer, signer);
+    CREATE INDEX rule_objects_by_proposal ON rule_objects (proposal);
+    CREATE INDEX rule_objects_by_kind ON rule_objects (kind, peer)
+    """,
 }
 
 LATEST = max(MIGRATIONS)

@@ -314,6 +314,16 @@ class Store:
         with self._reader.reading() as conn:
             return rules_mod.objects_with(conn, peer)
 
+    def rules_version(self) -> int:
+        """Changes whenever a rule object is added."""
+        with self._reader.reading() as conn:
+            return rules_mod.version(conn)
+
+    def peers_in_force(self) -> set[bytes]:
+        """Peers with a rule in force with this agent."""
+        with self._reader.reading() as conn:
+            return rules_mod.peers_in_force(conn)
+
     def rules(self, peer: bytes | None = None) -> list[Rule]:
         with self._reader.reading() as conn:
             return rules_mod.rules_with(conn, peer)
