@@ -15,11 +15,13 @@ from zeroconf import ServiceInfo
 from p2psync.core.identity import Identity
 from p2psync.net import discovery as discovery_mod
 from p2psync.net.discovery import (
+    MAX_ADDRESSES,
     MAX_FAILURES,
     MAX_PENDING,
     PROTOCOL_VERSION,
     SERVICE_TYPE,
     Discovery,
+    advert_name,
     parse_advert,
 )
 
@@ -65,6 +67,7 @@ class HostileLan:
         self.adverts: dict[str, ServiceInfo] = {}
         self.block = threading.Event()
         self.block.set()
+        self.prompt: set[str] = set()  # names answered even while blocked
 
     def publish(self, instance: str, identity: Identity, *addresses: str) -> None:
         self.adverts[instance] = ServiceInfo(
@@ -76,7 +79,8 @@ class HostileLan:
         )
 
     def get_service_info(self, type_: str, name: str, timeout: int) -> ServiceInfo | None:
-        self.block.wait(5)
+        if name not in self.prompt:
+            self.block.wait(5)
         return self.adverts.get(name)
 
 
@@ -92,6 +96,7 @@ def _discovery(wanted: set[bytes] | None = None) -> tuple[Discovery, list[bytes]
             lambda found: None,
             lost.append,
             wanted=lambda key: key in keep,
+            priority=lambda instance: instance in {advert_name(k) for k in keep},
         ),
         lost,
     )
@@ -159,3 +164,56 @@ async def test_a_flood_of_adverts_is_dropped_not_queued() -> None:
         assert len(discovery._resolving) == MAX_PENDING
         lan.block.set()
     assert discovery._resolving == set()
+
+
+async def test_a_spoof_with_many_addresses_cannot_push_the_real_one_out() -> None:
+    discovery, _ = _discovery()
+    lan, peer = HostileLan(), Identity(os.urandom(32))
+    lan.publish(_instance(1), peer, "10.0.0.2")
+    lan.publish(_instance(2), peer, *[f"10.0.0.{66 + i}" for i in range(MAX_ADDRESSES)])
+    await discovery._resolve(lan, _instance(1))  # type: ignore[arg-type]
+    await discovery._resolve(lan, _instance(2))  # type: ignore[arg-type]
+    offered = discovery.addresses(peer.public_key)
+    assert "10.0.0.2:7717" in offered and len(offered) == MAX_ADDRESSES
+
+
+async def test_a_spoof_that_withdraws_takes_only_its_own_addresses() -> None:
+    discovery, lost = _discovery()
+    lan, peer = HostileLan(), Identity(os.urandom(32))
+    lan.publish(_instance(1), peer, "10.0.0.2")
+    lan.publish(_instance(2), peer, "10.0.0.66")
+    await discovery._resolve(lan, _instance(1))  # type: ignore[arg-type]
+    await discovery._resolve(lan, _instance(2))  # type: ignore[arg-type]
+    discovery._lost(_instance(2))  # the attacker says goodbye for its own advert
+    assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",) and not lost
+    discovery._lost(_instance(1))
+    assert lost == [peer.public_key] and peer.public_key not in discovery.table
+
+
+async def test_a_proven_advert_comes_first() -> None:
+    discovery, _ = _discovery()
+    lan, peer = HostileLan(), Identity(os.urandom(32))
+    lan.publish(_instance(1), peer, "10.0.0.2")
+    await discovery._resolve(lan, _instance(1))  # type: ignore[arg-type]
+    discovery.succeeded(peer.public_key, "10.0.0.2:7717")  # a handshake there proved it
+    lan.publish(_instance(2), peer, "10.0.0.66")
+    await discovery._resolve(lan, _instance(2))  # type: ignore[arg-type]
+    assert discovery.addresses(peer.public_key)[0] == "10.0.0.2:7717"
+
+
+async def test_a_peer_advert_is_resolved_even_during_a_flood() -> None:
+    """zeroconf reports an advert once: dropping a peer's would lose it for good."""
+    peer = Identity(os.urandom(32))
+    discovery, _ = _discovery({peer.public_key})
+    lan = HostileLan()
+    lan.publish(advert_name(peer.public_key), peer, "10.0.0.2")
+    lan.prompt.add(advert_name(peer.public_key))
+    lan.block.clear()  # the flood's lookups hang, as a host that never answers makes them
+    async with trio.open_nursery() as nursery:
+        for n in range(MAX_PENDING):
+            nursery.start_soon(discovery._resolve, lan, _instance(n))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(2):  # not queued behind the flood's lookups either
+            await discovery._resolve(lan, advert_name(peer.public_key))  # type: ignore[arg-type]
+        assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",)
+        lan.block.set()

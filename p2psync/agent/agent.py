@@ -39,7 +39,7 @@ from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE, now_ms
 from p2psync.net.address import format_address, parse_address
-from p2psync.net.discovery import Discovery, Found
+from p2psync.net.discovery import Discovery, Found, advert_name
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
@@ -128,6 +128,7 @@ class Agent:
                     self._found,
                     self._lost,
                     wanted=self.dialing.dialled,
+                    priority=self._peer_advert,
                 )
                 await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
@@ -154,6 +155,12 @@ class Agent:
         if self._nursery is not None:
             self.dialing.update(self._nursery)
         self.dial_now(found.key)
+
+    def _peer_advert(self, instance: str) -> bool:
+        """``instance`` is the advert name one of our peers would use."""
+        return instance.lower() in {
+            advert_name(key).lower() for key in self.peers if self.dialing.dialled(key)
+        }
 
     def _lost(self, key: bytes) -> None:
         log.info("%s withdrew from the LAN", short_id(key))

@@ -45,22 +45,44 @@ PROTOCOL_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 MAX_NAME_BYTES = 63
 MAX_TABLE = 1000  # agents remembered from adverts
-MAX_ADDRESSES = 8  # per agent
+MAX_ADDRESSES = 8  # per advert, and offered per agent
+MAX_INSTANCES = 4  # adverts (instance names) remembered per agent ID
 MAX_PENDING = 64  # adverts waiting to be resolved; more are dropped until some finish
 MAX_FAILURES = 3  # failed dials after which an advertised address is dropped
 
 
 @dataclass
 class Found:
-    """An agent seen on the LAN."""
+    """An agent ID seen on the LAN, with the adverts claiming it.
+
+    Several adverts may claim one ID (a restart under a new name, or a spoof);
+    each keeps its own addresses, so none can push out another's, and a goodbye
+    removes only its own. An advert at whose address a handshake proved the key
+    comes first.
+    """
 
     key: bytes
     name: str
-    addresses: tuple[str, ...]  # host:port
-    instance: str
+    instances: dict[str, tuple[str, ...]]  # advert -> its addresses (host:port)
     first_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     last_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     failures: dict[str, int] = field(default_factory=dict)  # address -> failed dials
+    proven: set[str] = field(default_factory=set)  # adverts where the key was proven
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """At most :data:`MAX_ADDRESSES`, taken in turn from each advert (proven
+        ones, then the newest, first)."""
+        order = sorted(
+            self.instances, key=lambda i: (i not in self.proven, -list(self.instances).index(i))
+        )
+        lists = [self.instances[i] for i in order]
+        merged: dict[str, None] = {}
+        for rank in range(MAX_ADDRESSES):
+            for addresses in lists:
+                if rank < len(addresses):
+                    merged.setdefault(addresses[rank])
+        return tuple(merged)[:MAX_ADDRESSES]
 
 
 def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
@@ -75,6 +97,11 @@ def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
                 if not address.is_loopback and not address.is_link_local:
                     found.append(ip.ip)
     return found
+
+
+def advert_name(key: bytes) -> str:
+    """The instance name an agent advertises: its short device ID."""
+    return f"{short_id(key)}.{SERVICE_TYPE}"
 
 
 def parse_advert(properties: dict[bytes, bytes | None]) -> tuple[bytes, str] | None:
@@ -105,6 +132,7 @@ class Discovery:
         on_found: Callable[[Found], None],
         on_lost: Callable[[bytes], None],
         wanted: Callable[[bytes], bool] = lambda key: False,
+        priority: Callable[[str], bool] = lambda instance: False,
     ) -> None:
         self.identity = identity
         self.name = name
@@ -113,11 +141,13 @@ class Discovery:
         self.on_found = on_found
         self.on_lost = on_lost
         self.wanted = wanted  # agents never evicted to make room (our peers)
+        self.priority = priority  # adverts resolved even in a flood (our peers' names)
         self.table: dict[bytes, Found] = {}
         self._instances: dict[str, bytes] = {}
         self._resolving: set[str] = set()
         # resolving may wait seconds: its own few threads, not the store's
         self._resolvers = trio.CapacityLimiter(4)
+        self._peer_resolvers = trio.CapacityLimiter(2)  # our peers' adverts jump the queue
         self.advertised: list[str] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -158,7 +188,7 @@ class Discovery:
         short = short_id(self.identity.public_key)
         return ServiceInfo(
             SERVICE_TYPE,
-            f"{short}.{SERVICE_TYPE}",
+            advert_name(self.identity.public_key),
             addresses=[socket.inet_aton(ip) for ip in self.advertised],
             port=self.port,
             properties={
@@ -180,7 +210,10 @@ class Discovery:
     async def _resolve(self, zc: Zeroconf, instance: str) -> None:
         if instance in self._resolving:
             return
-        if len(self._resolving) >= MAX_PENDING:  # a flood of adverts: drop, do not queue
+        priority = self.priority(instance)
+        if len(self._resolving) >= MAX_PENDING and not priority:
+            # a flood of adverts: drop, do not queue (zeroconf will not report it
+            # again, so our peers' own names are let through whatever the flood)
             log.debug("too many adverts to resolve; dropped %r", instance)
             return
         self._resolving.add(instance)
@@ -188,7 +221,7 @@ class Discovery:
             info: Any = await trio.to_thread.run_sync(
                 lambda: zc.get_service_info(SERVICE_TYPE, instance, timeout=RESOLVE_TIMEOUT_MS),
                 abandon_on_cancel=True,
-                limiter=self._resolvers,
+                limiter=self._peer_resolvers if priority else self._resolvers,
             )
         except Exception as exc:  # whatever a LAN host sends, discovery carries on
             log.debug("cannot resolve %r: %r", instance, exc)
@@ -209,22 +242,24 @@ class Discovery:
         )[:MAX_ADDRESSES]
         if not addresses:
             return
-        known = self.table.get(key)
-        if known is not None:
-            # an advert is a hint: a second one for the same ID (perhaps a spoof)
-            # adds its addresses in front instead of replacing the others
-            merged = dict.fromkeys((*addresses, *known.addresses))
-            found = Found(key, name, tuple(merged)[:MAX_ADDRESSES], instance)
-            found.first_seen = known.first_seen
-            found.failures = {a: n for a, n in known.failures.items() if a not in addresses}
-            if known.instance != instance:
-                self._instances.pop(known.instance, None)
-        elif not self._make_room():
-            log.debug("discovery table full; ignoring %s", instance)
+        previous = self._instances.get(instance)
+        if previous is not None and previous != key:  # the name now claims another ID
+            self._drop_instance(previous, instance)
+        found = self.table.get(key)
+        if found is None:
+            if not self._make_room():
+                log.debug("discovery table full; ignoring %s", instance)
+                return
+            found = self.table[key] = Found(key, name, {})
+        elif instance not in found.instances and len(found.instances) >= MAX_INSTANCES:
+            log.debug("ignoring %s: %d adverts already claim that ID", instance, MAX_INSTANCES)
             return
-        else:
-            found = Found(key, name, addresses, instance)
-        self.table[key] = found
+        found.instances.pop(instance, None)  # newest last
+        found.instances[instance] = addresses
+        found.name = name
+        found.last_seen = time.time_ns() // 1_000_000
+        for address in addresses:  # re-advertised: a fresh chance
+            found.failures.pop(address, None)
         self._instances[instance] = key
         self.on_found(found)
 
@@ -237,7 +272,8 @@ class Discovery:
         """``address`` did not answer as ``key``: stop offering it (until re-advertised)."""
         found = self.table.get(key)
         if found is not None:
-            found.addresses = tuple(a for a in found.addresses if a != address)
+            for instance, addresses in found.instances.items():
+                found.instances[instance] = tuple(a for a in addresses if a != address)
             found.failures.pop(address, None)
 
     def failed(self, key: bytes, address: str) -> None:
@@ -251,9 +287,11 @@ class Discovery:
             self.discard(key, address)
 
     def succeeded(self, key: bytes, address: str) -> None:
+        """A handshake at ``address`` proved ``key``: its advert comes first from now on."""
         found = self.table.get(key)
         if found is not None:
             found.failures.pop(address, None)
+            found.proven.update(i for i, a in found.instances.items() if address in a)
 
     def _make_room(self) -> bool:
         """Below :data:`MAX_TABLE` entries, evicting the least recently seen agent
@@ -265,13 +303,25 @@ class Discovery:
             return False
         oldest = min(victims, key=lambda f: f.last_seen)
         del self.table[oldest.key]
-        self._instances.pop(oldest.instance, None)
+        for instance in oldest.instances:
+            self._instances.pop(instance, None)
         self.on_lost(oldest.key)
         return True
 
     def _lost(self, instance: str) -> None:
+        """A goodbye or an expired advert: only that advert's addresses go."""
         key = self._instances.pop(instance, None)
-        if key is not None and self.table.pop(key, None) is not None:
+        if key is not None:
+            self._drop_instance(key, instance)
+
+    def _drop_instance(self, key: bytes, instance: str) -> None:
+        found = self.table.get(key)
+        if found is None:
+            return
+        found.instances.pop(instance, None)
+        found.proven.discard(instance)
+        if not found.instances:
+            del self.table[key]
             self.on_lost(key)
 
 

@@ -1,0 +1,122 @@
+"""The agent's dialers, LAN hints and connection caps, in process over real
+loopback sockets: an advertised address that keeps failing is dropped, one where
+the handshake proved the peer's key comes first, an impostor's is dropped at
+once; strangers are capped without locking out a paired peer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import pytest
+import trio
+
+import p2psync
+from p2psync import pairing
+from p2psync.agent import agent as agent_mod
+from p2psync.agent.agent import Agent, AgentConfig
+from p2psync.core.identity import Identity
+from p2psync.core.rules import Terms
+from p2psync.home import now_ms
+from p2psync.net.discovery import MAX_FAILURES, Discovery, Found
+from p2psync.net.transport import ConnectionLost, SecureStream, secure
+
+MakeDb = Callable[[str], p2psync.Database]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def hint(agent: Agent, key: bytes, *addresses: str) -> Discovery:
+    """As if ``key`` had been advertised on the LAN at ``addresses``."""
+    discovery = Discovery(agent.identity, agent.name, 1, ["127.0.0.1"], print, print)
+    discovery.table[key] = Found(key, "peer", {"advert": addresses})
+    agent.discovery = discovery
+    return discovery
+
+
+async def start(nursery: trio.Nursery, db: p2psync.Database) -> Agent:
+    agent = Agent(db, [("127.0.0.1", 0)], AgentConfig(discovery=False))
+    await nursery.start(agent.run)
+    return agent
+
+
+async def test_an_advertised_address_that_keeps_failing_is_dropped(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, b.identity.public_key, Terms())
+    async with trio.open_nursery() as nursery:
+        agent = await start(nursery, a)
+        dead = f"127.0.0.1:{closed_port()}"
+        discovery = hint(agent, b.identity.public_key, dead)
+        for _ in range(MAX_FAILURES - 1):
+            assert not await agent.dialing._dial_once(b.identity.public_key)
+        assert discovery.addresses(b.identity.public_key) == (dead,)
+        await agent.dialing._dial_once(b.identity.public_key)
+        assert discovery.addresses(b.identity.public_key) == ()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_advert_proven_by_a_handshake_comes_first_and_an_impostor_goes(
+    make_db: MakeDb,
+) -> None:
+    a, b, impostor = make_db("a"), make_db("b"), make_db("impostor")
+    pairing.propose(a, b.identity.public_key, Terms())
+    pairing.propose(b, a.identity.public_key, Terms())
+    async with trio.open_nursery() as nursery:
+        agent_a, agent_b = await start(nursery, a), await start(nursery, b)
+        fake = await start(nursery, impostor)
+        real, spoof = agent_b.addresses[0], fake.addresses[0]
+        key = b.identity.public_key
+        discovery = hint(agent_a, key, spoof, real)
+        nursery.start_soon(agent_a.dialing._dial_once, key)  # runs the session
+        with trio.fail_after(10):
+            while agent_a.registry.get(key) is None:
+                await trio.sleep(0.01)
+        assert discovery.addresses(key) == (real,)  # the impostor's: dropped at once
+        discovery.table[key].instances["newer advert"] = ("127.0.0.1:9",)
+        assert discovery.addresses(key)[0] == real  # proven first, newer or not
+        nursery.cancel_scope.cancel()
+
+
+async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
+    make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections with agents that have no rule in force are capped; a peer with
+    a rule in force is let in however many strangers are connected, and a peer
+    that is known (we proposed) but not yet paired counts as a stranger."""
+    monkeypatch.setattr(agent_mod, "MAX_UNPAIRED", 2)
+    a, b, known = make_db("a"), make_db("b"), make_db("known")
+    me = a.identity.public_key
+    pairing.propose(b, me, Terms())  # b's request reaches a, and a accepts it
+    a.store.add_rule_objects(me, b.store.rule_objects(me), now_ms())
+    pairing.propose(a, b.identity.public_key, Terms())
+    assert a.store.peers_in_force() == {b.identity.public_key}
+    pairing.propose(a, known.identity.public_key, Terms())  # no answer yet
+    async with trio.open_nursery() as nursery:
+        agent = await start(nursery, a)
+        host, port = agent.addresses[0].rsplit(":", 1)
+
+        async def connect(identity: Identity) -> SecureStream:
+            stream = await trio.open_tcp_stream(host, int(port))
+            return await secure(stream, identity, initiator=True, name="x")
+
+        strangers = [await connect(Identity(os.urandom(32))) for _ in range(2)]
+        with trio.fail_after(5):
+            while len(agent.registry.by_peer) < 2:
+                await trio.sleep(0.01)
+        for identity in (Identity(os.urandom(32)), known.identity):
+            refused = await connect(identity)
+            with trio.fail_after(5), pytest.raises(ConnectionLost):
+                await refused.receive()
+        peer = await connect(b.identity)
+        with trio.fail_after(5):
+            while agent.registry.get(b.identity.public_key) is None:
+                await trio.sleep(0.01)
+        for stream in (*strangers, peer):
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
