@@ -18,6 +18,10 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 6 indexes ``rule_objects`` by (peer, signer), proposal and kind, so the
+quota checks run for each pairing request read a few rows, not the table.
+Version 5 drops a ``withheld`` table that development builds briefly had.
+
 Version 4 adds sync rules and invites (and peers are ``known`` rather than
 ``trusted``: the rules decide what flows):
 
