@@ -386,3 +386,28 @@ def test_a_forged_entry_counts_as_forged_whatever_else_is_wrong(db: p2psync.Data
     assert snapshot(db) == before
     honest = db.ingest([canonical.encode([entry.signed, [None]]), late.wire()])
     assert {type(r.error) for r in honest.rejected} == {WithheldError, FutureTimestampError}
+
+
+def test_a_forged_entry_of_a_frozen_author_counts_as_forged(db: p2psync.Database) -> None:
+    author = live_author()
+    chain = author.chain(2)
+    author.seq, author.prev = 1, chain[0].id
+    other_two = author.put("c", "evil", 666)
+    db.ingest(wires(chain))
+    db.ingest([other_two.wire()])  # a fork: the author is frozen
+    author.seq, author.prev = 2, chain[1].id
+    later = author.put("c", "later", 1)
+    forged = canonical.encode([canonical.encode([later.body, bytes(64)]), list(later.payloads)])
+    assert [type(r.error) for r in db.ingest([forged]).rejected] == [SignatureError]
+    assert [type(r.error) for r in db.ingest([later.wire()]).rejected] == [FrozenAuthorError]
+
+
+def test_of_a_full_and_a_stripped_copy_in_one_batch_the_full_one_is_applied(
+    db: p2psync.Database,
+) -> None:
+    author = live_author()
+    entry = author.put("ledgers", "ACME", 5)
+    stripped = canonical.encode([entry.signed, [None]])
+    result = db.ingest([entry.wire(), stripped])
+    assert result.accepted == [entry.id] and not result.rejected
+    assert db.get("ledgers", "ACME") == 5

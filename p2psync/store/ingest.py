@@ -96,13 +96,14 @@ def ingest(
         by_author[item.entry.author].append(item)
     ready: list[Item] = []
     for author, group in by_author.items():
-        if writer.head(author).frozen:
-            for item in group:
-                _refuse(result, item, FrozenAuthorError(f"author {short_id(author)} is frozen"))
-            continue
+        frozen = writer.head(author).frozen
         checked = authenticate(item.entry for item in group)
         result.signatures_checked += checked.signatures_checked
-        by_id = {item.entry.id: item for item in group}
+        by_id: dict[bytes, Item] = {}
+        for item in group:  # of two copies of one entry, keep one nothing is wrong with
+            kept = by_id.get(item.entry.id)
+            if kept is None or (kept.deferred is not None and item.deferred is None):
+                by_id[item.entry.id] = item
         authentic = [by_id[entry.id] for entry in checked.entries]
         for entry, error in checked.rejected:
             if isinstance(error, SignatureError) and writer.held_successor(entry):
@@ -111,8 +112,10 @@ def ingest(
                 authentic.append(by_id[entry.id])
             else:
                 _refuse(result, by_id[entry.id], error)
-        for item in authentic:
-            if item.deferred is not None:
+        for item in authentic:  # refusals that are not the sender's fault, now
+            if frozen:
+                _refuse(result, item, FrozenAuthorError(f"author {short_id(author)} is frozen"))
+            elif item.deferred is not None:
                 _refuse(result, item, item.deferred)
             else:
                 ready.append(item)
