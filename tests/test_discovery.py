@@ -17,6 +17,7 @@ from p2psync.net import discovery as discovery_mod
 from p2psync.net.discovery import (
     MAX_ADDRESSES,
     MAX_FAILURES,
+    MAX_INSTANCES,
     MAX_PENDING,
     PROTOCOL_VERSION,
     SERVICE_TYPE,
@@ -217,3 +218,32 @@ async def test_a_peer_advert_is_resolved_even_during_a_flood() -> None:
             await discovery._resolve(lan, advert_name(peer.public_key))  # type: ignore[arg-type]
         assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",)
         lan.block.set()
+
+
+async def test_spoofed_adverts_filling_the_slots_do_not_lock_out_the_real_one() -> None:
+    peer = Identity(os.urandom(32))
+    discovery, _ = _discovery({peer.public_key})
+    lan = HostileLan()
+    for n in range(MAX_INSTANCES):  # the attacker claims the peer's (public) ID first
+        lan.publish(_instance(n), peer, f"10.0.0.{66 + n}")
+        await discovery._resolve(lan, _instance(n))  # type: ignore[arg-type]
+    for n in range(MAX_INSTANCES):  # every spoofed address fails and is dropped
+        for _ in range(MAX_FAILURES):
+            discovery.failed(peer.public_key, f"10.0.0.{66 + n}:7717")
+    assert discovery.addresses(peer.public_key) == ()
+    real = advert_name(peer.public_key)  # the real agent advertises (or re-advertises)
+    lan.publish(real, peer, "10.0.0.2")
+    await discovery._resolve(lan, real)  # type: ignore[arg-type]
+    assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",)
+
+
+async def test_a_peers_own_advert_name_claiming_another_id_is_ignored() -> None:
+    peer, other = Identity(os.urandom(32)), Identity(os.urandom(32))
+    discovery, lost = _discovery({peer.public_key})
+    lan = HostileLan()
+    real = advert_name(peer.public_key)
+    lan.publish(real, peer, "10.0.0.2")
+    await discovery._resolve(lan, real)  # type: ignore[arg-type]
+    lan.publish(real, other, "10.0.0.66")  # a host answers for that name with another id
+    await discovery._resolve(lan, real)  # type: ignore[arg-type]
+    assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",), lost

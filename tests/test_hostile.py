@@ -377,7 +377,8 @@ def test_rule_bookkeeping_never_scans_every_rule_object(make_db: MakeDb) -> None
         with db.store._reader.reading() as conn:
             conn.set_trace_callback(statements.append)
             store_rules.version(conn)
-            store_rules.peers_in_force(conn)
+            store_rules.in_force(store_rules.answered_objects(conn))
+            store_rules.proposed_to(conn, key(db))
             conn.set_trace_callback(None)
         db.store._db.conn.set_trace_callback(None)
         with db.store._reader.reading() as conn:
@@ -397,3 +398,17 @@ def test_rule_bookkeeping_never_scans_every_rule_object(make_db: MakeDb) -> None
                 assert not full, (sql, plan)
     finally:
         db.close()
+
+
+def test_a_proposer_cannot_answer_its_own_request(make_db: MakeDb) -> None:
+    """Only the acceptor's answers are stored: a stranger accepting its own requests
+    would otherwise dodge the open-request cap and make every reload fold its pile."""
+    a, stranger = make_db("a"), make_db("stranger")
+    proposal = core_rules.propose(stranger.identity, key(a), Terms(), os.urandom(16), now_ms())
+    own_answer = core_rules.accept(
+        stranger.identity, core_rules.rule_id(proposal), Terms(), now_ms()
+    )
+    with pytest.raises(core_rules.RuleError, match="acceptor"):
+        a.store.add_rule_objects(key(a), [proposal, own_answer], now_ms())
+    assert a.store.rule_objects(key(stranger)) == []  # the batch is one transaction
+    assert a.store.peers_in_force() == set()

@@ -93,6 +93,7 @@ class Agent:
         self._nursery: trio.Nursery | None = None
         self._handshaking = 0
         self._paired: set[bytes] = set()  # peers with a rule in force
+        self._ours: set[bytes] = set()  # those, and agents we proposed a rule to
         self._paired_checked = -1e9
         self.started_ms = now_ms()
 
@@ -127,7 +128,7 @@ class Agent:
                     self.config.discovery_interfaces or self._listen_hosts(),
                     self._found,
                     self._lost,
-                    wanted=self.dialing.dialled,
+                    wanted=self._our_peer,
                     priority=self._peer_advert,
                 )
                 await nursery.start(self.discovery.run)
@@ -156,11 +157,14 @@ class Agent:
             self.dialing.update(self._nursery)
         self.dial_now(found.key)
 
+    def _our_peer(self, key: bytes) -> bool:
+        """Paired with us, or we asked to pair: kept in the discovery table and its
+        adverts resolved first (an agent that merely sent us a request is not)."""
+        return key in self._ours and self.dialing.dialled(key)
+
     def _peer_advert(self, instance: str) -> bool:
         """``instance`` is the advert name one of our peers would use."""
-        return instance.lower() in {
-            advert_name(key).lower() for key in self.peers if self.dialing.dialled(key)
-        }
+        return instance.lower() in {advert_name(key).lower() for key in self._ours}
 
     def _lost(self, key: bytes) -> None:
         log.info("%s withdrew from the LAN", short_id(key))
@@ -191,15 +195,20 @@ class Agent:
             seen = self._rules_version
             store = self.db.store
 
-            def load() -> tuple[list[Peer], int, set[bytes] | None]:
-                version = store.rules_version()
-                paired = store.peers_in_force() if version != seen else None
-                return store.peers(), version, paired
+            me = self.identity.public_key
 
-            peers, version, paired = await trio.to_thread.run_sync(load)
+            def load() -> tuple[list[Peer], int, tuple[set[bytes], set[bytes]] | None]:
+                version = store.rules_version()
+                if version == seen:
+                    return store.peers(), version, None
+                paired = store.peers_in_force()
+                return store.peers(), version, (paired, paired | store.peers_proposed_to(me))
+
+            peers, version, rules = await trio.to_thread.run_sync(load)
             self.peers = {peer.key: peer for peer in peers}
-            if paired is not None:
-                self._rules_version, self._paired = version, paired
+            if rules is not None:
+                self._rules_version = version
+                self._paired, self._ours = rules
                 self.rules_feed.bump()  # live sessions re-send rule objects, re-check them
             if self._nursery is not None:
                 self.dialing.update(self._nursery)

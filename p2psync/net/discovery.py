@@ -244,6 +244,12 @@ class Discovery:
             return
         previous = self._instances.get(instance)
         if previous is not None and previous != key:  # the name now claims another ID
+            held = self.table.get(previous)
+            if (held is not None and instance in held.proven) or _same(
+                instance, advert_name(previous)
+            ):
+                log.debug("ignoring %s: the name belongs to another agent", instance)
+                return
             self._drop_instance(previous, instance)
         found = self.table.get(key)
         if found is None:
@@ -251,7 +257,7 @@ class Discovery:
                 log.debug("discovery table full; ignoring %s", instance)
                 return
             found = self.table[key] = Found(key, name, {})
-        elif instance not in found.instances and len(found.instances) >= MAX_INSTANCES:
+        elif instance not in found.instances and not self._room_for(found, instance):
             log.debug("ignoring %s: %d adverts already claim that ID", instance, MAX_INSTANCES)
             return
         found.instances.pop(instance, None)  # newest last
@@ -293,6 +299,31 @@ class Discovery:
             found.failures.pop(address, None)
             found.proven.update(i for i, a in found.instances.items() if address in a)
 
+    def _room_for(self, found: Found, instance: str) -> bool:
+        """Make room for another advert claiming ``found``'s ID: drop adverts left
+        without addresses, then the oldest unproven one other than the agent's own
+        name; the agent's own name always gets in unless every other is proven."""
+        for other in [i for i, a in found.instances.items() if not a and i not in found.proven]:
+            self._drop_advert(found, other)
+        if len(found.instances) < MAX_INSTANCES:
+            return True
+        own = advert_name(found.key)
+        victims = [
+            i for i in found.instances if i not in found.proven and not _same(i, own)
+        ]
+        if not victims and _same(instance, own):
+            victims = [i for i in found.instances if i not in found.proven]
+        if not victims:
+            return False
+        self._drop_advert(found, victims[0])  # the oldest
+        return True
+
+    def _drop_advert(self, found: Found, instance: str) -> None:
+        found.instances.pop(instance, None)
+        found.proven.discard(instance)
+        if self._instances.get(instance) == found.key:
+            del self._instances[instance]
+
     def _make_room(self) -> bool:
         """Below :data:`MAX_TABLE` entries, evicting the least recently seen agent
         that is not wanted if need be; False when every entry is wanted."""
@@ -323,6 +354,10 @@ class Discovery:
         if not found.instances:
             del self.table[key]
             self.on_lost(key)
+
+
+def _same(name: str, other: str) -> bool:
+    return name.lower() == other.lower()  # DNS names ignore case
 
 
 def _close(zc: Zeroconf, browser: ServiceBrowser, info: ServiceInfo) -> None:

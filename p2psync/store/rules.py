@@ -43,7 +43,7 @@ def add_objects(
     per-peer limits are refused.
     """
     added = []
-    known: dict[bytes, bytes] = {}  # proposal ID -> the other party, as looked up
+    known: dict[bytes, tuple[bytes, bytes]] = {}  # proposal ID -> (other party, proposer)
     usage: dict[bytes, list[int]] = {}  # peer -> [objects, bytes] it has signed with us
     pending = []
     for blob in signed:
@@ -59,7 +59,7 @@ def add_objects(
                 raise RuleError("a rule proposal between other agents")
             peer = obj.acceptor if obj.signer == me else obj.signer
             proposal = obj.id
-            known[obj.id] = peer
+            known[obj.id] = (peer, obj.signer)
             if obj.signer != me and _open_proposals(conn, peer) >= MAX_OPEN_PROPOSALS:
                 raise RuleError(f"{MAX_OPEN_PROPOSALS} proposals from this agent await answers")
             if obj.signer != me and _stranger(conn, peer) and _strangers(conn, me) >= (
@@ -73,13 +73,18 @@ def add_objects(
             assert obj.proposal is not None
             if obj.proposal not in known:
                 row = conn.execute(
-                    "SELECT peer FROM rule_objects WHERE id = ? AND kind = 'propose'",
+                    "SELECT peer, signer FROM rule_objects WHERE id = ? AND kind = 'propose'",
                     (obj.proposal,),
                 ).fetchone()
                 if row is None:
                     raise RuleError("an answer to a proposal this agent does not hold")
-                known[obj.proposal] = row[0]
-            peer = known[obj.proposal]
+                known[obj.proposal] = (row[0], row[1])
+            peer, proposer = known[obj.proposal]
+            acceptor = peer if proposer == me else me
+            if obj.kind in (core.Kind.ACCEPT, core.Kind.REJECT) and obj.signer != acceptor:
+                # only the acceptor answers (fold ignores any other answer); storing
+                # one would let a proposer close its own requests and dodge quotas
+                raise RuleError("an answer to a proposal not signed by its acceptor")
             if obj.signer not in (me, peer):
                 raise RuleError("a rule answer signed by a third agent")
             proposal = obj.proposal
@@ -141,16 +146,32 @@ def version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM rule_objects").fetchone()[0])
 
 
-def peers_in_force(conn: sqlite3.Connection) -> set[bytes]:
-    """Peers with a rule in force with us. Only pairs holding an acceptance can
-    have one, so strangers' piles of requests are never folded here."""
+def answered_objects(conn: sqlite3.Connection) -> dict[bytes, list[bytes]]:
+    """The rule objects of every pair holding an acceptance: only those can have a
+    rule in force (only the acceptor's answers are stored), so strangers' piles of
+    requests are never read here."""
     rows = conn.execute("SELECT DISTINCT peer FROM rule_objects WHERE kind = 'accept'")
-    answered = [row[0] for row in rows]
+    return {peer: objects_with(conn, peer) for (peer,) in rows.fetchall()}
+
+
+def in_force(objects: dict[bytes, list[bytes]]) -> set[bytes]:
+    """The peers among ``objects`` (see :func:`answered_objects`) with a rule in force."""
     return {
         peer
-        for peer in answered
-        if any(rule.state is RuleState.ACCEPTED for rule in rules_with(conn, peer))
+        for peer, blobs in objects.items()
+        if any(
+            rule.state is RuleState.ACCEPTED
+            for rule in core.fold([core.decode(blob) for blob in blobs]).values()
+        )
     }
+
+
+def proposed_to(conn: sqlite3.Connection, me: bytes) -> set[bytes]:
+    """Agents this one has proposed a rule to (answered or not)."""
+    rows = conn.execute(
+        "SELECT DISTINCT peer FROM rule_objects WHERE kind = 'propose' AND signer = ?", (me,)
+    )
+    return {peer for (peer,) in rows}
 
 
 def objects_with(conn: sqlite3.Connection, peer: bytes | None) -> list[bytes]:

@@ -320,9 +320,15 @@ class Store:
             return rules_mod.version(conn)
 
     def peers_in_force(self) -> set[bytes]:
-        """Peers with a rule in force with this agent."""
+        """Peers with a rule in force with this agent (read under the reader's lock,
+        decoded and folded after it, so other reads do not wait)."""
         with self._reader.reading() as conn:
-            return rules_mod.peers_in_force(conn)
+            objects = rules_mod.answered_objects(conn)
+        return rules_mod.in_force(objects)
+
+    def peers_proposed_to(self, me: bytes) -> set[bytes]:
+        with self._reader.reading() as conn:
+            return rules_mod.proposed_to(conn, me)
 
     def rules(self, peer: bytes | None = None) -> list[Rule]:
         with self._reader.reading() as conn:
