@@ -99,11 +99,11 @@ def ingest(
         frozen = writer.head(author).frozen
         checked = authenticate(item.entry for item in group)
         result.signatures_checked += checked.signatures_checked
-        by_id: dict[bytes, Item] = {}
-        for item in group:  # of two copies of one entry, keep one nothing is wrong with
-            kept = by_id.get(item.entry.id)
-            if kept is None or (kept.deferred is not None and item.deferred is None):
-                by_id[item.entry.id] = item
+        by_id = {item.entry.id: item for item in group}
+        if len(by_id) < len(group):  # of two copies of one entry, keep a sound one
+            for item in group:
+                if item.deferred is None:
+                    by_id[item.entry.id] = item
         authentic = [by_id[entry.id] for entry in checked.entries]
         for entry, error in checked.rejected:
             if isinstance(error, SignatureError) and writer.held_successor(entry):
