@@ -194,7 +194,7 @@ def pair_pending(state: State, as_json: bool) -> None:
 @click.argument("peer")
 @rule_options(narrowing=True)
 @pass_state
-def pairaccept_in_view(
+def pair_accept(
     state: State,
     peer: str,
     collections: tuple[str, ...],

@@ -70,7 +70,7 @@ def rule_list(state: State, as_json: bool) -> None:
 @click.argument("rule_id")
 @rule_options(narrowing=True)
 @pass_state
-def ruleaccept_in_view(
+def rule_accept(
     state: State,
     rule_id: str,
     collections: tuple[str, ...],
