@@ -35,7 +35,6 @@ from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
 from p2psync.store import rules as store_rules
-from p2psync.store import writer as writer_mod
 from tests.test_pairing import key, session, state_of
 from tests.test_sync import Hostile, connect, fill
 
@@ -333,31 +332,6 @@ def test_requests_from_too_many_strangers_are_refused_until_answered(
     pairing.reject(a, waiting, "no")  # answered: room for one more
     pairing.receive(a, key(late), late.store.rules(key(a))[0].objects, None)
     assert len(a.store.rules(key(late))) == 1
-
-
-async def test_an_on_demand_sync_past_the_author_limit_stops_with_the_reason(
-    make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """b may hold 3 authors' logs and holds 2 (its own and d's); a sends it a's
-    and c's. b keeps what it may hold and its on-demand sync ends as soon as all
-    else has flowed, saying why, instead of waiting for its timeout."""
-    a, b, c, d = make_db("a"), make_db("b"), make_db("c"), make_db("d")
-    c.put("vouchers", "V-9", 9)
-    a.ingest(list(c.export()))
-    a.put("vouchers", "V-1", 1)
-    d.put("vouchers", "V-4", 4)
-    b.ingest(list(d.export()))
-    b.put("vouchers", "V-2", 2)
-    monkeypatch.setattr(writer_mod, "MAX_AUTHORS", 3)
-    pairing.propose(a, key(b), Terms.make(["*"], Direction.SEND))  # a sends, b receives
-    pairing.propose(b, key(a), Terms())
-    with trio.fail_after(5):
-        stats_b, stats_a = await session(b, a)
-    assert not stats_b.synced and "authors" in stats_b.reason
-    assert not stats_a.error  # not a's fault
-    assert [b.get("vouchers", k) for k in ("V-1", "V-9")].count(None) == 1
-    assert len(b.authors()) == 3
-    assert b.verify().ok
 
 
 def test_rule_bookkeeping_never_scans_every_rule_object(make_db: MakeDb) -> None:

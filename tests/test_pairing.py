@@ -156,14 +156,11 @@ async def test_third_party_entries_only_along_allowing_rules(make_db: MakeDb) ->
     assert a.verify().ok
 
 
-async def test_entries_filtered_upstream_are_refused_without_losing_the_session(
+async def filtered_upstream(
     make_db: MakeDb,
-) -> None:
-    """c shares only vouchers with b; b's rule with a covers everything. c's entries
-    reach b without their payroll payloads, so b cannot give a what a's rule says a
-    may have: a refuses them (applying them would lose those payloads for good) but
-    keeps everything else from b, and says what to change. Once the a-b rule leaves
-    payroll out, c's entries flow with payroll proven by hash."""
+) -> tuple[p2psync.Database, p2psync.Database]:
+    """c shares only vouchers with b; b's rule with a covers everything. c's two
+    entries (payroll, then vouchers) have reached b without their payroll payload."""
     a, b, c = make_db("a"), make_db("b"), make_db("c")
     pairing.propose(c, key(b), Terms.make(["vouchers"]))
     pairing.propose(b, key(c), Terms())
@@ -172,6 +169,18 @@ async def test_entries_filtered_upstream_are_refused_without_losing_the_session(
     c.put("payroll", "eve", 1)
     c.put("vouchers", "V-9", 9)
     await session(c, b)
+    return a, b
+
+
+async def test_entries_filtered_upstream_are_refused_without_losing_the_session(
+    make_db: MakeDb,
+) -> None:
+    """c shares only vouchers with b; b's rule with a covers everything. c's entries
+    reach b without their payroll payloads, so b cannot give a what a's rule says a
+    may have: a refuses them (applying them would lose those payloads for good) but
+    keeps everything else from b, and says what to change. Once the a-b rule leaves
+    payroll out, c's entries flow with payroll proven by hash."""
+    a, b = await filtered_upstream(make_db)
     assert b.get("vouchers", "V-9") == 9 and b.get("payroll", "eve") is None
     b.put("vouchers", "V-10", 10)
     stats_a, stats_b = await session(a, b)
