@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from p2psync.api import Database
 from p2psync.core import canonical
 from p2psync.core import rules as core
-from p2psync.core.identity import KEY_BYTES, short_id
+from p2psync.core.identity import KEY_BYTES
 from p2psync.core.rules import Permissions, Rule, RuleState, Terms
 from p2psync.errors import DecodeError, P2PSyncError, UsageError
 from p2psync.home import now_ms
@@ -45,6 +45,16 @@ class PairingError(P2PSyncError):
 # ---------------------------------------------------------------- rules
 
 
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """What ``propose`` did: ``rule`` is the rule the terms now live in (in force,
+    or a proposal waiting for the peer's answer); ``new`` is False when nothing was
+    signed because it already existed."""
+
+    rule: Rule
+    new: bool
+
+
 def propose(
     db: Database,
     peer: bytes,
@@ -52,33 +62,65 @@ def propose(
     *,
     name: str | None = None,
     addresses: Sequence[str] = (),
-) -> list[Rule]:
-    """Propose ``terms`` to ``peer``; if it already proposed to us, accept its proposal
-    narrowed to what both want (mutual ``pair add``). Returns the rules touched."""
-    if peer == db.identity.public_key:
+) -> Proposal:
+    """Propose ``terms`` to ``peer``, unless a rule with exactly these terms (in this
+    agent's view) is already in force or proposed by us. If the peer proposed to us
+    too, the two proposals become one rule with what both want (see :func:`settle`).
+    """
+    me = db.identity.public_key
+    if peer == me:
         raise UsageError("that is this agent's own device ID")
     db.store.add_peer(peer, name, list(addresses), now_ms())
+    for rule in db.store.rules(peer):
+        if rule.state is RuleState.ACCEPTED and rule.terms_for(me) == terms:
+            return Proposal(rule, new=False)
+        if rule.state is RuleState.PROPOSED and rule.proposer == me and rule.proposed == terms:
+            return Proposal(rule, new=False)
     signed = core.propose(db.identity, peer, terms, os.urandom(16), now_ms())
-    db.store.add_rule_objects(db.identity.public_key, [signed], now_ms())
+    db.store.add_rule_objects(me, [signed], now_ms())
+    ours = core.rule_id(signed)
     settle(db, peer)
-    return [r for r in db.store.rules(peer) if r.state is not RuleState.REVOKED]
+    rules = db.store.rules(peer)
+    mine = next(r for r in rules if r.id == ours)
+    if mine.state is RuleState.REVOKED:  # superseded by the peer's: agreed on the common part
+        agreed = [r for r in rules if r.state is RuleState.ACCEPTED and r.proposer == peer]
+        if agreed:
+            return Proposal(agreed[-1], new=True)
+    return Proposal(mine, new=True)
 
 
 def settle(db: Database, peer: bytes) -> list[bytes]:
-    """Answer what can be answered without asking anyone: when we have our own
-    open proposal to ``peer``, accept each of its open proposals narrowed to the
-    common terms. Returns the new signed objects (to send to the peer)."""
+    """Answer what can be answered without asking anyone. Returns the new signed
+    objects (to send to the peer).
+
+    When both sides hold an open proposal to each other with something in common,
+    they become **one** rule: the proposal with the smaller ID is accepted by its
+    acceptor, narrowed to the common terms, and that acceptor revokes its own
+    (superseded) proposal. Each side decides the same way from the same two objects,
+    so whichever side sees them first, the pair ends with one rule, nothing open.
+    An open proposal of ours with exactly the terms of a rule in force is revoked
+    too: it can add nothing.
+    """
     me = db.identity.public_key
     rules = db.store.rules(peer)
     ours = [r for r in rules if r.proposer == me and r.state is RuleState.PROPOSED]
     theirs = [r for r in rules if r.proposer == peer and r.state is RuleState.PROPOSED]
-    created = []
-    for incoming in theirs:
-        for outgoing in ours:
+    created: list[bytes] = []
+    superseded: set[bytes] = set()
+    for incoming in sorted(theirs, key=lambda r: r.id):
+        for outgoing in sorted(ours, key=lambda r: r.id):
+            if outgoing.id in superseded or incoming.id > outgoing.id:
+                continue  # the peer accepts ours (the smaller ID) and revokes its own
             common = incoming.proposed.common(outgoing.proposed)
-            if common is not None:  # the peer does the same with ours when it sees it
+            if common is not None:
                 created.append(core.accept(db.identity, incoming.id, common, now_ms()))
+                created.append(core.revoke(db.identity, outgoing.id, now_ms()))
+                superseded.add(outgoing.id)
                 break
+    in_force = {r.terms_for(me) for r in rules if r.state is RuleState.ACCEPTED}
+    for outgoing in ours:
+        if outgoing.id not in superseded and outgoing.proposed in in_force:
+            created.append(core.revoke(db.identity, outgoing.id, now_ms()))
     if created:
         db.store.add_rule_objects(me, created, now_ms())
     return created
@@ -121,15 +163,14 @@ def receive(
     db: Database,
     peer: bytes,
     objects: Iterable[bytes],
-    joining: bytes | None,
+    joining: JoinTicket | None,
     peer_name: str | None = None,
 ) -> list[bytes]:
     """Keep rule objects the peer sent; return our answers to send back.
 
-    ``joining``: we presented an invite code to this peer (these are the code's
-    terms hash), so we accept, as is, the proposal it makes in return with exactly
-    those terms. A peer that proposes something becomes known (under the name it
-    gave), so ``pair pending`` can name it.
+    ``joining``: we presented an invite code to this peer, so we accept, as is, the
+    proposal it makes in return with exactly the code's terms. A peer that proposes
+    something becomes known (under the name it gave), so ``pair pending`` can name it.
     """
     me = db.identity.public_key
     added = db.store.add_rule_objects(me, list(objects), now_ms(), peer_only=peer)
@@ -137,15 +178,23 @@ def receive(
     if (added and known is None) or (known is not None and not known.name and peer_name):
         db.store.add_peer(peer, peer_name, [], now_ms())
     answers = settle(db, peer)
-    if joining is not None:
-        for rule in db.store.rules(peer):
-            if (
-                rule.proposer == peer
-                and rule.state is RuleState.PROPOSED
-                and terms_hash(rule.proposed) == joining
-            ):
-                answers.append(accept(db, rule))
+    if joining is not None and joining.inviter == peer:
+        answers.extend(answer_invite_proposal(db, joining))
     return answers
+
+
+def unpaired_reason(db: Database, peer: bytes) -> str:
+    """Why nothing flows with ``peer`` (no rule in force), in words both sides read."""
+    rules = db.store.rules(peer)
+    if any(r.state is RuleState.PROPOSED for r in rules):
+        return "not paired: the pairing request awaits approval"
+    rejected = [r for r in rules if r.state is RuleState.REJECTED]
+    if rejected:
+        return f"not paired: the pairing request was rejected: {rejected[-1].reason}"
+    return (
+        "not paired: no rule in force between these agents (ask with `p2psync pair add`, "
+        "or join with an invite code)"
+    )
 
 
 def terms_hash(terms: Terms) -> bytes:
@@ -230,35 +279,101 @@ def join_proof(secret: bytes, handshake_hash: bytes) -> bytes:
 def answer_join(
     db: Database, peer: bytes, invite: bytes, proof: bytes, handshake_hash: bytes
 ) -> bytes:
-    """Check a joiner's proof; on success propose the invite's terms to it (once)."""
+    """Check a joiner's proof; on success propose the invite's terms to it (once).
+
+    A rule with exactly these terms already proposed to the joiner (open or in
+    force) is offered again instead of a new one: the same terms never make two
+    rules. A refusal says why in words meant for both sides (it is the reason of
+    the ``Bye`` that ends the joiner's session)."""
     found = db.store.invite(invite)
     if found is None or not hmac.compare_digest(join_proof(found.secret, handshake_hash), proof):
-        raise PairingError(f"{short_id(peer)} presented an invalid invite code")
+        raise PairingError(
+            "invite code refused: this agent did not issue it (mistyped, withdrawn, or made "
+            "by another agent)"
+        )
     if found.expires < now_ms():
-        raise PairingError(f"{short_id(peer)} presented an expired invite code")
-    if found.used_by == peer:  # the same joiner again (its first session was cut short)
-        for rule in db.store.rules(peer):
-            if rule.proposer == db.identity.public_key and rule.proposed == found.terms:
-                return rule.objects[0]
-    if not db.store.use_invite(invite, peer):
-        raise PairingError(f"{short_id(peer)} presented an invite code that was already used")
+        raise PairingError("invite code refused: it has expired")
+    if found.used_by not in (None, peer):
+        raise PairingError("invite code refused: it was already used by another agent")
+    me = db.identity.public_key
+    same = [
+        r
+        for r in db.store.rules(peer)
+        if (r.state is RuleState.PROPOSED and r.proposer == me and r.proposed == found.terms)
+        or (r.state is RuleState.ACCEPTED and r.terms_for(me) == found.terms)
+    ]
+    if not db.store.use_invite(invite, peer) and found.used_by != peer:
+        raise PairingError("invite code refused: it was already used by another agent")
+    if same:  # offered again: the joiner's first session was cut short, or it holds it
+        return same[0].objects[0]
     db.store.add_peer(peer, None, [], now_ms())
     signed = core.propose(db.identity, peer, found.terms, os.urandom(16), now_ms())
-    db.store.add_rule_objects(db.identity.public_key, [signed], now_ms())
+    db.store.add_rule_objects(me, [signed], now_ms())
     return signed
 
 
-def pending_join(db: Database, peer: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """``(invite id, secret, terms hash)`` when we are joining ``peer`` with a code."""
-    value = db.store.get_meta(f"join:{peer.hex()}")
-    if not isinstance(value, bytes) or len(value) != 32:
+@dataclass(frozen=True, slots=True)
+class JoinTicket:
+    """What the joiner needs during its session with the inviter: the code's invite
+    ID and secret, and the hash of the terms it pairs for. Never stored: a code that
+    the inviter refuses is forgotten with the session that presented it."""
+
+    inviter: bytes
+    invite: bytes
+    secret: bytes
+    terms: bytes
+
+    @classmethod
+    def of(cls, code: InviteCode) -> JoinTicket:
+        return cls(code.inviter, code.invite, code.secret, code.terms)
+
+    def proof(self, handshake_hash: bytes) -> bytes:
+        return join_proof(self.secret, handshake_hash)
+
+
+def joined_rule(db: Database, ticket: JoinTicket) -> Rule | None:
+    """The rule in force with the inviter that gives exactly what the code pairs for
+    (in the inviter's view), if there is one: the rule the join made, or one that
+    was already in force with those terms."""
+    for rule in db.store.rules(ticket.inviter):
+        if (
+            rule.state is RuleState.ACCEPTED
+            and terms_hash(rule.terms_for(ticket.inviter)) == ticket.terms
+        ):
+            return rule
+    return None
+
+
+def join_answered(
+    db: Database, ticket: JoinTicket, objects: Sequence[bytes], answers: Sequence[bytes]
+) -> Rule | None:
+    """The rule the inviter gave for our code, if ``objects`` (a ``Rules`` message from
+    it) answer the code: we just accepted its proposal for the code's terms, or the
+    message is the inviter's answer to ``Join`` naming a rule with those terms that is
+    already in force (the same terms never make a second rule). The inviter's
+    ``Rules`` with everything it holds about the pair does not count: only its answer
+    says the code is good."""
+    rule = joined_rule(db, ticket)
+    if rule is None:
         return None
-    return value[:8], value[8:24], value[24:]
+    accepted = {
+        signed.proposal
+        for signed in map(core.decode, answers)
+        if signed.kind is core.Kind.ACCEPT
+    }
+    if rule.id in accepted or (len(objects) == 1 and core.rule_id(objects[0]) == rule.id):
+        return rule
+    return None
 
 
-def remember_join(db: Database, code: InviteCode) -> None:
-    db.store.set_meta(f"join:{code.inviter.hex()}", code.invite + code.secret + code.terms)
-
-
-def forget_join(db: Database, peer: bytes) -> None:
-    db.store.delete_meta(f"join:{peer.hex()}")
+def answer_invite_proposal(db: Database, ticket: JoinTicket) -> list[bytes]:
+    """Accept, as is, the inviter's open proposal with the code's terms (the joiner
+    asked for it by presenting the code). Returns the acceptance to send, if any."""
+    for rule in db.store.rules(ticket.inviter):
+        if (
+            rule.proposer == ticket.inviter
+            and rule.state is RuleState.PROPOSED
+            and terms_hash(rule.proposed) == ticket.terms
+        ):
+            return [accept(db, rule)]
+    return []

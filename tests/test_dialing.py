@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import trio
@@ -20,6 +21,9 @@ from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
 from p2psync.home import now_ms
 from p2psync.net.discovery import MAX_FAILURES, Discovery, Found
+from p2psync.net.link import PairLink
+from p2psync.net.storeio import ChangeFeed, TrioStore
+from p2psync.net.sync import run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
 
 MakeDb = Callable[[str], p2psync.Database]
@@ -94,7 +98,8 @@ async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
     me = a.identity.public_key
     pairing.propose(b, me, Terms())  # b's request reaches a, and a accepts it
     a.store.add_rule_objects(me, b.store.rule_objects(me), now_ms())
-    pairing.propose(a, b.identity.public_key, Terms())
+    [request] = a.store.rules(b.identity.public_key)
+    pairing.accept(a, request)
     assert a.store.peers_in_force() == {b.identity.public_key}
     pairing.propose(a, known.identity.public_key, Terms())  # no answer yet
     async with trio.open_nursery() as nursery:
@@ -107,7 +112,7 @@ async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
 
         strangers = [await connect(Identity(os.urandom(32))) for _ in range(2)]
         with trio.fail_after(5):
-            while len(agent.registry.by_peer) < 2:
+            while len(agent.registry.all()) < 2:
                 await trio.sleep(0.01)
         for identity in (Identity(os.urandom(32)), known.identity):
             refused = await connect(identity)
@@ -115,8 +120,44 @@ async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
                 await refused.receive()
         peer = await connect(b.identity)
         with trio.fail_after(5):
-            while agent.registry.get(b.identity.public_key) is None:
+            while not any(c.peer == b.identity.public_key for c in agent.registry.all()):
                 await trio.sleep(0.01)
         for stream in (*strangers, peer):
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_ends_every_session_the_same_way_is_backed_off(
+    make_db: MakeDb,
+) -> None:
+    """A faulty peer that closes each session as soon as it is in sync is not
+    redialled twice a second: after one quick redial, a session that ends soon
+    counts as a failure even though it synced."""
+    a, b = make_db("a"), make_db("b")
+    pairing.propose(a, b.identity.public_key, Terms())
+    pairing.propose(b, a.identity.public_key, Terms())
+    sessions = 0
+
+    async def faulty(stream: trio.SocketStream) -> None:
+        nonlocal sessions
+        sessions += 1
+        secured = await secure(stream, b.identity, initiator=False, name="b")
+        link = PairLink(
+            b, secured.peer, live=False, handshake_hash=secured.handshake_hash, peer_name="a"
+        )
+        await run_session(
+            secured, TrioStore(b.store), ChangeFeed(), live=False, link=link
+        )  # ends with Bye("synced")
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            partial(trio.serve_tcp, faulty, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        a.store.add_peer(b.identity.public_key, "b", [f"127.0.0.1:{port}"], now_ms())
+        await start(nursery, a)
+        await trio.sleep(6)
+        nursery.cancel_scope.cancel()
+    # 0.5 + 1 + 2 s (x 0.5-1.5) of backoff leave room for at most ~6 sessions in 6 s;
+    # without backoff there are 15-40
+    assert 2 <= sessions <= 7, sessions

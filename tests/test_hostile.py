@@ -126,7 +126,7 @@ async def test_only_a_peer_that_may_send_to_us_can_stop_our_writes(
     pairing.propose(victim, key(attacker), Terms.make(["*"], direction))
     pairing.propose(attacker, key(victim), Terms())
     await session(victim, attacker)
-    assert state_of(victim, attacker) == {RuleState.ACCEPTED}
+    assert state_of(victim, attacker) == {RuleState.ACCEPTED, RuleState.REVOKED}  # one rule
     victim.put("c", "k", 1)
     fake = {key(victim): Head(1000, os.urandom(32), False)}
 
@@ -261,8 +261,7 @@ async def test_an_invite_whose_terms_do_not_match_the_proposal_pairs_nothing(
         code.inviter, code.invite, code.secret, (), code.expires,
         pairing.terms_hash(Terms.make(["vouchers"])),
     )
-    pairing.remember_join(b, said)
-    stats_b, _ = await session(b, a)
+    stats_b, _ = await session(b, a, join=said)
     assert not stats_b.synced
     assert RuleState.ACCEPTED not in state_of(b, a)
     assert b.get("payroll", "alice") is None

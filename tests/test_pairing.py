@@ -22,9 +22,14 @@ MakeDb = Callable[[str], p2psync.Database]
 
 
 async def session(
-    a: p2psync.Database, b: p2psync.Database, *, live_b: bool = True
+    a: p2psync.Database,
+    b: p2psync.Database,
+    *,
+    live_b: bool = True,
+    join: pairing.InviteCode | None = None,
 ) -> tuple[SessionStats, SessionStats]:
-    """a dials b and syncs once (like `p2psync sync`); b serves like an agent."""
+    """a dials b and syncs once (like `p2psync sync`, or `pair join` with ``join``);
+    b serves like an agent."""
     sa, sb = await connect(a, b)
     out: dict[str, SessionStats] = {}
 
@@ -35,6 +40,7 @@ async def session(
             live=live,
             handshake_hash=stream.handshake_hash,
             peer_name=peer.home.name,
+            join=pairing.JoinTicket.of(join) if join is not None and name == "a" else None,
         )
         out[name] = await run_session(
             stream, TrioStore(db.store), ChangeFeed(), live=live, link=link, pairing_timeout=2
@@ -78,8 +84,48 @@ async def test_both_adding_each_other_is_mutual_acceptance(make_db: MakeDb) -> N
     a.put("payroll", "P-1", 1)
     stats_a, _ = await session(a, b)
     assert stats_a.synced
-    assert state_of(a, b) == state_of(b, a) == {RuleState.ACCEPTED}
     assert b.get("vouchers", "V-1") == 1 and b.get("payroll", "P-1") is None  # the common part
+    one_rule_nothing_open(a, b)
+
+
+def one_rule_nothing_open(a: p2psync.Database, b: p2psync.Database) -> None:
+    """Both hold exactly one rule in force, the other proposal superseded (revoked)."""
+    for db, peer in ((a, b), (b, a)):
+        rules = db.store.rules(key(peer))
+        assert [r.state for r in rules].count(RuleState.ACCEPTED) == 1, rules
+        assert RuleState.PROPOSED not in {r.state for r in rules}
+
+
+@pytest.mark.parametrize("attempt", range(6))  # proposal IDs are random: both orders occur
+async def test_a_mutual_add_seen_one_after_the_other_leaves_nothing_open(
+    make_db: MakeDb, attempt: int
+) -> None:
+    """a asks for everything; b sees it, then asks for vouchers (pair add both ways,
+    one after the other): one rule, vouchers, nothing left pending on either side."""
+    a, b = make_db(f"a{attempt}"), make_db(f"b{attempt}")
+    pairing.propose(a, key(b), Terms())
+    await session(a, b)  # b now holds a's request
+    result = pairing.propose(b, key(a), Terms.make(["vouchers"]))
+    assert result.new
+    await session(b, a)
+    await session(a, b)
+    one_rule_nothing_open(a, b)
+    [rule] = [r for r in a.store.rules(key(b)) if r.state is RuleState.ACCEPTED]
+    assert rule.terms.collections == ("vouchers",)
+
+
+async def test_proposing_what_is_in_force_or_already_proposed_signs_nothing(
+    make_db: MakeDb,
+) -> None:
+    a, b = make_db("a"), make_db("b")
+    first = pairing.propose(a, key(b), Terms.make(["vouchers"]))
+    again = pairing.propose(a, key(b), Terms.make(["vouchers"]))
+    assert first.new and not again.new and again.rule.id == first.rule.id
+    pairing.propose(b, key(a), Terms.make(["vouchers"]))
+    await session(a, b)
+    in_force = pairing.propose(a, key(b), Terms.make(["vouchers"]))
+    assert not in_force.new and in_force.rule.state is RuleState.ACCEPTED
+    one_rule_nothing_open(a, b)
 
 
 async def test_rejection_reason_reaches_the_proposer(make_db: MakeDb) -> None:
@@ -101,7 +147,8 @@ async def test_revocation_stops_flow_on_both_sides(make_db: MakeDb) -> None:
     await session(a, b)
     assert b.get("c", "before") == 1
     for rule in a.store.rules(key(b)):
-        pairing.revoke(a, rule)
+        if rule.state is not RuleState.REVOKED:
+            pairing.revoke(a, rule)
     a.put("c", "after", 1)
     b.put("c", "from-b", 1)
     stats_a, _ = await session(a, b)
@@ -188,7 +235,8 @@ async def test_entries_filtered_upstream_are_refused_without_losing_the_session(
     assert a.get("vouchers", "V-10") == 10  # b's own entries arrived
     assert a.get("vouchers", "V-9") is None  # c's wait behind the refused one
     for rule in a.store.rules(key(b)):
-        pairing.revoke(a, rule)
+        if rule.state is not RuleState.REVOKED:
+            pairing.revoke(a, rule)
     pairing.propose(a, key(b), Terms.make(["vouchers"]))
     pairing.propose(b, key(a), Terms.make(["vouchers"]))
     await session(b, a)  # the new rule reaches a
@@ -203,14 +251,11 @@ async def test_invite_code_pairs_once(make_db: MakeDb) -> None:
     code = pairing.create_invite(a, Terms.make(["vouchers"]), 600, ["127.0.0.1:7717"])
     invite = pairing.parse_invite(code)
     assert invite.inviter == key(a) and invite.addresses == ("127.0.0.1:7717",)
-    pairing.remember_join(b, invite)
-    stats_b, _ = await session(b, a)
+    stats_b, _ = await session(b, a, join=invite)
     assert stats_b.synced and b.get("vouchers", "V-1") == 1
     assert state_of(a, b) == state_of(b, a) == {RuleState.ACCEPTED}
-    assert pairing.pending_join(b, key(a)) is None
     # the same code again, from another agent: refused
-    pairing.remember_join(c, invite)
-    stats_c, stats_a = await session(c, a)
+    stats_c, stats_a = await session(c, a, join=invite)
     assert not stats_c.synced and "already used" in stats_a.reason
     assert c.get("vouchers", "V-1") is None
 
@@ -220,12 +265,10 @@ async def test_wrong_or_expired_invite_is_refused(make_db: MakeDb) -> None:
     code = pairing.create_invite(a, Terms(), 600, ["127.0.0.1:1"])
     invite = pairing.parse_invite(code)
     forged = pairing.InviteCode(invite.inviter, invite.invite, os.urandom(16), (), 0, invite.terms)
-    pairing.remember_join(b, forged)
-    _, stats_a = await session(b, a)
-    assert "invalid invite code" in stats_a.reason
+    _, stats_a = await session(b, a, join=forged)
+    assert "did not issue it" in stats_a.reason
     expired = pairing.create_invite(a, Terms(), -1, ["127.0.0.1:1"])
-    pairing.remember_join(b, pairing.parse_invite(expired))
-    _, stats_a = await session(b, a)
+    _, stats_a = await session(b, a, join=pairing.parse_invite(expired))
     assert "expired" in stats_a.reason
     assert state_of(a, b) == set()
 

@@ -252,7 +252,7 @@ class Agent:
 
     def _strangers(self) -> int:
         """Connections open with agents that have no rule in force with us."""
-        return sum(1 for peer in self.registry.by_peer if peer not in self._paired)
+        return sum(1 for conn in self.registry.all() if conn.peer not in self._paired)
 
     async def run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str
@@ -264,7 +264,9 @@ class Agent:
             outbound=outbound,
             address=address,
         )
-        if not self.registry.add(conn):
+        if not outbound:
+            self.registry.hold(conn)  # live or on demand: its first RulesHeld says
+        elif not self.registry.add(conn):
             log.debug("keeping the other connection with %s", short_id(peer))
             await secured.aclose()
             return None
@@ -290,6 +292,23 @@ class Agent:
                     partial(self.record, peer, seen=now_ms(), synced=now_ms(), heads=heads)
                 )
 
+        def opened(live: bool) -> bool:
+            """The session opens: an on-demand one runs beside the live connection;
+            a live one the peer dialled takes its place, or gives way to it."""
+            if outbound:
+                return True
+            if not live:
+                conn.on_demand = True
+                return True
+            if self.registry.add(conn):
+                return True
+            log.debug("keeping the other connection with %s", short_id(peer))
+            return False
+
+        def rules_added() -> None:
+            if self._nursery is not None:  # other sessions and the caps see them at once
+                self._nursery.start_soon(self._reload_peers)
+
         stats: SessionStats | None = None
         try:
             with conn.scope:
@@ -300,6 +319,7 @@ class Agent:
                     handshake_hash=secured.handshake_hash,
                     peer_name=secured.peer_name,
                     rules_feed=self.rules_feed,
+                    on_rules_added=rules_added,
                 )
                 stats = await run_session(
                     secured,
@@ -310,6 +330,7 @@ class Agent:
                     on_start=started,
                     on_synced=synced,
                     link=link,
+                    on_open=opened,
                 )
         except Exception as exc:  # one bad connection never takes the agent down
             log.warning("connection with %s failed: %r", short_id(peer), exc)
@@ -318,10 +339,11 @@ class Agent:
             self.registry.remove(conn)
             reason = conn.stats.reason if conn.stats else "connection failed"
             in_sync = bool(conn.stats and conn.stats.synced)
-            self.ended.pop(peer, None)
-            self.ended[peer] = (trio.current_time(), reason, in_sync)
-            while len(self.ended) > MAX_ENDED:
-                del self.ended[next(iter(self.ended))]
+            if not conn.on_demand:  # the live connection's story, not a side sync's
+                self.ended.pop(peer, None)
+                self.ended[peer] = (trio.current_time(), reason, in_sync)
+                while len(self.ended) > MAX_ENDED:
+                    del self.ended[next(iter(self.ended))]
             if conn.machine is not None:
                 await self.record(
                     peer,

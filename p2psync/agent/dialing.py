@@ -25,6 +25,7 @@ from p2psync.store.peers import PeerState
 
 if TYPE_CHECKING:
     from p2psync.agent.agent import Agent
+    from p2psync.net.sync import SessionStats
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Dialing:
     async def _dialer(self, key: bytes, scope: trio.CancelScope) -> None:
         config = self.agent.config
         failures = 0
+        quick = True  # one quick redial after a short session, then back off
         with scope:
             while True:
                 existing = self.agent.registry.get(key)
@@ -83,10 +85,15 @@ class Dialing:
                     await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
                     continue
                 started = trio.current_time()
-                healthy = await self._dial_once(key)
-                if healthy or trio.current_time() - started > HEALTHY_SESSION:
-                    failures = 0
+                stats = await self._dial_once(key)
+                if trio.current_time() - started > HEALTHY_SESSION:
+                    failures, quick = 0, True
+                elif stats is not None and stats.synced and quick:
+                    failures, quick = 0, False  # e.g. the rules changed: back at once
                 else:
+                    # no session, or a short one: a peer that ends session after
+                    # session soon (whatever it says) is backed off like an
+                    # unreachable one, not redialled twice a second
                     failures += 1
                 delay = min(
                     config.backoff_cap,
@@ -95,12 +102,12 @@ class Dialing:
                 with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
                     await self._now[key].wait()
 
-    async def _dial_once(self, key: bytes) -> bool:
-        """Try each address once, the LAN's first; True when a session ran and synced."""
+    async def _dial_once(self, key: bytes) -> SessionStats | None:
+        """Try each address once, the LAN's first; the session's figures when one ran."""
         agent = self.agent
         peer = agent.peers.get(key)
         if peer is None:
-            return False
+            return None
         advertised = [a for a in self.lan_addresses(key) if a not in peer.addresses]
         for address in [*advertised, *peer.addresses]:
             try:
@@ -125,9 +132,8 @@ class Dialing:
                 continue
             if address in advertised and agent.discovery is not None:
                 agent.discovery.succeeded(key, address)
-            stats = await agent.run_connection(secured, outbound=True, address=address)
-            return stats is not None and stats.synced
-        return False
+            return await agent.run_connection(secured, outbound=True, address=address)
+        return None
 
     async def _failed(self, key: bytes, address: str, exc: Exception, *, advertised: bool) -> None:
         agent = self.agent

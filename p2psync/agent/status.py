@@ -17,7 +17,7 @@ def agent_status(agent: Agent) -> dict[str, Any]:
     """Identity, listen addresses, live connections with their lag, and the agents
     discovered on the LAN."""
     connections = []
-    for conn in agent.registry.by_peer.values():
+    for conn in agent.registry.all():
         machine, stats = conn.machine, conn.stats
         behind = ahead = 0
         if machine is not None:
@@ -31,6 +31,7 @@ def agent_status(agent: Agent) -> dict[str, Any]:
                 "peer": peer.name if peer is not None else None,
                 "device_id": device_id(conn.peer),
                 "direction": "out" if conn.outbound else "in",
+                "on_demand": conn.on_demand,
                 "address": conn.address,
                 "since": conn.since_ms,
                 "synced": bool(machine is not None and machine.synced),

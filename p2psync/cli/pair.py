@@ -13,10 +13,9 @@ from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import (
     listen_hints,
     notify,
-    relationship,
     resolve_peer,
 )
-from p2psync.cli.rule import rule_row
+from p2psync.cli.rule import rule_row, say_proposal
 from p2psync.cli.terms import accept_in_view, make_terms, parse_duration, rule_options
 from p2psync.core.identity import parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
@@ -63,18 +62,15 @@ def pair_add(
             raise UsageError(str(exc)) from None
     terms = make_terms(collections, direction, mode, route)
     with state.open() as db:
-        rules = pairing.propose(db, key, terms, name=name or short_id(key), addresses=addresses)
+        known = db.store.peer(key)
+        default = None if known is not None and known.name else short_id(key)
+        result = pairing.propose(db, key, terms, name=name or default, addresses=addresses)
         peer = db.store.peer(key)
         own = db.device_id
         me = db.identity.public_key
     notify(state)
     assert peer is not None
-    where = f" at {', '.join(peer.addresses)}" if peer.addresses else " (no address yet)"
-    who = output.safe(peer.name or "?")
-    click.echo(f"proposed to {who} ({short_id(key)}){where}: {terms.describe()}")
-    click.echo(f"{output.safe(peer.name or '?')}: {relationship(me, peer, rules)}")
-    if relationship(me, peer, rules) != "paired":
-        click.echo(f"on that agent, run: p2psync pair add {own}  (or: p2psync pair accept)")
+    say_proposal(result, peer, me, own)
 
 
 @pair.command(name="invite")
@@ -126,38 +122,58 @@ def pair_invite(
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
 @pass_state
 def pair_join(state: State, code: str, name: str | None, timeout: float) -> None:
-    """Pair with the agent that printed CODE (no further approval), then sync once."""
+    """Pair with the agent that printed CODE (no further approval), then sync once.
+
+    Works whether this agent runs or not. A code the inviter refuses (used, expired,
+    withdrawn) changes nothing here."""
     invite = pairing.parse_invite(code)
     if invite.expires < now_ms():
-        raise P2PSyncError("this invite code has expired; ask for a new one")
+        raise P2PSyncError("this invite code has expired; ask the inviter for a new one")
     with state.open() as db:
         if invite.inviter == db.identity.public_key:
             raise UsageError("this code was made by this agent; run `pair join` on the other one")
-        db.store.add_peer(invite.inviter, name, list(invite.addresses), now_ms())
-        pairing.remember_join(db, invite)
+        known = db.store.peer(invite.inviter)
+        addresses = [*invite.addresses, *(known.addresses if known else ())]
         import trio  # noqa: PLC0415 - a record command starts faster without trio
 
-        from p2psync.net.oneshot import sync_once  # noqa: PLC0415
+        from p2psync.net.oneshot import join_once  # noqa: PLC0415
 
-        outcomes = trio.run(
-            functools.partial(sync_once, db, [invite.inviter], None, timeout=timeout)
-        )
-        rules = db.store.rules(invite.inviter)
+        ticket = pairing.JoinTicket.of(invite)
+        dial = list(dict.fromkeys(addresses))
+        outcome = trio.run(functools.partial(join_once, db, ticket, dial, timeout=timeout))
+        if outcome.rule is not None:
+            db.store.add_peer(invite.inviter, name, list(invite.addresses), now_ms())
         peer = db.store.peer(invite.inviter)
         me = db.identity.public_key
-    notify(state)
-    assert peer is not None
-    status = relationship(me, peer, rules)
-    if status != "paired":
-        pairing_error = outcomes[0].error if outcomes else "no answer"
-        raise P2PSyncError(f"pairing with {short_id(invite.inviter)} failed: {pairing_error}")
-    accepted = next(r for r in rules if r.state is RuleState.ACCEPTED)
-    click.echo(
-        f"paired with {output.safe(peer.name or short_id(peer.key))} ({short_id(peer.key)}): "
-        f"{accepted.terms_for(me).describe()}"
+    who = output.safe(
+        name or (peer.name if peer is not None else None) or short_id(invite.inviter)
     )
-    if outcomes and outcomes[0].synced:
-        click.echo(f"in sync (received {outcomes[0].received}, sent {outcomes[0].sent})")
+    if outcome.rule is None:
+        raise P2PSyncError(
+            f"pairing with {who} ({short_id(invite.inviter)}) failed: "
+            f"{output.safe(outcome.error or 'no answer')}"
+            + ("; ask the inviter for a new code" if outcome.refused else "")
+        )
+    notify(state)
+    rule = outcome.rule
+    terms = rule.terms_for(me).describe()
+    if outcome.already:
+        click.echo(
+            f"already paired with {who} ({short_id(invite.inviter)}) for: {terms} "
+            f"(rule {rule.id.hex()[:12]}); nothing new"
+        )
+        return
+    click.echo(
+        f"paired with {who} ({short_id(invite.inviter)}): {terms} (rule {rule.id.hex()[:12]})"
+    )
+    sync = outcome.sync
+    if sync is not None and sync.synced:
+        click.echo(f"in sync (received {sync.received}, sent {sync.sent})")
+    elif sync is not None:
+        click.echo(
+            f"not yet in sync: {output.safe(sync.error or '')}; the agents finish it when "
+            "they next connect (or run `p2psync sync`)"
+        )
 
 
 @pair.command(name="pending")

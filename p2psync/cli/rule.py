@@ -15,8 +15,9 @@ from p2psync.cli.lookup import (
     resolve_rule,
 )
 from p2psync.cli.terms import accept_in_view, make_terms, rule_options
-from p2psync.core.identity import device_id
+from p2psync.core.identity import device_id, short_id
 from p2psync.core.rules import Rule, RuleState
+from p2psync.store.peers import Peer
 
 
 @click.group()
@@ -40,9 +41,28 @@ def rule_propose(
     terms = make_terms(collections, direction, mode, route)
     with state.open() as db:
         found = resolve_peer(db, peer)
-        pairing.propose(db, found.key, terms)
+        result = pairing.propose(db, found.key, terms)
+        me = db.identity.public_key
     notify(state)
-    click.echo(f"proposed to {output.safe(found.name or '?')}: {terms.describe()}")
+    say_proposal(result, found, me, "")
+
+
+def say_proposal(result: pairing.Proposal, peer: Peer, me: bytes, own: str) -> None:
+    """What `pair add` and `rule propose` did, in one or two lines."""
+    rule = result.rule
+    who = f"{output.safe(peer.name or '?')} ({short_id(peer.key)})"
+    terms = f"{rule.terms_for(me).describe()} (rule {rule.id.hex()[:12]})"
+    if rule.state is RuleState.ACCEPTED and result.new:
+        click.echo(f"paired with {who}: {terms}; they had asked for this too")
+    elif rule.state is RuleState.ACCEPTED:
+        click.echo(f"already paired with {who} for: {terms}; nothing new proposed")
+    elif not result.new:
+        click.echo(f"already proposed to {who}: {terms}; waiting for their answer")
+    else:
+        where = f" at {', '.join(peer.addresses)}" if peer.addresses else " (no address yet)"
+        click.echo(f"proposed to {who}{where}: {terms}")
+        if own:
+            click.echo(f"on that agent, run: p2psync pair add {own}  (or: p2psync pair accept)")
 
 
 @rule.command(name="list")

@@ -12,7 +12,7 @@ import trio
 
 from p2psync import pairing
 from p2psync.api import Database
-from p2psync.core.rules import Permissions, Terms
+from p2psync.core.rules import Permissions, Rule, Terms
 from p2psync.net.storeio import ChangeFeed
 
 T = TypeVar("T")
@@ -33,6 +33,8 @@ class PairLink:
         handshake_hash: bytes,
         peer_name: str | None = None,
         rules_feed: ChangeFeed | None = None,
+        join: pairing.JoinTicket | None = None,
+        on_rules_added: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.peer = peer
@@ -40,7 +42,12 @@ class PairLink:
         self.handshake_hash = handshake_hash
         self.peer_name = peer_name
         self.rules_feed = rules_feed  # bumped when rules change locally (CLI, API)
-        self.join = pairing.pending_join(db, peer)  # (invite, secret, terms) when joining
+        #: the invite code we present to this peer, if joining (never stored)
+        self.join = join if join is not None and join.inviter == peer else None
+        #: the rule in force that the join gave (set once the inviter has answered)
+        self.joined: Rule | None = None
+        self.on_rules_added = on_rules_added
+        self.rules_added = False  # this session stored new rule objects
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(work)
@@ -52,22 +59,51 @@ class PairLink:
         return await self._run(lambda: pairing.permissions(self.db, self.peer, live=self.live))
 
     async def receive(self, objects: list[bytes]) -> list[bytes]:
-        joining = self.join[2] if self.join is not None else None
-        answers = await self._run(
-            lambda: pairing.receive(self.db, self.peer, objects, joining, self.peer_name)
-        )
-        if joining is not None and answers:
-            self.join = None
-            await self._run(lambda: pairing.forget_join(self.db, self.peer))
+        """Keep the peer's rule objects; our answers to send back."""
+        join = self.join if self.joined is None else None
+
+        def work() -> tuple[list[bytes], Rule | None, bool]:
+            before = self.db.store.rules_version()
+            answers = pairing.receive(self.db, self.peer, objects, join, self.peer_name)
+            joined = None
+            if join is not None:
+                joined = pairing.join_answered(self.db, join, objects, answers)
+            return answers, joined, self.db.store.rules_version() != before
+
+        answers, joined, added = await self._run(work)
+        if joined is not None:
+            self.joined = joined
+        self._added(added)
         return answers
+
+    @property
+    def joining(self) -> bool:
+        """We presented an invite code and the inviter has not answered it yet."""
+        return self.join is not None and self.joined is None
 
     def join_proof(self) -> tuple[bytes, bytes] | None:
         if self.join is None:
             return None
-        invite, secret, _ = self.join
-        return invite, pairing.join_proof(secret, self.handshake_hash)
+        return self.join.invite, self.join.proof(self.handshake_hash)
 
     async def answer_join(self, invite: bytes, proof: bytes) -> bytes:
-        return await self._run(
-            lambda: pairing.answer_join(self.db, self.peer, invite, proof, self.handshake_hash)
-        )
+        def work() -> tuple[bytes, bool]:
+            before = self.db.store.rules_version()
+            proposal = pairing.answer_join(
+                self.db, self.peer, invite, proof, self.handshake_hash
+            )
+            return proposal, self.db.store.rules_version() != before
+
+        proposal, added = await self._run(work)
+        self._added(added)
+        return proposal
+
+    def _added(self, added: bool) -> None:
+        if added:
+            self.rules_added = True
+            if self.on_rules_added is not None:
+                self.on_rules_added()
+
+    async def unpaired_reason(self) -> str:
+        """Why a session with no rule in force ends, in words for both sides."""
+        return await self._run(lambda: pairing.unpaired_reason(self.db, self.peer))

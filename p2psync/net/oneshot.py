@@ -13,12 +13,14 @@ from p2psync.api import Database
 from p2psync.core.frames import FrameError
 from p2psync.core.identity import device_id
 from p2psync.core.noise import HandshakeError
+from p2psync.core.rules import Rule
 from p2psync.home import now_ms
 from p2psync.net.address import format_address, parse_address
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.pairing import JoinTicket, joined_rule
 from p2psync.store.peers import Peer, PeerState
 
 log = logging.getLogger(__name__)
@@ -28,13 +30,14 @@ Progress = Callable[[bytes, int, int, int], None]  # peer, received, expected, s
 
 @dataclass(frozen=True, slots=True)
 class SyncOutcome:
-    peer: str  # device ID
+    peer: str  # device ID, or the address dialled when the peer is not known
     synced: bool
     error: str | None
     received: int
     sent: int
     bytes_sent: int = 0  # on the wire, handshake included
     bytes_received: int = 0
+    name: str | None = None  # the peer's name, when known
 
 
 async def sync_once(
@@ -55,19 +58,25 @@ async def sync_once(
     else:
         chosen = keys if keys is not None else [k for k, p in trusted.items() if p.addresses]
         jobs = [(key, list(trusted[key].addresses)) for key in chosen if key in trusted]
-    outcomes: list[SyncOutcome] = []
+    outcomes: dict[int, SyncOutcome] = {}
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
-            for key, addresses in jobs:
+            for index, (key, addresses) in enumerate(jobs):
                 nursery.start_soon(
-                    _one, db, store, feed, key, addresses, trusted, outcomes, progress
+                    _one, db, store, feed, key, addresses, trusted, outcomes, index, progress
                 )
-    done = {o.peer for o in outcomes}
-    for key, _ in jobs:
-        if key is None or device_id(key) not in done:
-            name = device_id(key) if key else format_address(*target) if target else "?"
-            outcomes.append(SyncOutcome(name, False, f"not in sync after {timeout:g} s", 0, 0))
-    return outcomes
+    for index, (key, addresses) in enumerate(jobs):
+        if index not in outcomes:
+            known = trusted.get(key) if key is not None else None
+            outcomes[index] = SyncOutcome(
+                device_id(key) if key is not None else ", ".join(addresses),
+                False,
+                f"not in sync after {timeout:g} s",
+                0,
+                0,
+                name=known.name if known is not None else None,
+            )
+    return [outcomes[index] for index in range(len(jobs))]
 
 
 async def _one(
@@ -77,13 +86,17 @@ async def _one(
     key: bytes | None,
     addresses: list[str],
     trusted: Mapping[bytes, Peer],
-    outcomes: list[SyncOutcome],
+    outcomes: dict[int, SyncOutcome],
+    index: int,
     progress: Progress | None,
 ) -> None:
-    secured, error = await _connect(db, key, addresses, trusted)
+    secured, error = await _connect(db, key, addresses)
     if secured is None:
-        if key is not None:
-            outcomes.append(SyncOutcome(device_id(key), False, error, 0, 0))
+        known = trusted.get(key) if key is not None else None
+        label = device_id(key) if key is not None else ", ".join(addresses)
+        outcomes[index] = SyncOutcome(
+            label, False, error, 0, 0, name=known.name if known is not None else None
+        )
         return
     peer = secured.peer
 
@@ -91,36 +104,114 @@ async def _one(
         if progress is not None:
             progress(peer, stats.received, stats.to_receive, stats.sent)
 
+    stats, _ = await _session(db, store, feed, secured, report)
+    await _record(db, peer, trusted, stats)
+    known = trusted.get(peer)
+    outcomes[index] = _outcome(peer, stats, known.name if known else secured.peer_name)
+
+
+async def _session(
+    db: Database,
+    store: TrioStore,
+    feed: ChangeFeed,
+    secured: SecureStream,
+    report: Callable[[SessionStats], None] | None = None,
+    join: JoinTicket | None = None,
+) -> tuple[SessionStats, PairLink]:
     link = PairLink(
-        db, peer, live=False, handshake_hash=secured.handshake_hash, peer_name=secured.peer_name
+        db,
+        secured.peer,
+        live=False,
+        handshake_hash=secured.handshake_hash,
+        peer_name=secured.peer_name,
+        join=join,
     )
     stats = await run_session(secured, store, feed, live=False, on_progress=report, link=link)
-    if peer in trusted:
-        synced = stats.synced
-        await trio.to_thread.run_sync(
-            lambda: db.store.record_peer(
-                peer,
-                seen=now_ms(),
-                synced=now_ms() if synced else None,
-                error=None if synced else stats.reason,
-                clear_error=synced,
-            )
-        )
-    outcomes.append(
-        SyncOutcome(
-            device_id(peer),
-            stats.synced,
-            None if stats.synced else stats.reason,
-            stats.received,
-            stats.sent,
-            stats.bytes_sent,
-            stats.bytes_received,
+    return stats, link
+
+
+async def _record(
+    db: Database, peer: bytes, trusted: Mapping[bytes, Peer], stats: SessionStats
+) -> None:
+    if peer not in trusted:
+        return
+    await trio.to_thread.run_sync(
+        lambda: db.store.record_peer(
+            peer,
+            seen=now_ms(),
+            synced=now_ms() if stats.synced else None,
+            error=None if stats.synced else stats.reason,
+            clear_error=stats.synced,
         )
     )
+
+
+def _outcome(peer: bytes, stats: SessionStats, name: str | None) -> SyncOutcome:
+    return SyncOutcome(
+        device_id(peer),
+        stats.synced,
+        None if stats.synced else stats.reason,
+        stats.received,
+        stats.sent,
+        stats.bytes_sent,
+        stats.bytes_received,
+        name=name,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JoinOutcome:
+    """What ``pair join`` achieved: the rule in force the code pairs for (None when
+    the inviter refused the code or never answered), whether that rule was already
+    in force, and the sync that followed."""
+
+    rule: Rule | None
+    already: bool
+    error: str | None
+    sync: SyncOutcome | None
+    refused: bool = False  # the inviter refused the code (its reason is ``error``)
+
+
+async def join_once(
+    db: Database, ticket: JoinTicket, addresses: list[str], *, timeout: float
+) -> JoinOutcome:
+    """Present an invite code to the inviter, accept the rule it proposes for it, and
+    sync until the inviter holds that acceptance (its ``Have`` in a session that
+    began with the rule in force here proves it). Nothing is stored if the inviter
+    refuses the code. A code for terms already in force is still presented (the
+    inviter says whether it is good) but makes no second rule: ``already``."""
+    before = await trio.to_thread.run_sync(lambda: joined_rule(db, ticket))
+    store, feed = TrioStore(db.store), ChangeFeed()
+    rule: Rule | None = None
+    refused = False
+    error = f"no answer from the inviter within {timeout:g} s"
+    last: SyncOutcome | None = None
+    with trio.move_on_after(timeout):
+        for _attempt in range(3):
+            secured, failure = await _connect(db, ticket.inviter, addresses)
+            if secured is None:
+                error = failure
+                break
+            stats, link = await _session(
+                db, store, feed, secured, join=ticket if rule is None else None
+            )
+            if rule is None and link.joined is None:
+                error, refused = stats.reason, stats.by_peer
+                break
+            rule = rule or link.joined
+            last = _outcome(secured.peer, stats, secured.peer_name)
+            if stats.synced:
+                break
+            error = stats.reason
+    if rule is None:
+        return JoinOutcome(None, False, error, None, refused=refused)
+    if last is None or not last.synced:
+        last = SyncOutcome(device_id(ticket.inviter), False, error, 0, 0)
+    return JoinOutcome(rule, before is not None and before.id == rule.id, None, last)
 
 
 async def _connect(
-    db: Database, key: bytes | None, addresses: list[str], trusted: Mapping[bytes, Peer]
+    db: Database, key: bytes | None, addresses: list[str]
 ) -> tuple[SecureStream | None, str]:
     """The first address that connects and completes the handshake."""
     error = "no address to dial"

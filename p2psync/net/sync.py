@@ -74,6 +74,7 @@ class SessionStats:
     synced: bool = False
     reason: str = ""
     error: bool = False
+    by_peer: bool = False  # the peer ended the session (its Bye gave the reason)
     peer_heads: dict[bytes, Head] = field(default_factory=dict)
     to_receive: int = 0  # entries the peer announced that we lacked when it said Have
     bytes_sent: int = 0  # on the wire, handshake included
@@ -105,8 +106,10 @@ class _Run:
         on_progress: Callable[[SessionStats], None] | None,
         on_synced: Callable[[SessionStats], None] | None = None,
         link: PairLink | None = None,
+        on_open: Callable[[bool], bool] | None = None,
     ) -> None:
         self.on_synced = on_synced
+        self.on_open = on_open
         self.link = link
         self.permissions: Permissions = EVERYTHING
         self.secure = secure
@@ -156,8 +159,7 @@ class _Run:
                 log.debug("in sync with %s", self.who)
                 if self.on_synced is not None:
                     self.on_synced(self.stats)
-                if not self.live:
-                    self.handle(self.machine.close("synced"))
+                self.end_if_done()
             elif isinstance(event, StuckOnRefused):
                 log.warning("cannot get in step with %s: %s", self.who, event.reason)
                 if not self.live or (self.link is not None and not self.link.live):
@@ -167,12 +169,20 @@ class _Run:
             elif isinstance(event, SessionClosed):
                 self.stats.reason = event.reason
                 self.stats.error = event.error
+                self.stats.by_peer = event.by_peer
                 if event.error:
                     log.warning("closing connection with %s: %s", self.who, event.reason)
                 else:
                     log.info("connection with %s closed: %s", self.who, event.reason)
         self.outbox_ready.set()
         self.sender_wake.set()
+
+    def end_if_done(self) -> None:
+        """An on-demand session ends once in sync, and once an invite code it
+        presented has been answered (a refusal ends it from the inviter's side)."""
+        joining = self.link is not None and self.link.joining
+        if not self.live and self.machine.synced and not joining:
+            self.handle(self.machine.close("synced"))
 
     def lost(self, reason: str, error: bool) -> None:
         """The connection itself failed: nothing more can be sent; stop everything."""
@@ -255,6 +265,7 @@ class _Run:
             self.machine.send_rules(answers)
             self.outbox_ready.set()
         await self.refresh_permissions()
+        self.end_if_done()  # an invite answered with a rule that was already in force
 
     async def join_requested(self, invite: bytes, proof: bytes) -> None:
         assert self.link is not None
@@ -274,7 +285,13 @@ class _Run:
                 sending=bool(permissions.send), receiving=bool(permissions.receive)
             )
             if permissions.paired:
-                log.info("paired with %s", self.who)
+                if self.on_open is not None and not self.on_open(self.link.live):
+                    self.handle(self.machine.close("another connection between us is kept"))
+                    return
+                if self.link.rules_added:  # the pair's rules changed in this session
+                    log.info("paired with %s", self.who)
+                else:
+                    log.debug("rules in force with %s", self.who)
                 self.handle(self.machine.begin(await self.store.heads()))
         elif permissions != self.permissions:
             # a rule changed in the middle of a session: start afresh under the new ones
@@ -297,9 +314,12 @@ class _Run:
 
     async def pairing_deadline(self, seconds: float) -> None:
         """A pair with no rule in force has nothing to do once rules are exchanged."""
+        assert self.link is not None
         await trio.sleep(seconds)
         if not self.machine.begun:
-            self.handle(self.machine.close("not paired: the pairing request awaits approval"))
+            reason = await self.link.unpaired_reason()
+            if not self.machine.begun:
+                self.handle(self.machine.close(reason))
 
     def visible(self) -> Callable[[str], bool] | None:
         """What we may receive, as the store's ingest wants it: None for everything,
@@ -493,14 +513,16 @@ async def run_session(
     on_synced: Callable[[SessionStats], None] | None = None,
     link: PairLink | None = None,
     pairing_timeout: float = 5.0,
+    on_open: Callable[[bool], bool] | None = None,
 ) -> SessionStats:
     """Sync with the peer at the other end of ``secure`` until the session ends.
 
     ``live``: stay connected and push new entries as they are committed;
-    otherwise end as soon as both sides hold the same entries.
+    otherwise end as soon as both sides hold the same entries. ``on_open(live)`` is
+    asked, once a rule is in force, whether the session may go on (False ends it).
     """
     machine = SyncSession(trio.current_time(), config)
-    run = _Run(secure, store, feed, machine, live, on_progress, on_synced, link)
+    run = _Run(secure, store, feed, machine, live, on_progress, on_synced, link, on_open)
     if on_start is not None:
         on_start(machine, run.stats)
     try:

@@ -18,6 +18,9 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 7 deletes the ``join:<inviter>`` meta rows earlier versions kept for an
+invite code being joined: the code now lives only in the joining process.
+
 Version 6 indexes ``rule_objects`` by (peer, signer), proposal and kind, so the
 quota checks run for each pairing request read a few rows, not the table.
 Version 5 drops a ``withheld`` table that development builds briefly had.
@@ -166,6 +169,11 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     CREATE INDEX rule_objects_by_signer ON rule_objects (peer, signer);
     CREATE INDEX rule_objects_by_proposal ON rule_objects (proposal);
     CREATE INDEX rule_objects_by_kind ON rule_objects (kind, peer)
+    """,
+    # invite codes being joined are no longer stored (a refused code must not linger
+    # and be presented again at every connection): forget those earlier versions kept
+    7: """
+    DELETE FROM meta WHERE key LIKE 'join:%'
     """,
 }
 

@@ -1,0 +1,141 @@
+"""What a new user hits in the first week, with real agent processes on loopback:
+invite codes pasted twice or at the wrong site, several invites and requests
+between one pair, one-way rules, and what `status`/`peers` say meanwhile."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agents import SpawnedAgent, cli, value_at, wait_for
+
+Make = Callable[[str], SpawnedAgent]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Make]:
+    started: list[SpawnedAgent] = []
+
+    def make(name: str) -> SpawnedAgent:
+        agent = SpawnedAgent(tmp_path / name, name).init()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.stop()
+
+
+def run(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2psync", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def invite(agent: SpawnedAgent, *rule: str) -> str:
+    """A code from ``agent`` for ``rule`` (the code is the last line)."""
+    return cli(agent.home, "pair", "invite", *rule).strip().splitlines()[-1]
+
+
+def rules(agent: SpawnedAgent) -> list[dict[str, Any]]:
+    return json.loads(cli(agent.home, "rule", "list", "--json"))  # type: ignore[no-any-return]
+
+
+def in_force(agent: SpawnedAgent) -> list[dict[str, Any]]:
+    return [r for r in rules(agent) if r["state"] == "accepted"]
+
+
+def sql(agent: SpawnedAgent, query: str) -> list[Any]:
+    with sqlite3.connect(agent.home / "store.sqlite") as conn:
+        return conn.execute(query).fetchall()
+
+
+def log_lines(agent: SpawnedAgent, text: str) -> int:
+    log = agent.home.parent / f"{agent.name}.log"
+    return log.read_text().count(text) if log.exists() else 0
+
+
+# ---------------------------------------------------------------- invite codes
+
+
+def test_a_used_code_pasted_at_a_paired_site_is_refused_and_changes_nothing(
+    agents: Make,
+) -> None:
+    x, y, z = agents("x").start(), agents("y").start(), agents("z").start()
+    c1 = invite(x, "-c", "vouchers")
+    assert run(y.home, "pair", "join", c1).returncode == 0
+    c2 = invite(x, "-c", "vouchers")
+    assert run(z.home, "pair", "join", c2).returncode == 0
+    before = rules(z)
+
+    again = run(z.home, "pair", "join", c1)  # the code Y used
+
+    assert again.returncode == 1, again.stdout
+    assert "already used" in again.stderr and "ask" in again.stderr, again.stderr
+    assert "paired" not in again.stdout
+    assert rules(z) == before  # nothing stored
+    assert not sql(z, "SELECT key FROM meta WHERE key LIKE 'join:%'")
+    # the pair keeps working after a restart (the refused code is not presented again)
+    z.stop()
+    z.start()
+    cli(x.home, "put", "vouchers", "V-1", "1")
+    wait_for(lambda: value_at(z, "vouchers", "V-1") == 1, timeout=10)
+    time.sleep(2)
+    assert log_lines(x, "already used") <= 1  # the refusal at join time, nothing after
+
+
+def test_an_unknown_code_is_refused_at_join_time(agents: Make) -> None:
+    x, z = agents("x").start(), agents("z").start()
+    code = invite(x, "-c", "vouchers")
+    sql(x, "DELETE FROM invites")  # the inviter forgets it (as if another home made it)
+    joined = run(z.home, "pair", "join", code)
+    assert joined.returncode == 1
+    assert "did not issue it" in joined.stderr and "new code" in joined.stderr, joined.stderr
+    assert rules(z) == []
+    assert not sql(z, "SELECT key FROM meta WHERE key LIKE 'join:%'")
+
+
+@pytest.mark.parametrize("agent_running", [True, False])
+def test_a_second_invite_names_the_rule_it_made_and_takes_effect(
+    agents: Make, agent_running: bool
+) -> None:
+    x, z = agents("x").start(), agents("z")
+    if agent_running:
+        z.start()
+    assert run(z.home, "pair", "join", invite(x, "-c", "a")).returncode == 0
+
+    second = run(z.home, "pair", "join", invite(x, "-c", "c"))
+
+    assert second.returncode == 0, second.stderr
+    assert "paired with x" in second.stdout and ": c; both" in second.stdout, second.stdout
+    # both rules in force at both ends, nothing left pending
+    wait_for(lambda: len(in_force(x)) == 2, timeout=10)
+    assert len(in_force(z)) == 2
+    assert not [r for r in rules(x) if r["state"] == "proposed"]
+    cli(x.home, "put", "c", "k", "1")
+    if agent_running:
+        wait_for(lambda: value_at(z, "c", "k") == 1, timeout=10)
+
+
+def test_an_invite_with_the_terms_in_force_is_merged(agents: Make) -> None:
+    x, z = agents("x").start(), agents("z").start()
+    assert run(z.home, "pair", "join", invite(x, "-c", "a")).returncode == 0
+    again = run(z.home, "pair", "join", invite(x, "-c", "a"))
+    assert again.returncode == 0, again.stderr
+    assert "already" in again.stdout, again.stdout
+    assert len(in_force(x)) == 1 and len(in_force(z)) == 1
+    assert not [r for r in rules(x) if r["state"] == "proposed"]
