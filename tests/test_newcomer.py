@@ -139,3 +139,24 @@ def test_an_invite_with_the_terms_in_force_is_merged(agents: Make) -> None:
     assert "already" in again.stdout, again.stdout
     assert len(in_force(x)) == 1 and len(in_force(z)) == 1
     assert not [r for r in rules(x) if r["state"] == "proposed"]
+
+
+# ---------------------------------------------------------------- one-way rules
+
+
+def test_the_sending_side_of_a_one_way_rule_gets_in_step(agents: Make) -> None:
+    """In step, for a one-way rule, means everything that may flow has flowed: the
+    receiver's own writes (which never flow back) do not keep the sender 'syncing'."""
+    p, q = agents("p").start(), agents("q").start()
+    assert run(q.home, "pair", "join", invite(p, "-c", "vouchers", "--direction", "send")).returncode == 0
+    cli(p.home, "put", "vouchers", "V-1", "1")
+    wait_for(lambda: value_at(q, "vouchers", "V-1") == 1, timeout=10)
+    cli(q.home, "put", "vouchers", "Q-1", "1")
+    cli(p.home, "put", "vouchers", "V-2", "2")
+    wait_for(lambda: value_at(q, "vouchers", "V-2") == 2, timeout=10)
+    for agent in (p, q):
+        synced = run(agent.home, "sync", "--timeout", "5")
+        assert synced.returncode == 0, (agent.name, synced.stdout, synced.stderr)
+        [conn] = agent.status()["agent"]["connections"]
+        assert conn["synced"], (agent.name, conn)
+    assert value_at(p, "vouchers", "Q-1") is None  # nothing flowed back

@@ -255,3 +255,28 @@ def test_lacking_entries_without_a_known_refusal_still_say_so() -> None:
     deliver(a, b)
     deliver(b, a)
     assert b.stuck_reason is not None and "not applied here" in b.stuck_reason
+
+
+def test_the_sender_of_a_one_way_flow_is_in_sync_whatever_the_receiver_writes() -> None:
+    """The receiver's own writes never flow to the sender (the rules say so), yet its
+    Caught digest counts them: the sender must not wait for it to match."""
+    mine, theirs = os.urandom(32), os.urandom(32)
+    sender = SyncSession(0.0)
+    sender.set_flow(sending=True, receiving=False)
+    receiver = SyncSession(0.0)
+    receiver.set_flow(sending=False, receiving=True)
+    sender.begin({mine: head(1)})
+    receiver.begin({theirs: head(1)})
+    deliver(sender, receiver)
+    deliver(receiver, sender)
+    assert sender.wants() == {mine: 0}
+    sender.send_batch([b"entry"], [(mine, 1, head(1).head)])
+    [batch] = [e for e in deliver(sender, receiver) if isinstance(e, BatchReceived)]
+    receiver.ingested(batch.batch, [(mine, 1, head(1).head)])
+    receiver.local_changed({mine: head(1), theirs: head(2)})  # it wrote meanwhile
+    events = deliver(receiver, sender)
+    events += sender.poll_synced()
+    deliver(sender, receiver)
+    assert any(isinstance(e, SyncedWithPeer) for e in events) and sender.synced
+    receiver.poll_synced()
+    assert receiver.synced

@@ -355,16 +355,24 @@ class SyncSession:
     def _quiet(self) -> bool:
         """Nothing more will flow in this session until a side's heads change.
 
-        We said Caught for our current heads (nothing left to send); the peer said
-        Caught for heads that are exactly what we know it holds; nothing in flight.
+        We said Caught for our current heads (nothing left to send); nothing in
+        flight; and, if the peer may send to us, it said Caught for heads that are
+        exactly what we know it holds. (A peer that may not send to us has nothing to
+        say: its own writes never flow here, so its Caught digest, which counts them,
+        cannot match what we know and must not keep us waiting.)
         """
         return not (
             self.phase is not Phase.OPEN
-            or self._peer_caught is None
             or self._unacked
             or self._receiving
             or self._caught_sent != self._local_heads_digest()
-            or self._peer_caught != self._peer_heads_digest()
+            or (
+                self.receiving
+                and (
+                    self._peer_caught is None
+                    or self._peer_caught != self._peer_heads_digest()
+                )
+            )
             or self.wants()
         )
 
