@@ -160,3 +160,33 @@ def test_the_sending_side_of_a_one_way_rule_gets_in_step(agents: Make) -> None:
         [conn] = agent.status()["agent"]["connections"]
         assert conn["synced"], (agent.name, conn)
     assert value_at(p, "vouchers", "Q-1") is None  # nothing flowed back
+
+
+# ---------------------------------------------------------------- several requests
+
+
+def test_several_requests_from_one_peer(agents: Make) -> None:
+    p, q = agents("p").start(), agents("q").start()
+    cli(q.home, "pair", "add", p.device_id, "--address", p.address, "--name", "p", "-c", "a")
+    wait_for(lambda: len(json.loads(cli(p.home, "pair", "pending", "--json"))) == 1)
+    assert "p2psync pair accept " in cli(p.home, "pair", "pending")  # one request: by peer
+    cli(q.home, "rule", "propose", "p", "-c", "b")
+    wait_for(lambda: len(json.loads(cli(p.home, "pair", "pending", "--json"))) == 2)
+    pending = cli(p.home, "pair", "pending")
+    assert "pair accept" not in pending  # it would not know which
+    ids = [r["id"][:12] for r in json.loads(cli(p.home, "pair", "pending", "--json"))]
+    assert all(f"p2psync rule accept {i}" in pending for i in ids), pending
+    # the same request again is not a new one
+    again = cli(q.home, "rule", "propose", "p", "-c", "a")
+    assert "already proposed" in again and len(rules(q)) == 2, again
+    wanted = next(r for r in rules(p) if r["collections"] == ["a"])
+    cli(p.home, "rule", "accept", wanted["id"][:12])
+    wait_for(lambda: len(in_force(q)) == 1, timeout=10)
+    # proposing what is in force is not a request, and does not print "paired" anew
+    same = cli(q.home, "rule", "propose", "p", "-c", "a")
+    assert "already paired" in same and "nothing new" in same, same
+    assert len(rules(q)) == 2
+    # pair add without --name keeps the name the peer is known by
+    cli(q.home, "pair", "add", p.device_id, "-c", "a")
+    assert [peer["name"] for peer in json.loads(cli(q.home, "peers", "--json"))] == ["p"]
+    assert "already paired" in cli(q.home, "pair", "add", p.device_id, "-c", "a")

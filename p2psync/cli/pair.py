@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import click
 
@@ -191,14 +192,21 @@ def pair_pending(state: State, as_json: bool) -> None:
         return
     if not rows:
         click.echo("nothing pending")
+    asking = Counter(row["peer"] for row in rows if row["awaiting"] == "you")
     for row in rows:
         who = output.safe(row["peer_name"] or row["peer"][:7])
         if row["awaiting"] == "you":
             click.echo(f"{who} asks: {row['terms']}  (rule {row['id'][:12]})")
-            click.echo(
-                f"    p2psync pair accept {row['peer'][:7]}   or   "
-                f"p2psync pair reject {row['peer'][:7]} --reason TEXT"
-            )
+            if asking[row["peer"]] > 1:  # `pair accept PEER` would not know which
+                click.echo(
+                    f"    p2psync rule accept {row['id'][:12]}   or   "
+                    f"p2psync rule reject {row['id'][:12]} --reason TEXT"
+                )
+            else:
+                click.echo(
+                    f"    p2psync pair accept {row['peer'][:7]}   or   "
+                    f"p2psync pair reject {row['peer'][:7]} --reason TEXT"
+                )
         else:
             click.echo(
                 f"you asked {who}: {row['terms']}  (rule {row['id'][:12]}); "
