@@ -148,7 +148,8 @@ def test_the_sending_side_of_a_one_way_rule_gets_in_step(agents: Make) -> None:
     """In step, for a one-way rule, means everything that may flow has flowed: the
     receiver's own writes (which never flow back) do not keep the sender 'syncing'."""
     p, q = agents("p").start(), agents("q").start()
-    assert run(q.home, "pair", "join", invite(p, "-c", "vouchers", "--direction", "send")).returncode == 0
+    code = invite(p, "-c", "vouchers", "--direction", "send")
+    assert run(q.home, "pair", "join", code).returncode == 0
     cli(p.home, "put", "vouchers", "V-1", "1")
     wait_for(lambda: value_at(q, "vouchers", "V-1") == 1, timeout=10)
     cli(q.home, "put", "vouchers", "Q-1", "1")
@@ -190,3 +191,30 @@ def test_several_requests_from_one_peer(agents: Make) -> None:
     cli(q.home, "pair", "add", p.device_id, "-c", "a")
     assert [peer["name"] for peer in json.loads(cli(q.home, "peers", "--json"))] == ["p"]
     assert "already paired" in cli(q.home, "pair", "add", p.device_id, "-c", "a")
+
+
+# ---------------------------------------------------------------- stuck, and shown
+
+
+def test_a_branch_that_cannot_get_in_step_is_told_where_it_looks(agents: Make) -> None:
+    """Head office <-> Branch 2 share ledgers only; head office <-> Branch 1 share
+    vouchers and ledgers. Branch 2's vouchers reach the head office without their
+    payload (Branch 2 may not send them there), so Branch 1, which may receive
+    vouchers from the head office, cannot apply them: `status`, `peers` and `sync`
+    say so, with what to do."""
+    ho, b1, b2 = agents("ho").start(), agents("b1").start(), agents("b2").start()
+    code = invite(ho, "-c", "vouchers", "-c", "ledgers")
+    assert run(b1.home, "pair", "join", code).returncode == 0
+    assert run(b2.home, "pair", "join", invite(ho, "-c", "ledgers")).returncode == 0
+    cli(b2.home, "put", "vouchers", "B2-1", "1")
+    cli(b2.home, "put", "ledgers", "L-1", "1")
+    wait_for(lambda: value_at(ho, "ledgers", "L-1") == 1, timeout=10)
+
+    synced = run(b1.home, "sync", "--timeout", "10")
+    assert synced.returncode == 1
+    assert "cannot get in step" in synced.stdout and "vouchers" in synced.stdout, synced.stdout
+    status = cli(b1.home, "status")
+    assert "cannot get in step" in status and "syncing" not in status, status
+    [row] = [r for r in json.loads(cli(b1.home, "peers", "--json")) if r["name"] == "ho"]
+    assert "cannot get in step" in (row["problem"] or ""), row
+    assert "cannot get in step" in cli(b1.home, "peers")

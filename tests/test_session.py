@@ -280,3 +280,23 @@ def test_the_sender_of_a_one_way_flow_is_in_sync_whatever_the_receiver_writes() 
     assert any(isinstance(e, SyncedWithPeer) for e in events) and sender.synced
     receiver.poll_synced()
     assert receiver.synced
+
+
+def test_the_sender_of_a_one_way_flow_still_sees_a_refusal() -> None:
+    """...but when the receiver refused what was sent, its Caught shows it."""
+    mine, theirs = os.urandom(32), os.urandom(32)
+    sender = SyncSession(0.0)
+    sender.set_flow(sending=True, receiving=False)
+    receiver = SyncSession(0.0)
+    receiver.set_flow(sending=False, receiving=True)
+    sender.begin({mine: head(1)})
+    receiver.begin({theirs: head(1)})
+    deliver(sender, receiver)
+    deliver(receiver, sender)
+    sender.send_batch([b"entry"], [(mine, 1, head(1).head)])
+    [batch] = [e for e in deliver(sender, receiver) if isinstance(e, BatchReceived)]
+    receiver.ingested(batch.batch, [(mine, 1, head(1).head)])
+    receiver.local_changed({theirs: head(1)})  # refused: nothing of `mine` applied
+    events = deliver(receiver, sender)
+    events += sender.poll_synced()
+    assert not any(isinstance(e, SyncedWithPeer) for e in events) and not sender.synced

@@ -305,6 +305,12 @@ class Agent:
             log.debug("keeping the other connection with %s", short_id(peer))
             return False
 
+        def stuck(stats: SessionStats) -> None:
+            if self._nursery is not None:  # `peers` shows it even after the agent stops
+                self._nursery.start_soon(
+                    partial(self.record, peer, error=f"cannot get in step: {stats.stuck}")
+                )
+
         def rules_added() -> None:
             if self._nursery is not None:  # other sessions and the caps see them at once
                 self._nursery.start_soon(self._reload_peers)
@@ -331,6 +337,7 @@ class Agent:
                     on_synced=synced,
                     link=link,
                     on_open=opened,
+                    on_stuck=stuck,
                 )
         except Exception as exc:  # one bad connection never takes the agent down
             log.warning("connection with %s failed: %r", short_id(peer), exc)
@@ -344,15 +351,25 @@ class Agent:
                 self.ended[peer] = (trio.current_time(), reason, in_sync)
                 while len(self.ended) > MAX_ENDED:
                     del self.ended[next(iter(self.ended))]
-            if conn.machine is not None:
+            if conn.machine is not None and conn.stats is not None:
+                in_step_at_end = conn.machine.synced
+                problem = conn.stats.stuck
                 await self.record(
                     peer,
                     seen=now_ms(),
-                    synced=now_ms() if in_sync else None,
+                    # when last known in step: now if it still was as it ended well,
+                    # else the last word heard while in step (not when it was dropped)
+                    synced=now_ms()
+                    if in_step_at_end and not conn.stats.error
+                    else conn.stats.in_sync_ms,
                     heads={a: h.seq for a, h in conn.machine.peer.items()} or None,
                     # why it ended, unless all was well
-                    error=None if in_sync else reason,
-                    clear_error=in_sync,
+                    error=None
+                    if in_step_at_end
+                    else f"cannot get in step: {problem}"
+                    if problem
+                    else reason,
+                    clear_error=in_step_at_end,
                 )
         return stats
 

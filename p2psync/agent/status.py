@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2psync.core.identity import device_id
 from p2psync.core.messages import lag
+from p2psync.home import now_ms
 from p2psync.net.discovery import local_ipv4
 
 if TYPE_CHECKING:
@@ -20,11 +21,16 @@ def agent_status(agent: Agent) -> dict[str, Any]:
     for conn in agent.registry.all():
         machine, stats = conn.machine, conn.stats
         behind = ahead = 0
+        synced = bool(machine is not None and machine.synced)
         if machine is not None:
             behind, ahead = lag(
                 {a: h.seq for a, h in machine.local.items()},
                 {a: h.seq for a, h in machine.peer.items()},
             )
+            # only what may flow counts: a one-way rule is in step however far the
+            # side that only sends has written ahead of us
+            behind = behind if machine.receiving else 0
+            ahead = ahead if machine.sending else 0
         peer = agent.peers.get(conn.peer)
         connections.append(
             {
@@ -34,7 +40,9 @@ def agent_status(agent: Agent) -> dict[str, Any]:
                 "on_demand": conn.on_demand,
                 "address": conn.address,
                 "since": conn.since_ms,
-                "synced": bool(machine is not None and machine.synced),
+                "synced": synced,
+                "stuck": machine.stuck_reason if machine is not None else None,
+                "last_sync": now_ms() if synced else stats.in_sync_ms if stats else None,
                 "entries_sent": stats.sent if stats else 0,
                 "entries_received": stats.received if stats else 0,
                 "behind": behind,

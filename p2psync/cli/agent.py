@@ -192,33 +192,28 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
 @pass_state
 def status(state: State, as_json: bool) -> None:
     """Show the agent, its connections, per-peer lag and errors."""
+    from p2psync.cli.peers import describe_link, peer_rows  # noqa: PLC0415 - see the top
+
     try:
         running: dict[str, Any] | None = sockets.request(state.home, {"op": "status"}, 3)
     except (sockets.AgentNotRunning, OSError, ValueError):
         running = None
     with state.open() as db:
+        authors = db.authors()
         store = {
-            "entries": sum(a.seq for a in db.authors()),
-            "authors": len([a for a in db.authors() if a.seq]),
+            "entries": sum(a.seq for a in authors),
+            "authors": len([a for a in authors if a.seq]),
             "conflicts": len(db.conflicts()),
             "held": db.store.held_count(),
         }
-        peer_rows: list[dict[str, Any]] = [
-            {
-                "name": p.name,
-                "device_id": device_id(p.key),
-                "last_sync": p.last_sync,
-                "last_error": p.last_error,
-            }
-            for p in db.store.peers()
-        ]
+        rows = [row for row in peer_rows(db, running) if row["state"] != "discovered (not paired)"]
         me = {"device_id": db.device_id, "name": db.home.name}
     document = {
         **me,
         "running": running is not None,
         "agent": running,
         "store": store,
-        "peers": peer_rows,
+        "peers": rows,
     }
     if as_json:
         output.emit_json(document)
@@ -230,23 +225,30 @@ def status(state: State, as_json: bool) -> None:
         click.echo(
             f"agent: running, pid {running['pid']}, listening on {', '.join(running['listen'])}"
         )
-        for conn in running["connections"]:
-            click.echo(
-                f"  {output.safe(conn['peer'] or conn['device_id'][:7])} ({conn['direction']}, "
-                f"{conn['address']}): {'in sync' if conn['synced'] else 'syncing'}, "
-                f"{conn['behind']} behind, {conn['ahead']} ahead, "
-                f"sent {conn['entries_sent']}, received {conn['entries_received']}"
-            )
     click.echo(
-        f"store: {store['entries']} entries from {store['authors']} authors, "
-        f"{store['conflicts']} conflicts, {store['held']} held"
+        f"store: {plural(store['entries'], 'entry', 'entries')} from "
+        f"{plural(store['authors'], 'author')}, {plural(store['conflicts'], 'conflict')}, "
+        f"{store['held']} held"
     )
-    for row in peer_rows:
-        line = f"  peer {output.safe(row['name'] or '?')}: last in sync "
-        line += output.describe_hlc(row["last_sync"] << 16) if row["last_sync"] else "never"
-        if row["last_error"]:
-            line += f"; last error: {output.safe(row['last_error'])}"
-        click.echo(line)
+    connections = {c["device_id"]: c for c in (running or {}).get("connections", [])}
+    for row in rows:
+        line = f"  {output.safe(row['name'] or row['device_id'][:7])}: {describe_link(row)}"
+        conn = connections.get(row["device_id"])
+        if conn is not None and not conn.get("on_demand"):
+            line += (
+                f" ({conn['direction']}, {conn['address']}; sent {conn['entries_sent']}, "
+                f"received {conn['entries_received']})"
+            )
+        click.echo(output.safe(line))
+        when = output.describe_hlc(row["last_sync"] << 16) if row["last_sync"] else "never"
+        extra = f"    last in sync: {when}"
+        if not row["connected"] and row["problem"]:
+            extra += f"; last error: {output.safe(row['problem'])}"
+        click.echo(extra)
+
+
+def plural(count: int, singular: str, many: str | None = None) -> str:
+    return f"{count} {singular if count == 1 else many or singular + 's'}"
 
 
 @click.command()

@@ -1,4 +1,10 @@
-"""`p2psync peers`: known and discovered peers."""
+"""`p2psync peers`: known and discovered peers — and the one place that decides
+what `peers` and `status` say about each peer (connected?, in step?, behind and
+ahead, last in sync, what is wrong), so the two never disagree.
+
+While the agent runs, a connected peer's figures come from its live session;
+otherwise from what the store kept of the last contact.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from typing import Any
 
 import click
 
+from p2psync import pairing
+from p2psync.api import Database
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import (
@@ -14,10 +22,110 @@ from p2psync.cli.lookup import (
 )
 from p2psync.core.identity import device_id
 from p2psync.core.messages import lag
+from p2psync.home import now_ms
 
 
 def _ms(value: int | None) -> str:
     return output.describe_hlc(value << 16) if value else "never"
+
+
+def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per known peer, then the agents only discovered on the LAN."""
+    me = db.identity.public_key
+    live = {
+        c["device_id"]: c
+        for c in (running or {}).get("connections", [])
+        if not c.get("on_demand")
+    }
+    lan = {d["device_id"]: d for d in (running or {}).get("discovered", [])}
+    ours = {a: h.seq for a, h in db.store.heads().items()}
+    rows: list[dict[str, Any]] = []
+    for peer in db.store.peers():
+        text_id = device_id(peer.key)
+        conn = live.get(text_id)
+        if conn is not None:
+            behind, ahead = conn["behind"], conn["ahead"]
+            in_sync: bool | None = conn["synced"]
+            last_sync = conn.get("last_sync") or peer.last_sync
+            problem = f"cannot get in step: {conn['stuck']}" if conn.get("stuck") else None
+        else:
+            known = db.store.peer_heads(peer.key)
+            behind = ahead = None
+            if known:
+                allowed = pairing.permissions(db, peer.key, live=False)
+                behind, ahead = lag(ours, known)
+                behind, ahead = behind if allowed.receive else 0, ahead if allowed.send else 0
+            in_sync, last_sync, problem = None, peer.last_sync, peer.last_error
+        seen = lan.get(text_id)
+        rows.append(
+            {
+                "name": peer.name,
+                "device_id": text_id,
+                "state": relationship(me, peer, db.store.rules(peer.key)),
+                "addresses": list(peer.addresses),
+                "lan_addresses": list(seen["addresses"]) if seen else [],
+                "connected": conn is not None,
+                "connected_from": conn["address"] if conn and conn["direction"] == "in" else None,
+                "in_sync": in_sync,
+                "problem": problem,
+                "last_seen": now_ms()
+                if conn is not None
+                else max(peer.last_seen or 0, seen["last_seen"] if seen else 0) or None,
+                "last_sync": last_sync,
+                "last_error": peer.last_error,
+                "behind": behind,
+                "ahead": ahead,
+            }
+        )
+    listed = {row["device_id"] for row in rows}
+    for found in lan.values():
+        if found["device_id"] not in listed:
+            rows.append(
+                {
+                    "name": found["name"],
+                    "device_id": found["device_id"],
+                    "state": "discovered (not paired)",
+                    "addresses": [],
+                    "lan_addresses": found["addresses"],
+                    "connected": False,
+                    "connected_from": None,
+                    "in_sync": None,
+                    "problem": None,
+                    "last_seen": found["last_seen"],
+                    "last_sync": None,
+                    "last_error": None,
+                    "behind": None,
+                    "ahead": None,
+                }
+            )
+    return rows
+
+
+def describe_link(row: dict[str, Any]) -> str:
+    """connected?, in step? and the lag, in the words `peers` and `status` share."""
+    if not row["connected"]:
+        lagging = (
+            f"{row['behind']} behind, {row['ahead']} ahead at last contact"
+            if row["behind"] is not None
+            else "lag unknown"
+        )
+        return f"not connected; {lagging}"
+    if row["problem"]:
+        step = row["problem"]
+    elif row["in_sync"]:
+        step = "in sync"
+    else:
+        step = "syncing"
+    return f"connected; {step}; {row['behind']} behind, {row['ahead']} ahead"
+
+
+def describe_addresses(row: dict[str, Any]) -> str:
+    shown = [*row["addresses"], *(f"{a} (LAN)" for a in row["lan_addresses"])]
+    if shown:
+        return ", ".join(shown)
+    if row["connected_from"]:
+        return f"- (it connects to this agent, from {row['connected_from']})"
+    return "-"
 
 
 @click.command()
@@ -26,45 +134,8 @@ def _ms(value: int | None) -> str:
 def peers(state: State, as_json: bool) -> None:
     """Known and discovered peers: pairing state, addresses, last seen, behind/ahead."""
     running = agent_status(state)
-    connected = {c["device_id"] for c in (running or {}).get("connections", [])}
     with state.open() as db:
-        me = db.identity.public_key
-        ours = {a: h.seq for a, h in db.store.heads().items()}
-        rows: list[dict[str, Any]] = []
-        for peer in db.store.peers():
-            known = db.store.peer_heads(peer.key)
-            behind, ahead = lag(ours, known) if known else (None, None)
-            rows.append(
-                {
-                    "name": peer.name,
-                    "device_id": device_id(peer.key),
-                    "state": relationship(me, peer, db.store.rules(peer.key)),
-                    "addresses": list(peer.addresses),
-                    "connected": device_id(peer.key) in connected,
-                    "last_seen": peer.last_seen,
-                    "last_sync": peer.last_sync,
-                    "last_error": peer.last_error,
-                    "behind": behind,
-                    "ahead": ahead,
-                }
-            )
-        listed = {row["device_id"] for row in rows}
-    for found in (running or {}).get("discovered", []):
-        if found["device_id"] not in listed:
-            rows.append(
-                {
-                    "name": found["name"],
-                    "device_id": found["device_id"],
-                    "state": "discovered (not paired)",
-                    "addresses": found["addresses"],
-                    "connected": False,
-                    "last_seen": found["last_seen"],
-                    "last_sync": None,
-                    "last_error": None,
-                    "behind": None,
-                    "ahead": None,
-                }
-            )
+        rows = peer_rows(db, running)
     if as_json:
         output.emit_json(rows)
         return
@@ -73,18 +144,12 @@ def peers(state: State, as_json: bool) -> None:
             "no peers yet: p2psync pair add DEVICE_ID --address HOST:PORT, or p2psync pair invite"
         )
     for row in rows:
-        link = "connected" if row["connected"] else "not connected"
-        lagging = (
-            f"{row['behind']} behind, {row['ahead']} ahead"
-            if row["behind"] is not None
-            else "lag unknown"
-        )
         click.echo(f"{output.safe(row['name'] or '?')}  {row['device_id']}")
-        click.echo(f"    {output.safe(row['state'])}; {link}; {lagging}")
-        click.echo(f"    addresses: {', '.join(row['addresses']) or '-'}")
+        click.echo(f"    {output.safe(row['state'])}; {describe_link(row)}")
+        click.echo(f"    addresses: {output.safe(describe_addresses(row))}")
         click.echo(f"    last seen: {_ms(row['last_seen'])}; last in sync: {_ms(row['last_sync'])}")
-        if row["last_error"]:
-            click.echo(f"    last error: {output.safe(row['last_error'])}")
+        if row["problem"] or row["last_error"]:
+            click.echo(f"    problem: {output.safe(row['problem'] or row['last_error'])}")
 
 
 COMMANDS = (peers,)

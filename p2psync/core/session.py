@@ -154,6 +154,9 @@ class SyncSession:
         # heads digests cost O(authors); cached so a flood of Caught costs O(1) each
         self._local_digest: bytes | None = None
         self._peer_digest: bytes | None = None
+        #: what the peer knows we hold: our Have, plus what it sent us
+        self._told: dict[bytes, Head] = {}
+        self._told_digest: bytes | None = None
         self._last_received = now
         self._last_sent = now
         self._ping_nonce = 0
@@ -193,6 +196,7 @@ class SyncSession:
         self._begun = True
         self.local = dict(local)
         self._local_digest = None
+        self._told = dict(local)
         self._outbox.append(Have(dict(local)))
         return self._open()
 
@@ -253,7 +257,7 @@ class SyncSession:
     def local_changed(self, local: Heads) -> None:
         """Our store's heads changed (a local write or an ingest)."""
         self.local = dict(local)
-        self._local_digest = None
+        self._local_digest = self._told_digest = None
         self._check_caught()
 
     def ingested(self, batch: int, positions: Iterable[Position]) -> None:
@@ -261,7 +265,13 @@ class SyncSession:
         if batch not in self._receiving:
             raise RuntimeError(f"batch {batch} was not being received")
         self._receiving.discard(batch)
+        positions = list(positions)
         self._peer_has(positions)
+        for author, seq, entry_id in positions:  # the peer now believes we hold these
+            told = self._told.get(author)
+            if told is None or seq > told.seq:
+                self._told[author] = Head(seq, entry_id)
+                self._told_digest = None
         if self.phase is not Phase.CLOSED:
             self._outbox.append(Ack(batch))
 
@@ -347,32 +357,42 @@ class SyncSession:
         """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
         if self.phase is not Phase.OPEN or self._unacked or self.wants():
             return
-        digest = self._local_heads_digest()
+        digest = self._caught_digest()
         if digest != self._caught_sent:
             self._caught_sent = digest
             self._outbox.append(Caught(digest))
 
+    def _caught_digest(self) -> bytes:
+        """The heads our Caught names. A side that may send to the peer names its
+        heads. A side that may not (a one-way rule) names the heads *the peer knows
+        it holds* — its Have plus what the peer sent it — where it holds them: its
+        own writes and what other peers sent it never reach this peer, so counting
+        them would keep the peer waiting for ever, while an entry of the peer's
+        that it refused still shows (it names its lower head there)."""
+        if self.sending:
+            return self._local_heads_digest()
+        if self._told_digest is None:
+            shown = {}
+            for author, told in self._told.items():
+                held = self.local.get(author)
+                if held is not None:
+                    shown[author] = told if held.seq >= told.seq else held
+            self._told_digest = heads_digest(shown)
+        return self._told_digest
+
     def _quiet(self) -> bool:
         """Nothing more will flow in this session until a side's heads change.
 
-        We said Caught for our current heads (nothing left to send); nothing in
-        flight; and, if the peer may send to us, it said Caught for heads that are
-        exactly what we know it holds. (A peer that may not send to us has nothing to
-        say: its own writes never flow here, so its Caught digest, which counts them,
-        cannot match what we know and must not keep us waiting.)
+        We said Caught for our current heads (nothing left to send); the peer said
+        Caught for heads that are exactly what we know it holds; nothing in flight.
         """
         return not (
             self.phase is not Phase.OPEN
+            or self._peer_caught is None
             or self._unacked
             or self._receiving
-            or self._caught_sent != self._local_heads_digest()
-            or (
-                self.receiving
-                and (
-                    self._peer_caught is None
-                    or self._peer_caught != self._peer_heads_digest()
-                )
-            )
+            or self._caught_sent != self._caught_digest()
+            or self._peer_caught != self._peer_heads_digest()
             or self.wants()
         )
 

@@ -200,8 +200,9 @@ async def join_once(
                 break
             rule = rule or link.joined
             last = _outcome(secured.peer, stats, secured.peer_name)
-            if stats.synced:
+            if stats.done:  # in sync after the rule was in force on both sides
                 break
+            last = None  # a session that ended otherwise proves nothing
             error = stats.reason
     if rule is None:
         return JoinOutcome(None, False, error, None, refused=refused)

@@ -51,6 +51,7 @@ from p2psync.errors import (
     SignatureError,
     StoreError,
 )
+from p2psync.home import now_ms
 from p2psync.net.filter import withhold
 from p2psync.net.link import EVERYTHING, PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -75,10 +76,13 @@ class SessionStats:
     reason: str = ""
     error: bool = False
     by_peer: bool = False  # the peer ended the session (its Bye gave the reason)
+    done: bool = False  # an on-demand session we ended because it was in sync
     peer_heads: dict[bytes, Head] = field(default_factory=dict)
     to_receive: int = 0  # entries the peer announced that we lacked when it said Have
     bytes_sent: int = 0  # on the wire, handshake included
     bytes_received: int = 0
+    in_sync_ms: int | None = None  # wall time this session was last known in sync
+    stuck: str | None = None  # why it cannot get in step, while that holds
 
 
 class _Signal:
@@ -107,9 +111,11 @@ class _Run:
         on_synced: Callable[[SessionStats], None] | None = None,
         link: PairLink | None = None,
         on_open: Callable[[bool], bool] | None = None,
+        on_stuck: Callable[[SessionStats], None] | None = None,
     ) -> None:
         self.on_synced = on_synced
         self.on_open = on_open
+        self.on_stuck = on_stuck
         self.link = link
         self.permissions: Permissions = EVERYTHING
         self.secure = secure
@@ -156,12 +162,16 @@ class _Run:
                 self.pairing_event(event)
             elif isinstance(event, SyncedWithPeer):
                 self.stats.synced = True
+                self.stats.in_sync_ms, self.stats.stuck = now_ms(), None
                 log.debug("in sync with %s", self.who)
                 if self.on_synced is not None:
                     self.on_synced(self.stats)
                 self.end_if_done()
             elif isinstance(event, StuckOnRefused):
                 log.warning("cannot get in step with %s: %s", self.who, event.reason)
+                self.stats.stuck = event.reason
+                if self.on_stuck is not None:
+                    self.on_stuck(self.stats)
                 if not self.live or (self.link is not None and not self.link.live):
                     # an on-demand sync (ours or the peer's) says why now rather than
                     # at its timeout; the peer learns the reason from our Bye
@@ -181,7 +191,8 @@ class _Run:
         """An on-demand session ends once in sync, and once an invite code it
         presented has been answered (a refusal ends it from the inviter's side)."""
         joining = self.link is not None and self.link.joining
-        if not self.live and self.machine.synced and not joining:
+        if not self.live and self.machine.synced and not joining and not self.machine.closed:
+            self.stats.done = True
             self.handle(self.machine.close("synced"))
 
     def lost(self, reason: str, error: bool) -> None:
@@ -376,6 +387,8 @@ class _Run:
                     self.handle(self.machine.fail(str(exc)))
                     return
                 self.handle(self.machine.receive(message, trio.current_time()))
+                if self.machine.synced:  # heard from the peer, and still in step
+                    self.stats.in_sync_ms = now_ms()
         except ConnectionLost as exc:
             self.lost(str(exc), error=False)
         except FrameError as exc:
@@ -514,6 +527,7 @@ async def run_session(
     link: PairLink | None = None,
     pairing_timeout: float = 5.0,
     on_open: Callable[[bool], bool] | None = None,
+    on_stuck: Callable[[SessionStats], None] | None = None,
 ) -> SessionStats:
     """Sync with the peer at the other end of ``secure`` until the session ends.
 
@@ -522,7 +536,9 @@ async def run_session(
     asked, once a rule is in force, whether the session may go on (False ends it).
     """
     machine = SyncSession(trio.current_time(), config)
-    run = _Run(secure, store, feed, machine, live, on_progress, on_synced, link, on_open)
+    run = _Run(
+        secure, store, feed, machine, live, on_progress, on_synced, link, on_open, on_stuck
+    )
     if on_start is not None:
         on_start(machine, run.stats)
     try:
