@@ -261,14 +261,24 @@ async def read_until_closed(h: Hostile) -> list[messages.Message]:
     return received
 
 
-CLOSING_CASES = {
-    # case: (paired first, what the attacker sends (None: a pause), the victim's reason)
+class Raw(bytes):
+    """Bytes written to the stream as they are, not sealed."""
+
+
+CLOSING_CASES: dict[str, tuple[bool, list[messages.Message | bytes | None], str]] = {
+    # case: (paired first, what the attacker sends, the victim's reason); bytes are
+    # sealed as they are (not a message), Raw bytes not even sealed, None a pause
     "non-canonical first message": (False, [b"\x82\x05\x18\x01"], "not canonical"),
     "undecodable first message": (False, [b"\xff"], "undecodable"),
     "Ack before Have": (False, [messages.Ack(1)], "before both sides said Have"),
     "Ack of a batch never sent": (True, [messages.Have({}), None, messages.Ack(7)], "batch 7"),
     "second Have": (True, [messages.Have({}), messages.Have({})], "second Have"),
-    "frame that fails authentication": (False, [], "authentication"),
+    "frame that fails authentication": (
+        False,
+        [Raw(struct.pack(">I", 100) + bytes(100))],
+        "authentication",
+    ),
+    "frame longer than allowed": (False, [Raw(struct.pack(">I", (2 << 20) + 17))], "limit"),
 }
 
 
@@ -292,12 +302,12 @@ async def test_a_protocol_error_is_answered_with_bye(make_db: MakeDb, case: str)
         for item in sends:
             if item is None:
                 await trio.sleep(0.5)  # the victim's rules settle: it is past Have
+            elif isinstance(item, Raw):
+                await h.raw(item)
             elif isinstance(item, bytes):
                 await h.stream.send(item)  # sealed, but not a canonical message
             else:
                 await h.send(item)
-        if not sends:
-            await h.raw(struct.pack(">I", 100) + bytes(100))
         await trio.sleep(0.5)  # the victim has seen it; its writer still waits on us
         received.extend(await read_until_closed(h))
 
