@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ from p2psync.core import canonical, messages
 from p2psync.core import handshake as hs
 from p2psync.core import rules as core_rules
 from p2psync.core import session as session_mod
+from p2psync.core.frames import FrameError
 from p2psync.core.messages import Head
 from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Direction, RuleState, Terms
@@ -245,6 +247,74 @@ def test_a_flood_of_caught_costs_no_digest_work(monkeypatch: pytest.MonkeyPatch)
         a.receive(messages.Caught(os.urandom(16)), 0.0)
     assert calls <= 2  # the peer's heads digested once (and ours at most once)
     assert not a.synced
+
+
+# ---------------------------------------------------------------- closing
+
+
+async def read_until_closed(h: Hostile) -> list[messages.Message]:
+    """Every message the victim sends until it closes the connection."""
+    received: list[messages.Message] = []
+    with contextlib.suppress(ConnectionLost, FrameError):
+        while True:
+            received.append(messages.decode(await h.stream.receive()))
+    return received
+
+
+class Raw(bytes):
+    """Bytes written to the stream as they are, not sealed."""
+
+
+CLOSING_CASES: dict[str, tuple[bool, list[messages.Message | bytes | None], str]] = {
+    # case: (paired first, what the attacker sends, the victim's reason); bytes are
+    # sealed as they are (not a message), Raw bytes not even sealed, None a pause
+    "non-canonical first message": (False, [b"\x82\x05\x18\x01"], "not canonical"),
+    "undecodable first message": (False, [b"\xff"], "undecodable"),
+    "Ack before Have": (False, [messages.Ack(1)], "before both sides said Have"),
+    "Ack of a batch never sent": (True, [messages.Have({}), None, messages.Ack(7)], "batch 7"),
+    "second Have": (True, [messages.Have({}), messages.Have({})], "second Have"),
+    "frame that fails authentication": (
+        False,
+        [Raw(struct.pack(">I", 100) + bytes(100))],
+        "authentication",
+    ),
+    "frame longer than allowed": (False, [Raw(struct.pack(">I", (2 << 20) + 17))], "limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLOSING_CASES))
+async def test_a_protocol_error_is_answered_with_bye(make_db: MakeDb, case: str) -> None:
+    """After the handshake every error the victim detects is told to the peer in a
+    Bye, even when it is detected while the victim's writer is still busy sending
+    an earlier message (here: its RulesHeld, which the attacker does not read until
+    it has misbehaved; lockstep streams do not buffer)."""
+    victim, attacker = make_db("victim"), make_db("attacker")
+    paired, sends, reason = CLOSING_CASES[case]
+    if paired:
+        pairing.propose(victim, key(attacker), Terms())
+        pairing.propose(attacker, key(victim), Terms())
+        await session(victim, attacker)
+    received: list[messages.Message] = []
+
+    async def behave(h: Hostile) -> None:
+        if paired:
+            await h.send(messages.RulesHeld(held_digest(attacker, victim)))
+        for item in sends:
+            if item is None:
+                await trio.sleep(0.5)  # the victim's rules settle: it is past Have
+            elif isinstance(item, Raw):
+                await h.raw(item)
+            elif isinstance(item, bytes):
+                await h.stream.send(item)  # sealed, but not a canonical message
+            else:
+                await h.send(item)
+        await trio.sleep(0.5)  # the victim has seen it; its writer still waits on us
+        received.extend(await read_until_closed(h))
+
+    stats = await victim_session(victim, attacker, behave, lockstep=True)
+    assert stats.error and reason in stats.reason
+    assert received and isinstance(received[-1], messages.Bye), received
+    assert received[-1].reason == stats.reason
 
 
 # ---------------------------------------------------------------- invites and answers

@@ -363,12 +363,15 @@ class _Run:
         try:
             while True:
                 await self.outbox_ready.wait()
-                for message in self.machine.take_outbox(trio.current_time()):
-                    with trio.move_on_after(1 if isinstance(message, Bye) else patience):
-                        await self.secure.send(messages.encode(message))
-                        continue
-                    self.lost(f"the peer stopped reading for {patience:g} s", error=True)
-                    return
+                # until the outbox is empty: a Bye queued while we were sending is
+                # in it even when the machine has closed meanwhile
+                while outbox := self.machine.take_outbox(trio.current_time()):
+                    for message in outbox:
+                        with trio.move_on_after(1 if isinstance(message, Bye) else patience):
+                            await self.secure.send(messages.encode(message))
+                            continue
+                        self.lost(f"the peer stopped reading for {patience:g} s", error=True)
+                        return
                 if self.machine.closed:
                     break
         except ConnectionLost as exc:
