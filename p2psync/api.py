@@ -19,6 +19,7 @@ writes are serialised by the store.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -192,8 +193,33 @@ class Database:
         for stored in self.store.entries(author):
             yield wire_form(stored.signed, stored.payloads)
 
-    def log(self, author: bytes | None = None) -> Iterator[LogEntry]:
-        for stored in self.store.entries(author):
+    def log(
+        self,
+        author: bytes | None = None,
+        *,
+        since_ms: int | None = None,
+        collections: Sequence[str] = (),
+        newest: int | None = None,
+    ) -> Iterator[LogEntry]:
+        """Decoded entries: one author's in seq order, or everyone's in clock order.
+
+        ``since_ms``: only those stamped at or after this wall time (ms since the
+        epoch); ``collections``: only those with an op in a collection matching one
+        of these globs; ``newest``: only the newest so many of them (still in
+        order). The filters run in the store: only the entries returned are decoded.
+        """
+        patterns = tuple(collections)
+        stored_entries = self.store.log_entries(
+            author,
+            since_hlc=None if since_ms is None else hlc.from_wall(max(since_ms, 0)),
+            covers=(
+                (lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns))
+                if patterns
+                else None
+            ),
+            newest=newest,
+        )
+        for stored in stored_entries:
             entry = decode_stored(stored.signed, stored.payloads)
             ops = []
             for collection, digest, op in zip(

@@ -10,6 +10,7 @@ module that touches them, with ``raise X from exc``.
     ├── UsageError                 the caller asked for something invalid
     │   ├── InvalidDeviceID        a device ID failed its check characters
     │   └── InvalidRecord          bad collection name, key or value
+    ├── NotFoundError              no such peer, author, rule, invite or record, or several
     ├── HomeError                  home folder missing, uninitialised, or already initialised
     ├── StoreError                 the SQLite store could not be read or written
     ├── EntryError                 an entry from elsewhere was refused (carries a reason)
@@ -49,6 +50,10 @@ class InvalidDeviceID(UsageError):
 
 class InvalidRecord(UsageError):
     """A collection name, record key or value is not allowed."""
+
+
+class NotFoundError(P2PSyncError):
+    """What the caller named is not there, or the name fits more than one thing."""
 
 
 class HomeError(P2PSyncError):

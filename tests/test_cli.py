@@ -13,7 +13,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 import p2psync
+from p2psync import api
 from p2psync.cli.main import cli
+from p2psync.core.entry import Entry, OpKind
 from p2psync.core.identity import parse_device_id
 
 Run = Callable[..., Result]
@@ -64,7 +66,7 @@ def test_usage_errors_exit_2(run: Run) -> None:
     assert run("put", "c", "k", "{bad json").exit_code == 2
     assert run("put", "c", "k").exit_code == 2
     assert run("put", "bad*", "k", "1").exit_code == 2
-    assert run("log", "--author", "NOT-AN-ID").exit_code == 2
+    assert run("log", "--since", "NOT-A-TIME").exit_code == 2
     assert run("nonsense").exit_code == 2
 
 
@@ -186,3 +188,72 @@ def test_pairing_commands(run: Run, tmp_path: Path) -> None:
     assert rule["state"] == "revoked" and rule["proposed_by"] == "you"
     status = json.loads(run("status", "--json").output)
     assert status["running"] is False and status["store"]["entries"] == 0
+
+
+def _log(run: Run, *args: str) -> list[dict[str, object]]:
+    result = run("log", "--json", *args)
+    assert result.exit_code == 0, result.output
+    entries: list[dict[str, object]] = json.loads(result.output)["entries"]
+    return entries
+
+
+def test_log_filters_limit_since_collection(run: Run, tmp_path: Path) -> None:
+    run("init")
+    for i in range(6):
+        run("put", "vouchers" if i % 2 else "stock", f"k{i}", str(i))
+    every = _log(run)
+    assert len(every) == 6
+    newest = _log(run, "--limit", "2")
+    assert newest == every[-2:]  # the newest two, still oldest first
+    stock = _log(run, "-c", "sto*")
+    assert [e["seq"] for e in stock] == [1, 3, 5]
+    assert [e["seq"] for e in _log(run, "-c", "stock", "--limit", "1")] == [5]
+    assert [e["seq"] for e in _log(run, "-c", "nothing*", "-c", "vouchers")] == [2, 4, 6]
+    assert _log(run, "--since", "1h") == every
+    assert _log(run, "--since", "2000-01-01") == every
+    assert _log(run, "--since", "2999-01-01T10:00:00+02:00") == []
+    for bad in (["--since", "yesterday"], ["--since", "2026"], ["--limit", "0"], ["--limit", "x"]):
+        assert run("log", *bad).exit_code == 2
+    text = run("log", "--limit", "1").output.splitlines()
+    assert text[0].split()[1] == "#6" and len(text) == 2
+
+
+def test_log_author_is_found_like_a_peer(run: Run, tmp_path: Path) -> None:
+    own = run("init", "--name", "Head office").output.splitlines()[0]
+    other = run("init", home_path=tmp_path / "other").output.splitlines()[0]
+    run("put", "c", "mine", "1")
+    run("put", "c", "theirs", "2", home_path=tmp_path / "other")
+    with p2psync.open(tmp_path / "home") as a, p2psync.open(tmp_path / "other") as b:
+        a.ingest(list(b.export()))
+    run("pair", "add", other, "--name", "Branch")
+    for text in (other, other[:5], other.replace("-", "")[:9].lower(), "Branch"):
+        entries = _log(run, "--author", text)
+        assert [e["author"] for e in entries] == [other], text
+    for text in (own, own[:7], "Head office"):
+        assert [e["author"] for e in _log(run, "--author", text)] == [own], text
+    assert run("log", "--author", "Nobody").exit_code == 1
+    assert "no author" in run("log", "--author", "Nobody").output
+    typo = own[:-1] + ("A" if own[-1] != "A" else "B")
+    assert run("log", "--author", typo).exit_code == 2  # a malformed device ID
+
+
+def test_log_limit_decodes_only_what_it_shows(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("init")
+    with p2psync.open(tmp_path / "home") as db:
+        db.write([[p2psync.Change(OpKind.PUT, "c", f"k{i}", i)] for i in range(500)])
+        db.put("other", "k", 1)
+    decoded: list[bytes] = []
+    real = api.decode_stored
+
+    def counting(signed: bytes, payloads: bytes) -> Entry:
+        decoded.append(signed)
+        return real(signed, payloads)
+
+    monkeypatch.setattr(api, "decode_stored", counting)
+    assert len(_log(run, "--limit", "3")) == 3
+    assert len(decoded) == 3
+    decoded.clear()
+    assert [e["seq"] for e in _log(run, "-c", "c", "--limit", "2")] == [499, 500]
+    assert len(decoded) == 2

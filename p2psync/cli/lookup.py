@@ -10,35 +10,70 @@ from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import InvalidDeviceID, UsageError
+from p2psync.errors import InvalidDeviceID, NotFoundError, UsageError
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
+
+_DEVICE_ID_CHARS = 56  # without dashes
 
 
 def resolve_peer(db: Database, text: str) -> Peer:
     """A known peer by device ID, its first characters (4 or more), or name."""
     peers = db.store.peers()
-    try:
-        key = parse_device_id(text)
-    except InvalidDeviceID:
-        cleaned = text.replace("-", "").upper()
-        matches = [
-            p
-            for p in peers
-            if p.name == text
-            or (len(cleaned) >= 4 and device_id(p.key).replace("-", "").startswith(cleaned))
-        ]
+    key = _full_device_id(text)
+    if key is None:
+        matches = _matching(text, {p.key: p.name for p in peers})
         if len(matches) == 1:
-            return matches[0]
+            return next(p for p in peers if p.key == matches[0])
         if matches:
-            raise UsageError(
-                f"{text!r} matches {len(matches)} peers; give the full device ID"
-            ) from None
-        raise UsageError(f"no peer called {text!r}; see `p2psync peers`") from None
+            raise UsageError(f"{text!r} matches {len(matches)} peers; give the full device ID")
+        raise UsageError(f"no peer called {text!r}; see `p2psync peers`")
     for peer in peers:
         if peer.key == key:
             return peer
     raise UsageError(f"{short_id(key)} is not a known peer; see `p2psync peers`")
+
+
+def resolve_author(db: Database, text: str) -> bytes:
+    """An author as peers are named: device ID, its first characters (4 or more), or
+    name; among this site, its peers and every author whose entries it holds."""
+    key = _full_device_id(text)
+    if key is not None:
+        return key
+    names: dict[bytes, str | None] = {a.author: None for a in db.authors()}
+    names.update({p.key: p.name for p in db.store.peers()})
+    names[db.identity.public_key] = db.home.name
+    matches = _matching(text, names)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise NotFoundError(
+            f"{text!r} matches {len(matches)} authors; give more of the device ID"
+        )
+    raise NotFoundError(f"no author called {text!r}; see `p2psync log` or `p2psync peers`")
+
+
+def _full_device_id(text: str) -> bytes | None:
+    """The key ``text`` names if it is a whole device ID; None if it is not shaped
+    like one (a name or the first characters); a mistyped one is refused."""
+    try:
+        return parse_device_id(text)
+    except InvalidDeviceID:
+        if len(re.sub(r"[\s-]", "", text)) >= _DEVICE_ID_CHARS:
+            raise
+        return None
+
+
+def _matching(text: str, names: dict[bytes, str | None]) -> list[bytes]:
+    """Keys whose name is ``text`` or whose device ID starts with it (4+ characters);
+    an exact name wins over prefixes."""
+    named = [key for key, name in names.items() if name == text]
+    if named:
+        return named
+    cleaned = text.replace("-", "").upper()
+    if len(cleaned) < 4:
+        return []
+    return [key for key in names if device_id(key).replace("-", "").startswith(cleaned)]
 
 
 def resolve_rule(db: Database, text: str) -> Rule:

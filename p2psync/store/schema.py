@@ -18,6 +18,9 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 7 indexes ``entries`` by clock (``entries_by_hlc``), so ``p2psync log``
+can read the newest entries, or those since a time, without reading them all.
+
 Version 6 indexes ``rule_objects`` by (peer, signer), proposal and kind, so the
 quota checks run for each pairing request read a few rows, not the table.
 Version 5 drops a ``withheld`` table that development builds briefly had.
@@ -166,6 +169,10 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     CREATE INDEX rule_objects_by_signer ON rule_objects (peer, signer);
     CREATE INDEX rule_objects_by_proposal ON rule_objects (proposal);
     CREATE INDEX rule_objects_by_kind ON rule_objects (kind, peer)
+    """,
+    # the log's newest entries, or those since a time, without a full scan
+    7: """
+    CREATE INDEX entries_by_hlc ON entries (hlc)
     """,
 }
 

@@ -189,6 +189,24 @@ class Store:
         for row in rows:
             yield StoredEntry(*row)
 
+    def log_entries(
+        self,
+        author: bytes | None = None,
+        *,
+        since_hlc: int | None = None,
+        covers: Callable[[str], bool] | None = None,
+        newest: int | None = None,
+    ) -> list[StoredEntry]:
+        """Stored entries as :meth:`entries` orders them, filtered in the store: see
+        :func:`p2psync.store.logs.log_rows`."""
+        with self._reader.reading() as conn:
+            conn.execute("BEGIN")  # one snapshot, however many rows are read
+            try:
+                rows = logs.log_rows(conn, author, since_hlc, covers, newest)
+            finally:
+                conn.execute("COMMIT")
+        return [StoredEntry(*row) for row in rows]
+
     def forks(self) -> list[tuple[bytes, int, bytes, bytes]]:
         """``(author, seq, ours, theirs)`` for every fork on record."""
         with self._reader.reading() as conn:
