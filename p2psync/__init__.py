@@ -29,6 +29,7 @@ from p2psync.errors import (
     OversizeError,
     P2PSyncError,
     SignatureError,
+    StateError,
     StoreError,
     UsageError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "OversizeError",
     "P2PSyncError",
     "SignatureError",
+    "StateError",
     "StoreError",
     "Transaction",
     "UsageError",

@@ -175,6 +175,10 @@ class Database:
         """True when the record exists and is not deleted (its value may be null)."""
         return self.store.exists(collection, key)
 
+    def in_conflict(self, collection: str, key: str) -> bool:
+        """True when the record has concurrent versions that ``resolve`` would end."""
+        return self.store.in_conflict(collection, key)
+
     def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
         """Live records of a collection in key order, optionally by key prefix."""
         return self.store.scan(collection, prefix)

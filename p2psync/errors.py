@@ -11,6 +11,7 @@ module that touches them, with ``raise X from exc``.
     │   ├── InvalidDeviceID        a device ID failed its check characters
     │   └── InvalidRecord          bad collection name, key or value
     ├── NotFoundError              no such peer, author, rule, invite or record, or several
+    ├── StateError                 well-formed, but refused in the current state
     ├── HomeError                  home folder missing, uninitialised, or already initialised
     ├── StoreError                 the SQLite store could not be read or written
     ├── EntryError                 an entry from elsewhere was refused (carries a reason)
@@ -54,6 +55,11 @@ class InvalidRecord(UsageError):
 
 class NotFoundError(P2PSyncError):
     """What the caller named is not there, or the name fits more than one thing."""
+
+
+class StateError(P2PSyncError):
+    """The request is well-formed, but the current state refuses it (a record not
+    in conflict, a rule already revoked, an invite already used...)."""
 
 
 class HomeError(P2PSyncError):

@@ -257,3 +257,17 @@ def test_log_limit_decodes_only_what_it_shows(
     decoded.clear()
     assert [e["seq"] for e in _log(run, "-c", "c", "--limit", "2")] == [499, 500]
     assert len(decoded) == 2
+
+
+def test_resolve_refuses_a_record_not_in_conflict(run: Run) -> None:
+    run("init")
+    run("put", "ledgers", "ACME", '{"balance": 1}')
+    for key in ("ACNE", "ACME"):  # a mistyped key, and a record without a conflict
+        refused = run("resolve", "ledgers", key, '{"balance": 2}')
+        assert refused.exit_code == 1, refused.output
+        assert "not in conflict" in refused.output and "--force" in refused.output
+        assert refused.output.count("\n") == 1
+    assert run("get", "ledgers", "ACNE").exit_code == 1  # nothing was written
+    assert json.loads(run("get", "ledgers", "ACME").output) == {"balance": 1}
+    assert run("resolve", "--force", "ledgers", "ACME", '{"balance": 3}').exit_code == 0
+    assert json.loads(run("get", "ledgers", "ACME").output) == {"balance": 3}

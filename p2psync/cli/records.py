@@ -14,7 +14,7 @@ from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.core.entry import OpKind, check_collection, check_key
 from p2psync.core.identity import device_id, short_id
-from p2psync.errors import InvalidRecord, P2PSyncError
+from p2psync.errors import InvalidRecord, P2PSyncError, StateError
 from p2psync.store.records import VersionInfo
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -225,11 +225,18 @@ def conflicts(state: State, as_json: bool) -> None:
 @click.argument("collection")
 @click.argument("key")
 @click.argument("value", metavar="JSON")
+@click.option("--force", is_flag=True, help="Write it even if the record is not in conflict.")
 @pass_state
-def resolve(state: State, collection: str, key: str, value: str) -> None:
-    """Write a value that supersedes every conflicting version of a record."""
+def resolve(state: State, collection: str, key: str, value: str, force: bool) -> None:
+    """Write a value that supersedes every conflicting version of a record
+    (refused for a record not in conflict, unless --force)."""
     parsed = _value_arg(value)
     with state.open() as db:
+        if not force and not db.in_conflict(collection, key):
+            raise StateError(
+                f"{output.safe(f'{collection}/{key}')} is not in conflict (see `p2psync "
+                "conflicts`); to change it use `p2psync put`, or give --force"
+            )
         entry_id = db.resolve(collection, key, parsed)
     click.echo(f"resolved {collection}/{key} (entry {entry_id.hex()[:16]})")
 

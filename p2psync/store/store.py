@@ -140,6 +140,10 @@ class Store:
         with self._reader.reading() as conn:
             return records.exists(conn, collection, key)
 
+    def in_conflict(self, collection: str, key: str) -> bool:
+        with self._reader.reading() as conn:
+            return records.in_conflict(conn, collection, key)
+
     def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
         after: str | None = None
         while True:
