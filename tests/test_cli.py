@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -271,3 +272,27 @@ def test_resolve_refuses_a_record_not_in_conflict(run: Run) -> None:
     assert json.loads(run("get", "ledgers", "ACME").output) == {"balance": 1}
     assert run("resolve", "--force", "ledgers", "ACME", '{"balance": 3}').exit_code == 0
     assert json.loads(run("get", "ledgers", "ACME").output) == {"balance": 3}
+
+
+def test_home_may_follow_the_command(tmp_path: Path) -> None:
+    home = str(tmp_path / "a home")
+
+    def invoke(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args))
+
+    missing = invoke("get", "--home", home, "c", "k")
+    assert missing.exit_code == 1
+    hint = missing.output.split("run `")[1].split("`")[0]  # the hint is a valid command line
+    argv = shlex.split(hint)
+    assert argv[:2] == ["p2psync", "init"]
+    assert invoke(*argv[1:]).exit_code == 0
+    assert invoke("put", "--home", home, "c", "k", "1").exit_code == 0
+    assert invoke("--home", home, "get", "c", "k").output.strip() == "1"
+    assert invoke("get", "c", "k", "--home", home).output.strip() == "1"
+    assert invoke("--debug", "get", "--home", home, "c", "k").output.strip() == "1"
+    assert invoke("rule", "list", "--home", home).output.strip() == "no rules"
+    assert invoke("pair", "pending", "--home", home).output.strip() == "nothing pending"
+    assert invoke("pair", "--home", home, "pending").output.strip() == "nothing pending"
+    twice = invoke("--home", home, "get", "--home", str(tmp_path / "other"), "c", "k")
+    assert twice.exit_code == 2 and "--home" in twice.output
+    assert invoke("--home", home, "get", "--home", home, "c", "k").exit_code == 0

@@ -9,7 +9,7 @@ import click
 from p2psync import pairing
 from p2psync.api import Database
 from p2psync.cli import output
-from p2psync.cli.context import State, pass_state
+from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
     listen_hints,
     notify,
@@ -27,6 +27,7 @@ from p2psync.store.peers import Peer, PeerState
 
 
 @click.group()
+@home_option
 def pair() -> None:
     """Pair with other agents: add, invite, join, pending, accept, reject, remove."""
 

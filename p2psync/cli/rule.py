@@ -8,7 +8,7 @@ import click
 
 from p2psync import pairing
 from p2psync.cli import output
-from p2psync.cli.context import State, pass_state
+from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
     notify,
     resolve_peer,
@@ -20,6 +20,7 @@ from p2psync.core.rules import Rule, RuleState
 
 
 @click.group()
+@home_option
 def rule() -> None:
     """Sync rules with paired peers: propose, list, accept, reject, revoke."""
 
