@@ -181,7 +181,7 @@ def test_pairing_commands(run: Run, tmp_path: Path) -> None:
     listed = json.loads(run("peers", "--json").output)
     assert listed[0]["name"] == "Branch" and listed[0]["addresses"] == ["10.0.0.2:7717"]
     assert listed[0]["connected"] is False and listed[0]["behind"] is None
-    assert run("pair", "remove", "Nobody").exit_code == 2
+    assert run("pair", "remove", "Nobody").exit_code == 1  # not found: not a usage error
     assert run("pair", "remove", "Branch").exit_code == 0
     [removed] = json.loads(run("peers", "--json").output)
     assert removed["state"] == "removed"
@@ -296,3 +296,38 @@ def test_home_may_follow_the_command(tmp_path: Path) -> None:
     twice = invoke("--home", home, "get", "--home", str(tmp_path / "other"), "c", "k")
     assert twice.exit_code == 2 and "--home" in twice.output
     assert invoke("--home", home, "get", "--home", home, "c", "k").exit_code == 0
+
+
+def test_lookups_and_refusals_exit_1_usage_errors_exit_2(run: Run, tmp_path: Path) -> None:
+    own = run("init").output.splitlines()[0]
+    other = run("init", home_path=tmp_path / "other").output.splitlines()[0]
+    stranger = run("init", home_path=tmp_path / "stranger").output.splitlines()[0]
+    run("pair", "add", other, "--name", "Branch")
+    [rule] = json.loads(run("rule", "list", "--json").output)
+    usage = [
+        ("pair", "add", "NOT-AN-ID"),
+        ("pair", "add", own),  # this agent itself
+        ("pair", "remove", own[:-1] + ("A" if own[-1] != "A" else "B")),  # a mistyped ID
+        ("rule", "revoke", "not-hex!"),
+        ("sync", "--address", "no-port"),
+        ("pair", "invite", "--expires", "soon", "--address", "127.0.0.1:1"),
+        ("log", "--since", "whenever"),
+    ]
+    for args in usage:
+        assert run(*args).exit_code == 2, args
+    errors = [
+        ("pair", "remove", "Nobody"),  # no peer called that
+        ("rule", "propose", stranger),  # a valid ID, but not a known peer
+        ("rule", "revoke", "abcdef"),  # no rule matches
+        ("rule", "accept", rule["id"]),  # our own proposal: not waiting for us
+        ("rule", "reject", rule["id"], "--reason", "no"),
+        ("pair", "invite"),  # no agent running and no --address: no address for the code
+        ("get", "c", "missing"),
+    ]
+    for args in errors:
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith("p2psync: ") and result.output.count("\n") == 1
+    assert run("rule", "revoke", rule["id"]).exit_code == 0
+    again = run("rule", "revoke", rule["id"])
+    assert again.exit_code == 1 and "already revoked" in again.output

@@ -10,7 +10,7 @@ from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import InvalidDeviceID, NotFoundError, UsageError
+from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
 
@@ -26,12 +26,12 @@ def resolve_peer(db: Database, text: str) -> Peer:
         if len(matches) == 1:
             return next(p for p in peers if p.key == matches[0])
         if matches:
-            raise UsageError(f"{text!r} matches {len(matches)} peers; give the full device ID")
-        raise UsageError(f"no peer called {text!r}; see `p2psync peers`")
+            raise NotFoundError(f"{text!r} matches {len(matches)} peers; give the full device ID")
+        raise NotFoundError(f"no peer called {text!r}; see `p2psync peers`")
     for peer in peers:
         if peer.key == key:
             return peer
-    raise UsageError(f"{short_id(key)} is not a known peer; see `p2psync peers`")
+    raise NotFoundError(f"{short_id(key)} is not a known peer; see `p2psync peers`")
 
 
 def resolve_author(db: Database, text: str) -> bytes:
@@ -81,8 +81,21 @@ def resolve_rule(db: Database, text: str) -> Rule:
         raise UsageError(f"{text!r} is not a rule ID (hex, at least 4 characters)")
     matches = [r for r in db.store.rules() if r.id.hex().startswith(text.lower())]
     if len(matches) != 1:
-        raise UsageError(f"{len(matches) or 'no'} rules match {text!r}; see `p2psync rule list`")
+        raise NotFoundError(
+            f"{len(matches) or 'no'} rules match {text!r}; see `p2psync rule list`"
+        )
     return matches[0]
+
+
+def waiting_for_us(db: Database, rule: Rule) -> Rule:
+    """``rule`` if it is a proposal awaiting this agent's answer."""
+    if rule.acceptor != db.identity.public_key or rule.state is not RuleState.PROPOSED:
+        whose = "this agent's own" if rule.proposer == db.identity.public_key else "a"
+        raise StateError(
+            f"rule {rule.id.hex()[:12]} is {whose} {rule.state.value} proposal, not one "
+            "waiting for this agent's answer; see `p2psync rule list`"
+        )
+    return rule
 
 
 def notify(state: State) -> None:

@@ -1,8 +1,9 @@
 """The ``p2psync`` command line.
 
-The CLI is the only place that prints or picks exit codes: 0 success, 1 an
-error explained in one sentence on stderr, 2 a usage error. No tracebacks
-unless ``--debug`` is given.
+The CLI is the only place that prints or picks exit codes: 0 success, 2 a usage
+error (a malformed command line: :class:`~p2psync.errors.UsageError` or click's
+own), 1 any other error (not found, refused in the current state, failed),
+explained in one sentence on stderr. No tracebacks unless ``--debug`` is given.
 """
 
 from __future__ import annotations

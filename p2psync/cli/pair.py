@@ -20,7 +20,7 @@ from p2psync.cli.rule import rule_row
 from p2psync.cli.terms import accept_in_view, make_terms, parse_duration, rule_options
 from p2psync.core.identity import parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import P2PSyncError, UsageError
+from p2psync.errors import P2PSyncError, StateError, UsageError
 from p2psync.home import now_ms
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
@@ -108,7 +108,7 @@ def pair_invite(
     terms = make_terms(collections, direction, mode, route)
     hints = list(addresses) or listen_hints(state)
     if not hints:
-        raise UsageError(
+        raise StateError(
             "no address to put in the code: start the agent (p2psync run) or give --address"
         )
     with state.open() as db:

@@ -14,7 +14,7 @@ from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.core.entry import OpKind, check_collection, check_key
 from p2psync.core.identity import device_id, short_id
-from p2psync.errors import InvalidRecord, P2PSyncError, StateError
+from p2psync.errors import InvalidRecord, NotFoundError, P2PSyncError, StateError
 from p2psync.store.records import VersionInfo
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -130,12 +130,8 @@ def get(state: State, collection: str, key: str) -> None:
         value = db.get(collection, key)
         found = value is not None or db.exists(collection, key)
     if not found:
-        raise _NotFound(f"{collection}/{key} not found")
+        raise NotFoundError(f"{collection}/{key} not found")
     click.echo(output.dumps(value))
-
-
-class _NotFound(P2PSyncError):
-    """A record asked for by name does not exist (exit 1)."""
 
 
 @click.command(name="del")
@@ -146,7 +142,7 @@ def delete(state: State, collection: str, key: str) -> None:
     """Delete a record (exit 1 when not found)."""
     with state.open() as db:
         if not db.delete(collection, key):
-            raise _NotFound(f"{collection}/{key} not found")
+            raise NotFoundError(f"{collection}/{key} not found")
     click.echo(f"deleted {collection}/{key}")
 
 

@@ -13,10 +13,12 @@ from p2psync.cli.lookup import (
     notify,
     resolve_peer,
     resolve_rule,
+    waiting_for_us,
 )
 from p2psync.cli.terms import accept_in_view, make_terms, rule_options
 from p2psync.core.identity import device_id
 from p2psync.core.rules import Rule, RuleState
+from p2psync.errors import StateError
 
 
 @click.group()
@@ -81,7 +83,7 @@ def rule_accept(
 ) -> None:
     """Accept a proposed rule, optionally narrowed (options in this agent's view)."""
     with state.open() as db:
-        found = resolve_rule(db, rule_id)
+        found = waiting_for_us(db, resolve_rule(db, rule_id))
         mine = accept_in_view(db, found, collections, direction, mode, route)
     notify(state)
     click.echo(f"accepted rule {found.id.hex()[:12]}: {mine.describe()}")
@@ -94,7 +96,7 @@ def rule_accept(
 def rule_reject(state: State, rule_id: str, reason: str) -> None:
     """Reject a proposed rule."""
     with state.open() as db:
-        found = resolve_rule(db, rule_id)
+        found = waiting_for_us(db, resolve_rule(db, rule_id))
         pairing.reject(db, found, reason)
     notify(state)
     click.echo(f"rejected rule {found.id.hex()[:12]}: {reason}")
@@ -107,6 +109,8 @@ def rule_revoke(state: State, rule_id: str) -> None:
     """Revoke a rule: flow under it stops on both sides."""
     with state.open() as db:
         found = resolve_rule(db, rule_id)
+        if found.state is RuleState.REVOKED:
+            raise StateError(f"rule {found.id.hex()[:12]} is already revoked")
         pairing.revoke(db, found)
     notify(state)
     click.echo(f"revoked rule {found.id.hex()[:12]}")
