@@ -186,6 +186,28 @@ def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Se
     return INVITE_PREFIX + "-".join(text[i : i + 8] for i in range(0, len(text), 8))
 
 
+def withdraw_invite(db: Database, invite: bytes) -> None:
+    """Withdraw an invite this agent made, so its code works no more: a joiner
+    presenting it is refused exactly as with a code this agent never made. A used,
+    expired or already withdrawn invite is refused."""
+    found = next((i for i in db.store.invites() if i.id == invite), None)
+    shown = invite.hex()
+    if found is None:
+        raise PairingError(f"this agent made no invite {shown}; see `p2psync pair invites`")
+    if found.withdrawn is not None:
+        raise PairingError(f"invite {shown} was already withdrawn")
+    if found.used_by is not None:
+        who = short_id(found.used_by)
+        raise PairingError(
+            f"invite {shown} was already used by {who}; to stop syncing with it, "
+            f"run `p2psync pair remove {who}`"
+        )
+    if found.expires < now_ms():
+        raise PairingError(f"invite {shown} has expired; its code works no more")
+    if not db.store.withdraw_invite(invite, now_ms()):
+        raise PairingError(f"invite {shown} was used meanwhile; see `p2psync pair invites`")
+
+
 def parse_invite(code: str) -> InviteCode:
     cleaned = "".join(code.split()).upper()
     if not cleaned.startswith(INVITE_PREFIX):

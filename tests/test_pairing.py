@@ -3,14 +3,17 @@ adds, rejections, revocations, invites, and filtered replication."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
 import pytest
 import trio
+from click.testing import CliRunner, Result
 
 import p2psync
 from p2psync import pairing
+from p2psync.cli.main import cli
 from p2psync.core.rules import Direction, RuleState, Terms
 from p2psync.errors import UsageError
 from p2psync.net.link import PairLink
@@ -246,3 +249,65 @@ async def test_a_no_op_resync_of_a_paired_pair_is_small(make_db: MakeDb) -> None
     stats_a, _ = await session(a, b)  # the rule objects are not sent again
     assert stats_a.synced and stats_a.sent == stats_a.received == 0
     assert stats_a.bytes_sent + stats_a.bytes_received < 1024
+
+
+def pair_cli(db: p2psync.Database, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["pair", *args, "--home", str(db.path)])
+
+
+async def test_invites_are_listed_and_a_withdrawn_code_is_refused_like_an_unknown_one(
+    make_db: MakeDb,
+) -> None:
+    a, b, c, d = make_db("a"), make_db("b"), make_db("c"), make_db("d")
+    made = [
+        pair_cli(a, "invite", "-c", "vouchers", "--address", "127.0.0.1:1").output
+        for _ in range(2)
+    ]
+    used, withdrawn = (pairing.parse_invite(text.splitlines()[-1]) for text in made)
+    assert f"p2psync pair uninvite {withdrawn.invite.hex()}" in made[1]
+    pairing.remember_join(b, used)
+    stats_b, _ = await session(b, a)
+    assert stats_b.synced
+    result = pair_cli(a, "uninvite", withdrawn.invite.hex()[:6])
+    assert result.exit_code == 0, result.output
+    # c presents the withdrawn code, d a code a never made: the same refusal
+    pairing.remember_join(c, withdrawn)
+    unknown = pairing.InviteCode(
+        used.inviter, os.urandom(8), os.urandom(16), (), used.expires, used.terms
+    )
+    pairing.remember_join(d, unknown)
+    stats_c, stats_a_c = await session(c, a)
+    stats_d, stats_a_d = await session(d, a)
+    assert not stats_c.synced and stats_a_c.reason.replace(
+        key_short(c), "X"
+    ) == stats_a_d.reason.replace(key_short(d), "X")
+    assert "invalid invite code" in stats_a_c.reason
+    assert stats_c.reason.replace(key_short(c), "X") == stats_d.reason.replace(key_short(d), "X")
+    assert state_of(a, c) == set()
+    rows = {row["id"]: row for row in json.loads(pair_cli(a, "invites", "--json").output)}
+    assert rows[used.invite.hex()]["state"] == "used"
+    assert rows[used.invite.hex()]["used_by"] == b.device_id
+    assert rows[used.invite.hex()]["used_by_name"] == "b"
+    assert rows[withdrawn.invite.hex()]["state"] == "withdrawn"
+    assert rows[withdrawn.invite.hex()]["withdrawn"] is not None
+    assert rows[withdrawn.invite.hex()]["collections"] == ["vouchers"]
+    text = pair_cli(a, "invites").output
+    assert "used by b" in text and "withdrawn" in text
+    for invite in (used, withdrawn):  # a used or withdrawn invite cannot be withdrawn
+        again = pair_cli(a, "uninvite", invite.invite.hex())
+        assert again.exit_code == 1 and again.output.count("\n") == 1
+    assert pair_cli(a, "uninvite", "0000").exit_code == 1  # no such invite
+    assert pair_cli(a, "uninvite", "xyz").exit_code == 2  # not an invite ID
+
+
+def key_short(db: p2psync.Database) -> str:
+    return db.identity.short_id
+
+
+@pytest.mark.parametrize("expires", ["0", "0s", "-5m", "0.001s", "5s", "31d", "99999999999d"])
+def test_pair_invite_refuses_absurd_lifetimes(make_db: MakeDb, expires: str) -> None:
+    a = make_db("a")
+    result = pair_cli(a, "invite", "--expires", expires, "--address", "127.0.0.1:1")
+    assert result.exit_code == 2 and "--expires" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert json.loads(pair_cli(a, "invites", "--json").output) == []

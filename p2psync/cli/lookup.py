@@ -13,6 +13,7 @@ from p2psync.core.rules import Rule, RuleState
 from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
+from p2psync.store.rules import Invite
 
 _DEVICE_ID_CHARS = 56  # without dashes
 
@@ -83,6 +84,18 @@ def resolve_rule(db: Database, text: str) -> Rule:
     if len(matches) != 1:
         raise NotFoundError(
             f"{len(matches) or 'no'} rules match {text!r}; see `p2psync rule list`"
+        )
+    return matches[0]
+
+
+def resolve_invite(db: Database, text: str) -> Invite:
+    """An invite this agent made, by its ID or the ID's first characters (4 or more)."""
+    if not re.fullmatch(r"[0-9a-fA-F]{4,16}", text):
+        raise UsageError(f"{text!r} is not an invite ID (hex, 4-16 characters)")
+    matches = [i for i in db.store.invites() if i.id.hex().startswith(text.lower())]
+    if len(matches) != 1:
+        raise NotFoundError(
+            f"{len(matches) or 'no'} invites match {text!r}; see `p2psync pair invites`"
         )
     return matches[0]
 

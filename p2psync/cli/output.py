@@ -99,3 +99,8 @@ def describe_hlc(stamp: int) -> str:
     counter = stamp & ((1 << hlc.LOGICAL_BITS) - 1)
     text = text.replace("+00:00", "Z")
     return f"{text}+{counter}" if counter else text
+
+
+def describe_ms(ms: int) -> str:
+    """ISO-8601 UTC time of a wall-clock instant in ms since the epoch."""
+    return describe_hlc(hlc.from_wall(ms))

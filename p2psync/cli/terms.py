@@ -71,10 +71,13 @@ def make_terms(
     )
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, option: str | None = None) -> float:
+    """Seconds in ``90s``, ``10m``, ``2h``, ``1d`` (a bare number is seconds);
+    ``option`` names the option in the error."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
     if not match:
-        raise UsageError(f"{text!r} is not a duration like 90s, 10m, 2h or 1d")
+        where = f"{option}: " if option else ""
+        raise UsageError(f"{where}{text!r} is not a duration like 90s, 10m, 2h or 1d")
     number, unit = float(match.group(1)), match.group(2) or "s"
     return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 

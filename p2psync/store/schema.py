@@ -19,7 +19,9 @@ Tables (version 1):
 ``forks``       proof of forks: the two entries the author signed.
 
 Version 7 indexes ``entries`` by clock (``entries_by_hlc``), so ``p2psync log``
-can read the newest entries, or those since a time, without reading them all.
+can read the newest entries, or those since a time, without reading them all;
+and gives ``invites`` a ``withdrawn`` column: when ``pair uninvite`` withdrew
+the code (NULL while it stands), after which it works no more.
 
 Version 6 indexes ``rule_objects`` by (peer, signer), proposal and kind, so the
 quota checks run for each pairing request read a few rows, not the table.
@@ -170,9 +172,11 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     CREATE INDEX rule_objects_by_proposal ON rule_objects (proposal);
     CREATE INDEX rule_objects_by_kind ON rule_objects (kind, peer)
     """,
-    # the log's newest entries, or those since a time, without a full scan
+    # the log's newest entries, or those since a time, without a full scan;
+    # invites can be withdrawn
     7: """
-    CREATE INDEX entries_by_hlc ON entries (hlc)
+    CREATE INDEX entries_by_hlc ON entries (hlc);
+    ALTER TABLE invites ADD COLUMN withdrawn INTEGER
     """,
 }
 

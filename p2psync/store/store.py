@@ -363,8 +363,18 @@ class Store:
             rules_mod.add_invite(conn, invite, secret, terms, expires, now_ms)
 
     def invite(self, invite: bytes) -> rules_mod.Invite | None:
+        """The invite with this ID, unless it was withdrawn."""
         with self._reader.reading() as conn:
             return rules_mod.get_invite(conn, invite)
+
+    def invites(self) -> list[rules_mod.Invite]:
+        """Every invite this agent made, withdrawn ones too."""
+        with self._reader.reading() as conn:
+            return rules_mod.all_invites(conn)
+
+    def withdraw_invite(self, invite: bytes, now_ms: int) -> bool:
+        with self._db.writing() as conn:
+            return rules_mod.withdraw_invite(conn, invite, now_ms)
 
     def use_invite(self, invite: bytes, by: bytes) -> bool:
         with self._db.writing() as conn:
