@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
 
 from p2psync.agent import sockets
 from p2psync.api import Database
@@ -18,8 +20,34 @@ from p2psync.store.rules import Invite
 _DEVICE_ID_CHARS = 56  # without dashes
 
 
-def resolve_peer(db: Database, text: str) -> Peer:
-    """A known peer by device ID, its first characters (4 or more), or name."""
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """An agent the running agent found on the LAN (its advert, unproven)."""
+
+    key: bytes
+    name: str | None
+    addresses: tuple[str, ...]
+
+
+@overload
+def resolve_peer(db: Database, text: str) -> Peer: ...
+
+
+@overload
+def resolve_peer(
+    db: Database, text: str, discover: Callable[[], Sequence[Discovered]]
+) -> Peer | Discovered: ...
+
+
+def resolve_peer(
+    db: Database, text: str, discover: Callable[[], Sequence[Discovered]] | None = None
+) -> Peer | Discovered:
+    """A known peer by device ID, its first characters (4 or more), or name.
+
+    With ``discover``, when no known peer matches, an agent it returns (those the
+    running agent found on the LAN) is found the same way. Known peers come first,
+    so an advert cannot take a known peer's name.
+    """
     peers = db.store.peers()
     key = _full_device_id(text)
     if key is None:
@@ -28,11 +56,37 @@ def resolve_peer(db: Database, text: str) -> Peer:
             return next(p for p in peers if p.key == matches[0])
         if matches:
             raise NotFoundError(f"{text!r} matches {len(matches)} peers; give the full device ID")
+        found = [d for d in discover() if d.key not in {p.key for p in peers}] if discover else []
+        matches = _matching(text, {d.key: d.name for d in found})
+        if len(matches) == 1:
+            return next(d for d in found if d.key == matches[0])
+        if matches:
+            raise NotFoundError(
+                f"{text!r} matches {len(matches)} agents on the LAN; give the full device ID"
+            )
         raise NotFoundError(f"no peer called {text!r}; see `p2psync peers`")
     for peer in peers:
         if peer.key == key:
             return peer
+    for agent in discover() if discover else ():
+        if agent.key == key:
+            return agent
     raise NotFoundError(f"{short_id(key)} is not a known peer; see `p2psync peers`")
+
+
+def discovered_agents(state: State) -> list[Discovered]:
+    """The agents the running agent has found on the LAN (none when it is not running)."""
+    status = agent_status(state)
+    found = []
+    for row in (status or {}).get("discovered", []):
+        try:
+            key = parse_device_id(row["device_id"])
+            name = row.get("name")
+            addresses = tuple(str(a) for a in row.get("addresses", []))
+        except (InvalidDeviceID, KeyError, TypeError, AttributeError):
+            continue
+        found.append(Discovered(key, name if isinstance(name, str) else None, addresses))
+    return found
 
 
 def resolve_author(db: Database, text: str) -> bytes:

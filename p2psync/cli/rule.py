@@ -10,6 +10,8 @@ from p2psync import pairing
 from p2psync.cli import output
 from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
+    Discovered,
+    discovered_agents,
     notify,
     resolve_peer,
     resolve_rule,
@@ -39,13 +41,19 @@ def rule_propose(
     mode: str | None,
     route: str | None,
 ) -> None:
-    """Propose another rule to PEER."""
+    """Propose another rule to PEER: a known peer, or an agent the running agent
+    found on the LAN (by device ID, its first characters, or name)."""
     terms = make_terms(collections, direction, mode, route)
+    where = ""
     with state.open() as db:
-        found = resolve_peer(db, peer)
-        pairing.propose(db, found.key, terms)
+        found = resolve_peer(db, peer, lambda: discovered_agents(state))
+        if isinstance(found, Discovered):  # it becomes known, reachable where it said
+            pairing.propose(db, found.key, terms, name=found.name, addresses=found.addresses)
+            where = f" (found on the LAN at {', '.join(found.addresses) or '?'})"
+        else:
+            pairing.propose(db, found.key, terms)
     notify(state)
-    click.echo(f"proposed to {output.safe(found.name or '?')}: {terms.describe()}")
+    click.echo(f"proposed to {output.safe(found.name or '?')}{where}: {terms.describe()}")
 
 
 @rule.command(name="list")
