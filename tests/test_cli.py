@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 import p2psync
 from p2psync import api
+from p2psync.cli import output
 from p2psync.cli.main import cli
 from p2psync.core.entry import Entry, OpKind
 from p2psync.core.identity import parse_device_id
@@ -331,3 +332,17 @@ def test_lookups_and_refusals_exit_1_usage_errors_exit_2(run: Run, tmp_path: Pat
     assert run("rule", "revoke", rule["id"]).exit_code == 0
     again = run("rule", "revoke", rule["id"])
     assert again.exit_code == 1 and "already revoked" in again.output
+
+
+def test_counts_agree_with_their_nouns(run: Run) -> None:
+    run("init")
+    one = run("put", "--from", "-", input='{"collection": "c", "key": "k", "value": 1}\n')
+    assert one.output.strip() == "1 change written"
+    assert run("verify").output.strip() == "1 entry from 1 author verified"
+    status = run("status").output
+    assert "store: 1 entry from 1 author, 0 conflicts, 0 held" in status
+    two = run("put", "--from", "-", input='{"collection": "c", "key": "k", "value": 2}\n' * 2)
+    assert two.output.strip() == "2 changes written"
+    assert run("verify").output.strip() == "3 entries from 1 author verified"
+    assert output.plural(1, "entry", "entries") == "1 entry"
+    assert output.plural(0, "conflict") == "0 conflicts"

@@ -147,7 +147,8 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
         def progress(who: bytes, received: int, total: int, sent: int) -> None:
             if show:
                 click.echo(
-                    f"\r{short_id(who)}: received {received}/{total} entries, sent {sent}",
+                    f"\r{short_id(who)}: received {received}/"
+                    f"{output.plural(total, 'entry', 'entries')}, sent {sent}",
                     err=True,
                     nl=False,
                 )
@@ -184,7 +185,10 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
             click.echo(f"{who}: NOT in sync: {output.safe(outcome.error or '')}")
     failed = [o for o in outcomes if not o.synced]
     if failed:
-        raise P2PSyncError(f"{len(failed)} of {len(outcomes)} peers are not in sync")
+        are = "is" if len(failed) == 1 else "are"
+        raise P2PSyncError(
+            f"{len(failed)} of {output.plural(len(outcomes), 'peer')} {are} not in sync"
+        )
 
 
 @click.command()
@@ -238,8 +242,9 @@ def status(state: State, as_json: bool) -> None:
                 f"sent {conn['entries_sent']}, received {conn['entries_received']}"
             )
     click.echo(
-        f"store: {store['entries']} entries from {store['authors']} authors, "
-        f"{store['conflicts']} conflicts, {store['held']} held"
+        f"store: {output.plural(store['entries'], 'entry', 'entries')} from "
+        f"{output.plural(store['authors'], 'author')}, "
+        f"{output.plural(store['conflicts'], 'conflict')}, {store['held']} held"
     )
     for row in peer_rows:
         line = f"  peer {output.safe(row['name'] or '?')}: last in sync "

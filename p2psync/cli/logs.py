@@ -155,7 +155,8 @@ def verify(state: State) -> None:
 
     def progress(count: int) -> None:
         if show:
-            click.echo(f"\r{count} entries checked...", err=True, nl=False)
+            checked = output.plural(count, "entry", "entries")
+            click.echo(f"\r{checked} checked...", err=True, nl=False)
 
     with state.open() as db:
         report = db.verify(progress)
@@ -165,9 +166,12 @@ def verify(state: State) -> None:
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise error(found[0] + more)
-    held = f"; {report.held} entries wait for predecessors" if report.held else ""
-    authors = f"{report.authors} author" + ("" if report.authors == 1 else "s")
-    click.echo(f"{report.entries} entries from {authors} verified{held}")
+    held = ""
+    if report.held:
+        waits = "waits" if report.held == 1 else "wait"
+        held = f"; {output.plural(report.held, 'entry', 'entries')} {waits} for predecessors"
+    entries = output.plural(report.entries, "entry", "entries")
+    click.echo(f"{entries} from {output.plural(report.authors, 'author')} verified{held}")
 
 
 COMMANDS = (log, verify)

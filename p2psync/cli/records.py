@@ -54,7 +54,8 @@ def put(
             raise click.UsageError("give either COLLECTION KEY JSON or --from FILE, not both")
         with state.open() as db:
             count = _put_lines(db, source, atomic)
-        click.echo(f"{count} changes written" + (" as one entry" if atomic and count else ""))
+        whole = " as one entry" if atomic and count else ""
+        click.echo(f"{output.plural(count, 'change')} written{whole}")
         return
     if atomic:
         raise click.UsageError("--atomic only applies to --from")
