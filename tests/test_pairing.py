@@ -311,3 +311,48 @@ def test_pair_invite_refuses_absurd_lifetimes(make_db: MakeDb, expires: str) -> 
     assert result.exit_code == 2 and "--expires" in result.output, result.output
     assert "Traceback" not in result.output
     assert json.loads(pair_cli(a, "invites", "--json").output) == []
+
+
+def cli_json(db: p2psync.Database, *args: str) -> list[dict[str, object]]:
+    result = CliRunner().invoke(cli, ["--home", str(db.path), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows: list[dict[str, object]] = json.loads(result.output)
+    return rows
+
+
+async def test_every_command_speaks_of_direction_in_this_agents_view(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    for command in (
+        ["pair", "add"],
+        ["pair", "invite"],
+        ["pair", "accept"],
+        ["rule", "propose"],
+        ["rule", "accept"],
+    ):
+        shown = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200).output
+        assert "From this agent's view: send = this agent sends" in shown, command
+        assert "proposer" not in shown, command
+    # a proposes that a sends; b sees a request that b receive; accepted as proposed
+    sent = CliRunner().invoke(
+        cli, ["--home", str(a.path), "pair", "add", b.device_id, "-c", "vouchers",
+              "--direction", "send"],
+    )
+    assert sent.exit_code == 0, sent.output
+    await session(a, b)
+    [asked] = cli_json(b, "pair", "pending")
+    assert asked["direction"] == "receive" and "; receive;" in str(asked["terms"])
+    [listed] = cli_json(b, "rule", "list")
+    assert listed["direction"] == "receive"
+    [mine] = cli_json(a, "rule", "list")
+    assert mine["direction"] == "send" and "; send;" in str(mine["terms"])
+    widened = CliRunner().invoke(
+        cli, ["--home", str(b.path), "pair", "accept", "a", "--direction", "send"]
+    )
+    assert widened.exit_code != 0 and "widen" in widened.output
+    accepted = CliRunner().invoke(
+        cli, ["--home", str(b.path), "pair", "accept", "a", "--direction", "receive"]
+    )
+    assert accepted.exit_code == 0 and "; receive;" in accepted.output
+    await session(a, b)
+    assert [r["direction"] for r in cli_json(a, "rule", "list")] == ["send"]
+    assert [r["direction"] for r in cli_json(b, "rule", "list")] == ["receive"]

@@ -60,7 +60,7 @@ def rule_propose(
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @pass_state
 def rule_list(state: State, as_json: bool) -> None:
-    """Every rule with its state."""
+    """Every rule with its state; terms in this agent's view (send = this agent sends)."""
     with state.open() as db:
         me = db.identity.public_key
         rows = [
