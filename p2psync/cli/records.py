@@ -232,7 +232,7 @@ def resolve(state: State, collection: str, key: str, value: str, force: bool) ->
         if not force and not db.in_conflict(collection, key):
             raise StateError(
                 f"{output.safe(f'{collection}/{key}')} is not in conflict (see `p2psync "
-                "conflicts`); to change it use `p2psync put`, or give --force"
+                "conflicts`); to change it run `p2psync put COLLECTION KEY JSON`, or give --force"
             )
         entry_id = db.resolve(collection, key, parsed)
     click.echo(f"resolved {collection}/{key} (entry {entry_id.hex()[:16]})")
