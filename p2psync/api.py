@@ -19,6 +19,7 @@ writes are serialised by the store.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -174,6 +175,10 @@ class Database:
         """True when the record exists and is not deleted (its value may be null)."""
         return self.store.exists(collection, key)
 
+    def in_conflict(self, collection: str, key: str) -> bool:
+        """True when the record has concurrent versions that ``resolve`` would end."""
+        return self.store.in_conflict(collection, key)
+
     def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
         """Live records of a collection in key order, optionally by key prefix."""
         return self.store.scan(collection, prefix)
@@ -192,8 +197,33 @@ class Database:
         for stored in self.store.entries(author):
             yield wire_form(stored.signed, stored.payloads)
 
-    def log(self, author: bytes | None = None) -> Iterator[LogEntry]:
-        for stored in self.store.entries(author):
+    def log(
+        self,
+        author: bytes | None = None,
+        *,
+        since_ms: int | None = None,
+        collections: Sequence[str] = (),
+        newest: int | None = None,
+    ) -> Iterator[LogEntry]:
+        """Decoded entries: one author's in seq order, or everyone's in clock order.
+
+        ``since_ms``: only those stamped at or after this wall time (ms since the
+        epoch); ``collections``: only those with an op in a collection matching one
+        of these globs; ``newest``: only the newest so many of them (still in
+        order). The filters run in the store: only the entries returned are decoded.
+        """
+        patterns = tuple(collections)
+        stored_entries = self.store.log_entries(
+            author,
+            since_hlc=None if since_ms is None else hlc.from_wall(max(since_ms, 0)),
+            covers=(
+                (lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns))
+                if patterns
+                else None
+            ),
+            newest=newest,
+        )
+        for stored in stored_entries:
             entry = decode_stored(stored.signed, stored.payloads)
             ops = []
             for collection, digest, op in zip(

@@ -7,9 +7,11 @@ module that touches them, with ``raise X from exc``.
 ::
 
     P2PSyncError
-    ├── UsageError                 the caller asked for something invalid
+    ├── UsageError                 malformed: can never succeed as given (CLI exit 2)
     │   ├── InvalidDeviceID        a device ID failed its check characters
     │   └── InvalidRecord          bad collection name, key or value
+    ├── NotFoundError              no such peer, author, rule, invite or record, or several
+    ├── StateError                 well-formed, but refused in the current state
     ├── HomeError                  home folder missing, uninitialised, or already initialised
     ├── StoreError                 the SQLite store could not be read or written
     ├── EntryError                 an entry from elsewhere was refused (carries a reason)
@@ -30,6 +32,12 @@ module that touches them, with ``raise X from exc``.
         └── CorruptionError        the local store does not verify
 
 ``ForkError`` is also an ``EntryError``: it is the reason an entry was refused.
+
+The CLI exits 2 for a :class:`UsageError` (an argument or option value that can
+never be valid, whatever the state: a malformed device ID, duration, address or
+JSON value) and 1 for every other error: what was named is not there
+(:class:`NotFoundError`), the state refuses it (:class:`StateError`), or it
+failed.
 """
 
 from __future__ import annotations
@@ -40,7 +48,10 @@ class P2PSyncError(Exception):
 
 
 class UsageError(P2PSyncError):
-    """The caller (user, CLI, API) asked for something invalid."""
+    """The caller (user, CLI, API) asked for something malformed: an argument that can
+    never be valid, whatever the store holds. Not for lookups that find nothing
+    (:class:`NotFoundError`) or requests the current state refuses
+    (:class:`StateError`)."""
 
 
 class InvalidDeviceID(UsageError):
@@ -49,6 +60,15 @@ class InvalidDeviceID(UsageError):
 
 class InvalidRecord(UsageError):
     """A collection name, record key or value is not allowed."""
+
+
+class NotFoundError(P2PSyncError):
+    """What the caller named is not there, or the name fits more than one thing."""
+
+
+class StateError(P2PSyncError):
+    """The request is well-formed, but the current state refuses it (a record not
+    in conflict, a rule already revoked, an invite already used...)."""
 
 
 class HomeError(P2PSyncError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import stat
 import time
 from dataclasses import dataclass
@@ -101,11 +102,16 @@ def load(path: Path) -> Home:
     """Load an existing home; a missing or uninitialised one is a clear error."""
     key_path = path / KEY_FILE
     if not key_path.exists():
-        raise HomeError(f"no p2psync home at {path}; run `p2psync init --home {path}` first")
+        raise HomeError(
+            f"no p2psync home at {path}; run `p2psync init --home {shlex.quote(str(path))}` first"
+        )
     try:
         mode = key_path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise HomeError(f"{key_path} can be read by other users; run `chmod 600 {key_path}`")
+            raise HomeError(
+                f"{key_path} can be read by other users; "
+                f"run `chmod 600 {shlex.quote(str(key_path))}`"
+            )
         data = json.loads(key_path.read_text())
         seed = bytes.fromhex(data["seed"])
         if data.get("type") != _KEY_TYPE or len(seed) != 32:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from p2psync.api import Database
 from p2psync.core import canonical
 from p2psync.core import rules as core
-from p2psync.core.identity import KEY_BYTES
+from p2psync.core.identity import KEY_BYTES, short_id
 from p2psync.core.rules import Permissions, Rule, RuleState, Terms
 from p2psync.errors import DecodeError, P2PSyncError, UsageError
 from p2psync.home import now_ms
@@ -233,6 +233,28 @@ def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Se
     check = hashlib.blake2b(payload, digest_size=2).digest()
     text = base64.b32encode(payload + check).decode("ascii").rstrip("=")
     return INVITE_PREFIX + "-".join(text[i : i + 8] for i in range(0, len(text), 8))
+
+
+def withdraw_invite(db: Database, invite: bytes) -> None:
+    """Withdraw an invite this agent made, so its code works no more: a joiner
+    presenting it is refused exactly as with a code this agent never made. A used,
+    expired or already withdrawn invite is refused."""
+    found = next((i for i in db.store.invites() if i.id == invite), None)
+    shown = invite.hex()
+    if found is None:
+        raise PairingError(f"this agent made no invite {shown}; see `p2psync pair invites`")
+    if found.withdrawn is not None:
+        raise PairingError(f"invite {shown} was already withdrawn")
+    if found.used_by is not None:
+        who = short_id(found.used_by)
+        raise PairingError(
+            f"invite {shown} was already used by {who}; to stop syncing with it, "
+            f"run `p2psync pair remove {who}`"
+        )
+    if found.expires < now_ms():
+        raise PairingError(f"invite {shown} has expired; its code works no more")
+    if not db.store.withdraw_invite(invite, now_ms()):
+        raise PairingError(f"invite {shown} was used meanwhile; see `p2psync pair invites`")
 
 
 def parse_invite(code: str) -> InviteCode:

@@ -229,3 +229,32 @@ def test_kill_9_of_the_receiver_mid_sync(agents: Make) -> None:
         assert db.verify().entries == 30_000
         count = db.store._reader.conn.execute("SELECT count(*) FROM entries").fetchone()[0]
         assert count == 30_000 and len(list(db.scan("bench"))) == 30_000
+
+
+def discovered_by(agent: SpawnedAgent) -> set[str]:
+    rows = json.loads(cli(agent.home, "peers", "--json"))
+    return {row["device_id"] for row in rows if row["state"] == "discovered (not paired)"}
+
+
+def test_a_rule_can_be_proposed_to_an_agent_only_discovered(agents: Make) -> None:
+    """`p2psync peers` lists agents found on the LAN; proposing to one by its name or
+    the first characters of its ID finds it too, and uses its advertised address.
+    (mDNS on 127.0.0.1 only: nothing goes out on other interfaces.)"""
+    a, b, c = agents("a"), agents("b"), agents("c")
+    for agent in (a, b, c):
+        agent.args = ["--discovery-interface", "127.0.0.1"]
+        agent.start()
+    wait_for(lambda: discovered_by(a) >= {b.device_id, c.device_id}, timeout=15)
+    assert "proposed to b" in cli(a.home, "rule", "propose", "b", "-c", "vouchers")
+    assert "proposed to c" in cli(a.home, "rule", "propose", c.device_id[:6].lower())
+    with a.db() as db:
+        known = {p.name: p for p in db.store.peers()}
+    assert set(known) == {"b", "c"} and known["b"].addresses == (b.address,)
+
+    def asked(agent: SpawnedAgent) -> bool:
+        return any(
+            row["peer"] == a.device_id and row["awaiting"] == "you"
+            for row in json.loads(cli(agent.home, "pair", "pending", "--json"))
+        )
+
+    wait_for(lambda: asked(b) and asked(c), timeout=15)

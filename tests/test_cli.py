@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 import p2psync
+from p2psync import api
+from p2psync.cli import output
 from p2psync.cli.main import cli
+from p2psync.core.entry import Entry, OpKind
 from p2psync.core.identity import parse_device_id
 
 Run = Callable[..., Result]
@@ -64,7 +68,7 @@ def test_usage_errors_exit_2(run: Run) -> None:
     assert run("put", "c", "k", "{bad json").exit_code == 2
     assert run("put", "c", "k").exit_code == 2
     assert run("put", "bad*", "k", "1").exit_code == 2
-    assert run("log", "--author", "NOT-AN-ID").exit_code == 2
+    assert run("log", "--since", "NOT-A-TIME").exit_code == 2
     assert run("nonsense").exit_code == 2
 
 
@@ -178,7 +182,7 @@ def test_pairing_commands(run: Run, tmp_path: Path) -> None:
     listed = json.loads(run("peers", "--json").output)
     assert listed[0]["name"] == "Branch" and listed[0]["addresses"] == ["10.0.0.2:7717"]
     assert listed[0]["connected"] is False and listed[0]["behind"] is None
-    assert run("pair", "remove", "Nobody").exit_code == 2
+    assert run("pair", "remove", "Nobody").exit_code == 1  # not found: not a usage error
     assert run("pair", "remove", "Branch").exit_code == 0
     [removed] = json.loads(run("peers", "--json").output)
     assert removed["state"] == "removed"
@@ -186,3 +190,159 @@ def test_pairing_commands(run: Run, tmp_path: Path) -> None:
     assert rule["state"] == "revoked" and rule["proposed_by"] == "you"
     status = json.loads(run("status", "--json").output)
     assert status["running"] is False and status["store"]["entries"] == 0
+
+
+def _log(run: Run, *args: str) -> list[dict[str, object]]:
+    result = run("log", "--json", *args)
+    assert result.exit_code == 0, result.output
+    entries: list[dict[str, object]] = json.loads(result.output)["entries"]
+    return entries
+
+
+def test_log_filters_limit_since_collection(run: Run, tmp_path: Path) -> None:
+    run("init")
+    for i in range(6):
+        run("put", "vouchers" if i % 2 else "stock", f"k{i}", str(i))
+    every = _log(run)
+    assert len(every) == 6
+    newest = _log(run, "--limit", "2")
+    assert newest == every[-2:]  # the newest two, still oldest first
+    stock = _log(run, "-c", "sto*")
+    assert [e["seq"] for e in stock] == [1, 3, 5]
+    assert [e["seq"] for e in _log(run, "-c", "stock", "--limit", "1")] == [5]
+    assert [e["seq"] for e in _log(run, "-c", "nothing*", "-c", "vouchers")] == [2, 4, 6]
+    assert _log(run, "--since", "1h") == every
+    assert _log(run, "--since", "2000-01-01") == every
+    assert _log(run, "--since", "2999-01-01T10:00:00+02:00") == []
+    for bad in (["--since", "yesterday"], ["--since", "2026"], ["--limit", "0"], ["--limit", "x"]):
+        assert run("log", *bad).exit_code == 2
+    text = run("log", "--limit", "1").output.splitlines()
+    assert text[0].split()[1] == "#6" and len(text) == 2
+
+
+def test_log_author_is_found_like_a_peer(run: Run, tmp_path: Path) -> None:
+    own = run("init", "--name", "Head office").output.splitlines()[0]
+    other = run("init", home_path=tmp_path / "other").output.splitlines()[0]
+    run("put", "c", "mine", "1")
+    run("put", "c", "theirs", "2", home_path=tmp_path / "other")
+    with p2psync.open(tmp_path / "home") as a, p2psync.open(tmp_path / "other") as b:
+        a.ingest(list(b.export()))
+    run("pair", "add", other, "--name", "Branch")
+    for text in (other, other[:5], other.replace("-", "")[:9].lower(), "Branch"):
+        entries = _log(run, "--author", text)
+        assert [e["author"] for e in entries] == [other], text
+    for text in (own, own[:7], "Head office"):
+        assert [e["author"] for e in _log(run, "--author", text)] == [own], text
+    assert run("log", "--author", "Nobody").exit_code == 1
+    assert "no author" in run("log", "--author", "Nobody").output
+    typo = own[:-1] + ("A" if own[-1] != "A" else "B")
+    assert run("log", "--author", typo).exit_code == 2  # a malformed device ID
+
+
+def test_log_limit_decodes_only_what_it_shows(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("init")
+    with p2psync.open(tmp_path / "home") as db:
+        db.write([[p2psync.Change(OpKind.PUT, "c", f"k{i}", i)] for i in range(500)])
+        db.put("other", "k", 1)
+    decoded: list[bytes] = []
+    real = api.decode_stored
+
+    def counting(signed: bytes, payloads: bytes) -> Entry:
+        decoded.append(signed)
+        return real(signed, payloads)
+
+    monkeypatch.setattr(api, "decode_stored", counting)
+    assert len(_log(run, "--limit", "3")) == 3
+    assert len(decoded) == 3
+    decoded.clear()
+    assert [e["seq"] for e in _log(run, "-c", "c", "--limit", "2")] == [499, 500]
+    assert len(decoded) == 2
+
+
+def test_resolve_refuses_a_record_not_in_conflict(run: Run) -> None:
+    run("init")
+    run("put", "ledgers", "ACME", '{"balance": 1}')
+    for key in ("ACNE", "ACME"):  # a mistyped key, and a record without a conflict
+        refused = run("resolve", "ledgers", key, '{"balance": 2}')
+        assert refused.exit_code == 1, refused.output
+        assert "not in conflict" in refused.output and "--force" in refused.output
+        assert refused.output.count("\n") == 1
+    assert run("get", "ledgers", "ACNE").exit_code == 1  # nothing was written
+    assert json.loads(run("get", "ledgers", "ACME").output) == {"balance": 1}
+    assert run("resolve", "--force", "ledgers", "ACME", '{"balance": 3}').exit_code == 0
+    assert json.loads(run("get", "ledgers", "ACME").output) == {"balance": 3}
+
+
+def test_home_may_follow_the_command(tmp_path: Path) -> None:
+    home = str(tmp_path / "a home")
+
+    def invoke(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args))
+
+    missing = invoke("get", "--home", home, "c", "k")
+    assert missing.exit_code == 1
+    hint = missing.output.split("run `")[1].split("`")[0]  # the hint is a valid command line
+    argv = shlex.split(hint)
+    assert argv[:2] == ["p2psync", "init"]
+    assert invoke(*argv[1:]).exit_code == 0
+    assert invoke("put", "--home", home, "c", "k", "1").exit_code == 0
+    assert invoke("--home", home, "get", "c", "k").output.strip() == "1"
+    assert invoke("get", "c", "k", "--home", home).output.strip() == "1"
+    assert invoke("--debug", "get", "--home", home, "c", "k").output.strip() == "1"
+    assert invoke("rule", "list", "--home", home).output.strip() == "no rules"
+    assert invoke("pair", "pending", "--home", home).output.strip() == "nothing pending"
+    assert invoke("pair", "--home", home, "pending").output.strip() == "nothing pending"
+    twice = invoke("--home", home, "get", "--home", str(tmp_path / "other"), "c", "k")
+    assert twice.exit_code == 2 and "--home" in twice.output
+    assert invoke("--home", home, "get", "--home", home, "c", "k").exit_code == 0
+
+
+def test_lookups_and_refusals_exit_1_usage_errors_exit_2(run: Run, tmp_path: Path) -> None:
+    own = run("init").output.splitlines()[0]
+    other = run("init", home_path=tmp_path / "other").output.splitlines()[0]
+    stranger = run("init", home_path=tmp_path / "stranger").output.splitlines()[0]
+    run("pair", "add", other, "--name", "Branch")
+    [rule] = json.loads(run("rule", "list", "--json").output)
+    usage = [
+        ("pair", "add", "NOT-AN-ID"),
+        ("pair", "add", own),  # this agent itself
+        ("pair", "remove", own[:-1] + ("A" if own[-1] != "A" else "B")),  # a mistyped ID
+        ("rule", "revoke", "not-hex!"),
+        ("sync", "--address", "no-port"),
+        ("pair", "invite", "--expires", "soon", "--address", "127.0.0.1:1"),
+        ("log", "--since", "whenever"),
+    ]
+    for args in usage:
+        assert run(*args).exit_code == 2, args
+    errors = [
+        ("pair", "remove", "Nobody"),  # no peer called that
+        ("rule", "propose", stranger),  # a valid ID, but not a known peer
+        ("rule", "revoke", "abcdef"),  # no rule matches
+        ("rule", "accept", rule["id"]),  # our own proposal: not waiting for us
+        ("rule", "reject", rule["id"], "--reason", "no"),
+        ("pair", "invite"),  # no agent running and no --address: no address for the code
+        ("get", "c", "missing"),
+    ]
+    for args in errors:
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith("p2psync: ") and result.output.count("\n") == 1
+    assert run("rule", "revoke", rule["id"]).exit_code == 0
+    again = run("rule", "revoke", rule["id"])
+    assert again.exit_code == 1 and "already revoked" in again.output
+
+
+def test_counts_agree_with_their_nouns(run: Run) -> None:
+    run("init")
+    one = run("put", "--from", "-", input='{"collection": "c", "key": "k", "value": 1}\n')
+    assert one.output.strip() == "1 change written"
+    assert run("verify").output.strip() == "1 entry from 1 author verified"
+    status = run("status").output
+    assert "store: 1 entry from 1 author, 0 conflicts, 0 held" in status
+    two = run("put", "--from", "-", input='{"collection": "c", "key": "k", "value": 2}\n' * 2)
+    assert two.output.strip() == "2 changes written"
+    assert run("verify").output.strip() == "3 entries from 1 author verified"
+    assert output.plural(1, "entry", "entries") == "1 entry"
+    assert output.plural(0, "conflict") == "0 conflicts"

@@ -3,14 +3,17 @@ adds, rejections, revocations, invites, and filtered replication."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
 import pytest
 import trio
+from click.testing import CliRunner, Result
 
 import p2psync
 from p2psync import pairing
+from p2psync.cli.main import cli
 from p2psync.core.rules import Direction, RuleState, Terms
 from p2psync.errors import UsageError
 from p2psync.net.link import PairLink
@@ -289,3 +292,107 @@ async def test_a_no_op_resync_of_a_paired_pair_is_small(make_db: MakeDb) -> None
     stats_a, _ = await session(a, b)  # the rule objects are not sent again
     assert stats_a.synced and stats_a.sent == stats_a.received == 0
     assert stats_a.bytes_sent + stats_a.bytes_received < 1024
+
+
+def pair_cli(db: p2psync.Database, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["pair", *args, "--home", str(db.path)])
+
+
+async def test_invites_are_listed_and_a_withdrawn_code_is_refused_like_an_unknown_one(
+    make_db: MakeDb,
+) -> None:
+    a, b, c, d = make_db("a"), make_db("b"), make_db("c"), make_db("d")
+    made = [
+        pair_cli(a, "invite", "-c", "vouchers", "--address", "127.0.0.1:1").output
+        for _ in range(2)
+    ]
+    used, withdrawn = (pairing.parse_invite(text.splitlines()[-1]) for text in made)
+    assert f"p2psync pair uninvite {withdrawn.invite.hex()}" in made[1]
+    stats_b, _ = await session(b, a, join=used)
+    assert stats_b.synced
+    result = pair_cli(a, "uninvite", withdrawn.invite.hex()[:6])
+    assert result.exit_code == 0, result.output
+    # c presents the withdrawn code, d a code a never made: the same refusal
+    unknown = pairing.InviteCode(
+        used.inviter, os.urandom(8), os.urandom(16), (), used.expires, used.terms
+    )
+    stats_c, stats_a_c = await session(c, a, join=withdrawn)
+    stats_d, stats_a_d = await session(d, a, join=unknown)
+    assert not stats_c.synced and stats_a_c.reason.replace(
+        key_short(c), "X"
+    ) == stats_a_d.reason.replace(key_short(d), "X")
+    assert "did not issue it" in stats_a_c.reason
+    assert stats_c.reason.replace(key_short(c), "X") == stats_d.reason.replace(key_short(d), "X")
+    assert state_of(a, c) == set()
+    rows = {row["id"]: row for row in json.loads(pair_cli(a, "invites", "--json").output)}
+    assert rows[used.invite.hex()]["state"] == "used"
+    assert rows[used.invite.hex()]["used_by"] == b.device_id
+    assert rows[used.invite.hex()]["used_by_name"] == "b"
+    assert rows[withdrawn.invite.hex()]["state"] == "withdrawn"
+    assert rows[withdrawn.invite.hex()]["withdrawn"] is not None
+    assert rows[withdrawn.invite.hex()]["collections"] == ["vouchers"]
+    text = pair_cli(a, "invites").output
+    assert "used by b" in text and "withdrawn" in text
+    for invite in (used, withdrawn):  # a used or withdrawn invite cannot be withdrawn
+        again = pair_cli(a, "uninvite", invite.invite.hex())
+        assert again.exit_code == 1 and again.output.count("\n") == 1
+    assert pair_cli(a, "uninvite", "0000").exit_code == 1  # no such invite
+    assert pair_cli(a, "uninvite", "xyz").exit_code == 2  # not an invite ID
+
+
+def key_short(db: p2psync.Database) -> str:
+    return db.identity.short_id
+
+
+@pytest.mark.parametrize("expires", ["0", "0s", "-5m", "0.001s", "5s", "31d", "99999999999d"])
+def test_pair_invite_refuses_absurd_lifetimes(make_db: MakeDb, expires: str) -> None:
+    a = make_db("a")
+    result = pair_cli(a, "invite", "--expires", expires, "--address", "127.0.0.1:1")
+    assert result.exit_code == 2 and "--expires" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert json.loads(pair_cli(a, "invites", "--json").output) == []
+
+
+def cli_json(db: p2psync.Database, *args: str) -> list[dict[str, object]]:
+    result = CliRunner().invoke(cli, ["--home", str(db.path), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows: list[dict[str, object]] = json.loads(result.output)
+    return rows
+
+
+async def test_every_command_speaks_of_direction_in_this_agents_view(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    for command in (
+        ["pair", "add"],
+        ["pair", "invite"],
+        ["pair", "accept"],
+        ["rule", "propose"],
+        ["rule", "accept"],
+    ):
+        shown = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200).output
+        assert "From this agent's view: send = this agent sends" in shown, command
+        assert "proposer" not in shown, command
+    # a proposes that a sends; b sees a request that b receive; accepted as proposed
+    sent = CliRunner().invoke(
+        cli, ["--home", str(a.path), "pair", "add", b.device_id, "-c", "vouchers",
+              "--direction", "send"],
+    )
+    assert sent.exit_code == 0, sent.output
+    await session(a, b)
+    [asked] = cli_json(b, "pair", "pending")
+    assert asked["direction"] == "receive" and "; receive;" in str(asked["terms"])
+    [listed] = cli_json(b, "rule", "list")
+    assert listed["direction"] == "receive"
+    [mine] = cli_json(a, "rule", "list")
+    assert mine["direction"] == "send" and "; send;" in str(mine["terms"])
+    widened = CliRunner().invoke(
+        cli, ["--home", str(b.path), "pair", "accept", "a", "--direction", "send"]
+    )
+    assert widened.exit_code != 0 and "widen" in widened.output
+    accepted = CliRunner().invoke(
+        cli, ["--home", str(b.path), "pair", "accept", "a", "--direction", "receive"]
+    )
+    assert accepted.exit_code == 0 and "; receive;" in accepted.output
+    await session(a, b)
+    assert [r["direction"] for r in cli_json(a, "rule", "list")] == ["send"]
+    assert [r["direction"] for r in cli_json(b, "rule", "list")] == ["receive"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import p2psync
+from p2psync import pairing
+from p2psync.core.rules import Terms
 from p2psync.store import schema
 
 MakeDb = Callable[[str], p2psync.Database]
@@ -25,6 +27,7 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
     with sqlite3.connect(path) as conn:  # as a version 3 store left it
         conn.execute("DROP TABLE rule_objects")
         conn.execute("DROP TABLE invites")
+        conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
@@ -66,6 +69,8 @@ def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path)
             conn.execute(f"DROP INDEX {index}")
         conn.execute("CREATE INDEX rule_objects_by_peer ON rule_objects (peer)")
         conn.execute("CREATE TABLE withheld (entry BLOB, op INTEGER, collection TEXT)")
+        conn.execute("DROP INDEX entries_by_hlc")
+        conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 6")
     reopened = p2psync.open(tmp_path / "a")
     try:
@@ -75,3 +80,36 @@ def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path)
     with sqlite3.connect(path) as conn:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
     assert versions == list(range(1, schema.LATEST + 1))
+
+
+def test_a_version_6_store_gains_the_clock_index_and_withdrawable_invites(
+    make_db: MakeDb, tmp_path: Path
+) -> None:
+    db = make_db("a")
+    for i in range(3):
+        db.put("vouchers", f"V-{i}", i)
+    code = pairing.parse_invite(pairing.create_invite(db, Terms(), 600, []))
+    path = db.home.store_path
+    db.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX entries_by_hlc")
+        conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
+        conn.execute("DELETE FROM schema_migrations WHERE version >= 7")
+        # version 7 kept the invite code a site was joining; version 8 forgets it
+        conn.execute("INSERT INTO meta (key, value) VALUES ('join:ab', x'00')")
+    reopened = p2psync.open(tmp_path / "a")
+    try:
+        assert reopened.store.get_meta("join:ab") is None
+        assert [e.seq for e in reopened.log(newest=2)] == [2, 3]
+        [invite] = reopened.store.invites()
+        assert invite.id == code.invite and invite.withdrawn is None
+        pairing.withdraw_invite(reopened, code.invite)
+        assert reopened.store.invite(code.invite) is None
+    finally:
+        reopened.close()
+    with sqlite3.connect(path) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT a.key, e.seq FROM entries e JOIN authors a "
+            "ON a.idx = e.author WHERE e.hlc >= 0 ORDER BY e.hlc DESC, a.key DESC LIMIT 5"
+        ).fetchall()
+    assert any("entries_by_hlc" in str(step) for step in plan)

@@ -147,7 +147,8 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
         def progress(who: bytes, received: int, total: int, sent: int) -> None:
             if show:
                 click.echo(
-                    f"\r{short_id(who)}: received {received}/{total} entries, sent {sent}",
+                    f"\r{short_id(who)}: received {received}/"
+                    f"{output.plural(total, 'entry', 'entries')}, sent {sent}",
                     err=True,
                     nl=False,
                 )
@@ -184,7 +185,10 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
             click.echo(f"{who}: NOT in sync: {output.safe(outcome.error or '')}")
     failed = [o for o in outcomes if not o.synced]
     if failed:
-        raise P2PSyncError(f"{len(failed)} of {len(outcomes)} peers are not in sync")
+        are = "is" if len(failed) == 1 else "are"
+        raise P2PSyncError(
+            f"{len(failed)} of {output.plural(len(outcomes), 'peer')} {are} not in sync"
+        )
 
 
 @click.command()
@@ -226,9 +230,9 @@ def status(state: State, as_json: bool) -> None:
             f"agent: running, pid {running['pid']}, listening on {', '.join(running['listen'])}"
         )
     click.echo(
-        f"store: {plural(store['entries'], 'entry', 'entries')} from "
-        f"{plural(store['authors'], 'author')}, {plural(store['conflicts'], 'conflict')}, "
-        f"{store['held']} held"
+        f"store: {output.plural(store['entries'], 'entry', 'entries')} from "
+        f"{output.plural(store['authors'], 'author')}, "
+        f"{output.plural(store['conflicts'], 'conflict')}, {store['held']} held"
     )
     connections = {c["device_id"]: c for c in (running or {}).get("connections", [])}
     for row in rows:
@@ -245,10 +249,6 @@ def status(state: State, as_json: bool) -> None:
         if not row["connected"] and row["problem"]:
             extra += f"; last error: {output.safe(row['problem'])}"
         click.echo(extra)
-
-
-def plural(count: int, singular: str, many: str | None = None) -> str:
-    return f"{count} {singular if count == 1 else many or singular + 's'}"
 
 
 @click.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import re
 import sys
 from typing import Any
 
@@ -10,8 +12,11 @@ import click
 from p2psync.api import LogEntry
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
-from p2psync.core.identity import device_id, parse_device_id, short_id
+from p2psync.cli.lookup import resolve_author
+from p2psync.cli.terms import parse_duration
+from p2psync.core.identity import device_id, short_id
 from p2psync.errors import CorruptionError, IntegrityError
+from p2psync.home import now_ms
 
 
 def _entry_json(entry: LogEntry) -> dict[str, Any]:
@@ -43,15 +48,66 @@ def _entry_json(entry: LogEntry) -> dict[str, Any]:
     }
 
 
+def _since_ms(text: str) -> int:
+    """Wall time in ms from an ISO date/time (UTC unless it says otherwise, as the
+    log shows times) or a duration back from now (``2h``: in the last two hours)."""
+    if re.fullmatch(r"\s*\d+(\.\d+)?[smhd]\s*", text):  # a bare number is no duration here
+        return now_ms() - int(parse_duration(text) * 1000)
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a date/time like 2026-05-01 or 2026-05-01T09:30 "
+            "nor a duration like 90s, 10m, 2h or 1d",
+            param_hint="--since",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp() * 1000)
+
+
 @click.command()
-@click.option("--author", metavar="DEVICE_ID", help="Only this author's entries, in seq order.")
+@click.option(
+    "--author",
+    metavar="PEER",
+    help="Only this author's entries, in seq order: a device ID, its first characters, "
+    "a peer's name, or this site's own ID or name.",
+)
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="Only entries from then on: a date/time (UTC unless it gives an offset, e.g. "
+    "2026-05-01 or 2026-05-01T09:30+02:00) or a duration back from now (e.g. 2h).",
+)
+@click.option(
+    "--collection",
+    "-c",
+    "collections",
+    multiple=True,
+    metavar="GLOB",
+    help="Only entries with an op in a matching collection (repeatable).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only the newest N entries (of those the other options select), shown oldest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @pass_state
-def log(state: State, author: str | None, as_json: bool) -> None:
+def log(
+    state: State,
+    author: str | None,
+    since: str | None,
+    collections: tuple[str, ...],
+    limit: int | None,
+    as_json: bool,
+) -> None:
     """Show the change log: every entry with author, seq, id, clock and ops."""
-    key = parse_device_id(author) if author else None
+    since_ms = _since_ms(since) if since is not None else None
     with state.open() as db:
-        entries = db.log(key)
+        key = resolve_author(db, author) if author is not None else None
+        entries = db.log(key, since_ms=since_ms, collections=collections, newest=limit)
         forks = db.store.forks()
         if as_json:
             output.emit_json(
@@ -64,22 +120,26 @@ def log(state: State, author: str | None, as_json: bool) -> None:
                 }
             )
             return
+        shorts: dict[bytes, str] = {}  # short_id costs more than the rest of a line
         for entry in entries:
-            click.echo(
-                f"{short_id(entry.author)} #{entry.seq} {entry.id.hex()[:16]} "
+            if entry.author not in shorts:
+                shorts[entry.author] = short_id(entry.author)
+            lines = [
+                f"{shorts[entry.author]} #{entry.seq} {entry.id.hex()[:16]} "
                 f"{output.describe_hlc(entry.hlc)} sig {entry.signature.hex()[:16]}"
-            )
+            ]
             for op in entry.ops:
                 if op.kind is None:
-                    click.echo(
+                    lines.append(
                         f"    ({output.safe(op.collection)}: withheld, "
                         f"digest {op.digest.hex()[:16]})"
                     )
                 elif op.kind.name == "DELETE":
-                    click.echo(f"    del {output.safe(f'{op.collection}/{op.key}')}")
+                    lines.append(f"    del {output.safe(f'{op.collection}/{op.key}')}")
                 else:
                     record = output.safe(f"{op.collection}/{op.key}")
-                    click.echo(f"    put {record} = {output.dumps(op.value)}")
+                    lines.append(f"    put {record} = {output.dumps(op.value)}")
+            click.echo("\n".join(lines))
     for author_key, seq, _, _ in forks:
         click.echo(
             f"FORK: author {short_id(author_key)} signed two entries at seq {seq}; frozen",
@@ -95,7 +155,8 @@ def verify(state: State) -> None:
 
     def progress(count: int) -> None:
         if show:
-            click.echo(f"\r{count} entries checked...", err=True, nl=False)
+            checked = output.plural(count, "entry", "entries")
+            click.echo(f"\r{checked} checked...", err=True, nl=False)
 
     with state.open() as db:
         report = db.verify(progress)
@@ -105,9 +166,12 @@ def verify(state: State) -> None:
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise error(found[0] + more)
-    held = f"; {report.held} entries wait for predecessors" if report.held else ""
-    authors = f"{report.authors} author" + ("" if report.authors == 1 else "s")
-    click.echo(f"{report.entries} entries from {authors} verified{held}")
+    held = ""
+    if report.held:
+        waits = "waits" if report.held == 1 else "wait"
+        held = f"; {output.plural(report.held, 'entry', 'entries')} {waits} for predecessors"
+    entries = output.plural(report.entries, "entry", "entries")
+    click.echo(f"{entries} from {output.plural(report.authors, 'author')} verified{held}")
 
 
 COMMANDS = (log, verify)

@@ -3,42 +3,132 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
 
 from p2psync.agent import sockets
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import InvalidDeviceID, UsageError
+from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
+from p2psync.store.rules import Invite
+
+_DEVICE_ID_CHARS = 56  # without dashes
 
 
-def resolve_peer(db: Database, text: str) -> Peer:
-    """A known peer by device ID, its first characters (4 or more), or name."""
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """An agent the running agent found on the LAN (its advert, unproven)."""
+
+    key: bytes
+    name: str | None
+    addresses: tuple[str, ...]
+
+
+@overload
+def resolve_peer(db: Database, text: str) -> Peer: ...
+
+
+@overload
+def resolve_peer(
+    db: Database, text: str, discover: Callable[[], Sequence[Discovered]]
+) -> Peer | Discovered: ...
+
+
+def resolve_peer(
+    db: Database, text: str, discover: Callable[[], Sequence[Discovered]] | None = None
+) -> Peer | Discovered:
+    """A known peer by device ID, its first characters (4 or more), or name.
+
+    With ``discover``, when no known peer matches, an agent it returns (those the
+    running agent found on the LAN) is found the same way. Known peers come first,
+    so an advert cannot take a known peer's name.
+    """
     peers = db.store.peers()
-    try:
-        key = parse_device_id(text)
-    except InvalidDeviceID:
-        cleaned = text.replace("-", "").upper()
-        matches = [
-            p
-            for p in peers
-            if p.name == text
-            or (len(cleaned) >= 4 and device_id(p.key).replace("-", "").startswith(cleaned))
-        ]
+    key = _full_device_id(text)
+    if key is None:
+        matches = _matching(text, {p.key: p.name for p in peers})
         if len(matches) == 1:
-            return matches[0]
+            return next(p for p in peers if p.key == matches[0])
         if matches:
-            raise UsageError(
-                f"{text!r} matches {len(matches)} peers; give the full device ID"
-            ) from None
-        raise UsageError(f"no peer called {text!r}; see `p2psync peers`") from None
+            raise NotFoundError(f"{text!r} matches {len(matches)} peers; give the full device ID")
+        found = [d for d in discover() if d.key not in {p.key for p in peers}] if discover else []
+        matches = _matching(text, {d.key: d.name for d in found})
+        if len(matches) == 1:
+            return next(d for d in found if d.key == matches[0])
+        if matches:
+            raise NotFoundError(
+                f"{text!r} matches {len(matches)} agents on the LAN; give the full device ID"
+            )
+        raise NotFoundError(f"no peer called {text!r}; see `p2psync peers`")
     for peer in peers:
         if peer.key == key:
             return peer
-    raise UsageError(f"{short_id(key)} is not a known peer; see `p2psync peers`")
+    for agent in discover() if discover else ():
+        if agent.key == key:
+            return agent
+    raise NotFoundError(f"{short_id(key)} is not a known peer; see `p2psync peers`")
+
+
+def discovered_agents(state: State) -> list[Discovered]:
+    """The agents the running agent has found on the LAN (none when it is not running)."""
+    status = agent_status(state)
+    found = []
+    for row in (status or {}).get("discovered", []):
+        try:
+            key = parse_device_id(row["device_id"])
+            name = row.get("name")
+            addresses = tuple(str(a) for a in row.get("addresses", []))
+        except (InvalidDeviceID, KeyError, TypeError, AttributeError):
+            continue
+        found.append(Discovered(key, name if isinstance(name, str) else None, addresses))
+    return found
+
+
+def resolve_author(db: Database, text: str) -> bytes:
+    """An author as peers are named: device ID, its first characters (4 or more), or
+    name; among this site, its peers and every author whose entries it holds."""
+    key = _full_device_id(text)
+    if key is not None:
+        return key
+    names: dict[bytes, str | None] = {a.author: None for a in db.authors()}
+    names.update({p.key: p.name for p in db.store.peers()})
+    names[db.identity.public_key] = db.home.name
+    matches = _matching(text, names)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise NotFoundError(
+            f"{text!r} matches {len(matches)} authors; give more of the device ID"
+        )
+    raise NotFoundError(f"no author called {text!r}; see `p2psync log` or `p2psync peers`")
+
+
+def _full_device_id(text: str) -> bytes | None:
+    """The key ``text`` names if it is a whole device ID; None if it is not shaped
+    like one (a name or the first characters); a mistyped one is refused."""
+    try:
+        return parse_device_id(text)
+    except InvalidDeviceID:
+        if len(re.sub(r"[\s-]", "", text)) >= _DEVICE_ID_CHARS:
+            raise
+        return None
+
+
+def _matching(text: str, names: dict[bytes, str | None]) -> list[bytes]:
+    """Keys whose name is ``text`` or whose device ID starts with it (4+ characters);
+    an exact name wins over prefixes."""
+    named = [key for key, name in names.items() if name == text]
+    if named:
+        return named
+    cleaned = text.replace("-", "").upper()
+    if len(cleaned) < 4:
+        return []
+    return [key for key in names if device_id(key).replace("-", "").startswith(cleaned)]
 
 
 def resolve_rule(db: Database, text: str) -> Rule:
@@ -46,8 +136,33 @@ def resolve_rule(db: Database, text: str) -> Rule:
         raise UsageError(f"{text!r} is not a rule ID (hex, at least 4 characters)")
     matches = [r for r in db.store.rules() if r.id.hex().startswith(text.lower())]
     if len(matches) != 1:
-        raise UsageError(f"{len(matches) or 'no'} rules match {text!r}; see `p2psync rule list`")
+        raise NotFoundError(
+            f"{len(matches) or 'no'} rules match {text!r}; see `p2psync rule list`"
+        )
     return matches[0]
+
+
+def resolve_invite(db: Database, text: str) -> Invite:
+    """An invite this agent made, by its ID or the ID's first characters (4 or more)."""
+    if not re.fullmatch(r"[0-9a-fA-F]{4,16}", text):
+        raise UsageError(f"{text!r} is not an invite ID (hex, 4-16 characters)")
+    matches = [i for i in db.store.invites() if i.id.hex().startswith(text.lower())]
+    if len(matches) != 1:
+        raise NotFoundError(
+            f"{len(matches) or 'no'} invites match {text!r}; see `p2psync pair invites`"
+        )
+    return matches[0]
+
+
+def waiting_for_us(db: Database, rule: Rule) -> Rule:
+    """``rule`` if it is a proposal awaiting this agent's answer."""
+    if rule.acceptor != db.identity.public_key or rule.state is not RuleState.PROPOSED:
+        whose = "this agent's own" if rule.proposer == db.identity.public_key else "a"
+        raise StateError(
+            f"rule {rule.id.hex()[:12]} is {whose} {rule.state.value} proposal, not one "
+            "waiting for this agent's answer; see `p2psync rule list`"
+        )
+    return rule
 
 
 def notify(state: State) -> None:

@@ -1,8 +1,9 @@
 """The ``p2psync`` command line.
 
-The CLI is the only place that prints or picks exit codes: 0 success, 1 an
-error explained in one sentence on stderr, 2 a usage error. No tracebacks
-unless ``--debug`` is given.
+The CLI is the only place that prints or picks exit codes: 0 success, 2 a usage
+error (a malformed command line: :class:`~p2psync.errors.UsageError` or click's
+own), 1 any other error (not found, refused in the current state, failed),
+explained in one sentence on stderr. No tracebacks unless ``--debug`` is given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import click
 from p2psync import __version__
 from p2psync import home as home_mod
 from p2psync.cli import agent, logs, output, pair, peers, records, rule
-from p2psync.cli.context import State, pass_state
+from p2psync.cli.context import HOME_HELP, State, pass_state
 from p2psync.errors import P2PSyncError, UsageError
 
 
@@ -52,11 +53,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--home",
-    metavar="PATH",
-    help="Agent home folder (default: $P2PSYNC_HOME, else the XDG data dir).",
-)
+@click.option("--home", metavar="PATH", help=HOME_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 @click.version_option(__version__, prog_name="p2psync")
 @click.pass_context

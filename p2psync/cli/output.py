@@ -90,6 +90,11 @@ def emit_json(document: Any) -> None:
     click.echo(_escape(json.dumps(to_json(document), indent=2, ensure_ascii=False)))
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """The count and its noun in agreement: ``1 entry``, ``2 entries``."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def describe_hlc(stamp: int) -> str:
     """ISO-8601 UTC time of a clock value, plus its counter when non-zero."""
     ms = hlc.wall_ms(stamp)
@@ -99,3 +104,8 @@ def describe_hlc(stamp: int) -> str:
     counter = stamp & ((1 << hlc.LOGICAL_BITS) - 1)
     text = text.replace("+00:00", "Z")
     return f"{text}+{counter}" if counter else text
+
+
+def describe_ms(ms: int) -> str:
+    """ISO-8601 UTC time of a wall-clock instant in ms since the epoch."""
+    return describe_hlc(hlc.from_wall(ms))

@@ -4,29 +4,33 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from typing import Any
 
 import click
 
 from p2psync import pairing
 from p2psync.api import Database
 from p2psync.cli import output
-from p2psync.cli.context import State, pass_state
+from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
     listen_hints,
     notify,
+    resolve_invite,
     resolve_peer,
 )
 from p2psync.cli.rule import rule_row, say_proposal
 from p2psync.cli.terms import accept_in_view, make_terms, parse_duration, rule_options
-from p2psync.core.identity import parse_device_id, short_id
+from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import P2PSyncError, UsageError
+from p2psync.errors import P2PSyncError, StateError, UsageError
 from p2psync.home import now_ms
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
+from p2psync.store.rules import Invite
 
 
 @click.group()
+@home_option
 def pair() -> None:
     """Pair with other agents: add, invite, join, pending, accept, reject, remove."""
 
@@ -80,7 +84,7 @@ def pair_add(
     "--expires",
     default="10m",
     show_default=True,
-    help="How long the code works: e.g. 90s, 10m, 2h, 1d.",
+    help="How long the code works: 10s to 30d, e.g. 90s, 10m, 2h, 1d.",
 )
 @click.option(
     "--address",
@@ -99,22 +103,97 @@ def pair_invite(
     expires: str,
     addresses: tuple[str, ...],
 ) -> None:
-    """Print a one-time code that pairs another agent with this rule (code on the last line)."""
-    seconds = parse_duration(expires)
+    """Print a one-time code that pairs another agent with this rule (code on the last
+    line). `pair invites` lists the codes made, `pair uninvite ID` withdraws one."""
+    seconds = parse_duration(expires, "--expires")
+    if not INVITE_SECONDS[0] <= seconds <= INVITE_SECONDS[1]:
+        raise UsageError(
+            f"--expires {expires}: an invite code works for 10s to 30d (e.g. --expires 10m)"
+        )
     terms = make_terms(collections, direction, mode, route)
     hints = list(addresses) or listen_hints(state)
     if not hints:
-        raise UsageError(
+        raise StateError(
             "no address to put in the code: start the agent (p2psync run) or give --address"
         )
     with state.open() as db:
         code = pairing.create_invite(db, terms, seconds, hints)
+    invite = pairing.parse_invite(code).invite.hex()
     click.echo(
-        f"invite for: {terms.describe()}; works once, for {expires}; "
+        f"invite {invite} for: {terms.describe()}; works once, for {expires}; "
         f"reaches this agent at {', '.join(hints)}"
     )
+    click.echo(f"to withdraw it: p2psync pair uninvite {invite}")
     click.echo("on the other agent, run: p2psync pair join CODE")
     click.echo(code)
+
+
+#: Shortest and longest life of an invite code, in seconds.
+INVITE_SECONDS = (10, 30 * 86400)
+
+
+@pair.command(name="invites")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def pair_invites(state: State, as_json: bool) -> None:
+    """Invite codes this agent made: terms (this agent's view), expiry, and whether
+    they are open, used (by whom), expired or withdrawn."""
+    with state.open() as db:
+        names = {p.key: p.name for p in db.store.peers()}
+        rows = [invite_row(i, names, now_ms()) for i in db.store.invites()]
+    if as_json:
+        output.emit_json(rows)
+        return
+    if not rows:
+        click.echo("no invites")
+    for row in rows:
+        if row["state"] == "used":
+            who = output.safe(row["used_by_name"] or row["used_by"][:7])
+            status = f"used by {who} ({row['used_by'][:7]})"
+        elif row["state"] == "withdrawn":
+            status = f"withdrawn {output.describe_ms(row['withdrawn'])}"
+        elif row["state"] == "expired":
+            status = f"expired {output.describe_ms(row['expires'])}"
+        else:
+            status = f"open until {output.describe_ms(row['expires'])}"
+        click.echo(f"{row['id']}  {status}: {row['terms']}")
+
+
+def invite_row(invite: Invite, names: dict[bytes, str | None], now: int) -> dict[str, Any]:
+    if invite.withdrawn is not None:
+        state = "withdrawn"
+    elif invite.used_by is not None:
+        state = "used"
+    elif invite.expires < now:
+        state = "expired"
+    else:
+        state = "open"
+    return {
+        "id": invite.id.hex(),
+        "state": state,
+        "terms": invite.terms.describe(),
+        "collections": list(invite.terms.collections),
+        "direction": invite.terms.direction.value,
+        "mode": invite.terms.mode.value,
+        "route": invite.terms.route.value,
+        "created": invite.created,
+        "expires": invite.expires,
+        "used_by": device_id(invite.used_by) if invite.used_by else None,
+        "used_by_name": names.get(invite.used_by) if invite.used_by else None,
+        "withdrawn": invite.withdrawn,
+    }
+
+
+@pair.command(name="uninvite")
+@click.argument("invite_id", metavar="ID")
+@pass_state
+def pair_uninvite(state: State, invite_id: str) -> None:
+    """Withdraw an unused invite (ID from `pair invites`, or its first characters):
+    its code works no more."""
+    with state.open() as db:
+        found = resolve_invite(db, invite_id)
+        pairing.withdraw_invite(db, found.id)
+    click.echo(f"withdrew invite {found.id.hex()}: its code works no more")
 
 
 @pair.command(name="join")

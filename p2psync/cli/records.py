@@ -14,7 +14,7 @@ from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.core.entry import OpKind, check_collection, check_key
 from p2psync.core.identity import device_id, short_id
-from p2psync.errors import InvalidRecord, P2PSyncError
+from p2psync.errors import InvalidRecord, NotFoundError, P2PSyncError, StateError
 from p2psync.store.records import VersionInfo
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -54,7 +54,8 @@ def put(
             raise click.UsageError("give either COLLECTION KEY JSON or --from FILE, not both")
         with state.open() as db:
             count = _put_lines(db, source, atomic)
-        click.echo(f"{count} changes written" + (" as one entry" if atomic and count else ""))
+        whole = " as one entry" if atomic and count else ""
+        click.echo(f"{output.plural(count, 'change')} written{whole}")
         return
     if atomic:
         raise click.UsageError("--atomic only applies to --from")
@@ -130,12 +131,8 @@ def get(state: State, collection: str, key: str) -> None:
         value = db.get(collection, key)
         found = value is not None or db.exists(collection, key)
     if not found:
-        raise _NotFound(f"{collection}/{key} not found")
+        raise NotFoundError(f"{collection}/{key} not found")
     click.echo(output.dumps(value))
-
-
-class _NotFound(P2PSyncError):
-    """A record asked for by name does not exist (exit 1)."""
 
 
 @click.command(name="del")
@@ -146,7 +143,7 @@ def delete(state: State, collection: str, key: str) -> None:
     """Delete a record (exit 1 when not found)."""
     with state.open() as db:
         if not db.delete(collection, key):
-            raise _NotFound(f"{collection}/{key} not found")
+            raise NotFoundError(f"{collection}/{key} not found")
     click.echo(f"deleted {collection}/{key}")
 
 
@@ -225,11 +222,18 @@ def conflicts(state: State, as_json: bool) -> None:
 @click.argument("collection")
 @click.argument("key")
 @click.argument("value", metavar="JSON")
+@click.option("--force", is_flag=True, help="Write it even if the record is not in conflict.")
 @pass_state
-def resolve(state: State, collection: str, key: str, value: str) -> None:
-    """Write a value that supersedes every conflicting version of a record."""
+def resolve(state: State, collection: str, key: str, value: str, force: bool) -> None:
+    """Write a value that supersedes every conflicting version of a record
+    (refused for a record not in conflict, unless --force)."""
     parsed = _value_arg(value)
     with state.open() as db:
+        if not force and not db.in_conflict(collection, key):
+            raise StateError(
+                f"{output.safe(f'{collection}/{key}')} is not in conflict (see `p2psync "
+                "conflicts`); to change it run `p2psync put COLLECTION KEY JSON`, or give --force"
+            )
         entry_id = db.resolve(collection, key, parsed)
     click.echo(f"resolved {collection}/{key} (entry {entry_id.hex()[:16]})")
 

@@ -8,19 +8,24 @@ import click
 
 from p2psync import pairing
 from p2psync.cli import output
-from p2psync.cli.context import State, pass_state
+from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
+    Discovered,
+    discovered_agents,
     notify,
     resolve_peer,
     resolve_rule,
+    waiting_for_us,
 )
 from p2psync.cli.terms import accept_in_view, make_terms, rule_options
 from p2psync.core.identity import device_id, short_id
 from p2psync.core.rules import Rule, RuleState
+from p2psync.errors import StateError
 from p2psync.store.peers import Peer
 
 
 @click.group()
+@home_option
 def rule() -> None:
     """Sync rules with paired peers: propose, list, accept, reject, revoke."""
 
@@ -37,14 +42,22 @@ def rule_propose(
     mode: str | None,
     route: str | None,
 ) -> None:
-    """Propose another rule to PEER."""
+    """Propose another rule to PEER: a known peer, or an agent the running agent
+    found on the LAN (by device ID, its first characters, or name)."""
     terms = make_terms(collections, direction, mode, route)
     with state.open() as db:
-        found = resolve_peer(db, peer)
-        result = pairing.propose(db, found.key, terms)
+        found = resolve_peer(db, peer, lambda: discovered_agents(state))
+        if isinstance(found, Discovered):  # it becomes known, reachable where it said
+            result = pairing.propose(
+                db, found.key, terms, name=found.name, addresses=found.addresses
+            )
+        else:
+            result = pairing.propose(db, found.key, terms)
+        known = db.store.peer(found.key)
         me = db.identity.public_key
     notify(state)
-    say_proposal(result, found, me, "")
+    assert known is not None
+    say_proposal(result, known, me, "")
 
 
 def say_proposal(result: pairing.Proposal, peer: Peer, me: bytes, own: str) -> None:
@@ -69,7 +82,7 @@ def say_proposal(result: pairing.Proposal, peer: Peer, me: bytes, own: str) -> N
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @pass_state
 def rule_list(state: State, as_json: bool) -> None:
-    """Every rule with its state."""
+    """Every rule with its state; terms in this agent's view (send = this agent sends)."""
     with state.open() as db:
         me = db.identity.public_key
         rows = [
@@ -100,7 +113,7 @@ def rule_accept(
 ) -> None:
     """Accept a proposed rule, optionally narrowed (options in this agent's view)."""
     with state.open() as db:
-        found = resolve_rule(db, rule_id)
+        found = waiting_for_us(db, resolve_rule(db, rule_id))
         mine = accept_in_view(db, found, collections, direction, mode, route)
     notify(state)
     click.echo(f"accepted rule {found.id.hex()[:12]}: {mine.describe()}")
@@ -113,7 +126,7 @@ def rule_accept(
 def rule_reject(state: State, rule_id: str, reason: str) -> None:
     """Reject a proposed rule."""
     with state.open() as db:
-        found = resolve_rule(db, rule_id)
+        found = waiting_for_us(db, resolve_rule(db, rule_id))
         pairing.reject(db, found, reason)
     notify(state)
     click.echo(f"rejected rule {found.id.hex()[:12]}: {reason}")
@@ -126,6 +139,8 @@ def rule_revoke(state: State, rule_id: str) -> None:
     """Revoke a rule: flow under it stops on both sides."""
     with state.open() as db:
         found = resolve_rule(db, rule_id)
+        if found.state is RuleState.REVOKED:
+            raise StateError(f"rule {found.id.hex()[:12]} is already revoked")
         pairing.revoke(db, found)
     notify(state)
     click.echo(f"revoked rule {found.id.hex()[:12]}")

@@ -18,7 +18,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def rule_options(narrowing: bool = False) -> Callable[[F], F]:
-    """--collection/--direction/--mode/--route; defaults: everything, both, online, auto."""
+    """--collection/--direction/--mode/--route; defaults: everything, both, online, auto.
+
+    The direction is always in this agent's view (whether it proposes or accepts);
+    rules are signed in the proposer's view, see :func:`accept_in_view`."""
 
     def decorate(function: F) -> F:
         help_suffix = " (default: as proposed)" if narrowing else ""
@@ -35,7 +38,8 @@ def rule_options(narrowing: bool = False) -> Callable[[F], F]:
                 click.option(
                     "--direction",
                     type=click.Choice([d.value for d in Direction]),
-                    help="From the proposer's view: send, receive or both (default both).",
+                    help="From this agent's view: send = this agent sends, receive = this "
+                    f"agent receives, or both{help_suffix or ' (default both)'}.",
                 ),
                 click.option(
                     "--mode",
@@ -71,10 +75,13 @@ def make_terms(
     )
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, option: str | None = None) -> float:
+    """Seconds in ``90s``, ``10m``, ``2h``, ``1d`` (a bare number is seconds);
+    ``option`` names the option in the error."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
     if not match:
-        raise UsageError(f"{text!r} is not a duration like 90s, 10m, 2h or 1d")
+        where = f"{option}: " if option else ""
+        raise UsageError(f"{where}{text!r} is not a duration like 90s, 10m, 2h or 1d")
     number, unit = float(match.group(1)), match.group(2) or "s"
     return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 

@@ -251,6 +251,16 @@ def decode_stored(signed: bytes, payloads_blob: bytes) -> Entry:
     return _decode(signed, _payload_list(payloads_blob), payloads_blob)
 
 
+def stored_collections(signed: bytes) -> tuple[str, ...]:
+    """The collections a stored entry's ops change, read from its signed body alone
+    (no payload is decoded; the entry was verified when it was stored)."""
+    start, end = _bstr_span(signed, 1, "signed entry")
+    body = canonical.loads_strict(signed[start:end], what="entry body", max_depth=3)
+    if type(body) is not dict or type(body.get(5)) is not list:
+        raise DecodeError("entry body has no op list")
+    return tuple(ref[0] for ref in body[5])
+
+
 def _payload_list(blob: bytes) -> list[Any]:
     """The payload array: byte strings, or null where withheld."""
     if len(blob) > 2 and blob[0] == 0x81:  # fast path: one op with its payload

@@ -1,13 +1,14 @@
-"""Reading change logs out of the store: heads, and entries to send a peer."""
+"""Reading change logs out of the store: heads, entries to send a peer, and the
+entries a user asks to see."""
 
 from __future__ import annotations
 
 import heapq
 import sqlite3
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
-from p2psync.core.entry import wire_form
+from p2psync.core.entry import stored_collections, wire_form
 from p2psync.core.messages import Head
 
 
@@ -72,3 +73,55 @@ def entry_at(conn: sqlite3.Connection, author: bytes, seq: int) -> Outgoing | No
     if row is None:
         return None
     return Outgoing(row[0], author, seq, row[1], wire_form(row[2], row[3]))
+
+
+_LOG_SELECT = (
+    "SELECT a.key, e.seq, e.id, e.hlc, e.signed, e.payloads "
+    "FROM entries e JOIN authors a ON a.idx = e.author"
+)
+
+
+def log_rows(
+    conn: sqlite3.Connection,
+    author: bytes | None,
+    since_hlc: int | None,
+    covers: Callable[[str], bool] | None,
+    newest: int | None,
+) -> list[tuple[Any, ...]]:
+    """Rows ``(author, seq, id, hlc, signed, payloads)`` of the entries asked for:
+    one author's in seq order, or everyone's in clock order; only those stamped at
+    or after ``since_hlc``; only those with an op in a collection ``covers`` accepts
+    (read from the signed body, payloads untouched); only the ``newest`` of them.
+
+    With ``newest``, rows are read newest first (by index) and reading stops once
+    enough were found.
+    """
+    where: list[str] = []
+    args: list[object] = []
+    if author is not None:
+        where.append("a.key = ?")
+        args.append(author)
+    if since_hlc is not None:
+        where.append("e.hlc >= ?")
+        args.append(since_hlc)
+    sql = _LOG_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    order = ["e.seq"] if author is not None else ["e.hlc", "a.key"]
+    if newest is None:
+        rows = conn.execute(sql + " ORDER BY " + ", ".join(order), args)
+        return [row for row in rows if covers is None or _matches(row[4], covers)]
+    sql += " ORDER BY " + ", ".join(f"{column} DESC" for column in order)
+    if covers is None:
+        found = conn.execute(sql + " LIMIT ?", [*args, newest]).fetchall()
+    else:
+        found = []
+        for row in conn.execute(sql, args):
+            if _matches(row[4], covers):
+                found.append(row)
+                if len(found) >= newest:
+                    break
+    found.reverse()
+    return found
+
+
+def _matches(signed: bytes, covers: Callable[[str], bool]) -> bool:
+    return any(covers(collection) for collection in stored_collections(signed))

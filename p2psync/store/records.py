@@ -55,6 +55,13 @@ def get(conn: sqlite3.Connection, collection: str, key: str) -> Value:
     return payload_value(row[0])
 
 
+def in_conflict(conn: sqlite3.Connection, collection: str, key: str) -> bool:
+    row = conn.execute(
+        "SELECT conflicted FROM records WHERE collection = ? AND key = ?", (collection, key)
+    ).fetchone()
+    return row is not None and bool(row[0])
+
+
 def exists(conn: sqlite3.Connection, collection: str, key: str) -> bool:
     row = conn.execute(
         "SELECT deleted FROM records WHERE collection = ? AND key = ?", (collection, key)

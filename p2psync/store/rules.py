@@ -3,8 +3,8 @@
 ``rule_objects`` keeps every verified signed rule object (proposals, answers,
 revocations) that concerns this agent, exactly as signed; the state of each
 proposal is folded from them (:func:`p2psync.core.rules.fold`). ``invites``
-keeps the invites this agent issued (secret, terms, expiry, who used it) and
-the ones it is joining.
+keeps the invites this agent issued (secret, terms, expiry, who used it, when
+it was withdrawn).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from p2psync.core import canonical
 from p2psync.core import rules as core
@@ -202,6 +203,17 @@ class Invite:
     terms: core.Terms
     expires: int
     used_by: bytes | None
+    created: int = 0
+    withdrawn: int | None = None  # when `pair uninvite` withdrew it
+
+
+_INVITE_COLUMNS = "id, secret, terms, expires, used_by, created, withdrawn"
+
+
+def _invite(row: tuple[Any, ...]) -> Invite:
+    invite_id, secret, terms, expires, used_by, created, withdrawn = row
+    decoded = core.Terms.decode(canonical.decode(terms, what="invite terms", max_depth=2))
+    return Invite(invite_id, secret, decoded, expires, used_by, created, withdrawn)
 
 
 def add_invite(
@@ -219,20 +231,40 @@ def add_invite(
 
 
 def get_invite(conn: sqlite3.Connection, invite_id: bytes) -> Invite | None:
+    """The invite with this ID, unless it was withdrawn: a withdrawn code is then
+    refused exactly like one this agent never made."""
     row = conn.execute(
-        "SELECT id, secret, terms, expires, used_by FROM invites WHERE id = ?", (invite_id,)
+        f"SELECT {_INVITE_COLUMNS} FROM invites WHERE id = ? AND withdrawn IS NULL",
+        (invite_id,),
     ).fetchone()
-    if row is None:
-        return None
-    terms = core.Terms.decode(canonical.decode(row[2], what="invite terms", max_depth=2))
-    return Invite(row[0], row[1], terms, row[3], row[4])
+    return None if row is None else _invite(row)
+
+
+def all_invites(conn: sqlite3.Connection) -> list[Invite]:
+    """Every invite this agent made, withdrawn ones too, oldest first."""
+    rows = conn.execute(f"SELECT {_INVITE_COLUMNS} FROM invites ORDER BY created, id")
+    return [_invite(row) for row in rows.fetchall()]
 
 
 def use_invite(conn: sqlite3.Connection, invite_id: bytes, by: bytes) -> bool:
-    """Mark an unused invite used; False when it was already used."""
+    """Mark an unused invite used; False when it was already used (or withdrawn)."""
     return (
         conn.execute(
-            "UPDATE invites SET used_by = ? WHERE id = ? AND used_by IS NULL", (by, invite_id)
+            "UPDATE invites SET used_by = ? WHERE id = ? AND used_by IS NULL "
+            "AND withdrawn IS NULL",
+            (by, invite_id),
+        ).rowcount
+        == 1
+    )
+
+
+def withdraw_invite(conn: sqlite3.Connection, invite_id: bytes, now_ms: int) -> bool:
+    """Withdraw an unused invite; False when it was used or withdrawn meanwhile."""
+    return (
+        conn.execute(
+            "UPDATE invites SET withdrawn = ? WHERE id = ? AND used_by IS NULL "
+            "AND withdrawn IS NULL",
+            (now_ms, invite_id),
         ).rowcount
         == 1
     )

@@ -18,8 +18,13 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
-Version 7 deletes the ``join:<inviter>`` meta rows earlier versions kept for an
+Version 8 deletes the ``join:<inviter>`` meta rows earlier versions kept for an
 invite code being joined: the code now lives only in the joining process.
+
+Version 7 indexes ``entries`` by clock (``entries_by_hlc``), so ``p2psync log``
+can read the newest entries, or those since a time, without reading them all;
+and gives ``invites`` a ``withdrawn`` column: when ``pair uninvite`` withdrew
+the code (NULL while it stands), after which it works no more.
 
 Version 6 indexes ``rule_objects`` by (peer, signer), proposal and kind, so the
 quota checks run for each pairing request read a few rows, not the table.
@@ -170,9 +175,15 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     CREATE INDEX rule_objects_by_proposal ON rule_objects (proposal);
     CREATE INDEX rule_objects_by_kind ON rule_objects (kind, peer)
     """,
+    # the log's newest entries, or those since a time, without a full scan;
+    # invites can be withdrawn
+    7: """
+    CREATE INDEX entries_by_hlc ON entries (hlc);
+    ALTER TABLE invites ADD COLUMN withdrawn INTEGER
+    """,
     # invite codes being joined are no longer stored (a refused code must not linger
     # and be presented again at every connection): forget those earlier versions kept
-    7: """
+    8: """
     DELETE FROM meta WHERE key LIKE 'join:%'
     """,
 }

@@ -140,6 +140,10 @@ class Store:
         with self._reader.reading() as conn:
             return records.exists(conn, collection, key)
 
+    def in_conflict(self, collection: str, key: str) -> bool:
+        with self._reader.reading() as conn:
+            return records.in_conflict(conn, collection, key)
+
     def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
         after: str | None = None
         while True:
@@ -188,6 +192,24 @@ class Store:
             rows = conn.execute(sql, args).fetchall()
         for row in rows:
             yield StoredEntry(*row)
+
+    def log_entries(
+        self,
+        author: bytes | None = None,
+        *,
+        since_hlc: int | None = None,
+        covers: Callable[[str], bool] | None = None,
+        newest: int | None = None,
+    ) -> list[StoredEntry]:
+        """Stored entries as :meth:`entries` orders them, filtered in the store: see
+        :func:`p2psync.store.logs.log_rows`."""
+        with self._reader.reading() as conn:
+            conn.execute("BEGIN")  # one snapshot, however many rows are read
+            try:
+                rows = logs.log_rows(conn, author, since_hlc, covers, newest)
+            finally:
+                conn.execute("COMMIT")
+        return [StoredEntry(*row) for row in rows]
 
     def forks(self) -> list[tuple[bytes, int, bytes, bytes]]:
         """``(author, seq, ours, theirs)`` for every fork on record."""
@@ -341,8 +363,18 @@ class Store:
             rules_mod.add_invite(conn, invite, secret, terms, expires, now_ms)
 
     def invite(self, invite: bytes) -> rules_mod.Invite | None:
+        """The invite with this ID, unless it was withdrawn."""
         with self._reader.reading() as conn:
             return rules_mod.get_invite(conn, invite)
+
+    def invites(self) -> list[rules_mod.Invite]:
+        """Every invite this agent made, withdrawn ones too."""
+        with self._reader.reading() as conn:
+            return rules_mod.all_invites(conn)
+
+    def withdraw_invite(self, invite: bytes, now_ms: int) -> bool:
+        with self._db.writing() as conn:
+            return rules_mod.withdraw_invite(conn, invite, now_ms)
 
     def use_invite(self, invite: bytes, by: bytes) -> bool:
         with self._db.writing() as conn:
