@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2psync.core.handshake import MAX_NAME_CHARS
 from p2psync.core.identity import Identity
-from p2psync.errors import HomeError
+from p2psync.errors import HomeError, UsageError
 from p2psync.store.store import STORE_FILE, Store
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,13 @@ class Home:
 
 def init(path: Path, name: str | None = None) -> Home:
     """Create a new home with a fresh identity; refuse if one exists."""
+    if name is not None and (
+        not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable()
+    ):
+        raise UsageError(
+            f"a site name is 1-{MAX_NAME_CHARS} printable characters (no tabs, newlines "
+            "or invisible characters); peers see it in every handshake"
+        )
     key_path = path / KEY_FILE
     if key_path.exists():
         raise HomeError(

@@ -31,7 +31,7 @@ from p2psync.core import canonical
 from p2psync.core import rules as core
 from p2psync.core.identity import KEY_BYTES, short_id
 from p2psync.core.rules import Permissions, Rule, RuleState, Terms
-from p2psync.errors import DecodeError, P2PSyncError, UsageError
+from p2psync.errors import DecodeError, P2PSyncError, StateError, UsageError
 from p2psync.home import now_ms
 
 INVITE_PREFIX = "P2PS-"
@@ -129,7 +129,7 @@ def settle(db: Database, peer: bytes) -> list[bytes]:
 def accept(db: Database, rule: Rule, terms: Terms | None = None) -> bytes:
     me = db.identity.public_key
     if rule.acceptor != me or rule.state is not RuleState.PROPOSED:
-        raise UsageError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
+        raise StateError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
     terms = terms or rule.proposed
     if not terms.narrower_than(rule.proposed):
         raise UsageError("an acceptance may narrow a proposal, not widen it")
@@ -141,7 +141,7 @@ def accept(db: Database, rule: Rule, terms: Terms | None = None) -> bytes:
 def reject(db: Database, rule: Rule, reason: str) -> bytes:
     me = db.identity.public_key
     if rule.acceptor != me or rule.state is not RuleState.PROPOSED:
-        raise UsageError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
+        raise StateError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
     signed = core.reject(db.identity, rule.id, reason, now_ms())
     db.store.add_rule_objects(me, [signed], now_ms())
     return signed
@@ -149,7 +149,7 @@ def reject(db: Database, rule: Rule, reason: str) -> bytes:
 
 def revoke(db: Database, rule: Rule) -> bytes:
     if rule.state is RuleState.REVOKED:
-        raise UsageError(f"rule {rule.id.hex()[:12]} is already revoked")
+        raise StateError(f"rule {rule.id.hex()[:12]} is already revoked")
     signed = core.revoke(db.identity, rule.id, now_ms())
     db.store.add_rule_objects(db.identity.public_key, [signed], now_ms())
     return signed
@@ -285,8 +285,12 @@ def parse_invite(code: str) -> InviteCode:
             or type(hints) is not list
         ):
             raise DecodeError("fields")
+        if expires < 0:
+            raise DecodeError("expiry")
         addresses = []
         for ip, port in hints:
+            if type(ip) is not bytes or type(port) is not int or not 0 < port < 65536:
+                raise DecodeError("address")
             host = str(ipaddress.ip_address(ip))
             addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     except (DecodeError, ValueError, TypeError):
@@ -313,7 +317,7 @@ def answer_join(
             "invite code refused: this agent did not issue it (mistyped, withdrawn, or made "
             "by another agent)"
         )
-    if found.expires < now_ms():
+    if found.expires < now_ms() and found.used_by != peer:  # its joiner may still retry
         raise PairingError("invite code refused: it has expired")
     if found.used_by not in (None, peer):
         raise PairingError("invite code refused: it was already used by another agent")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2psync import home as home_mod
+from p2psync.core.handshake import shown_name
 from p2psync.core.identity import Identity, device_id, parse_device_id, short_id, verify
-from p2psync.errors import InvalidDeviceID
+from p2psync.errors import InvalidDeviceID, UsageError
 
 B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
@@ -76,3 +79,13 @@ def test_signatures() -> None:
     assert not verify(identity.public_key, b"message", signature[:-1] + bytes([signature[-1] ^ 1]))
     assert not verify(identity.public_key, b"message", b"short")
     assert Identity(identity.seed).public_key == identity.public_key
+
+
+def test_a_site_name_peers_would_refuse_is_refused_at_init(tmp_path: Path) -> None:
+    """Every handshake carries the name; one with a tab or an invisible joiner would
+    make every peer refuse it, so init refuses it (and an older home's is cleaned)."""
+    for bad in ("Head\toffice", "a\u200db", "x" * 65, "   "):
+        with pytest.raises(UsageError, match="printable"):
+            home_mod.init(tmp_path / "h", bad)
+    assert shown_name("Head\toffice\u200d") == "Head office "
+    assert shown_name("Branch 1") == "Branch 1"

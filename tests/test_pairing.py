@@ -3,8 +3,11 @@ adds, rejections, revocations, invites, and filtered replication."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +17,7 @@ from click.testing import CliRunner, Result
 import p2psync
 from p2psync import pairing
 from p2psync.cli.main import cli
+from p2psync.core import canonical
 from p2psync.core.rules import Direction, RuleState, Terms
 from p2psync.errors import UsageError
 from p2psync.net.link import PairLink
@@ -281,6 +285,43 @@ def test_invite_codes_catch_typos() -> None:
         pairing.parse_invite("hello")
     with pytest.raises(UsageError, match="mistyped"):
         pairing.parse_invite("P2PS-AAAAAAAA-BBBBBBBB")
+
+
+def code_of(fields: list[object]) -> str:
+    """An invite code with these CBOR fields and a valid check (as a forger makes)."""
+    payload = canonical.encode(fields)  # type: ignore[arg-type]
+    check = hashlib.blake2b(payload, digest_size=2).digest()
+    return "P2PS-" + base64.b32encode(payload + check).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "hints, expires",
+    [
+        ([[bytes([127, 0, 0, 1]), 0]], 1),  # port 0
+        ([[bytes([127, 0, 0, 1]), 70000]], 1),  # port out of range
+        ([[2130706433, 7717]], 1),  # an address as an integer
+        ([], -5),  # expiry before 1970
+    ],
+)
+def test_invite_codes_with_impossible_fields_are_refused(
+    hints: list[object], expires: int
+) -> None:
+    fields: list[object] = [bytes(32), bytes(8), bytes(16), hints, expires, bytes(8)]
+    with pytest.raises(UsageError, match="malformed"):
+        pairing.parse_invite(code_of(fields))
+
+
+def test_a_joiner_cut_short_may_retry_after_the_code_expired(make_db: MakeDb) -> None:
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    code = pairing.parse_invite(pairing.create_invite(a, Terms(), 600, []))
+    handshake = os.urandom(32)
+    proof = pairing.join_proof(code.secret, handshake)
+    first = pairing.answer_join(a, key(b), code.invite, proof, handshake)
+    with sqlite3.connect(a.home.store_path) as conn:  # the code expires meanwhile
+        conn.execute("UPDATE invites SET expires = 1")
+    assert pairing.answer_join(a, key(b), code.invite, proof, handshake) == first
+    with pytest.raises(pairing.PairingError, match="expired"):
+        pairing.answer_join(a, key(c), code.invite, proof, handshake)
 
 
 async def test_a_no_op_resync_of_a_paired_pair_is_small(make_db: MakeDb) -> None:

@@ -120,3 +120,12 @@ def test_globs() -> None:
         Terms.make(["bad\npattern"])
     with pytest.raises(Exception, match="1-64"):
         Terms.make([])
+
+
+def test_a_rule_body_with_true_for_its_version_is_refused() -> None:
+    """CBOR ``true`` is not the integer 1 (Python would say they are equal)."""
+    signer = Identity(os.urandom(32))
+    body = canonical.encode({0: True, 1: "revoke", 2: signer.public_key, 3: bytes(32), 4: 1})
+    signed = canonical.encode([body, signer.sign(r.RULE_PREFIX + body)])
+    with pytest.raises(r.RuleError, match="version"):
+        r.decode(signed)

@@ -211,7 +211,9 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
         raise P2PSyncError("this invite code has expired; ask the inviter for a new one")
     with state.open() as db:
         if invite.inviter == db.identity.public_key:
-            raise UsageError("this code was made by this agent; run `pair join` on the other one")
+            raise UsageError(
+                "this code was made by this agent; run `p2psync pair join CODE` on the other one"
+            )
         known = db.store.peer(invite.inviter)
         addresses = [*invite.addresses, *(known.addresses if known else ())]
         import trio  # noqa: PLC0415 - a record command starts faster without trio
@@ -354,13 +356,13 @@ def _waiting_from(db: Database, peer: Peer) -> Rule:
         r for r in db.store.rules(peer.key) if r.state is RuleState.PROPOSED and r.acceptor == me
     ]
     if not waiting:
-        raise UsageError(f"{output.safe(peer.name or '?')} has no request waiting for an answer")
+        raise StateError(f"{output.safe(peer.name or '?')} has no request waiting for an answer")
     if len(waiting) > 1:
         ids = ", ".join(r.id.hex()[:12] for r in waiting)
-        raise UsageError(
+        raise StateError(
             f"{output.safe(peer.name or '?')} has {len(waiting)} requests waiting ({ids}); "
-            "see `p2psync pair "
-            "pending` and answer one with `p2psync rule accept ID` or `rule reject ID`"
+            "answer each with `p2psync rule accept ID` or "
+            "`p2psync rule reject ID --reason TEXT` (see `p2psync pair pending`)"
         )
     return waiting[0]
 

@@ -75,7 +75,10 @@ def say_proposal(result: pairing.Proposal, peer: Peer, me: bytes, own: str) -> N
         where = f" at {', '.join(peer.addresses)}" if peer.addresses else " (no address yet)"
         click.echo(f"proposed to {who}{where}: {terms}")
         if own:
-            click.echo(f"on that agent, run: p2psync pair add {own}  (or: p2psync pair accept)")
+            click.echo(
+                f"on that agent, run: p2psync pair add {own}  "
+                f"(or: p2psync pair accept {own[:7]})"
+            )
 
 
 @rule.command(name="list")

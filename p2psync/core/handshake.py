@@ -39,6 +39,13 @@ BINDING_PREFIX = b"p2psync/v1/noise-static\x00"
 MAX_NAME_CHARS = 64
 
 
+def shown_name(name: str) -> str:
+    """``name`` as the handshake may carry it: at most 64 characters, each printable
+    (an unprintable one, as an older home may hold, becomes a space rather than
+    making every peer refuse the handshake)."""
+    return "".join(c if c.isprintable() else " " for c in name[:MAX_NAME_CHARS])
+
+
 class IdentityMismatch(HandshakeError):
     """The peer proved an identity other than the one expected, or an untrusted one."""
 
@@ -91,7 +98,7 @@ class Handshake:
                 0: PROTOCOL_VERSION,
                 1: identity.public_key,
                 2: identity.sign(BINDING_PREFIX + static.public),
-                3: name[:MAX_NAME_CHARS],
+                3: shown_name(name),
             }
         )
         self._state = HandshakeState(
@@ -150,7 +157,7 @@ class Handshake:
         ):
             raise HandshakeError("handshake payload must have the keys 0-3")
         version, key, signature, name = fields[0], fields[1], fields[2], fields[3]
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise HandshakeError(
                 f"peer speaks protocol version {version!r}; this agent speaks "
                 f"{PROTOCOL_VERSION}: upgrade the older one"

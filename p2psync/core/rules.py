@@ -248,7 +248,8 @@ def decode(signed: bytes) -> RuleObject:
             raise DecodeError("a rule object is [body, signature]")
         body_bytes, signature = pair
         body = canonical.decode(body_bytes, what="rule body", max_depth=3)
-        if type(body) is not dict or body.get(0) != 1 or type(body.get(1)) is not str:
+        version = body.get(0) if type(body) is dict else None
+        if type(version) is not int or version != 1 or type(body.get(1)) is not str:
             raise DecodeError("unknown rule object version or kind")
         kind = Kind(body[1])
         signer = body.get(2)

@@ -436,7 +436,8 @@ class SyncSession:
         if known:
             return known[0]
         return (
-            f"entries of {len(lacking)} authors that the peer holds were not applied "
+            f"entries of {len(lacking)} author{'s' if len(lacking) != 1 else ''} that the "
+            "peer holds were not applied "
             "here (see the log)"
         )
 
