@@ -108,8 +108,30 @@ def run(
                         nursery.cancel_scope.cancel()
                         break
 
-        trio.run(main)
+        try:
+            trio.run(main)
+        except BaseExceptionGroup as group:
+            error = _sole_error(group)
+            if error is None:
+                raise  # anything else is an internal error (traceback with --debug)
+            raise error from error.__cause__
     click.echo("stopped")
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> P2PSyncError | None:
+    """The p2psync error that trio's nurseries wrapped, nested, in exception groups
+    (a start-up failure: a port in use, an address not here), if it is all they hold."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], P2PSyncError):
+        return leaves[0]
+    return None
 
 
 @click.command()

@@ -36,7 +36,7 @@ from zeroconf import (
 )
 
 from p2psync.core.identity import Identity, parse_device_id, short_id
-from p2psync.errors import InvalidDeviceID
+from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,27 @@ def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
     return found
 
 
+def check_interfaces(interfaces: Sequence[str]) -> None:
+    """Refuse discovery interfaces zeroconf could not bind: :class:`UsageError` for
+    what is not an IPv4 address, :class:`P2PSyncError` for one this machine lacks."""
+    mine = [
+        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
+    ]
+    choice = f"this machine has {', '.join(mine) or 'no IPv4 address'}"
+    for text in interfaces:
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            raise UsageError(
+                f"--discovery-interface takes an IPv4 address, not {text!r} ({choice})"
+            ) from None
+        if text not in mine:
+            raise P2PSyncError(
+                f"{text} is not an address of this machine; give one of its addresses with "
+                f"--discovery-interface IP ({choice}), or use --no-discovery"
+            )
+
+
 def advert_name(key: bytes) -> str:
     """The instance name an agent advertises: its short device ID."""
     return f"{short_id(key)}.{SERVICE_TYPE}"
@@ -151,12 +172,19 @@ class Discovery:
         self.advertised: list[str] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        zc = await trio.to_thread.run_sync(
-            lambda: Zeroconf(
-                interfaces=self.interfaces or InterfaceChoice.All,
-                ip_version=IPVersion.V4Only,
+        try:
+            zc = await trio.to_thread.run_sync(
+                lambda: Zeroconf(
+                    interfaces=self.interfaces or InterfaceChoice.All,
+                    ip_version=IPVersion.V4Only,
+                )
             )
-        )
+        except OSError as exc:
+            where = ", ".join(self.interfaces or ["every interface"])
+            raise P2PSyncError(
+                f"cannot use mDNS on {where}: {exc.strerror or exc}; choose another interface "
+                "with --discovery-interface IP, or use --no-discovery"
+            ) from exc
         send, receive = trio.open_memory_channel[tuple[str, ServiceStateChange]](1024)
         token = trio.lowlevel.current_trio_token()
 
