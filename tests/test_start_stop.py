@@ -4,9 +4,11 @@ that says what to do; stopping is quick. Discovery, where used, is bound to
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import ifaddr
 import pytest
 
 from p2psync import home as home_mod
+from p2psync.agent.process import AgentProcess
+from p2psync.home import AGENT_FILE
 from tests.agents import SpawnedAgent
 
 ABSENT_IP = "203.0.113.77"  # TEST-NET-3: documentation only, never this machine's
@@ -108,3 +112,34 @@ def test_discovery_when_listening_on_ipv6_only(home: Path) -> None:
     message = one_sentence(run_agent(home, "--listen", "[::1]:0"))
     assert message.startswith("discovery works over IPv4 only")
     assert "--no-discovery" in message
+
+
+STOP_WITHIN = 1.0  # seconds from the signal to the exit; a user waits for the prompt
+
+
+@pytest.mark.parametrize(
+    ("signum", "after"),
+    [
+        (signal.SIGTERM, 0.0),  # still probing and announcing on mDNS
+        (signal.SIGINT, 0.0),
+        (signal.SIGTERM, 0.5),
+        (signal.SIGINT, 2.5),  # advertised: it says goodbye
+    ],
+)
+def test_stopping_is_quick(home: Path, signum: signal.Signals, after: float) -> None:
+    agent = AgentProcess(home, args=["--discovery-interface", "127.0.0.1"])
+    agent.start()
+    try:
+        time.sleep(after)
+        assert agent.process is not None
+        signalled = time.monotonic()
+        agent.process.send_signal(signum)
+        code = agent.process.wait(timeout=10)
+        took = time.monotonic() - signalled
+        assert agent.process.stdout is not None
+        assert agent.process.stdout.read().strip() == "stopped"
+    finally:
+        agent.stop()
+    assert code == 0
+    assert not (home / AGENT_FILE).exists()
+    assert took < STOP_WITHIN, f"stopping took {took:.2f} s"

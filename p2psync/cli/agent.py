@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,19 +94,21 @@ def run(
         )
         agent = Agent(db, addresses, config)
 
+        async def stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+            async for signum in signals:
+                logging.getLogger("p2psync").info("stopping on %s", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                listening = await nursery.start(agent.run)
-                for address in listening:
-                    click.echo(f"listening on {address}")
-                sys.stdout.flush()
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        logging.getLogger("p2psync").info(
-                            "stopping on %s", signal.Signals(signum).name
-                        )
-                        nursery.cancel_scope.cancel()
-                        break
+            # caught from the start: a signal while starting stops the agent cleanly too
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stop_on_signal, signals, nursery.cancel_scope)
+                    listening = await nursery.start(agent.run)
+                    for address in listening:
+                        click.echo(f"listening on {address}")
+                    sys.stdout.flush()
 
         try:
             trio.run(main)

@@ -14,6 +14,7 @@ Internet: mDNS is link-local multicast.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -228,8 +229,24 @@ class Discovery:
         )
 
     async def _register(self, zc: Zeroconf, info: ServiceInfo) -> None:
-        try:  # probing and announcing block for ~1.6 s
-            await trio.to_thread.run_sync(lambda: zc.register_service(info, allow_name_change=True))
+        """Probe, then announce (~1.6 s in zeroconf's event loop); cancelled, they stop
+        at once, so an agent stopped right after starting does not wait for them."""
+        assert zc.loop is not None
+        future = asyncio.run_coroutine_threadsafe(_announce(zc, info), zc.loop)
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: object) -> None:  # in zeroconf's thread, or in ours on cancel()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        finally:
+            future.cancel()  # no-op once done
+        try:
+            future.result()
         except (NonUniqueNameException, OSError) as exc:
             log.warning("could not advertise this agent on the LAN: %s", exc)
             return
@@ -388,10 +405,25 @@ def _same(name: str, other: str) -> bool:
     return name.lower() == other.lower()  # DNS names ignore case
 
 
+async def _announce(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Register ``info`` and wait for its announcements (in zeroconf's event loop)."""
+    await (await zc.async_register_service(info, allow_name_change=True))
+
+
+async def _withdraw(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Say goodbye (TTL 0, sent 3 times 125 ms apart) if ``info`` was announced: peers
+    drop us at once. Run in zeroconf's event loop after a registration still in
+    progress was cancelled (which stops its probes or announcements), so the
+    registry tells whether anything was announced."""
+    if zc.registry.async_get_info_name(info.key) is not None:
+        await (await zc.async_unregister_service(info))
+
+
 def _close(zc: Zeroconf, browser: ServiceBrowser, info: ServiceInfo) -> None:
     browser.cancel()
+    assert zc.loop is not None
     try:
-        zc.unregister_service(info)  # goodbye: peers drop us at once
+        asyncio.run_coroutine_threadsafe(_withdraw(zc, info), zc.loop).result(timeout=2)
     except Exception:
         log.debug("unregistering from mDNS failed", exc_info=True)
     zc.close()
