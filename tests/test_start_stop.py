@@ -19,6 +19,7 @@ from p2psync import home as home_mod
 from p2psync.agent.process import AgentProcess
 from p2psync.home import AGENT_FILE
 from tests.agents import SpawnedAgent
+from tests.lan import HOLD_MDNS_PORT, Lan, unavailable
 
 ABSENT_IP = "203.0.113.77"  # TEST-NET-3: documentation only, never this machine's
 
@@ -112,6 +113,23 @@ def test_discovery_when_listening_on_ipv6_only(home: Path) -> None:
     message = one_sentence(run_agent(home, "--listen", "[::1]:0"))
     assert message.startswith("discovery works over IPv4 only")
     assert "--no-discovery" in message
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=f"no namespace: {unavailable()}")
+def test_discovery_where_another_program_holds_the_mdns_port(home: Path) -> None:
+    lan = Lan(1)  # a namespace of its own: no agent of this machine loses mDNS meanwhile
+    try:
+        holder = lan.spawn(1, sys.executable, "-c", HOLD_MDNS_PORT)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        result = lan.p2psync(1, home, "run", "--listen", "127.0.0.1:0")
+    finally:
+        lan.close()
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    # zeroconf logs its own error line first; ours is the last
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("p2psync: cannot use mDNS: another program holds UDP port 5353")
+    assert "--no-discovery" in last
 
 
 STOP_WITHIN = 1.0  # seconds from the signal to the exit; a user waits for the prompt

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -181,6 +182,11 @@ class Discovery:
                 )
             )
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise P2PSyncError(
+                    "cannot use mDNS: another program holds UDP port 5353 without sharing it; "
+                    "let it share (avahi: disallow-other-stacks=no), or use --no-discovery"
+                ) from exc
             where = ", ".join(self.interfaces or ["every interface"])
             raise P2PSyncError(
                 f"cannot use mDNS on {where}: {exc.strerror or exc}; choose another interface "
