@@ -354,6 +354,8 @@ class Agent:
         return stats
 
     async def record(self, peer: bytes, **fields: Any) -> None:
+        if fields.get("seen") and self.discovery is not None:  # a connection: seen on the LAN
+            self.discovery.seen(peer)
         try:
             await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
         except P2PSyncError as exc:

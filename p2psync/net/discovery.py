@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ from zeroconf import (
     InterfaceChoice,
     IPVersion,
     NonUniqueNameException,
+    RecordUpdate,
+    RecordUpdateListener,
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
@@ -53,6 +55,10 @@ MAX_PENDING = 64  # adverts waiting to be resolved; more are dropped until some 
 MAX_FAILURES = 3  # failed dials after which an advertised address is dropped
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 @dataclass
 class Found:
     """An agent ID seen on the LAN, with the adverts claiming it.
@@ -66,8 +72,8 @@ class Found:
     key: bytes
     name: str
     instances: dict[str, tuple[str, ...]]  # advert -> its addresses (host:port)
-    first_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
-    last_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    first_seen: int = field(default_factory=_now_ms)
+    last_seen: int = field(default_factory=_now_ms)  # heard, or connected with
     failures: dict[str, int] = field(default_factory=dict)  # address -> failed dials
     proven: set[str] = field(default_factory=set)  # adverts where the key was proven
 
@@ -125,6 +131,39 @@ def check_interfaces(interfaces: Sequence[str]) -> None:
 def advert_name(key: bytes) -> str:
     """The instance name an agent advertises: its short device ID."""
     return f"{short_id(key)}.{SERVICE_TYPE}"
+
+
+def heard_adverts(records: Iterable[RecordUpdate], now: float) -> set[str]:
+    """The adverts (instance names) of which one mDNS response carries live records:
+    its PTR, SRV or TXT records, whether new or already cached (a goodbye is not
+    a sign of life)."""
+    heard = set()
+    suffix = "." + SERVICE_TYPE
+    for update in records:
+        record = update.new
+        if record.is_expired(now):
+            continue
+        name = record.name.lower()
+        if name == SERVICE_TYPE:  # a PTR to an advert (zeroconf exports no DNSPointer)
+            alias = getattr(record, "alias", None)
+            if isinstance(alias, str):
+                heard.add(alias)
+        elif name.endswith(suffix):  # its SRV or TXT (address records name the host)
+            heard.add(record.name)
+    return heard
+
+
+class _HeardListener(RecordUpdateListener):
+    """Every response heard, not only an advert's first: zeroconf's browser reports
+    an advert once, and then only when its records change."""
+
+    def __init__(self, on_heard: Callable[[set[str]], None]) -> None:
+        self.on_heard = on_heard
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        heard = heard_adverts(records, now)  # in zeroconf's event loop
+        if heard:
+            self.on_heard(heard)
 
 
 def parse_advert(properties: dict[bytes, bytes | None]) -> tuple[bytes, str] | None:
@@ -203,6 +242,11 @@ class Discovery:
             ):
                 trio.from_thread.run_sync(send.send_nowait, (name, state_change), trio_token=token)
 
+        def heard(instances: set[str]) -> None:  # in zeroconf's event loop: never blocks
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self.heard, instances)
+
+        zc.add_listener(_HeardListener(heard), None)
         browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[handler])
         info = self._service_info()
         task_status.started()
@@ -314,11 +358,24 @@ class Discovery:
         found.instances.pop(instance, None)  # newest last
         found.instances[instance] = addresses
         found.name = name
-        found.last_seen = time.time_ns() // 1_000_000
+        found.last_seen = _now_ms()
         for address in addresses:  # re-advertised: a fresh chance
             found.failures.pop(address, None)
         self._instances[instance] = key
         self.on_found(found)
+
+    def heard(self, instances: Iterable[str]) -> None:
+        """Records of these adverts were heard again: their agents are still there."""
+        for instance in instances:
+            key = self._instances.get(instance)
+            if key is not None:
+                self.seen(key)
+
+    def seen(self, key: bytes) -> None:
+        """``key`` was heard or connected with just now (if the table holds it)."""
+        found = self.table.get(key)
+        if found is not None:
+            found.last_seen = _now_ms()
 
     def addresses(self, key: bytes) -> tuple[str, ...]:
         """Where the LAN says ``key`` is (unverified until a handshake proves it)."""
@@ -349,6 +406,7 @@ class Discovery:
         if found is not None:
             found.failures.pop(address, None)
             found.proven.update(i for i, a in found.instances.items() if address in a)
+            found.last_seen = _now_ms()
 
     def _room_for(self, found: Found, instance: str) -> bool:
         """Make room for another advert claiming ``found``'s ID: drop adverts left
