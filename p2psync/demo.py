@@ -4,12 +4,18 @@ Three agent processes on 127.0.0.1 (nothing listens on other interfaces),
 each with its own home in a temporary folder. The demo narrates live sync, a
 conflict and its resolution, and a stopped branch catching up; it stops every
 process it started (by PID) and removes the folder, whatever happens.
+
+Whatever else runs on the machine: the agents listen on ports the system
+picks, other agents seen over mDNS are left out of the story, and where
+another program holds the mDNS port without sharing it the sites are given
+each other's addresses instead of finding each other.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +34,12 @@ Say = Callable[[str], None]
 class Site:
     """One site: a home and, while running, its agent process."""
 
-    def __init__(self, base: Path, name: str) -> None:
+    def __init__(self, base: Path, name: str, discovery: bool) -> None:
         self.name = name
         self.home = base / name.lower().replace(" ", "-")
         self.device_id = home_mod.init(self.home, name).identity.device_id
-        self.agent = AgentProcess(
-            self.home, args=["--discovery-interface", "127.0.0.1"], log=self.home / "agent.log"
-        )
+        args = ["--discovery-interface", "127.0.0.1"] if discovery else ["--no-discovery"]
+        self.agent = AgentProcess(self.home, args=args, log=self.home / "agent.log")
 
     @property
     def address(self) -> str:
@@ -91,18 +96,30 @@ def run(say: Say, shell: Say, keep: bool = False) -> None:
 
 def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
     say("Three sites, each with its own agent, home and key, on this machine (127.0.0.1)")
-    head, north, south = (Site(base, n) for n in ("Head office", "Branch North", "Branch South"))
+    discovery = _mdns_usable()
+    head, north, south = (
+        Site(base, n, discovery) for n in ("Head office", "Branch North", "Branch South")
+    )
     sites.extend([head, north, south])
     for site in sites:
         site.start()
         shell(f"{site.name}: device ID {site.device_id}, listening on {site.address}")
 
-    say("They find each other over mDNS (bound to 127.0.0.1 here), but share nothing yet")
-    wait_until(lambda: all(len(_discovered(s)) == 2 for s in sites), timeout=10)
-    for row in json.loads(head.cli("peers", "--json")):
-        shell(
-            f"head office sees {row['name']} ({row['device_id'][:7]}) at "
-            f"{', '.join(row['addresses'])}: {row['state']}"
+    if discovery:
+        say("They find each other over mDNS (bound to 127.0.0.1 here), but share nothing yet")
+        # other agents on this machine may be seen too: only the demo's own sites count
+        ids = {site.device_id for site in sites}
+        wait_until(lambda: all(ids - {s.device_id} <= _discovered(s) for s in sites), timeout=10)
+        for row in json.loads(head.cli("peers", "--json")):
+            if row["device_id"] in ids:
+                shell(
+                    f"head office sees {row['name']} ({row['device_id'][:7]}) at "
+                    f"{', '.join(row['addresses'])}: {row['state']}"
+                )
+    else:
+        say(
+            "mDNS is not usable here (another program holds UDP port 5353 without sharing "
+            "it): the sites are told each other's addresses instead"
         )
 
     say("The head office invites Branch North with a one-time code (all collections)")
@@ -112,9 +129,9 @@ def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
     shell(f"Branch North: p2psync pair join <code>  ->  {joined}")
 
     say("Branch South asks to pair for vouchers and ledgers only; the head office accepts")
-    south.cli(
-        "pair", "add", head.device_id, "-c", "vouchers", "-c", "ledgers", "--name", "Head office"
-    )
+    rule = ["-c", "vouchers", "-c", "ledgers", "--name", "Head office"]
+    where = [] if discovery else ["--address", head.address]  # else: as discovered
+    south.cli("pair", "add", head.device_id, *rule, *where)
     wait_until(lambda: bool(json.loads(head.cli("pair", "pending", "--json"))))
     for line in head.cli("pair", "pending").splitlines()[:1]:
         shell(f"head office: p2psync pair pending  ->  {line}")
@@ -197,8 +214,25 @@ def _status(site: Site) -> dict[str, Any]:
         return {}
 
 
-def _discovered(site: Site) -> list[Any]:
-    return [r for r in json.loads(site.cli("peers", "--json")) if r["state"].startswith("disc")]
+def _mdns_usable() -> bool:
+    """Whether agents here can share UDP port 5353 (mDNS) as zeroconf does: not when
+    another program holds it without sharing (avahi with disallow-other-stacks=yes).
+    Binding sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(("", 5353))
+        except OSError:
+            return False
+    return True
+
+
+def _discovered(site: Site) -> set[str]:
+    """Device IDs of the agents ``site`` has discovered on the LAN."""
+    rows = json.loads(site.cli("peers", "--json"))
+    return {r["device_id"] for r in rows if r["state"].startswith("disc")}
 
 
 def _connections(site: Site) -> int:

@@ -3,6 +3,7 @@
     scripts/bench local [--records N] [--runs R]
     scripts/bench sync  [--records N] [--runs R] [--live-writes W]
     scripts/bench lan   [--runs R] [--agents N]          (root: builds network namespaces)
+    scripts/bench stop  [--runs R]
 
 ``local`` measures the local core (issue 2): single puts, a bulk load of N
 records (one entry each), and ingest of N entries from another author (verify +
@@ -27,6 +28,11 @@ runs with min and max beside it; each run starts from a fresh home.
   the peer's address known, and with it forgotten (found again by mDNS);
 * discovery of N agents started together: time until each lists the N-1 others;
 * CPU used by an idle agent over 60 s, with discovery on and off.
+
+``stop`` times one agent on 127.0.0.1 from SIGTERM to its exit (issue 8): without
+discovery, and with discovery bound to 127.0.0.1 (nothing sent elsewhere) stopped
+at once after ``listening on`` (still probing and announcing on mDNS) and once
+advertised (3 s after; it sends its goodbye).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sqlite3
 import statistics
 import struct
@@ -532,6 +539,38 @@ def run_lan(args: argparse.Namespace) -> None:
     )
 
 
+# ---------------------------------------------------------------- stop
+
+
+def time_stop(home: Path, after: float, *extra: str) -> float:
+    """Seconds from SIGTERM to the exit of an agent signalled ``after`` s after it listens."""
+    agent = AgentProcess(home, args=["--quiet", *extra])
+    agent.start()
+    try:
+        time.sleep(after)
+        assert agent.process is not None
+        signalled = time.monotonic()
+        agent.process.send_signal(signal.SIGTERM)
+        agent.process.wait()  # blocking: a timeout would poll, in steps of up to 50 ms
+        return time.monotonic() - signalled
+    finally:
+        agent.stop()
+
+
+def run_stop(args: argparse.Namespace) -> None:
+    cases = [
+        ("no discovery, stopped 3 s after listening", 3.0, ["--no-discovery"]),
+        ("discovery on 127.0.0.1, stopped at once", 0.0, ["--discovery-interface", "127.0.0.1"]),
+        ("discovery on 127.0.0.1, stopped after 3 s", 3.0, ["--discovery-interface", "127.0.0.1"]),
+    ]
+    with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
+        home = fresh_home(Path(tmp), "stop")
+        print(f"p2psync stop benchmark — {os.cpu_count()} CPUs, SIGTERM to exit, {args.runs} runs")
+        for label, after, extra in cases:
+            ms = [1000 * time_stop(home, after, *extra) for _ in range(args.runs)]
+            print(f"{label + ', ms':<60} {summary(ms)}")
+
+
 def a_key(agent: LanAgent) -> bytes:
     with p2psync.open(agent.home) as db:
         return db.identity.public_key
@@ -560,11 +599,15 @@ def main() -> None:
     lan = sub.add_parser("lan", help="agents in network namespaces: start-to-synced, discovery")
     lan.add_argument("--runs", type=int, default=5)
     lan.add_argument("--agents", type=int, default=10)
+    stop = sub.add_parser("stop", help="one agent: SIGTERM to exit, with and without discovery")
+    stop.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
     if args.suite == "local":
         run_local(args)
     elif args.suite == "sync":
         run_sync(args)
+    elif args.suite == "stop":
+        run_stop(args)
     else:
         run_lan(args)
 

@@ -28,6 +28,16 @@ from typing import IO, Any
 
 NET = "10.98.0"
 
+HOLD_MDNS_PORT = """
+import socket, time
+held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+held.bind(("", 5353))  # no SO_REUSEADDR: nobody else may bind it
+print("held", flush=True)
+time.sleep(300)
+"""
+"""``python -c`` this in a host: a program holding the mDNS port without sharing it
+(as avahi with disallow-other-stacks=yes); it prints ``held`` once it does."""
+
 
 def unavailable() -> str | None:
     """Why a LAN cannot be built here, or None."""

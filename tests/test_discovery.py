@@ -10,7 +10,16 @@ import threading
 import pytest
 import trio
 import trio.testing
-from zeroconf import ServiceInfo
+from zeroconf import (
+    DNSAddress,
+    DNSPointer,
+    DNSService,
+    DNSText,
+    RecordUpdate,
+    ServiceInfo,
+    const,
+    current_time_millis,
+)
 
 from p2psync.core.identity import Identity
 from p2psync.net import discovery as discovery_mod
@@ -23,6 +32,7 @@ from p2psync.net.discovery import (
     SERVICE_TYPE,
     Discovery,
     advert_name,
+    heard_adverts,
     parse_advert,
 )
 
@@ -248,3 +258,39 @@ async def test_a_peers_own_advert_name_claiming_another_id_is_ignored() -> None:
     lan.publish(real, other, "10.0.0.66")  # a host answers for that name with another id
     await discovery._resolve(lan, real)  # type: ignore[arg-type]
     assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",), lost
+
+
+def test_the_records_of_a_response_name_the_adverts_heard() -> None:
+    """zeroconf reports an advert once; every response carrying its records (an
+    announcement, an answer to anyone's query) says the agent is still there."""
+    ptr, srv, txt, a = const._TYPE_PTR, const._TYPE_SRV, const._TYPE_TXT, const._TYPE_A
+    unique = const._CLASS_IN_UNIQUE
+    one, two, gone = _instance(1), _instance(2), _instance(3)
+    again = DNSPointer(SERVICE_TYPE, ptr, const._CLASS_IN, 4500, one)
+    records = [
+        RecordUpdate(again, again),  # heard again: already in the cache
+        RecordUpdate(DNSService(two, srv, unique, 120, 0, 0, 7717, "h2.local."), None),
+        RecordUpdate(DNSText(two, txt, unique, 4500, b"\x04v=1"), None),
+        RecordUpdate(DNSAddress("h2.local.", a, unique, 120, socket.inet_aton("10.0.0.2")), None),
+        RecordUpdate(DNSPointer(SERVICE_TYPE, ptr, const._CLASS_IN, 0, gone), again),  # goodbye
+        RecordUpdate(DNSPointer("_http._tcp.local.", ptr, const._CLASS_IN, 4500, "w._http._tcp.")),
+    ]
+    assert heard_adverts(records, current_time_millis()) == {one, two}
+
+
+async def test_an_agent_heard_again_or_connected_is_seen_again() -> None:
+    discovery, _ = _discovery()
+    lan, peer = HostileLan(), Identity(os.urandom(32))
+    lan.publish(_instance(1), peer, "10.0.0.2")
+    await discovery._resolve(lan, _instance(1))  # type: ignore[arg-type]
+    found = discovery.table[peer.public_key]
+    found.first_seen = found.last_seen = 1
+    discovery.heard({_instance(1), _instance(9)})  # its advert, and one we do not know
+    assert found.last_seen > 1 and found.first_seen == 1
+    found.last_seen = 1
+    discovery.seen(peer.public_key)  # a connection with it
+    assert found.last_seen > 1
+    found.last_seen = 1
+    discovery.succeeded(peer.public_key, "10.0.0.2:7717")  # a handshake at its address
+    assert found.last_seen > 1
+    discovery.seen(Identity(os.urandom(32)).public_key)  # not in the table: nothing to do

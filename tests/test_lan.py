@@ -269,3 +269,18 @@ def test_avahi_resolves_our_agent(lan3: Lan, tmp_path: Path) -> None:
         lan3.ip(1) in line and "7717" in line and h1.device_id in line for line in resolved
     ), result.stdout + result.stderr
     assert h1.agent.running
+
+
+def test_last_seen_moves_when_an_agent_is_heard_again(lan3: Lan, tmp_path: Path) -> None:
+    h1, h2 = HostAgent(lan3, 1, tmp_path, "h1").start(), HostAgent(lan3, 2, tmp_path, "h2").start()
+
+    def last_seen() -> int:
+        rows = [r for r in h1.json("peers") if r["device_id"] == h2.device_id]
+        return int(rows[0]["last_seen"]) if rows else 0
+
+    wait(lambda: last_seen() > 0, 5, "h1 discovers h2")
+    first = last_seen()
+    h2.agent.kill9()  # no goodbye: h1 keeps h2's advert, unchanged when h2 is back
+    time.sleep(1)
+    h2.start()  # announces the very same records again
+    wait(lambda: last_seen() > first, 10, "h1 hears h2 again")

@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,7 +40,7 @@ from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE, now_ms
 from p2psync.net.address import format_address, parse_address
-from p2psync.net.discovery import Discovery, Found, advert_name
+from p2psync.net.discovery import Discovery, Found, advert_name, check_interfaces
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
@@ -103,14 +104,9 @@ class Agent:
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled; reports the listen addresses once listening."""
-        listeners: list[trio.SocketListener] = []
-        for host, port in self.listen:
-            try:
-                listeners.extend(await trio.open_tcp_listeners(port, host=host))
-            except OSError as exc:
-                raise P2PSyncError(
-                    f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
-                ) from exc
+        if self.config.discovery:
+            check_interfaces(self.config.discovery_interfaces)
+        listeners = await self._open_listeners()
         self.addresses = [
             format_address(*listener.socket.getsockname()[:2]) for listener in listeners
         ]
@@ -140,10 +136,33 @@ class Agent:
             finally:
                 self._remove_agent_file()
 
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        listeners: list[trio.SocketListener] = []
+        try:
+            for host, port in self.listen:
+                try:
+                    listeners.extend(await trio.open_tcp_listeners(port, host=host))
+                except OSError as exc:
+                    raise P2PSyncError(_cannot_listen(host, port, exc)) from exc
+        except BaseException:
+            for listener in listeners:
+                listener.socket.close()
+            raise
+        return listeners
+
     def _listen_hosts(self) -> tuple[str, ...]:
-        """Specific listen addresses also bound discovery; 0.0.0.0 means every interface."""
+        """Specific listen addresses also bound discovery (IPv4 only, as mDNS here);
+        0.0.0.0 means every interface."""
         hosts = {parse_address(a)[0] for a in self.addresses}
-        return () if hosts & {"0.0.0.0", "::"} else tuple(sorted(hosts))
+        if hosts & {"0.0.0.0", "::"}:
+            return ()
+        ipv4 = tuple(sorted(h for h in hosts if ":" not in h))
+        if not ipv4:
+            raise P2PSyncError(
+                "discovery works over IPv4 only and this agent listens on IPv6 only; "
+                "name an IPv4 address with --discovery-interface IP, or use --no-discovery"
+            )
+        return ipv4
 
     def _found(self, found: Found) -> None:
         """A LAN advert: dial a known peer at once at the address it advertises."""
@@ -374,6 +393,8 @@ class Agent:
         return stats
 
     async def record(self, peer: bytes, **fields: Any) -> None:
+        if fields.get("seen") and self.discovery is not None:  # a connection: seen on the LAN
+            self.discovery.seen(peer)
         try:
             await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
         except P2PSyncError as exc:
@@ -439,6 +460,35 @@ class Agent:
     def dial_now(self, key: bytes | None = None) -> None:
         """Skip the backoff wait of one dialer (or all)."""
         self.dialing.now(key)
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why listening on ``host:port`` failed, and what to do: one sentence."""
+    address = format_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{address} is in use by another program; "
+            "choose another port with --listen HOST:PORT"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot listen on {address}: {host} is not an address of this machine; "
+            "give one of its addresses (or 0.0.0.0 for all) with --listen HOST:PORT"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"cannot listen on {address}: permission denied (ports below 1024 need root); "
+            "choose another port with --listen HOST:PORT"
+        )
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"cannot listen on {address}: {host!r} is not a known host name; "
+            "give an address of this machine with --listen HOST:PORT"
+        )
+    return (
+        f"cannot listen on {address}: {exc.strerror or exc}; "
+        "choose another address with --listen HOST:PORT"
+    )
 
 
 def _unlink(path: str) -> None:

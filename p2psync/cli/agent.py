@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,22 +94,46 @@ def run(
         )
         agent = Agent(db, addresses, config)
 
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                listening = await nursery.start(agent.run)
-                for address in listening:
-                    click.echo(f"listening on {address}")
-                sys.stdout.flush()
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        logging.getLogger("p2psync").info(
-                            "stopping on %s", signal.Signals(signum).name
-                        )
-                        nursery.cancel_scope.cancel()
-                        break
+        async def stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+            async for signum in signals:
+                logging.getLogger("p2psync").info("stopping on %s", signal.Signals(signum).name)
+                scope.cancel()
+                return
 
-        trio.run(main)
+        async def main() -> None:
+            # caught from the start: a signal while starting stops the agent cleanly too
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stop_on_signal, signals, nursery.cancel_scope)
+                    listening = await nursery.start(agent.run)
+                    for address in listening:
+                        click.echo(f"listening on {address}")
+                    sys.stdout.flush()
+
+        try:
+            trio.run(main)
+        except BaseExceptionGroup as group:
+            error = _sole_error(group)
+            if error is None:
+                raise  # anything else is an internal error (traceback with --debug)
+            raise error from error.__cause__
     click.echo("stopped")
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> P2PSyncError | None:
+    """The p2psync error that trio's nurseries wrapped, nested, in exception groups
+    (a start-up failure: a port in use, an address not here), if it is all they hold."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], P2PSyncError):
+        return leaves[0]
+    return None
 
 
 @click.command()

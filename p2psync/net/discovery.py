@@ -14,12 +14,14 @@ Internet: mDNS is link-local multicast.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,8 @@ from zeroconf import (
     InterfaceChoice,
     IPVersion,
     NonUniqueNameException,
+    RecordUpdate,
+    RecordUpdateListener,
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
@@ -36,7 +40,7 @@ from zeroconf import (
 )
 
 from p2psync.core.identity import Identity, parse_device_id, short_id
-from p2psync.errors import InvalidDeviceID
+from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,10 @@ MAX_ADDRESSES = 8  # per advert, and offered per agent
 MAX_INSTANCES = 4  # adverts (instance names) remembered per agent ID
 MAX_PENDING = 64  # adverts waiting to be resolved; more are dropped until some finish
 MAX_FAILURES = 3  # failed dials after which an advertised address is dropped
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -64,8 +72,8 @@ class Found:
     key: bytes
     name: str
     instances: dict[str, tuple[str, ...]]  # advert -> its addresses (host:port)
-    first_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
-    last_seen: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    first_seen: int = field(default_factory=_now_ms)
+    last_seen: int = field(default_factory=_now_ms)  # heard, or connected with
     failures: dict[str, int] = field(default_factory=dict)  # address -> failed dials
     proven: set[str] = field(default_factory=set)  # adverts where the key was proven
 
@@ -99,9 +107,63 @@ def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
     return found
 
 
+def check_interfaces(interfaces: Sequence[str]) -> None:
+    """Refuse discovery interfaces zeroconf could not bind: :class:`UsageError` for
+    what is not an IPv4 address, :class:`P2PSyncError` for one this machine lacks."""
+    mine = [
+        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
+    ]
+    choice = f"this machine has {', '.join(mine) or 'no IPv4 address'}"
+    for text in interfaces:
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            raise UsageError(
+                f"--discovery-interface takes an IPv4 address, not {text!r} ({choice})"
+            ) from None
+        if text not in mine:
+            raise P2PSyncError(
+                f"{text} is not an address of this machine; give one of its addresses with "
+                f"--discovery-interface IP ({choice}), or use --no-discovery"
+            )
+
+
 def advert_name(key: bytes) -> str:
     """The instance name an agent advertises: its short device ID."""
     return f"{short_id(key)}.{SERVICE_TYPE}"
+
+
+def heard_adverts(records: Iterable[RecordUpdate], now: float) -> set[str]:
+    """The adverts (instance names) of which one mDNS response carries live records:
+    its PTR, SRV or TXT records, whether new or already cached (a goodbye is not
+    a sign of life)."""
+    heard = set()
+    suffix = "." + SERVICE_TYPE
+    for update in records:
+        record = update.new
+        if record.is_expired(now):
+            continue
+        name = record.name.lower()
+        if name == SERVICE_TYPE:  # a PTR to an advert (zeroconf exports no DNSPointer)
+            alias = getattr(record, "alias", None)
+            if isinstance(alias, str):
+                heard.add(alias)
+        elif name.endswith(suffix):  # its SRV or TXT (address records name the host)
+            heard.add(record.name)
+    return heard
+
+
+class _HeardListener(RecordUpdateListener):
+    """Every response heard, not only an advert's first: zeroconf's browser reports
+    an advert once, and then only when its records change."""
+
+    def __init__(self, on_heard: Callable[[set[str]], None]) -> None:
+        self.on_heard = on_heard
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        heard = heard_adverts(records, now)  # in zeroconf's event loop
+        if heard:
+            self.on_heard(heard)
 
 
 def parse_advert(properties: dict[bytes, bytes | None]) -> tuple[bytes, str] | None:
@@ -151,12 +213,24 @@ class Discovery:
         self.advertised: list[str] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        zc = await trio.to_thread.run_sync(
-            lambda: Zeroconf(
-                interfaces=self.interfaces or InterfaceChoice.All,
-                ip_version=IPVersion.V4Only,
+        try:
+            zc = await trio.to_thread.run_sync(
+                lambda: Zeroconf(
+                    interfaces=self.interfaces or InterfaceChoice.All,
+                    ip_version=IPVersion.V4Only,
+                )
             )
-        )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise P2PSyncError(
+                    "cannot use mDNS: another program holds UDP port 5353 without sharing it; "
+                    "let it share (avahi: disallow-other-stacks=no), or use --no-discovery"
+                ) from exc
+            where = ", ".join(self.interfaces or ["every interface"])
+            raise P2PSyncError(
+                f"cannot use mDNS on {where}: {exc.strerror or exc}; choose another interface "
+                "with --discovery-interface IP, or use --no-discovery"
+            ) from exc
         send, receive = trio.open_memory_channel[tuple[str, ServiceStateChange]](1024)
         token = trio.lowlevel.current_trio_token()
 
@@ -168,6 +242,11 @@ class Discovery:
             ):
                 trio.from_thread.run_sync(send.send_nowait, (name, state_change), trio_token=token)
 
+        def heard(instances: set[str]) -> None:  # in zeroconf's event loop: never blocks
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self.heard, instances)
+
+        zc.add_listener(_HeardListener(heard), None)
         browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[handler])
         info = self._service_info()
         task_status.started()
@@ -200,8 +279,24 @@ class Discovery:
         )
 
     async def _register(self, zc: Zeroconf, info: ServiceInfo) -> None:
-        try:  # probing and announcing block for ~1.6 s
-            await trio.to_thread.run_sync(lambda: zc.register_service(info, allow_name_change=True))
+        """Probe, then announce (~1.6 s in zeroconf's event loop); cancelled, they stop
+        at once, so an agent stopped right after starting does not wait for them."""
+        assert zc.loop is not None
+        future = asyncio.run_coroutine_threadsafe(_announce(zc, info), zc.loop)
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: object) -> None:  # in zeroconf's thread, or in ours on cancel()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        finally:
+            future.cancel()  # no-op once done
+        try:
+            future.result()
         except (NonUniqueNameException, OSError) as exc:
             log.warning("could not advertise this agent on the LAN: %s", exc)
             return
@@ -263,11 +358,24 @@ class Discovery:
         found.instances.pop(instance, None)  # newest last
         found.instances[instance] = addresses
         found.name = name
-        found.last_seen = time.time_ns() // 1_000_000
+        found.last_seen = _now_ms()
         for address in addresses:  # re-advertised: a fresh chance
             found.failures.pop(address, None)
         self._instances[instance] = key
         self.on_found(found)
+
+    def heard(self, instances: Iterable[str]) -> None:
+        """Records of these adverts were heard again: their agents are still there."""
+        for instance in instances:
+            key = self._instances.get(instance)
+            if key is not None:
+                self.seen(key)
+
+    def seen(self, key: bytes) -> None:
+        """``key`` was heard or connected with just now (if the table holds it)."""
+        found = self.table.get(key)
+        if found is not None:
+            found.last_seen = _now_ms()
 
     def addresses(self, key: bytes) -> tuple[str, ...]:
         """Where the LAN says ``key`` is (unverified until a handshake proves it)."""
@@ -298,6 +406,7 @@ class Discovery:
         if found is not None:
             found.failures.pop(address, None)
             found.proven.update(i for i, a in found.instances.items() if address in a)
+            found.last_seen = _now_ms()
 
     def _room_for(self, found: Found, instance: str) -> bool:
         """Make room for another advert claiming ``found``'s ID: drop adverts left
@@ -360,10 +469,25 @@ def _same(name: str, other: str) -> bool:
     return name.lower() == other.lower()  # DNS names ignore case
 
 
+async def _announce(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Register ``info`` and wait for its announcements (in zeroconf's event loop)."""
+    await (await zc.async_register_service(info, allow_name_change=True))
+
+
+async def _withdraw(zc: Zeroconf, info: ServiceInfo) -> None:
+    """Say goodbye (TTL 0, sent 3 times 125 ms apart) if ``info`` was announced: peers
+    drop us at once. Run in zeroconf's event loop after a registration still in
+    progress was cancelled (which stops its probes or announcements), so the
+    registry tells whether anything was announced."""
+    if zc.registry.async_get_info_name(info.key) is not None:
+        await (await zc.async_unregister_service(info))
+
+
 def _close(zc: Zeroconf, browser: ServiceBrowser, info: ServiceInfo) -> None:
     browser.cancel()
+    assert zc.loop is not None
     try:
-        zc.unregister_service(info)  # goodbye: peers drop us at once
+        asyncio.run_coroutine_threadsafe(_withdraw(zc, info), zc.loop).result(timeout=2)
     except Exception:
         log.debug("unregistering from mDNS failed", exc_info=True)
     zc.close()
