@@ -172,7 +172,7 @@ def test_prefix_ending_before_the_surrogates(run: Run) -> None:
 def test_pairing_commands(run: Run, tmp_path: Path) -> None:
     own = run("init").output.splitlines()[0]
     other = run("init", home_path=tmp_path / "other").output.splitlines()[0]
-    assert run("pair", "add", "NOT-AN-ID").exit_code == 2
+    assert "no peer called" in run("pair", "add", "NOT-AN-ID").output  # names a peer, or an ID
     typo = other[:-1] + ("A" if other[-1] != "A" else "B")
     assert "invalid device ID" in run("pair", "add", typo).output
     assert run("pair", "add", own).exit_code == 2  # ourselves
@@ -306,7 +306,6 @@ def test_lookups_and_refusals_exit_1_usage_errors_exit_2(run: Run, tmp_path: Pat
     run("pair", "add", other, "--name", "Branch")
     [rule] = json.loads(run("rule", "list", "--json").output)
     usage = [
-        ("pair", "add", "NOT-AN-ID"),
         ("pair", "add", own),  # this agent itself
         ("pair", "remove", own[:-1] + ("A" if own[-1] != "A" else "B")),  # a mistyped ID
         ("rule", "revoke", "not-hex!"),
@@ -318,6 +317,7 @@ def test_lookups_and_refusals_exit_1_usage_errors_exit_2(run: Run, tmp_path: Pat
         assert run(*args).exit_code == 2, args
     errors = [
         ("pair", "remove", "Nobody"),  # no peer called that
+        ("pair", "add", "NOT-AN-ID"),  # neither a device ID nor a peer's name
         ("rule", "propose", stranger),  # a valid ID, but not a known peer
         ("rule", "revoke", "abcdef"),  # no rule matches
         ("rule", "accept", rule["id"]),  # our own proposal: not waiting for us

@@ -128,6 +128,43 @@ def test_three_hosts_discover_pair_and_relay_by_rule(lan3: Lan, tmp_path: Path) 
         assert "verified" in agent.cli("verify")
 
 
+def test_the_readme_walk_works_as_written(lan3: Lan, tmp_path: Path) -> None:
+    """README "A head office and two branches, step by step", command by command."""
+    ho = HostAgent(lan3, 1, tmp_path, "Head office").start()
+    b1 = HostAgent(lan3, 2, tmp_path, "Branch 1").start()
+    b2 = HostAgent(lan3, 3, tmp_path, "Branch 2").start()
+    for agent in (ho, b1, b2):
+        others = {a.device_id for a in (ho, b1, b2) if a is not agent}
+        wait(lambda a=agent, o=others: a.discovered() >= o, 10, f"{agent.name} lists the others")
+    # with an invite code
+    code = ho.cli("pair", "invite", "-c", "vouchers", "-c", "ledgers").splitlines()[-1]
+    joined = b1.cli("pair", "join", code)
+    assert joined.startswith(
+        f"paired with Head office ({ho.device_id[:7]}): ledgers, vouchers; both; online; "
+        "route auto (rule "
+    ), joined
+    # by request and approval
+    asked = b2.cli("pair", "add", "Head office", "-c", "vouchers")
+    assert "proposed to Head office" in asked, asked
+    wait(lambda: "Branch 2 asks: vouchers; both; online; route auto" in ho.cli("pair", "pending"),
+         10, "the head office sees the request")
+    assert "paired with Branch 2" in ho.cli("pair", "accept", "Branch 2")
+    # from then on
+    ho.cli("put", "vouchers", "V-1001", '{"party": "ACME", "amount": 1200}')
+    for branch in (b1, b2):
+        wait(lambda b=branch: b.get("vouchers", "V-1001") == {"amount": 1200, "party": "ACME"},
+             10, f"{branch.name} holds V-1001")
+    for agent in (ho, b1, b2):
+        assert "in sync" in agent.cli("sync", "--timeout", "10")
+        for row in agent.json("peers"):
+            if row["state"] == "paired":
+                assert row["connected"] and row["in_sync"] and not row["problem"], row
+        assert "accepted" in agent.cli("rule", "list")
+    assert "nothing pending" in ho.cli("pair", "pending")
+    peers_b1 = b1.cli("peers")
+    assert "Head office" in peers_b1 and "paired; connected; in sync; 0 behind, 0 ahead" in peers_b1
+
+
 def test_partition_then_heal_converges(lan3: Lan, tmp_path: Path) -> None:
     h1, h2 = HostAgent(lan3, 1, tmp_path, "h1").start(), HostAgent(lan3, 2, tmp_path, "h2").start()
     invite_pair(h1, h2)

@@ -13,6 +13,8 @@ from p2psync.api import Database
 from p2psync.cli import output
 from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
+    Discovered,
+    discovered_agents,
     listen_hints,
     notify,
     resolve_invite,
@@ -22,7 +24,7 @@ from p2psync.cli.rule import rule_row, say_proposal
 from p2psync.cli.terms import accept_in_view, make_terms, parse_duration, rule_options
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import P2PSyncError, StateError, UsageError
+from p2psync.errors import InvalidDeviceID, P2PSyncError, StateError, UsageError
 from p2psync.home import now_ms
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
@@ -36,7 +38,7 @@ def pair() -> None:
 
 
 @pair.command(name="add")
-@click.argument("device_id")
+@click.argument("peer")
 @click.option(
     "--address",
     "addresses",
@@ -49,7 +51,7 @@ def pair() -> None:
 @pass_state
 def pair_add(
     state: State,
-    device_id: str,
+    peer: str,
     addresses: tuple[str, ...],
     name: str | None,
     collections: tuple[str, ...],
@@ -57,9 +59,9 @@ def pair_add(
     mode: str | None,
     route: str | None,
 ) -> None:
-    """Ask DEVICE_ID to pair, proposing a sync rule; nothing flows until it accepts
-    (or has added this agent too)."""
-    key = parse_device_id(device_id)
+    """Ask PEER to pair, proposing a sync rule; nothing flows until it accepts (or
+    has added this agent too). PEER: a device ID, or the name or first characters
+    of an agent `p2psync peers` lists (a known peer, or one found on the LAN)."""
     for address in addresses:
         try:
             parse_address(address)
@@ -67,15 +69,23 @@ def pair_add(
             raise UsageError(str(exc)) from None
     terms = make_terms(collections, direction, mode, route)
     with state.open() as db:
+        try:
+            key = parse_device_id(peer)
+        except InvalidDeviceID:
+            found = resolve_peer(db, peer, lambda: discovered_agents(state))
+            key = found.key
+            if isinstance(found, Discovered):  # reachable where it said, until proven
+                addresses = (*addresses, *found.addresses)
+                name = name or found.name
         known = db.store.peer(key)
         default = None if known is not None and known.name else short_id(key)
         result = pairing.propose(db, key, terms, name=name or default, addresses=addresses)
-        peer = db.store.peer(key)
+        added = db.store.peer(key)
         own = db.device_id
         me = db.identity.public_key
     notify(state)
-    assert peer is not None
-    say_proposal(result, peer, me, own)
+    assert added is not None
+    say_proposal(result, added, me, own)
 
 
 @pair.command(name="invite")
