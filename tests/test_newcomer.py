@@ -5,6 +5,7 @@ between one pair, one-way rules, and what `status`/`peers` say meanwhile."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -218,3 +219,39 @@ def test_a_branch_that_cannot_get_in_step_is_told_where_it_looks(agents: Make) -
     [row] = [r for r in json.loads(cli(b1.home, "peers", "--json")) if r["name"] == "ho"]
     assert "cannot get in step" in (row["problem"] or ""), row
     assert "cannot get in step" in cli(b1.home, "peers")
+
+
+# ---------------------------------------------------------------- messages
+
+
+def test_sync_to_an_address_names_it_and_says_what_failed(tmp_path: Path) -> None:
+    lonely = SpawnedAgent(tmp_path / "lonely", "lonely").init()
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    result = run(lonely.home, "sync", "--address", f"127.0.0.1:{port}", "--timeout", "5")
+    assert time.monotonic() - started < 4
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}: NOT in sync: cannot reach 127.0.0.1:{port}" in result.stdout, (
+        result.stdout
+    )
+    assert "after 5 s" not in result.stdout
+
+
+def test_a_stranger_is_told_it_is_not_paired_and_reconnects_are_not_pairings(
+    agents: Make,
+) -> None:
+    x, stranger = agents("x").start(), agents("stranger")
+    result = run(stranger.home, "sync", "--address", x.address, "--timeout", "10")
+    assert "not paired: no rule in force" in result.stdout, result.stdout
+    assert "awaits approval" not in result.stdout
+    # a paired pair that reconnects logs "paired with" once, at the pairing
+    y = agents("y").start()
+    assert run(y.home, "pair", "join", invite(x, "-c", "c")).returncode == 0
+    wait_for(lambda: x.status()["agent"]["connections"], timeout=10)
+    for _ in range(2):
+        y.stop()
+        y.start()
+        wait_for(lambda: any(c["synced"] for c in x.status()["agent"]["connections"]), 10)
+    assert log_lines(x, "paired with") <= 1

@@ -88,9 +88,18 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
                 elif conn is None and ended is not None and ended[0] > asked and not ended[2]:
                     results[key] = {"device_id": device_id(key), "synced": False, "error": ended[1]}
             await trio.sleep(0.02)
+    for key, answer in results.items():
+        known = agent.peers.get(key)
+        answer["name"] = known.name if known is not None else None
     for key in keys:
         if key not in results:
-            row = await trio.to_thread.run_sync(agent.db.store.peer, key)
-            error = (row.last_error if row else None) or "not in sync before the timeout"
-            results[key] = {"device_id": device_id(key), "synced": False, "error": error}
+            stored = await trio.to_thread.run_sync(agent.db.store.peer, key)
+            error = (stored.last_error if stored else None) or "not in sync before the timeout"
+            known = agent.peers.get(key)
+            results[key] = {
+                "device_id": device_id(key),
+                "name": known.name if known is not None else None,
+                "synced": False,
+                "error": error,
+            }
     return {"ok": all(r["synced"] for r in results.values()), "peers": list(results.values())}

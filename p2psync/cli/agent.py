@@ -19,8 +19,8 @@ from p2psync.agent import sockets
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_peer
-from p2psync.core.identity import device_id, short_id
-from p2psync.errors import P2PSyncError, UsageError
+from p2psync.core.identity import device_id, parse_device_id, short_id
+from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 from p2psync.home import AGENT_FILE
 from p2psync.net.address import parse_address
 
@@ -193,7 +193,18 @@ def _peer_id(state: State, peer: str | None) -> str | None:
 def _from_agent(row: dict[str, Any]) -> SyncOutcome:
     from p2psync.net.oneshot import SyncOutcome  # noqa: PLC0415 - see the note at the top
 
-    return SyncOutcome(row["device_id"], bool(row["synced"]), row.get("error"), 0, 0)
+    return SyncOutcome(
+        row["device_id"], bool(row["synced"]), row.get("error"), 0, 0, name=row.get("name")
+    )
+
+
+def _who(outcome: SyncOutcome) -> str:
+    """``name (SHORT-ID)`` for a peer, or the address dialled when it is not known."""
+    try:
+        short = short_id(parse_device_id(outcome.peer))
+    except InvalidDeviceID:
+        return output.safe(outcome.peer)
+    return f"{output.safe(outcome.name)} ({short})" if outcome.name else short
 
 
 def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
@@ -202,7 +213,7 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
     if not outcomes:
         raise P2PSyncError("no paired peer with an address to sync with; see `p2psync peers`")
     for outcome in outcomes:
-        who = outcome.peer[:7]
+        who = _who(outcome)
         if outcome.synced:
             click.echo(f"{who}: in sync (received {outcome.received}, sent {outcome.sent})")
         else:
