@@ -7,6 +7,7 @@ import pytest
 
 import p2psync
 from p2psync import home as home_mod
+from tests.agents import SpawnedAgent
 
 
 @pytest.fixture
@@ -29,3 +30,19 @@ def make_db(tmp_path: Path) -> Iterator[Callable[[str], p2psync.Database]]:
 @pytest.fixture
 def db(make_db: Callable[[str], p2psync.Database]) -> p2psync.Database:
     return make_db("a")
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[[str], SpawnedAgent]]:
+    """Make agent processes (each with its own home under tmp_path, discovery off);
+    every one started is stopped at teardown."""
+    started: list[SpawnedAgent] = []
+
+    def make(name: str) -> SpawnedAgent:
+        agent = SpawnedAgent(tmp_path / name, name).init()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.stop()

@@ -9,8 +9,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -18,20 +17,6 @@ import p2psync
 from tests.agents import SpawnedAgent, cli, value_at, wait_for
 
 Make = Callable[[str], SpawnedAgent]
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Make]:
-    started: list[SpawnedAgent] = []
-
-    def make(name: str) -> SpawnedAgent:
-        agent = SpawnedAgent(tmp_path / name, name).init()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        agent.stop()
 
 
 def pair_up(*agents: SpawnedAgent) -> None:

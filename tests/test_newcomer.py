@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +21,6 @@ from tests.agents import SpawnedAgent, cli, value_at, wait_for
 Make = Callable[[str], SpawnedAgent]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Make]:
-    started: list[SpawnedAgent] = []
-
-    def make(name: str) -> SpawnedAgent:
-        agent = SpawnedAgent(tmp_path / name, name).init()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        agent.stop()
 
 
 def run(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -22,20 +21,6 @@ from p2psync.home import now_ms
 from tests.agents import SpawnedAgent, cli, value_at, wait_for
 
 MakeDb = Callable[[str], p2psync.Database]
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[[str], SpawnedAgent]]:
-    started: list[SpawnedAgent] = []
-
-    def make(name: str) -> SpawnedAgent:
-        agent = SpawnedAgent(tmp_path / name, name).init()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        agent.stop()
 
 
 @pytest.mark.slow

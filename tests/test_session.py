@@ -257,9 +257,9 @@ def test_lacking_entries_without_a_known_refusal_still_say_so() -> None:
     assert b.stuck_reason is not None and "not applied here" in b.stuck_reason
 
 
-def test_the_sender_of_a_one_way_flow_is_in_sync_whatever_the_receiver_writes() -> None:
-    """The receiver's own writes never flow to the sender (the rules say so), yet its
-    Caught digest counts them: the sender must not wait for it to match."""
+def one_way() -> tuple[SyncSession, SyncSession, bytes, bytes]:
+    """A sender and a receiver of a one-way rule, past Have: each holds one entry of
+    its own author (``mine`` the sender's, ``theirs`` the receiver's)."""
     mine, theirs = os.urandom(32), os.urandom(32)
     sender = SyncSession(0.0)
     sender.set_flow(sending=True, receiving=False)
@@ -269,6 +269,13 @@ def test_the_sender_of_a_one_way_flow_is_in_sync_whatever_the_receiver_writes() 
     receiver.begin({theirs: head(1)})
     deliver(sender, receiver)
     deliver(receiver, sender)
+    return sender, receiver, mine, theirs
+
+
+def test_the_sender_of_a_one_way_flow_is_in_sync_whatever_the_receiver_writes() -> None:
+    """The receiver's own writes never flow to the sender (the rules say so), yet its
+    Caught digest counts them: the sender must not wait for it to match."""
+    sender, receiver, mine, theirs = one_way()
     assert sender.wants() == {mine: 0}
     sender.send_batch([b"entry"], [(mine, 1, head(1).head)])
     [batch] = [e for e in deliver(sender, receiver) if isinstance(e, BatchReceived)]
@@ -284,15 +291,7 @@ def test_the_sender_of_a_one_way_flow_is_in_sync_whatever_the_receiver_writes() 
 
 def test_the_sender_of_a_one_way_flow_still_sees_a_refusal() -> None:
     """...but when the receiver refused what was sent, its Caught shows it."""
-    mine, theirs = os.urandom(32), os.urandom(32)
-    sender = SyncSession(0.0)
-    sender.set_flow(sending=True, receiving=False)
-    receiver = SyncSession(0.0)
-    receiver.set_flow(sending=False, receiving=True)
-    sender.begin({mine: head(1)})
-    receiver.begin({theirs: head(1)})
-    deliver(sender, receiver)
-    deliver(receiver, sender)
+    sender, receiver, mine, theirs = one_way()
     sender.send_batch([b"entry"], [(mine, 1, head(1).head)])
     [batch] = [e for e in deliver(sender, receiver) if isinstance(e, BatchReceived)]
     receiver.ingested(batch.batch, [(mine, 1, head(1).head)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from p2psync.agent import sockets
 from p2psync.api import Database
@@ -16,6 +16,14 @@ from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageErro
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
 from p2psync.store.rules import Invite
+
+
+class _Identified(Protocol):
+    @property
+    def id(self) -> bytes: ...
+
+
+T = TypeVar("T", bound=_Identified)
 
 _DEVICE_ID_CHARS = 56  # without dashes
 
@@ -132,26 +140,28 @@ def _matching(text: str, names: dict[bytes, str | None]) -> list[bytes]:
 
 
 def resolve_rule(db: Database, text: str) -> Rule:
-    if not re.fullmatch(r"[0-9a-fA-F]{4,64}", text):
-        raise UsageError(f"{text!r} is not a rule ID (hex, at least 4 characters)")
-    matches = [r for r in db.store.rules() if r.id.hex().startswith(text.lower())]
-    if len(matches) != 1:
-        raise NotFoundError(
-            f"{len(matches) or 'no'} rules match {text!r}; see `p2psync rule list`"
-        )
-    return matches[0]
+    """A rule by its ID or the ID's first characters (4 or more)."""
+    return _by_id(text, db.store.rules(), "rule", 64, "p2psync rule list")
 
 
 def resolve_invite(db: Database, text: str) -> Invite:
     """An invite this agent made, by its ID or the ID's first characters (4 or more)."""
-    if not re.fullmatch(r"[0-9a-fA-F]{4,16}", text):
-        raise UsageError(f"{text!r} is not an invite ID (hex, 4-16 characters)")
-    matches = [i for i in db.store.invites() if i.id.hex().startswith(text.lower())]
+    return _by_id(text, db.store.invites(), "invite", 16, "p2psync pair invites")
+
+
+def _by_id(text: str, items: Sequence[T], what: str, digits: int, listing: str) -> T:
+    if not re.fullmatch(rf"[0-9a-fA-F]{{4,{digits}}}", text):
+        raise UsageError(f"{text!r} is not {an(what)} ID (hex, 4-{digits} characters)")
+    matches = [i for i in items if i.id.hex().startswith(text.lower())]
     if len(matches) != 1:
         raise NotFoundError(
-            f"{len(matches) or 'no'} invites match {text!r}; see `p2psync pair invites`"
+            f"{len(matches) or 'no'} {what}s match {text!r}; see `{listing}`"
         )
     return matches[0]
+
+
+def an(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def waiting_for_us(db: Database, rule: Rule) -> Rule:
