@@ -30,7 +30,7 @@ from p2psync.api import Database
 from p2psync.core import canonical
 from p2psync.core import rules as core
 from p2psync.core.identity import KEY_BYTES, short_id
-from p2psync.core.rules import Permissions, Rule, RuleState, Terms
+from p2psync.core.rules import Direction, Mode, Permissions, Rule, RuleState, Terms
 from p2psync.errors import DecodeError, P2PSyncError, StateError, UsageError
 from p2psync.home import now_ms
 
@@ -64,63 +64,109 @@ def propose(
     addresses: Sequence[str] = (),
 ) -> Proposal:
     """Propose ``terms`` to ``peer``, unless a rule with exactly these terms (in this
-    agent's view) is already in force or proposed by us. If the peer proposed to us
-    too, the two proposals become one rule with what both want (see :func:`settle`).
-    """
+    agent's view) is already in force or proposed by us. If the peer has asked for
+    something these terms share, that is agreement: its request is accepted,
+    narrowed to what the two have in common, and nothing new is proposed."""
     me = db.identity.public_key
     if peer == me:
         raise UsageError("that is this agent's own device ID")
     db.store.add_peer(peer, name, list(addresses), now_ms())
-    for rule in db.store.rules(peer):
+    rules = db.store.rules(peer)
+    for rule in rules:
         if rule.state is RuleState.ACCEPTED and rule.terms_for(me) == terms:
             return Proposal(rule, new=False)
         if rule.state is RuleState.PROPOSED and rule.proposer == me and rule.proposed == terms:
             return Proposal(rule, new=False)
+    waiting = [r for r in rules if r.proposer == peer and r.state is RuleState.PROPOSED]
+    for request in sorted(waiting, key=lambda r: r.id):
+        common = request.proposed.common(terms)
+        if common is not None:
+            accept(db, request, common)
+            tidy(db, peer)
+            agreed = next(r for r in db.store.rules(peer) if r.id == request.id)
+            return Proposal(agreed, new=True)
     signed = core.propose(db.identity, peer, terms, os.urandom(16), now_ms())
     db.store.add_rule_objects(me, [signed], now_ms())
     ours = core.rule_id(signed)
-    settle(db, peer)
-    rules = db.store.rules(peer)
-    mine = next(r for r in rules if r.id == ours)
-    if mine.state is RuleState.REVOKED:  # superseded by the peer's: agreed on the common part
-        agreed = [r for r in rules if r.state is RuleState.ACCEPTED and r.proposer == peer]
-        if agreed:
-            return Proposal(agreed[-1], new=True)
-    return Proposal(mine, new=True)
+    return Proposal(next(r for r in db.store.rules(peer) if r.id == ours), new=True)
 
 
 def settle(db: Database, peer: bytes) -> list[bytes]:
     """Answer what can be answered without asking anyone. Returns the new signed
     objects (to send to the peer).
 
-    When both sides hold an open proposal to each other with something in common,
-    they become **one** rule: the proposal with the smaller ID is accepted by its
-    acceptor, narrowed to the common terms, and that acceptor revokes its own
-    (superseded) proposal. Each side decides the same way from the same two objects,
-    so whichever side sees them first, the pair ends with one rule, nothing open.
-    An open proposal of ours with exactly the terms of a rule in force is revoked
-    too: it can add nothing.
+    Both sides asked (each ran ``pair add``, or proposed, before seeing the other's
+    proposal): each open proposal of the peer's that shares something with one of
+    ours is accepted, narrowed to the widest such share. "Ours" are our open
+    proposals, and those the peer accepted no earlier than it made this one (it
+    could not have known they settled the matter; a request it makes later is for
+    the user to answer). Nothing is revoked here, only widened, so the two sides may
+    decide at the same moment from different views without losing anything; the
+    duplicates this can leave are tidied by :func:`tidy`.
     """
     me = db.identity.public_key
     rules = db.store.rules(peer)
-    ours = [r for r in rules if r.proposer == me and r.state is RuleState.PROPOSED]
+    ours = [
+        r
+        for r in rules
+        if r.proposer == me and r.state in (RuleState.PROPOSED, RuleState.ACCEPTED)
+    ]
     theirs = [r for r in rules if r.proposer == peer and r.state is RuleState.PROPOSED]
     created: list[bytes] = []
-    superseded: set[bytes] = set()
     for incoming in sorted(theirs, key=lambda r: r.id):
-        for outgoing in sorted(ours, key=lambda r: r.id):
-            if outgoing.id in superseded or incoming.id > outgoing.id:
-                continue  # the peer accepts ours (the smaller ID) and revokes its own
+        asked_at = signed_ms(incoming.objects[0])
+        shares = []
+        for outgoing in ours:
+            if outgoing.state is RuleState.ACCEPTED and signed_ms(outgoing.objects[1]) < asked_at:
+                continue  # accepted before this was asked: the user answers it
+            # what we asked for, even where the peer accepted less (it may have been
+            # choosing one share of several, as this function does)
             common = incoming.proposed.common(outgoing.proposed)
             if common is not None:
-                created.append(core.accept(db.identity, incoming.id, common, now_ms()))
-                created.append(core.revoke(db.identity, outgoing.id, now_ms()))
-                superseded.add(outgoing.id)
-                break
-    in_force = {r.terms_for(me) for r in rules if r.state is RuleState.ACCEPTED}
-    for outgoing in ours:
-        if outgoing.id not in superseded and outgoing.proposed in in_force:
-            created.append(core.revoke(db.identity, outgoing.id, now_ms()))
+                shares.append((_width(common), outgoing.id, common))
+        if shares:  # the widest share; of equals, the one with the oldest proposal
+            widest = max(width for width, _, _ in shares)
+            common = min((i, c) for w, i, c in shares if w == widest)[1]
+            created.append(core.accept(db.identity, incoming.id, common, now_ms()))
+    if created:
+        db.store.add_rule_objects(me, created, now_ms())
+    return created + tidy(db, peer)
+
+
+def signed_ms(signed: bytes) -> int:
+    """The time a rule object says it was signed (by its signer's clock)."""
+    return core.decode(signed).at_ms
+
+
+def _width(terms: Terms) -> tuple[int, int, int]:
+    """How much ``terms`` let flow, to choose the widest share: directions, modes,
+    collections (a ``*`` counting as more than any list)."""
+    ways = 2 if terms.direction is Direction.BOTH else 1
+    modes = 2 if terms.mode is Mode.ONLINE else 1
+    reach = 1 << 20 if "*" in terms.collections else len(terms.collections)
+    return ways, modes, reach
+
+
+def tidy(db: Database, peer: bytes) -> list[bytes]:
+    """Revoke what of ours can add nothing: a proposal of ours, open or in force,
+    whose terms (in this agent's view) equal those of a rule in force with a smaller
+    ID. The smallest-ID rule in force with given terms is never revoked this way, by
+    either side, so whatever the peer does meanwhile what flows is unchanged (both
+    sides accepting each other's identical proposals at the same moment end with
+    the older rule in force). Returns the revocations (to send to the peer)."""
+    me = db.identity.public_key
+    rules = db.store.rules(peer)
+    oldest: dict[Terms, bytes] = {}
+    for rule in sorted(rules, key=lambda r: r.id):
+        if rule.state is RuleState.ACCEPTED:
+            oldest.setdefault(rule.terms_for(me), rule.id)
+    created = [
+        core.revoke(db.identity, rule.id, now_ms())
+        for rule in rules
+        if rule.proposer == me
+        and rule.state in (RuleState.PROPOSED, RuleState.ACCEPTED)
+        and oldest.get(rule.terms_for(me), rule.id) < rule.id
+    ]
     if created:
         db.store.add_rule_objects(me, created, now_ms())
     return created
@@ -177,10 +223,10 @@ def receive(
     known = db.store.peer(peer)
     if (added and known is None) or (known is not None and not known.name and peer_name):
         db.store.add_peer(peer, peer_name, [], now_ms())
-    answers = settle(db, peer)
-    if joining is not None and joining.inviter == peer:
+    answers = []
+    if joining is not None and joining.inviter == peer:  # before settle may narrow it
         answers.extend(answer_invite_proposal(db, joining))
-    return answers
+    return answers + settle(db, peer)
 
 
 def unpaired_reason(db: Database, peer: bytes) -> str:
@@ -309,18 +355,17 @@ def answer_join(
 
     A rule with exactly these terms already proposed to the joiner (open or in
     force) is offered again instead of a new one: the same terms never make two
-    rules. A refusal says why in words meant for both sides (it is the reason of
-    the ``Bye`` that ends the joiner's session)."""
+    rules. The joiner that used the code may present it again (its first session
+    was cut short), even after it expired, but only to be offered that same rule
+    while it is open or in force: once revoked or rejected (``pair remove``), the
+    code pairs nobody again. A refusal says why in words meant for both sides (it
+    is the reason of the ``Bye`` that ends the joiner's session)."""
     found = db.store.invite(invite)
     if found is None or not hmac.compare_digest(join_proof(found.secret, handshake_hash), proof):
         raise PairingError(
             "invite code refused: this agent did not issue it (mistyped, withdrawn, or made "
             "by another agent)"
         )
-    if found.expires < now_ms() and found.used_by != peer:  # its joiner may still retry
-        raise PairingError("invite code refused: it has expired")
-    if found.used_by not in (None, peer):
-        raise PairingError("invite code refused: it was already used by another agent")
     me = db.identity.public_key
     same = [
         r
@@ -328,9 +373,17 @@ def answer_join(
         if (r.state is RuleState.PROPOSED and r.proposer == me and r.proposed == found.terms)
         or (r.state is RuleState.ACCEPTED and r.terms_for(me) == found.terms)
     ]
-    if not db.store.use_invite(invite, peer) and found.used_by != peer:
+    if found.used_by == peer:
+        if same:
+            return same[0].objects[0]
+        raise PairingError("invite code refused: it was already used")
+    if found.used_by is not None:
         raise PairingError("invite code refused: it was already used by another agent")
-    if same:  # offered again: the joiner's first session was cut short, or it holds it
+    if found.expires < now_ms():
+        raise PairingError("invite code refused: it has expired")
+    if not db.store.use_invite(invite, peer):
+        raise PairingError("invite code refused: it was already used by another agent")
+    if same:
         return same[0].objects[0]
     db.store.add_peer(peer, None, [], now_ms())
     signed = core.propose(db.identity, peer, found.terms, os.urandom(16), now_ms())

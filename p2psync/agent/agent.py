@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
 MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
+MAX_SIDE = 2  # connections one peer may have open beside its live one (pending or on demand)
+MAX_ON_DEMAND = 1  # on-demand syncs one peer may run at once beside its live connection
 MAX_ENDED = 1024  # connection endings remembered for status
 
 
@@ -267,6 +269,16 @@ class Agent:
                 )
                 await secured.aclose()
                 return
+        side = sum(1 for conn in self.registry.others if conn.peer == secured.peer)
+        if side >= MAX_SIDE:
+            log.warning(
+                "refused %s from %s: it already has %d other connections open",
+                short_id(secured.peer),
+                address,
+                side,
+            )
+            await secured.aclose()
+            return
         await self.run_connection(secured, outbound=False, address=address)
 
     def _strangers(self) -> int:
@@ -317,6 +329,10 @@ class Agent:
             if outbound:
                 return True
             if not live:
+                running = [c for c in self.registry.others if c.peer == peer and c.on_demand]
+                if len(running) >= MAX_ON_DEMAND:
+                    log.info("%s is already syncing on demand; refused another", short_id(peer))
+                    return False
                 conn.on_demand = True
                 return True
             if self.registry.add(conn):
@@ -371,8 +387,11 @@ class Agent:
                 while len(self.ended) > MAX_ENDED:
                     del self.ended[next(iter(self.ended))]
             if conn.machine is not None and conn.stats is not None:
-                in_step_at_end = conn.machine.synced
+                in_step_at_end = conn.machine.synced or conn.machine.ended_in_sync
                 problem = conn.stats.stuck
+                # a side connection (on demand, or one that never opened) does not
+                # speak for the peer while its live connection runs
+                side = self.registry.get(peer) is not None
                 await self.record(
                     peer,
                     seen=now_ms(),
@@ -381,14 +400,16 @@ class Agent:
                     synced=now_ms()
                     if in_step_at_end and not conn.stats.error
                     else conn.stats.in_sync_ms,
-                    heads={a: h.seq for a, h in conn.machine.peer.items()} or None,
+                    heads=None
+                    if side
+                    else {a: h.seq for a, h in conn.machine.peer.items()} or None,
                     # why it ended, unless all was well
                     error=None
-                    if in_step_at_end
+                    if in_step_at_end or side
                     else f"cannot get in step: {problem}"
                     if problem
                     else reason,
-                    clear_error=in_step_at_end,
+                    clear_error=in_step_at_end and not side,
                 )
         return stats
 

@@ -19,6 +19,7 @@ import trio
 
 from p2psync.core.identity import device_id, parse_device_id
 from p2psync.errors import P2PSyncError
+from p2psync.store.peers import PeerState
 
 if TYPE_CHECKING:
     from p2psync.agent.agent import Agent
@@ -67,7 +68,11 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
         if keys[0] not in agent.peers:
             raise ValueError(f"{peer} is not a known peer")
     else:
-        keys = [key for key in agent.peers if agent.peers[key].addresses or agent.registry.get(key)]
+        keys = [
+            key
+            for key, known in agent.peers.items()
+            if known.state is PeerState.KNOWN and (known.addresses or agent.registry.get(key))
+        ]
     asked = trio.current_time()
     agent.dial_now()
     results: dict[bytes, dict[str, Any]] = {}

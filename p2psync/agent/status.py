@@ -38,6 +38,13 @@ def agent_status(agent: Agent) -> dict[str, Any]:
                 "device_id": device_id(conn.peer),
                 "direction": "out" if conn.outbound else "in",
                 "on_demand": conn.on_demand,
+                # live: the one connection the pair syncs over; on demand: a side sync
+                # (`p2psync sync`, `pair join`); pending: its session has not opened
+                "kind": "live"
+                if agent.registry.get(conn.peer) is conn
+                else "on demand"
+                if conn.on_demand
+                else "pending",
                 "address": conn.address,
                 "since": conn.since_ms,
                 "synced": synced,

@@ -269,11 +269,15 @@ def status(state: State, as_json: bool) -> None:
         f"{output.plural(store['authors'], 'author')}, "
         f"{output.plural(store['conflicts'], 'conflict')}, {store['held']} held"
     )
-    connections = {c["device_id"]: c for c in (running or {}).get("connections", [])}
+    connections = {
+        c["device_id"]: c
+        for c in (running or {}).get("connections", [])
+        if c.get("kind") == "live"
+    }
     for row in rows:
         line = f"  {output.safe(row['name'] or row['device_id'][:7])}: {describe_link(row)}"
         conn = connections.get(row["device_id"])
-        if conn is not None and not conn.get("on_demand"):
+        if conn is not None:
             line += (
                 f" ({conn['direction']}, {conn['address']}; sent {conn['entries_sent']}, "
                 f"received {conn['entries_received']})"

@@ -255,17 +255,18 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
             f"(rule {rule.id.hex()[:12]}); nothing new"
         )
         return
+    sync = outcome.sync
+    if not outcome.confirmed or sync is None:  # we accepted; the inviter may not know yet
+        raise P2PSyncError(
+            f"accepted {who}'s rule {rule.id.hex()[:12]} ({terms}), but {who} has not "
+            f"confirmed it: {output.safe((sync.error if sync else None) or 'no answer')}; "
+            f"the pairing completes when the two agents next connect "
+            f"(or run `p2psync sync {short_id(invite.inviter)}`)"
+        )
     click.echo(
         f"paired with {who} ({short_id(invite.inviter)}): {terms} (rule {rule.id.hex()[:12]})"
     )
-    sync = outcome.sync
-    if sync is not None and sync.synced:
-        click.echo(f"in sync (received {sync.received}, sent {sync.sent})")
-    elif sync is not None:
-        click.echo(
-            f"not yet in sync: {output.safe(sync.error or '')}; the agents finish it when "
-            "they next connect (or run `p2psync sync`)"
-        )
+    click.echo(f"in sync (received {sync.received}, sent {sync.sent})")
 
 
 @pair.command(name="pending")

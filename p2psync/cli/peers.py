@@ -35,7 +35,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
     live = {
         c["device_id"]: c
         for c in (running or {}).get("connections", [])
-        if not c.get("on_demand")
+        if c.get("kind", "live") == "live"
     }
     lan = {d["device_id"]: d for d in (running or {}).get("discovered", [])}
     ours = {a: h.seq for a, h in db.store.heads().items()}

@@ -155,6 +155,8 @@ class Terms:
             Direction.BOTH if sends and receives else Direction.SEND if sends else Direction.RECEIVE
         )
         mode = self.mode if self.mode is theirs.mode else Mode.ON_DEMAND  # the stricter
+        if Route.AUTO not in (self.route, theirs.route) and self.route is not theirs.route:
+            return None  # one wants direct only, the other relay only
         route = theirs.route if self.route is Route.AUTO else self.route
         return Terms(tuple(sorted(patterns)), direction, mode, route)
 

@@ -157,10 +157,13 @@ class SyncSession:
         #: what the peer knows we hold: our Have, plus what it sent us
         self._told: dict[bytes, Head] = {}
         self._told_digest: bytes | None = None
+        self._changed()
         self._last_received = now
         self._last_sent = now
         self._ping_nonce = 0
         self.close_reason: str | None = None
+        #: the session was in sync when it closed (``synced`` says False once closed)
+        self.ended_in_sync = False
 
     # ------------------------------------------------------------ output
 
@@ -197,6 +200,7 @@ class SyncSession:
         self.local = dict(local)
         self._local_digest = None
         self._told = dict(local)
+        self._changed()
         self._outbox.append(Have(dict(local)))
         return self._open()
 
@@ -210,6 +214,7 @@ class SyncSession:
         self.phase = Phase.OPEN
         self.peer = dict(self._peer_have)
         self._peer_digest = None
+        self._changed()
         self._check_caught()
         return [PeerHeadsReceived(dict(self._peer_have))]
 
@@ -218,20 +223,33 @@ class SyncSession:
     def set_flow(self, *, sending: bool, receiving: bool) -> None:
         """Whether the rules let us send to the peer, and receive from it."""
         self.sending, self.receiving = sending, receiving
+        self._changed()
+
+    def _changed(self) -> None:
+        """Our heads, the peer's, or the flow changed: what was derived from them is
+        stale. (Everything derived is cached, so a peer's message that changes
+        nothing — a Ping, a repeated Caught — costs O(1), however many authors.)"""
+        self._wanted: dict[bytes, int] | None = None
+        self._lacks: list[bytes] | None = None
 
     def wants(self) -> dict[bytes, int]:
         """Per author, the seq after which the peer lacks entries we hold (and may get)."""
+        return dict(self._wants())
+
+    def _wants(self) -> dict[bytes, int]:
         if self.phase is not Phase.OPEN or not self.sending:
             return {}
-        wanted = {}
-        for author, head in self.local.items():
-            theirs = self.peer.get(author)
-            if theirs is not None and theirs.frozen:
-                continue  # the peer refuses this author: sending would only be refused
-            have = theirs.seq if theirs is not None else 0
-            if head.seq > have:
-                wanted[author] = have
-        return wanted
+        if self._wanted is None:
+            wanted = {}
+            for author, head in self.local.items():
+                theirs = self.peer.get(author)
+                if theirs is not None and theirs.frozen:
+                    continue  # the peer refuses this author: sending would only be refused
+                have = theirs.seq if theirs is not None else 0
+                if head.seq > have:
+                    wanted[author] = have
+            self._wanted = wanted
+        return self._wanted
 
     def peer_positions(self) -> dict[bytes, int]:
         """What the peer holds, per author (its frozen authors as holding everything)."""
@@ -258,6 +276,7 @@ class SyncSession:
         """Our store's heads changed (a local write or an ingest)."""
         self.local = dict(local)
         self._local_digest = self._told_digest = None
+        self._changed()
         self._check_caught()
 
     def ingested(self, batch: int, positions: Iterable[Position]) -> None:
@@ -281,6 +300,7 @@ class SyncSession:
             if known is None or seq > known.seq:
                 self.peer[author] = Head(seq, entry_id, known.frozen if known else False)
                 self._peer_digest = None
+                self._wanted = self._lacks = None
 
     def _local_heads_digest(self) -> bytes:
         if self._local_digest is None:
@@ -306,6 +326,7 @@ class SyncSession:
 
     def _dispatch(self, message: Message) -> list[Event]:
         if isinstance(message, Bye):
+            self.ended_in_sync = self.synced
             self.phase = Phase.CLOSED
             self.close_reason = message.reason
             return [SessionClosed(message.reason, by_peer=True, error=False)]
@@ -355,7 +376,7 @@ class SyncSession:
 
     def _check_caught(self) -> None:
         """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
-        if self.phase is not Phase.OPEN or self._unacked or self.wants():
+        if self.phase is not Phase.OPEN or self._unacked or self._wants():
             return
         digest = self._caught_digest()
         if digest != self._caught_sent:
@@ -393,7 +414,7 @@ class SyncSession:
             or self._receiving
             or self._caught_sent != self._caught_digest()
             or self._peer_caught != self._peer_heads_digest()
-            or self.wants()
+            or self._wants()
         )
 
     def _lacking(self) -> list[bytes]:
@@ -401,14 +422,16 @@ class SyncSession:
         (forked authors aside: nothing more flows for them either way)."""
         if not self.receiving:
             return []
-        lacking = []
-        for author, head in self.peer.items():
-            ours = self.local.get(author)
-            if head.frozen or (ours is not None and ours.frozen):
-                continue
-            if ours is None or ours.seq < head.seq:
-                lacking.append(author)
-        return lacking
+        if self._lacks is None:
+            lacking = []
+            for author, head in self.peer.items():
+                ours = self.local.get(author)
+                if head.frozen or (ours is not None and ours.frozen):
+                    continue
+                if ours is None or ours.seq < head.seq:
+                    lacking.append(author)
+            self._lacks = lacking
+        return self._lacks
 
     def _in_sync(self) -> bool:
         """Both sides have sent all the other may have, and it has all arrived."""
@@ -498,6 +521,7 @@ class SyncSession:
     def _close(self, reason: str, error: bool) -> list[Event]:
         if self.phase is Phase.CLOSED:
             return []
+        self.ended_in_sync = self.synced
         self.phase = Phase.CLOSED
         self.close_reason = reason
         self._outbox = [Bye(reason)]

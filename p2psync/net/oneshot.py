@@ -171,6 +171,14 @@ class JoinOutcome:
     sync: SyncOutcome | None
     refused: bool = False  # the inviter refused the code (its reason is ``error``)
 
+    @property
+    def confirmed(self) -> bool:
+        """The inviter holds our acceptance: a session that began with the rule in
+        force on both sides ended in sync (or the rule was in force before)."""
+        return self.rule is not None and (
+            self.already or (self.sync is not None and self.sync.synced)
+        )
+
 
 async def join_once(
     db: Database, ticket: JoinTicket, addresses: list[str], *, timeout: float
