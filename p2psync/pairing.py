@@ -178,7 +178,7 @@ def accept(db: Database, rule: Rule, terms: Terms | None = None) -> bytes:
         raise StateError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
     terms = terms or rule.proposed
     if not terms.narrower_than(rule.proposed):
-        raise UsageError("an acceptance may narrow a proposal, not widen it")
+        raise StateError("an acceptance may narrow a proposal, not widen it")
     signed = core.accept(db.identity, rule.id, terms, now_ms())
     db.store.add_rule_objects(me, [signed], now_ms())
     return signed
@@ -229,14 +229,28 @@ def receive(
     return answers + settle(db, peer)
 
 
-def unpaired_reason(db: Database, peer: bytes) -> str:
-    """Why nothing flows with ``peer`` (no rule in force), in words both sides read."""
+def last_ended(rules: Sequence[Rule]) -> Rule | None:
+    """Of the rules rejected or revoked, the one whose end was signed last."""
+    ended = [r for r in rules if r.state in (RuleState.REJECTED, RuleState.REVOKED)]
+    return max(ended, key=lambda r: (signed_ms(r.objects[-1]), r.id), default=None)
+
+
+def unpaired_reason(db: Database, peer: bytes, *, live: bool = True) -> str:
+    """Why nothing flows with ``peer`` in this session (no rule in force for it), in
+    words both sides read."""
     rules = db.store.rules(peer)
     if any(r.state is RuleState.PROPOSED for r in rules):
         return "not paired: the pairing request awaits approval"
-    rejected = [r for r in rules if r.state is RuleState.REJECTED]
-    if rejected:
-        return f"not paired: the pairing request was rejected: {rejected[-1].reason}"
+    if live and any(r.state is RuleState.ACCEPTED for r in rules):
+        return (
+            "no online rule between these agents: their rules sync on demand "
+            "(`p2psync sync`)"
+        )
+    ended = last_ended(rules)
+    if ended is not None and ended.state is RuleState.REJECTED:
+        return f"not paired: the pairing request was rejected: {ended.reason}"
+    if ended is not None:
+        return "not paired: the rules between these agents were revoked"
     return (
         "not paired: no rule in force between these agents (ask with `p2psync pair add`, "
         "or join with an invite code)"

@@ -28,6 +28,7 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
         conn.execute("DROP TABLE rule_objects")
         conn.execute("DROP TABLE invites")
         conn.execute("DROP INDEX entries_by_hlc")
+        conn.execute("DROP TABLE incomplete")  # version 9
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
@@ -71,6 +72,7 @@ def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path)
         conn.execute("CREATE TABLE withheld (entry BLOB, op INTEGER, collection TEXT)")
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
+        conn.execute("DROP TABLE incomplete")  # version 9
         conn.execute("DELETE FROM schema_migrations WHERE version >= 6")
     reopened = p2psync.open(tmp_path / "a")
     try:
@@ -94,6 +96,7 @@ def test_a_version_6_store_gains_the_clock_index_and_withdrawable_invites(
     with sqlite3.connect(path) as conn:
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
+        conn.execute("DROP TABLE incomplete")  # version 9
         conn.execute("DELETE FROM schema_migrations WHERE version >= 7")
         # version 7 kept the invite code a site was joining; version 8 forgets it
         conn.execute("INSERT INTO meta (key, value) VALUES ('join:ab', x'00')")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from p2psync.agent.dialing import Dialing
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
 from p2psync.core.identity import short_id
+from p2psync.core.rules import Mode
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE, now_ms
@@ -55,6 +57,18 @@ MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in f
 MAX_SIDE = 2  # connections one peer may have open beside its live one (pending or on demand)
 MAX_ON_DEMAND = 1  # on-demand syncs one peer may run at once beside its live connection
 MAX_ENDED = 1024  # connection endings remembered for status
+
+
+@dataclass(frozen=True)
+class _Standing:
+    """Where the agent stands with its peers, from the rules (reloaded when they
+    change)."""
+
+    paired: set[bytes] = field(default_factory=set)  # a rule in force, any mode
+    online: set[bytes] = field(default_factory=set)  # an online rule in force: stay connected
+    on_demand: set[bytes] = field(default_factory=set)  # an on-demand rule in force
+    asking: set[bytes] = field(default_factory=set)  # a proposal of ours awaits an answer
+    ours: set[bytes] = field(default_factory=set)  # paired, or we proposed to them once
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,7 @@ class Agent:
         self.dialing = Dialing(self)
         self._nursery: trio.Nursery | None = None
         self._handshaking = 0
-        self._paired: set[bytes] = set()  # peers with a rule in force
-        self._ours: set[bytes] = set()  # those, and agents we proposed a rule to
+        self.standing = _Standing()
         self._paired_checked = -1e9
         self.started_ms = now_ms()
 
@@ -181,11 +194,12 @@ class Agent:
     def _our_peer(self, key: bytes) -> bool:
         """Paired with us, or we asked to pair: kept in the discovery table and its
         adverts resolved first (an agent that merely sent us a request is not)."""
-        return key in self._ours and self.dialing.dialled(key)
+        peer = self.peers.get(key)
+        return key in self.standing.ours and peer is not None and peer.state is PeerState.KNOWN
 
     def _peer_advert(self, instance: str) -> bool:
         """``instance`` is the advert name one of our peers would use."""
-        return instance.lower() in {advert_name(key).lower() for key in self._ours}
+        return instance.lower() in {advert_name(key).lower() for key in self.standing.ours}
 
     def _lost(self, key: bytes) -> None:
         log.info("%s withdrew from the LAN", short_id(key))
@@ -218,18 +232,24 @@ class Agent:
 
             me = self.identity.public_key
 
-            def load() -> tuple[list[Peer], int, tuple[set[bytes], set[bytes]] | None]:
+            def load() -> tuple[list[Peer], int, _Standing | None]:
                 version = store.rules_version()
                 if version == seen:
                     return store.peers(), version, None
-                paired = store.peers_in_force()
-                return store.peers(), version, (paired, paired | store.peers_proposed_to(me))
+                modes = store.peers_in_force_modes()
+                return store.peers(), version, _Standing(
+                    paired=set(modes),
+                    online={peer for peer, held in modes.items() if Mode.ONLINE in held},
+                    on_demand={peer for peer, held in modes.items() if Mode.ON_DEMAND in held},
+                    asking=store.peers_asked(me),
+                    ours=set(modes) | store.peers_proposed_to(me),
+                )
 
-            peers, version, rules = await trio.to_thread.run_sync(load)
+            peers, version, standing = await trio.to_thread.run_sync(load)
             self.peers = {peer.key: peer for peer in peers}
-            if rules is not None:
+            if standing is not None:
                 self._rules_version = version
-                self._paired, self._ours = rules
+                self.standing = standing
                 self.rules_feed.bump()  # live sessions re-send rule objects, re-check them
             if self._nursery is not None:
                 self.dialing.update(self._nursery)
@@ -257,11 +277,11 @@ class Agent:
             return
         finally:
             self._handshaking -= 1
-        if secured.peer not in self._paired and self._strangers() >= MAX_UNPAIRED:
+        if secured.peer not in self.standing.paired and self._strangers() >= MAX_UNPAIRED:
             if trio.current_time() - self._paired_checked > 1.0:  # someone may have paired
                 self._paired_checked = trio.current_time()
                 await self._reload_peers()
-            if secured.peer not in self._paired and self._strangers() >= MAX_UNPAIRED:
+            if secured.peer not in self.standing.paired and self._strangers() >= MAX_UNPAIRED:
                 log.warning(
                     "refused %s from %s: too many unpaired agents connected",
                     short_id(secured.peer),
@@ -283,7 +303,7 @@ class Agent:
 
     def _strangers(self) -> int:
         """Connections open with agents that have no rule in force with us."""
-        return sum(1 for conn in self.registry.all() if conn.peer not in self._paired)
+        return sum(1 for conn in self.registry.all() if conn.peer not in self.standing.paired)
 
     async def run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str
@@ -315,12 +335,19 @@ class Agent:
         def synced(_stats: SessionStats) -> None:
             nonlocal last_recorded
             now = trio.current_time()
-            if now - last_recorded >= RECORD_EVERY and self._nursery is not None:
+            if now - last_recorded >= RECORD_EVERY:
                 last_recorded = now
                 assert conn.machine is not None
                 heads = {a: h.seq for a, h in conn.machine.peer.items()}
-                self._nursery.start_soon(
-                    partial(self.record, peer, seen=now_ms(), synced=now_ms(), heads=heads)
+                self._spawn(
+                    partial(
+                        self.record,
+                        peer,
+                        seen=now_ms(),
+                        synced=now_ms(),
+                        heads=heads,
+                        clear_error=True,  # in step: whatever went wrong before is over
+                    )
                 )
 
         def opened(live: bool) -> bool:
@@ -341,14 +368,11 @@ class Agent:
             return False
 
         def stuck(stats: SessionStats) -> None:
-            if self._nursery is not None:  # `peers` shows it even after the agent stops
-                self._nursery.start_soon(
-                    partial(self.record, peer, error=f"cannot get in step: {stats.stuck}")
-                )
+            # `peers` shows it even after the agent stops
+            self._spawn(partial(self.record, peer, error=f"cannot get in step: {stats.stuck}"))
 
         def rules_added() -> None:
-            if self._nursery is not None:  # other sessions and the caps see them at once
-                self._nursery.start_soon(self._reload_peers)
+            self._spawn(self._reload_peers)  # other sessions and the caps see them at once
 
         stats: SessionStats | None = None
         try:
@@ -387,31 +411,43 @@ class Agent:
                 while len(self.ended) > MAX_ENDED:
                     del self.ended[next(iter(self.ended))]
             if conn.machine is not None and conn.stats is not None:
-                in_step_at_end = conn.machine.synced or conn.machine.ended_in_sync
-                problem = conn.stats.stuck
-                # a side connection (on demand, or one that never opened) does not
-                # speak for the peer while its live connection runs
-                side = self.registry.get(peer) is not None
-                await self.record(
-                    peer,
-                    seen=now_ms(),
-                    # when last known in step: now if it still was as it ended well,
-                    # else the last word heard while in step (not when it was dropped)
-                    synced=now_ms()
-                    if in_step_at_end and not conn.stats.error
-                    else conn.stats.in_sync_ms,
-                    heads=None
-                    if side
-                    else {a: h.seq for a, h in conn.machine.peer.items()} or None,
-                    # why it ended, unless all was well
-                    error=None
-                    if in_step_at_end or side
-                    else f"cannot get in step: {problem}"
-                    if problem
-                    else reason,
-                    clear_error=in_step_at_end and not side,
-                )
+                await self._record_end(conn, reason)
         return stats
+
+    async def _record_end(self, conn: Connection, reason: str) -> None:
+        """What the peers table keeps of a connection that ended (also when the agent
+        is stopping: shielded, and given a second)."""
+        peer, machine, stats = conn.peer, conn.machine, conn.stats
+        assert machine is not None and stats is not None
+        in_step_at_end = machine.synced or machine.ended_in_sync
+        # while another connection with the peer is open (the live one, or one that
+        # is taking over: two agents dialling each other at once), this one does not
+        # speak for the peer
+        side = any(other.peer == peer for other in self.registry.all())
+        if in_step_at_end or side:
+            error = None
+        elif stats.stuck:
+            error = f"cannot get in step: {stats.stuck}"
+        else:
+            error = reason  # why it ended, unless all was well
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await self.record(
+                peer,
+                seen=now_ms(),
+                # when last known in step: now if it still was as it ended well, else
+                # the last word heard while in step (not when it was dropped)
+                synced=now_ms() if in_step_at_end and not stats.error else stats.in_sync_ms,
+                heads=None if side else {a: h.seq for a, h in machine.peer.items()} or None,
+                error=error,
+                clear_error=in_step_at_end and not side,
+            )
+
+    def _spawn(self, work: Callable[[], Awaitable[object]]) -> None:
+        """Run ``work`` in the agent's nursery, unless the agent is stopping."""
+        if self._nursery is None:
+            return
+        with contextlib.suppress(RuntimeError):  # "closed to new arrivals": stopping
+            self._nursery.start_soon(work)
 
     async def record(self, peer: bytes, **fields: Any) -> None:
         if fields.get("seen") and self.discovery is not None:  # a connection: seen on the LAN

@@ -5,8 +5,8 @@ Requests:
 ``{"op": "status"}``
     → the agent's status (listen addresses, connections, per-peer lag).
 ``{"op": "sync", "peer": DEVICE_ID or null, "timeout": seconds}``
-    → dial the peer(s) now and wait until in sync or the timeout:
-    ``{"ok": bool, "peers": [{"device_id", "synced", "error"}]}``.
+    → sync with the peer (or every paired one) now and wait until in sync or the
+    timeout: ``{"ok": bool, "peers": [{"device_id", "name", "synced", "error"}]}``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import trio
 
 from p2psync.core.identity import device_id, parse_device_id
 from p2psync.errors import P2PSyncError
+from p2psync.net.oneshot import sync_once
 from p2psync.store.peers import PeerState
 
 if TYPE_CHECKING:
@@ -56,13 +57,21 @@ async def _answer(agent: Agent, request: Any) -> dict[str, Any]:
     if op == "status":
         return {"ok": True, **agent.status()}
     if op == "sync":
-        return await _sync(agent, request.get("peer"), float(request.get("timeout") or 30))
+        timeout = request.get("timeout")
+        timeout = 30.0 if timeout is None else float(timeout)
+        if not 0 < timeout < 1e6:  # NaN included
+            raise ValueError("the timeout is a number of seconds above 0")
+        return await _sync(agent, request.get("peer"), timeout)
     raise ValueError(f"unknown request {op!r}")
 
 
 async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any]:
-    """Dial now and wait until each peer is in sync, or its connection ends
-    without it (not paired, refused, unreachable: the reason is reported)."""
+    """Sync now with one peer or every paired one, and wait until each is in sync or
+    cannot be (not paired, refused, unreachable: the reason is reported). What online
+    rules let flow comes over the live connection (dialled now); what on-demand rules
+    let flow, and anything with a peer the agent does not stay connected to, in an
+    on-demand session run now, as `p2psync sync` without an agent would."""
+    standing = agent.standing
     if peer:
         keys = [parse_device_id(peer)]
         if keys[0] not in agent.peers:
@@ -71,11 +80,49 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
         keys = [
             key
             for key, known in agent.peers.items()
-            if known.state is PeerState.KNOWN and (known.addresses or agent.registry.get(key))
+            if known.state is PeerState.KNOWN and (key in standing.paired or key in standing.asking)
         ]
+    live = [key for key in keys if key in standing.online]
+    on_demand = [key for key in keys if key in standing.on_demand or key not in standing.online]
+    live_results: dict[bytes, tuple[bool, str | None]] = {}
+    demand_results: dict[bytes, tuple[bool, str | None]] = {}
+
+    async def run_on_demand() -> None:
+        outcomes = await sync_once(agent.db, on_demand, None, timeout=timeout)
+        for key, outcome in zip(on_demand, outcomes, strict=True):
+            demand_results[key] = (outcome.synced, outcome.error)
+
+    async with trio.open_nursery() as nursery:
+        if on_demand:
+            nursery.start_soon(run_on_demand)
+        await _wait_live(agent, live, timeout, live_results)
+    answers = []
+    for key in keys:
+        parts = [r[key] for r in (live_results, demand_results) if key in r]
+        for results, wanted in ((live_results, live), (demand_results, on_demand)):
+            if key in wanted and key not in results:
+                stored = await trio.to_thread.run_sync(agent.db.store.peer, key)
+                error = (stored.last_error if stored else None) or "not in sync before the timeout"
+                parts.append((False, error))
+        errors = [error for ok, error in parts if not ok]
+        known = agent.peers.get(key)
+        answers.append(
+            {
+                "device_id": device_id(key),
+                "name": known.name if known is not None else None,
+                "synced": not errors,
+                "error": errors[0] if errors else None,
+            }
+        )
+    return {"ok": all(a["synced"] for a in answers), "peers": answers}
+
+
+async def _wait_live(
+    agent: Agent, keys: list[bytes], timeout: float, results: dict[bytes, tuple[bool, str | None]]
+) -> None:
+    """Dial now and wait until each live connection is in sync, or ends without it."""
     asked = trio.current_time()
     agent.dial_now()
-    results: dict[bytes, dict[str, Any]] = {}
     with trio.move_on_after(timeout):
         while len(results) < len(keys):
             for key in keys:
@@ -85,26 +132,10 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
                 machine = conn.machine if conn is not None else None
                 ended = agent.ended.get(key)
                 if machine is not None and machine.synced:
-                    results[key] = {"device_id": device_id(key), "synced": True, "error": None}
+                    results[key] = (True, None)
                 elif machine is not None and machine.stuck_reason is not None:
                     # all that will flow has flowed; waiting longer changes nothing
-                    error = f"cannot get in step: {machine.stuck_reason}"
-                    results[key] = {"device_id": device_id(key), "synced": False, "error": error}
+                    results[key] = (False, f"cannot get in step: {machine.stuck_reason}")
                 elif conn is None and ended is not None and ended[0] > asked and not ended[2]:
-                    results[key] = {"device_id": device_id(key), "synced": False, "error": ended[1]}
+                    results[key] = (False, ended[1])
             await trio.sleep(0.02)
-    for key, answer in results.items():
-        known = agent.peers.get(key)
-        answer["name"] = known.name if known is not None else None
-    for key in keys:
-        if key not in results:
-            stored = await trio.to_thread.run_sync(agent.db.store.peer, key)
-            error = (stored.last_error if stored else None) or "not in sync before the timeout"
-            known = agent.peers.get(key)
-            results[key] = {
-                "device_id": device_id(key),
-                "name": known.name if known is not None else None,
-                "synced": False,
-                "error": error,
-            }
-    return {"ok": all(r["synced"] for r in results.values()), "peers": list(results.values())}

@@ -42,10 +42,18 @@ class Dialing:
         self._now: dict[bytes, trio.Event] = {}
 
     def dialled(self, key: bytes) -> bool:
-        """Peers we dial: every known peer not removed (paired, or with a proposal to
-        deliver or to hear back about)."""
+        """Peers we dial: known (not removed) and either with an online rule in force
+        (a live connection is what it asks for) or with a proposal of ours to deliver
+        or hear back about. Not a peer whose rules are all on demand (it syncs on
+        `p2psync sync`), nor one that rejected us or whose rules were revoked: the
+        side whose view is older keeps dialling until it hears the news."""
         peer = self.agent.peers.get(key)
-        return peer is not None and peer.state is PeerState.KNOWN
+        standing = self.agent.standing
+        return (
+            peer is not None
+            and peer.state is PeerState.KNOWN
+            and (key in standing.online or key in standing.asking)
+        )
 
     def lan_addresses(self, key: bytes) -> tuple[str, ...]:
         discovery = self.agent.discovery

@@ -19,6 +19,7 @@ from p2psync.agent import sockets
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_peer
+from p2psync.cli.terms import timeout_option
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 from p2psync.home import AGENT_FILE
@@ -139,7 +140,7 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> P2PSyncError | None
 @click.command()
 @click.argument("peer", required=False)
 @click.option("--address", metavar="HOST:PORT", help="Dial this address (skips the agent).")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
+@timeout_option(60.0)
 @pass_state
 def sync(state: State, peer: str | None, address: str | None, timeout: float) -> None:
     """Sync now with PEER (or every paired peer); exit 0 once in step."""
@@ -158,7 +159,9 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
         except (OSError, ValueError) as exc:
             raise P2PSyncError(f"the running agent did not answer: {exc}") from exc
         else:
-            _report([_from_agent(r) for r in answer.get("peers", [])], answer.get("error"))
+            outcomes = [_from_agent(r) for r in answer.get("peers", [])]
+            _warn_incomplete(state, outcomes)
+            _report(outcomes, answer.get("error"))
             return
     try:
         target = parse_address(address) if address else None
@@ -180,7 +183,29 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
         outcomes = trio.run(lambda: sync_once(db, keys, target, timeout=timeout, progress=progress))
         if show:
             click.echo("", err=True)
+    _warn_incomplete(state, outcomes)
     _report(outcomes, None)
+
+
+def _warn_incomplete(state: State, outcomes: list[SyncOutcome]) -> None:
+    """In sync, but with changes that arrived without their contents by another path
+    in collections these peers may send: say so (stderr), the sync still counts."""
+    from p2psync import pairing  # noqa: PLC0415 - see the note at the top
+    from p2psync.cli.peers import describe_incomplete  # noqa: PLC0415
+
+    with state.open() as db:
+        incomplete = db.store.incomplete()
+        if not incomplete:
+            return
+        for outcome in outcomes:
+            try:
+                key = parse_device_id(outcome.peer)
+            except InvalidDeviceID:
+                continue
+            allowed = pairing.permissions(db, key, live=False)
+            missing = {c: n for c, n in incomplete.items() if allowed.may_receive(c)}
+            if missing:
+                click.echo(f"{_who(outcome)}: note: {describe_incomplete(missing)}", err=True)
 
 
 def _peer_id(state: State, peer: str | None) -> str | None:
@@ -231,7 +256,11 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
 @pass_state
 def status(state: State, as_json: bool) -> None:
     """Show the agent, its connections, per-peer lag and errors."""
-    from p2psync.cli.peers import describe_link, peer_rows  # noqa: PLC0415 - see the top
+    from p2psync.cli.peers import (  # noqa: PLC0415 - see the top
+        describe_incomplete,
+        describe_link,
+        peer_rows,
+    )
 
     try:
         running: dict[str, Any] | None = sockets.request(state.home, {"op": "status"}, 3)
@@ -288,6 +317,8 @@ def status(state: State, as_json: bool) -> None:
         if not row["connected"] and row["problem"]:
             extra += f"; last error: {output.safe(row['problem'])}"
         click.echo(extra)
+        if row["incomplete"]:
+            click.echo(f"    note: {output.safe(describe_incomplete(row['incomplete']))}")
 
 
 @click.command()

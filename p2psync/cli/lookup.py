@@ -11,9 +11,10 @@ from p2psync.agent import sockets
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Rule, RuleState
+from p2psync.core.rules import Mode, Rule, RuleState
 from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
 from p2psync.net.address import parse_address
+from p2psync.pairing import last_ended
 from p2psync.store.peers import Peer, PeerState
 from p2psync.store.rules import Invite
 
@@ -180,20 +181,24 @@ def notify(state: State) -> None:
 
 
 def relationship(me: bytes, peer: Peer, rules: list[Rule]) -> str:
-    """paired / pending / rejected / removed, in words."""
+    """paired / pending / rejected / revoked / removed / not paired, in words."""
     if peer.state is PeerState.REMOVED:
         return "removed"
-    live = [r for r in rules if r.state is RuleState.ACCEPTED]
-    if live:
+    in_force = [r for r in rules if r.state is RuleState.ACCEPTED]
+    if in_force:
+        if all(r.terms.mode is Mode.ON_DEMAND for r in in_force):
+            return "paired (on demand: p2psync sync)"
         return "paired"
     if any(r.state is RuleState.PROPOSED and r.acceptor == me for r in rules):
         return "pending: awaiting your answer (p2psync pair pending)"
     if any(r.state is RuleState.PROPOSED and r.proposer == me for r in rules):
         return "pending: awaiting their answer"
-    rejected = [r for r in rules if r.state is RuleState.REJECTED]
-    if rejected:
-        who = "you" if rejected[-1].acceptor == me else "them"
-        return f"rejected by {who}: {rejected[-1].reason}"
+    ended = last_ended(rules)
+    if ended is not None and ended.state is RuleState.REJECTED:
+        who = "you" if ended.acceptor == me else "them"
+        return f"rejected by {who}: {ended.reason}"
+    if ended is not None:
+        return "not paired: the rules were revoked"
     return "not paired"
 
 

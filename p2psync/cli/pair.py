@@ -14,6 +14,7 @@ from p2psync.cli import output
 from p2psync.cli.context import State, home_option, pass_state
 from p2psync.cli.lookup import (
     Discovered,
+    agent_status,
     discovered_agents,
     listen_hints,
     notify,
@@ -21,10 +22,22 @@ from p2psync.cli.lookup import (
     resolve_peer,
 )
 from p2psync.cli.rule import rule_row, say_proposal
-from p2psync.cli.terms import accept_in_view, make_terms, parse_duration, rule_options
+from p2psync.cli.terms import (
+    accept_in_view,
+    make_terms,
+    parse_duration,
+    rule_options,
+    timeout_option,
+)
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
-from p2psync.errors import InvalidDeviceID, P2PSyncError, StateError, UsageError
+from p2psync.errors import (
+    InvalidDeviceID,
+    NotFoundError,
+    P2PSyncError,
+    StateError,
+    UsageError,
+)
 from p2psync.home import now_ms
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
@@ -72,7 +85,15 @@ def pair_add(
         try:
             key = parse_device_id(peer)
         except InvalidDeviceID:
-            found = resolve_peer(db, peer, lambda: discovered_agents(state))
+            try:
+                found = resolve_peer(db, peer, lambda: discovered_agents(state))
+            except NotFoundError:
+                if agent_status(state) is not None:
+                    raise
+                raise NotFoundError(
+                    f"no peer called {peer!r}, and the agent is not running, so agents on "
+                    "the LAN are not listed: start it (p2psync run) or give the device ID"
+                ) from None
             key = found.key
             if isinstance(found, Discovered):  # reachable where it said, until proven
                 addresses = (*addresses, *found.addresses)
@@ -209,7 +230,7 @@ def pair_uninvite(state: State, invite_id: str) -> None:
 @pair.command(name="join")
 @click.argument("code")
 @click.option("--name", help="A name for the inviting peer (default: the name it gives).")
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
+@timeout_option(30.0)
 @pass_state
 def pair_join(state: State, code: str, name: str | None, timeout: float) -> None:
     """Pair with the agent that printed CODE (no further approval), then sync once.
@@ -221,7 +242,7 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
         raise P2PSyncError("this invite code has expired; ask the inviter for a new one")
     with state.open() as db:
         if invite.inviter == db.identity.public_key:
-            raise UsageError(
+            raise StateError(
                 "this code was made by this agent; run `p2psync pair join CODE` on the other one"
             )
         known = db.store.peer(invite.inviter)
@@ -237,21 +258,28 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
             db.store.add_peer(invite.inviter, name, list(invite.addresses), now_ms())
         peer = db.store.peer(invite.inviter)
         me = db.identity.public_key
-    who = output.safe(
-        name or (peer.name if peer is not None else None) or short_id(invite.inviter)
-    )
+    short = short_id(invite.inviter)
+    known_as = name or (peer.name if peer is not None else None)
+    who = f"{output.safe(known_as)} ({short})" if known_as else short
     if outcome.rule is None:
+        if outcome.refused:
+            advice = "; ask the inviter for a new code"
+        elif outcome.reached:
+            advice = ""
+        else:
+            advice = (
+                f"; check that the inviter's agent runs (p2psync run) and that this machine "
+                f"can reach {', '.join(invite.addresses) or 'it'}"
+            )
         raise P2PSyncError(
-            f"pairing with {who} ({short_id(invite.inviter)}) failed: "
-            f"{output.safe(outcome.error or 'no answer')}"
-            + ("; ask the inviter for a new code" if outcome.refused else "")
+            f"pairing with {who} failed: {output.safe(outcome.error or 'no answer')}{advice}"
         )
     notify(state)
     rule = outcome.rule
     terms = rule.terms_for(me).describe()
     if outcome.already:
         click.echo(
-            f"already paired with {who} ({short_id(invite.inviter)}) for: {terms} "
+            f"already paired with {who} for: {terms} "
             f"(rule {rule.id.hex()[:12]}); nothing new"
         )
         return
@@ -264,7 +292,7 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
             f"(or run `p2psync sync {short_id(invite.inviter)}`)"
         )
     click.echo(
-        f"paired with {who} ({short_id(invite.inviter)}): {terms} (rule {rule.id.hex()[:12]})"
+        f"paired with {who}: {terms} (rule {rule.id.hex()[:12]})"
     )
     click.echo(f"in sync (received {sync.received}, sent {sync.sent})")
 

@@ -39,13 +39,15 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
     }
     lan = {d["device_id"]: d for d in (running or {}).get("discovered", [])}
     ours = {a: h.seq for a, h in db.store.heads().items()}
+    incomplete = db.store.incomplete()
     rows: list[dict[str, Any]] = []
     for peer in db.store.peers():
         text_id = device_id(peer.key)
         conn = live.get(text_id)
+        state = relationship(me, peer, db.store.rules(peer.key))
         if conn is not None:
             behind, ahead = conn["behind"], conn["ahead"]
-            in_sync: bool | None = conn["synced"]
+            in_sync: bool | None = conn["synced"] if state.startswith("paired") else None
             last_sync = conn.get("last_sync") or peer.last_sync
             problem = f"cannot get in step: {conn['stuck']}" if conn.get("stuck") else None
         else:
@@ -57,11 +59,13 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                 behind, ahead = behind if allowed.receive else 0, ahead if allowed.send else 0
             in_sync, last_sync, problem = None, peer.last_sync, peer.last_error
         seen = lan.get(text_id)
+        allowed = pairing.permissions(db, peer.key, live=False)
+        missing = {c: n for c, n in incomplete.items() if allowed.may_receive(c)}
         rows.append(
             {
                 "name": peer.name,
                 "device_id": text_id,
-                "state": relationship(me, peer, db.store.rules(peer.key)),
+                "state": state,
                 "addresses": list(peer.addresses),
                 "lan_addresses": list(seen["addresses"]) if seen else [],
                 "connected": conn is not None,
@@ -75,6 +79,9 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                 "last_error": peer.last_error,
                 "behind": behind,
                 "ahead": ahead,
+                # ops in collections this peer may send us that reached us without
+                # their payload by another path: they will not come from it either
+                "incomplete": missing,
             }
         )
     listed = {row["device_id"] for row in rows}
@@ -96,13 +103,15 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                     "last_error": None,
                     "behind": None,
                     "ahead": None,
+                    "incomplete": {},
                 }
             )
     return rows
 
 
-def describe_link(row: dict[str, Any]) -> str:
-    """connected?, in step? and the lag, in the words `peers` and `status` share."""
+def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
+    """connected?, in step? and the lag, in the words `peers` and `status` share
+    (``why``: with the reason it cannot get in step, else the caller shows it)."""
     if not row["connected"]:
         lagging = (
             f"{row['behind']} behind, {row['ahead']} ahead at last contact"
@@ -111,7 +120,9 @@ def describe_link(row: dict[str, Any]) -> str:
         )
         return f"not connected; {lagging}"
     if row["problem"]:
-        step = row["problem"]
+        step = row["problem"] if why else row["problem"].split(":", 1)[0]
+    elif not row["state"].startswith("paired"):
+        return "connected, exchanging pairing requests (nothing flows until a rule is in force)"
     elif row["in_sync"]:
         step = "in sync"
     else:
@@ -119,8 +130,22 @@ def describe_link(row: dict[str, Any]) -> str:
     return f"connected; {step}; {row['behind']} behind, {row['ahead']} ahead"
 
 
+def describe_incomplete(missing: dict[str, int]) -> str:
+    """The known limitation, in words: ops that arrived without their contents."""
+    names = ", ".join(repr(c) for c in sorted(missing))
+    count = output.plural(sum(missing.values()), "change")
+    return (
+        f"{count} to {names} arrived here without {'its' if count.startswith('1 ') else 'their'}"
+        " contents, through a peer whose rules leave that out; p2psync cannot fetch them "
+        "later yet, so they will not come from this peer either (README: What flows where)"
+    )
+
+
 def describe_addresses(row: dict[str, Any]) -> str:
-    shown = [*row["addresses"], *(f"{a} (LAN)" for a in row["lan_addresses"])]
+    shown = [
+        *row["addresses"],
+        *(f"{a} (LAN)" for a in row["lan_addresses"] if a not in row["addresses"]),
+    ]
     if shown:
         return ", ".join(shown)
     if row["connected_from"]:
@@ -145,11 +170,15 @@ def peers(state: State, as_json: bool) -> None:
         )
     for row in rows:
         click.echo(f"{output.safe(row['name'] or '?')}  {row['device_id']}")
-        click.echo(f"    {output.safe(row['state'])}; {describe_link(row)}")
+        click.echo(f"    {output.safe(row['state'])}; {describe_link(row, why=False)}")
         click.echo(f"    addresses: {output.safe(describe_addresses(row))}")
         click.echo(f"    last seen: {_ms(row['last_seen'])}; last in sync: {_ms(row['last_sync'])}")
-        if row["problem"] or row["last_error"]:
-            click.echo(f"    problem: {output.safe(row['problem'] or row['last_error'])}")
+        if row["problem"] and row["connected"]:  # only what is wrong now
+            click.echo(f"    why: {output.safe(row['problem'].split(': ', 1)[-1])}")
+        elif row["problem"]:
+            click.echo(f"    last problem: {output.safe(row['problem'])}")
+        if row["incomplete"]:
+            click.echo(f"    note: {output.safe(describe_incomplete(row['incomplete']))}")
 
 
 COMMANDS = (peers,)

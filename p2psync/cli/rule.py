@@ -77,7 +77,7 @@ def say_proposal(result: pairing.Proposal, peer: Peer, me: bytes, own: str) -> N
         if own:
             click.echo(
                 f"on that agent, run: p2psync pair add {own}  "
-                f"(or: p2psync pair accept {own[:7]})"
+                f"(or: p2psync rule accept {rule.id.hex()[:12]})"
             )
 
 

@@ -99,3 +99,21 @@ def accept_in_view(
     mine = make_terms(collections, direction, mode, route, base=rule.proposed.flipped())
     pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
     return mine
+
+
+def _seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    if not 0 < value < 1e6:  # NaN is refused too: it compares false
+        raise click.BadParameter("give a number of seconds above 0, e.g. 30")
+    return value
+
+
+def timeout_option(default: float) -> Callable[[F], F]:
+    """``--timeout SECONDS`` (above 0; a malformed value is a usage error)."""
+    return click.option(
+        "--timeout",
+        type=float,
+        default=default,
+        show_default=True,
+        callback=_seconds,
+        help="Seconds to wait.",
+    )

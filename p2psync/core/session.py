@@ -524,5 +524,8 @@ class SyncSession:
         self.ended_in_sync = self.synced
         self.phase = Phase.CLOSED
         self.close_reason = reason
-        self._outbox = [Bye(reason)]
+        if error:  # the peer broke the protocol: nothing more for it but the reason
+            self._outbox = [Bye(reason)]
+        else:  # on purpose: what was queued (a last Caught, an Ack) goes first
+            self._outbox.append(Bye(reason))
         return [SessionClosed(reason, by_peer=False, error=error)]

@@ -7,7 +7,7 @@ def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) → (host, port); raises ValueError."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
+        raise ValueError(f"{text!r} is not HOST:PORT (a port is 0-65535; IPv6 as [::1]:PORT)")
     return host.strip("[]"), int(port)
 
 

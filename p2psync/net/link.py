@@ -38,6 +38,8 @@ class PairLink:
     ) -> None:
         self.db = db
         self.peer = peer
+        #: whether live-only (online) rules apply; the session turns it off when the
+        #: peer says it syncs on demand (its RulesHeld), so on-demand rules count too
         self.live = live
         self.handshake_hash = handshake_hash
         self.peer_name = peer_name
@@ -106,4 +108,6 @@ class PairLink:
 
     async def unpaired_reason(self) -> str:
         """Why a session with no rule in force ends, in words for both sides."""
-        return await self._run(lambda: pairing.unpaired_reason(self.db, self.peer))
+        return await self._run(
+            lambda: pairing.unpaired_reason(self.db, self.peer, live=self.live)
+        )

@@ -48,7 +48,8 @@ async def sync_once(
     timeout: float,
     progress: Progress | None = None,
 ) -> list[SyncOutcome]:
-    """Sync with the given peers (default: every trusted peer with an address)."""
+    """Sync with the given peers (default: every peer with an address and a rule in
+    force, or a proposal of ours awaiting its answer)."""
     trusted = {p.key: p for p in db.store.peers() if p.state is PeerState.KNOWN}
     store, feed = TrioStore(db.store), ChangeFeed()
     if target is not None:
@@ -56,7 +57,10 @@ async def sync_once(
             (keys[0] if keys else None, [format_address(*target)])
         ]
     else:
-        chosen = keys if keys is not None else [k for k, p in trusted.items() if p.addresses]
+        if keys is None:  # the peers we have business with: rules in force, or asked for
+            ours = db.store.peers_in_force() | db.store.peers_asked(db.identity.public_key)
+            keys = [k for k, p in trusted.items() if p.addresses and k in ours]
+        chosen = keys
         jobs = [(key, list(trusted[key].addresses)) for key in chosen if key in trusted]
     outcomes: dict[int, SyncOutcome] = {}
     with trio.move_on_after(timeout):
@@ -131,7 +135,10 @@ async def _session(
 
 
 async def _record(
-    db: Database, peer: bytes, trusted: Mapping[bytes, Peer], stats: SessionStats
+    db: Database,
+    peer: bytes,
+    trusted: Mapping[bytes, Peer],
+    stats: SessionStats,
 ) -> None:
     if peer not in trusted:
         return
@@ -142,6 +149,7 @@ async def _record(
             synced=now_ms() if stats.synced else None,
             error=None if stats.synced else stats.reason,
             clear_error=stats.synced,
+            heads={author: head.seq for author, head in stats.peer_heads.items()} or None,
         )
     )
 
@@ -170,6 +178,7 @@ class JoinOutcome:
     error: str | None
     sync: SyncOutcome | None
     refused: bool = False  # the inviter refused the code (its reason is ``error``)
+    reached: bool = False  # a connection with the inviter was made
 
     @property
     def confirmed(self) -> bool:
@@ -191,7 +200,7 @@ async def join_once(
     before = await trio.to_thread.run_sync(lambda: joined_rule(db, ticket))
     store, feed = TrioStore(db.store), ChangeFeed()
     rule: Rule | None = None
-    refused = False
+    refused = reached = False
     error = f"no answer from the inviter within {timeout:g} s"
     last: SyncOutcome | None = None
     with trio.move_on_after(timeout):
@@ -200,6 +209,7 @@ async def join_once(
             if secured is None:
                 error = failure
                 break
+            reached = True
             stats, link = await _session(
                 db, store, feed, secured, join=ticket if rule is None else None
             )
@@ -213,7 +223,7 @@ async def join_once(
             last = None  # a session that ended otherwise proves nothing
             error = stats.reason
     if rule is None:
-        return JoinOutcome(None, False, error, None, refused=refused)
+        return JoinOutcome(None, False, error, None, refused=refused, reached=reached)
     if last is None or not last.synced:
         last = SyncOutcome(device_id(ticket.inviter), False, error, 0, 0)
     return JoinOutcome(rule, before is not None and before.id == rule.id, None, last)

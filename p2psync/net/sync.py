@@ -77,7 +77,7 @@ class SessionStats:
     error: bool = False
     by_peer: bool = False  # the peer ended the session (its Bye gave the reason)
     done: bool = False  # an on-demand session we ended because it was in sync
-    peer_heads: dict[bytes, Head] = field(default_factory=dict)
+    peer_heads: dict[bytes, Head] = field(default_factory=dict)  # its Have; at the end, all
     to_receive: int = 0  # entries the peer announced that we lacked when it said Have
     bytes_sent: int = 0  # on the wire, handshake included
     bytes_received: int = 0
@@ -304,6 +304,10 @@ class _Run:
                 else:
                     log.debug("rules in force with %s", self.who)
                 self.handle(self.machine.begin(await self.store.heads()))
+            elif not self.live and not self.link.joining:
+                # on demand, rules exchanged, none in force: nothing more can happen
+                # here (a live agent waits the pairing deadline: its user may answer)
+                self.handle(self.machine.close(await self.link.unpaired_reason()))
         elif permissions != self.permissions:
             # a rule changed in the middle of a session: start afresh under the new ones
             self.handle(self.machine.close("the rules between us changed"))
@@ -559,6 +563,8 @@ async def run_session(
     finally:
         run.stats.bytes_sent, run.stats.bytes_received = secure.bytes_out, secure.bytes_in
         await secure.aclose()
+    if machine.peer:  # what the peer held at the end: its Have, and all since
+        run.stats.peer_heads = dict(machine.peer)
     if not run.stats.reason:
         run.stats.reason = machine.close_reason or "closed"
     run.stats.synced = run.stats.synced or machine.synced

@@ -53,9 +53,12 @@ class Rejected:
     error: EntryError
 
     def describe(self) -> str:
-        where = f"entry {self.seq} of {short_id(self.author)}" if self.author else "entry"
-        if self.index is not None:
-            where += f" (input #{self.index})"
+        if self.author is not None:
+            where = f"entry {self.seq} of {short_id(self.author)}"
+        elif self.index is not None:  # it did not decode: only its place says which
+            where = f"entry #{self.index} of the batch"
+        else:
+            where = "entry"
         return f"{where}: {self.error}"
 
 
@@ -241,12 +244,16 @@ def decode_batch(
             # applying it without those ops would lose them for good: a later full
             # copy has the same ID and counts as a duplicate. Not the sender's fault
             # when it never had them (filtered before they reached it).
+            author = short_id(entry.author)
             deferred = WithheldError(
-                f"it lacks the payload of an op in {withheld[0]!r}, which the rule "
-                f"with the sender covers but the sender does not hold (a rule "
-                f"upstream leaves it out); this author's later entries wait. "
-                f"Leave {withheld[0]!r} out of the rule with the sender, or get "
-                "these entries from a peer that holds them in full"
+                f"it reached the sender without its {withheld[0]!r} part (a rule on its "
+                f"way from {author} leaves {withheld[0]!r} out), but {withheld[0]!r} may "
+                f"come here from the sender, and applying it without that part would lose "
+                f"it; it waits here, with {author}'s later entries. To go on: let the "
+                f"sender receive {withheld[0]!r} from {author}, or pair with {author} (or "
+                f"another peer holding its entries in full) for {withheld[0]!r}; or, if "
+                f"this site needs no {withheld[0]!r} from the sender, leave it out of the "
+                "rule with the sender"
             )
         items.append(Item(entry, wire, index, deferred))
         furthest = result.seen.get(entry.author)

@@ -155,16 +155,26 @@ def answered_objects(conn: sqlite3.Connection) -> dict[bytes, list[bytes]]:
     return {peer: objects_with(conn, peer) for (peer,) in rows.fetchall()}
 
 
-def in_force(objects: dict[bytes, list[bytes]]) -> set[bytes]:
-    """The peers among ``objects`` (see :func:`answered_objects`) with a rule in force."""
-    return {
-        peer
-        for peer, blobs in objects.items()
-        if any(
-            rule.state is RuleState.ACCEPTED
-            for rule in core.fold([core.decode(blob) for blob in blobs]).values()
-        )
-    }
+def in_force(objects: dict[bytes, list[bytes]]) -> dict[bytes, set[core.Mode]]:
+    """The peers among ``objects`` (see :func:`answered_objects`) with a rule in force,
+    and the modes of those rules."""
+    modes: dict[bytes, set[core.Mode]] = {}
+    for peer, blobs in objects.items():
+        for rule in core.fold([core.decode(blob) for blob in blobs]).values():
+            if rule.state is RuleState.ACCEPTED:
+                modes.setdefault(peer, set()).add(rule.terms.mode)
+    return modes
+
+
+def asking(conn: sqlite3.Connection, me: bytes) -> set[bytes]:
+    """Agents this one has an open proposal to (no answer, no revocation yet)."""
+    rows = conn.execute(
+        "SELECT DISTINCT p.peer FROM rule_objects p WHERE p.kind = 'propose' "
+        "AND p.signer = ? AND NOT EXISTS (SELECT 1 FROM rule_objects a "
+        "WHERE a.proposal = p.id AND a.kind != 'propose')",
+        (me,),
+    )
+    return {peer for (peer,) in rows}
 
 
 def proposed_to(conn: sqlite3.Connection, me: bytes) -> set[bytes]:

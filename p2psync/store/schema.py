@@ -18,6 +18,11 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 9 adds ``incomplete``: per collection and author, how many ops were
+applied without their payload (it was withheld upstream: a collection the
+sending path does not carry). p2psync cannot fetch those payloads later yet;
+``status`` and ``peers`` say so when a rule would let them arrive.
+
 Version 8 deletes the ``join:<inviter>`` meta rows earlier versions kept for an
 invite code being joined: the code now lives only in the joining process.
 
@@ -185,6 +190,15 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     # and be presented again at every connection): forget those earlier versions kept
     8: """
     DELETE FROM meta WHERE key LIKE 'join:%'
+    """,
+    # ops applied without their payload, counted, so status can say what is missing
+    9: """
+    CREATE TABLE incomplete (
+        collection TEXT NOT NULL,
+        author     BLOB NOT NULL,
+        ops        INTEGER NOT NULL,
+        PRIMARY KEY (collection, author)
+    ) WITHOUT ROWID
     """,
 }
 

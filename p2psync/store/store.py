@@ -17,7 +17,7 @@ from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
 from p2psync.core.identity import Identity, short_id
 from p2psync.core.messages import Head
-from p2psync.core.rules import Rule, Terms
+from p2psync.core.rules import Mode, Rule, Terms
 from p2psync.errors import IntegrityError, StoreError
 from p2psync.store import logs, peers, records, schema
 from p2psync.store import rules as rules_mod
@@ -223,6 +223,15 @@ class Store:
         with self._reader.reading() as conn:
             return int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
 
+    def incomplete(self) -> dict[str, int]:
+        """Per collection, the ops applied here without their payload (withheld
+        upstream by a path that does not carry that collection)."""
+        with self._reader.reading() as conn:
+            rows = conn.execute(
+                "SELECT collection, sum(ops) FROM incomplete GROUP BY collection"
+            ).fetchall()
+        return {collection: int(ops) for collection, ops in rows}
+
     # ------------------------------------------------------------ sync
 
     def heads(self) -> dict[bytes, Head]:
@@ -344,9 +353,18 @@ class Store:
     def peers_in_force(self) -> set[bytes]:
         """Peers with a rule in force with this agent (read under the reader's lock,
         decoded and folded after it, so other reads do not wait)."""
+        return set(self.peers_in_force_modes())
+
+    def peers_in_force_modes(self) -> dict[bytes, set[Mode]]:
+        """Peers with a rule in force, and the modes of those rules."""
         with self._reader.reading() as conn:
             objects = rules_mod.answered_objects(conn)
         return rules_mod.in_force(objects)
+
+    def peers_asked(self, me: bytes) -> set[bytes]:
+        """Agents ``me`` has an open proposal to."""
+        with self._reader.reading() as conn:
+            return rules_mod.asking(conn, me)
 
     def peers_proposed_to(self, me: bytes) -> set[bytes]:
         with self._reader.reading() as conn:

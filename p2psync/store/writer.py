@@ -119,6 +119,8 @@ class Writer:
         self._had_losers: set[tuple[str, str]] = set()
         self._dirty: set[tuple[str, str]] = set()
         self._new_entries: list[tuple[int, int, bytes, int, bytes, bytes]] = []
+        #: ops applied without their payload (withheld upstream), per (collection, author)
+        self._incomplete: dict[tuple[str, bytes], int] = {}
 
     # ------------------------------------------------------------ reading
 
@@ -268,8 +270,10 @@ class Writer:
         self._new_entries.append(
             (self._row(head), entry.seq, entry.id, entry.hlc, entry.signed, entry.payloads_blob)
         )
-        for op in entry.ops:
-            if op is None:
+        for collection, op in zip(entry.collections, entry.ops, strict=True):
+            if op is None:  # its payload was withheld: a collection not for us by that path
+                where = (collection, entry.author)
+                self._incomplete[where] = self._incomplete.get(where, 0) + 1
                 continue
             record = (op.collection, op.key)
             version = Version(
@@ -297,6 +301,13 @@ class Writer:
     def flush(self) -> None:
         """Write cached changes to the transaction and empty the caches."""
         self._flush_entries()
+        if self._incomplete:
+            self.conn.executemany(
+                "INSERT INTO incomplete (collection, author, ops) VALUES (?, ?, ?) "
+                "ON CONFLICT (collection, author) DO UPDATE SET ops = ops + excluded.ops",
+                [(c, a, n) for (c, a), n in self._incomplete.items()],
+            )
+            self._incomplete.clear()
         rows: list[tuple[object, ...]] = []
         loser_keys: list[tuple[str, str]] = []
         loser_rows: list[tuple[object, ...]] = []
