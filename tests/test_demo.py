@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def test_the_demo_ignores_another_agent_on_this_machine(tmp_path: Path) -> None:
         foreign.stop()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     assert "Done: all agents stopped" in result.stdout
+    assert re.search(r"head office sees Branch North \(\w+\) at 127\.0\.0\.1:\d+", result.stdout)
     assert foreign_id[:7] not in result.stdout and "Foreign" not in result.stdout
 
 

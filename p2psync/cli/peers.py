@@ -92,7 +92,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                     "name": found["name"],
                     "device_id": found["device_id"],
                     "state": "discovered (not paired)",
-                    "addresses": [],
+                    "addresses": found["addresses"],  # as advertised (unproven)
                     "lan_addresses": found["addresses"],
                     "connected": False,
                     "connected_from": None,
