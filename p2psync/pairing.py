@@ -98,11 +98,12 @@ def settle(db: Database, peer: bytes) -> list[bytes]:
     Both sides asked (each ran ``pair add``, or proposed, before seeing the other's
     proposal): each open proposal of the peer's that shares something with one of
     ours is accepted, narrowed to the widest such share. "Ours" are our open
-    proposals, and those the peer accepted no earlier than it made this one (it
-    could not have known they settled the matter; a request it makes later is for
-    the user to answer). Nothing is revoked here, only widened, so the two sides may
-    decide at the same moment from different views without losing anything; the
-    duplicates this can leave are tidied by :func:`tidy`.
+    proposals, and those the peer accepted in a message that reached us no earlier
+    than its proposal did (by our clock: it could not have known they settled the
+    matter). A request that reaches us later, overlapping a rule already in force,
+    is for the user to answer. Nothing is revoked here, only widened, so the two
+    sides may decide at the same moment from different views without losing
+    anything; the duplicates this can leave are tidied by :func:`tidy`.
     """
     me = db.identity.public_key
     rules = db.store.rules(peer)
@@ -112,13 +113,21 @@ def settle(db: Database, peer: bytes) -> list[bytes]:
         if r.proposer == me and r.state in (RuleState.PROPOSED, RuleState.ACCEPTED)
     ]
     theirs = [r for r in rules if r.proposer == peer and r.state is RuleState.PROPOSED]
+    if not theirs or not ours:
+        return tidy(db, peer)
+    arrived = db.store.rule_objects_received(
+        [r.id for r in theirs]
+        + [core.rule_id(r.objects[1]) for r in ours if r.state is RuleState.ACCEPTED]
+    )
     created: list[bytes] = []
     for incoming in sorted(theirs, key=lambda r: r.id):
-        asked_at = signed_ms(incoming.objects[0])
+        asked_at = arrived.get(incoming.id, 0)
         shares = []
         for outgoing in ours:
-            if outgoing.state is RuleState.ACCEPTED and signed_ms(outgoing.objects[1]) < asked_at:
-                continue  # accepted before this was asked: the user answers it
+            if outgoing.state is RuleState.ACCEPTED:
+                answered_at = arrived.get(core.rule_id(outgoing.objects[1]), 0)
+                if answered_at < asked_at:
+                    continue  # settled before this was asked: the user answers it
             # what we asked for, even where the peer accepted less (it may have been
             # choosing one share of several, as this function does)
             common = incoming.proposed.common(outgoing.proposed)
@@ -160,16 +169,19 @@ def tidy(db: Database, peer: bytes) -> list[bytes]:
     for rule in sorted(rules, key=lambda r: r.id):
         if rule.state is RuleState.ACCEPTED:
             oldest.setdefault(rule.terms_for(me), rule.id)
-    created = [
-        core.revoke(db.identity, rule.id, now_ms())
+    redundant = [
+        rule
         for rule in rules
         if rule.proposer == me
         and rule.state in (RuleState.PROPOSED, RuleState.ACCEPTED)
         and oldest.get(rule.terms_for(me), rule.id) < rule.id
     ]
-    if created:
-        db.store.add_rule_objects(me, created, now_ms())
-    return created
+    revocations = [core.revoke(db.identity, rule.id, now_ms()) for rule in redundant]
+    if revocations:
+        db.store.add_rule_objects(me, revocations, now_ms())
+    # the peer may not hold an open proposal of ours yet: it gets it with its end
+    proposals = [rule.objects[0] for rule in redundant if rule.state is RuleState.PROPOSED]
+    return proposals + revocations
 
 
 def accept(db: Database, rule: Rule, terms: Terms | None = None) -> bytes:

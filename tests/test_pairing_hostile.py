@@ -413,22 +413,19 @@ def _terms(rng: random.Random) -> Terms:
     )
 
 
-def _allowed(db: p2psync.Database, peer: bytes) -> set[tuple[str, str, str]]:
-    """(collection, send|receive, mode) this side may move with ``peer``."""
-    rules = db.store.rules(peer)
+def _allowed(db: p2psync.Database, peer: bytes) -> set[tuple[str, str]]:
+    """(collection, send|receive) this side may move with ``peer``, by any rule."""
+    allowed = Permissions.between(key(db), peer, db.store.rules(peer), live=False)
     out = set()
-    for live in (True, False):
-        allowed = Permissions.between(key(db), peer, rules, live=live)
-        for collection in ("a", "b", "c", "z"):
-            mode = "online" if live else "on-demand"
-            if allowed.may_send(collection):
-                out.add((collection, "send", mode))
-            if allowed.may_receive(collection):
-                out.add((collection, "receive", mode))
+    for collection in ("a", "b", "c", "z"):
+        if allowed.may_send(collection):
+            out.add((collection, "send"))
+        if allowed.may_receive(collection):
+            out.add((collection, "receive"))
     return out
 
 
-def _wanted(mine: list[Terms], theirs: list[Terms]) -> set[tuple[str, str, str]]:
+def _wanted(mine: list[Terms], theirs: list[Terms]) -> set[tuple[str, str]]:
     """What both asked for: the common part of every pair of proposals, in ``mine``'s
     view (the allowance a fresh pair of rules with those terms would give)."""
     out = set()
@@ -440,12 +437,10 @@ def _wanted(mine: list[Terms], theirs: list[Terms]) -> set[tuple[str, str, str]]
             for collection in ("a", "b", "c", "z"):
                 if not common.covers(collection):
                     continue
-                modes = ["on-demand"] if common.mode is Mode.ON_DEMAND else ["online", "on-demand"]
-                for mode in modes:
-                    if common.direction in (Direction.SEND, Direction.BOTH):
-                        out.add((collection, "send", mode))
-                    if common.direction in (Direction.RECEIVE, Direction.BOTH):
-                        out.add((collection, "receive", mode))
+                if common.direction in (Direction.SEND, Direction.BOTH):
+                    out.add((collection, "send"))
+                if common.direction in (Direction.RECEIVE, Direction.BOTH):
+                    out.add((collection, "receive"))
     return out
 
 
@@ -491,8 +486,8 @@ def test_mutual_proposals_in_any_order_settle_within_what_both_asked(
                 shared = _wanted([rule.proposed], theirs)
             else:
                 shared = {
-                    (c, {"send": "receive", "receive": "send"}[way], mode)
-                    for c, way, mode in _wanted([rule.proposed], mine)
+                    (c, {"send": "receive", "receive": "send"}[way])
+                    for c, way in _wanted([rule.proposed], mine)
                 }
             assert shared <= allowed, (rule, mine, theirs, fold_a)
     in_force = [r.terms_for(key(a)) for r in rules if r.state is RuleState.ACCEPTED]

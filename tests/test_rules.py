@@ -104,12 +104,17 @@ def test_permissions_follow_accepted_rules_and_modes() -> None:
     rules = [online, on_demand]
     a_live = Permissions.between(A.public_key, B.public_key, rules, live=True)
     assert a_live.may_send("vouchers") and not a_live.may_receive("vouchers")
-    assert not a_live.may_send("stock")
+    # the live connection made for the online rule carries the on-demand one too
+    assert a_live.may_send("stock") and a_live.may_receive("stock")
     a_once = Permissions.between(A.public_key, B.public_key, rules, live=False)
     assert a_once.may_send("stock") and a_once.may_receive("stock")
     b_live = Permissions.between(B.public_key, A.public_key, rules, live=True)
     assert b_live.may_receive("vouchers") and not b_live.may_send("vouchers")
     assert not Permissions.between(A.public_key, C.public_key, rules, live=True).paired
+    # with only the on-demand rule in force, nothing flows live: only on demand
+    alone = Permissions.between(A.public_key, B.public_key, [on_demand], live=True)
+    assert not alone.paired
+    assert Permissions.between(A.public_key, B.public_key, [on_demand], live=False).paired
 
 
 def test_globs() -> None:

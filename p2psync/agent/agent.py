@@ -69,6 +69,8 @@ class _Standing:
     on_demand: set[bytes] = field(default_factory=set)  # an on-demand rule in force
     asking: set[bytes] = field(default_factory=set)  # a proposal of ours awaits an answer
     ours: set[bytes] = field(default_factory=set)  # paired, or we proposed to them once
+    #: per peer, where the newest rule object we signed about the pair stands
+    latest: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,10 @@ class Agent:
         self._nursery: trio.Nursery | None = None
         self._handshaking = 0
         self.standing = _Standing()
+        self._on_demand_locks: dict[bytes, trio.Lock] = {}
+        #: per peer, the rules version it is known to hold all our objects of (its
+        #: RulesHeld matched ours, or it said Have after our Rules)
+        self._reconciled: dict[bytes, int] = {}
         self._paired_checked = -1e9
         self.started_ms = now_ms()
 
@@ -242,6 +248,7 @@ class Agent:
                     online={peer for peer, held in modes.items() if Mode.ONLINE in held},
                     on_demand={peer for peer, held in modes.items() if Mode.ON_DEMAND in held},
                     asking=store.peers_asked(me),
+                    latest=store.latest_signed(me),
                     ours=set(modes) | store.peers_proposed_to(me),
                 )
 
@@ -321,6 +328,8 @@ class Agent:
             log.debug("keeping the other connection with %s", short_id(peer))
             await secured.aclose()
             return None
+        else:
+            conn.live = True
         log.info("connected to %s (%s, %s)", short_id(peer), secured.peer_name, address)
         # an address we dialled proved the peer's key: try it first from now on
         await self.record(
@@ -350,22 +359,24 @@ class Agent:
                     )
                 )
 
-        def opened(live: bool) -> bool:
+        def opened(live: bool) -> str | None:
             """The session opens: an on-demand one runs beside the live connection;
-            a live one the peer dialled takes its place, or gives way to it."""
+            a live one the peer dialled takes its place, or gives way to it. A
+            reason ends it."""
             if outbound:
-                return True
+                return None
             if not live:
                 running = [c for c in self.registry.others if c.peer == peer and c.on_demand]
                 if len(running) >= MAX_ON_DEMAND:
                     log.info("%s is already syncing on demand; refused another", short_id(peer))
-                    return False
+                    return "an on-demand sync between us is running already; try again after it"
                 conn.on_demand = True
-                return True
+                return None
             if self.registry.add(conn):
-                return True
+                conn.live = True
+                return None
             log.debug("keeping the other connection with %s", short_id(peer))
-            return False
+            return "another connection between us is kept"
 
         def stuck(stats: SessionStats) -> None:
             # `peers` shows it even after the agent stops
@@ -385,6 +396,7 @@ class Agent:
                     peer_name=secured.peer_name,
                     rules_feed=self.rules_feed,
                     on_rules_added=rules_added,
+                    on_reconciled=partial(self.reconciled, peer),
                 )
                 stats = await run_session(
                     secured,
@@ -420,10 +432,13 @@ class Agent:
         peer, machine, stats = conn.peer, conn.machine, conn.stats
         assert machine is not None and stats is not None
         in_step_at_end = machine.synced or machine.ended_in_sync
-        # while another connection with the peer is open (the live one, or one that
-        # is taking over: two agents dialling each other at once), this one does not
-        # speak for the peer
-        side = any(other.peer == peer for other in self.registry.all())
+        # a live connection speaks for the peer unless another live one has taken
+        # its place; a side one (on demand, or never opened) only when nothing else
+        # with the peer is open (the live one, or one taking over)
+        if conn.live:
+            side = self.registry.get(peer) is not None
+        else:
+            side = any(other.peer == peer for other in self.registry.all())
         if in_step_at_end or side:
             error = None
         elif stats.stuck:
@@ -441,6 +456,22 @@ class Agent:
                 error=error,
                 clear_error=in_step_at_end and not side,
             )
+
+    def has_news(self, peer: bytes) -> bool:
+        """We signed rule objects about the pair that the peer may not hold yet (an
+        answer, a revocation): worth a connection to deliver them."""
+        return self.standing.latest.get(peer, 0) > self._reconciled.get(peer, 0)
+
+    def reconciled(self, peer: bytes, version: int) -> None:
+        """The peer holds every rule object of ours about the pair, as of ``version``."""
+        if version > self._reconciled.get(peer, 0):
+            self._reconciled[peer] = version
+            if self._nursery is not None:
+                self.dialing.update(self._nursery)
+
+    def on_demand_lock(self, peer: bytes) -> trio.Lock:
+        """Held while this agent runs an on-demand sync with ``peer``."""
+        return self._on_demand_locks.setdefault(peer, trio.Lock())
 
     def _spawn(self, work: Callable[[], Awaitable[object]]) -> None:
         """Run ``work`` in the agent's nursery, unless the agent is stopping."""

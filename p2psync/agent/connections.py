@@ -37,6 +37,7 @@ class Connection:
     stats: SessionStats | None = None
     machine: SyncSession | None = None
     on_demand: bool = False
+    live: bool = False  # it was (or is) the live connection with its peer
 
 
 def prefer(new: Connection, old: Connection) -> bool:

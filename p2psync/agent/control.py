@@ -11,6 +11,7 @@ Requests:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,9 @@ async def handle_control(agent: Agent, stream: trio.abc.Stream) -> None:
             answer = await _answer(agent, request)
         except (ValueError, P2PSyncError) as exc:
             answer = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # one bad request never takes the agent down
+            log.exception("control request failed")
+            answer = {"ok": False, "error": f"internal error in the agent: {exc!r}"}
         await stream.send_all(json.dumps(answer).encode() + b"\n")
     except (trio.BrokenResourceError, OSError):
         pass
@@ -69,8 +73,10 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
     """Sync now with one peer or every paired one, and wait until each is in sync or
     cannot be (not paired, refused, unreachable: the reason is reported). What online
     rules let flow comes over the live connection (dialled now); what on-demand rules
-    let flow, and anything with a peer the agent does not stay connected to, in an
-    on-demand session run now, as `p2psync sync` without an agent would."""
+    let flow (all of a pair's rules, once one of them is online) comes over the live
+    connection (dialled now); with a peer whose rules are all on demand, or that is
+    not paired, an on-demand session runs now, as `p2psync sync` without an agent
+    would."""
     standing = agent.standing
     if peer:
         keys = [parse_device_id(peer)]
@@ -83,14 +89,31 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
             if known.state is PeerState.KNOWN and (key in standing.paired or key in standing.asking)
         ]
     live = [key for key in keys if key in standing.online]
-    on_demand = [key for key in keys if key in standing.on_demand or key not in standing.online]
+    # a live connection carries every rule of a pair with an online rule in force
+    on_demand = [key for key in keys if key not in standing.online]
     live_results: dict[bytes, tuple[bool, str | None]] = {}
     demand_results: dict[bytes, tuple[bool, str | None]] = {}
 
     async def run_on_demand() -> None:
-        outcomes = await sync_once(agent.db, on_demand, None, timeout=timeout)
-        for key, outcome in zip(on_demand, outcomes, strict=True):
-            demand_results[key] = (outcome.synced, outcome.error)
+        # one on-demand sync per peer at a time (the peer refuses a second beside it):
+        # a second `p2psync sync` waits for the first's session, then runs its own
+        locks = [agent.on_demand_lock(key) for key in sorted(on_demand)]
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in locks:
+                await stack.enter_async_context(lock)
+            outcomes = await sync_once(
+                agent.db,
+                on_demand,
+                None,
+                timeout=timeout,
+                feed=agent.feed,
+                hints={key: agent.dialing.lan_addresses(key) for key in on_demand},
+            )
+        by_id = {outcome.peer: outcome for outcome in outcomes}
+        for key in on_demand:
+            outcome = by_id.get(device_id(key))
+            if outcome is not None:
+                demand_results[key] = (outcome.synced, outcome.error)
 
     async with trio.open_nursery() as nursery:
         if on_demand:

@@ -38,21 +38,21 @@ class Dialing:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self._dialers: dict[bytes, trio.CancelScope] = {}
+        self._dialers: dict[bytes, object] = {}  # the token of each peer's dialer
         self._now: dict[bytes, trio.Event] = {}
 
     def dialled(self, key: bytes) -> bool:
-        """Peers we dial: known (not removed) and either with an online rule in force
-        (a live connection is what it asks for) or with a proposal of ours to deliver
-        or hear back about. Not a peer whose rules are all on demand (it syncs on
-        `p2psync sync`), nor one that rejected us or whose rules were revoked: the
-        side whose view is older keeps dialling until it hears the news."""
+        """Peers we dial: known (not removed) and with an online rule in force (a live
+        connection is what it asks for), a proposal of ours to deliver or hear back
+        about, or rule objects of ours it may not hold yet (an answer, a revocation).
+        Not, otherwise, a peer whose rules are all on demand (it syncs on `p2psync
+        sync`), nor one that rejected us or whose rules were revoked."""
         peer = self.agent.peers.get(key)
         standing = self.agent.standing
         return (
             peer is not None
             and peer.state is PeerState.KNOWN
-            and (key in standing.online or key in standing.asking)
+            and (key in standing.online or key in standing.asking or self.agent.has_news(key))
         )
 
     def lan_addresses(self, key: bytes) -> tuple[str, ...]:
@@ -60,19 +60,22 @@ class Dialing:
         return discovery.addresses(key) if discovery is not None else ()
 
     def update(self, nursery: trio.Nursery) -> None:
-        """A dialer for every known peer with an address (stored, or seen on the LAN)."""
+        """A dialer for every peer we dial that has an address (stored, or seen on the
+        LAN). A dialer no longer wanted stops dialling, but a session it runs goes on
+        to its end: a revocation that made it unwanted still has to reach the peer."""
         wanted = {
             key
             for key, peer in self.agent.peers.items()
             if self.dialled(key) and (peer.addresses or self.lan_addresses(key))
         }
         for key in set(self._dialers) - wanted:
-            self._dialers.pop(key).cancel()
+            del self._dialers[key]
+            self.now(key)  # it wakes, sees it is no longer wanted, and ends
         for key in wanted - set(self._dialers):
-            scope = trio.CancelScope()
-            self._dialers[key] = scope
-            self._now[key] = trio.Event()
-            nursery.start_soon(self._dialer, key, scope)
+            token = object()
+            self._dialers[key] = token
+            self._now.setdefault(key, trio.Event())
+            nursery.start_soon(self._dialer, key, token)
 
     def now(self, key: bytes | None = None) -> None:
         """Skip the backoff wait of one dialer (or all)."""
@@ -81,34 +84,33 @@ class Dialing:
                 event.set()
                 self._now[peer] = trio.Event()
 
-    async def _dialer(self, key: bytes, scope: trio.CancelScope) -> None:
+    async def _dialer(self, key: bytes, token: object) -> None:
         config = self.agent.config
         failures = 0
         quick = True  # one quick redial after a short session, then back off
-        with scope:
-            while True:
-                existing = self.agent.registry.get(key)
-                if existing is not None:
-                    await existing.closed.wait()
-                    await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
-                    continue
-                started = trio.current_time()
-                stats = await self._dial_once(key)
-                if trio.current_time() - started > HEALTHY_SESSION:
-                    failures, quick = 0, True
-                elif stats is not None and stats.synced and quick:
-                    failures, quick = 0, False  # e.g. the rules changed: back at once
-                else:
-                    # no session, or a short one: a peer that ends session after
-                    # session soon (whatever it says) is backed off like an
-                    # unreachable one, not redialled twice a second
-                    failures += 1
-                delay = min(
-                    config.backoff_cap,
-                    config.backoff_start * 2 ** min(max(failures - 1, 0), 16),
-                ) * random.uniform(0.5, 1.5)
-                with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
-                    await self._now[key].wait()
+        while self._dialers.get(key) is token:
+            existing = self.agent.registry.get(key)
+            if existing is not None:
+                await existing.closed.wait()
+                await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
+                continue
+            started = trio.current_time()
+            stats = await self._dial_once(key)
+            if trio.current_time() - started > HEALTHY_SESSION:
+                failures, quick = 0, True
+            elif stats is not None and stats.synced and quick:
+                failures, quick = 0, False  # e.g. the rules changed: back at once
+            else:
+                # no session, or a short one: a peer that ends session after session
+                # soon (whatever it says) is backed off like an unreachable one, not
+                # redialled twice a second
+                failures += 1
+            delay = min(
+                config.backoff_cap,
+                config.backoff_start * 2 ** min(max(failures - 1, 0), 16),
+            ) * random.uniform(0.5, 1.5)
+            with trio.move_on_after(delay if failures else random.uniform(0.1, 0.5)):
+                await self._now[key].wait()
 
     async def _dial_once(self, key: bytes) -> SessionStats | None:
         """Try each address once, the LAN's first; the session's figures when one ran."""

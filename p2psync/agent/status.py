@@ -48,6 +48,7 @@ def agent_status(agent: Agent) -> dict[str, Any]:
                 "address": conn.address,
                 "since": conn.since_ms,
                 "synced": synced,
+                "begun": bool(machine is not None and machine.begun),  # past the rules
                 "stuck": machine.stuck_reason if machine is not None else None,
                 "last_sync": now_ms() if synced else stats.in_sync_ms if stats else None,
                 "entries_sent": stats.sent if stats else 0,

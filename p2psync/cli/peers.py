@@ -71,6 +71,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                 "connected": conn is not None,
                 "connected_from": conn["address"] if conn and conn["direction"] == "in" else None,
                 "in_sync": in_sync,
+                "begun": bool(conn.get("begun", True)) if conn is not None else False,
                 "problem": problem,
                 "last_seen": now_ms()
                 if conn is not None
@@ -97,6 +98,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                     "connected": False,
                     "connected_from": None,
                     "in_sync": None,
+                    "begun": False,
                     "problem": None,
                     "last_seen": found["last_seen"],
                     "last_sync": None,
@@ -123,6 +125,8 @@ def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
         step = row["problem"] if why else row["problem"].split(":", 1)[0]
     elif not row["state"].startswith("paired"):
         return "connected, exchanging pairing requests (nothing flows until a rule is in force)"
+    elif not row["begun"]:
+        return "connected, exchanging rules"
     elif row["in_sync"]:
         step = "in sync"
     else:
@@ -132,7 +136,10 @@ def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
 
 def describe_incomplete(missing: dict[str, int]) -> str:
     """The known limitation, in words: ops that arrived without their contents."""
-    names = ", ".join(repr(c) for c in sorted(missing))
+    shown = sorted(missing)[:5]
+    names = ", ".join(repr(c) for c in shown)
+    if len(missing) > len(shown):
+        names += f" and {len(missing) - len(shown)} more collections"
     count = output.plural(sum(missing.values()), "change")
     return (
         f"{count} to {names} arrived here without {'its' if count.startswith('1 ') else 'their'}"

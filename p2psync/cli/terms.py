@@ -44,7 +44,10 @@ def rule_options(narrowing: bool = False) -> Callable[[F], F]:
                 click.option(
                     "--mode",
                     type=click.Choice([m.value for m in Mode]),
-                    help="online: live while connected; on-demand: only on `p2psync sync`.",
+                    help=(
+                        "online: live while both agents run; on-demand: on `p2psync sync` "
+                        "(and on the live connection of an online rule with the same peer)."
+                    ),
                 ),
                 click.option(
                     "--route",

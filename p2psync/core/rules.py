@@ -397,14 +397,22 @@ class Permissions:
 
     @classmethod
     def between(cls, me: bytes, peer: bytes, rules: Sequence[Rule], *, live: bool) -> Permissions:
+        """What flows between ``me`` and ``peer``: on demand, by every rule in force;
+        in a live session, by every rule in force too, provided one of them is
+        online (that is what the live connection is for; an on-demand rule then
+        flows on it as well, rather than wait for `p2psync sync` or, worse, have its
+        entries arrive without their payload), else by none."""
+        in_force = [
+            rule
+            for rule in rules
+            if rule.state is RuleState.ACCEPTED and rule.party(me) and rule.party(peer)
+        ]
+        if live and all(rule.terms.mode is Mode.ON_DEMAND for rule in in_force):
+            return cls()
         send: set[Terms] = set()
         receive: set[Terms] = set()
-        for rule in rules:
-            if rule.state is not RuleState.ACCEPTED or not (rule.party(me) and rule.party(peer)):
-                continue
+        for rule in in_force:
             terms = rule.terms_for(me)
-            if live and terms.mode is Mode.ON_DEMAND:
-                continue
             one_way = Terms(terms.collections, Direction.SEND, terms.mode, terms.route)
             if terms.direction in (Direction.SEND, Direction.BOTH):
                 send.add(one_way)

@@ -521,11 +521,13 @@ class SyncSession:
     def _close(self, reason: str, error: bool) -> list[Event]:
         if self.phase is Phase.CLOSED:
             return []
-        self.ended_in_sync = self.synced
+        self.ended_in_sync = self.synced and not error
         self.phase = Phase.CLOSED
         self.close_reason = reason
         if error:  # the peer broke the protocol: nothing more for it but the reason
             self._outbox = [Bye(reason)]
-        else:  # on purpose: what was queued (a last Caught, an Ack) goes first
+        else:  # on purpose: what was queued (a last Caught, an Ack, rules) goes first,
+            # but no entries: they were chosen under the rules that may just have ended
+            self._outbox = [m for m in self._outbox if not isinstance(m, Entries)]
             self._outbox.append(Bye(reason))
         return [SessionClosed(reason, by_peer=False, error=error)]

@@ -35,6 +35,7 @@ class PairLink:
         rules_feed: ChangeFeed | None = None,
         join: pairing.JoinTicket | None = None,
         on_rules_added: Callable[[], None] | None = None,
+        on_reconciled: Callable[[int], None] | None = None,
     ) -> None:
         self.db = db
         self.peer = peer
@@ -49,16 +50,31 @@ class PairLink:
         #: the rule in force that the join gave (set once the inviter has answered)
         self.joined: Rule | None = None
         self.on_rules_added = on_rules_added
+        self.on_reconciled = on_reconciled
+        self.read_version = 0  # the rules version of the objects last read
         self.rules_added = False  # this session stored new rule objects
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(work)
 
     async def objects(self) -> list[bytes]:
-        return await self._run(lambda: self.db.store.rule_objects(self.peer))
+        """Every rule object about the pair (what RulesHeld digests, Rules carries)."""
+        objects, version = await self._run(
+            lambda: self.db.store.rule_objects_versioned(self.peer)
+        )
+        self.read_version = version
+        return objects
 
-    async def permissions(self) -> Permissions:
-        return await self._run(lambda: pairing.permissions(self.db, self.peer, live=self.live))
+    def reconciled(self, version: int) -> None:
+        """The peer holds every rule object of ours about the pair as of ``version``."""
+        if self.on_reconciled is not None:
+            self.on_reconciled(version)
+
+    async def permissions(self, *, live: bool | None = None) -> Permissions:
+        """What the rules in force let flow: for this session (default), or with
+        ``live=False`` every rule in force, on-demand ones included."""
+        live = self.live if live is None else live
+        return await self._run(lambda: pairing.permissions(self.db, self.peer, live=live))
 
     async def receive(self, objects: list[bytes]) -> list[bytes]:
         """Keep the peer's rule objects; our answers to send back."""

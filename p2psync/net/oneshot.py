@@ -4,7 +4,7 @@ entries, disconnect (what ``p2psync sync`` does when no agent runs)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -47,11 +47,16 @@ async def sync_once(
     *,
     timeout: float,
     progress: Progress | None = None,
+    feed: ChangeFeed | None = None,
+    hints: Mapping[bytes, Sequence[str]] | None = None,
 ) -> list[SyncOutcome]:
     """Sync with the given peers (default: every peer with an address and a rule in
-    force, or a proposal of ours awaiting its answer)."""
+    force, or a proposal of ours awaiting its answer); one outcome per peer named
+    (or per address). ``feed``: bumped when entries arrive (a running agent passes
+    its own, so its live sessions forward them at once); ``hints``: addresses to try
+    first, per peer (a running agent's LAN adverts)."""
     trusted = {p.key: p for p in db.store.peers() if p.state is PeerState.KNOWN}
-    store, feed = TrioStore(db.store), ChangeFeed()
+    store, feed = TrioStore(db.store), feed or ChangeFeed()
     if target is not None:
         jobs: list[tuple[bytes | None, list[str]]] = [
             (keys[0] if keys else None, [format_address(*target)])
@@ -60,12 +65,22 @@ async def sync_once(
         if keys is None:  # the peers we have business with: rules in force, or asked for
             ours = db.store.peers_in_force() | db.store.peers_asked(db.identity.public_key)
             keys = [k for k, p in trusted.items() if p.addresses and k in ours]
-        chosen = keys
-        jobs = [(key, list(trusted[key].addresses)) for key in chosen if key in trusted]
+        jobs = []
+        for wanted in keys:
+            known = trusted.get(wanted)
+            stored = list(known.addresses) if known is not None else []
+            jobs.append((wanted, list(dict.fromkeys([*(hints or {}).get(wanted, ()), *stored]))))
     outcomes: dict[int, SyncOutcome] = {}
+    for index, (key, _) in enumerate(jobs):
+        if key is not None and key not in trusted and target is None:
+            outcomes[index] = SyncOutcome(
+                device_id(key), False, "not a known peer here (removed?)", 0, 0
+            )
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
             for index, (key, addresses) in enumerate(jobs):
+                if index in outcomes:
+                    continue
                 nursery.start_soon(
                     _one, db, store, feed, key, addresses, trusted, outcomes, index, progress
                 )

@@ -47,12 +47,15 @@ class TrioStore:
         return await trio.to_thread.run_sync(self.store.heads)
 
     async def ingest(
-        self, wires: Sequence[bytes], visible: Callable[[str], bool] | None = None
+        self,
+        wires: Sequence[bytes],
+        visible: Callable[[str], bool] | None = None,
+        later: Callable[[str], bool] | None = None,
     ) -> tuple[IngestResult, dict[bytes, Head]]:
         """Ingest a batch; also return our heads after it (one trip to the thread)."""
 
         def work() -> tuple[IngestResult, dict[bytes, Head]]:
-            result = self.store.ingest(wires, now_ms(), visible=visible)
+            result = self.store.ingest(wires, now_ms(), visible=visible, later=later)
             return result, self.store.heads()
 
         return await trio.to_thread.run_sync(work, limiter=self._writes)

@@ -110,7 +110,7 @@ class _Run:
         on_progress: Callable[[SessionStats], None] | None,
         on_synced: Callable[[SessionStats], None] | None = None,
         link: PairLink | None = None,
-        on_open: Callable[[bool], bool] | None = None,
+        on_open: Callable[[bool], str | None] | None = None,
         on_stuck: Callable[[SessionStats], None] | None = None,
     ) -> None:
         self.on_synced = on_synced
@@ -118,6 +118,9 @@ class _Run:
         self.on_stuck = on_stuck
         self.link = link
         self.permissions: Permissions = EVERYTHING
+        self.later_permissions: Permissions | None = None
+        self.answered_version = 0  # rules version of what we answered its RulesHeld with
+        self.held_digest = b""  # the digest our own RulesHeld carried
         self.secure = secure
         self.store = store
         self.feed = feed
@@ -143,6 +146,8 @@ class _Run:
     def handle(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, PeerHeadsReceived):
+                if self.link is not None:  # it settled: it holds what its RulesHeld got
+                    self.link.reconciled(self.answered_version)
                 self.stats.peer_heads = event.heads
                 self.stats.to_receive = sum(
                     max(0, head.seq - self.machine.local.get(a, Head(0, b"")).seq)
@@ -222,9 +227,8 @@ class _Run:
         if self.link is None:
             self.handle(self.machine.begin(await self.store.heads()))
             return
-        self.machine.send_rules_held(
-            messages.rules_digest(await self.link.objects()), on_demand=not self.live
-        )
+        self.held_digest = messages.rules_digest(await self.link.objects())
+        self.machine.send_rules_held(self.held_digest, on_demand=not self.live)
         join = self.link.join_proof()
         if join is not None:
             self.machine.send_join(*join)
@@ -261,8 +265,16 @@ class _Run:
         if on_demand and self.live:
             self.link.live = False  # the peer syncs on demand: on-demand rules count too
         ours = await self.link.objects()
+        self.answered_version = self.link.read_version  # what its RulesHeld gets from us
         if messages.rules_digest(ours) == digest:
             self.settled = True
+            self.link.reconciled(self.answered_version)  # it holds what we hold
+            if self.held_digest != digest:
+                # our own RulesHeld named objects we held then, not now: the peer
+                # compares it with what it holds, finds a difference, and settles
+                # only on our Rules
+                self.machine.send_rules(ours)
+                self.outbox_ready.set()
         else:
             self.machine.send_rules(ours)
             self.outbox_ready.set()
@@ -292,21 +304,28 @@ class _Run:
         permissions = await self.link.permissions()
         if not self.machine.begun:
             self.permissions = permissions
+            if self.link.live:  # what on-demand rules would let come: never drop it
+                self.later_permissions = await self.link.permissions(live=False)
             self.machine.set_flow(
                 sending=bool(permissions.send), receiving=bool(permissions.receive)
             )
             if permissions.paired:
-                if self.on_open is not None and not self.on_open(self.link.live):
-                    self.handle(self.machine.close("another connection between us is kept"))
+                refusal = self.on_open(self.link.live) if self.on_open is not None else None
+                if refusal is not None:
+                    self.handle(self.machine.close(refusal))
                     return
                 if self.link.rules_added:  # the pair's rules changed in this session
                     log.info("paired with %s", self.who)
                 else:
                     log.debug("rules in force with %s", self.who)
                 self.handle(self.machine.begin(await self.store.heads()))
-            elif not self.live and not self.link.joining:
-                # on demand, rules exchanged, none in force: nothing more can happen
-                # here (a live agent waits the pairing deadline: its user may answer)
+            elif not self.link.joining and (
+                not self.live or (await self.link.permissions(live=False)).paired
+            ):
+                # rules exchanged, none in force for this session: nothing more can
+                # happen here, on demand, or live with a pair whose rules are all on
+                # demand (a live agent otherwise waits the pairing deadline: its user
+                # may answer a request meanwhile)
                 self.handle(self.machine.close(await self.link.unpaired_reason()))
         elif permissions != self.permissions:
             # a rule changed in the middle of a session: start afresh under the new ones
@@ -351,6 +370,14 @@ class _Run:
             return allowed
 
         return visible
+
+    def later(self) -> Callable[[str], bool] | None:
+        """What we may receive only by a rule not in force for this session (an
+        on-demand rule, in a live session): entries missing such a payload wait."""
+        extra = self.later_permissions
+        if extra is None or extra.receive == self.permissions.receive:
+            return None
+        return extra.may_receive
 
     def strip(self, wires: list[bytes]) -> list[bytes]:
         """Withhold the payloads of collections the peer may not receive."""
@@ -405,7 +432,7 @@ class _Run:
         async for event in self.batches_out:
             visible = self.visible()
             try:
-                result, heads = await self.store.ingest(event.wires, visible)
+                result, heads = await self.store.ingest(event.wires, visible, self.later())
             except StoreError as exc:
                 log.error("cannot store entries from %s: %s", self.who, exc)
                 self.handle(self.machine.close(f"receiver cannot store entries: {exc}"))
@@ -533,14 +560,14 @@ async def run_session(
     on_synced: Callable[[SessionStats], None] | None = None,
     link: PairLink | None = None,
     pairing_timeout: float = 5.0,
-    on_open: Callable[[bool], bool] | None = None,
+    on_open: Callable[[bool], str | None] | None = None,
     on_stuck: Callable[[SessionStats], None] | None = None,
 ) -> SessionStats:
     """Sync with the peer at the other end of ``secure`` until the session ends.
 
     ``live``: stay connected and push new entries as they are committed;
     otherwise end as soon as both sides hold the same entries. ``on_open(live)`` is
-    asked, once a rule is in force, whether the session may go on (False ends it).
+    asked, once a rule is in force, whether the session may go on (a reason ends it).
     """
     machine = SyncSession(trio.current_time(), config)
     run = _Run(

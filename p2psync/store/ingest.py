@@ -193,11 +193,14 @@ def decode_batch(
     max_skew_ms: int,
     result: IngestResult,
     visible: Callable[[str], bool] | None = None,
+    later: Callable[[str], bool] | None = None,
 ) -> list[Item]:
     """Decode wire forms; refuse malformed ones and those carrying a payload this
-    agent may not see (``visible``; default: every collection may be seen). Clocks
-    too far ahead and missing payloads of collections this agent may see are
-    refused by :func:`ingest`, once the entry is proven authentic."""
+    agent may not see (``visible``: by the rules in force for this session, default
+    every collection; ``later``: only by a rule that is not, an on-demand rule in a
+    live session). Clocks too far ahead and missing payloads of collections this
+    agent may see now or later are refused by :func:`ingest`, once the entry is
+    proven authentic: applying an entry without them would lose them for good."""
     items: list[Item] = []
     limit = hlc_mod.from_wall(now_ms + max_skew_ms + 1) - 1  # greatest allowed timestamp
     for index, wire in enumerate(wires):
@@ -220,6 +223,7 @@ def decode_batch(
                 collection
                 for collection, op in zip(entry.collections, entry.ops, strict=True)
                 if op is not None and not visible(collection)
+                and not (later is not None and later(collection))
             ]
             if forbidden:
                 result.rejected.append(
@@ -254,6 +258,17 @@ def decode_batch(
                 f"another peer holding its entries in full) for {withheld[0]!r}; or, if "
                 f"this site needs no {withheld[0]!r} from the sender, leave it out of the "
                 "rule with the sender"
+            )
+        deferred_for = later is not None and None in entry.ops and [
+            collection
+            for collection, op in zip(entry.collections, entry.ops, strict=True)
+            if op is None and later(collection)
+        ]
+        if deferred_for and deferred is None:
+            deferred = WithheldError(
+                f"it holds changes to {deferred_for[0]!r}, which the rules with the sender "
+                f"carry only on demand; it waits here, with {short_id(entry.author)}'s later "
+                "entries, until they sync on demand (p2psync sync)"
             )
         items.append(Item(entry, wire, index, deferred))
         furthest = result.seen.get(entry.author)

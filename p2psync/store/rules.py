@@ -166,6 +166,15 @@ def in_force(objects: dict[bytes, list[bytes]]) -> dict[bytes, set[core.Mode]]:
     return modes
 
 
+def latest_signed(conn: sqlite3.Connection, me: bytes) -> dict[bytes, int]:
+    """Per peer, the position (see :func:`version`) of the newest rule object ``me``
+    signed about the pair: whether it may have news the peer has not seen."""
+    rows = conn.execute(
+        "SELECT peer, max(rowid) FROM rule_objects WHERE signer = ? GROUP BY peer", (me,)
+    )
+    return {peer: int(latest) for peer, latest in rows}
+
+
 def asking(conn: sqlite3.Connection, me: bytes) -> set[bytes]:
     """Agents this one has an open proposal to (no answer, no revocation yet)."""
     rows = conn.execute(

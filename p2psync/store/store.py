@@ -361,6 +361,29 @@ class Store:
             objects = rules_mod.answered_objects(conn)
         return rules_mod.in_force(objects)
 
+    def rule_objects_received(self, ids: Sequence[bytes]) -> dict[bytes, int]:
+        """When this store received (or signed) each of these rule objects, by its
+        own clock."""
+        with self._reader.reading() as conn:
+            return {
+                row[0]: int(row[1])
+                for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500))
+                for row in conn.execute(
+                    "SELECT id, received FROM rule_objects WHERE id IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    list(chunk),
+                )
+            }
+
+    def latest_signed(self, me: bytes) -> dict[bytes, int]:
+        with self._reader.reading() as conn:
+            return rules_mod.latest_signed(conn, me)
+
+    def rule_objects_versioned(self, peer: bytes) -> tuple[list[bytes], int]:
+        """The rule objects shared with ``peer``, and the rules version they are as of."""
+        with self._reader.reading() as conn:
+            return rules_mod.objects_with(conn, peer), rules_mod.version(conn)
+
     def peers_asked(self, me: bytes) -> set[bytes]:
         """Agents ``me`` has an open proposal to."""
         with self._reader.reading() as conn:
@@ -497,11 +520,13 @@ class Store:
         now_ms: int,
         max_skew_ms: int = hlc_mod.DEFAULT_MAX_SKEW_MS,
         visible: Callable[[str], bool] | None = None,
+        later: Callable[[str], bool] | None = None,
     ) -> IngestResult:
-        """Verify and apply entries from elsewhere, in one transaction."""
+        """Verify and apply entries from elsewhere, in one transaction (``visible``,
+        ``later``: see :func:`~p2psync.store.ingest.decode_batch`)."""
         result = IngestResult()
         with fewer_collections():  # the batch's objects are freed before it ends
-            self._ingest(wires, now_ms, max_skew_ms, visible, result)
+            self._ingest(wires, now_ms, max_skew_ms, visible, later, result)
         return result
 
     def _ingest(
@@ -510,9 +535,10 @@ class Store:
         now_ms: int,
         max_skew_ms: int,
         visible: Callable[[str], bool] | None,
+        later: Callable[[str], bool] | None,
         result: IngestResult,
     ) -> None:
-        items = decode_batch(wires, now_ms, max_skew_ms, result, visible)
+        items = decode_batch(wires, now_ms, max_skew_ms, result, visible, later)
         if items:
             with self._db.writing(visible_first=True) as conn:
                 writer = Writer(conn, now_ms)
