@@ -98,12 +98,13 @@ def settle(db: Database, peer: bytes) -> list[bytes]:
     Both sides asked (each ran ``pair add``, or proposed, before seeing the other's
     proposal): each open proposal of the peer's that shares something with one of
     ours is accepted, narrowed to the widest such share. "Ours" are our open
-    proposals, and those the peer accepted in a message that reached us no earlier
-    than its proposal did (by our clock: it could not have known they settled the
-    matter). A request that reaches us later, overlapping a rule already in force,
-    is for the user to answer. Nothing is revoked here, only widened, so the two
-    sides may decide at the same moment from different views without losing
-    anything; the duplicates this can leave are tidied by :func:`tidy`.
+    proposals, and those whose acceptance by the peer we took in after its proposal
+    (in a later message, or the same one: by our own count, which the peer cannot
+    set; it could not have known they settled the matter). A request that reaches us
+    later, overlapping a rule already in force, is for the user to answer. Nothing is
+    revoked here, only widened, so the two sides may decide at the same moment from
+    different views without losing anything; the duplicates this can leave are
+    tidied by :func:`tidy`.
     """
     me = db.identity.public_key
     rules = db.store.rules(peer)
@@ -115,7 +116,7 @@ def settle(db: Database, peer: bytes) -> list[bytes]:
     theirs = [r for r in rules if r.proposer == peer and r.state is RuleState.PROPOSED]
     if not theirs or not ours:
         return tidy(db, peer)
-    arrived = db.store.rule_objects_received(
+    arrived = db.store.rule_objects_order(
         [r.id for r in theirs]
         + [core.rule_id(r.objects[1]) for r in ours if r.state is RuleState.ACCEPTED]
     )
@@ -128,6 +129,7 @@ def settle(db: Database, peer: bytes) -> list[bytes]:
                 answered_at = arrived.get(core.rule_id(outgoing.objects[1]), 0)
                 if answered_at < asked_at:
                     continue  # settled before this was asked: the user answers it
+                # (in one message, proposals are taken in before answers)
             # what we asked for, even where the peer accepted less (it may have been
             # choosing one share of several, as this function does)
             common = incoming.proposed.common(outgoing.proposed)

@@ -27,6 +27,17 @@ def cli(home: Path, *args: str, check: bool = True, timeout: float = 60) -> str:
     return result.stdout
 
 
+def run(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``p2psync --home HOME ARGS``, whatever its exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "p2psync", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class SpawnedAgent(AgentProcess):
     """An agent process for tests: made with its own home, logging to a file."""
 

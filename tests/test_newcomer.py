@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,21 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.agents import SpawnedAgent, cli, value_at, wait_for
+from tests.agents import SpawnedAgent, cli, run, value_at, wait_for
 
 Make = Callable[[str], SpawnedAgent]
 
 pytestmark = pytest.mark.slow
-
-
-def run(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "p2psync", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def invite(agent: SpawnedAgent, *rule: str) -> str:

@@ -7,8 +7,6 @@ words for rejections and revocations, exit codes. Real agents on 127.0.0.1
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +19,10 @@ from p2psync import pairing
 from p2psync.cli.lookup import relationship
 from p2psync.core.identity import device_id
 from p2psync.core.rules import Terms
-from tests.agents import SpawnedAgent, cli, value_at, wait_for
+from tests.agents import SpawnedAgent, cli, run, value_at, wait_for
 
 Make = Callable[[str], SpawnedAgent]
 MakeDb = Callable[[str], p2psync.Database]
-
-
-def run(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "p2psync", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def pair(x: SpawnedAgent, y: SpawnedAgent, *rule: str) -> None:

@@ -361,15 +361,16 @@ class Store:
             objects = rules_mod.answered_objects(conn)
         return rules_mod.in_force(objects)
 
-    def rule_objects_received(self, ids: Sequence[bytes]) -> dict[bytes, int]:
-        """When this store received (or signed) each of these rule objects, by its
-        own clock."""
+    def rule_objects_order(self, ids: Sequence[bytes]) -> dict[bytes, int]:
+        """The order in which this store took in each of these rule objects (its own
+        count: a later message, or a later object of one message, comes after; in a
+        message proposals come before the answers to them)."""
         with self._reader.reading() as conn:
             return {
                 row[0]: int(row[1])
                 for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500))
                 for row in conn.execute(
-                    "SELECT id, received FROM rule_objects WHERE id IN "
+                    "SELECT id, rowid FROM rule_objects WHERE id IN "
                     f"({', '.join('?' * len(chunk))})",
                     list(chunk),
                 )
