@@ -141,3 +141,14 @@ class ForkError(IntegrityError, EntryError):
 
 class CorruptionError(IntegrityError):
     """The local store does not verify."""
+
+
+class LocalProtocolError(P2PSyncError):
+    """Our own code called a protocol machine out of turn (a bug here, not the peer's)."""
+
+
+def is_peer_fault(error: BaseException) -> bool:
+    """The error proves the peer that sent the entry broken or hostile."""
+    return isinstance(
+        error, DecodeError | SignatureError | ChainError | ForkError | RuleViolationError
+    )

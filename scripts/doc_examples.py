@@ -35,11 +35,11 @@ from p2psync.api import Database
 from p2psync.core import canonical, frames, messages
 from p2psync.core import entry as entry_mod
 from p2psync.core import rules as rules_mod
+from p2psync.core.entry import withhold
 from p2psync.core.handshake import Handshake, x25519_public
 from p2psync.core.identity import Identity, device_id, parse_device_id
 from p2psync.core.messages import Head
 from p2psync.core.rules import Direction, Mode, Route, RuleState, Terms
-from p2psync.net.filter import withhold
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "docs" / "protocol.md", ROOT / "docs" / "entry-format.md")

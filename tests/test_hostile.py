@@ -25,6 +25,7 @@ from p2psync.core import canonical, messages
 from p2psync.core import handshake as hs
 from p2psync.core import rules as core_rules
 from p2psync.core import session as session_mod
+from p2psync.core.flow import Flow
 from p2psync.core.frames import FrameError
 from p2psync.core.messages import Head
 from p2psync.core.noise import HandshakeError
@@ -232,7 +233,7 @@ def test_a_flood_of_caught_costs_no_digest_work(monkeypatch: pytest.MonkeyPatch)
     a, b = SyncSession(0.0), SyncSession(0.0)
     heads = {os.urandom(32): Head(i + 1, os.urandom(32), False) for i in range(2000)}
     for machine in (a, b):
-        machine.set_flow(sending=True, receiving=True)
+        machine.set_flow(Flow())
         machine.begin(heads)
     a.receive(messages.Have(heads), 0.0)
     calls = 0

@@ -13,6 +13,8 @@ import pytest
 import p2psync
 from p2psync.core import canonical, hlc
 from p2psync.core.entry import SIGN_PREFIX, Entry, entry_id
+from p2psync.core.flow import Flow
+from p2psync.core.rules import Permissions, Terms
 from p2psync.errors import (
     ChainError,
     DecodeError,
@@ -298,7 +300,8 @@ def test_payloads_of_invisible_collections_may_be_withheld(db: p2psync.Database)
     author = live_author()
     entry = author.write(author.op("public", "a", 1), author.op("payroll", "b", {"pay": 9}))
     filtered = canonical.encode([entry.signed, [entry.payloads[0], None]])
-    result = db.store.ingest([filtered], now_ms(), visible=lambda c: c != "payroll")
+    public_only = Flow(Permissions(receive=(Terms(("public",)),)))
+    result = db.store.ingest([filtered], now_ms(), flow=public_only)
     assert result.accepted == [entry.id]
     assert db.get("public", "a") == 1 and db.get("payroll", "b") is None
     assert db.verify().ok

@@ -28,7 +28,7 @@ from p2psync.core.rules import Direction, Mode, Permissions, Route, RuleState, T
 from p2psync.core.session import SyncSession
 from p2psync.home import now_ms
 from p2psync.net import sync as sync_mod
-from p2psync.net.link import PairLink
+from p2psync.net.link import PairLink, RulesPump
 from p2psync.net.oneshot import join_once, sync_once
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
@@ -278,22 +278,22 @@ async def test_pair_join_says_paired_only_when_the_inviter_holds_the_acceptance(
 ) -> None:  # type: ignore[no-untyped-def]
     a, b = make_db("a"), make_db("b")
     code = pairing.parse_invite(pairing.create_invite(a, Terms(), 600, []))
-    original = sync_mod._Run.join_requested
+    original = RulesPump._join_requested
 
-    async def answer_then_hang_up(self, invite, proof):  # type: ignore[no-untyped-def]
-        await original(self, invite, proof)
+    async def answer_then_hang_up(self, event):  # type: ignore[no-untyped-def]
+        await original(self, event)
         await trio.sleep(0.1)  # the proposal goes out; the acceptance is never read
         self.handle(self.machine.close("going away"))
 
-    monkeypatch.setattr(sync_mod._Run, "join_requested", answer_then_hang_up)
-    received = sync_mod._Run.rules_received
+    monkeypatch.setattr(RulesPump, "_join_requested", answer_then_hang_up)
+    received = RulesPump._rules_received
 
-    async def lost_on_the_way(self, objects):  # type: ignore[no-untyped-def]
+    async def lost_on_the_way(self, event):  # type: ignore[no-untyped-def]
         if self.link.db is not a:  # the joiner's side works as usual
-            await received(self, objects)
+            await received(self, event)
         # the inviter's side: the joiner's acceptance is lost on the network
 
-    monkeypatch.setattr(sync_mod._Run, "rules_received", lost_on_the_way)
+    monkeypatch.setattr(RulesPump, "_rules_received", lost_on_the_way)
     async with trio.open_nursery() as nursery:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from p2psync.core import messages
+from p2psync.core.flow import Flow
 from p2psync.core.messages import (
     Ack,
     Bye,
@@ -19,6 +20,7 @@ from p2psync.core.messages import (
     ProtocolError,
     heads_digest,
 )
+from p2psync.core.rules import Permissions, Terms
 from p2psync.core.session import (
     BatchReceived,
     JoinRequested,
@@ -30,6 +32,7 @@ from p2psync.core.session import (
     SyncedWithPeer,
     SyncSession,
 )
+from p2psync.errors import LocalProtocolError
 
 AUTHOR = os.urandom(32)
 
@@ -98,7 +101,7 @@ def test_window_limits_unacknowledged_batches() -> None:
     a.send_batch([b"x"], [(AUTHOR, 1, head(1).head)])
     a.send_batch([b"y"], [(AUTHOR, 2, head(2).head)])
     assert not a.can_send()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LocalProtocolError):  # our own misuse: not the peer's fault
         a.send_batch([b"z"], [])
     # a peer that ignores the window is cut off
     c = started({}, config=SessionConfig(window=2))
@@ -160,14 +163,21 @@ def test_entries_received_are_not_sent_back() -> None:
 
 def test_rules_and_joins_are_events_in_any_phase() -> None:
     machine = SyncSession(0.0)
+    machine.start_pairing([], 0.0)
     assert machine.receive(messages.Rules([b"r"]), 0.0) == [RulesReceived([b"r"])]
     assert machine.receive(messages.Join(b"i" * 8, b"p" * 32), 0.0) == [
         JoinRequested(b"i" * 8, b"p" * 32)
     ]
     machine.receive(Have({}), 0.0)  # the peer said Have; we have not begun
-    assert machine.wants() == {} and machine.phase.value == "pairing"
+    assert machine.wants() == {} and machine.state.value == "have received"
     events = machine.receive(Entries(1, [b"x"]), 0.0)
     assert isinstance(events[0], SessionClosed) and "before both sides" in events[0].reason
+
+
+def test_rule_messages_on_a_connection_without_pairing_are_refused() -> None:
+    machine = started({})
+    events = machine.receive(messages.Rules([b"r"]), 0.0)
+    assert events == [SessionClosed("no pairing on this connection", False, error=True)]
 
 
 def test_bye_closes_quietly() -> None:
@@ -262,9 +272,9 @@ def one_way() -> tuple[SyncSession, SyncSession, bytes, bytes]:
     its own author (``mine`` the sender's, ``theirs`` the receiver's)."""
     mine, theirs = os.urandom(32), os.urandom(32)
     sender = SyncSession(0.0)
-    sender.set_flow(sending=True, receiving=False)
+    sender.set_flow(Flow(Permissions(send=(Terms(),))))
     receiver = SyncSession(0.0)
-    receiver.set_flow(sending=False, receiving=True)
+    receiver.set_flow(Flow(Permissions(receive=(Terms(),))))
     sender.begin({mine: head(1)})
     receiver.begin({theirs: head(1)})
     deliver(sender, receiver)

@@ -29,8 +29,8 @@ def agent_status(agent: Agent) -> dict[str, Any]:
             )
             # only what may flow counts: a one-way rule is in step however far the
             # side that only sends has written ahead of us
-            behind = behind if machine.receiving else 0
-            ahead = ahead if machine.sending else 0
+            behind = behind if machine.flow.receiving else 0
+            ahead = ahead if machine.flow.sending else 0
         peer = agent.peers.get(conn.peer)
         connections.append(
             {

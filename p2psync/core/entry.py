@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -468,3 +468,21 @@ def _decode_payload(collection: str, digest: bytes, payload: bytes) -> Op:
     if encoded != payload:
         raise NonCanonicalError("op payload is not canonical CBOR")
     return Op(collection, key, _KINDS[kind], value, tuple(bases), payload, digest)
+
+
+# ---------------------------------------------------------------- filtering
+
+
+def withhold(wire: bytes, may_send: Callable[[str], bool]) -> bytes:
+    """``wire`` with the payloads of ops in collections ``may_send`` refuses
+    replaced by ``null`` (§3.4 of ``docs/entry-format.md``): the signed part goes
+    whole, so the receiver still verifies the chain.
+
+    The entry comes from our own store, where it was verified: reading its op list
+    is enough here."""
+    signed, payloads = cbor2.loads(wire)
+    collections = [ref[0] for ref in cbor2.loads(cbor2.loads(signed)[0])[5]]
+    if all(may_send(c) for c in collections):
+        return wire
+    kept = [p if may_send(c) else None for c, p in zip(collections, payloads, strict=True)]
+    return wire_form(signed, canonical.encode(kept))

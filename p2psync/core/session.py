@@ -18,19 +18,29 @@ Flow::
     either: Ping/Pong                          keepalive while idle
     either: Bye(reason)                        closing, with the reason
 
-The machine tracks what the peer holds (its ``Have``, plus every entry sent to
-it or received from it) so nothing the peer has is sent again, and it declares
-the pair *synced* when both sides have sent ``Caught`` with equal digests.
+States (:class:`State`) and which message each accepts are one table,
+:data:`TRANSITIONS`; a message a state does not list is the peer's protocol error.
+
+The machine owns the protocol's rules: how rule objects settle (at most
+:data:`MAX_RULES_HELD` rounds), how long a pair with no rule in force may wait
+(``pairing_timeout``), the window, the keepalive and idle timeout, what the peer
+lacks and may see (a :class:`~p2psync.core.flow.Flow`), which refused entries
+prove the peer hostile (a type: :class:`~p2psync.errors.PeerFault`), and when
+the pair is in sync. It tracks what the peer holds (its ``Have``, plus every
+entry sent to it or received from it) so nothing the peer has is sent again.
 A peer that breaks the protocol gets ``Bye(reason)`` and the session closes;
-nothing it sent before is lost.
+nothing it sent before is lost. Our own code calling it out of turn raises
+:class:`~p2psync.errors.LocalProtocolError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
+from p2psync.core.flow import Flow
 from p2psync.core.messages import (
     Ack,
     Bye,
@@ -47,12 +57,21 @@ from p2psync.core.messages import (
     Rules,
     RulesHeld,
     heads_digest,
+    rules_digest,
 )
+from p2psync.errors import EntryError, LocalProtocolError, is_peer_fault
+
+#: RulesHeld messages a session may carry before its rule objects must have settled.
+MAX_RULES_HELD = 4
+#: Rule messages (Rules, RulesHeld, Join) waiting for the store at once.
+MAX_RULE_WORK = 9
 
 
-class Phase(Enum):
-    PAIRING = "pairing"  # rules being exchanged; no Have sent or not yet received
-    OPEN = "open"  # both Haves exchanged: entries may flow
+class State(Enum):
+    PAIRING = "pairing"  # rule objects being exchanged; neither side said Have
+    HAVE_SENT = "have sent"  # we said Have (a rule is in force); the peer has not
+    HAVE_RECEIVED = "have received"  # the peer said Have; we have not (yet)
+    OPEN = "open"  # both said Have: entries may flow
     CLOSED = "closed"
 
 
@@ -61,6 +80,7 @@ class SessionConfig:
     window: int = 4  # batches sent and not yet acknowledged
     keepalive: float = 15.0  # send a Ping after this long without sending
     idle_timeout: float = 45.0  # close after this long without receiving
+    pairing_timeout: float = 5.0  # a pair with no rule in force waits this long
 
 
 # Events: what happened, for the shell to act on (past tense).
@@ -73,25 +93,45 @@ class PeerHeadsReceived:
 
 @dataclass(frozen=True, slots=True)
 class RulesReceived:
+    """Store the peer's rule objects, then call :meth:`SyncSession.rules_stored`."""
+
     objects: list[bytes]
 
 
 @dataclass(frozen=True, slots=True)
 class RulesHeldReceived:
+    """Read our rule objects, then call :meth:`SyncSession.rules_held_answered`."""
+
     digest: bytes
     on_demand: bool
 
 
 @dataclass(frozen=True, slots=True)
 class JoinRequested:
+    """Check the invite code, then :meth:`SyncSession.join_answered` with our proposal."""
+
     invite: bytes
     proof: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class BatchReceived:
+    """Ingest, then call :meth:`SyncSession.ingested`."""
+
     batch: int
     wires: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class RulesInForce:
+    """The rules settled and one is in force: the shell may refuse the session
+    (:meth:`SyncSession.close`), else it calls :meth:`SyncSession.begin`."""
+
+
+@dataclass(frozen=True, slots=True)
+class NothingToSync:
+    """The rules settled (or the pairing deadline passed) with none in force: the
+    shell closes the session with the reason, in words for both sides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +152,7 @@ class SessionClosed:
     reason: str
     by_peer: bool
     error: bool
+    done: bool = False  # an on-demand session that ended because it was in sync
 
 
 Event = (
@@ -123,24 +164,64 @@ Event = (
     | RulesReceived
     | JoinRequested
     | RulesHeldReceived
+    | RulesInForce
+    | NothingToSync
 )
 
 Position = tuple[bytes, int, bytes]  # author, seq, entry ID
 
 
-class SyncSession:
-    """The protocol state of one connection."""
+class Stored(Protocol):
+    """One stored entry, as the store reads it for sending."""
 
-    def __init__(self, now: float, config: SessionConfig | None = None) -> None:
+    @property
+    def author(self) -> bytes: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def id(self) -> bytes: ...
+    @property
+    def wire(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An entry from the peer that the store did not apply, and why."""
+
+    author: bytes | None  # None when it did not even decode
+    error: EntryError
+    description: str
+
+
+class SyncSession:
+    """The protocol state of one connection.
+
+    ``on_demand``: this side syncs on demand (the session ends once in sync);
+    otherwise it stays connected and entries flow live.
+    """
+
+    def __init__(
+        self, now: float, config: SessionConfig | None = None, *, on_demand: bool = False
+    ) -> None:
         self.config = config or SessionConfig()
-        self.phase = Phase.PAIRING
+        self.state = State.PAIRING
+        self.on_demand = on_demand
+        self.peer_on_demand = False  # its RulesHeld said it syncs on demand
+        self.flow = Flow()
         self.local: dict[bytes, Head] = {}
         self.peer: dict[bytes, Head] = {}
         self._outbox: list[Message] = []
-        self._begun = False
         self._peer_have: dict[bytes, Head] | None = None
-        self.sending = True
-        self.receiving = True
+        # rule objects
+        self._pairing = False  # rule objects are exchanged on this connection
+        self._rules_held = 0  # RulesHeld messages received
+        self._rule_work = 0  # rule messages handed to the shell, not yet answered
+        self._held_digest = b""  # what our own RulesHeld carried
+        self._rules_digest = b""  # our rule objects as last sent or announced
+        self.settled = False  # both sides hold the same rule objects
+        self._joining = False  # we presented an invite code, not answered yet
+        self._pairing_deadline: float | None = None
+        # entries
         self._next_batch_out = 1
         self._unacked: list[int] = []
         self._next_batch_in = 1
@@ -176,42 +257,125 @@ class SyncSession:
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.state is State.CLOSED
 
-    # ------------------------------------------------------------ pairing
+    @property
+    def begun(self) -> bool:
+        """We said Have."""
+        return self.state in (State.HAVE_SENT, State.OPEN)
 
-    def send_rules(self, objects: list[bytes]) -> None:
-        if self.phase is not Phase.CLOSED:
-            self._outbox.append(Rules(objects))
+    @property
+    def joining(self) -> bool:
+        """We presented an invite code and the inviter has not answered it yet."""
+        return self._joining
 
-    def send_rules_held(self, digest: bytes, *, on_demand: bool = False) -> None:
-        if self.phase is not Phase.CLOSED:
-            self._outbox.append(RulesHeld(digest, on_demand))
+    # ------------------------------------------------------------ rule objects
 
-    def send_join(self, invite: bytes, proof: bytes) -> None:
-        if self.phase is not Phase.CLOSED:
-            self._outbox.append(Join(invite, proof))
+    def start_pairing(
+        self, objects: Sequence[bytes], now: float, join: tuple[bytes, bytes] | None = None
+    ) -> None:
+        """Say which rule objects about the pair we hold (and present an invite
+        code); Have follows once both sides hold the same ones and one is in force."""
+        if self.state is not State.PAIRING or self._pairing:
+            raise LocalProtocolError("start_pairing called twice or after Have")
+        self._pairing = True
+        self._held_digest = self._rules_digest = rules_digest(objects)
+        self._outbox.append(RulesHeld(self._held_digest, self.on_demand))
+        if join is not None:
+            self._joining = True
+            self._outbox.append(Join(*join))
+        self._pairing_deadline = now + self.config.pairing_timeout
+
+    def rules_held_answered(self, digest: bytes, ours: Sequence[bytes]) -> bool:
+        """Our rule objects, read after the peer's RulesHeld named ``digest``: send
+        them if they differ. True if the peer holds exactly what we hold."""
+        self._rule_work -= 1
+        same = rules_digest(ours) == digest
+        if same:
+            self.settled = True
+        if not same or self._held_digest != digest:
+            # when the same: our own RulesHeld named objects we held then, not now;
+            # the peer compares it with what it holds, finds a difference, and
+            # settles only on our Rules
+            self._send_rules(ours)
+        return same
+
+    def rules_stored(self, answers: Sequence[bytes], *, join_answered: bool = False) -> None:
+        """The peer's rule objects are stored; ``answers`` (ours) go back. We hold
+        the union of both sides' objects now."""
+        self._rule_work -= 1
+        self.settled = True
+        if join_answered:
+            self._joining = False
+        if answers and not self.closed:
+            self._outbox.append(Rules(list(answers)))
+
+    def join_answered(self, proposal: bytes) -> None:
+        """The invite code checked out: our proposal to the joiner."""
+        self._rule_work -= 1
+        if not self.closed:
+            self._outbox.append(Rules([proposal]))
+
+    def local_rules_changed(self, ours: Sequence[bytes]) -> bool:
+        """Rule objects about the pair changed here: tell the peer if they differ
+        from what we last sent it. True if they did."""
+        digest = rules_digest(ours)
+        if digest == self._rules_digest or self.closed:
+            return False
+        self._send_rules(ours)
+        return True
+
+    def _send_rules(self, objects: Sequence[bytes]) -> None:
+        if not self.closed:
+            self._rules_digest = rules_digest(objects)
+            self._outbox.append(Rules(list(objects)))
+
+    def rules_in_force(self, flow: Flow, *, any_rule: bool) -> list[Event]:
+        """The rules between us, as they stand once settled: what may flow, and
+        whether any rule is in force at all (``any_rule``: on-demand ones too).
+
+        Before Have: a rule in force asks the shell to begin (:class:`RulesInForce`);
+        none ends the session (:class:`NothingToSync`) unless there is something to
+        wait for: the inviter's answer to our code, or — live, with no rule in force
+        at all — the user answering a request (the pairing deadline ends the wait).
+        After Have: a changed flow ends it, so that both sides start afresh under
+        the new rules."""
+        if not self.settled or self.closed:
+            return []
+        if not self.begun:
+            self.set_flow(flow)
+            if flow.paired:
+                return [RulesInForce()]
+            if not self._joining and (self.on_demand or any_rule):
+                return [NothingToSync()]
+            return []
+        if flow.now != self.flow.now:
+            return self.close("the rules between us changed")
+        return []
+
+    # ------------------------------------------------------------ opening
 
     def begin(self, local: Heads) -> list[Event]:
-        """The pair has a rule in force: state our heads and start syncing."""
-        if self._begun or self.phase is Phase.CLOSED:
+        """A rule is in force (or the connection has no rules): state our heads and
+        start syncing."""
+        if self.state is State.PAIRING:
+            self.state = State.HAVE_SENT
+        elif self.state is State.HAVE_RECEIVED:
+            self.state = State.OPEN
+        else:
             return []
-        self._begun = True
+        self._pairing_deadline = None
         self.local = dict(local)
         self._local_digest = None
         self._told = dict(local)
         self._changed()
         self._outbox.append(Have(dict(local)))
-        return self._open()
+        return self._opened()
 
-    @property
-    def begun(self) -> bool:
-        return self._begun
-
-    def _open(self) -> list[Event]:
-        if not self._begun or self._peer_have is None or self.phase is not Phase.PAIRING:
+    def _opened(self) -> list[Event]:
+        if self.state is not State.OPEN:
             return []
-        self.phase = Phase.OPEN
+        assert self._peer_have is not None
         self.peer = dict(self._peer_have)
         self._peer_digest = None
         self._changed()
@@ -220,9 +384,9 @@ class SyncSession:
 
     # ------------------------------------------------------------ what to send
 
-    def set_flow(self, *, sending: bool, receiving: bool) -> None:
-        """Whether the rules let us send to the peer, and receive from it."""
-        self.sending, self.receiving = sending, receiving
+    def set_flow(self, flow: Flow) -> None:
+        """What the rules let flow between us, from now on."""
+        self.flow = flow
         self._changed()
 
     def _changed(self) -> None:
@@ -237,33 +401,62 @@ class SyncSession:
         return dict(self._wants())
 
     def _wants(self) -> dict[bytes, int]:
-        if self.phase is not Phase.OPEN or not self.sending:
+        if self.state is not State.OPEN:
             return {}
         if self._wanted is None:
-            wanted = {}
-            for author, head in self.local.items():
-                theirs = self.peer.get(author)
-                if theirs is not None and theirs.frozen:
-                    continue  # the peer refuses this author: sending would only be refused
-                have = theirs.seq if theirs is not None else 0
-                if head.seq > have:
-                    wanted[author] = have
-            self._wanted = wanted
+            self._wanted = self.flow.lacks(self.local, self.peer)
         return self._wanted
 
-    def peer_positions(self) -> dict[bytes, int]:
-        """What the peer holds, per author (its frozen authors as holding everything)."""
-        return {
-            author: (1 << 63) if head.frozen else head.seq for author, head in self.peer.items()
-        }
+    def peer_heads(self) -> dict[bytes, Head]:
+        """What the peer holds, as far as we know."""
+        return dict(self.peer)
 
     def can_send(self) -> bool:
-        return self.phase is Phase.OPEN and len(self._unacked) < self.config.window
+        return (
+            self.state is State.OPEN
+            and self.flow.sending
+            and len(self._unacked) < self.config.window
+        )
+
+    def send_entries(self, stored: Sequence[Stored]) -> int:
+        """Queue what of ``stored`` (read for what the peer lacked) the peer still
+        lacks, its payloads withheld as the flow says; how many went."""
+        if not self.can_send():
+            raise LocalProtocolError("entries to send while the window is full or closed")
+        wanted = self._wants()
+        batch = [s for s in stored if s.author in wanted and s.seq > wanted[s.author]]
+        if batch:
+            last = {s.author: (s.seq, s.id) for s in batch}  # seqs rise per author
+            self.send_batch(
+                self.flow.outgoing([s.wire for s in batch]),
+                [(author, seq, eid) for author, (seq, eid) in last.items()],
+            )
+        return len(batch)
+
+    def fork_suspects(self, peer_heads: Heads) -> list[tuple[bytes, int, bytes]]:
+        """Where the peer names an entry at a seq we hold too, (author, seq, its
+        entry ID): if ours differs, :meth:`send_fork_proof` sends it ours."""
+        suspects = []
+        for author, theirs in peer_heads.items():
+            ours = self.local.get(author)
+            if ours is None or theirs.seq > ours.seq or theirs.seq == 0 or theirs.frozen:
+                continue
+            suspects.append((author, theirs.seq, theirs.head))
+        return suspects
+
+    def send_fork_proof(self, wire: bytes) -> bool:
+        """Send our entry at a seq where the peer holds another (its proof of the
+        fork too), if the window and the rules allow."""
+        if not self.can_send():
+            return False
+        self.send_batch(self.flow.outgoing([wire]), [])
+        return True
 
     def send_batch(self, wires: list[bytes], positions: Iterable[Position]) -> None:
-        """Queue an Entries message; ``positions`` say which entries it carries."""
+        """Queue an Entries message of ready wire forms; ``positions`` say which
+        entries it carries."""
         if not self.can_send():
-            raise RuntimeError("send_batch called while the window is full or closed")
+            raise LocalProtocolError("entries to send while the window is full or closed")
         batch = self._next_batch_out
         self._next_batch_out += 1
         self._unacked.append(batch)
@@ -273,16 +466,28 @@ class SyncSession:
     # ------------------------------------------------------------ store events
 
     def local_changed(self, local: Heads) -> None:
-        """Our store's heads changed (a local write or an ingest)."""
+        """Our store's heads changed (a local write, or another session's ingest);
+        :meth:`poll_synced` says what follows."""
         self.local = dict(local)
         self._local_digest = self._told_digest = None
         self._changed()
         self._check_caught()
 
-    def ingested(self, batch: int, positions: Iterable[Position]) -> None:
-        """Batch ``batch`` from the peer is committed; ``positions`` it holds now."""
+    def ingested(
+        self,
+        batch: int,
+        positions: Iterable[Position],
+        local: Heads | None = None,
+        refusals: Sequence[Refusal] = (),
+    ) -> list[Event]:
+        """Batch ``batch`` from the peer is committed: ``positions`` the peer holds,
+        our heads after it (if read), and the entries not applied. One that proves
+        the peer hostile closes the session; the others are noted (not the peer's
+        fault)."""
         if batch not in self._receiving:
-            raise RuntimeError(f"batch {batch} was not being received")
+            raise LocalProtocolError(f"batch {batch} was not being received")
+        if self.closed:
+            return []
         self._receiving.discard(batch)
         positions = list(positions)
         self._peer_has(positions)
@@ -291,8 +496,21 @@ class SyncSession:
             if told is None or seq > told.seq:
                 self._told[author] = Head(seq, entry_id)
                 self._told_digest = None
-        if self.phase is not Phase.CLOSED:
-            self._outbox.append(Ack(batch))
+        self._outbox.append(Ack(batch))
+        if local is not None:
+            self.local_changed(local)
+        for refusal in refusals:
+            if is_peer_fault(refusal.error):
+                return self.fail(f"invalid entry: {refusal.description}")
+        for refusal in refusals:
+            if refusal.author is not None:
+                self.refusals[refusal.author] = refusal.description
+        return self.poll_synced()
+
+    def note_refused(self, author: bytes, reason: str) -> None:
+        """We refused one of ``author``'s entries from the peer, for a reason that is
+        not the peer's fault; ``StuckOnRefused`` gives it if we end up lacking it."""
+        self.refusals[author] = reason
 
     def _peer_has(self, positions: Iterable[Position]) -> None:
         for author, seq, entry_id in positions:
@@ -316,67 +534,94 @@ class SyncSession:
 
     def receive(self, message: Message, now: float) -> list[Event]:
         """Feed one message from the peer."""
-        if self.phase is Phase.CLOSED:
+        if self.state is State.CLOSED:
             return []
         self._last_received = now
+        handler = TRANSITIONS[self.state].get(type(message))
         try:
-            return self._dispatch(message)
+            if handler is None:
+                raise ProtocolError(_unexpected(self.state, message))
+            return handler(self, message)
         except ProtocolError as exc:
             return self.fail(str(exc))
 
-    def _dispatch(self, message: Message) -> list[Event]:
-        if isinstance(message, Bye):
-            self.ended_in_sync = self.synced
-            self.phase = Phase.CLOSED
-            self.close_reason = message.reason
-            return [SessionClosed(message.reason, by_peer=True, error=False)]
-        if isinstance(message, Rules):
-            return [RulesReceived(message.objects)]
-        if isinstance(message, RulesHeld):
-            return [RulesHeldReceived(message.digest, message.on_demand)]
-        if isinstance(message, Join):
-            return [JoinRequested(message.invite, message.proof)]
-        if isinstance(message, Ping):
-            self._outbox.append(Pong(message.nonce))
-            return []
-        if isinstance(message, Pong):
-            return []
-        if isinstance(message, Have):
-            if self._peer_have is not None:
-                raise ProtocolError("a second Have")
-            self._peer_have = dict(message.heads)
-            return self._open()
-        if self.phase is not Phase.OPEN:
-            raise ProtocolError(f"{type(message).__name__} before both sides said Have")
-        if isinstance(message, Entries):
-            if message.batch != self._next_batch_in:
-                raise ProtocolError(
-                    f"batch {message.batch} out of order (expected {self._next_batch_in})"
-                )
-            if len(self._receiving) >= self.config.window:
-                raise ProtocolError("peer exceeded the window of unacknowledged batches")
-            self._next_batch_in += 1
-            self._receiving.add(message.batch)
-            self._peer_caught = None  # the peer had more to say after all
-            return [BatchReceived(message.batch, message.wires)]
-        if isinstance(message, Ack):
-            if not self._unacked or message.batch != self._unacked[0]:
-                raise ProtocolError(f"acknowledgement of batch {message.batch} not expected")
-            self._unacked.pop(0)
-            self._check_caught()
-            return self._synced_event()
-        if isinstance(message, Caught):
-            if message.digest == self._peer_caught:
-                return []  # nothing new: whatever changed since was checked when it did
-            self._peer_caught = message.digest
-            return self._synced_event()
-        raise ProtocolError(f"unexpected {type(message).__name__}")
+    def _on_bye(self, message: Bye) -> list[Event]:
+        self.ended_in_sync = self.synced
+        self.state = State.CLOSED
+        self.close_reason = message.reason
+        return [SessionClosed(message.reason, by_peer=True, error=False)]
+
+    def _on_ping(self, message: Ping) -> list[Event]:
+        self._outbox.append(Pong(message.nonce))
+        return []
+
+    def _on_pong(self, message: Pong) -> list[Event]:
+        return []
+
+    def _rule_message(self) -> None:
+        if not self._pairing:
+            raise ProtocolError("no pairing on this connection")
+        self._rule_work += 1
+        if self._rule_work > MAX_RULE_WORK:
+            raise ProtocolError("too many rule messages at once")
+
+    def _on_rules(self, message: Rules) -> list[Event]:
+        self._rule_message()
+        return [RulesReceived(message.objects)]
+
+    def _on_rules_held(self, message: RulesHeld) -> list[Event]:
+        self._rule_message()
+        self._rules_held += 1
+        if self._rules_held > MAX_RULES_HELD:
+            raise ProtocolError("the rule objects of this pair do not settle")
+        if message.on_demand:
+            self.peer_on_demand = True  # on-demand rules count in this session too
+        return [RulesHeldReceived(message.digest, message.on_demand)]
+
+    def _on_join(self, message: Join) -> list[Event]:
+        self._rule_message()
+        return [JoinRequested(message.invite, message.proof)]
+
+    def _on_have(self, message: Have) -> list[Event]:
+        self._peer_have = dict(message.heads)
+        self.state = State.OPEN if self.state is State.HAVE_SENT else State.HAVE_RECEIVED
+        return self._opened()
+
+    def _on_second_have(self, message: Have) -> list[Event]:
+        raise ProtocolError("a second Have")
+
+    def _on_entries(self, message: Entries) -> list[Event]:
+        if not self.flow.receiving:
+            raise ProtocolError("entries sent, but no rule lets you send any")
+        if message.batch != self._next_batch_in:
+            raise ProtocolError(
+                f"batch {message.batch} out of order (expected {self._next_batch_in})"
+            )
+        if len(self._receiving) >= self.config.window:
+            raise ProtocolError("peer exceeded the window of unacknowledged batches")
+        self._next_batch_in += 1
+        self._receiving.add(message.batch)
+        self._peer_caught = None  # the peer had more to say after all
+        return [BatchReceived(message.batch, message.wires)]
+
+    def _on_ack(self, message: Ack) -> list[Event]:
+        if not self._unacked or message.batch != self._unacked[0]:
+            raise ProtocolError(f"acknowledgement of batch {message.batch} not expected")
+        self._unacked.pop(0)
+        self._check_caught()
+        return self._synced_event()
+
+    def _on_caught(self, message: Caught) -> list[Event]:
+        if message.digest == self._peer_caught:
+            return []  # nothing new: whatever changed since was checked when it did
+        self._peer_caught = message.digest
+        return self._synced_event()
 
     # ------------------------------------------------------------ caught up / synced
 
     def _check_caught(self) -> None:
         """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
-        if self.phase is not Phase.OPEN or self._unacked or self._wants():
+        if self.state is not State.OPEN or self._unacked or self._wants():
             return
         digest = self._caught_digest()
         if digest != self._caught_sent:
@@ -390,7 +635,7 @@ class SyncSession:
         own writes and what other peers sent it never reach this peer, so counting
         them would keep the peer waiting for ever, while an entry of the peer's
         that it refused still shows (it names its lower head there)."""
-        if self.sending:
+        if self.flow.sending:
             return self._local_heads_digest()
         if self._told_digest is None:
             shown = {}
@@ -408,7 +653,7 @@ class SyncSession:
         Caught for heads that are exactly what we know it holds; nothing in flight.
         """
         return not (
-            self.phase is not Phase.OPEN
+            self.state is not State.OPEN
             or self._peer_caught is None
             or self._unacked
             or self._receiving
@@ -420,7 +665,7 @@ class SyncSession:
     def _lacking(self) -> list[bytes]:
         """Authors of which the peer holds entries we do not, if it may send to us
         (forked authors aside: nothing more flows for them either way)."""
-        if not self.receiving:
+        if not self.flow.receiving:
             return []
         if self._lacks is None:
             lacking = []
@@ -448,11 +693,24 @@ class SyncSession:
             if state == self._stuck:
                 return []
             self._stuck = state
-            return [StuckOnRefused(self._why(lacking))]
+            reason = self._why(lacking)
+            events: list[Event] = [StuckOnRefused(reason)]
+            if self.on_demand or self.peer_on_demand:
+                # an on-demand sync (ours or the peer's) says why now rather than at
+                # its timeout; the peer learns the reason from our Bye
+                events += self.close(f"cannot get in step: {reason}")
+            return events
         if state == self._synced:
             return []
         self._synced = state
-        return [SyncedWithPeer(self._local_heads_digest())]
+        return [SyncedWithPeer(self._local_heads_digest()), *self.end_if_done()]
+
+    def end_if_done(self) -> list[Event]:
+        """An on-demand session ends once in sync, and once an invite code it
+        presented has been answered (a refusal ends it from the inviter's side)."""
+        if self.on_demand and not self._joining and self.synced:
+            return self._close("synced", error=False, done=True)
+        return []
 
     def _why(self, lacking: list[bytes]) -> str:
         known = [self.refusals[a] for a in lacking if a in self.refusals]
@@ -472,13 +730,8 @@ class SyncSession:
         lacking = self._lacking()
         return self._why(lacking) if lacking else None
 
-    def note_refused(self, author: bytes, reason: str) -> None:
-        """We refused one of ``author``'s entries from the peer, for a reason that is
-        not the peer's fault; ``StuckOnRefused`` gives it if we end up lacking it."""
-        self.refusals[author] = reason
-
     def poll_synced(self) -> list[Event]:
-        """Re-check the synced condition (after ``ingested`` or ``local_changed``)."""
+        """Re-check the synced condition (after the store changed)."""
         self._check_caught()
         return self._synced_event()
 
@@ -493,22 +746,31 @@ class SyncSession:
     # ------------------------------------------------------------ time and closing
 
     def next_deadline(self) -> float:
-        return min(
+        deadline = min(
             self._last_sent + self.config.keepalive,
             self._last_received + self.config.idle_timeout,
         )
+        if self._pairing_deadline is not None:
+            deadline = min(deadline, self._pairing_deadline)
+        return deadline
 
     def timer(self, now: float) -> list[Event]:
-        if self.phase is Phase.CLOSED:
+        if self.state is State.CLOSED:
             return []
         if now >= self._last_received + self.config.idle_timeout:
             return self.fail(f"nothing received for {self.config.idle_timeout:g} s")
+        events: list[Event] = []
+        if self._pairing_deadline is not None and now >= self._pairing_deadline:
+            # a pair with no rule in force has nothing to do once rules are exchanged
+            self._pairing_deadline = None
+            if not self.begun:
+                events.append(NothingToSync())
         if now >= self._last_sent + self.config.keepalive:
             if not any(isinstance(m, Ping) for m in self._outbox):
                 self._ping_nonce += 1
                 self._outbox.append(Ping(self._ping_nonce))
             self._last_sent = now  # queued counts as sent: no busy loop while the writer waits
-        return []
+        return events
 
     def fail(self, reason: str) -> list[Event]:
         """Close because the peer broke the protocol (or went silent)."""
@@ -518,11 +780,11 @@ class SyncSession:
         """Close on our side, telling the peer why."""
         return self._close(reason, error=False)
 
-    def _close(self, reason: str, error: bool) -> list[Event]:
-        if self.phase is Phase.CLOSED:
+    def _close(self, reason: str, error: bool, done: bool = False) -> list[Event]:
+        if self.state is State.CLOSED:
             return []
         self.ended_in_sync = self.synced and not error
-        self.phase = Phase.CLOSED
+        self.state = State.CLOSED
         self.close_reason = reason
         if error:  # the peer broke the protocol: nothing more for it but the reason
             self._outbox = [Bye(reason)]
@@ -530,4 +792,39 @@ class SyncSession:
             # but no entries: they were chosen under the rules that may just have ended
             self._outbox = [m for m in self._outbox if not isinstance(m, Entries)]
             self._outbox.append(Bye(reason))
-        return [SessionClosed(reason, by_peer=False, error=error)]
+        return [SessionClosed(reason, by_peer=False, error=error, done=done)]
+
+
+def _unexpected(state: State, message: Message) -> str:
+    name = type(message).__name__
+    if state is not State.OPEN and isinstance(message, Entries | Ack | Caught):
+        return f"{name} before both sides said Have"
+    return f"unexpected {name}"
+
+
+Handler = Callable[[SyncSession, Message], list[Event]]
+
+_ALWAYS: dict[type[Message], Handler] = {
+    Bye: SyncSession._on_bye,  # type: ignore[dict-item]
+    Ping: SyncSession._on_ping,  # type: ignore[dict-item]
+    Pong: SyncSession._on_pong,  # type: ignore[dict-item]
+    Rules: SyncSession._on_rules,  # type: ignore[dict-item]
+    RulesHeld: SyncSession._on_rules_held,  # type: ignore[dict-item]
+    Join: SyncSession._on_join,  # type: ignore[dict-item]
+}
+
+#: Per state, the messages it accepts from the peer and what each does; anything
+#: else is the peer's protocol error (a closed session ignores everything).
+TRANSITIONS: dict[State, dict[type[Message], Handler]] = {
+    State.PAIRING: {**_ALWAYS, Have: SyncSession._on_have},  # type: ignore[dict-item]
+    State.HAVE_SENT: {**_ALWAYS, Have: SyncSession._on_have},  # type: ignore[dict-item]
+    State.HAVE_RECEIVED: {**_ALWAYS, Have: SyncSession._on_second_have},  # type: ignore[dict-item]
+    State.OPEN: {
+        **_ALWAYS,
+        Have: SyncSession._on_second_have,  # type: ignore[dict-item]
+        Entries: SyncSession._on_entries,  # type: ignore[dict-item]
+        Ack: SyncSession._on_ack,  # type: ignore[dict-item]
+        Caught: SyncSession._on_caught,  # type: ignore[dict-item]
+    },
+    State.CLOSED: {},
+}

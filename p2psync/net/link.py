@@ -1,24 +1,37 @@
-"""What a session needs to know about the pair it connects: the rules between
-us, and what they let flow. :class:`PairLink` does it for a real home (calls
-run in worker threads); sessions without one (tests of the bare protocol) treat
-the pair as allowed to exchange everything."""
+"""The rules side of a session: :class:`PairLink` reads and stores the rule
+objects of the pair it connects (calls run in worker threads), and
+:class:`RulesPump` carries the session machine's rule events to it, one at a
+time, in order. Sessions without a link (tests of the bare protocol) exchange
+everything."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import math
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import trio
 
 from p2psync import pairing
 from p2psync.api import Database
-from p2psync.core.rules import Permissions, Rule, Terms
-from p2psync.net.storeio import ChangeFeed
+from p2psync.core.flow import Flow
+from p2psync.core.identity import short_id
+from p2psync.core.rules import Permissions, Rule
+from p2psync.core.session import (
+    Event,
+    JoinRequested,
+    NothingToSync,
+    RulesHeldReceived,
+    RulesInForce,
+    RulesReceived,
+    SyncSession,
+)
+from p2psync.errors import P2PSyncError
+from p2psync.net.storeio import ChangeFeed, TrioStore
 
 T = TypeVar("T")
-
-#: Everything, both ways: what a session without rules may exchange.
-EVERYTHING = Permissions(send=(Terms(),), receive=(Terms(),))
+log = logging.getLogger(__name__)
 
 
 class PairLink:
@@ -76,6 +89,18 @@ class PairLink:
         live = self.live if live is None else live
         return await self._run(lambda: pairing.permissions(self.db, self.peer, live=live))
 
+    async def flow(self) -> tuple[Flow, bool]:
+        """What flows in this session, and whether any rule is in force at all
+        (on-demand ones included)."""
+        me, live = self.db.identity.public_key, self.live
+
+        def work() -> tuple[Flow, bool]:
+            rules = self.db.store.rules(self.peer)
+            flow = Flow.between(me, self.peer, rules, live=live)
+            return flow, Permissions.between(me, self.peer, rules, live=False).paired
+
+        return await self._run(work)
+
     async def receive(self, objects: list[bytes]) -> list[bytes]:
         """Keep the peer's rule objects; our answers to send back."""
         join = self.join if self.joined is None else None
@@ -127,3 +152,115 @@ class PairLink:
         return await self._run(
             lambda: pairing.unpaired_reason(self.db, self.peer, live=self.live)
         )
+
+
+class _LocalRulesChanged:
+    """Rules changed here (accepted, revoked...): tell the peer, re-check ours."""
+
+
+class RulesPump:
+    """Runs the session machine's rule events against the link, one at a time and
+    in order: what the peer's rule messages ask, the machine's verdicts (a rule in
+    force, or nothing to sync), and local rule changes."""
+
+    def __init__(
+        self,
+        link: PairLink,
+        machine: SyncSession,
+        store: TrioStore,
+        handle: Callable[[list[Event]], None],
+        on_open: Callable[[bool], str | None] | None = None,
+    ) -> None:
+        self.link, self.machine, self.store, self.handle = link, machine, store, handle
+        self.on_open = on_open
+        self._in, self._out = trio.open_memory_channel[Event | _LocalRulesChanged](math.inf)
+
+    def queue(self, event: Event) -> None:
+        """Take a rule event (the machine bounds how many a peer may cause)."""
+        self._in.send_nowait(event)
+
+    async def start(self) -> None:
+        """Our first messages: the digest of the pair's rule objects, and a join."""
+        self.machine.start_pairing(
+            await self.link.objects(), trio.current_time(), self.link.join_proof()
+        )
+        self.handle([])
+
+    async def run(self) -> None:
+        handlers: dict[type, Callable[[object], Awaitable[None]]] = {
+            RulesHeldReceived: self._rules_held,  # type: ignore[dict-item]
+            RulesReceived: self._rules_received,  # type: ignore[dict-item]
+            JoinRequested: self._join_requested,  # type: ignore[dict-item]
+            NothingToSync: self._nothing_to_sync,  # type: ignore[dict-item]
+            _LocalRulesChanged: self._local_rules_changed,  # type: ignore[dict-item]
+        }
+        async for event in self._out:
+            try:
+                await handlers[type(event)](event)
+            except P2PSyncError as exc:
+                self.handle(self.machine.fail(str(exc)))
+                return
+
+    async def watch(self, feed: ChangeFeed) -> None:
+        """Local rule changes, one pump item per bump."""
+        version = feed.version
+        while not self.machine.closed:
+            version = await feed.wait_beyond(version)
+            self._in.send_nowait(_LocalRulesChanged())
+
+    async def _rules_held(self, event: RulesHeldReceived) -> None:
+        if event.on_demand:
+            self.link.live = False  # the peer syncs on demand: on-demand rules count too
+        ours = await self.link.objects()
+        version = self.link.read_version  # what its RulesHeld gets from us
+        if self.machine.rules_held_answered(event.digest, ours):
+            self.link.reconciled(version)  # it holds what we hold
+        self.handle([])
+        await self._refresh()
+
+    async def _rules_received(self, event: RulesReceived) -> None:
+        answers = await self.link.receive(event.objects)
+        self.machine.rules_stored(answers, join_answered=self.link.joined is not None)
+        self.handle([])
+        await self._refresh()
+        self.handle(self.machine.end_if_done())  # an invite answered with a rule in force
+
+    async def _join_requested(self, event: JoinRequested) -> None:
+        proposal = await self.link.answer_join(event.invite, event.proof)
+        log.info("%s joined with an invite code", short_id(self.link.peer))
+        self.machine.join_answered(proposal)
+        self.handle([])
+
+    async def _local_rules_changed(self, _: _LocalRulesChanged) -> None:
+        if self.machine.local_rules_changed(await self.link.objects()):
+            self.handle([])
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        if not self.machine.settled:
+            return
+        flow, any_rule = await self.link.flow()
+        for event in self.machine.rules_in_force(flow, any_rule=any_rule):
+            if isinstance(event, RulesInForce):
+                await self._open()
+            elif isinstance(event, NothingToSync):
+                await self._nothing_to_sync(event)
+            else:
+                self.handle([event])
+
+    async def _open(self) -> None:
+        refusal = self.on_open(self.link.live) if self.on_open is not None else None
+        if refusal is not None:
+            self.handle(self.machine.close(refusal))
+            return
+        if self.link.rules_added:  # the pair's rules changed in this session
+            log.info("paired with %s", short_id(self.link.peer))
+        else:
+            log.debug("rules in force with %s", short_id(self.link.peer))
+        self.handle(self.machine.begin(await self.store.heads()))
+
+    async def _nothing_to_sync(self, _: NothingToSync) -> None:
+        if not self.machine.begun:
+            reason = await self.link.unpaired_reason()
+            if not self.machine.begun:
+                self.handle(self.machine.close(reason))

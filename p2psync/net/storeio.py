@@ -3,11 +3,11 @@ that says when the store changed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 
 import trio
 
+from p2psync.core.flow import Flow
 from p2psync.core.messages import Head
 from p2psync.home import now_ms
 from p2psync.store.ingest import IngestResult
@@ -47,38 +47,26 @@ class TrioStore:
         return await trio.to_thread.run_sync(self.store.heads)
 
     async def ingest(
-        self,
-        wires: Sequence[bytes],
-        visible: Callable[[str], bool] | None = None,
-        later: Callable[[str], bool] | None = None,
+        self, wires: Sequence[bytes], flow: Flow | None = None
     ) -> tuple[IngestResult, dict[bytes, Head]]:
-        """Ingest a batch; also return our heads after it (one trip to the thread)."""
+        """Ingest a batch from a peer whose ``flow`` says what it may send here;
+        also return our heads after it (one trip to the thread)."""
 
         def work() -> tuple[IngestResult, dict[bytes, Head]]:
-            result = self.store.ingest(wires, now_ms(), visible=visible, later=later)
+            result = self.store.ingest(wires, now_ms(), flow=flow)
             return result, self.store.heads()
 
         return await trio.to_thread.run_sync(work, limiter=self._writes)
 
-    async def entries_after(
-        self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
-    ) -> list[Outgoing]:
-        return await trio.to_thread.run_sync(
-            partial(self.store.entries_after, dict(after), max_entries, max_bytes)
-        )
-
     async def pending(
-        self, peer: Mapping[bytes, int], max_entries: int, max_bytes: int
+        self, flow: Flow, peer: Mapping[bytes, Head], max_entries: int, max_bytes: int
     ) -> tuple[dict[bytes, Head], list[Outgoing]]:
-        """Our heads, and the entries a peer holding ``peer`` lacks (in causal order)."""
+        """Our heads, and what a peer holding ``peer`` lacks and may get (by
+        ``flow``), in causal order."""
 
         def work() -> tuple[dict[bytes, Head], list[Outgoing]]:
             heads = self.store.heads()
-            after = {
-                author: peer.get(author, 0)
-                for author, head in heads.items()
-                if head.seq > peer.get(author, 0)
-            }
+            after = flow.lacks(heads, peer)
             batch = self.store.entries_after(after, max_entries, max_bytes) if after else []
             return heads, batch
 

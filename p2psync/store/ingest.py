@@ -15,12 +15,13 @@ One call is one store transaction. Steps:
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.chain import authenticate
 from p2psync.core.entry import Entry, decode_wire
+from p2psync.core.flow import Flow
 from p2psync.core.identity import short_id
 from p2psync.errors import (
     DecodeError,
@@ -28,9 +29,8 @@ from p2psync.errors import (
     FrozenAuthorError,
     FutureTimestampError,
     HeldLimitError,
-    RuleViolationError,
     SignatureError,
-    WithheldError,
+    is_peer_fault,
 )
 from p2psync.store.writer import Outcome, Writer
 
@@ -192,15 +192,14 @@ def decode_batch(
     now_ms: int,
     max_skew_ms: int,
     result: IngestResult,
-    visible: Callable[[str], bool] | None = None,
-    later: Callable[[str], bool] | None = None,
+    flow: Flow | None = None,
 ) -> list[Item]:
-    """Decode wire forms; refuse malformed ones and those carrying a payload this
-    agent may not see (``visible``: by the rules in force for this session, default
-    every collection; ``later``: only by a rule that is not, an on-demand rule in a
-    live session). Clocks too far ahead and missing payloads of collections this
-    agent may see now or later are refused by :func:`ingest`, once the entry is
-    proven authentic: applying an entry without them would lose them for good."""
+    """Decode wire forms; refuse malformed ones and those the peer's ``flow`` says
+    it may not send here (default: everything may come, nothing may be missing).
+    Refusals that are not the sender's fault (a clock far ahead, a payload withheld
+    that may come here) are decided by :func:`ingest` once the entry is proven
+    authentic: a forged entry must count as forged, whatever else is wrong."""
+    flow = flow or Flow()
     items: list[Item] = []
     limit = hlc_mod.from_wall(now_ms + max_skew_ms + 1) - 1  # greatest allowed timestamp
     for index, wire in enumerate(wires):
@@ -218,58 +217,13 @@ def decode_batch(
                 f"its clock is {ahead_s:.0f} s ahead of ours "
                 f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock"
             )
-        if visible is not None:
-            forbidden = [
-                collection
-                for collection, op in zip(entry.collections, entry.ops, strict=True)
-                if op is not None and not visible(collection)
-                and not (later is not None and later(collection))
-            ]
-            if forbidden:
-                result.rejected.append(
-                    Rejected(
-                        index,
-                        entry.author,
-                        entry.seq,
-                        entry.id,
-                        RuleViolationError(
-                            f"carries the payload of an op in {forbidden[0]!r}, which no "
-                            "rule lets it send here"
-                        ),
-                    )
-                )
+        refusal = flow.judge(entry)
+        if refusal is not None:
+            if is_peer_fault(refusal):
+                rejected = Rejected(index, entry.author, entry.seq, entry.id, refusal)
+                result.rejected.append(rejected)
                 continue
-        withheld = None in entry.ops and [
-            collection
-            for collection, op in zip(entry.collections, entry.ops, strict=True)
-            if op is None and (visible is None or visible(collection))
-        ]
-        if withheld and deferred is None:
-            # applying it without those ops would lose them for good: a later full
-            # copy has the same ID and counts as a duplicate. Not the sender's fault
-            # when it never had them (filtered before they reached it).
-            author = short_id(entry.author)
-            deferred = WithheldError(
-                f"it reached the sender without its {withheld[0]!r} part (a rule on its "
-                f"way from {author} leaves {withheld[0]!r} out), but {withheld[0]!r} may "
-                f"come here from the sender, and applying it without that part would lose "
-                f"it; it waits here, with {author}'s later entries. To go on: let the "
-                f"sender receive {withheld[0]!r} from {author}, or pair with {author} (or "
-                f"another peer holding its entries in full) for {withheld[0]!r}; or, if "
-                f"this site needs no {withheld[0]!r} from the sender, leave it out of the "
-                "rule with the sender"
-            )
-        deferred_for = later is not None and None in entry.ops and [
-            collection
-            for collection, op in zip(entry.collections, entry.ops, strict=True)
-            if op is None and later(collection)
-        ]
-        if deferred_for and deferred is None:
-            deferred = WithheldError(
-                f"it holds changes to {deferred_for[0]!r}, which the rules with the sender "
-                f"carry only on demand; it waits here, with {short_id(entry.author)}'s later "
-                "entries, until they sync on demand (p2psync sync)"
-            )
+            deferred = deferred or refusal
         items.append(Item(entry, wire, index, deferred))
         furthest = result.seen.get(entry.author)
         if furthest is None or entry.seq > furthest[0]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
+from p2psync.core.flow import Flow
 from p2psync.core.identity import Identity, short_id
 from p2psync.core.messages import Head
 from p2psync.core.rules import Mode, Rule, Terms
@@ -520,14 +521,13 @@ class Store:
         wires: Sequence[bytes],
         now_ms: int,
         max_skew_ms: int = hlc_mod.DEFAULT_MAX_SKEW_MS,
-        visible: Callable[[str], bool] | None = None,
-        later: Callable[[str], bool] | None = None,
+        flow: Flow | None = None,
     ) -> IngestResult:
-        """Verify and apply entries from elsewhere, in one transaction (``visible``,
-        ``later``: see :func:`~p2psync.store.ingest.decode_batch`)."""
+        """Verify and apply entries from elsewhere, in one transaction (``flow``:
+        what the sender may send here, see :func:`~p2psync.store.ingest.decode_batch`)."""
         result = IngestResult()
         with fewer_collections():  # the batch's objects are freed before it ends
-            self._ingest(wires, now_ms, max_skew_ms, visible, later, result)
+            self._ingest(wires, now_ms, max_skew_ms, flow, result)
         return result
 
     def _ingest(
@@ -535,11 +535,10 @@ class Store:
         wires: Sequence[bytes],
         now_ms: int,
         max_skew_ms: int,
-        visible: Callable[[str], bool] | None,
-        later: Callable[[str], bool] | None,
+        flow: Flow | None,
         result: IngestResult,
     ) -> None:
-        items = decode_batch(wires, now_ms, max_skew_ms, result, visible, later)
+        items = decode_batch(wires, now_ms, max_skew_ms, result, flow)
         if items:
             with self._db.writing(visible_first=True) as conn:
                 writer = Writer(conn, now_ms)

@@ -1,0 +1,171 @@
+"""The flow policy: what may go to one peer and what from it may be accepted.
+
+One pure object answers, for one peer, one route and the rules in force between
+us, the three questions every way of syncing asks (the live session, ``p2psync
+sync`` and the relay's mailbox alike):
+
+* **what the peer lacks** — per author, the entries after the seq the peer is
+  known to hold (nothing of an author it froze after a fork: it would refuse them);
+* **what goes of each entry** — the signed part always (the receiver verifies
+  the chain), the payloads only of collections a rule lets us send (the others
+  are withheld: ``null``, see ``docs/entry-format.md`` §3.4);
+* **what may be accepted** — an entry carrying a payload no rule lets the peer
+  send here is refused (the peer broke the rules); an entry missing a payload we
+  may receive, now or by another rule in force later (an on-demand rule while
+  live), waits: applying it without would lose that payload for good.
+
+Rules apply by route: a direct connection (live or on demand) carries every rule
+in force; the relay's mailbox only rules whose route is ``relay`` or ``auto``
+(``docs/relay.md``). In a live session, rules count only if one of them is
+online (``Permissions.between``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from p2psync.core.entry import Entry, withhold
+from p2psync.core.identity import short_id
+from p2psync.core.messages import Head
+from p2psync.core.rules import Permissions, Route, Rule, Terms
+from p2psync.errors import EntryError, RuleViolationError, WithheldError
+
+#: Everything, both ways: what a connection without rules (a bare protocol test)
+#: may exchange.
+EVERYTHING = Permissions(send=(Terms(),), receive=(Terms(),))
+
+
+def _whole(terms: tuple[Terms, ...]) -> bool:
+    return any(t.collections == ("*",) for t in terms)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """What flows between this site and one peer on one route.
+
+    ``now``: the rules in force for this route and session. ``later``: every rule
+    in force between us whatever the session (on-demand ones in a live session),
+    when it lets more come: entries missing such a payload wait rather than lose it.
+    """
+
+    now: Permissions = EVERYTHING
+    later: Permissions | None = None
+    _receivable: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def between(
+        cls,
+        me: bytes,
+        peer: bytes,
+        rules: Sequence[Rule],
+        *,
+        live: bool,
+        via_relay: bool = False,
+    ) -> Flow:
+        """The flow set by ``rules`` (any rule objects about the pair; only those in
+        force count) for a live or on-demand direct session, or the relay."""
+        if via_relay:
+            rules = [r for r in rules if r.terms.route in (Route.RELAY, Route.AUTO)]
+        now = Permissions.between(me, peer, rules, live=live)
+        later = Permissions.between(me, peer, rules, live=False) if live else None
+        if later is not None and later.receive == now.receive:
+            later = None
+        return cls(now, later)
+
+    # ------------------------------------------------------------ in general
+
+    @property
+    def paired(self) -> bool:
+        """A rule in force lets something flow, one way or the other."""
+        return self.now.paired
+
+    @property
+    def sending(self) -> bool:
+        return bool(self.now.send)
+
+    @property
+    def receiving(self) -> bool:
+        return bool(self.now.receive)
+
+    # ------------------------------------------------------------ what goes
+
+    def lacks(self, local: Mapping[bytes, Head], peer: Mapping[bytes, Head]) -> dict[bytes, int]:
+        """Per author, the seq after which ``peer`` lacks entries we hold and may
+        send it (none if no rule lets us send; none of an author it froze)."""
+        if not self.now.send:
+            return {}
+        wanted = {}
+        for author, head in local.items():
+            theirs = peer.get(author)
+            if theirs is not None and theirs.frozen:
+                continue
+            have = theirs.seq if theirs is not None else 0
+            if head.seq > have:
+                wanted[author] = have
+        return wanted
+
+    def outgoing(self, wires: list[bytes]) -> list[bytes]:
+        """The wire forms to send: payloads of collections no rule lets us send to
+        the peer withheld. (Only call it when :attr:`sending`.)"""
+        if _whole(self.now.send):
+            return wires
+        return [withhold(wire, self.now.may_send) for wire in wires]
+
+    # ------------------------------------------------------------ what comes
+
+    def may_receive(self, collection: str) -> bool:
+        """A rule in force for this session lets the peer send ``collection`` here."""
+        allowed = self._receivable.get(collection)
+        if allowed is None:
+            allowed = self._receivable[collection] = self.now.may_receive(collection)
+        return allowed
+
+    def judge(self, entry: Entry) -> EntryError | None:
+        """Why a received (decoded) ``entry`` may not be applied now, if it may not.
+
+        :class:`RuleViolationError` — it carries a payload no rule lets the peer send
+        here: the peer's fault. :class:`WithheldError` — it lacks a payload we may
+        receive now or later: not the peer's fault (it may never have had it), the
+        entry waits. ``None``: it may be applied."""
+        if _whole(self.now.receive) and None not in entry.ops:
+            return None
+        everything = _whole(self.now.receive)
+        withheld: list[str] = []
+        for collection, op in zip(entry.collections, entry.ops, strict=True):
+            allowed = everything or self.may_receive(collection)
+            if op is not None:
+                if not allowed and not self._later(collection):
+                    return RuleViolationError(
+                        f"carries the payload of an op in {collection!r}, which no "
+                        "rule lets it send here"
+                    )
+            elif allowed:
+                withheld.append(collection)
+        if withheld:
+            author, missing = short_id(entry.author), withheld[0]
+            # applying it without those ops would lose them for good: a later full
+            # copy has the same ID and counts as a duplicate. Not the sender's fault
+            # when it never had them (filtered before they reached it).
+            return WithheldError(
+                f"it reached the sender without its {missing!r} part (a rule on its "
+                f"way from {author} leaves {missing!r} out), but {missing!r} may "
+                f"come here from the sender, and applying it without that part would lose "
+                f"it; it waits here, with {author}'s later entries. To go on: let the "
+                f"sender receive {missing!r} from {author}, or pair with {author} (or "
+                f"another peer holding its entries in full) for {missing!r}; or, if "
+                f"this site needs no {missing!r} from the sender, leave it out of the "
+                "rule with the sender"
+            )
+        later = [c for c, op in zip(entry.collections, entry.ops, strict=True) if op is None
+                 and self._later(c)]
+        if later:
+            return WithheldError(
+                f"it holds changes to {later[0]!r}, which the rules with the sender "
+                f"carry only on demand; it waits here, with {short_id(entry.author)}'s later "
+                "entries, until they sync on demand (p2psync sync)"
+            )
+        return None
+
+    def _later(self, collection: str) -> bool:
+        return self.later is not None and self.later.may_receive(collection)
