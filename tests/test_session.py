@@ -7,6 +7,15 @@ import os
 import pytest
 
 from p2psync.core import messages
+from p2psync.core.events import (
+    BatchReceived,
+    JoinRequested,
+    PeerHeadsReceived,
+    RulesReceived,
+    SessionClosed,
+    StuckOnRefused,
+    SyncedWithPeer,
+)
 from p2psync.core.flow import Flow
 from p2psync.core.messages import (
     Ack,
@@ -21,17 +30,7 @@ from p2psync.core.messages import (
     heads_digest,
 )
 from p2psync.core.rules import Permissions, Terms
-from p2psync.core.session import (
-    BatchReceived,
-    JoinRequested,
-    PeerHeadsReceived,
-    RulesReceived,
-    SessionClosed,
-    SessionConfig,
-    StuckOnRefused,
-    SyncedWithPeer,
-    SyncSession,
-)
+from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import LocalProtocolError
 
 AUTHOR = os.urandom(32)

@@ -38,8 +38,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
 
+from p2psync.core.events import (
+    BatchReceived,
+    Event,
+    JoinRequested,
+    NothingToSync,
+    PeerHeadsReceived,
+    Position,
+    Refusal,
+    RulesHeldReceived,
+    RulesInForce,
+    RulesReceived,
+    SessionClosed,
+    Stored,
+    StuckOnRefused,
+    SyncedWithPeer,
+)
 from p2psync.core.flow import Flow
 from p2psync.core.messages import (
     Ack,
@@ -57,14 +72,9 @@ from p2psync.core.messages import (
     Rules,
     RulesHeld,
     heads_digest,
-    rules_digest,
 )
-from p2psync.errors import EntryError, LocalProtocolError, is_peer_fault
-
-#: RulesHeld messages a session may carry before its rule objects must have settled.
-MAX_RULES_HELD = 4
-#: Rule messages (Rules, RulesHeld, Join) waiting for the store at once.
-MAX_RULE_WORK = 9
+from p2psync.core.settling import RuleExchange
+from p2psync.errors import LocalProtocolError, is_peer_fault
 
 
 class State(Enum):
@@ -81,116 +91,6 @@ class SessionConfig:
     keepalive: float = 15.0  # send a Ping after this long without sending
     idle_timeout: float = 45.0  # close after this long without receiving
     pairing_timeout: float = 5.0  # a pair with no rule in force waits this long
-
-
-# Events: what happened, for the shell to act on (past tense).
-
-
-@dataclass(frozen=True, slots=True)
-class PeerHeadsReceived:
-    heads: dict[bytes, Head]
-
-
-@dataclass(frozen=True, slots=True)
-class RulesReceived:
-    """Store the peer's rule objects, then call :meth:`SyncSession.rules_stored`."""
-
-    objects: list[bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class RulesHeldReceived:
-    """Read our rule objects, then call :meth:`SyncSession.rules_held_answered`."""
-
-    digest: bytes
-    on_demand: bool
-
-
-@dataclass(frozen=True, slots=True)
-class JoinRequested:
-    """Check the invite code, then :meth:`SyncSession.join_answered` with our proposal."""
-
-    invite: bytes
-    proof: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BatchReceived:
-    """Ingest, then call :meth:`SyncSession.ingested`."""
-
-    batch: int
-    wires: list[bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class RulesInForce:
-    """The rules settled and one is in force: the shell may refuse the session
-    (:meth:`SyncSession.close`), else it calls :meth:`SyncSession.begin`."""
-
-
-@dataclass(frozen=True, slots=True)
-class NothingToSync:
-    """The rules settled (or the pairing deadline passed) with none in force: the
-    shell closes the session with the reason, in words for both sides."""
-
-
-@dataclass(frozen=True, slots=True)
-class SyncedWithPeer:
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StuckOnRefused:
-    """All has flowed that will flow in this session, yet the peer holds entries we
-    do not: we refused or are holding some (see ``note_refused``)."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SessionClosed:
-    reason: str
-    by_peer: bool
-    error: bool
-    done: bool = False  # an on-demand session that ended because it was in sync
-
-
-Event = (
-    PeerHeadsReceived
-    | BatchReceived
-    | SyncedWithPeer
-    | StuckOnRefused
-    | SessionClosed
-    | RulesReceived
-    | JoinRequested
-    | RulesHeldReceived
-    | RulesInForce
-    | NothingToSync
-)
-
-Position = tuple[bytes, int, bytes]  # author, seq, entry ID
-
-
-class Stored(Protocol):
-    """One stored entry, as the store reads it for sending."""
-
-    @property
-    def author(self) -> bytes: ...
-    @property
-    def seq(self) -> int: ...
-    @property
-    def id(self) -> bytes: ...
-    @property
-    def wire(self) -> bytes: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """An entry from the peer that the store did not apply, and why."""
-
-    author: bytes | None  # None when it did not even decode
-    error: EntryError
-    description: str
 
 
 class SyncSession:
@@ -212,14 +112,7 @@ class SyncSession:
         self.peer: dict[bytes, Head] = {}
         self._outbox: list[Message] = []
         self._peer_have: dict[bytes, Head] | None = None
-        # rule objects
-        self._pairing = False  # rule objects are exchanged on this connection
-        self._rules_held = 0  # RulesHeld messages received
-        self._rule_work = 0  # rule messages handed to the shell, not yet answered
-        self._held_digest = b""  # what our own RulesHeld carried
-        self._rules_digest = b""  # our rule objects as last sent or announced
-        self.settled = False  # both sides hold the same rule objects
-        self._joining = False  # we presented an invite code, not answered yet
+        self._rules: RuleExchange | None = None  # when rule objects are exchanged
         self._pairing_deadline: float | None = None
         # entries
         self._next_batch_out = 1
@@ -264,11 +157,6 @@ class SyncSession:
         """We said Have."""
         return self.state in (State.HAVE_SENT, State.OPEN)
 
-    @property
-    def joining(self) -> bool:
-        """We presented an invite code and the inviter has not answered it yet."""
-        return self._joining
-
     # ------------------------------------------------------------ rule objects
 
     def start_pairing(
@@ -276,59 +164,52 @@ class SyncSession:
     ) -> None:
         """Say which rule objects about the pair we hold (and present an invite
         code); Have follows once both sides hold the same ones and one is in force."""
-        if self.state is not State.PAIRING or self._pairing:
+        if self.state is not State.PAIRING or self._rules is not None:
             raise LocalProtocolError("start_pairing called twice or after Have")
-        self._pairing = True
-        self._held_digest = self._rules_digest = rules_digest(objects)
-        self._outbox.append(RulesHeld(self._held_digest, self.on_demand))
-        if join is not None:
-            self._joining = True
-            self._outbox.append(Join(*join))
+        self._rules = RuleExchange(objects, on_demand=self.on_demand, join=join)
+        self._outbox += self._rules.opening()
         self._pairing_deadline = now + self.config.pairing_timeout
 
+    def _exchange(self) -> RuleExchange:
+        if self._rules is None:
+            raise LocalProtocolError("no pairing on this connection")
+        return self._rules
+
     def rules_held_answered(self, digest: bytes, ours: Sequence[bytes]) -> bool:
-        """Our rule objects, read after the peer's RulesHeld named ``digest``: send
-        them if they differ. True if the peer holds exactly what we hold."""
-        self._rule_work -= 1
-        same = rules_digest(ours) == digest
-        if same:
-            self.settled = True
-        if not same or self._held_digest != digest:
-            # when the same: our own RulesHeld named objects we held then, not now;
-            # the peer compares it with what it holds, finds a difference, and
-            # settles only on our Rules
-            self._send_rules(ours)
+        """Our rule objects, read after the peer's RulesHeld named ``digest``: sent
+        if they differ. True if the peer holds exactly what we hold."""
+        same, out = self._exchange().held_answered(digest, ours)
+        self._queue(out)
         return same
 
     def rules_stored(self, answers: Sequence[bytes], *, join_answered: bool = False) -> None:
-        """The peer's rule objects are stored; ``answers`` (ours) go back. We hold
-        the union of both sides' objects now."""
-        self._rule_work -= 1
-        self.settled = True
-        if join_answered:
-            self._joining = False
-        if answers and not self.closed:
-            self._outbox.append(Rules(list(answers)))
+        """The peer's rule objects are stored; ``answers`` (ours) go back."""
+        self._queue(self._exchange().stored(answers, join_answered=join_answered))
 
     def join_answered(self, proposal: bytes) -> None:
         """The invite code checked out: our proposal to the joiner."""
-        self._rule_work -= 1
-        if not self.closed:
-            self._outbox.append(Rules([proposal]))
+        self._queue(self._exchange().join_answered(proposal))
 
     def local_rules_changed(self, ours: Sequence[bytes]) -> bool:
         """Rule objects about the pair changed here: tell the peer if they differ
         from what we last sent it. True if they did."""
-        digest = rules_digest(ours)
-        if digest == self._rules_digest or self.closed:
-            return False
-        self._send_rules(ours)
-        return True
+        out = self._exchange().changed(ours) if not self.closed else []
+        self._queue(out)
+        return bool(out)
 
-    def _send_rules(self, objects: Sequence[bytes]) -> None:
+    def _queue(self, messages: list[Message]) -> None:
         if not self.closed:
-            self._rules_digest = rules_digest(objects)
-            self._outbox.append(Rules(list(objects)))
+            self._outbox += messages
+
+    @property
+    def settled(self) -> bool:
+        """Both sides hold the same rule objects (or there are none to exchange)."""
+        return self._rules is None or self._rules.settled
+
+    @property
+    def joining(self) -> bool:
+        """We presented an invite code and the inviter has not answered it yet."""
+        return self._rules is not None and self._rules.joining
 
     def rules_in_force(self, flow: Flow, *, any_rule: bool) -> list[Event]:
         """The rules between us, as they stand once settled: what may flow, and
@@ -346,7 +227,7 @@ class SyncSession:
             self.set_flow(flow)
             if flow.paired:
                 return [RulesInForce()]
-            if not self._joining and (self.on_demand or any_rule):
+            if not self.joining and (self.on_demand or any_rule):
                 return [NothingToSync()]
             return []
         if flow.now != self.flow.now:
@@ -558,29 +439,24 @@ class SyncSession:
     def _on_pong(self, message: Pong) -> list[Event]:
         return []
 
-    def _rule_message(self) -> None:
-        if not self._pairing:
-            raise ProtocolError("no pairing on this connection")
-        self._rule_work += 1
-        if self._rule_work > MAX_RULE_WORK:
-            raise ProtocolError("too many rule messages at once")
-
     def _on_rules(self, message: Rules) -> list[Event]:
-        self._rule_message()
+        self._peer_rules().peer_message()
         return [RulesReceived(message.objects)]
 
     def _on_rules_held(self, message: RulesHeld) -> list[Event]:
-        self._rule_message()
-        self._rules_held += 1
-        if self._rules_held > MAX_RULES_HELD:
-            raise ProtocolError("the rule objects of this pair do not settle")
+        self._peer_rules().peer_message(held=True)
         if message.on_demand:
             self.peer_on_demand = True  # on-demand rules count in this session too
         return [RulesHeldReceived(message.digest, message.on_demand)]
 
     def _on_join(self, message: Join) -> list[Event]:
-        self._rule_message()
+        self._peer_rules().peer_message()
         return [JoinRequested(message.invite, message.proof)]
+
+    def _peer_rules(self) -> RuleExchange:
+        if self._rules is None:
+            raise ProtocolError("no pairing on this connection")
+        return self._rules
 
     def _on_have(self, message: Have) -> list[Event]:
         self._peer_have = dict(message.heads)
@@ -708,7 +584,7 @@ class SyncSession:
     def end_if_done(self) -> list[Event]:
         """An on-demand session ends once in sync, and once an invite code it
         presented has been answered (a refusal ends it from the inviter's side)."""
-        if self.on_demand and not self._joining and self.synced:
+        if self.on_demand and not self.joining and self.synced:
             return self._close("synced", error=False, done=True)
         return []
 

@@ -15,18 +15,18 @@ import trio
 
 from p2psync import pairing
 from p2psync.api import Database
-from p2psync.core.flow import Flow
-from p2psync.core.identity import short_id
-from p2psync.core.rules import Permissions, Rule
-from p2psync.core.session import (
+from p2psync.core.events import (
     Event,
     JoinRequested,
     NothingToSync,
     RulesHeldReceived,
     RulesInForce,
     RulesReceived,
-    SyncSession,
 )
+from p2psync.core.flow import Flow
+from p2psync.core.identity import short_id
+from p2psync.core.rules import Permissions, Rule
+from p2psync.core.session import SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.net.storeio import ChangeFeed, TrioStore
 

@@ -11,7 +11,7 @@ The pump moves bytes, time and store results; small tasks share one machine
 * **timer** — the machine's deadlines (keepalive, idle timeout, pairing);
 * **watcher** — local commits (by anyone) update our heads, so new entries go out live;
 * with a :class:`~p2psync.net.link.PairLink`, the **rules pump** (and its watcher of
-  local rule changes) and a one-off **fork check** once the peer's heads are known.
+  local rule changes); once the peer's heads are known, a **fork check**.
 
 A peer that sends an invalid entry, breaks the protocol or goes silent is
 disconnected with the reason; what it sent before that stays committed.
@@ -21,69 +21,37 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import trio
 
 from p2psync.core import messages
-from p2psync.core.frames import FrameError
-from p2psync.core.identity import short_id
-from p2psync.core.messages import Bye, Head
-from p2psync.core.session import (
+from p2psync.core.events import (
     BatchReceived,
     Event,
     PeerHeadsReceived,
     Refusal,
     SessionClosed,
-    SessionConfig,
-    State,
     StuckOnRefused,
     SyncedWithPeer,
-    SyncSession,
 )
+from p2psync.core.frames import FrameError
+from p2psync.core.identity import short_id
+from p2psync.core.messages import Bye, Head
+from p2psync.core.session import SessionConfig, State, SyncSession
 from p2psync.errors import StoreError
 from p2psync.home import now_ms
+from p2psync.net.forks import exchange_fork_proofs
 from p2psync.net.link import PairLink, RulesPump
+from p2psync.net.stats import SessionStats, Signal
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.transport import ConnectionLost, SecureStream
 
 log = logging.getLogger(__name__)
+__all__ = ["BATCH_BYTES", "BATCH_ENTRIES", "SessionStats", "run_session"]
 
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
-
-
-@dataclass
-class SessionStats:
-    sent: int = 0  # entries sent
-    received: int = 0  # entries received and accepted
-    held: int = 0
-    refused: int = 0
-    synced: bool = False
-    reason: str = ""
-    error: bool = False
-    by_peer: bool = False  # the peer ended the session (its Bye gave the reason)
-    done: bool = False  # an on-demand session we ended because it was in sync
-    peer_heads: dict[bytes, Head] = field(default_factory=dict)  # its Have; at the end, all
-    to_receive: int = 0  # entries the peer announced that we lacked when it said Have
-    bytes_sent: int = 0  # on the wire, handshake included
-    bytes_received: int = 0
-    in_sync_ms: int | None = None  # wall time this session was last known in sync
-    stuck: str | None = None  # why it cannot get in step, while that holds
-
-
-class _Signal:
-    """A resettable wake-up for one waiting task."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = trio.Event()
 
 
 class _Run:
@@ -103,10 +71,9 @@ class _Run:
         self.on_progress, self.on_synced, self.on_stuck = on_progress, on_synced, on_stuck
         self.rules: RulesPump | None = None
         self.link: PairLink | None = None
-        self.answered_version = 0
         self.stats = SessionStats()
-        self.outbox_ready = _Signal()
-        self.sender_wake = _Signal()
+        self.outbox_ready = Signal()
+        self.sender_wake = Signal()
         self.batches_in, self.batches_out = trio.open_memory_channel[BatchReceived](
             machine.config.window + 1
         )
@@ -120,19 +87,12 @@ class _Run:
                 self.batches_in.send_nowait(event)  # the machine enforces the window
             elif isinstance(event, PeerHeadsReceived):
                 self.peer_heads(event)
-            elif isinstance(event, SyncedWithPeer):
-                self.stats.synced = True
-                self.stats.in_sync_ms, self.stats.stuck = now_ms(), None
-                log.debug("in sync with %s", self.who)
-                if self.on_synced is not None:
+            elif isinstance(event, SyncedWithPeer | StuckOnRefused | SessionClosed):
+                self.stats.note(event, self.who)
+                if isinstance(event, SyncedWithPeer) and self.on_synced is not None:
                     self.on_synced(self.stats)
-            elif isinstance(event, StuckOnRefused):
-                log.warning("cannot get in step with %s: %s", self.who, event.reason)
-                self.stats.stuck = event.reason
-                if self.on_stuck is not None:
+                if isinstance(event, StuckOnRefused) and self.on_stuck is not None:
                     self.on_stuck(self.stats)
-            elif isinstance(event, SessionClosed):
-                self.closed(event)
             else:  # rule messages, and the machine's verdicts on them
                 assert self.rules is not None  # the machine refuses them without a link
                 self.rules.queue(event)
@@ -147,15 +107,10 @@ class _Run:
             max(0, head.seq - self.machine.local.get(a, Head(0, b"")).seq)
             for a, head in event.heads.items()
         )
-        self.nursery.start_soon(self.fork_check, event.heads)
-
-    def closed(self, event: SessionClosed) -> None:
-        self.stats.reason, self.stats.error = event.reason, event.error
-        self.stats.by_peer, self.stats.done = event.by_peer, event.done
-        if event.error:
-            log.warning("closing connection with %s: %s", self.who, event.reason)
-        else:
-            log.info("connection with %s closed: %s", self.who, event.reason)
+        self.nursery.start_soon(
+            exchange_fork_proofs,
+            *(self.store, self.machine, self.secure.peer, event.heads, self.outbox_ready),
+        )
 
     def lost(self, reason: str, error: bool) -> None:
         """The connection itself failed: nothing more can be sent; stop everything."""
@@ -282,34 +237,6 @@ class _Run:
             version = await self.feed.wait_beyond(version)
             self.local_stale = True  # the sender reads heads and new entries in one go
             self.sender_wake.set()
-
-    async def fork_check(self, peer_heads: dict[bytes, Head]) -> None:
-        """Where the peer's head differs from our entry at the same seq, send ours:
-        the peer then holds proof of the fork too. And if the peer holds more of our
-        own log than we do, stop local writes until we have it back."""
-        if self.machine.flow.receiving:  # only a peer that may send to us can prove it
-            behind = await self.store.note_peer_heads(self.secure.peer, peer_heads)
-            if behind is not None:
-                log.warning(
-                    "%s holds this site's own log up to %d, more than this store: "
-                    "local writes wait until it is back",
-                    self.who,
-                    behind,
-                )
-        for author, seq, theirs in self.machine.fork_suspects(peer_heads):
-            stored = await self.store.entry_at(author, seq)
-            if (
-                stored is not None
-                and stored.id != theirs
-                and self.machine.send_fork_proof(stored.wire)
-            ):
-                    log.warning(
-                        "%s holds a different entry %d of %s: sending ours as proof",
-                        self.who,
-                        seq,
-                        short_id(author),
-                    )
-                    self.outbox_ready.set()
 
 
 async def run_session(

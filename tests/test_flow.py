@@ -1,0 +1,88 @@
+"""The flow policy (core/flow.py), pure: what a peer lacks, what of each entry
+goes, and which received entries may be applied."""
+
+from __future__ import annotations
+
+import cbor2
+
+from p2psync.core.entry import decode_wire
+from p2psync.core.flow import EVERYTHING, Flow
+from p2psync.core.messages import Head
+from p2psync.core.rules import Direction, Mode, Permissions, Route, Rule, RuleState, Terms
+from p2psync.errors import RuleViolationError, WithheldError, is_peer_fault
+from tests.helpers import Author
+
+ME, PEER = b"m" * 32, b"p" * 32
+
+
+def rule(terms: Terms, state: RuleState = RuleState.ACCEPTED) -> Rule:
+    return Rule(b"r" * 32, ME, PEER, terms, state, terms, None, ())
+
+
+def only(*collections: str, send: bool = True, receive: bool = True) -> Flow:
+    terms = (Terms(tuple(collections), Direction.SEND),)
+    return Flow(Permissions(send=terms if send else (), receive=terms if receive else ()))
+
+
+def test_the_peer_lacks_what_it_has_not_and_nothing_of_an_author_it_froze() -> None:
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    local = {a: Head(5, b"x"), b: Head(3, b"y"), c: Head(2, b"z")}
+    peer = {a: Head(2, b"q"), b: Head(7, b"w", frozen=True)}
+    assert Flow().lacks(local, peer) == {a: 2, c: 0}
+    assert only("x", send=False).lacks(local, peer) == {}  # nothing may go
+
+
+def test_payloads_the_peer_may_not_receive_are_withheld_and_the_rest_goes_whole() -> None:
+    author = Author()
+    entry = author.write(author.op("public", "a", 1), author.op("payroll", "b", 2))
+    sent = only("public").outgoing([entry.wire()])[0]
+    assert cbor2.loads(sent)[0] == entry.signed  # the signed part goes whole
+    received = decode_wire(sent)
+    assert received.id == entry.id and received.ops[1] is None
+    assert received.ops[0] is not None and received.ops[0].value == 1
+    assert only("public", "payroll").outgoing([entry.wire()]) == [entry.wire()]
+    assert Flow().outgoing([entry.wire()]) == [entry.wire()]
+
+
+def test_a_payload_no_rule_lets_the_peer_send_is_its_fault() -> None:
+    author = Author()
+    entry = author.write(author.op("public", "a", 1), author.op("payroll", "b", 2))
+    refusal = only("public").judge(entry)
+    assert isinstance(refusal, RuleViolationError) and is_peer_fault(refusal)
+    assert "'payroll'" in str(refusal)
+    assert only("public", "payroll").judge(entry) is None
+    assert Flow().judge(entry) is None
+
+
+def test_a_missing_payload_that_may_come_here_makes_the_entry_wait() -> None:
+    author = Author()
+    entry = author.write(author.op("public", "a", 1), author.op("payroll", "b", 2))
+    filtered = decode_wire(only("public").outgoing([entry.wire()])[0])
+    assert only("public").judge(filtered) is None  # payroll may not come here anyway
+    for flow in (Flow(), only("public", "payroll")):
+        refusal = flow.judge(filtered)
+        assert isinstance(refusal, WithheldError) and not is_peer_fault(refusal)
+        assert "without its 'payroll' part" in str(refusal)
+    # payroll may come only by an on-demand rule: the entry waits for that sync
+    later = Flow(only("public").now, Permissions(receive=(Terms(("public", "payroll")),)))
+    refusal = later.judge(filtered)
+    assert isinstance(refusal, WithheldError) and "only on demand" in str(refusal)
+    # ...and a payload of such a collection, sent live, is not the peer's fault
+    assert later.judge(entry) is None
+
+
+def test_rules_count_by_mode_and_route() -> None:
+    online = rule(Terms(("a",), Direction.BOTH, Mode.ONLINE, Route.DIRECT))
+    on_demand = rule(Terms(("b",), Direction.BOTH, Mode.ON_DEMAND, Route.RELAY))
+    proposed = rule(Terms(("c",)), RuleState.PROPOSED)
+    live = Flow.between(ME, PEER, [online, on_demand, proposed], live=True)
+    # a live connection kept for an online rule carries the on-demand one too
+    assert live.may_receive("a") and live.may_receive("b") and not live.may_receive("c")
+    only_on_demand = Flow.between(ME, PEER, [on_demand], live=True)
+    assert not only_on_demand.paired and only_on_demand.later is not None
+    assert Flow.between(ME, PEER, [on_demand], live=False).paired
+    # the relay carries only rules whose route lets it
+    relayed = Flow.between(ME, PEER, [online, on_demand], live=False, via_relay=True)
+    assert relayed.may_receive("b") and not relayed.may_receive("a")
+    assert Flow.between(ME, PEER, [], live=False) == Flow(Permissions())
+    assert Flow().now == EVERYTHING
