@@ -23,8 +23,8 @@ from p2psync import pairing
 from p2psync.cli.main import cli
 from p2psync.core import canonical, messages
 from p2psync.core import handshake as hs
+from p2psync.core import holdings as holdings_mod
 from p2psync.core import rules as core_rules
-from p2psync.core import session as session_mod
 from p2psync.core.flow import Flow
 from p2psync.core.frames import FrameError
 from p2psync.core.messages import Head
@@ -237,14 +237,14 @@ def test_a_flood_of_caught_costs_no_digest_work(monkeypatch: pytest.MonkeyPatch)
         machine.begin(heads)
     a.receive(messages.Have(heads), 0.0)
     calls = 0
-    real = session_mod.heads_digest
+    real = holdings_mod.heads_digest
 
     def counting(h: dict[bytes, Head]) -> bytes:
         nonlocal calls
         calls += 1
         return real(h)
 
-    monkeypatch.setattr(session_mod, "heads_digest", counting)
+    monkeypatch.setattr(holdings_mod, "heads_digest", counting)
     for _ in range(1000):
         a.receive(messages.Caught(os.urandom(16)), 0.0)
     assert calls <= 2  # the peer's heads digested once (and ours at most once)

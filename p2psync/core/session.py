@@ -56,6 +56,7 @@ from p2psync.core.events import (
     SyncedWithPeer,
 )
 from p2psync.core.flow import Flow
+from p2psync.core.holdings import Holdings
 from p2psync.core.messages import (
     Ack,
     Bye,
@@ -71,7 +72,6 @@ from p2psync.core.messages import (
     ProtocolError,
     Rules,
     RulesHeld,
-    heads_digest,
 )
 from p2psync.core.settling import RuleExchange
 from p2psync.errors import LocalProtocolError, is_peer_fault
@@ -107,10 +107,9 @@ class SyncSession:
         self.state = State.PAIRING
         self.on_demand = on_demand
         self.peer_on_demand = False  # its RulesHeld said it syncs on demand
-        self.flow = Flow()
-        self.local: dict[bytes, Head] = {}
-        self.peer: dict[bytes, Head] = {}
+        self.holdings = Holdings()
         self._outbox: list[Message] = []
+        self._have: dict[bytes, Head] | None = None  # ours, once said
         self._peer_have: dict[bytes, Head] | None = None
         self._rules: RuleExchange | None = None  # when rule objects are exchanged
         self._pairing_deadline: float | None = None
@@ -119,19 +118,6 @@ class SyncSession:
         self._unacked: list[int] = []
         self._next_batch_in = 1
         self._receiving: set[int] = set()  # batches handed to the shell, not yet ingested
-        self._caught_sent: bytes | None = None
-        self._peer_caught: bytes | None = None
-        self._synced: bytes | None = None
-        #: authors whose entries from the peer we refused (not the peer's fault), and why
-        self.refusals: dict[bytes, str] = {}
-        self._stuck: bytes | None = None
-        # heads digests cost O(authors); cached so a flood of Caught costs O(1) each
-        self._local_digest: bytes | None = None
-        self._peer_digest: bytes | None = None
-        #: what the peer knows we hold: our Have, plus what it sent us
-        self._told: dict[bytes, Head] = {}
-        self._told_digest: bytes | None = None
-        self._changed()
         self._last_received = now
         self._last_sent = now
         self._ping_nonce = 0
@@ -246,20 +232,15 @@ class SyncSession:
         else:
             return []
         self._pairing_deadline = None
-        self.local = dict(local)
-        self._local_digest = None
-        self._told = dict(local)
-        self._changed()
+        self._have = dict(local)
         self._outbox.append(Have(dict(local)))
         return self._opened()
 
     def _opened(self) -> list[Event]:
         if self.state is not State.OPEN:
             return []
-        assert self._peer_have is not None
-        self.peer = dict(self._peer_have)
-        self._peer_digest = None
-        self._changed()
+        assert self._have is not None and self._peer_have is not None
+        self.holdings.opened(self._have, self._peer_have)
         self._check_caught()
         return [PeerHeadsReceived(dict(self._peer_have))]
 
@@ -267,26 +248,32 @@ class SyncSession:
 
     def set_flow(self, flow: Flow) -> None:
         """What the rules let flow between us, from now on."""
-        self.flow = flow
-        self._changed()
+        self.holdings.set_flow(flow)
 
-    def _changed(self) -> None:
-        """Our heads, the peer's, or the flow changed: what was derived from them is
-        stale. (Everything derived is cached, so a peer's message that changes
-        nothing — a Ping, a repeated Caught — costs O(1), however many authors.)"""
-        self._wanted: dict[bytes, int] | None = None
-        self._lacks: list[bytes] | None = None
+    @property
+    def flow(self) -> Flow:
+        return self.holdings.flow
+
+    @property
+    def local(self) -> dict[bytes, Head]:
+        """Our heads, as last told."""
+        return self.holdings.local
+
+    @property
+    def peer(self) -> dict[bytes, Head]:
+        """What the peer holds, as far as we know."""
+        return self.holdings.peer
+
+    @property
+    def refusals(self) -> dict[bytes, str]:
+        return self.holdings.refusals
 
     def wants(self) -> dict[bytes, int]:
         """Per author, the seq after which the peer lacks entries we hold (and may get)."""
         return dict(self._wants())
 
     def _wants(self) -> dict[bytes, int]:
-        if self.state is not State.OPEN:
-            return {}
-        if self._wanted is None:
-            self._wanted = self.flow.lacks(self.local, self.peer)
-        return self._wanted
+        return self.holdings.wants() if self.state is State.OPEN else {}
 
     def peer_heads(self) -> dict[bytes, Head]:
         """What the peer holds, as far as we know."""
@@ -342,16 +329,14 @@ class SyncSession:
         self._next_batch_out += 1
         self._unacked.append(batch)
         self._outbox.append(Entries(batch, wires))
-        self._peer_has(positions)
+        self.holdings.peer_has(positions)
 
     # ------------------------------------------------------------ store events
 
     def local_changed(self, local: Heads) -> None:
         """Our store's heads changed (a local write, or another session's ingest);
         :meth:`poll_synced` says what follows."""
-        self.local = dict(local)
-        self._local_digest = self._told_digest = None
-        self._changed()
+        self.holdings.set_local(local)
         self._check_caught()
 
     def ingested(
@@ -370,13 +355,7 @@ class SyncSession:
         if self.closed:
             return []
         self._receiving.discard(batch)
-        positions = list(positions)
-        self._peer_has(positions)
-        for author, seq, entry_id in positions:  # the peer now believes we hold these
-            told = self._told.get(author)
-            if told is None or seq > told.seq:
-                self._told[author] = Head(seq, entry_id)
-                self._told_digest = None
+        self.holdings.received(positions)
         self._outbox.append(Ack(batch))
         if local is not None:
             self.local_changed(local)
@@ -391,25 +370,7 @@ class SyncSession:
     def note_refused(self, author: bytes, reason: str) -> None:
         """We refused one of ``author``'s entries from the peer, for a reason that is
         not the peer's fault; ``StuckOnRefused`` gives it if we end up lacking it."""
-        self.refusals[author] = reason
-
-    def _peer_has(self, positions: Iterable[Position]) -> None:
-        for author, seq, entry_id in positions:
-            known = self.peer.get(author)
-            if known is None or seq > known.seq:
-                self.peer[author] = Head(seq, entry_id, known.frozen if known else False)
-                self._peer_digest = None
-                self._wanted = self._lacks = None
-
-    def _local_heads_digest(self) -> bytes:
-        if self._local_digest is None:
-            self._local_digest = heads_digest(self.local)
-        return self._local_digest
-
-    def _peer_heads_digest(self) -> bytes:
-        if self._peer_digest is None:
-            self._peer_digest = heads_digest(self.peer)
-        return self._peer_digest
+        self.holdings.refusals[author] = reason
 
     # ------------------------------------------------------------ receiving
 
@@ -477,7 +438,7 @@ class SyncSession:
             raise ProtocolError("peer exceeded the window of unacknowledged batches")
         self._next_batch_in += 1
         self._receiving.add(message.batch)
-        self._peer_caught = None  # the peer had more to say after all
+        self.holdings.peer_caught(None)  # the peer had more to say after all
         return [BatchReceived(message.batch, message.wires)]
 
     def _on_ack(self, message: Ack) -> list[Event]:
@@ -488,98 +449,41 @@ class SyncSession:
         return self._synced_event()
 
     def _on_caught(self, message: Caught) -> list[Event]:
-        if message.digest == self._peer_caught:
+        if not self.holdings.peer_caught(message.digest):
             return []  # nothing new: whatever changed since was checked when it did
-        self._peer_caught = message.digest
         return self._synced_event()
 
     # ------------------------------------------------------------ caught up / synced
 
     def _check_caught(self) -> None:
         """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
-        if self.state is not State.OPEN or self._unacked or self._wants():
-            return
-        digest = self._caught_digest()
-        if digest != self._caught_sent:
-            self._caught_sent = digest
-            self._outbox.append(Caught(digest))
-
-    def _caught_digest(self) -> bytes:
-        """The heads our Caught names. A side that may send to the peer names its
-        heads. A side that may not (a one-way rule) names the heads *the peer knows
-        it holds* — its Have plus what the peer sent it — where it holds them: its
-        own writes and what other peers sent it never reach this peer, so counting
-        them would keep the peer waiting for ever, while an entry of the peer's
-        that it refused still shows (it names its lower head there)."""
-        if self.flow.sending:
-            return self._local_heads_digest()
-        if self._told_digest is None:
-            shown = {}
-            for author, told in self._told.items():
-                held = self.local.get(author)
-                if held is not None:
-                    shown[author] = told if held.seq >= told.seq else held
-            self._told_digest = heads_digest(shown)
-        return self._told_digest
+        if self.state is State.OPEN and not self._unacked:
+            digest = self.holdings.caught_due()
+            if digest is not None:
+                self._outbox.append(Caught(digest))
 
     def _quiet(self) -> bool:
-        """Nothing more will flow in this session until a side's heads change.
-
-        We said Caught for our current heads (nothing left to send); the peer said
-        Caught for heads that are exactly what we know it holds; nothing in flight.
-        """
-        return not (
-            self.state is not State.OPEN
-            or self._peer_caught is None
-            or self._unacked
-            or self._receiving
-            or self._caught_sent != self._caught_digest()
-            or self._peer_caught != self._peer_heads_digest()
-            or self._wants()
+        """Nothing more will flow in this session until a side's heads change."""
+        return (
+            self.state is State.OPEN
+            and not self._unacked
+            and not self._receiving
+            and self.holdings.quiet()
         )
 
-    def _lacking(self) -> list[bytes]:
-        """Authors of which the peer holds entries we do not, if it may send to us
-        (forked authors aside: nothing more flows for them either way)."""
-        if not self.flow.receiving:
-            return []
-        if self._lacks is None:
-            lacking = []
-            for author, head in self.peer.items():
-                ours = self.local.get(author)
-                if head.frozen or (ours is not None and ours.frozen):
-                    continue
-                if ours is None or ours.seq < head.seq:
-                    lacking.append(author)
-            self._lacks = lacking
-        return self._lacks
-
-    def _in_sync(self) -> bool:
-        """Both sides have sent all the other may have, and it has all arrived."""
-        return self._quiet() and not self._lacking()
-
     def _synced_event(self) -> list[Event]:
-        if not self._quiet():
+        verdict = self.holdings.verdict() if self._quiet() else None
+        if verdict is None:
             return []
-        state = self._local_heads_digest() + self._peer_heads_digest()
-        lacking = self._lacking()
-        if lacking:
-            # the peer sent all it had for us, so what we lack we refused (or hold,
-            # waiting for an entry we refused): stuck until a side's heads change
-            if state == self._stuck:
-                return []
-            self._stuck = state
-            reason = self._why(lacking)
-            events: list[Event] = [StuckOnRefused(reason)]
-            if self.on_demand or self.peer_on_demand:
-                # an on-demand sync (ours or the peer's) says why now rather than at
-                # its timeout; the peer learns the reason from our Bye
-                events += self.close(f"cannot get in step: {reason}")
-            return events
-        if state == self._synced:
-            return []
-        self._synced = state
-        return [SyncedWithPeer(self._local_heads_digest()), *self.end_if_done()]
+        in_sync, why = verdict
+        if in_sync:
+            return [SyncedWithPeer(self.holdings.local_digest()), *self.end_if_done()]
+        events: list[Event] = [StuckOnRefused(why)]
+        if self.on_demand or self.peer_on_demand:
+            # an on-demand sync (ours or the peer's) says why now rather than at its
+            # timeout; the peer learns the reason from our Bye
+            events += self.close(f"cannot get in step: {why}")
+        return events
 
     def end_if_done(self) -> list[Event]:
         """An on-demand session ends once in sync, and once an invite code it
@@ -588,23 +492,11 @@ class SyncSession:
             return self._close("synced", error=False, done=True)
         return []
 
-    def _why(self, lacking: list[bytes]) -> str:
-        known = [self.refusals[a] for a in lacking if a in self.refusals]
-        if known:
-            return known[0]
-        return (
-            f"entries of {len(lacking)} author{'s' if len(lacking) != 1 else ''} that the "
-            "peer holds were not applied "
-            "here (see the log)"
-        )
-
     @property
     def stuck_reason(self) -> str | None:
         """Why we cannot get in step in this session, once nothing more will flow."""
-        if not self._quiet():
-            return None
-        lacking = self._lacking()
-        return self._why(lacking) if lacking else None
+        lacking = self.holdings.lacking() if self._quiet() else []
+        return self.holdings.why(lacking) if lacking else None
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after the store changed)."""
@@ -613,7 +505,10 @@ class SyncSession:
 
     @property
     def synced(self) -> bool:
-        return self._synced is not None and self._in_sync()
+        """In sync: both sides sent all the other may have, and it has arrived."""
+        return (
+            self.holdings.ever_synced and self._quiet() and not self.holdings.lacking()
+        )
 
     @property
     def unacked(self) -> int:
