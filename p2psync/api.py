@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from p2psync import clock
 from p2psync import home as home_mod
 from p2psync.agent import sockets
 from p2psync.core import canonical, hlc
@@ -80,7 +81,7 @@ def open(home: str | os.PathLike[str] | None = None) -> Database:
     loaded = home_mod.load(path)
     if not loaded.store_path.exists():
         raise HomeError(f"{path} has an identity but no store; it is damaged or incomplete")
-    return Database(loaded, Store(loaded.store_path, home_mod.now_ms()))
+    return Database(loaded, Store(loaded.store_path, clock.now_ms()))
 
 
 class Database:
@@ -149,7 +150,7 @@ class Database:
         written = self.store.write_local(
             self.identity,
             transactions,
-            home_mod.now_ms,
+            clock.now_ms,
             salt or (lambda: os.urandom(16)),
         )
         if written:
@@ -160,7 +161,7 @@ class Database:
         self, wires: Sequence[bytes], *, max_skew_ms: int = hlc.DEFAULT_MAX_SKEW_MS
     ) -> IngestResult:
         """Verify and apply entries (wire form) from any author."""
-        result = self.store.ingest(wires, home_mod.now_ms(), max_skew_ms)
+        result = self.store.ingest(wires, clock.now_ms(), max_skew_ms)
         if result.accepted:
             sockets.notify(self.path)
         return result

@@ -17,10 +17,10 @@ import logging
 import os
 import shlex
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2psync import clock
 from p2psync.core.handshake import MAX_NAME_CHARS
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError, UsageError
@@ -43,10 +43,6 @@ def resolve(home: str | os.PathLike[str] | None = None) -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "p2psync"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,7 @@ def init(path: Path, name: str | None = None) -> Home:
     display = name or f"p2psync-{identity.short_id}"
     # The key file is written last: it marks a finished init, so an interrupted
     # init can simply be run again.
-    store = Store(path / STORE_FILE, now_ms(), create=True)
+    store = Store(path / STORE_FILE, clock.now_ms(), create=True)
     try:
         owner = store.get_meta("self")
         if owner is not None and store.authors():

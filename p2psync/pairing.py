@@ -27,12 +27,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from p2psync.api import Database
+from p2psync.clock import now_ms
 from p2psync.core import canonical
 from p2psync.core import rules as core
 from p2psync.core.identity import KEY_BYTES, short_id
 from p2psync.core.rules import Direction, Mode, Permissions, Rule, RuleState, Terms
 from p2psync.errors import DecodeError, P2PSyncError, StateError, UsageError
-from p2psync.home import now_ms
 
 INVITE_PREFIX = "P2PS-"
 JOIN_PREFIX = b"p2psync/v1/join\x00"

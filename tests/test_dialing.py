@@ -17,9 +17,9 @@ import p2psync
 from p2psync import pairing
 from p2psync.agent import agent as agent_mod
 from p2psync.agent.agent import Agent, AgentConfig
+from p2psync.clock import now_ms
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
-from p2psync.home import now_ms
 from p2psync.net.discovery import MAX_FAILURES, Discovery, Found
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore

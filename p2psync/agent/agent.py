@@ -36,11 +36,12 @@ from p2psync.agent.control import handle_control
 from p2psync.agent.dialing import Dialing
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
+from p2psync.clock import now_ms
 from p2psync.core.identity import short_id
 from p2psync.core.rules import Mode
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
-from p2psync.home import AGENT_FILE, now_ms
+from p2psync.home import AGENT_FILE
 from p2psync.net.address import format_address, parse_address
 from p2psync.net.discovery import Discovery, Found, advert_name, check_interfaces
 from p2psync.net.link import PairLink

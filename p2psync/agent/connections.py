@@ -16,11 +16,11 @@ count towards the caps on strangers like live ones.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core.session import SyncSession
 from p2psync.net.sync import SessionStats
 
@@ -31,7 +31,7 @@ class Connection:
     dialled_by: bytes
     outbound: bool
     address: str
-    since_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    since_ms: int = field(default_factory=now_ms)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed: trio.Event = field(default_factory=trio.Event)
     stats: SessionStats | None = None

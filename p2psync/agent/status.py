@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
 from p2psync.core.messages import lag
-from p2psync.home import now_ms
 from p2psync.net.discovery import local_ipv4
 
 if TYPE_CHECKING:

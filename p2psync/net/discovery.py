@@ -20,7 +20,6 @@ import errno
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from zeroconf import (
     Zeroconf,
 )
 
+from p2psync.clock import now_ms
 from p2psync.core.identity import Identity, parse_device_id, short_id
 from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 
@@ -55,10 +55,6 @@ MAX_PENDING = 64  # adverts waiting to be resolved; more are dropped until some 
 MAX_FAILURES = 3  # failed dials after which an advertised address is dropped
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass
 class Found:
     """An agent ID seen on the LAN, with the adverts claiming it.
@@ -72,8 +68,8 @@ class Found:
     key: bytes
     name: str
     instances: dict[str, tuple[str, ...]]  # advert -> its addresses (host:port)
-    first_seen: int = field(default_factory=_now_ms)
-    last_seen: int = field(default_factory=_now_ms)  # heard, or connected with
+    first_seen: int = field(default_factory=now_ms)
+    last_seen: int = field(default_factory=now_ms)  # heard, or connected with
     failures: dict[str, int] = field(default_factory=dict)  # address -> failed dials
     proven: set[str] = field(default_factory=set)  # adverts where the key was proven
 
@@ -358,7 +354,7 @@ class Discovery:
         found.instances.pop(instance, None)  # newest last
         found.instances[instance] = addresses
         found.name = name
-        found.last_seen = _now_ms()
+        found.last_seen = now_ms()
         for address in addresses:  # re-advertised: a fresh chance
             found.failures.pop(address, None)
         self._instances[instance] = key
@@ -375,7 +371,7 @@ class Discovery:
         """``key`` was heard or connected with just now (if the table holds it)."""
         found = self.table.get(key)
         if found is not None:
-            found.last_seen = _now_ms()
+            found.last_seen = now_ms()
 
     def addresses(self, key: bytes) -> tuple[str, ...]:
         """Where the LAN says ``key`` is (unverified until a handshake proves it)."""
@@ -406,7 +402,7 @@ class Discovery:
         if found is not None:
             found.failures.pop(address, None)
             found.proven.update(i for i, a in found.instances.items() if address in a)
-            found.last_seen = _now_ms()
+            found.last_seen = now_ms()
 
     def _room_for(self, found: Found, instance: str) -> bool:
         """Make room for another advert claiming ``found``'s ID: drop adverts left

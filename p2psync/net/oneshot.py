@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import trio
 
 from p2psync.api import Database
+from p2psync.clock import now_ms
 from p2psync.core.frames import FrameError
 from p2psync.core.identity import device_id
 from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Rule
-from p2psync.home import now_ms
 from p2psync.net.address import format_address, parse_address
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore

@@ -8,8 +8,8 @@ from functools import partial
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core.messages import Head
-from p2psync.home import now_ms
 from p2psync.store.ingest import IngestResult
 from p2psync.store.logs import Outgoing
 from p2psync.store.store import Store

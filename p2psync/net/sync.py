@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core import messages
 from p2psync.core.frames import FrameError
 from p2psync.core.identity import short_id
@@ -51,7 +52,6 @@ from p2psync.errors import (
     SignatureError,
     StoreError,
 )
-from p2psync.home import now_ms
 from p2psync.net.filter import withhold
 from p2psync.net.link import EVERYTHING, PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
