@@ -28,12 +28,12 @@ from types import TracebackType
 
 from p2psync import clock
 from p2psync import home as home_mod
-from p2psync.agent import sockets
 from p2psync.core import canonical, hlc
 from p2psync.core.canonical import Value
 from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored, wire_form
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError
+from p2psync.net import agentsockets
 from p2psync.store.ingest import IngestResult
 from p2psync.store.records import Conflict, VersionInfo
 from p2psync.store.store import AuthorState, Change, Store
@@ -154,7 +154,7 @@ class Database:
             salt or (lambda: os.urandom(16)),
         )
         if written:
-            sockets.notify(self.path)  # a running agent pushes them to peers at once
+            agentsockets.notify(self.path)  # a running agent pushes them to peers at once
         return written
 
     def ingest(
@@ -163,7 +163,7 @@ class Database:
         """Verify and apply entries (wire form) from any author."""
         result = self.store.ingest(wires, clock.now_ms(), max_skew_ms)
         if result.accepted:
-            sockets.notify(self.path)
+            agentsockets.notify(self.path)
         return result
 
     # ------------------------------------------------------------ reading

@@ -30,10 +30,10 @@ from typing import Any
 
 import trio
 
-from p2psync.agent import sockets
 from p2psync.agent.connections import Connection, Registry
 from p2psync.agent.control import handle_control
 from p2psync.agent.dialing import Dialing
+from p2psync.agent.sockets import serve_control, serve_notifications
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
 from p2psync.clock import now_ms
@@ -43,6 +43,7 @@ from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE
 from p2psync.net.address import format_address, parse_address
+from p2psync.net.agentsockets import CHANGED_PEERS
 from p2psync.net.discovery import Discovery, Found, advert_name, check_interfaces
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -136,8 +137,8 @@ class Agent:
             self._nursery = nursery
             await self._reload_peers()
             nursery.start_soon(trio.serve_listeners, self._inbound, listeners)
-            await nursery.start(self._serve_notifications)
-            await nursery.start(self._serve_control)
+            await nursery.start(serve_notifications, self.home, self._notified)
+            await nursery.start(serve_control, self.home, self._control)
             if self.config.discovery:
                 self.discovery = Discovery(
                     self.identity,
@@ -491,24 +492,12 @@ class Agent:
 
     # ------------------------------------------------------------ local changes
 
-    async def _serve_notifications(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        path = sockets.socket_path(self.home, sockets.NOTIFY)
-        _unlink(path)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
-        try:
-            await sock.bind(path)
-            task_status.started()
-            while True:
-                data = await sock.recv(64)
-                if sockets.CHANGED_PEERS in data:
-                    await self._reload_peers()
-                    self.dial_now()
-                self.feed.bump()
-        finally:
-            sock.close()
-            _unlink(path)
+    async def _notified(self, data: bytes) -> None:
+        """Another process committed to the store (or changed the peers)."""
+        if CHANGED_PEERS in data:
+            await self._reload_peers()
+            self.dial_now()
+        self.feed.bump()
 
     async def _poll_changes(self) -> None:
         version = await trio.to_thread.run_sync(self.db.store.data_version)
@@ -522,25 +511,8 @@ class Agent:
 
     # ------------------------------------------------------------ control socket
 
-    async def _serve_control(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        path = sockets.socket_path(self.home, sockets.CONTROL)
-        _unlink(path)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        try:
-            await sock.bind(path)
-            sock.listen(16)
-            listener = trio.SocketListener(sock)
-            task_status.started()
-
-            async def handler(stream: trio.SocketStream) -> None:
-                await handle_control(self, stream)
-
-            await trio.serve_listeners(handler, [listener])
-        finally:
-            sock.close()
-            _unlink(path)
+    async def _control(self, stream: trio.SocketStream) -> None:
+        await handle_control(self, stream)
 
     def status(self) -> dict[str, Any]:
         """What ``p2psync status`` shows."""
@@ -579,10 +551,3 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
         "choose another address with --listen HOST:PORT"
     )
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from p2psync.agent import sockets
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_peer
@@ -23,6 +22,7 @@ from p2psync.cli.terms import timeout_option
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
 from p2psync.home import AGENT_FILE
+from p2psync.net import agentsockets
 from p2psync.net.address import parse_address
 
 if TYPE_CHECKING:
@@ -149,12 +149,12 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
     from p2psync.net.oneshot import sync_once  # noqa: PLC0415
     if address is None:
         try:
-            answer = sockets.request(
+            answer = agentsockets.request(
                 state.home,
                 {"op": "sync", "peer": _peer_id(state, peer), "timeout": timeout},
                 timeout=timeout + 5,
             )
-        except sockets.AgentNotRunning:
+        except agentsockets.AgentNotRunning:
             pass
         except (OSError, ValueError) as exc:
             raise P2PSyncError(f"the running agent did not answer: {exc}") from exc
@@ -263,8 +263,8 @@ def status(state: State, as_json: bool) -> None:
     )
 
     try:
-        running: dict[str, Any] | None = sockets.request(state.home, {"op": "status"}, 3)
-    except (sockets.AgentNotRunning, OSError, ValueError):
+        running: dict[str, Any] | None = agentsockets.request(state.home, {"op": "status"}, 3)
+    except (agentsockets.AgentNotRunning, OSError, ValueError):
         running = None
     with state.open() as db:
         authors = db.authors()
