@@ -112,6 +112,11 @@ class Database:
         return self.home.identity
 
     @property
+    def name(self) -> str:
+        """The display name peers see (``config.json``)."""
+        return self.home.name
+
+    @property
     def device_id(self) -> str:
         return self.home.identity.device_id
 

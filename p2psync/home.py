@@ -8,6 +8,10 @@ Layout::
     HOME/identity.key   Ed25519 seed, JSON, mode 0600, never overwritten
     HOME/config.json    display name and settings
     HOME/store.sqlite   the store (plus -wal and -shm files)
+
+:class:`Home` is a home as loaded (path, identity, name); :class:`OpenHome` is
+what the layers below the API take of an open one (an open
+:class:`p2psync.api.Database` is one).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from p2psync import clock
 from p2psync.core.handshake import MAX_NAME_CHARS
@@ -54,6 +59,20 @@ class Home:
     @property
     def store_path(self) -> Path:
         return self.path / STORE_FILE
+
+
+class OpenHome(Protocol):
+    """A home with its store open, as pairing and the sessions use it: the signing
+    identity, the name peers see in the handshake, and the store."""
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def store(self) -> Store: ...
 
 
 def init(path: Path, name: str | None = None) -> Home:

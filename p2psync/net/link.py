@@ -11,8 +11,8 @@ from typing import TypeVar
 import trio
 
 from p2psync import pairing
-from p2psync.api import Database
 from p2psync.core.rules import Permissions, Rule, Terms
+from p2psync.home import OpenHome
 from p2psync.net.storeio import ChangeFeed
 
 T = TypeVar("T")
@@ -26,7 +26,7 @@ class PairLink:
 
     def __init__(
         self,
-        db: Database,
+        db: OpenHome,
         peer: bytes,
         *,
         live: bool,

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import trio
 
-from p2psync.api import Database
 from p2psync.clock import now_ms
 from p2psync.core.frames import FrameError
 from p2psync.core.identity import device_id
 from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Rule
+from p2psync.home import OpenHome
 from p2psync.net.address import format_address, parse_address
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -41,7 +41,7 @@ class SyncOutcome:
 
 
 async def sync_once(
-    db: Database,
+    db: OpenHome,
     keys: list[bytes] | None,
     target: tuple[str, int] | None,
     *,
@@ -99,7 +99,7 @@ async def sync_once(
 
 
 async def _one(
-    db: Database,
+    db: OpenHome,
     store: TrioStore,
     feed: ChangeFeed,
     key: bytes | None,
@@ -130,7 +130,7 @@ async def _one(
 
 
 async def _session(
-    db: Database,
+    db: OpenHome,
     store: TrioStore,
     feed: ChangeFeed,
     secured: SecureStream,
@@ -150,7 +150,7 @@ async def _session(
 
 
 async def _record(
-    db: Database,
+    db: OpenHome,
     peer: bytes,
     trusted: Mapping[bytes, Peer],
     stats: SessionStats,
@@ -205,7 +205,7 @@ class JoinOutcome:
 
 
 async def join_once(
-    db: Database, ticket: JoinTicket, addresses: list[str], *, timeout: float
+    db: OpenHome, ticket: JoinTicket, addresses: list[str], *, timeout: float
 ) -> JoinOutcome:
     """Present an invite code to the inviter, accept the rule it proposes for it, and
     sync until the inviter holds that acceptance (its ``Have`` in a session that
@@ -245,7 +245,7 @@ async def join_once(
 
 
 async def _connect(
-    db: Database, key: bytes | None, addresses: list[str]
+    db: OpenHome, key: bytes | None, addresses: list[str]
 ) -> tuple[SecureStream | None, str]:
     """The first address that connects and completes the handshake."""
     error = "no address to dial"
@@ -258,7 +258,7 @@ async def _connect(
             continue
         try:
             secured = await secure(
-                stream, db.identity, initiator=True, name=db.home.name, expect=key
+                stream, db.identity, initiator=True, name=db.name, expect=key
             )
         except (HandshakeError, FrameError, ConnectionLost) as exc:
             await stream.aclose()
