@@ -43,8 +43,9 @@ from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE
 from p2psync.net.address import format_address, parse_address
+from p2psync.net.adverts import AdvertTable, Found, advert_name
 from p2psync.net.agentsockets import CHANGED_PEERS
-from p2psync.net.discovery import Discovery, Found, advert_name, check_interfaces
+from p2psync.net.discovery import Discovery, check_interfaces
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
@@ -105,6 +106,7 @@ class Agent:
         #: per peer: when its last connection ended, why, and whether it was in sync
         self.ended: dict[bytes, tuple[float, str, bool]] = {}
         self.discovery: Discovery | None = None
+        self.adverts = AdvertTable(self.identity.public_key, wanted=self._our_peer)
         self._rules_version = -1
         self._reloading = trio.Lock()
         self.registry = Registry()
@@ -145,9 +147,9 @@ class Agent:
                     self.name,
                     int(self.addresses[0].rsplit(":", 1)[1]),
                     self.config.discovery_interfaces or self._listen_hosts(),
+                    self.adverts,
                     self._found,
                     self._lost,
-                    wanted=self._our_peer,
                     priority=self._peer_advert,
                 )
                 await nursery.start(self.discovery.run)
@@ -483,8 +485,8 @@ class Agent:
             self._nursery.start_soon(work)
 
     async def record(self, peer: bytes, **fields: Any) -> None:
-        if fields.get("seen") and self.discovery is not None:  # a connection: seen on the LAN
-            self.discovery.seen(peer)
+        if fields.get("seen"):  # a connection: seen on the LAN
+            self.adverts.seen(peer, now_ms())
         try:
             await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
         except P2PSyncError as exc:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core.frames import FrameError
 from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import short_id
@@ -56,8 +57,7 @@ class Dialing:
         )
 
     def lan_addresses(self, key: bytes) -> tuple[str, ...]:
-        discovery = self.agent.discovery
-        return discovery.addresses(key) if discovery is not None else ()
+        return self.agent.adverts.addresses(key)
 
     def update(self, nursery: trio.Nursery) -> None:
         """A dialer for every peer we dial that has an address (stored, or seen on the
@@ -140,8 +140,8 @@ class Dialing:
                     await stream.aclose()
                 await self._failed(key, address, exc, advertised=address in advertised)
                 continue
-            if address in advertised and agent.discovery is not None:
-                agent.discovery.succeeded(key, address)
+            if address in advertised:
+                agent.adverts.succeeded(key, address, now_ms())
             return await agent.run_connection(secured, outbound=True, address=address)
         return None
 
@@ -151,13 +151,12 @@ class Dialing:
             # an advert or a stale address pointing at another agent: forget it
             log.warning("the agent at %s is not %s: %s", address, short_id(key), exc)
             if advertised:
-                if agent.discovery is not None:
-                    agent.discovery.discard(key, address)
+                agent.adverts.discard(key, address)
             else:
                 await trio.to_thread.run_sync(agent.db.store.forget_peer_address, key, address)
             return
-        if advertised and agent.discovery is not None:  # a few failures drop the hint
-            agent.discovery.failed(key, address)
+        if advertised:  # a few failures drop the hint
+            agent.adverts.failed(key, address)
         if isinstance(exc, HandshakeError | FrameError | ConnectionLost):
             await agent.record(key, error=f"handshake with {address} failed: {exc}")
         elif not isinstance(exc, OSError | trio.TooSlowError):

@@ -58,18 +58,16 @@ def agent_status(agent: Agent) -> dict[str, Any]:
             }
         )
     discovery = agent.discovery
-    discovered = []
-    if discovery is not None:
-        discovered = [
-            {
-                "device_id": device_id(found.key),
-                "name": found.name,
-                "addresses": list(found.addresses),
-                "first_seen": found.first_seen,
-                "last_seen": found.last_seen,
-            }
-            for found in discovery.table.values()
-        ]
+    discovered = [
+        {
+            "device_id": device_id(found.key),
+            "name": found.name,
+            "addresses": list(found.addresses),
+            "first_seen": found.first_seen,
+            "last_seen": found.last_seen,
+        }
+        for found in agent.adverts.agents.values()
+    ]
     return {
         "pid": os.getpid(),
         "device_id": agent.identity.device_id,
