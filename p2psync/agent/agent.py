@@ -61,7 +61,7 @@ from p2psync.store.peers import PeerState
 
 log = logging.getLogger(__name__)
 
-RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
+NOTE_EVERY = 10.0  # seconds between "last in sync" notes of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
 MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
 MAX_SIDE = 2  # connections one peer may have open beside its live one (pending or on demand)
@@ -308,14 +308,14 @@ class Agent:
             conn.machine, conn.stats = machine, stats
             self.registry.note_change()
 
-        last_recorded = -RECORD_EVERY
+        last_noted = -NOTE_EVERY
 
         def synced(_stats: SessionStats) -> None:
-            nonlocal last_recorded
+            nonlocal last_noted
             self.registry.note_change()
             now = trio.current_time()
-            if now - last_recorded >= RECORD_EVERY:
-                last_recorded = now
+            if now - last_noted >= NOTE_EVERY:
+                last_noted = now
                 assert conn.machine is not None
                 note = PeerNote(
                     seen=now_ms(),
