@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from p2psync import clock
 from p2psync import home as home_mod
-from p2psync.agent import sockets
 from p2psync.core import canonical, hlc
 from p2psync.core.canonical import Value
 from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored, wire_form
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError
+from p2psync.net import agentsockets
 from p2psync.store.ingest import IngestResult
 from p2psync.store.records import Conflict, VersionInfo
 from p2psync.store.store import AuthorState, Change, Store
@@ -80,7 +81,7 @@ def open(home: str | os.PathLike[str] | None = None) -> Database:
     loaded = home_mod.load(path)
     if not loaded.store_path.exists():
         raise HomeError(f"{path} has an identity but no store; it is damaged or incomplete")
-    return Database(loaded, Store(loaded.store_path, home_mod.now_ms()))
+    return Database(loaded, Store(loaded.store_path, clock.now_ms()))
 
 
 class Database:
@@ -109,6 +110,11 @@ class Database:
     @property
     def identity(self) -> Identity:
         return self.home.identity
+
+    @property
+    def name(self) -> str:
+        """The display name peers see (``config.json``)."""
+        return self.home.name
 
     @property
     def device_id(self) -> str:
@@ -149,20 +155,20 @@ class Database:
         written = self.store.write_local(
             self.identity,
             transactions,
-            home_mod.now_ms,
+            clock.now_ms,
             salt or (lambda: os.urandom(16)),
         )
         if written:
-            sockets.notify(self.path)  # a running agent pushes them to peers at once
+            agentsockets.notify(self.path)  # a running agent pushes them to peers at once
         return written
 
     def ingest(
         self, wires: Sequence[bytes], *, max_skew_ms: int = hlc.DEFAULT_MAX_SKEW_MS
     ) -> IngestResult:
         """Verify and apply entries (wire form) from any author."""
-        result = self.store.ingest(wires, home_mod.now_ms(), max_skew_ms)
+        result = self.store.ingest(wires, clock.now_ms(), max_skew_ms)
         if result.accepted:
-            sockets.notify(self.path)
+            agentsockets.notify(self.path)
         return result
 
     # ------------------------------------------------------------ reading

@@ -8,6 +8,10 @@ Layout::
     HOME/identity.key   Ed25519 seed, JSON, mode 0600, never overwritten
     HOME/config.json    display name and settings
     HOME/store.sqlite   the store (plus -wal and -shm files)
+
+:class:`Home` is a home as loaded (path, identity, name); :class:`OpenHome` is
+what the layers below the API take of an open one (an open
+:class:`p2psync.api.Database` is one).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import logging
 import os
 import shlex
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from p2psync import clock
 from p2psync.core.handshake import MAX_NAME_CHARS
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError, UsageError
@@ -45,10 +50,6 @@ def resolve(home: str | os.PathLike[str] | None = None) -> Path:
     return Path(xdg) / "p2psync"
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True)
 class Home:
     path: Path
@@ -58,6 +59,20 @@ class Home:
     @property
     def store_path(self) -> Path:
         return self.path / STORE_FILE
+
+
+class OpenHome(Protocol):
+    """A home with its store open, as pairing and the sessions use it: the signing
+    identity, the name peers see in the handshake, and the store."""
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def store(self) -> Store: ...
 
 
 def init(path: Path, name: str | None = None) -> Home:
@@ -84,7 +99,7 @@ def init(path: Path, name: str | None = None) -> Home:
     display = name or f"p2psync-{identity.short_id}"
     # The key file is written last: it marks a finished init, so an interrupted
     # init can simply be run again.
-    store = Store(path / STORE_FILE, now_ms(), create=True)
+    store = Store(path / STORE_FILE, clock.now_ms(), create=True)
     try:
         owner = store.get_meta("self")
         if owner is not None and store.authors():

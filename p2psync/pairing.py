@@ -26,13 +26,14 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from p2psync.api import Database
+from p2psync.clock import now_ms
 from p2psync.core import canonical
 from p2psync.core import rules as core
 from p2psync.core.identity import KEY_BYTES, short_id
 from p2psync.core.rules import Direction, Mode, Permissions, Rule, RuleState, Terms
 from p2psync.errors import DecodeError, P2PSyncError, StateError, UsageError
-from p2psync.home import now_ms
+from p2psync.home import OpenHome
+from p2psync.net.address import format_address, parse_address
 
 INVITE_PREFIX = "P2PS-"
 JOIN_PREFIX = b"p2psync/v1/join\x00"
@@ -56,7 +57,7 @@ class Proposal:
 
 
 def propose(
-    db: Database,
+    db: OpenHome,
     peer: bytes,
     terms: Terms,
     *,
@@ -91,7 +92,7 @@ def propose(
     return Proposal(next(r for r in db.store.rules(peer) if r.id == ours), new=True)
 
 
-def settle(db: Database, peer: bytes) -> list[bytes]:
+def settle(db: OpenHome, peer: bytes) -> list[bytes]:
     """Answer what can be answered without asking anyone. Returns the new signed
     objects (to send to the peer).
 
@@ -158,7 +159,7 @@ def _width(terms: Terms) -> tuple[int, int, int]:
     return ways, modes, reach
 
 
-def tidy(db: Database, peer: bytes) -> list[bytes]:
+def tidy(db: OpenHome, peer: bytes) -> list[bytes]:
     """Revoke what of ours can add nothing: a proposal of ours, open or in force,
     whose terms (in this agent's view) equal those of a rule in force with a smaller
     ID. The smallest-ID rule in force with given terms is never revoked this way, by
@@ -186,7 +187,7 @@ def tidy(db: Database, peer: bytes) -> list[bytes]:
     return proposals + revocations
 
 
-def accept(db: Database, rule: Rule, terms: Terms | None = None) -> bytes:
+def accept(db: OpenHome, rule: Rule, terms: Terms | None = None) -> bytes:
     me = db.identity.public_key
     if rule.acceptor != me or rule.state is not RuleState.PROPOSED:
         raise StateError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
@@ -198,7 +199,7 @@ def accept(db: Database, rule: Rule, terms: Terms | None = None) -> bytes:
     return signed
 
 
-def reject(db: Database, rule: Rule, reason: str) -> bytes:
+def reject(db: OpenHome, rule: Rule, reason: str) -> bytes:
     me = db.identity.public_key
     if rule.acceptor != me or rule.state is not RuleState.PROPOSED:
         raise StateError(f"rule {rule.id.hex()[:12]} is not a proposal waiting for this agent")
@@ -207,7 +208,7 @@ def reject(db: Database, rule: Rule, reason: str) -> bytes:
     return signed
 
 
-def revoke(db: Database, rule: Rule) -> bytes:
+def revoke(db: OpenHome, rule: Rule) -> bytes:
     if rule.state is RuleState.REVOKED:
         raise StateError(f"rule {rule.id.hex()[:12]} is already revoked")
     signed = core.revoke(db.identity, rule.id, now_ms())
@@ -215,12 +216,12 @@ def revoke(db: Database, rule: Rule) -> bytes:
     return signed
 
 
-def permissions(db: Database, peer: bytes, *, live: bool) -> Permissions:
+def permissions(db: OpenHome, peer: bytes, *, live: bool) -> Permissions:
     return Permissions.between(db.identity.public_key, peer, db.store.rules(peer), live=live)
 
 
 def receive(
-    db: Database,
+    db: OpenHome,
     peer: bytes,
     objects: Iterable[bytes],
     joining: JoinTicket | None,
@@ -249,7 +250,7 @@ def last_ended(rules: Sequence[Rule]) -> Rule | None:
     return max(ended, key=lambda r: (signed_ms(r.objects[-1]), r.id), default=None)
 
 
-def unpaired_reason(db: Database, peer: bytes, *, live: bool = True) -> str:
+def unpaired_reason(db: OpenHome, peer: bytes, *, live: bool = True) -> str:
     """Why nothing flows with ``peer`` in this session (no rule in force for it), in
     words both sides read."""
     rules = db.store.rules(peer)
@@ -288,7 +289,7 @@ class InviteCode:
     terms: bytes  # hash of the terms the inviter will propose
 
 
-def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Sequence[str]) -> str:
+def create_invite(db: OpenHome, terms: Terms, expires_in_s: float, addresses: Sequence[str]) -> str:
     """A one-time code another agent can ``pair join``; valid ``expires_in_s`` seconds."""
     secret = os.urandom(16)
     invite = hashlib.blake2b(secret, digest_size=8, person=b"p2psync-invite").digest()
@@ -296,9 +297,9 @@ def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Se
     db.store.add_invite(invite, secret, terms, expires, now_ms())
     hints = []
     for address in addresses:
-        host, _, port = address.rpartition(":")
         try:
-            hints.append([ipaddress.ip_address(host.strip("[]")).packed, int(port)])
+            host, port = parse_address(address)
+            hints.append([ipaddress.ip_address(host).packed, port])
         except ValueError:
             continue
     payload = canonical.encode(
@@ -309,7 +310,7 @@ def create_invite(db: Database, terms: Terms, expires_in_s: float, addresses: Se
     return INVITE_PREFIX + "-".join(text[i : i + 8] for i in range(0, len(text), 8))
 
 
-def withdraw_invite(db: Database, invite: bytes) -> None:
+def withdraw_invite(db: OpenHome, invite: bytes) -> None:
     """Withdraw an invite this agent made, so its code works no more: a joiner
     presenting it is refused exactly as with a code this agent never made. A used,
     expired or already withdrawn invite is refused."""
@@ -365,8 +366,7 @@ def parse_invite(code: str) -> InviteCode:
         for ip, port in hints:
             if type(ip) is not bytes or type(port) is not int or not 0 < port < 65536:
                 raise DecodeError("address")
-            host = str(ipaddress.ip_address(ip))
-            addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            addresses.append(format_address(str(ipaddress.ip_address(ip)), port))
     except (DecodeError, ValueError, TypeError):
         raise UsageError("invalid invite code: its contents are malformed") from None
     return InviteCode(inviter, invite, secret, tuple(addresses), expires, terms)
@@ -377,7 +377,7 @@ def join_proof(secret: bytes, handshake_hash: bytes) -> bytes:
 
 
 def answer_join(
-    db: Database, peer: bytes, invite: bytes, proof: bytes, handshake_hash: bytes
+    db: OpenHome, peer: bytes, invite: bytes, proof: bytes, handshake_hash: bytes
 ) -> bytes:
     """Check a joiner's proof; on success propose the invite's terms to it (once).
 
@@ -438,7 +438,7 @@ class JoinTicket:
         return join_proof(self.secret, handshake_hash)
 
 
-def joined_rule(db: Database, ticket: JoinTicket) -> Rule | None:
+def joined_rule(db: OpenHome, ticket: JoinTicket) -> Rule | None:
     """The rule in force with the inviter that gives exactly what the code pairs for
     (in the inviter's view), if there is one: the rule the join made, or one that
     was already in force with those terms."""
@@ -452,7 +452,7 @@ def joined_rule(db: Database, ticket: JoinTicket) -> Rule | None:
 
 
 def join_answered(
-    db: Database, ticket: JoinTicket, objects: Sequence[bytes], answers: Sequence[bytes]
+    db: OpenHome, ticket: JoinTicket, objects: Sequence[bytes], answers: Sequence[bytes]
 ) -> Rule | None:
     """The rule the inviter gave for our code, if ``objects`` (a ``Rules`` message from
     it) answer the code: we just accepted its proposal for the code's terms, or the
@@ -473,7 +473,7 @@ def join_answered(
     return None
 
 
-def answer_invite_proposal(db: Database, ticket: JoinTicket) -> list[bytes]:
+def answer_invite_proposal(db: OpenHome, ticket: JoinTicket) -> list[bytes]:
     """Accept, as is, the inviter's open proposal with the code's terms (the joiner
     asked for it by presenting the code). Returns the acceptance to send, if any."""
     for rule in db.store.rules(ticket.inviter):

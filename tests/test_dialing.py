@@ -17,10 +17,10 @@ import p2psync
 from p2psync import pairing
 from p2psync.agent import agent as agent_mod
 from p2psync.agent.agent import Agent, AgentConfig
+from p2psync.clock import now_ms
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
-from p2psync.home import now_ms
-from p2psync.net.discovery import MAX_FAILURES, Discovery, Found
+from p2psync.net.adverts import MAX_FAILURES, AdvertTable
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
@@ -36,12 +36,10 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def hint(agent: Agent, key: bytes, *addresses: str) -> Discovery:
+def hint(agent: Agent, key: bytes, *addresses: str) -> AdvertTable:
     """As if ``key`` had been advertised on the LAN at ``addresses``."""
-    discovery = Discovery(agent.identity, agent.name, 1, ["127.0.0.1"], print, print)
-    discovery.table[key] = Found(key, "peer", {"advert": addresses})
-    agent.discovery = discovery
-    return discovery
+    agent.adverts.advertised("advert", key, "peer", addresses, now_ms())
+    return agent.adverts
 
 
 async def start(nursery: trio.Nursery, db: p2psync.Database) -> Agent:
@@ -82,7 +80,7 @@ async def test_an_advert_proven_by_a_handshake_comes_first_and_an_impostor_goes(
             while agent_a.registry.get(key) is None:
                 await trio.sleep(0.01)
         assert discovery.addresses(key) == (real,)  # the impostor's: dropped at once
-        discovery.table[key].instances["newer advert"] = ("127.0.0.1:9",)
+        discovery.agents[key].instances["newer advert"] = ("127.0.0.1:9",)
         assert discovery.addresses(key)[0] == real  # proven first, newer or not
         nursery.cancel_scope.cancel()
 

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 import p2psync
 from p2psync import pairing
 from p2psync.cli.main import cli
+from p2psync.clock import now_ms
 from p2psync.core import canonical, messages
 from p2psync.core import handshake as hs
 from p2psync.core import holdings as holdings_mod
@@ -32,7 +33,6 @@ from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Direction, RuleState, Terms
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import DecodeError
-from p2psync.home import now_ms
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session

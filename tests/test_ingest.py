@@ -11,6 +11,7 @@ import cbor2
 import pytest
 
 import p2psync
+from p2psync.clock import now_ms
 from p2psync.core import canonical, hlc
 from p2psync.core.entry import SIGN_PREFIX, Entry, entry_id
 from p2psync.core.flow import Flow
@@ -28,7 +29,6 @@ from p2psync.errors import (
     SignatureError,
     WithheldError,
 )
-from p2psync.home import now_ms
 from p2psync.store import ingest as ingest_mod
 from tests.helpers import Author
 

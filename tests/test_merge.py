@@ -6,9 +6,9 @@ import os
 from collections.abc import Callable
 
 import p2psync
+from p2psync.clock import now_ms
 from p2psync.core import hlc
 from p2psync.core.merge import Version, merge
-from p2psync.home import now_ms
 from tests.helpers import Author
 
 MakeDb = Callable[[str], p2psync.Database]

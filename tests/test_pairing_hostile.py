@@ -21,12 +21,12 @@ from p2psync.agent import agent as agent_mod
 from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.agent.control import _sync
 from p2psync.cli.peers import describe_link, peer_rows
+from p2psync.clock import now_ms
 from p2psync.core import messages
 from p2psync.core import rules as core
 from p2psync.core.messages import Caught, Have, Head, Ping, heads_digest
 from p2psync.core.rules import Direction, Mode, Permissions, Route, RuleState, Terms
 from p2psync.core.session import SyncSession
-from p2psync.home import now_ms
 from p2psync.net import sync as sync_mod
 from p2psync.net.link import PairLink, RulesPump
 from p2psync.net.oneshot import join_once, sync_once

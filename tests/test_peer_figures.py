@@ -15,9 +15,9 @@ import trio
 import p2psync
 from p2psync import pairing
 from p2psync.agent.agent import Agent, AgentConfig
+from p2psync.clock import now_ms
 from p2psync.core.rules import Terms
 from p2psync.core.session import SessionConfig
-from p2psync.home import now_ms
 from tests.agents import SpawnedAgent, cli, value_at, wait_for
 
 MakeDb = Callable[[str], p2psync.Database]

@@ -20,11 +20,11 @@ from p2psync import pairing
 from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.agent.control import _sync, handle_control
 from p2psync.cli.main import cli
+from p2psync.clock import now_ms
 from p2psync.core import rules as core
 from p2psync.core.messages import Caught, Have, Head, heads_digest
 from p2psync.core.rules import Direction, Mode, RuleState, Terms
 from p2psync.core.session import SyncSession
-from p2psync.home import now_ms
 from tests.test_pairing import key
 
 MakeDb = Callable[[str], p2psync.Database]

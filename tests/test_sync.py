@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 import p2psync
-from p2psync import home as home_mod
+from p2psync.clock import now_ms
 from p2psync.core import canonical, hlc, messages
 from p2psync.core import handshake as hs
 from p2psync.core.entry import SIGN_PREFIX
@@ -294,7 +294,7 @@ async def test_forged_entries_close_the_connection_and_keep_valid_ones(
 async def test_forked_chain_closes_the_connection(make_db: MakeDb) -> None:
     victim, attacker = make_db("victim"), make_db("attacker")
     author = Author()
-    author.clock = hlc.from_wall(home_mod.now_ms())
+    author.clock = hlc.from_wall(now_ms())
     chain = author.chain(2)
     victim.ingest([e.wire() for e in chain])
     author.seq, author.prev = 1, chain[0].id

@@ -3,8 +3,9 @@
 One trio nursery per agent holds:
 
 * the TCP listener(s) and one task per inbound connection;
-* one dialer per known peer with an address, stored or advertised on the LAN
-  (``dialing.py``);
+* one dialer per peer it should dial that has an address, stored or advertised
+  on the LAN (``dialing.py``), with discovery (``net/discovery.py``) feeding the
+  table of LAN adverts;
 * the notification socket (commits by other processes, peer changes) plus a
   periodic check of ``PRAGMA data_version`` in case a datagram was lost;
 * the control socket (status, sync requests).
@@ -12,6 +13,11 @@ One trio nursery per agent holds:
 A connection's failure is logged and ends that connection only. Inbound
 handshakes in progress and connections with agents that have no rule in force
 are capped, so a flood of strangers cannot starve the peers we sync with.
+
+The agent wires its parts together: what it knows of its peers (``peers.py``),
+the connections it keeps (``connections.py``), the dialers, the local sockets
+(``sockets.py``, answered by ``control.py``) and the status (``status.py``) each
+get the few objects they use, never the agent.
 """
 
 from __future__ import annotations
@@ -30,47 +36,36 @@ from typing import Any
 
 import trio
 
-from p2psync.agent import sockets
 from p2psync.agent.connections import Connection, Registry
 from p2psync.agent.control import handle_control
 from p2psync.agent.dialing import Dialing
+from p2psync.agent.peers import Peers
+from p2psync.agent.sockets import serve_control, serve_notifications
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
+from p2psync.clock import now_ms
 from p2psync.core.identity import short_id
-from p2psync.core.rules import Mode
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
-from p2psync.home import AGENT_FILE, now_ms
+from p2psync.home import AGENT_FILE
 from p2psync.net.address import format_address, parse_address
-from p2psync.net.discovery import Discovery, Found, advert_name, check_interfaces
+from p2psync.net.adverts import AdvertTable, Found
+from p2psync.net.agentsockets import CHANGED_PEERS
+from p2psync.net.discovery import Discovery, check_interfaces, local_ipv4
 from p2psync.net.link import PairLink
+from p2psync.net.peernote import PeerNote, after_session
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import SecureStream, secure
-from p2psync.store.peers import Peer, PeerState
+from p2psync.store.peers import PeerState
 
 log = logging.getLogger(__name__)
 
-RECORD_EVERY = 10.0  # seconds between "last in sync" updates of a live connection
+NOTE_EVERY = 10.0  # seconds between "last in sync" notes of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
 MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
 MAX_SIDE = 2  # connections one peer may have open beside its live one (pending or on demand)
 MAX_ON_DEMAND = 1  # on-demand syncs one peer may run at once beside its live connection
-MAX_ENDED = 1024  # connection endings remembered for status
-
-
-@dataclass(frozen=True)
-class _Standing:
-    """Where the agent stands with its peers, from the rules (reloaded when they
-    change)."""
-
-    paired: set[bytes] = field(default_factory=set)  # a rule in force, any mode
-    online: set[bytes] = field(default_factory=set)  # an online rule in force: stay connected
-    on_demand: set[bytes] = field(default_factory=set)  # an on-demand rule in force
-    asking: set[bytes] = field(default_factory=set)  # a proposal of ours awaits an answer
-    ours: set[bytes] = field(default_factory=set)  # paired, or we proposed to them once
-    #: per peer, where the newest rule object we signed about the pair stands
-    latest: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,28 +89,31 @@ class Agent:
         self.db = db
         self.home: Path = db.path
         self.identity = db.identity
-        self.name = db.home.name
+        self.name = db.name
         self.listen = listen
-        self.config = config or AgentConfig()
+        self.config = config = config or AgentConfig()
         self.store = TrioStore(db.store)
         self.feed = ChangeFeed()
         self.rules_feed = ChangeFeed()
-        #: per peer: when its last connection ended, why, and whether it was in sync
-        self.ended: dict[bytes, tuple[float, str, bool]] = {}
         self.discovery: Discovery | None = None
-        self._rules_version = -1
-        self._reloading = trio.Lock()
+        self.adverts = AdvertTable(self.identity.public_key, wanted=self._ours)
+        self.peers = Peers(db.store, self.identity.public_key, self.adverts)
         self.registry = Registry()
-        self.peers: dict[bytes, Peer] = {}
         self.addresses: list[str] = []
-        self.dialing = Dialing(self)
+        self.dialing = Dialing(
+            self.peers,
+            self.registry,
+            self.adverts,
+            self._outbound,
+            identity=self.identity,
+            name=self.name,
+            backoff_start=config.backoff_start,
+            backoff_cap=config.backoff_cap,
+            dial_timeout=config.dial_timeout,
+        )
         self._nursery: trio.Nursery | None = None
         self._handshaking = 0
-        self.standing = _Standing()
         self._on_demand_locks: dict[bytes, trio.Lock] = {}
-        #: per peer, the rules version it is known to hold all our objects of (its
-        #: RulesHeld matched ours, or it said Have after our Rules)
-        self._reconciled: dict[bytes, int] = {}
         self._paired_checked = -1e9
         self.started_ms = now_ms()
 
@@ -135,18 +133,18 @@ class Agent:
             self._nursery = nursery
             await self._reload_peers()
             nursery.start_soon(trio.serve_listeners, self._inbound, listeners)
-            await nursery.start(self._serve_notifications)
-            await nursery.start(self._serve_control)
+            await nursery.start(serve_notifications, self.home, self._notified)
+            await nursery.start(serve_control, self.home, self._control)
             if self.config.discovery:
                 self.discovery = Discovery(
                     self.identity,
                     self.name,
                     int(self.addresses[0].rsplit(":", 1)[1]),
                     self.config.discovery_interfaces or self._listen_hosts(),
+                    self.adverts,
                     self._found,
                     self._lost,
-                    wanted=self._our_peer,
-                    priority=self._peer_advert,
+                    priority=self.peers.ours_advert,
                 )
                 await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
@@ -187,7 +185,7 @@ class Agent:
 
     def _found(self, found: Found) -> None:
         """A LAN advert: dial a known peer at once at the address it advertises."""
-        peer = self.peers.get(found.key)
+        peer = self.peers.known.get(found.key)
         log.info(
             "discovered %s (%s) at %s", short_id(found.key), found.name, ", ".join(found.addresses)
         )
@@ -197,15 +195,9 @@ class Agent:
             self.dialing.update(self._nursery)
         self.dial_now(found.key)
 
-    def _our_peer(self, key: bytes) -> bool:
-        """Paired with us, or we asked to pair: kept in the discovery table and its
-        adverts resolved first (an agent that merely sent us a request is not)."""
-        peer = self.peers.get(key)
-        return key in self.standing.ours and peer is not None and peer.state is PeerState.KNOWN
-
-    def _peer_advert(self, instance: str) -> bool:
-        """``instance`` is the advert name one of our peers would use."""
-        return instance.lower() in {advert_name(key).lower() for key in self.standing.ours}
+    def _ours(self, key: bytes) -> bool:
+        """Our peers are never evicted from the table of adverts."""
+        return self.peers.ours(key)
 
     def _lost(self, key: bytes) -> None:
         log.info("%s withdrew from the LAN", short_id(key))
@@ -229,37 +221,12 @@ class Agent:
     # ------------------------------------------------------------ peers and dialers
 
     async def _reload_peers(self) -> None:
-        """Re-read the peers, and the rules when rule objects were added (cheap to
-        check; folding them is not, so it is done only then and only for pairs
-        that hold an acceptance)."""
-        async with self._reloading:  # one at a time: they never pile up on threads
-            seen = self._rules_version
-            store = self.db.store
-
-            me = self.identity.public_key
-
-            def load() -> tuple[list[Peer], int, _Standing | None]:
-                version = store.rules_version()
-                if version == seen:
-                    return store.peers(), version, None
-                modes = store.peers_in_force_modes()
-                return store.peers(), version, _Standing(
-                    paired=set(modes),
-                    online={peer for peer, held in modes.items() if Mode.ONLINE in held},
-                    on_demand={peer for peer, held in modes.items() if Mode.ON_DEMAND in held},
-                    asking=store.peers_asked(me),
-                    latest=store.latest_signed(me),
-                    ours=set(modes) | store.peers_proposed_to(me),
-                )
-
-            peers, version, standing = await trio.to_thread.run_sync(load)
-            self.peers = {peer.key: peer for peer in peers}
-            if standing is not None:
-                self._rules_version = version
-                self.standing = standing
-                self.rules_feed.bump()  # live sessions re-send rule objects, re-check them
-            if self._nursery is not None:
-                self.dialing.update(self._nursery)
+        """Re-read the peers (and the rules, when they changed): live sessions re-send
+        and re-check rule objects, the dialers follow."""
+        if await self.peers.reload():
+            self.rules_feed.bump()
+        if self._nursery is not None:
+            self.dialing.update(self._nursery)
 
     # ------------------------------------------------------------ connections
 
@@ -284,11 +251,11 @@ class Agent:
             return
         finally:
             self._handshaking -= 1
-        if secured.peer not in self.standing.paired and self._strangers() >= MAX_UNPAIRED:
+        if secured.peer not in self.peers.standing.paired and self._strangers() >= MAX_UNPAIRED:
             if trio.current_time() - self._paired_checked > 1.0:  # someone may have paired
                 self._paired_checked = trio.current_time()
                 await self._reload_peers()
-            if secured.peer not in self.standing.paired and self._strangers() >= MAX_UNPAIRED:
+            if secured.peer not in self.peers.standing.paired and self._strangers() >= MAX_UNPAIRED:
                 log.warning(
                     "refused %s from %s: too many unpaired agents connected",
                     short_id(secured.peer),
@@ -310,7 +277,7 @@ class Agent:
 
     def _strangers(self) -> int:
         """Connections open with agents that have no rule in force with us."""
-        return sum(1 for conn in self.registry.all() if conn.peer not in self.standing.paired)
+        return sum(1 for conn in self.registry.all() if conn.peer not in self.peers.standing.paired)
 
     async def run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str
@@ -332,32 +299,31 @@ class Agent:
             conn.live = True
         log.info("connected to %s (%s, %s)", short_id(peer), secured.peer_name, address)
         # an address we dialled proved the peer's key: try it first from now on
-        await self.record(
-            peer, seen=now_ms(), clear_error=True, address=address if outbound else None
+        await self.peers.note(
+            peer,
+            PeerNote(seen=now_ms(), clear_error=True, address=address if outbound else None),
         )
 
         def started(machine: SyncSession, stats: SessionStats) -> None:
             conn.machine, conn.stats = machine, stats
+            self.registry.note_change()
 
-        last_recorded = -RECORD_EVERY
+        last_noted = -NOTE_EVERY
 
         def synced(_stats: SessionStats) -> None:
-            nonlocal last_recorded
+            nonlocal last_noted
+            self.registry.note_change()
             now = trio.current_time()
-            if now - last_recorded >= RECORD_EVERY:
-                last_recorded = now
+            if now - last_noted >= NOTE_EVERY:
+                last_noted = now
                 assert conn.machine is not None
-                heads = {a: h.seq for a, h in conn.machine.peer.items()}
-                self._spawn(
-                    partial(
-                        self.record,
-                        peer,
-                        seen=now_ms(),
-                        synced=now_ms(),
-                        heads=heads,
-                        clear_error=True,  # in step: whatever went wrong before is over
-                    )
+                note = PeerNote(
+                    seen=now_ms(),
+                    synced=now_ms(),
+                    heads={a: h.seq for a, h in conn.machine.peer.items()},
+                    clear_error=True,  # in step: whatever went wrong before is over
                 )
+                self._spawn(partial(self.peers.note, peer, note))
 
         def opened(live: bool) -> str | None:
             """The session opens: an on-demand one runs beside the live connection;
@@ -379,8 +345,10 @@ class Agent:
             return "another connection between us is kept"
 
         def stuck(stats: SessionStats) -> None:
+            self.registry.note_change()
             # `peers` shows it even after the agent stops
-            self._spawn(partial(self.record, peer, error=f"cannot get in step: {stats.stuck}"))
+            note = PeerNote(error=f"cannot get in step: {stats.stuck}")
+            self._spawn(partial(self.peers.note, peer, note))
 
         def rules_added() -> None:
             self._spawn(self._reload_peers)  # other sessions and the caps see them at once
@@ -396,7 +364,7 @@ class Agent:
                     peer_name=secured.peer_name,
                     rules_feed=self.rules_feed,
                     on_rules_added=rules_added,
-                    on_reconciled=partial(self.reconciled, peer),
+                    on_reconciled=partial(self._reconciled, peer),
                 )
                 stats = await run_session(
                     secured,
@@ -412,26 +380,21 @@ class Agent:
                 )
         except Exception as exc:  # one bad connection never takes the agent down
             log.warning("connection with %s failed: %r", short_id(peer), exc)
-            await self.record(peer, error=str(exc))
+            await self.peers.note(peer, PeerNote(error=str(exc)))
         finally:
             self.registry.remove(conn)
-            reason = conn.stats.reason if conn.stats else "connection failed"
-            in_sync = bool(conn.stats and conn.stats.synced)
-            if not conn.on_demand:  # the live connection's story, not a side sync's
-                self.ended.pop(peer, None)
-                self.ended[peer] = (trio.current_time(), reason, in_sync)
-                while len(self.ended) > MAX_ENDED:
-                    del self.ended[next(iter(self.ended))]
             if conn.machine is not None and conn.stats is not None:
-                await self._record_end(conn, reason)
+                await self._note_end(conn)
         return stats
 
-    async def _record_end(self, conn: Connection, reason: str) -> None:
+    async def _outbound(self, secured: SecureStream, address: str) -> SessionStats | None:
+        return await self.run_connection(secured, outbound=True, address=address)
+
+    async def _note_end(self, conn: Connection) -> None:
         """What the peers table keeps of a connection that ended (also when the agent
         is stopping: shielded, and given a second)."""
         peer, machine, stats = conn.peer, conn.machine, conn.stats
         assert machine is not None and stats is not None
-        in_step_at_end = machine.synced or machine.ended_in_sync
         # a live connection speaks for the peer unless another live one has taken
         # its place; a side one (on demand, or never opened) only when nothing else
         # with the peer is open (the live one, or one taking over)
@@ -439,35 +402,20 @@ class Agent:
             side = self.registry.get(peer) is not None
         else:
             side = any(other.peer == peer for other in self.registry.all())
-        if in_step_at_end or side:
-            error = None
-        elif stats.stuck:
-            error = f"cannot get in step: {stats.stuck}"
-        else:
-            error = reason  # why it ended, unless all was well
+        note = after_session(
+            stats,
+            in_step=machine.synced or machine.ended_in_sync,
+            heads=machine.peer,
+            now_ms=now_ms(),
+            side=side,
+        )
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            await self.record(
-                peer,
-                seen=now_ms(),
-                # when last known in step: now if it still was as it ended well, else
-                # the last word heard while in step (not when it was dropped)
-                synced=now_ms() if in_step_at_end and not stats.error else stats.in_sync_ms,
-                heads=None if side else {a: h.seq for a, h in machine.peer.items()} or None,
-                error=error,
-                clear_error=in_step_at_end and not side,
-            )
+            await self.peers.note(peer, note)
 
-    def has_news(self, peer: bytes) -> bool:
-        """We signed rule objects about the pair that the peer may not hold yet (an
-        answer, a revocation): worth a connection to deliver them."""
-        return self.standing.latest.get(peer, 0) > self._reconciled.get(peer, 0)
-
-    def reconciled(self, peer: bytes, version: int) -> None:
+    def _reconciled(self, peer: bytes, version: int) -> None:
         """The peer holds every rule object of ours about the pair, as of ``version``."""
-        if version > self._reconciled.get(peer, 0):
-            self._reconciled[peer] = version
-            if self._nursery is not None:
-                self.dialing.update(self._nursery)
+        if self.peers.reconciled(peer, version) and self._nursery is not None:
+            self.dialing.update(self._nursery)
 
     def on_demand_lock(self, peer: bytes) -> trio.Lock:
         """Held while this agent runs an on-demand sync with ``peer``."""
@@ -480,34 +428,14 @@ class Agent:
         with contextlib.suppress(RuntimeError):  # "closed to new arrivals": stopping
             self._nursery.start_soon(work)
 
-    async def record(self, peer: bytes, **fields: Any) -> None:
-        if fields.get("seen") and self.discovery is not None:  # a connection: seen on the LAN
-            self.discovery.seen(peer)
-        try:
-            await trio.to_thread.run_sync(lambda: self.db.store.record_peer(peer, **fields))
-        except P2PSyncError as exc:
-            log.warning("could not record the state of %s: %s", short_id(peer), exc)
-
     # ------------------------------------------------------------ local changes
 
-    async def _serve_notifications(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        path = sockets.socket_path(self.home, sockets.NOTIFY)
-        _unlink(path)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
-        try:
-            await sock.bind(path)
-            task_status.started()
-            while True:
-                data = await sock.recv(64)
-                if sockets.CHANGED_PEERS in data:
-                    await self._reload_peers()
-                    self.dial_now()
-                self.feed.bump()
-        finally:
-            sock.close()
-            _unlink(path)
+    async def _notified(self, data: bytes) -> None:
+        """Another process committed to the store (or changed the peers)."""
+        if CHANGED_PEERS in data:
+            await self._reload_peers()
+            self.dial_now()
+        self.feed.bump()
 
     async def _poll_changes(self) -> None:
         version = await trio.to_thread.run_sync(self.db.store.data_version)
@@ -521,29 +449,21 @@ class Agent:
 
     # ------------------------------------------------------------ control socket
 
-    async def _serve_control(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        path = sockets.socket_path(self.home, sockets.CONTROL)
-        _unlink(path)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        try:
-            await sock.bind(path)
-            sock.listen(16)
-            listener = trio.SocketListener(sock)
-            task_status.started()
-
-            async def handler(stream: trio.SocketStream) -> None:
-                await handle_control(self, stream)
-
-            await trio.serve_listeners(handler, [listener])
-        finally:
-            sock.close()
-            _unlink(path)
+    async def _control(self, stream: trio.SocketStream) -> None:
+        await handle_control(self, stream)
 
     def status(self) -> dict[str, Any]:
         """What ``p2psync status`` shows."""
-        return agent_status(self)
+        return agent_status(
+            identity=self.identity,
+            name=self.name,
+            listen=self.addresses,
+            started_ms=self.started_ms,
+            interfaces=self.discovery.advertised if self.discovery else local_ipv4(None),
+            registry=self.registry,
+            peers=self.peers.known,
+            adverts=self.adverts,
+        )
 
     def dial_now(self, key: bytes | None = None) -> None:
         """Skip the backoff wait of one dialer (or all)."""
@@ -578,10 +498,3 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
         "choose another address with --listen HOST:PORT"
     )
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise

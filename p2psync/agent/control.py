@@ -14,23 +14,51 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
+from p2psync.agent.connections import Registry
+from p2psync.agent.dialing import Dialing
+from p2psync.agent.peers import Peers
 from p2psync.core.identity import device_id, parse_device_id
 from p2psync.errors import P2PSyncError
+from p2psync.home import OpenHome
 from p2psync.net.oneshot import sync_once
+from p2psync.net.storeio import ChangeFeed
 from p2psync.store.peers import PeerState
-
-if TYPE_CHECKING:
-    from p2psync.agent.agent import Agent
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
+#: a live session can come back in step without saying so again (its heads the same
+#: as when it last did, e.g. after a rules change): looked at this often meanwhile
+RECHECK_EVERY = 1.0
 
 
-async def handle_control(agent: Agent, stream: trio.abc.Stream) -> None:
+class Controlled(Protocol):
+    """What the control socket uses of the agent."""
+
+    @property
+    def db(self) -> OpenHome: ...  # on-demand syncs run from this home
+
+    @property
+    def feed(self) -> ChangeFeed: ...  # bumped when they bring entries
+
+    @property
+    def peers(self) -> Peers: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def dialing(self) -> Dialing: ...
+
+    def on_demand_lock(self, peer: bytes) -> trio.Lock: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+async def handle_control(agent: Controlled, stream: trio.abc.Stream) -> None:
     try:
         with trio.move_on_after(5):
             data = b""
@@ -54,7 +82,7 @@ async def handle_control(agent: Agent, stream: trio.abc.Stream) -> None:
         await stream.aclose()
 
 
-async def _answer(agent: Agent, request: Any) -> dict[str, Any]:
+async def _answer(agent: Controlled, request: Any) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ValueError("a request is a JSON object")
     op = request.get("op")
@@ -69,7 +97,7 @@ async def _answer(agent: Agent, request: Any) -> dict[str, Any]:
     raise ValueError(f"unknown request {op!r}")
 
 
-async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any]:
+async def _sync(agent: Controlled, peer: str | None, timeout: float) -> dict[str, Any]:
     """Sync now with one peer or every paired one, and wait until each is in sync or
     cannot be (not paired, refused, unreachable: the reason is reported). What online
     rules let flow comes over the live connection (dialled now); what on-demand rules
@@ -77,15 +105,15 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
     connection (dialled now); with a peer whose rules are all on demand, or that is
     not paired, an on-demand session runs now, as `p2psync sync` without an agent
     would."""
-    standing = agent.standing
+    standing = agent.peers.standing
     if peer:
         keys = [parse_device_id(peer)]
-        if keys[0] not in agent.peers:
+        if keys[0] not in agent.peers.known:
             raise ValueError(f"{peer} is not a known peer")
     else:
         keys = [
             key
-            for key, known in agent.peers.items()
+            for key, known in agent.peers.known.items()
             if known.state is PeerState.KNOWN and (key in standing.paired or key in standing.asking)
         ]
     live = [key for key in keys if key in standing.online]
@@ -128,7 +156,7 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
                 error = (stored.last_error if stored else None) or "not in sync before the timeout"
                 parts.append((False, error))
         errors = [error for ok, error in parts if not ok]
-        known = agent.peers.get(key)
+        known = agent.peers.known.get(key)
         answers.append(
             {
                 "device_id": device_id(key),
@@ -141,24 +169,32 @@ async def _sync(agent: Agent, peer: str | None, timeout: float) -> dict[str, Any
 
 
 async def _wait_live(
-    agent: Agent, keys: list[bytes], timeout: float, results: dict[bytes, tuple[bool, str | None]]
+    agent: Controlled,
+    keys: list[bytes],
+    timeout: float,
+    results: dict[bytes, tuple[bool, str | None]],
 ) -> None:
-    """Dial now and wait until each live connection is in sync, or ends without it."""
+    """Dial now and wait until each live connection is in sync, or ends without it
+    (woken by every change the registry hears of)."""
+    registry = agent.registry
     asked = trio.current_time()
-    agent.dial_now()
+    agent.dialing.now()
     with trio.move_on_after(timeout):
-        while len(results) < len(keys):
+        while True:
             for key in keys:
                 if key in results:
                     continue
-                conn = agent.registry.get(key)
+                conn = registry.get(key)
                 machine = conn.machine if conn is not None else None
-                ended = agent.ended.get(key)
+                ended = registry.ended.get(key)
                 if machine is not None and machine.synced:
                     results[key] = (True, None)
                 elif machine is not None and machine.stuck_reason is not None:
                     # all that will flow has flowed; waiting longer changes nothing
                     results[key] = (False, f"cannot get in step: {machine.stuck_reason}")
-                elif conn is None and ended is not None and ended[0] > asked and not ended[2]:
-                    results[key] = (False, ended[1])
-            await trio.sleep(0.02)
+                elif conn is None and ended is not None and ended.at > asked and not ended.in_sync:
+                    results[key] = (False, ended.reason)
+            if len(results) >= len(keys):
+                return
+            with trio.move_on_after(RECHECK_EVERY):
+                await registry.wait_change()

@@ -1,131 +1,64 @@
-"""Local sockets of a running agent, in its home folder.
-
-``agent.sock`` (datagram): any process that commits to the store sends one
-byte here so the agent pushes the new entries at once (``e``), or re-reads its
-peers (``p``). Best effort: a lost datagram only delays things until the
-agent's periodic check.
-
-``control.sock`` (stream): one JSON request line, one JSON response line;
-used by ``p2psync status`` and ``p2psync sync`` to talk to a running agent.
-
-Unix socket paths are limited to ~107 bytes; for a deeper home the sockets
-live in a private folder (``$XDG_RUNTIME_DIR``, else ``/tmp/p2psync-<uid>``,
-which must be ours and closed to others) under a name derived from the home's
-path. A client only talks to a socket owned by its own user.
+"""The agent's side of its local sockets (where they are, and what clients send:
+``p2psync.net.agentsockets``): it binds them in its home folder, serves them until
+cancelled, and removes them when it stops.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import errno
 import os
-import socket
-import stat
-import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-NOTIFY = "agent.sock"
-CONTROL = "control.sock"
-_MAX_PATH = 100
-MAX_ANSWER = 4 << 20
+import trio
 
-CHANGED_ENTRIES = b"e"
-CHANGED_PEERS = b"p"
+from p2psync.net.agentsockets import CONTROL, NOTIFY, socket_path
 
 
-def socket_path(home: Path, name: str) -> str:
-    path = str(home.resolve() / name)
-    if len(path.encode()) <= _MAX_PATH:
-        return path
-    digest = hashlib.blake2b(str(home.resolve()).encode(), digest_size=8).hexdigest()
-    return os.path.join(_private_dir(), f"p2psync-{digest}-{name}")
-
-
-def _private_dir() -> str:
-    """A folder only this user can write to, for sockets of deep homes."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and _is_private(runtime):
-        return runtime
-    folder = os.path.join(tempfile.gettempdir(), f"p2psync-{os.getuid()}")
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(folder, 0o700)
-    if not _is_private(folder):
-        raise AgentSocketError(
-            f"{folder} is not a private folder of this user; remove it, or use a shorter home"
-        )
-    return folder
-
-
-def _is_private(folder: str) -> bool:
-    try:
-        info = os.lstat(folder)
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(info.st_mode)
-        and info.st_uid == os.getuid()
-        and not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
-    )
-
-
-class AgentSocketError(OSError):
-    """The agent's local sockets cannot be placed or trusted."""
-
-
-def _ours(path: str) -> bool:
-    """The socket at ``path`` belongs to this user (or to root, when we are root)."""
-    try:
-        owner = os.lstat(path).st_uid
-    except OSError:
-        return False
-    return owner == os.getuid()
-
-
-_sender: socket.socket | None = None
-
-
-def notify(home: Path, what: bytes = CHANGED_ENTRIES) -> None:
-    """Tell a running agent (if any) that the store changed. Never raises."""
-    global _sender  # one datagram socket per process, made on first use  # noqa: PLW0603
+async def serve_notifications(
+    home: Path,
+    on_notice: Callable[[bytes], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Receive the datagrams of ``agent.sock``; ``on_notice`` gets each one's bytes."""
     path = socket_path(home, NOTIFY)
-    if not _ours(path):
-        return
-    with contextlib.suppress(OSError):
-        if _sender is None:
-            _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            _sender.setblocking(False)
-        _sender.sendto(what, path)
+    _unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    try:
+        await sock.bind(path)
+        task_status.started()
+        while True:
+            await on_notice(await sock.recv(64))
+    finally:
+        sock.close()
+        _unlink(path)
 
 
-class AgentNotRunning(Exception):
-    """No agent answers on the control socket."""
-
-
-def request(home: Path, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Send one control request to the running agent and return its answer."""
+async def serve_control(
+    home: Path,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``control.sock``; ``handler`` serves each one."""
     path = socket_path(home, CONTROL)
-    if not os.path.exists(path):
-        raise AgentNotRunning(path)
-    if not _ours(path):
-        raise AgentSocketError(f"{path} belongs to another user: not talking to it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError) as exc:
-            raise AgentNotRunning(path) from exc
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > MAX_ANSWER:
-                raise ValueError("the agent's answer is too long")
-    answer = json.loads(data) if data else {}
-    if not isinstance(answer, dict):
-        raise ValueError("the agent's answer is not a JSON object")
-    return answer
+    _unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(handler, [listener])
+    finally:
+        sock.close()
+        _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from p2psync.core.identity import device_id
+from p2psync.agent.connections import Registry
+from p2psync.clock import now_ms
+from p2psync.core.identity import Identity, device_id
 from p2psync.core.messages import lag
-from p2psync.home import now_ms
-from p2psync.net.discovery import local_ipv4
-
-if TYPE_CHECKING:
-    from p2psync.agent.agent import Agent
+from p2psync.net.adverts import AdvertTable
+from p2psync.store.peers import Peer
 
 
-def agent_status(agent: Agent) -> dict[str, Any]:
+def agent_status(
+    *,
+    identity: Identity,
+    name: str,
+    listen: Sequence[str],
+    started_ms: int,
+    interfaces: Sequence[str],
+    registry: Registry,
+    peers: Mapping[bytes, Peer],
+    adverts: AdvertTable,
+) -> dict[str, Any]:
     """Identity, listen addresses, live connections with their lag, and the agents
     discovered on the LAN."""
     connections = []
-    for conn in agent.registry.all():
+    for conn in registry.all():
         machine, stats = conn.machine, conn.stats
         behind = ahead = 0
         synced = bool(machine is not None and machine.synced)
@@ -31,7 +41,7 @@ def agent_status(agent: Agent) -> dict[str, Any]:
             # side that only sends has written ahead of us
             behind = behind if machine.flow.receiving else 0
             ahead = ahead if machine.flow.sending else 0
-        peer = agent.peers.get(conn.peer)
+        peer = peers.get(conn.peer)
         connections.append(
             {
                 "peer": peer.name if peer is not None else None,
@@ -41,7 +51,7 @@ def agent_status(agent: Agent) -> dict[str, Any]:
                 # live: the one connection the pair syncs over; on demand: a side sync
                 # (`p2psync sync`, `pair join`); pending: its session has not opened
                 "kind": "live"
-                if agent.registry.get(conn.peer) is conn
+                if registry.get(conn.peer) is conn
                 else "on demand"
                 if conn.on_demand
                 else "pending",
@@ -57,26 +67,23 @@ def agent_status(agent: Agent) -> dict[str, Any]:
                 "ahead": ahead,
             }
         )
-    discovery = agent.discovery
-    discovered = []
-    if discovery is not None:
-        discovered = [
-            {
-                "device_id": device_id(found.key),
-                "name": found.name,
-                "addresses": list(found.addresses),
-                "first_seen": found.first_seen,
-                "last_seen": found.last_seen,
-            }
-            for found in discovery.table.values()
-        ]
+    discovered = [
+        {
+            "device_id": device_id(found.key),
+            "name": found.name,
+            "addresses": list(found.addresses),
+            "first_seen": found.first_seen,
+            "last_seen": found.last_seen,
+        }
+        for found in adverts.agents.values()
+    ]
     return {
         "pid": os.getpid(),
-        "device_id": agent.identity.device_id,
-        "name": agent.name,
-        "listen": agent.addresses,
-        "interfaces": discovery.advertised if discovery else local_ipv4(None),
-        "started": agent.started_ms,
+        "device_id": identity.device_id,
+        "name": name,
+        "listen": list(listen),
+        "interfaces": list(interfaces),
+        "started": started_ms,
         "connections": connections,
         "discovered": discovered,
     }

@@ -2,57 +2,33 @@
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from p2psync.agent import sockets
+from p2psync.agent.lock import agent_lock
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_peer
 from p2psync.cli.terms import timeout_option
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
-from p2psync.home import AGENT_FILE
+from p2psync.net import agentsockets
 from p2psync.net.address import parse_address
 
 if TYPE_CHECKING:
     from p2psync.net.oneshot import SyncOutcome
 
-# trio, zeroconf and the agent are imported by the commands that use them: a
-# record command (`put`, `get`...) starts in half the time without them.
+# trio, zeroconf and the agent are imported by the commands that use them (the
+# agent's lock needs neither): a record command (`put`, `get`...) starts in half
+# the time without them.
 
-LOCK_FILE = "agent.lock"
 DEFAULT_LISTEN = "0.0.0.0:7717"
-
-
-@contextmanager
-def agent_lock(home: Path) -> Iterator[None]:
-    """Hold the home's agent lock, or fail naming the agent that holds it."""
-    path = home / LOCK_FILE
-    handle = path.open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = "?"
-            with suppress(OSError, ValueError, KeyError):
-                pid = str(json.loads((home / AGENT_FILE).read_text())["pid"])
-            raise P2PSyncError(
-                f"an agent is already running for {home} (pid {pid}); stop it first"
-            ) from None
-        yield
-    finally:
-        handle.close()
 
 
 @click.command()
@@ -149,12 +125,12 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
     from p2psync.net.oneshot import sync_once  # noqa: PLC0415
     if address is None:
         try:
-            answer = sockets.request(
+            answer = agentsockets.request(
                 state.home,
                 {"op": "sync", "peer": _peer_id(state, peer), "timeout": timeout},
                 timeout=timeout + 5,
             )
-        except sockets.AgentNotRunning:
+        except agentsockets.AgentNotRunning:
             pass
         except (OSError, ValueError) as exc:
             raise P2PSyncError(f"the running agent did not answer: {exc}") from exc
@@ -263,8 +239,8 @@ def status(state: State, as_json: bool) -> None:
     )
 
     try:
-        running: dict[str, Any] | None = sockets.request(state.home, {"op": "status"}, 3)
-    except (sockets.AgentNotRunning, OSError, ValueError):
+        running: dict[str, Any] | None = agentsockets.request(state.home, {"op": "status"}, 3)
+    except (agentsockets.AgentNotRunning, OSError, ValueError):
         running = None
     with state.open() as db:
         authors = db.authors()

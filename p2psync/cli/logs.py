@@ -14,9 +14,9 @@ from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_author
 from p2psync.cli.terms import parse_duration
+from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, short_id
 from p2psync.errors import CorruptionError, IntegrityError
-from p2psync.home import now_ms
 
 
 def _entry_json(entry: LogEntry) -> dict[str, Any]:

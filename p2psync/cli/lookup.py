@@ -7,12 +7,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, overload
 
-from p2psync.agent import sockets
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Mode, Rule, RuleState
 from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
+from p2psync.net import agentsockets as sockets
 from p2psync.net.address import parse_address
 from p2psync.pairing import last_ended
 from p2psync.store.peers import Peer, PeerState

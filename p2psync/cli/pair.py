@@ -29,6 +29,7 @@ from p2psync.cli.terms import (
     rule_options,
     timeout_option,
 )
+from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Rule, RuleState
 from p2psync.errors import (
@@ -38,7 +39,6 @@ from p2psync.errors import (
     StateError,
     UsageError,
 )
-from p2psync.home import now_ms
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
 from p2psync.store.rules import Invite

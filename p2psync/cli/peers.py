@@ -20,9 +20,9 @@ from p2psync.cli.lookup import (
     agent_status,
     relationship,
 )
+from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
 from p2psync.core.messages import lag
-from p2psync.home import now_ms
 
 
 def _ms(value: int | None) -> str:

@@ -1,15 +1,14 @@
-"""LAN discovery over mDNS / DNS-SD, with python-zeroconf's threaded API bridged
-into trio.
+"""LAN discovery over mDNS / DNS-SD: python-zeroconf's threaded API bridged into
+trio, around the pure table of adverts (``adverts.py``).
 
 Each agent advertises ``<short ID>._p2psync._tcp.local.`` with its port and a TXT
 record holding exactly ``id`` (the full device ID), ``v`` (protocol version) and
-``name`` (display name) — no collection or data names. It browses the same type
-and keeps a table of the agents it sees; withdrawals and goodbyes remove them.
-
-What an advert claims is only a hint: an address is dialled *expecting* the
-advertised identity, so an advert claiming someone else's ID fails the
-handshake. Malformed or foreign adverts are ignored. Nothing here needs the
-Internet: mDNS is link-local multicast.
+``name`` (display name) — no collection or data names. It browses the same type;
+what it resolves goes into the :class:`AdvertTable`, withdrawals and goodbyes
+come out of it. Lookups run in a few threads of their own; in a flood of
+adverts the excess is dropped, not queued, except our peers' own names.
+Malformed or foreign adverts are ignored. Nothing here needs the Internet: mDNS
+is link-local multicast.
 """
 
 from __future__ import annotations
@@ -20,9 +19,7 @@ import errno
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import ifaddr
@@ -39,58 +36,25 @@ from zeroconf import (
     Zeroconf,
 )
 
-from p2psync.core.identity import Identity, parse_device_id, short_id
-from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
+from p2psync.clock import now_ms
+from p2psync.core.identity import Identity, short_id
+from p2psync.errors import P2PSyncError, UsageError
+from p2psync.net.adverts import (
+    PROTOCOL_VERSION,
+    SERVICE_TYPE,
+    AdvertTable,
+    AgentDiscovered,
+    Event,
+    Found,
+    advert_name,
+    parse_advert,
+)
 
 log = logging.getLogger(__name__)
 
-SERVICE_TYPE = "_p2psync._tcp.local."
-PROTOCOL_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 MAX_NAME_BYTES = 63
-MAX_TABLE = 1000  # agents remembered from adverts
-MAX_ADDRESSES = 8  # per advert, and offered per agent
-MAX_INSTANCES = 4  # adverts (instance names) remembered per agent ID
 MAX_PENDING = 64  # adverts waiting to be resolved; more are dropped until some finish
-MAX_FAILURES = 3  # failed dials after which an advertised address is dropped
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclass
-class Found:
-    """An agent ID seen on the LAN, with the adverts claiming it.
-
-    Several adverts may claim one ID (a restart under a new name, or a spoof);
-    each keeps its own addresses, so none can push out another's, and a goodbye
-    removes only its own. An advert at whose address a handshake proved the key
-    comes first.
-    """
-
-    key: bytes
-    name: str
-    instances: dict[str, tuple[str, ...]]  # advert -> its addresses (host:port)
-    first_seen: int = field(default_factory=_now_ms)
-    last_seen: int = field(default_factory=_now_ms)  # heard, or connected with
-    failures: dict[str, int] = field(default_factory=dict)  # address -> failed dials
-    proven: set[str] = field(default_factory=set)  # adverts where the key was proven
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """At most :data:`MAX_ADDRESSES`, taken in turn from each advert (proven
-        ones, then the newest, first)."""
-        order = sorted(
-            self.instances, key=lambda i: (i not in self.proven, -list(self.instances).index(i))
-        )
-        lists = [self.instances[i] for i in order]
-        merged: dict[str, None] = {}
-        for rank in range(MAX_ADDRESSES):
-            for addresses in lists:
-                if rank < len(addresses):
-                    merged.setdefault(addresses[rank])
-        return tuple(merged)[:MAX_ADDRESSES]
 
 
 def local_ipv4(interfaces: Sequence[str] | None) -> list[str]:
@@ -128,11 +92,6 @@ def check_interfaces(interfaces: Sequence[str]) -> None:
             )
 
 
-def advert_name(key: bytes) -> str:
-    """The instance name an agent advertises: its short device ID."""
-    return f"{short_id(key)}.{SERVICE_TYPE}"
-
-
 def heard_adverts(records: Iterable[RecordUpdate], now: float) -> set[str]:
     """The adverts (instance names) of which one mDNS response carries live records:
     its PTR, SRV or TXT records, whether new or already cached (a goodbye is not
@@ -166,24 +125,9 @@ class _HeardListener(RecordUpdateListener):
             self.on_heard(heard)
 
 
-def parse_advert(properties: dict[bytes, bytes | None]) -> tuple[bytes, str] | None:
-    """(identity key, name) from a TXT record, or None when it is not one of ours."""
-    try:
-        text = {k.decode("ascii"): (v or b"").decode("utf-8") for k, v in properties.items()}
-    except (UnicodeDecodeError, AttributeError):
-        return None
-    if text.get("v") != PROTOCOL_VERSION or "id" not in text:
-        return None
-    try:
-        key = parse_device_id(text["id"])
-    except InvalidDeviceID:
-        return None
-    name = "".join(c for c in text.get("name", "") if c.isprintable())[:64]
-    return key, name
-
-
 class Discovery:
-    """Advertise this agent and report the agents seen, until cancelled."""
+    """Advertise this agent and feed ``table`` the adverts seen, until cancelled;
+    ``on_found`` and ``on_lost`` hear what changed in the table."""
 
     def __init__(
         self,
@@ -191,21 +135,19 @@ class Discovery:
         name: str,
         port: int,
         interfaces: Sequence[str] | None,
+        table: AdvertTable,
         on_found: Callable[[Found], None],
         on_lost: Callable[[bytes], None],
-        wanted: Callable[[bytes], bool] = lambda key: False,
         priority: Callable[[str], bool] = lambda instance: False,
     ) -> None:
         self.identity = identity
         self.name = name
         self.port = port
         self.interfaces = list(interfaces) if interfaces else None
+        self.table = table
         self.on_found = on_found
         self.on_lost = on_lost
-        self.wanted = wanted  # agents never evicted to make room (our peers)
         self.priority = priority  # adverts resolved even in a flood (our peers' names)
-        self.table: dict[bytes, Found] = {}
-        self._instances: dict[str, bytes] = {}
         self._resolving: set[str] = set()
         # resolving may wait seconds: its own few threads, not the store's
         self._resolvers = trio.CapacityLimiter(4)
@@ -255,12 +197,16 @@ class Discovery:
                 nursery.start_soon(self._register, zc, info)
                 async for name, change in receive:
                     if change is ServiceStateChange.Removed:
-                        self._lost(name)
+                        self._report(self.table.withdrawn(name))
                     else:
                         nursery.start_soon(self._resolve, zc, name)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 await trio.to_thread.run_sync(lambda: _close(zc, browser, info))
+
+    def heard(self, instances: Iterable[str]) -> None:
+        """Records of these adverts were heard again: their agents are still there."""
+        self.table.heard(instances, now_ms())
 
     def _service_info(self) -> ServiceInfo:
         self.advertised = local_ipv4(self.interfaces)
@@ -330,143 +276,15 @@ class Discovery:
             log.debug("ignoring a foreign or malformed advert %s", instance)
             return
         key, name = parsed
-        if key == self.identity.public_key:
-            return
-        addresses = tuple(
-            f"{ip}:{info.port}" for ip in info.parsed_addresses(IPVersion.V4Only)
-        )[:MAX_ADDRESSES]
-        if not addresses:
-            return
-        previous = self._instances.get(instance)
-        if previous is not None and previous != key:  # the name now claims another ID
-            held = self.table.get(previous)
-            if (held is not None and instance in held.proven) or _same(
-                instance, advert_name(previous)
-            ):
-                log.debug("ignoring %s: the name belongs to another agent", instance)
-                return
-            self._drop_instance(previous, instance)
-        found = self.table.get(key)
-        if found is None:
-            if not self._make_room():
-                log.debug("discovery table full; ignoring %s", instance)
-                return
-            found = self.table[key] = Found(key, name, {})
-        elif instance not in found.instances and not self._room_for(found, instance):
-            log.debug("ignoring %s: %d adverts already claim that ID", instance, MAX_INSTANCES)
-            return
-        found.instances.pop(instance, None)  # newest last
-        found.instances[instance] = addresses
-        found.name = name
-        found.last_seen = _now_ms()
-        for address in addresses:  # re-advertised: a fresh chance
-            found.failures.pop(address, None)
-        self._instances[instance] = key
-        self.on_found(found)
+        addresses = [f"{ip}:{info.port}" for ip in info.parsed_addresses(IPVersion.V4Only)]
+        self._report(self.table.advertised(instance, key, name, addresses, now_ms()))
 
-    def heard(self, instances: Iterable[str]) -> None:
-        """Records of these adverts were heard again: their agents are still there."""
-        for instance in instances:
-            key = self._instances.get(instance)
-            if key is not None:
-                self.seen(key)
-
-    def seen(self, key: bytes) -> None:
-        """``key`` was heard or connected with just now (if the table holds it)."""
-        found = self.table.get(key)
-        if found is not None:
-            found.last_seen = _now_ms()
-
-    def addresses(self, key: bytes) -> tuple[str, ...]:
-        """Where the LAN says ``key`` is (unverified until a handshake proves it)."""
-        found = self.table.get(key)
-        return found.addresses if found is not None else ()
-
-    def discard(self, key: bytes, address: str) -> None:
-        """``address`` did not answer as ``key``: stop offering it (until re-advertised)."""
-        found = self.table.get(key)
-        if found is not None:
-            for instance, addresses in found.instances.items():
-                found.instances[instance] = tuple(a for a in addresses if a != address)
-            found.failures.pop(address, None)
-
-    def failed(self, key: bytes, address: str) -> None:
-        """Dialling ``key`` at ``address`` failed; after a few failures in a row the
-        address is dropped (until re-advertised)."""
-        found = self.table.get(key)
-        if found is None or address not in found.addresses:
-            return
-        found.failures[address] = found.failures.get(address, 0) + 1
-        if found.failures[address] >= MAX_FAILURES:
-            self.discard(key, address)
-
-    def succeeded(self, key: bytes, address: str) -> None:
-        """A handshake at ``address`` proved ``key``: its advert comes first from now on."""
-        found = self.table.get(key)
-        if found is not None:
-            found.failures.pop(address, None)
-            found.proven.update(i for i, a in found.instances.items() if address in a)
-            found.last_seen = _now_ms()
-
-    def _room_for(self, found: Found, instance: str) -> bool:
-        """Make room for another advert claiming ``found``'s ID: drop adverts left
-        without addresses, then the oldest unproven one other than the agent's own
-        name; the agent's own name always gets in unless every other is proven."""
-        for other in [i for i, a in found.instances.items() if not a and i not in found.proven]:
-            self._drop_advert(found, other)
-        if len(found.instances) < MAX_INSTANCES:
-            return True
-        own = advert_name(found.key)
-        victims = [
-            i for i in found.instances if i not in found.proven and not _same(i, own)
-        ]
-        if not victims and _same(instance, own):
-            victims = [i for i in found.instances if i not in found.proven]
-        if not victims:
-            return False
-        self._drop_advert(found, victims[0])  # the oldest
-        return True
-
-    def _drop_advert(self, found: Found, instance: str) -> None:
-        found.instances.pop(instance, None)
-        found.proven.discard(instance)
-        if self._instances.get(instance) == found.key:
-            del self._instances[instance]
-
-    def _make_room(self) -> bool:
-        """Below :data:`MAX_TABLE` entries, evicting the least recently seen agent
-        that is not wanted if need be; False when every entry is wanted."""
-        if len(self.table) < MAX_TABLE:
-            return True
-        victims = [f for f in self.table.values() if not self.wanted(f.key)]
-        if not victims:
-            return False
-        oldest = min(victims, key=lambda f: f.last_seen)
-        del self.table[oldest.key]
-        for instance in oldest.instances:
-            self._instances.pop(instance, None)
-        self.on_lost(oldest.key)
-        return True
-
-    def _lost(self, instance: str) -> None:
-        """A goodbye or an expired advert: only that advert's addresses go."""
-        key = self._instances.pop(instance, None)
-        if key is not None:
-            self._drop_instance(key, instance)
-
-    def _drop_instance(self, key: bytes, instance: str) -> None:
-        found = self.table.get(key)
-        if found is None:
-            return
-        found.instances.pop(instance, None)
-        found.proven.discard(instance)
-        if not found.instances:
-            del self.table[key]
-            self.on_lost(key)
-
-
-def _same(name: str, other: str) -> bool:
-    return name.lower() == other.lower()  # DNS names ignore case
+    def _report(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, AgentDiscovered):
+                self.on_found(event.found)
+            else:
+                self.on_lost(event.key)
 
 
 async def _announce(zc: Zeroconf, info: ServiceInfo) -> None:

@@ -14,7 +14,6 @@ from typing import TypeVar
 import trio
 
 from p2psync import pairing
-from p2psync.api import Database
 from p2psync.core.events import (
     Event,
     JoinRequested,
@@ -28,6 +27,7 @@ from p2psync.core.identity import short_id
 from p2psync.core.rules import Permissions, Rule
 from p2psync.core.session import SyncSession
 from p2psync.errors import P2PSyncError
+from p2psync.home import OpenHome
 from p2psync.net.storeio import ChangeFeed, TrioStore
 
 T = TypeVar("T")
@@ -39,7 +39,7 @@ class PairLink:
 
     def __init__(
         self,
-        db: Database,
+        db: OpenHome,
         peer: bytes,
         *,
         live: bool,

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 
 import trio
 
-from p2psync.api import Database
-from p2psync.core.frames import FrameError
+from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
-from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Rule
-from p2psync.home import now_ms
-from p2psync.net.address import format_address, parse_address
+from p2psync.home import OpenHome
+from p2psync.net.address import format_address
+from p2psync.net.dial import dial
 from p2psync.net.link import PairLink
+from p2psync.net.peernote import after_session
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.transport import SecureStream
 from p2psync.pairing import JoinTicket, joined_rule
 from p2psync.store.peers import Peer, PeerState
 
@@ -41,7 +41,7 @@ class SyncOutcome:
 
 
 async def sync_once(
-    db: Database,
+    db: OpenHome,
     keys: list[bytes] | None,
     target: tuple[str, int] | None,
     *,
@@ -99,7 +99,7 @@ async def sync_once(
 
 
 async def _one(
-    db: Database,
+    db: OpenHome,
     store: TrioStore,
     feed: ChangeFeed,
     key: bytes | None,
@@ -109,7 +109,7 @@ async def _one(
     index: int,
     progress: Progress | None,
 ) -> None:
-    secured, error = await _connect(db, key, addresses)
+    secured, error = await dial(db.identity, db.name, key, addresses)
     if secured is None:
         known = trusted.get(key) if key is not None else None
         label = device_id(key) if key is not None else ", ".join(addresses)
@@ -130,7 +130,7 @@ async def _one(
 
 
 async def _session(
-    db: Database,
+    db: OpenHome,
     store: TrioStore,
     feed: ChangeFeed,
     secured: SecureStream,
@@ -150,23 +150,15 @@ async def _session(
 
 
 async def _record(
-    db: Database,
+    db: OpenHome,
     peer: bytes,
     trusted: Mapping[bytes, Peer],
     stats: SessionStats,
 ) -> None:
     if peer not in trusted:
         return
-    await trio.to_thread.run_sync(
-        lambda: db.store.record_peer(
-            peer,
-            seen=now_ms(),
-            synced=now_ms() if stats.synced else None,
-            error=None if stats.synced else stats.reason,
-            clear_error=stats.synced,
-            heads={author: head.seq for author, head in stats.peer_heads.items()} or None,
-        )
-    )
+    note = after_session(stats, in_step=stats.synced, heads=stats.peer_heads, now_ms=now_ms())
+    await trio.to_thread.run_sync(note.write, db.store, peer)
 
 
 def _outcome(peer: bytes, stats: SessionStats, name: str | None) -> SyncOutcome:
@@ -205,7 +197,7 @@ class JoinOutcome:
 
 
 async def join_once(
-    db: Database, ticket: JoinTicket, addresses: list[str], *, timeout: float
+    db: OpenHome, ticket: JoinTicket, addresses: list[str], *, timeout: float
 ) -> JoinOutcome:
     """Present an invite code to the inviter, accept the rule it proposes for it, and
     sync until the inviter holds that acceptance (its ``Have`` in a session that
@@ -220,7 +212,7 @@ async def join_once(
     last: SyncOutcome | None = None
     with trio.move_on_after(timeout):
         for _attempt in range(3):
-            secured, failure = await _connect(db, ticket.inviter, addresses)
+            secured, failure = await dial(db.identity, db.name, ticket.inviter, addresses)
             if secured is None:
                 error = failure
                 break
@@ -243,26 +235,3 @@ async def join_once(
         last = SyncOutcome(device_id(ticket.inviter), False, error, 0, 0)
     return JoinOutcome(rule, before is not None and before.id == rule.id, None, last)
 
-
-async def _connect(
-    db: Database, key: bytes | None, addresses: list[str]
-) -> tuple[SecureStream | None, str]:
-    """The first address that connects and completes the handshake."""
-    error = "no address to dial"
-    for address in addresses:
-        try:
-            host, port = parse_address(address)
-            stream = await trio.open_tcp_stream(host, port)
-        except (OSError, ValueError) as exc:
-            error = f"cannot reach {address}: {exc}"
-            continue
-        try:
-            secured = await secure(
-                stream, db.identity, initiator=True, name=db.home.name, expect=key
-            )
-        except (HandshakeError, FrameError, ConnectionLost) as exc:
-            await stream.aclose()
-            error = f"handshake with {address} failed: {exc}"
-            continue
-        return secured, ""
-    return None, error

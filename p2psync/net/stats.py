@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core.events import SessionClosed, StuckOnRefused, SyncedWithPeer
 from p2psync.core.messages import Head
-from p2psync.home import now_ms
 
 log = logging.getLogger("p2psync.net.sync")
 

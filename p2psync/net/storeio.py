@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core.flow import Flow
 from p2psync.core.messages import Head
-from p2psync.home import now_ms
 from p2psync.store.ingest import IngestResult
 from p2psync.store.logs import Outgoing
 from p2psync.store.store import Store

@@ -25,6 +25,7 @@ from dataclasses import replace
 
 import trio
 
+from p2psync.clock import now_ms
 from p2psync.core import messages
 from p2psync.core.events import (
     BatchReceived,
@@ -40,7 +41,6 @@ from p2psync.core.identity import short_id
 from p2psync.core.messages import Bye, Head
 from p2psync.core.session import SessionConfig, State, SyncSession
 from p2psync.errors import StoreError
-from p2psync.home import now_ms
 from p2psync.net.forks import exchange_fork_proofs
 from p2psync.net.link import PairLink, RulesPump
 from p2psync.net.stats import SessionStats, Signal
