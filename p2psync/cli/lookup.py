@@ -12,7 +12,13 @@ from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Mode, Rule, RuleState
-from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
+from p2psync.errors import (
+    AgentNotRunning,
+    InvalidDeviceID,
+    NotFoundError,
+    StateError,
+    UsageError,
+)
 from p2psync.net.address import parse_address
 from p2psync.pairing import last_ended
 from p2psync.store.peers import Peer, PeerState
@@ -205,7 +211,7 @@ def relationship(me: bytes, peer: Peer, rules: list[Rule]) -> str:
 def agent_status(state: State) -> dict[str, Any] | None:
     try:
         return sockets.request(state.home, {"op": "status"}, timeout=2)
-    except (sockets.AgentNotRunning, OSError, ValueError):
+    except (AgentNotRunning, OSError, ValueError):
         return None
 
 

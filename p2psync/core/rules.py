@@ -32,17 +32,14 @@ from typing import Any
 
 from p2psync.core import canonical
 from p2psync.core.identity import KEY_BYTES, Identity, short_id, verify
-from p2psync.errors import DecodeError, P2PSyncError, UsageError
+from p2psync.errors import DecodeError, UsageError
+from p2psync.errors import RuleError as RuleError  # noqa: PLC0414 (re-exported)
 
 RULE_PREFIX = b"p2psync/v1/rule\x00"
 MAX_PATTERNS = 64
 MAX_PATTERN_CHARS = 128
 MAX_REASON_CHARS = 500
 MAX_RULE_BYTES = 16 * 1024
-
-
-class RuleError(P2PSyncError):
-    """A rule object is malformed, wrongly signed, or not allowed here."""
 
 
 class Direction(Enum):
