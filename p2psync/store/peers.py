@@ -78,11 +78,6 @@ def forget_address(conn: sqlite3.Connection, key: bytes, address: str) -> None:
         conn.execute("UPDATE peers SET addresses = ? WHERE key = ?", (json.dumps(kept), key))
 
 
-def remove(conn: sqlite3.Connection, key: bytes) -> bool:
-    conn.execute("DELETE FROM peer_heads WHERE peer = ?", (key,))
-    return conn.execute("DELETE FROM peers WHERE key = ?", (key,)).rowcount > 0
-
-
 def get(conn: sqlite3.Connection, key: bytes) -> Peer | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM peers WHERE key = ?", (key,)).fetchone()
     return None if row is None else _peer(row)

@@ -292,10 +292,6 @@ class Store:
         with self._db.writing() as conn:
             peers.forget_address(conn, key, address)
 
-    def remove_peer(self, key: bytes) -> bool:
-        with self._db.writing() as conn:
-            return peers.remove(conn, key)
-
     def peer(self, key: bytes) -> peers.Peer | None:
         with self._reader.reading() as conn:
             return peers.get(conn, key)
