@@ -37,8 +37,13 @@ from p2psync.errors import ProtocolError as ProtocolError  # noqa: PLC0414 (re-e
 
 #: Largest decoded message; an Entries batch stays well below it.
 MAX_MESSAGE_BYTES = 2 << 20
-MAX_AUTHORS = 10_000  # a store's limit (store/writer.py); ~790 KB of Have at most
+#: Most authors a store holds logs of (store/writer.py refuses entries of more).
+#: Sites are authors, so real deployments have tens or hundreds; the limit keeps a
+#: peer from flooding us with throwaway keys, and a Have (~790 KB at most) well
+#: inside one message.
+MAX_AUTHORS = 10_000
 MAX_BATCH_ENTRIES = 10_000
+#: Longest reason text: of a Bye, or of a rejected rule (core/rules.py).
 MAX_REASON_CHARS = 500
 DIGEST_BYTES = 16
 MAX_RULE_OBJECTS = 1000
