@@ -11,7 +11,7 @@ from p2psync.agent import sockets
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Mode, Rule, RuleState
+from p2psync.core.rules import Rule, RuleState, in_force, on_demand_only
 from p2psync.errors import (
     AgentNotRunning,
     InvalidDeviceID,
@@ -190,9 +190,9 @@ def relationship(me: bytes, peer: Peer, rules: list[Rule]) -> str:
     """paired / pending / rejected / revoked / removed / not paired, in words."""
     if peer.state is PeerState.REMOVED:
         return "removed"
-    in_force = [r for r in rules if r.state is RuleState.ACCEPTED]
-    if in_force:
-        if all(r.terms.mode is Mode.ON_DEMAND for r in in_force):
+    paired_by = in_force(rules)
+    if paired_by:
+        if on_demand_only(paired_by):
             return "paired (on demand: p2psync sync)"
         return "paired"
     if any(r.state is RuleState.PROPOSED and r.acceptor == me for r in rules):

@@ -16,7 +16,8 @@ from typing import Any
 
 from p2psync.core import canonical
 from p2psync.core import rules as core
-from p2psync.core.rules import Rule, RuleError, RuleObject, RuleState
+from p2psync.core.rules import Rule, RuleObject
+from p2psync.errors import RuleError
 
 #: Limits per peer: a stranger can only fill its own small corner of the store.
 MAX_OPEN_PROPOSALS = 16
@@ -160,9 +161,8 @@ def in_force(objects: dict[bytes, list[bytes]]) -> dict[bytes, set[core.Mode]]:
     and the modes of those rules."""
     modes: dict[bytes, set[core.Mode]] = {}
     for peer, blobs in objects.items():
-        for rule in core.fold([core.decode(blob) for blob in blobs]).values():
-            if rule.state is RuleState.ACCEPTED:
-                modes.setdefault(peer, set()).add(rule.terms.mode)
+        for rule in core.in_force(core.fold([core.decode(blob) for blob in blobs]).values()):
+            modes.setdefault(peer, set()).add(rule.terms.mode)
     return modes
 
 
