@@ -78,6 +78,10 @@ def forget_address(conn: sqlite3.Connection, key: bytes, address: str) -> None:
         conn.execute("UPDATE peers SET addresses = ? WHERE key = ?", (json.dumps(kept), key))
 
 
+def set_state(conn: sqlite3.Connection, key: bytes, state: PeerState) -> None:
+    conn.execute("UPDATE peers SET state = ? WHERE key = ?", (state.value, key))
+
+
 def get(conn: sqlite3.Connection, key: bytes) -> Peer | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM peers WHERE key = ?", (key,)).fetchone()
     return None if row is None else _peer(row)

@@ -10,7 +10,7 @@ it was withdrawn).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +164,20 @@ def in_force(objects: dict[bytes, list[bytes]]) -> dict[bytes, set[core.Mode]]:
         for rule in core.in_force(core.fold([core.decode(blob) for blob in blobs]).values()):
             modes.setdefault(peer, set()).add(rule.terms.mode)
     return modes
+
+
+def intake_order(conn: sqlite3.Connection, ids: Sequence[bytes]) -> dict[bytes, int]:
+    """The order in which this store took in each of these rule objects (its own
+    count, see :func:`version`)."""
+    return {
+        row[0]: int(row[1])
+        for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500))
+        for row in conn.execute(
+            "SELECT id, rowid FROM rule_objects WHERE id IN "
+            f"({', '.join('?' * len(chunk))})",
+            list(chunk),
+        )
+    }
 
 
 def latest_signed(conn: sqlite3.Connection, me: bytes) -> dict[bytes, int]:
