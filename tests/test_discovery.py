@@ -36,7 +36,10 @@ from p2psync.net.discovery import (
     parse_advert,
 )
 
+pytestmark = pytest.mark.trio_memory
 
+
+@pytest.mark.pure
 def test_our_advert_carries_id_version_and_name_only() -> None:
     identity = Identity(os.urandom(32))
     discovery = Discovery(identity, "Head office", 7717, ["127.0.0.1"], print, print)
@@ -47,11 +50,13 @@ def test_our_advert_carries_id_version_and_name_only() -> None:
     assert parse_advert(info.properties) == (identity.public_key, "Head office")
 
 
+@pytest.mark.pure
 def test_long_names_are_cut_to_fit_a_txt_string() -> None:
     discovery = Discovery(Identity(os.urandom(32)), "é" * 100, 1, ["127.0.0.1"], print, print)
     assert len(discovery._service_info().properties[b"name"] or b"") <= 63
 
 
+@pytest.mark.pure
 def test_foreign_and_malformed_adverts_are_ignored() -> None:
     good_id = Identity(os.urandom(32)).device_id.encode()
     typo = good_id[:-1] + (b"B" if good_id.endswith(b"A") else b"A")
@@ -260,6 +265,7 @@ async def test_a_peers_own_advert_name_claiming_another_id_is_ignored() -> None:
     assert discovery.addresses(peer.public_key) == ("10.0.0.2:7717",), lost
 
 
+@pytest.mark.pure
 def test_the_records_of_a_response_name_the_adverts_heard() -> None:
     """zeroconf reports an advert once; every response carrying its records (an
     announcement, an answer to anyone's query) says the agent is still there."""

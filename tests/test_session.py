@@ -31,6 +31,8 @@ from p2psync.core.session import (
     SyncSession,
 )
 
+pytestmark = pytest.mark.pure
+
 AUTHOR = os.urandom(32)
 
 
