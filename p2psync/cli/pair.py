@@ -1,4 +1,5 @@
-"""`p2psync pair`: add, invite, join, pending, accept, reject, remove."""
+"""`p2psync pair`: add, invite, invites, uninvite, join, pending, accept, reject,
+remove."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
 from p2psync.core.identity import Identity, short_id
 from p2psync.errors import IntegrityError
+from p2psync.store import meta
 from p2psync.store.writer import Writer
 
 #: Meta key prefix of a peer's claim to hold more of our own log, then its hex key.
@@ -133,10 +134,7 @@ def note_own_log_claim(conn: sqlite3.Connection, own: bytes, peer: bytes, seq: i
     row = conn.execute("SELECT head_seq FROM authors WHERE key = ?", (own,)).fetchone()
     if seq <= (row[0] if row else 0):
         return False
-    conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-        (f"{OWN_BEHIND}{peer.hex()}", seq),
-    )
+    meta.put(conn, f"{OWN_BEHIND}{peer.hex()}", seq)
     return True
 
 

@@ -1,4 +1,5 @@
-"""The peers table: who this agent trusts, where to reach them, how they are doing."""
+"""The peers table: which agents this one knows (what flows between them is up to
+the rules, :mod:`p2psync.store.rules`), where to reach them, how they are doing."""
 
 from __future__ import annotations
 

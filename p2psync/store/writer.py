@@ -1,10 +1,11 @@
 """Applying entries to the store inside one write transaction.
 
 :class:`Writer` is the only code that changes ``entries``, ``records``,
-``losers``, ``authors``, ``held`` and ``forks``. Ingested entries go through
-:meth:`Writer.try_apply` (which checks their place in the chain and their
-dependencies), local ones straight to :meth:`Writer.apply`; both merge the same
-way.
+``losers``, ``authors``, ``held``, ``forks`` and ``incomplete``. Ingested entries
+(:mod:`p2psync.store.ingest`) go through :meth:`Writer.try_apply` (which checks
+their place in the chain and their dependencies), local ones
+(:mod:`p2psync.store.local`) straight to :meth:`Writer.apply`; both merge the
+same way.
 """
 
 from __future__ import annotations
