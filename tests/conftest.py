@@ -1,5 +1,21 @@
+"""Fixtures shared by the tests, the test tiers, and the leaked-thread check.
+
+Every test belongs to exactly one tier (``pytest -m pure`` runs the first alone):
+
+* ``pure`` — no event loop, no sockets, no subprocess (temporary files and SQLite
+  are fine): seconds for all of them;
+* ``trio_memory`` — a trio event loop, with memory streams instead of sockets;
+* ``process`` — real loopback sockets or subprocesses (agents, the CLI as a process);
+* ``lan`` — several hosts in network namespaces (``tests/lan.py``; root only).
+
+A module names its tier at the top (``pytestmark = pytest.mark.pure``); a test of
+another tier in it carries its own tier mark, which replaces the module's.
+"""
+
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -8,6 +24,62 @@ import pytest
 import p2psync
 from p2psync import home as home_mod
 from tests.agents import SpawnedAgent
+
+TIERS = ("pure", "trio_memory", "process", "lan")
+
+#: How long threads a test started may take to end after it.
+THREAD_GRACE_S = 1.0
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by these marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test exactly one tier: its own tier mark, else its module's.
+    A test left with none, or with several, stops the run."""
+    module_tiers: dict[pytest.Module, list[str]] = {}
+    for item in items:
+        module = item.getparent(pytest.Module)
+        if module is None:
+            continue
+        if module not in module_tiers:
+            module_tiers[module] = [m.name for m in module.own_markers if m.name in TIERS]
+            module.own_markers[:] = [m for m in module.own_markers if m.name not in TIERS]
+        if any(m.name in TIERS for m in item.iter_markers()):
+            continue  # its own mark (or its class's)
+        for tier in module_tiers[module]:
+            item.add_marker(tier)
+    wrong = [
+        f"{item.nodeid}: {tiers or 'none'}"
+        for item in items
+        if len(tiers := [m.name for m in item.iter_markers() if m.name in TIERS]) != 1
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier mark of {', '.join(TIERS)} "
+            "(see tests/conftest.py):\n" + "\n".join(wrong)
+        )
+
+
+def _idle_trio_worker(thread: threading.Thread) -> bool:
+    """trio keeps finished worker threads a while for reuse, named ``Trio thread N``
+    while idle (a job renames it): not a leak."""
+    return thread.name.startswith("Trio thread ")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a thread running (after a short grace to end)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_GRACE_S
+    leaked = []
+    for thread in threading.enumerate():
+        if thread in before or _idle_trio_worker(thread):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            leaked.append(f"{thread.name!r}{' (daemon)' if thread.daemon else ''}")
+    if leaked:
+        pytest.fail(f"the test left {len(leaked)} thread(s) running: {', '.join(leaked)}")
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from p2psync.core.identity import Identity
 from p2psync.net.adverts import (
     MAX_ADDRESSES,
@@ -23,6 +25,8 @@ from p2psync.net.adverts import (
 )
 
 T0 = 1_700_000_000_000  # ms since the epoch
+
+pytestmark = pytest.mark.pure
 
 
 def _instance(n: int) -> str:

@@ -16,6 +16,8 @@ import pytest
 import p2psync
 from tests.agents import SpawnedAgent, cli, value_at, wait_for
 
+pytestmark = pytest.mark.process
+
 Make = Callable[[str], SpawnedAgent]
 
 

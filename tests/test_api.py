@@ -15,6 +15,8 @@ import pytest
 import p2psync
 from p2psync import home as home_mod
 
+pytestmark = pytest.mark.pure
+
 
 def test_open_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(p2psync.HomeError, match="p2psync init"):
@@ -116,6 +118,7 @@ with p2psync.open(home) as db:
 """
 
 
+@pytest.mark.process
 def test_several_processes_write_one_home(db: p2psync.Database) -> None:
     procs = [
         subprocess.Popen([sys.executable, "-c", WRITER, str(db.path), f"p{n}", "60"])

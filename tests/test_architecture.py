@@ -21,7 +21,11 @@ import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import pytest
+
 import p2psync
+
+pytestmark = pytest.mark.pure
 
 PACKAGE = Path(p2psync.__file__).parent
 
@@ -282,6 +286,7 @@ def test_the_checker_sees_upward_imports_and_unplaced_modules(tmp_path: Path) ->
     }
 
 
+@pytest.mark.process
 def test_the_command_line_starts_without_trio_or_zeroconf() -> None:
     """Record commands start in ~half the time without the networking stack."""
     code = "import sys, p2psync.cli.main; print(sorted({'trio', 'zeroconf'} & set(sys.modules)))"

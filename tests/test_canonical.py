@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from p2psync.core import canonical
 from p2psync.errors import DecodeError, InvalidRecord, NestingError, NonCanonicalError
 
+pytestmark = pytest.mark.pure
+
 values = st.recursive(
     st.none()
     | st.booleans()

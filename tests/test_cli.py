@@ -20,6 +20,8 @@ from p2psync.cli.main import cli
 from p2psync.core.entry import Entry, OpKind
 from p2psync.core.identity import parse_device_id
 
+pytestmark = pytest.mark.pure
+
 Run = Callable[..., Result]
 
 
@@ -119,6 +121,7 @@ def test_log_verify_conflicts_resolve(run: Run, tmp_path: Path) -> None:
     assert {"author", "seq", "id", "hlc", "ops", "signature"} <= set(entry)
 
 
+@pytest.mark.process
 def test_real_process_errors_have_no_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "p2psync", "--home", str(tmp_path / "none"), "get", "c", "k"],

@@ -17,6 +17,8 @@ from p2psync.net.sync import SessionStats
 
 KEY = os.urandom(32)
 
+pytestmark = pytest.mark.trio_memory
+
 
 class CountingRegistry(Registry):
     def __init__(self) -> None:

@@ -10,11 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import p2psync
 from p2psync import home as home_mod
+
+pytestmark = pytest.mark.pure
 
 AGENTS = 3
 COLLECTIONS = ["ledgers", "vouchers"]

@@ -18,7 +18,7 @@ import pytest
 import p2psync
 from p2psync import home as home_mod
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 INGESTER = """
 import sys, cbor2, p2psync

@@ -13,7 +13,7 @@ from p2psync import home as home_mod
 from p2psync.agent.process import AgentProcess
 from tests.lan import HOLD_MDNS_PORT, Lan, unavailable
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 
 def test_the_demo_ignores_another_agent_on_this_machine(tmp_path: Path) -> None:
@@ -43,6 +43,7 @@ def test_the_demo_ignores_another_agent_on_this_machine(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.lan
 @pytest.mark.skipif(unavailable() is not None, reason=f"no namespace: {unavailable()}")
 def test_the_demo_runs_where_another_program_holds_the_mdns_port() -> None:
     """In a namespace of its own, so that no agent of this machine loses mDNS meanwhile."""

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 from functools import partial
 
+import pytest
 import trio
 
 import p2psync
@@ -23,6 +24,8 @@ from p2psync.net.sync import SessionStats
 from p2psync.net.transport import secure
 
 MakeDb = Callable[[str], p2psync.Database]
+
+pytestmark = pytest.mark.process
 
 
 def closed_port() -> int:
@@ -100,6 +103,7 @@ T = 1_700_000_000_000
 HEADS = {b"a" * 32: Head(7, b"\x01" * 32)}
 
 
+@pytest.mark.pure
 def test_a_session_that_ended_in_step_clears_the_error_and_keeps_the_heads() -> None:
     stats = SessionStats(reason="closed", in_sync_ms=T - 5)
     assert after_session(stats, in_step=True, heads=HEADS, now_ms=T) == PeerNote(
@@ -107,6 +111,7 @@ def test_a_session_that_ended_in_step_clears_the_error_and_keeps_the_heads() -> 
     )
 
 
+@pytest.mark.pure
 def test_a_session_that_ended_out_of_step_says_why_and_when_it_last_was() -> None:
     stats = SessionStats(reason="connection closed by the peer", error=True, in_sync_ms=T - 5)
     note = after_session(stats, in_step=False, heads=HEADS, now_ms=T)
@@ -119,17 +124,20 @@ def test_a_session_that_ended_out_of_step_says_why_and_when_it_last_was() -> Non
     )
 
 
+@pytest.mark.pure
 def test_an_error_after_being_in_step_is_not_recorded_as_in_sync_now() -> None:
     stats = SessionStats(reason="broke", error=True, synced=True, in_sync_ms=T - 5)
     assert after_session(stats, in_step=True, heads={}, now_ms=T).synced == T - 5
 
 
+@pytest.mark.pure
 def test_a_side_connection_leaves_the_error_and_heads_to_the_one_beside_it() -> None:
     stats = SessionStats(reason="another connection between us is kept")
     note = after_session(stats, in_step=False, heads=HEADS, now_ms=T, side=True)
     assert note == PeerNote(seen=T, synced=None, error=None, heads=None, clear_error=False)
 
 
+@pytest.mark.pure
 def test_a_note_is_written_to_the_peers_table(make_db: MakeDb) -> None:
     db, peer = make_db("a"), Identity(os.urandom(32)).public_key
     db.store.add_peer(peer, "b", [], T)

@@ -26,6 +26,8 @@ from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
 
+pytestmark = pytest.mark.process
+
 MakeDb = Callable[[str], p2psync.Database]
 
 

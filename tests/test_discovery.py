@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 
+import pytest
 import trio
 import trio.testing
 from zeroconf import (
@@ -37,7 +38,10 @@ def _bridge(identity: Identity, name: str, port: int) -> Discovery:
     table = AdvertTable(identity.public_key)
     return Discovery(identity, name, port, ["127.0.0.1"], table, print, print)
 
+pytestmark = pytest.mark.trio_memory
 
+
+@pytest.mark.pure
 def test_our_advert_carries_id_version_and_name_only() -> None:
     identity = Identity(os.urandom(32))
     discovery = _bridge(identity, "Head office", 7717)
@@ -48,6 +52,7 @@ def test_our_advert_carries_id_version_and_name_only() -> None:
     assert parse_advert(info.properties) == (identity.public_key, "Head office")
 
 
+@pytest.mark.pure
 def test_long_names_are_cut_to_fit_a_txt_string() -> None:
     discovery = _bridge(Identity(os.urandom(32)), "é" * 100, 1)
     assert len(discovery._service_info().properties[b"name"] or b"") <= 63

@@ -32,6 +32,8 @@ from p2psync.errors import (
 from tests.helpers import Author, flip_bit
 from tests.test_canonical import values
 
+pytestmark = pytest.mark.pure
+
 keys = st.text(min_size=1, max_size=12).filter(lambda k: k.isprintable())
 
 

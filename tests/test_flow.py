@@ -4,15 +4,18 @@ goes, and which received entries may be applied."""
 from __future__ import annotations
 
 import cbor2
+import pytest
 
 from p2psync.core.entry import decode_wire
 from p2psync.core.flow import EVERYTHING, Flow
 from p2psync.core.messages import Head
 from p2psync.core.rules import Direction, Mode, Permissions, Route, Rule, RuleState, Terms
-from p2psync.errors import RuleViolationError, WithheldError, is_peer_fault
+from p2psync.errors import HostileEntry, RuleViolationError, WithheldError
 from tests.helpers import Author
 
 ME, PEER = b"m" * 32, b"p" * 32
+
+pytestmark = pytest.mark.pure
 
 
 def rule(terms: Terms, state: RuleState = RuleState.ACCEPTED) -> Rule:
@@ -48,7 +51,7 @@ def test_a_payload_no_rule_lets_the_peer_send_is_its_fault() -> None:
     author = Author()
     entry = author.write(author.op("public", "a", 1), author.op("payroll", "b", 2))
     refusal = only("public").judge(entry)
-    assert isinstance(refusal, RuleViolationError) and is_peer_fault(refusal)
+    assert isinstance(refusal, RuleViolationError) and isinstance(refusal, HostileEntry)
     assert "'payroll'" in str(refusal)
     assert only("public", "payroll").judge(entry) is None
     assert Flow().judge(entry) is None
@@ -61,7 +64,7 @@ def test_a_missing_payload_that_may_come_here_makes_the_entry_wait() -> None:
     assert only("public").judge(filtered) is None  # payroll may not come here anyway
     for flow in (Flow(), only("public", "payroll")):
         refusal = flow.judge(filtered)
-        assert isinstance(refusal, WithheldError) and not is_peer_fault(refusal)
+        assert isinstance(refusal, WithheldError) and not isinstance(refusal, HostileEntry)
         assert "without its 'payroll' part" in str(refusal)
     # payroll may come only by an on-demand rule: the entry waits for that sync
     later = Flow(only("public").now, Permissions(receive=(Terms(("public", "payroll")),)))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import gc
 import threading
 
+import pytest
+
 from p2psync.store.gcpause import BATCH_THRESHOLD, fewer_collections
+
+pytestmark = pytest.mark.pure
 
 
 def test_threshold_is_raised_during_a_batch_and_restored_after() -> None:

@@ -41,6 +41,8 @@ from p2psync.store import rules as store_rules
 from tests.test_pairing import key, session, state_of
 from tests.test_sync import Hostile, connect, fill
 
+pytestmark = pytest.mark.trio_memory
+
 MakeDb = Callable[[str], p2psync.Database]
 
 
@@ -102,11 +104,13 @@ def held_digest(db: p2psync.Database, peer: p2psync.Database) -> bytes:
 # ---------------------------------------------------------------- decoding
 
 
+@pytest.mark.pure
 def test_a_rule_body_with_mixed_keys_is_a_decode_error() -> None:
     with pytest.raises(DecodeError):
         core_rules._keys({0: 1, "1": 2, 2: 3}, 3)  # sorting these would raise TypeError
 
 
+@pytest.mark.pure
 def test_a_handshake_payload_with_mixed_keys_is_refused() -> None:
     payload = canonical.encode({0: 1, "1": b"k" * 32, 2: b"s" * 64, 3: "x"})
     handshake = hs.Handshake.__new__(hs.Handshake)
@@ -229,6 +233,7 @@ async def test_a_peer_that_stops_reading_is_cut_off(
     assert trio.current_time() - started < 60  # virtual seconds
 
 
+@pytest.mark.pure
 def test_a_flood_of_caught_costs_no_digest_work(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = SyncSession(0.0), SyncSession(0.0)
     heads = {os.urandom(32): Head(i + 1, os.urandom(32), False) for i in range(2000)}
@@ -339,6 +344,7 @@ async def test_an_invite_whose_terms_do_not_match_the_proposal_pairs_nothing(
     assert b.get("payroll", "alice") is None
 
 
+@pytest.mark.pure
 def test_the_same_joiner_may_retry_an_invite(make_db: MakeDb) -> None:
     a, b, c = make_db("a"), make_db("b"), make_db("c")
     code = pairing.parse_invite(pairing.create_invite(a, Terms(), 600, []))
@@ -367,6 +373,7 @@ async def test_pair_accept_refuses_to_guess_between_two_requests(
 # ---------------------------------------------------------------- rule object quotas
 
 
+@pytest.mark.pure
 def test_a_peer_that_fills_its_quota_can_still_be_removed(
     make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -386,6 +393,7 @@ def test_a_peer_that_fills_its_quota_can_still_be_removed(
     assert RuleState.ACCEPTED not in state_of(a, p)
 
 
+@pytest.mark.pure
 def test_requests_from_too_many_strangers_are_refused_until_answered(
     make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -405,6 +413,7 @@ def test_requests_from_too_many_strangers_are_refused_until_answered(
     assert len(a.store.rules(key(late))) == 1
 
 
+@pytest.mark.pure
 def test_rule_bookkeeping_never_scans_every_rule_object(make_db: MakeDb) -> None:
     """Strangers can fill the table with requests (64 x 1,024 objects): what runs
     for each new request, under the write lock, and the agent's reload of peers
@@ -445,6 +454,7 @@ def test_rule_bookkeeping_never_scans_every_rule_object(make_db: MakeDb) -> None
         db.close()
 
 
+@pytest.mark.pure
 def test_a_proposer_cannot_answer_its_own_request(make_db: MakeDb) -> None:
     """Only the acceptor's answers are stored: a stranger accepting its own requests
     would otherwise dodge the open-request cap and make every reload fold its pile."""

@@ -14,6 +14,8 @@ from p2psync.core.handshake import shown_name
 from p2psync.core.identity import Identity, device_id, parse_device_id, short_id, verify
 from p2psync.errors import InvalidDeviceID, UsageError
 
+pytestmark = pytest.mark.pure
+
 B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 

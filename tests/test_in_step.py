@@ -14,6 +14,8 @@ from p2psync.core.rules import Direction, Terms
 from p2psync.store import writer as writer_mod
 from tests.test_pairing import filtered_upstream, key, session
 
+pytestmark = pytest.mark.trio_memory
+
 MakeDb = Callable[[str], p2psync.Database]
 
 

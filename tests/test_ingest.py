@@ -32,6 +32,8 @@ from p2psync.errors import (
 from p2psync.store import ingest as ingest_mod
 from tests.helpers import Author
 
+pytestmark = pytest.mark.pure
+
 
 def snapshot(db: p2psync.Database) -> dict[str, Any]:
     """Everything the store holds, for before/after comparisons."""

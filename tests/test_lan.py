@@ -20,6 +20,7 @@ from p2psync.agent.process import AgentProcess
 from tests.lan import Lan, unavailable
 
 pytestmark = [
+    pytest.mark.lan,
     pytest.mark.skipif(unavailable() is not None, reason=f"no LAN: {unavailable()}"),
     pytest.mark.slow,
 ]

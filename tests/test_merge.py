@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import pytest
+
 import p2psync
 from p2psync.clock import now_ms
 from p2psync.core import hlc
 from p2psync.core.merge import Version, merge
 from tests.helpers import Author
+
+pytestmark = pytest.mark.pure
 
 MakeDb = Callable[[str], p2psync.Database]
 

@@ -18,7 +18,7 @@ from tests.agents import SpawnedAgent, cli, run, value_at, wait_for
 
 Make = Callable[[str], SpawnedAgent]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 
 def invite(agent: SpawnedAgent, *rule: str) -> str:

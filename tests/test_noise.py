@@ -23,6 +23,8 @@ from p2psync.core.noise import (
 )
 from p2psync.errors import P2PSyncError
 
+pytestmark = pytest.mark.pure
+
 VECTOR_FILE = Path(__file__).parent / "vectors" / "noise-25519-chachapoly-blake2b.json"
 VECTORS: list[dict[str, Any]] = json.loads(VECTOR_FILE.read_text())["vectors"]
 PREFIX, SUFFIX = "Noise_", "_25519_ChaChaPoly_BLAKE2b"

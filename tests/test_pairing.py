@@ -25,6 +25,8 @@ from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
 from tests.test_sync import connect
 
+pytestmark = pytest.mark.trio_memory
+
 MakeDb = Callable[[str], p2psync.Database]
 
 
@@ -283,6 +285,7 @@ async def test_wrong_or_expired_invite_is_refused(make_db: MakeDb) -> None:
     assert state_of(a, b) == set()
 
 
+@pytest.mark.pure
 def test_invite_codes_catch_typos() -> None:
     with pytest.raises(UsageError, match="P2PS-"):
         pairing.parse_invite("hello")
@@ -297,6 +300,7 @@ def code_of(fields: list[object]) -> str:
     return "P2PS-" + base64.b32encode(payload + check).decode().rstrip("=")
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize(
     "hints, expires",
     [
@@ -314,6 +318,7 @@ def test_invite_codes_with_impossible_fields_are_refused(
         pairing.parse_invite(code_of(fields))
 
 
+@pytest.mark.pure
 def test_a_joiner_cut_short_may_retry_after_the_code_expired(make_db: MakeDb) -> None:
     a, b, c = make_db("a"), make_db("b"), make_db("c")
     code = pairing.parse_invite(pairing.create_invite(a, Terms(), 600, []))
@@ -388,6 +393,7 @@ def key_short(db: p2psync.Database) -> str:
     return db.identity.short_id
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("expires", ["0", "0s", "-5m", "0.001s", "5s", "31d", "99999999999d"])
 def test_pair_invite_refuses_absurd_lifetimes(make_db: MakeDb, expires: str) -> None:
     a = make_db("a")

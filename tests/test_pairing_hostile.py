@@ -35,12 +35,15 @@ from p2psync.net.transport import ConnectionLost, SecureStream, secure
 from p2psync.store.peers import PeerState
 from tests.test_pairing import key, pair_cli, session, state_of
 
+pytestmark = pytest.mark.process
+
 MakeDb = Callable[[str], p2psync.Database]
 
 
 # ------------------------------------------------------------ F1: used code re-pairs
 
 
+@pytest.mark.trio_memory
 async def test_a_removed_joiner_cannot_pair_again_with_its_used_code(make_db: MakeDb) -> None:
     """`pair remove` must stick: the joiner that used a code must not get a new rule
     by presenting the same code again (even after it expired)."""
@@ -77,6 +80,7 @@ def _proposal(db: p2psync.Database, peer: bytes, terms: Terms) -> tuple[bytes, b
     return signed, core.rule_id(signed)
 
 
+@pytest.mark.trio_memory
 async def test_mutual_proposals_settled_at_the_same_time_keep_what_both_asked(
     make_db: MakeDb,
 ) -> None:
@@ -321,6 +325,7 @@ async def test_pair_join_says_paired_only_when_the_inviter_holds_the_acceptance(
 # ------------------------------------------------------------ F: settle's narrowing on routes
 
 
+@pytest.mark.pure
 def test_mutual_settle_never_gives_a_rule_outside_either_proposal() -> None:
     """Terms.common must be no wider than *both* proposals (each in its own view)."""
     ours = Terms(("*",), Direction.BOTH, Mode.ONLINE, Route.DIRECT)  # we: direct only
@@ -334,6 +339,7 @@ def test_mutual_settle_never_gives_a_rule_outside_either_proposal() -> None:
 # ------------------------------------------------------------ F: pair add names the wrong rule
 
 
+@pytest.mark.pure
 def test_pair_add_reports_the_rule_it_just_agreed_to(make_db: MakeDb) -> None:
     a, b = make_db("a"), make_db("b")
     # an older rule in force: b asked for alpha, a accepted
@@ -357,6 +363,7 @@ def test_pair_add_reports_the_rule_it_just_agreed_to(make_db: MakeDb) -> None:
 # ------------------------------------------------------------ F: every message costs O(authors)
 
 
+@pytest.mark.pure
 def test_a_ping_costs_the_reader_constant_time_once_in_sync() -> None:
     """net/sync.py reader: after every message, `machine.synced` (O(authors): _quiet's
     wants() and _lacking()). A paired peer that floods tiny Pings makes the agent's one
@@ -444,6 +451,7 @@ def _wanted(mine: list[Terms], theirs: list[Terms]) -> set[tuple[str, str]]:
     return out
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("seed", range(40))
 def test_mutual_proposals_in_any_order_settle_within_what_both_asked(
     make_db: MakeDb, seed: int

@@ -20,6 +20,8 @@ from p2psync.core.rules import Terms
 from p2psync.core.session import SessionConfig
 from tests.agents import SpawnedAgent, cli, value_at, wait_for
 
+pytestmark = pytest.mark.process
+
 MakeDb = Callable[[str], p2psync.Database]
 
 

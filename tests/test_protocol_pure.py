@@ -29,6 +29,8 @@ from p2psync.core.session import TRANSITIONS, SessionConfig, State, SyncSession
 from p2psync.core.settling import MAX_RULE_WORK, MAX_RULES_HELD
 from p2psync.errors import FutureTimestampError, LocalProtocolError, SignatureError
 
+pytestmark = pytest.mark.pure
+
 
 class Stored(NamedTuple):
     author: bytes

@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Callable
 
+import pytest
 import trio
 import trio.testing
 from click.testing import CliRunner
@@ -26,6 +27,8 @@ from p2psync.core.messages import Caught, Have, Head, heads_digest
 from p2psync.core.rules import Direction, Mode, RuleState, Terms
 from p2psync.core.session import SyncSession
 from tests.test_pairing import key
+
+pytestmark = pytest.mark.process
 
 MakeDb = Callable[[str], p2psync.Database]
 
@@ -119,6 +122,7 @@ async def test_a_revocation_made_while_connected_reaches_the_peer(make_db: MakeD
 #    overrides the user's rejection
 
 
+@pytest.mark.pure
 def test_a_request_the_user_rejected_is_not_accepted_when_made_again_backdated(
     make_db: MakeDb,
 ) -> None:
@@ -157,6 +161,7 @@ def test_a_request_the_user_rejected_is_not_accepted_when_made_again_backdated(
 # ------------------------------------------------------------ R4: ended in sync after an error
 
 
+@pytest.mark.pure
 def test_a_session_failed_by_a_protocol_error_is_not_recorded_as_ended_in_sync() -> None:
     """_close() sets ended_in_sync = synced also for fail(): a peer that breaks the
     protocol (or goes silent for 45 s) after the pair got in step ends a session that
@@ -255,6 +260,7 @@ async def test_two_syncs_at_once_through_the_agent_both_succeed_or_say_why(
 #    must refuse
 
 
+@pytest.mark.pure
 def test_the_answers_settle_returns_can_be_stored_by_the_peer(make_db: MakeDb) -> None:
     """settle()'s answers (sent alone, as a `Rules` of just those answers) include
     tidy()'s revocations of our OPEN proposals — possibly one the peer has never

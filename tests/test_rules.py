@@ -11,6 +11,8 @@ from p2psync.core import rules as r
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Direction, Mode, Permissions, Route, RuleState, Terms
 
+pytestmark = pytest.mark.pure
+
 A, B, C = (Identity(os.urandom(32)) for _ in range(3))
 
 

@@ -14,6 +14,8 @@ from p2psync import pairing
 from p2psync.core.rules import Terms
 from p2psync.store import schema
 
+pytestmark = pytest.mark.pure
+
 MakeDb = Callable[[str], p2psync.Database]
 
 

@@ -33,6 +33,8 @@ from p2psync.core.rules import Permissions, Terms
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import LocalProtocolError
 
+pytestmark = pytest.mark.pure
+
 AUTHOR = os.urandom(32)
 
 

@@ -21,6 +21,8 @@ from p2psync.home import AGENT_FILE
 from tests.agents import SpawnedAgent
 from tests.lan import HOLD_MDNS_PORT, Lan, unavailable
 
+pytestmark = pytest.mark.process
+
 ABSENT_IP = "203.0.113.77"  # TEST-NET-3: documentation only, never this machine's
 
 
@@ -115,6 +117,7 @@ def test_discovery_when_listening_on_ipv6_only(home: Path) -> None:
     assert "--no-discovery" in message
 
 
+@pytest.mark.lan
 @pytest.mark.skipif(unavailable() is not None, reason=f"no namespace: {unavailable()}")
 def test_discovery_where_another_program_holds_the_mdns_port(home: Path) -> None:
     lan = Lan(1)  # a namespace of its own: no agent of this machine loses mDNS meanwhile

@@ -29,6 +29,8 @@ from p2psync.net.sync import SessionStats, run_session
 from p2psync.net.transport import ConnectionLost, SecureStream, secure
 from tests.helpers import Author
 
+pytestmark = pytest.mark.trio_memory
+
 MakeDb = Callable[[str], p2psync.Database]
 
 
@@ -374,6 +376,7 @@ async def test_unexpected_message_closes(make_db: MakeDb) -> None:
     assert stats.error and "acknowledgement" in stats.reason
 
 
+@pytest.mark.pure
 def test_signed_prefix_constant() -> None:
     assert SIGN_PREFIX.startswith(b"p2psync/v1/")
 

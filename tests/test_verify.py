@@ -17,6 +17,8 @@ from p2psync import home as home_mod
 from p2psync.core.entry import entry_id
 from tests.helpers import flip_bit
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.fixture(scope="module")
 def template() -> Iterator[Path]:

@@ -21,6 +21,8 @@ from p2psync.core.identity import device_id
 from p2psync.core.rules import Terms
 from tests.agents import SpawnedAgent, cli, run, value_at, wait_for
 
+pytestmark = pytest.mark.process
+
 Make = Callable[[str], SpawnedAgent]
 MakeDb = Callable[[str], p2psync.Database]
 
@@ -242,6 +244,7 @@ def _exchange(x: p2psync.Database, y: p2psync.Database) -> None:
         pairing.receive(x, ky, y.store.rule_objects(kx), None)
 
 
+@pytest.mark.pure
 def test_a_revoked_pair_is_not_described_as_rejected(make_db: MakeDb) -> None:
     a, b = make_db("a"), make_db("b")
     ka, kb = a.identity.public_key, b.identity.public_key
@@ -260,6 +263,7 @@ def test_a_revoked_pair_is_not_described_as_rejected(make_db: MakeDb) -> None:
     assert not any("use the invite" in s for s in said), said
 
 
+@pytest.mark.pure
 def test_the_latest_rejection_is_the_one_shown(make_db: MakeDb) -> None:
     a, b = make_db("a"), make_db("b")
     ka, kb = a.identity.public_key, b.identity.public_key
@@ -310,6 +314,7 @@ def test_a_failed_join_names_the_inviter_once(make_db: MakeDb, tmp_path: Path) -
     assert result.stderr.count(short) == 1, result.stderr
 
 
+@pytest.mark.pure
 def test_pair_add_that_meets_the_peers_request_reports_the_rule_it_made(
     make_db: MakeDb,
 ) -> None:

@@ -17,7 +17,7 @@ from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_peer
 from p2psync.cli.terms import timeout_option
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.errors import InvalidDeviceID, P2PSyncError, UsageError
+from p2psync.errors import AgentNotRunning, InvalidDeviceID, P2PSyncError, UsageError
 from p2psync.net import agentsockets
 from p2psync.net.address import parse_address
 
@@ -130,7 +130,7 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
                 {"op": "sync", "peer": _peer_id(state, peer), "timeout": timeout},
                 timeout=timeout + 5,
             )
-        except agentsockets.AgentNotRunning:
+        except AgentNotRunning:
             pass
         except (OSError, ValueError) as exc:
             raise P2PSyncError(f"the running agent did not answer: {exc}") from exc
@@ -240,7 +240,7 @@ def status(state: State, as_json: bool) -> None:
 
     try:
         running: dict[str, Any] | None = agentsockets.request(state.home, {"op": "status"}, 3)
-    except (agentsockets.AgentNotRunning, OSError, ValueError):
+    except (AgentNotRunning, OSError, ValueError):
         running = None
     with state.open() as db:
         authors = db.authors()

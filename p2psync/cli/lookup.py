@@ -10,8 +10,14 @@ from typing import Any, Protocol, TypeVar, overload
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Mode, Rule, RuleState
-from p2psync.errors import InvalidDeviceID, NotFoundError, StateError, UsageError
+from p2psync.core.rules import Rule, RuleState, in_force, on_demand_only
+from p2psync.errors import (
+    AgentNotRunning,
+    InvalidDeviceID,
+    NotFoundError,
+    StateError,
+    UsageError,
+)
 from p2psync.net import agentsockets as sockets
 from p2psync.net.address import parse_address
 from p2psync.pairing import last_ended
@@ -184,9 +190,9 @@ def relationship(me: bytes, peer: Peer, rules: list[Rule]) -> str:
     """paired / pending / rejected / revoked / removed / not paired, in words."""
     if peer.state is PeerState.REMOVED:
         return "removed"
-    in_force = [r for r in rules if r.state is RuleState.ACCEPTED]
-    if in_force:
-        if all(r.terms.mode is Mode.ON_DEMAND for r in in_force):
+    paired_by = in_force(rules)
+    if paired_by:
+        if on_demand_only(paired_by):
             return "paired (on demand: p2psync sync)"
         return "paired"
     if any(r.state is RuleState.PROPOSED and r.acceptor == me for r in rules):
@@ -205,7 +211,7 @@ def relationship(me: bytes, peer: Peer, rules: list[Rule]) -> str:
 def agent_status(state: State) -> dict[str, Any] | None:
     try:
         return sockets.request(state.home, {"op": "status"}, timeout=2)
-    except (sockets.AgentNotRunning, OSError, ValueError):
+    except (AgentNotRunning, OSError, ValueError):
         return None
 
 

@@ -1,4 +1,5 @@
-"""`p2psync pair`: add, invite, join, pending, accept, reject, remove."""
+"""`p2psync pair`: add, invite, invites, uninvite, join, pending, accept, reject,
+remove."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from p2psync.cli.lookup import (
 )
 from p2psync.cli.rule import rule_row, say_proposal
 from p2psync.cli.terms import (
+    RuleOptions,
     accept_in_view,
-    make_terms,
     parse_duration,
     rule_options,
     timeout_option,
@@ -67,10 +68,7 @@ def pair_add(
     peer: str,
     addresses: tuple[str, ...],
     name: str | None,
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
+    options: RuleOptions,
 ) -> None:
     """Ask PEER to pair, proposing a sync rule; nothing flows until it accepts (or
     has added this agent too). PEER: a device ID, or the name or first characters
@@ -80,7 +78,7 @@ def pair_add(
             parse_address(address)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    terms = make_terms(collections, direction, mode, route)
+    terms = options.terms()
     with state.open() as db:
         try:
             key = parse_device_id(peer)
@@ -127,10 +125,7 @@ def pair_add(
 @pass_state
 def pair_invite(
     state: State,
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
+    options: RuleOptions,
     expires: str,
     addresses: tuple[str, ...],
 ) -> None:
@@ -141,7 +136,7 @@ def pair_invite(
         raise UsageError(
             f"--expires {expires}: an invite code works for 10s to 30d (e.g. --expires 10m)"
         )
-    terms = make_terms(collections, direction, mode, route)
+    terms = options.terms()
     hints = list(addresses) or listen_hints(state)
     if not hints:
         raise StateError(
@@ -341,17 +336,14 @@ def pair_pending(state: State, as_json: bool) -> None:
 def pair_accept(
     state: State,
     peer: str,
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
+    options: RuleOptions,
 ) -> None:
     """Accept PEER's pairing request, optionally narrowed (options in this agent's
     view, as `pair pending` shows it)."""
     with state.open() as db:
         found = resolve_peer(db, peer)
         rule = _waiting_from(db, found)
-        mine = accept_in_view(db, rule, collections, direction, mode, route)
+        mine = accept_in_view(db, rule, options)
         db.store.add_peer(found.key, None, [], now_ms())
     notify(state)
     click.echo(

@@ -17,7 +17,7 @@ from p2psync.cli.lookup import (
     resolve_rule,
     waiting_for_us,
 )
-from p2psync.cli.terms import accept_in_view, make_terms, rule_options
+from p2psync.cli.terms import RuleOptions, accept_in_view, rule_options
 from p2psync.core.identity import device_id, short_id
 from p2psync.core.rules import Rule, RuleState
 from p2psync.errors import StateError
@@ -37,14 +37,11 @@ def rule() -> None:
 def rule_propose(
     state: State,
     peer: str,
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
+    options: RuleOptions,
 ) -> None:
     """Propose another rule to PEER: a known peer, or an agent the running agent
     found on the LAN (by device ID, its first characters, or name)."""
-    terms = make_terms(collections, direction, mode, route)
+    terms = options.terms()
     with state.open() as db:
         found = resolve_peer(db, peer, lambda: discovered_agents(state))
         if isinstance(found, Discovered):  # it becomes known, reachable where it said
@@ -109,15 +106,12 @@ def rule_list(state: State, as_json: bool) -> None:
 def rule_accept(
     state: State,
     rule_id: str,
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
+    options: RuleOptions,
 ) -> None:
     """Accept a proposed rule, optionally narrowed (options in this agent's view)."""
     with state.open() as db:
         found = waiting_for_us(db, resolve_rule(db, rule_id))
-        mine = accept_in_view(db, found, collections, direction, mode, route)
+        mine = accept_in_view(db, found, options)
     notify(state)
     click.echo(f"accepted rule {found.id.hex()[:12]}: {mine.describe()}")
 

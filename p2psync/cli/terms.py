@@ -3,8 +3,10 @@ the acceptor's view, and durations like ``10m``."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -15,15 +17,52 @@ from p2psync.core.rules import Direction, Mode, Route, Rule, Terms
 from p2psync.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
-def rule_options(narrowing: bool = False) -> Callable[[F], F]:
-    """--collection/--direction/--mode/--route; defaults: everything, both, online, auto.
+@dataclass(frozen=True, slots=True)
+class RuleOptions:
+    """``--collection/--direction/--mode/--route`` as given (empty or None: not
+    given), in this agent's view whether it proposes or accepts."""
+
+    collections: tuple[str, ...] = ()
+    direction: str | None = None
+    mode: str | None = None
+    route: str | None = None
+
+    def terms(self, base: Terms | None = None) -> Terms:
+        """The terms the options make; what they do not give comes from ``base``
+        (default: everything, both, online, auto)."""
+        base = base or Terms()
+        return Terms.make(
+            list(self.collections) or list(base.collections),
+            Direction(self.direction) if self.direction else base.direction,
+            Mode(self.mode) if self.mode else base.mode,
+            Route(self.route) if self.route else base.route,
+        )
+
+
+def rule_options(narrowing: bool = False) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """--collection/--direction/--mode/--route, handed to the command as one
+    ``options`` argument (a :class:`RuleOptions`); defaults: everything, both,
+    online, auto (``narrowing``: as proposed).
 
     The direction is always in this agent's view (whether it proposes or accepts);
     rules are signed in the proposer's view, see :func:`accept_in_view`."""
 
-    def decorate(function: F) -> F:
+    def decorate(function: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(function)
+        def command(
+            *args: Any,
+            collections: tuple[str, ...],
+            direction: str | None,
+            mode: str | None,
+            route: str | None,
+            **kwargs: Any,
+        ) -> R:
+            options = RuleOptions(collections, direction, mode, route)
+            return function(*args, options=options, **kwargs)
+
         help_suffix = " (default: as proposed)" if narrowing else ""
         for option in reversed(
             [
@@ -56,26 +95,10 @@ def rule_options(narrowing: bool = False) -> Callable[[F], F]:
                 ),
             ]
         ):
-            function = option(function)
-        return function
+            command = option(command)
+        return command
 
     return decorate
-
-
-def make_terms(
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
-    base: Terms | None = None,
-) -> Terms:
-    base = base or Terms()
-    return Terms.make(
-        list(collections) or list(base.collections),
-        Direction(direction) if direction else base.direction,
-        Mode(mode) if mode else base.mode,
-        Route(route) if route else base.route,
-    )
 
 
 def parse_duration(text: str, option: str | None = None) -> float:
@@ -89,17 +112,10 @@ def parse_duration(text: str, option: str | None = None) -> float:
     return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def accept_in_view(
-    db: Database,
-    rule: Rule,
-    collections: tuple[str, ...],
-    direction: str | None,
-    mode: str | None,
-    route: str | None,
-) -> Terms:
+def accept_in_view(db: Database, rule: Rule, options: RuleOptions) -> Terms:
     """Accept ``rule`` with options given in the acceptor's view; returns the terms
     in that view."""
-    mine = make_terms(collections, direction, mode, route, base=rule.proposed.flipped())
+    mine = options.terms(base=rule.proposed.flipped())
     pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
     return mine
 

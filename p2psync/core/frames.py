@@ -21,7 +21,7 @@ import struct
 import nacl.bindings
 import nacl.exceptions
 
-from p2psync.errors import P2PSyncError
+from p2psync.errors import FrameError as FrameError  # noqa: PLC0414 (re-exported)
 
 HEADER = struct.Struct(">I")
 TAG_BYTES = 16
@@ -29,10 +29,6 @@ MAX_HANDSHAKE_FRAME = 4096
 #: Largest sealed frame: one message of at most 2 MiB plus its tag.
 MAX_FRAME = (2 << 20) + TAG_BYTES
 _MAX_NONCE = (1 << 64) - 1
-
-
-class FrameError(P2PSyncError):
-    """A frame was oversize, truncated, or failed authentication."""
 
 
 class FrameReader:

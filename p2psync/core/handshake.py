@@ -30,8 +30,9 @@ import nacl.exceptions
 
 from p2psync.core import canonical
 from p2psync.core.identity import KEY_BYTES, Identity, short_id, verify
-from p2psync.core.noise import HandshakeError, HandshakeState, KeyPair
-from p2psync.errors import DecodeError
+from p2psync.core.noise import HandshakeState, KeyPair
+from p2psync.errors import DecodeError, LocalHandshakeError, RemoteHandshakeError
+from p2psync.errors import IdentityMismatch as IdentityMismatch  # noqa: PLC0414 (re-exported)
 
 PROLOGUE = b"p2psync/1"
 PROTOCOL_VERSION = 1
@@ -46,16 +47,12 @@ def shown_name(name: str) -> str:
     return "".join(c if c.isprintable() else " " for c in name[:MAX_NAME_CHARS])
 
 
-class IdentityMismatch(HandshakeError):
-    """The peer proved an identity other than the one expected, or an untrusted one."""
-
-
 def x25519_public(ed25519_key: bytes) -> bytes:
     """The X25519 form of an Ed25519 public key."""
     try:
         converted: bytes = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(ed25519_key)
     except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError) as exc:
-        raise HandshakeError("peer's identity key is not a valid Ed25519 key") from exc
+        raise RemoteHandshakeError("peer's identity key is not a valid Ed25519 key") from exc
     return converted
 
 
@@ -119,7 +116,7 @@ class Handshake:
     def receive(self, message: bytes) -> bytes | None:
         """Process the peer's message; return our reply, or None if there is none."""
         if self.done:
-            raise HandshakeError("handshake message after the handshake finished")
+            raise LocalHandshakeError("handshake message after the handshake finished")
         payload = self._state.read_message(message)
         self._received += 1
         if self.initiator:  # message 2: the responder's identity
@@ -133,7 +130,7 @@ class Handshake:
             return reply
         if self._received == 1:  # message 1: the initiator's ephemeral key only
             if payload:
-                raise HandshakeError("the first handshake message must carry no payload")
+                raise RemoteHandshakeError("the first handshake message must carry no payload")
             return self._state.write_message(self._payload)  # message 2
         # message 3: the initiator's identity
         self._peer = self._check_payload(payload)
@@ -145,31 +142,31 @@ class Handshake:
     def _check_payload(self, payload: bytes) -> tuple[bytes, str]:
         remote_static = self._state.remote_static
         if remote_static is None:
-            raise HandshakeError("handshake ended without the peer's static key")
+            raise RemoteHandshakeError("handshake ended without the peer's static key")
         try:
             fields = canonical.decode(payload, what="handshake payload", max_depth=1)
         except DecodeError as exc:
-            raise HandshakeError(f"bad handshake payload: {exc}") from exc
+            raise RemoteHandshakeError(f"bad handshake payload: {exc}") from exc
         if (
             type(fields) is not dict
             or not all(type(key) is int for key in fields)
             or set(fields) != {0, 1, 2, 3}
         ):
-            raise HandshakeError("handshake payload must have the keys 0-3")
+            raise RemoteHandshakeError("handshake payload must have the keys 0-3")
         version, key, signature, name = fields[0], fields[1], fields[2], fields[3]
         if type(version) is not int or version != PROTOCOL_VERSION:
-            raise HandshakeError(
+            raise RemoteHandshakeError(
                 f"peer speaks protocol version {version!r}; this agent speaks "
                 f"{PROTOCOL_VERSION}: upgrade the older one"
             )
         if type(key) is not bytes or len(key) != KEY_BYTES or type(signature) is not bytes:
-            raise HandshakeError("handshake payload has a malformed identity")
+            raise RemoteHandshakeError("handshake payload has a malformed identity")
         if type(name) is not str or len(name) > MAX_NAME_CHARS or not name.isprintable():
-            raise HandshakeError("handshake payload has a malformed name")
+            raise RemoteHandshakeError("handshake payload has a malformed name")
         if x25519_public(key) != remote_static:
-            raise HandshakeError("peer's identity key does not match its handshake key")
+            raise RemoteHandshakeError("peer's identity key does not match its handshake key")
         if not verify(key, BINDING_PREFIX + remote_static, signature):
-            raise HandshakeError("peer's identity signature does not verify")
+            raise RemoteHandshakeError("peer's identity signature does not verify")
         return key, name
 
     def _finish(self) -> None:
@@ -177,7 +174,7 @@ class Handshake:
         first, second = self._state.split()  # initiator->responder, responder->initiator
         send, receive = (first, second) if self.initiator else (second, first)
         if send.key is None or receive.key is None:
-            raise HandshakeError("handshake finished without transport keys")
+            raise LocalHandshakeError("handshake finished without transport keys")
         self.outcome = Outcome(
             peer=self._peer[0],
             peer_name=self._peer[1],

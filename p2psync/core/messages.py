@@ -2,7 +2,8 @@
 
 Every message is the canonical CBOR encoding of an array whose first element is
 the message type. Decoding is strict: wrong shapes, unknown types, trailing
-bytes and non-canonical encodings are a :class:`ProtocolError`. The full wire
+bytes and non-canonical encodings are a
+:class:`~p2psync.errors.RemoteProtocolError`. The full wire
 description is in ``docs/protocol.md``.
 
 ====  =========  ===============================================================
@@ -31,17 +32,18 @@ from typing import Any
 import cbor2
 
 from p2psync.core import canonical
-from p2psync.errors import DecodeError, P2PSyncError
-
-
-class ProtocolError(P2PSyncError):
-    """The peer broke the sync protocol; the connection is closed with this reason."""
-
+from p2psync.errors import DecodeError, RemoteProtocolError
+from p2psync.errors import ProtocolError as ProtocolError  # noqa: PLC0414 (re-exported)
 
 #: Largest decoded message; an Entries batch stays well below it.
 MAX_MESSAGE_BYTES = 2 << 20
-MAX_AUTHORS = 10_000  # a store's limit (store/writer.py); ~790 KB of Have at most
+#: Most authors a store holds logs of (store/writer.py refuses entries of more).
+#: Sites are authors, so real deployments have tens or hundreds; the limit keeps a
+#: peer from flooding us with throwaway keys, and a Have (~790 KB at most) well
+#: inside one message.
+MAX_AUTHORS = 10_000
 MAX_BATCH_ENTRIES = 10_000
+#: Longest reason text: of a Bye, or of a rejected rule (core/rules.py).
 MAX_REASON_CHARS = 500
 DIGEST_BYTES = 16
 MAX_RULE_OBJECTS = 1000
@@ -165,26 +167,26 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """Strictly decode one message; raise :class:`ProtocolError` on anything off."""
+    """Strictly decode one message; raise :class:`RemoteProtocolError` on anything off."""
     if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise RemoteProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         body = canonical.loads_strict(data, what="message", max_depth=3)
     except DecodeError as exc:
-        raise ProtocolError(f"undecodable message: {exc}") from exc
+        raise RemoteProtocolError(f"undecodable message: {exc}") from exc
     if type(body) is not list or not body or type(body[0]) is not int:
-        raise ProtocolError("a message is an array starting with its type")
+        raise RemoteProtocolError("a message is an array starting with its type")
     # Every message is arrays of byte/text strings, ints and bools: the plain
     # encoder reproduces canonical input exactly.
     if cbor2.dumps(body) != data:
-        raise ProtocolError("message is not canonical CBOR")
+        raise RemoteProtocolError("message is not canonical CBOR")
     decoder = _DECODERS.get(body[0])
     if decoder is None:
-        raise ProtocolError(f"unknown message type {body[0]}")
+        raise RemoteProtocolError(f"unknown message type {body[0]}")
     try:
         return decoder(body)
     except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"malformed message of type {body[0]}: {exc}") from exc
+        raise RemoteProtocolError(f"malformed message of type {body[0]}: {exc}") from exc
 
 
 def _uint(value: object) -> int:

@@ -15,10 +15,12 @@ private key (fresh from a CSPRNG, never reused), and moves the bytes itself::
     ...                                        # until both are .finished
     to_bob, to_alice = alice.split()           # both sides: (c1, c2), as in the spec
 
-Every error is a :class:`HandshakeError` (bad arguments, message out of turn, short, long
-or malformed messages, low-order keys, exhausted nonces); a failed AEAD tag is its
-subclass :class:`DecryptError`. A HandshakeState that raised while processing a message
-is dead: every later call raises too.
+Every error is a :class:`HandshakeError`, saying whose doing it was: the caller's
+(:class:`~p2psync.errors.LocalHandshakeError`: bad arguments, a message out of turn,
+exhausted nonces) or the peer's (:class:`~p2psync.errors.RemoteHandshakeError`: short,
+long or malformed messages, low-order keys; a failed AEAD tag is its subclass
+:class:`DecryptError`). A HandshakeState that raised while processing a message is
+dead: every later call raises too.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from dataclasses import dataclass, field
 import nacl.bindings
 import nacl.exceptions
 
-from p2psync.errors import P2PSyncError
+from p2psync.errors import DecryptError as DecryptError  # noqa: PLC0414 (re-exported)
+from p2psync.errors import HandshakeError as HandshakeError  # noqa: PLC0414 (re-exported)
+from p2psync.errors import LocalHandshakeError, RemoteHandshakeError
 
 DHLEN = 32
 HASHLEN = 64
@@ -41,14 +45,6 @@ TAGLEN = 16
 MAX_MESSAGE = 65535
 MAX_NONCE = 2**64 - 1  # reserved for rekey(), never used for a message
 SUITE = "25519_ChaChaPoly_BLAKE2b"
-
-
-class HandshakeError(P2PSyncError):
-    """Noise misuse or a bad message: wrong turn, bad length, bad key, nonce exhausted."""
-
-
-class DecryptError(HandshakeError):
-    """An AEAD tag did not verify: the message was damaged, forged or replayed."""
 
 
 # ---------------------------------------------------------------- primitives (section 4)
@@ -74,7 +70,7 @@ class KeyPair:
 
 def _check_len(value: bytes, size: int, what: str) -> None:
     if not isinstance(value, bytes) or len(value) != size:
-        raise HandshakeError(f"a {what} must be {size} bytes")
+        raise LocalHandshakeError(f"a {what} must be {size} bytes")
 
 
 def dh(key_pair: KeyPair, public: bytes) -> bytes:
@@ -83,15 +79,15 @@ def dh(key_pair: KeyPair, public: bytes) -> bytes:
     try:
         shared = nacl.bindings.crypto_scalarmult(key_pair.private, public)
     except nacl.exceptions.CryptoError as exc:  # libsodium refuses an all-zero output
-        raise HandshakeError("low-order public key") from exc
+        raise RemoteHandshakeError("low-order public key") from exc
     if not any(shared):
-        raise HandshakeError("low-order public key")
+        raise RemoteHandshakeError("low-order public key")
     return shared
 
 
-def _check_size(size: int) -> None:
+def _check_size(size: int, error: type[HandshakeError]) -> None:
     if size > MAX_MESSAGE:
-        raise HandshakeError(f"a Noise message is at most {MAX_MESSAGE} bytes")
+        raise error(f"a Noise message is at most {MAX_MESSAGE} bytes")
 
 
 def _nonce(n: int) -> bytes:
@@ -124,7 +120,7 @@ class CipherState:
         if key is not None:
             _check_len(key, KEYLEN, "cipher key")
         if not 0 <= nonce <= MAX_NONCE:
-            raise HandshakeError("nonce out of range")
+            raise LocalHandshakeError("nonce out of range")
         self._key = key
         self._n = nonce
 
@@ -149,7 +145,7 @@ class CipherState:
         """Run ``seal`` (encrypt or decrypt) under the next nonce; advance it on success."""
         assert self._key is not None
         if self._n >= MAX_NONCE:
-            raise HandshakeError("nonce exhausted: this cipher can send or receive no more")
+            raise LocalHandshakeError("nonce exhausted: this cipher can send or receive no more")
         result = seal(data, ad, _nonce(self._n), self._key)
         self._n += 1
         return result
@@ -157,14 +153,14 @@ class CipherState:
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._key is None:
             return plaintext
-        _check_size(len(plaintext) + TAGLEN)
+        _check_size(len(plaintext) + TAGLEN, LocalHandshakeError)
         return self._apply(nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt, ad, plaintext)
 
     def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
         """Decrypt and authenticate; on failure raise :class:`DecryptError`, nonce unchanged."""
         if self._key is None:
             return ciphertext
-        _check_size(len(ciphertext))
+        _check_size(len(ciphertext), RemoteHandshakeError)
         if len(ciphertext) < TAGLEN:
             raise DecryptError("ciphertext shorter than its tag")
         try:
@@ -175,7 +171,7 @@ class CipherState:
     def rekey(self) -> None:
         """REKEY of section 4.2: the first 32 bytes of ENCRYPT(k, 2^64-1, b"", zeros)."""
         if self._key is None:
-            raise HandshakeError("rekey without a key")
+            raise LocalHandshakeError("rekey without a key")
         self._key = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
             bytes(KEYLEN), b"", _nonce(MAX_NONCE), self._key
         )[:KEYLEN]
@@ -275,7 +271,7 @@ def parse_pattern(name: str) -> tuple[list[Message], list[Message]]:
     """Return ``(pre_messages, messages)`` for a pattern name such as ``"XXpsk3"``."""
     match = _NAME.fullmatch(name)
     if match is None or match["base"] not in PATTERNS:
-        raise HandshakeError(f"unknown handshake pattern {name!r}")
+        raise LocalHandshakeError(f"unknown handshake pattern {name!r}")
     pre: list[Message] = []
     messages: list[Message] = []
     target = messages
@@ -288,7 +284,7 @@ def parse_pattern(name: str) -> tuple[list[Message], list[Message]]:
         target.append((arrow == "->", tuple(t.strip() for t in rest.split(","))))
     positions = [int(p) for p in re.findall(r"psk(\d+)", match["mods"] or "")]
     if len(set(positions)) != len(positions) or any(p > len(messages) for p in positions):
-        raise HandshakeError(f"invalid psk modifiers in {name!r}")
+        raise LocalHandshakeError(f"invalid psk modifiers in {name!r}")
     for p in positions:
         sender, tokens = messages[max(p - 1, 0)]
         messages[max(p - 1, 0)] = (sender, ("psk", *tokens) if p == 0 else (*tokens, "psk"))
@@ -304,7 +300,7 @@ class _Reader:
 
     def take(self, size: int) -> bytes:
         if self.pos + size > len(self.data):
-            raise HandshakeError("handshake message too short")
+            raise RemoteHandshakeError("handshake message too short")
         self.pos += size
         return self.data[self.pos - size : self.pos]
 
@@ -358,15 +354,17 @@ class HandshakeState:
         theirs_pre = {t for sender, ts in pre if sender != self._initiator for t in ts}
         for name, pair in self._local.items():
             if name in mine and pair is None:
-                raise HandshakeError(f"pattern needs a local {name!r} key pair")
+                raise LocalHandshakeError(f"pattern needs a local {name!r} key pair")
         for name, public in self._remote.items():
             if (name in theirs_pre) != (public is not None):
-                raise HandshakeError(f"remote {name!r} key given iff the pre-messages carry it")
+                raise LocalHandshakeError(
+                    f"remote {name!r} key given iff the pre-messages carry it"
+                )
             if public is not None:
                 _check_len(public, DHLEN, "remote public key")
         needed = sum(tokens.count("psk") for _, tokens in self._messages)
         if len(self._psks) != needed:
-            raise HandshakeError(f"pattern needs {needed} psks, got {len(self._psks)}")
+            raise LocalHandshakeError(f"pattern needs {needed} psks, got {len(self._psks)}")
         for psk in self._psks:
             _check_len(psk, KEYLEN, "psk")
 
@@ -389,22 +387,22 @@ class HandshakeState:
 
     def _turn(self, sending: bool) -> tuple[str, ...]:
         if self._failed:
-            raise HandshakeError("handshake failed earlier; start a new one")
+            raise LocalHandshakeError("handshake failed earlier; start a new one")
         if self.finished:
-            raise HandshakeError("handshake already finished")
+            raise LocalHandshakeError("handshake already finished")
         initiator_sends, tokens = self._messages[self._index]
         if (initiator_sends == self._initiator) != sending:
-            raise HandshakeError("not our turn to " + ("write" if sending else "read"))
+            raise LocalHandshakeError("not our turn to " + ("write" if sending else "read"))
         return tokens
 
     def write_message(self, payload: bytes = b"") -> bytes:
         """Return the next handshake message, carrying ``payload``."""
         tokens = self._turn(sending=True)
-        _check_size(len(payload))
+        _check_size(len(payload), LocalHandshakeError)
         try:
             out = b"".join(_WRITE[token](self, token) for token in tokens)
             out += self._sym.encrypt_and_hash(payload)
-            _check_size(len(out))
+            _check_size(len(out), LocalHandshakeError)
         except HandshakeError:
             self._failed = True
             raise
@@ -415,7 +413,7 @@ class HandshakeState:
         """Process the peer's next handshake message; return its payload."""
         tokens = self._turn(sending=False)
         try:
-            _check_size(len(message))
+            _check_size(len(message), RemoteHandshakeError)
             reader = _Reader(bytes(message))
             for token in tokens:
                 _READ[token](self, token, reader)
@@ -431,7 +429,7 @@ class HandshakeState:
         c2 responder -> initiator. So the initiator gets ``(send, receive)`` and the
         responder ``(receive, send)``. Once only; in one-way patterns only c1 is used."""
         if not self.finished or self._failed or self._split_done:
-            raise HandshakeError("split() only once, after a successful handshake")
+            raise LocalHandshakeError("split() only once, after a successful handshake")
         self._split_done = True
         return self._sym.split()
 
@@ -464,7 +462,7 @@ class HandshakeState:
         mine, theirs = (token[0], token[1]) if self._initiator else (token[1], token[0])
         pair, public = self._local[mine], self._remote[theirs]
         if pair is None or public is None:
-            raise HandshakeError(f"token {token!r} needs a key this side does not have")
+            raise LocalHandshakeError(f"token {token!r} needs a key this side does not have")
         self._sym.mix_key(dh(pair, public))
         return b""
 

@@ -32,17 +32,14 @@ from typing import Any
 
 from p2psync.core import canonical
 from p2psync.core.identity import KEY_BYTES, Identity, short_id, verify
-from p2psync.errors import DecodeError, P2PSyncError, UsageError
+from p2psync.core.messages import MAX_REASON_CHARS
+from p2psync.errors import DecodeError, UsageError
+from p2psync.errors import RuleError as RuleError  # noqa: PLC0414 (re-exported)
 
 RULE_PREFIX = b"p2psync/v1/rule\x00"
 MAX_PATTERNS = 64
 MAX_PATTERN_CHARS = 128
-MAX_REASON_CHARS = 500
 MAX_RULE_BYTES = 16 * 1024
-
-
-class RuleError(P2PSyncError):
-    """A rule object is malformed, wrongly signed, or not allowed here."""
 
 
 class Direction(Enum):
@@ -388,6 +385,23 @@ def fold(objects: Iterable[RuleObject]) -> dict[bytes, Rule]:
     return rules
 
 
+def in_force(rules: Iterable[Rule], *parties: bytes) -> list[Rule]:
+    """The rules in force among ``rules`` (accepted, not revoked); with ``parties``,
+    only those between them. Two agents are **paired** while a rule between them
+    is in force: this is the one definition of it."""
+    return [
+        rule
+        for rule in rules
+        if rule.state is RuleState.ACCEPTED and all(rule.party(key) for key in parties)
+    ]
+
+
+def on_demand_only(rules: Iterable[Rule]) -> bool:
+    """Every one of ``rules`` syncs on demand (true of none): a pair whose rules in
+    force are all on demand has nothing to do on a live connection."""
+    return all(rule.terms.mode is Mode.ON_DEMAND for rule in rules)
+
+
 @dataclass(frozen=True, slots=True)
 class Permissions:
     """What may flow between me and one peer, from the rules in force."""
@@ -402,16 +416,12 @@ class Permissions:
         online (that is what the live connection is for; an on-demand rule then
         flows on it as well, rather than wait for `p2psync sync` or, worse, have its
         entries arrive without their payload), else by none."""
-        in_force = [
-            rule
-            for rule in rules
-            if rule.state is RuleState.ACCEPTED and rule.party(me) and rule.party(peer)
-        ]
-        if live and all(rule.terms.mode is Mode.ON_DEMAND for rule in in_force):
+        paired_by = in_force(rules, me, peer)
+        if live and on_demand_only(paired_by):
             return cls()
         send: set[Terms] = set()
         receive: set[Terms] = set()
-        for rule in in_force:
+        for rule in paired_by:
             terms = rule.terms_for(me)
             one_way = Terms(terms.collections, Direction.SEND, terms.mode, terms.route)
             if terms.direction in (Direction.SEND, Direction.BOTH):
@@ -423,6 +433,8 @@ class Permissions:
 
     @property
     def paired(self) -> bool:
+        """Something flows: the pair is paired (:func:`in_force`), and in a live
+        session by an online rule."""
         return bool(self.send or self.receive)
 
     def may_send(self, collection: str) -> bool:

@@ -25,7 +25,7 @@ The machine owns the protocol's rules: how rule objects settle (at most
 :data:`MAX_RULES_HELD` rounds), how long a pair with no rule in force may wait
 (``pairing_timeout``), the window, the keepalive and idle timeout, what the peer
 lacks and may see (a :class:`~p2psync.core.flow.Flow`), which refused entries
-prove the peer hostile (a type: :class:`~p2psync.errors.PeerFault`), and when
+prove the peer hostile (a type: :class:`~p2psync.errors.HostileEntry`), and when
 the pair is in sync. It tracks what the peer holds (its ``Have``, plus every
 entry sent to it or received from it) so nothing the peer has is sent again.
 A peer that breaks the protocol gets ``Bye(reason)`` and the session closes;
@@ -69,12 +69,11 @@ from p2psync.core.messages import (
     Message,
     Ping,
     Pong,
-    ProtocolError,
     Rules,
     RulesHeld,
 )
 from p2psync.core.settling import RuleExchange
-from p2psync.errors import LocalProtocolError, is_peer_fault
+from p2psync.errors import HostileEntry, LocalProtocolError, RemoteProtocolError
 
 
 class State(Enum):
@@ -360,7 +359,7 @@ class SyncSession:
         if local is not None:
             self.local_changed(local)
         for refusal in refusals:
-            if is_peer_fault(refusal.error):
+            if isinstance(refusal.error, HostileEntry):
                 return self.fail(f"invalid entry: {refusal.description}")
         for refusal in refusals:
             if refusal.author is not None:
@@ -382,9 +381,9 @@ class SyncSession:
         handler = TRANSITIONS[self.state].get(type(message))
         try:
             if handler is None:
-                raise ProtocolError(_unexpected(self.state, message))
+                raise RemoteProtocolError(_unexpected(self.state, message))
             return handler(self, message)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             return self.fail(str(exc))
 
     def _on_bye(self, message: Bye) -> list[Event]:
@@ -416,7 +415,7 @@ class SyncSession:
 
     def _peer_rules(self) -> RuleExchange:
         if self._rules is None:
-            raise ProtocolError("no pairing on this connection")
+            raise RemoteProtocolError("no pairing on this connection")
         return self._rules
 
     def _on_have(self, message: Have) -> list[Event]:
@@ -425,17 +424,17 @@ class SyncSession:
         return self._opened()
 
     def _on_second_have(self, message: Have) -> list[Event]:
-        raise ProtocolError("a second Have")
+        raise RemoteProtocolError("a second Have")
 
     def _on_entries(self, message: Entries) -> list[Event]:
         if not self.flow.receiving:
-            raise ProtocolError("entries sent, but no rule lets you send any")
+            raise RemoteProtocolError("entries sent, but no rule lets you send any")
         if message.batch != self._next_batch_in:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"batch {message.batch} out of order (expected {self._next_batch_in})"
             )
         if len(self._receiving) >= self.config.window:
-            raise ProtocolError("peer exceeded the window of unacknowledged batches")
+            raise RemoteProtocolError("peer exceeded the window of unacknowledged batches")
         self._next_batch_in += 1
         self._receiving.add(message.batch)
         self.holdings.peer_caught(None)  # the peer had more to say after all
@@ -443,7 +442,7 @@ class SyncSession:
 
     def _on_ack(self, message: Ack) -> list[Event]:
         if not self._unacked or message.batch != self._unacked[0]:
-            raise ProtocolError(f"acknowledgement of batch {message.batch} not expected")
+            raise RemoteProtocolError(f"acknowledgement of batch {message.batch} not expected")
         self._unacked.pop(0)
         self._check_caught()
         return self._synced_event()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from p2psync.core.messages import Join, Message, ProtocolError, Rules, RulesHeld, rules_digest
+from p2psync.core.messages import Join, Message, Rules, RulesHeld, rules_digest
+from p2psync.errors import RemoteProtocolError
 
 #: RulesHeld messages a session may carry before its rule objects must have settled.
 MAX_RULES_HELD = 4
@@ -43,11 +44,11 @@ class RuleExchange:
         """The peer sent a rule message (``held``: a RulesHeld), for the shell."""
         self._work += 1
         if self._work > MAX_RULE_WORK:
-            raise ProtocolError("too many rule messages at once")
+            raise RemoteProtocolError("too many rule messages at once")
         if held:
             self._held_received += 1
             if self._held_received > MAX_RULES_HELD:
-                raise ProtocolError("the rule objects of this pair do not settle")
+                raise RemoteProtocolError("the rule objects of this pair do not settle")
 
     def held_answered(self, digest: bytes, ours: Sequence[bytes]) -> tuple[bool, list[Message]]:
         """Our objects, read after the peer's RulesHeld named ``digest``: whether the

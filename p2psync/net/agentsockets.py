@@ -29,6 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from p2psync.errors import AgentNotRunning, AgentSocketError
+
 NOTIFY = "agent.sock"
 CONTROL = "control.sock"
 _MAX_PATH = 100
@@ -73,10 +75,6 @@ def _is_private(folder: str) -> bool:
     )
 
 
-class AgentSocketError(OSError):
-    """The agent's local sockets cannot be placed or trusted."""
-
-
 def _ours(path: str) -> bool:
     """The socket at ``path`` belongs to this user (or to root, when we are root)."""
     try:
@@ -100,10 +98,6 @@ def notify(home: Path, what: bytes = CHANGED_ENTRIES) -> None:
             _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             _sender.setblocking(False)
         _sender.sendto(what, path)
-
-
-class AgentNotRunning(Exception):
-    """No agent answers on the control socket."""
 
 
 def request(home: Path, message: dict[str, Any], timeout: float) -> dict[str, Any]:

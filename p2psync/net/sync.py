@@ -36,11 +36,10 @@ from p2psync.core.events import (
     StuckOnRefused,
     SyncedWithPeer,
 )
-from p2psync.core.frames import FrameError
 from p2psync.core.identity import short_id
 from p2psync.core.messages import Bye, Head
 from p2psync.core.session import SessionConfig, State, SyncSession
-from p2psync.errors import StoreError
+from p2psync.errors import RemoteProtocolError, StoreError
 from p2psync.net.forks import exchange_fork_proofs
 from p2psync.net.link import PairLink, RulesPump
 from p2psync.net.stats import SessionStats, Signal
@@ -157,18 +156,14 @@ class _Run:
         try:
             while not self.machine.closed:
                 data = await self.secure.receive()
-                try:
-                    message = messages.decode(data)
-                except messages.ProtocolError as exc:
-                    self.handle(self.machine.fail(str(exc)))
-                    return
+                message = messages.decode(data)
                 self.handle(self.machine.receive(message, trio.current_time()))
                 if self.machine.synced:  # heard from the peer, and still in step
                     self.stats.in_sync_ms = now_ms()
         except ConnectionLost as exc:
             self.lost(str(exc), error=False)
-        except FrameError as exc:
-            self.handle(self.machine.fail(str(exc)))  # try to say why, then close
+        except RemoteProtocolError as exc:  # a bad frame or message: say why, then close
+            self.handle(self.machine.fail(str(exc)))
 
     async def ingester(self) -> None:
         async for event in self.batches_out:

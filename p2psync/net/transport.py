@@ -27,16 +27,12 @@ from p2psync.core.frames import (
 from p2psync.core.handshake import Handshake
 from p2psync.core.identity import Identity, short_id
 from p2psync.core.noise import HandshakeError
-from p2psync.errors import P2PSyncError
+from p2psync.errors import ConnectionLost
 
 log = logging.getLogger(__name__)
 
 RECEIVE_CHUNK = 1 << 16
 HANDSHAKE_TIMEOUT = 10.0
-
-
-class ConnectionLost(P2PSyncError):
-    """The other end closed the connection or it broke."""
 
 
 class SecureStream:

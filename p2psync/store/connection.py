@@ -1,8 +1,9 @@
 """Opening SQLite the way the store needs it, and translating its errors.
 
-One connection per :class:`~p2psync.store.store.Store`. WAL mode lets readers
-in any process read while one writer writes; every write transaction starts
-with ``BEGIN IMMEDIATE`` so writers from several processes queue on the lock
+Two connections per :class:`~p2psync.store.store.Store`, each behind a
+:class:`Guard`: one writes, one reads. WAL mode lets readers in any process
+read while one writer writes; every write transaction starts with ``BEGIN
+IMMEDIATE`` so writers from several processes queue on the lock
 (``busy_timeout``) instead of failing half-way. ``synchronous=FULL``: a commit
 is on disk before it returns, so nothing acknowledged is lost even on power
 failure.
@@ -47,6 +48,11 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def data_version(conn: sqlite3.Connection) -> int:
+    """Changes whenever another connection commits (see PRAGMA data_version)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
 def translate(exc: sqlite3.Error, path: Path | str = "the store") -> StoreError:
     """A :class:`StoreError` with one clear sentence for an sqlite3 error."""
     text = str(exc)
@@ -80,6 +86,16 @@ class Guard:
                 yield self.conn
             except sqlite3.Error as exc:
                 raise translate(exc, self.path) from exc
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Reading in one read transaction: every query sees the same snapshot."""
+        with self.reading() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def writing(self, *, visible_first: bool = False) -> Iterator[sqlite3.Connection]:

@@ -29,10 +29,10 @@ from p2psync.errors import (
     FrozenAuthorError,
     FutureTimestampError,
     HeldLimitError,
+    HostileEntry,
     SignatureError,
-    is_peer_fault,
 )
-from p2psync.store.writer import Outcome, Writer
+from p2psync.store.writer import Verdict, Writer
 
 #: Limits on entries held waiting for predecessors: in all, per author, in bytes,
 #: and for how long. An author (any key can author) cannot crowd out the others.
@@ -141,16 +141,16 @@ def _apply_all(writer: Writer, ready: list[Item], result: IngestResult, max_held
     while queue:
         item = queue.popleft()
         attempt = writer.try_apply(item.entry, item.wire)
-        if attempt.outcome is Outcome.APPLIED:
+        if attempt.outcome is Verdict.APPLIED:
             result.accepted.append(item.entry.id)
             queue.extend(waiting.pop(item.entry.id, ()))
             if writer.has_held:
                 writer.drop_held(item.entry.id)
                 queue.extend(_released(writer, item.entry.id, result))
-        elif attempt.outcome is Outcome.WAIT:
+        elif attempt.outcome is Verdict.WAIT:
             assert attempt.dep is not None
             waiting[attempt.dep].append(item)
-        elif attempt.outcome is Outcome.DUPLICATE:
+        elif attempt.outcome is Verdict.DUPLICATE:
             result.duplicates += 1
             writer.drop_held(item.entry.id)
         else:
@@ -219,7 +219,7 @@ def decode_batch(
             )
         refusal = flow.judge(entry)
         if refusal is not None:
-            if is_peer_fault(refusal):
+            if isinstance(refusal, HostileEntry):
                 rejected = Rejected(index, entry.author, entry.seq, entry.id, refusal)
                 result.rejected.append(rejected)
                 continue

@@ -1,15 +1,35 @@
-"""Reading change logs out of the store: heads, entries to send a peer, and the
-entries a user asks to see."""
+"""Reading change logs out of the store: authors and their heads, entries to
+send a peer, the entries a user asks to see, forks and held entries."""
 
 from __future__ import annotations
 
 import heapq
 import sqlite3
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from p2psync.core.entry import stored_collections, wire_form
 from p2psync.core.messages import Head
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorState:
+    author: bytes
+    seq: int
+    head: bytes | None
+    hlc: int
+    frozen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    author: bytes
+    seq: int
+    id: bytes
+    hlc: int
+    signed: bytes
+    payloads: bytes
 
 
 class Outgoing(NamedTuple):
@@ -20,6 +40,13 @@ class Outgoing(NamedTuple):
     seq: int
     id: bytes
     wire: bytes
+
+
+def authors(conn: sqlite3.Connection) -> list[AuthorState]:
+    rows = conn.execute(
+        "SELECT key, head_seq, head_id, head_hlc, frozen FROM authors ORDER BY key"
+    ).fetchall()
+    return [AuthorState(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
 
 def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
@@ -75,6 +102,21 @@ def entry_at(conn: sqlite3.Connection, author: bytes, seq: int) -> Outgoing | No
     return Outgoing(row[0], author, seq, row[1], wire_form(row[2], row[3]))
 
 
+def entries(conn: sqlite3.Connection, author: bytes | None) -> list[StoredEntry]:
+    """Stored entries: one author's in seq order, or everyone's in clock order."""
+    sql = (
+        "SELECT a.key, e.seq, e.id, e.hlc, e.signed, e.payloads "
+        "FROM entries e JOIN authors a ON a.idx = e.author "
+    )
+    if author is None:
+        sql += "ORDER BY e.hlc, a.key"
+        args: tuple[object, ...] = ()
+    else:
+        sql += "WHERE a.key = ? ORDER BY e.seq"
+        args = (author,)
+    return [StoredEntry(*row) for row in conn.execute(sql, args).fetchall()]
+
+
 _LOG_SELECT = (
     "SELECT a.key, e.seq, e.id, e.hlc, e.signed, e.payloads "
     "FROM entries e JOIN authors a ON a.idx = e.author"
@@ -125,3 +167,16 @@ def log_rows(
 
 def _matches(signed: bytes, covers: Callable[[str], bool]) -> bool:
     return any(covers(collection) for collection in stored_collections(signed))
+
+
+def forks(conn: sqlite3.Connection) -> list[tuple[bytes, int, bytes, bytes]]:
+    """``(author, seq, ours, theirs)`` for every fork on record."""
+    return conn.execute(
+        "SELECT a.key, f.seq, f.ours, f.theirs FROM forks f "
+        "JOIN authors a ON a.idx = f.author ORDER BY a.key, f.seq"
+    ).fetchall()
+
+
+def held_count(conn: sqlite3.Connection) -> int:
+    """Entries waiting for a predecessor or base."""
+    return int(conn.execute("SELECT count(*) FROM held").fetchone()[0])

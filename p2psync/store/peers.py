@@ -1,4 +1,5 @@
-"""The peers table: who this agent trusts, where to reach them, how they are doing."""
+"""The peers table: which agents this one knows (what flows between them is up to
+the rules, :mod:`p2psync.store.rules`), where to reach them, how they are doing."""
 
 from __future__ import annotations
 
@@ -78,9 +79,8 @@ def forget_address(conn: sqlite3.Connection, key: bytes, address: str) -> None:
         conn.execute("UPDATE peers SET addresses = ? WHERE key = ?", (json.dumps(kept), key))
 
 
-def remove(conn: sqlite3.Connection, key: bytes) -> bool:
-    conn.execute("DELETE FROM peer_heads WHERE peer = ?", (key,))
-    return conn.execute("DELETE FROM peers WHERE key = ?", (key,)).rowcount > 0
+def set_state(conn: sqlite3.Connection, key: bytes, state: PeerState) -> None:
+    conn.execute("UPDATE peers SET state = ? WHERE key = ?", (state.value, key))
 
 
 def get(conn: sqlite3.Connection, key: bytes) -> Peer | None:

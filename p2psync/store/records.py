@@ -123,3 +123,12 @@ def conflicts(conn: sqlite3.Connection) -> Iterator[Conflict]:
             _info(tuple(winner)),
             tuple(_info(row) for row in losers),
         )
+
+
+def incomplete(conn: sqlite3.Connection) -> dict[str, int]:
+    """Per collection, the ops applied here without their payload (withheld
+    upstream by a path that does not carry that collection)."""
+    rows = conn.execute(
+        "SELECT collection, sum(ops) FROM incomplete GROUP BY collection"
+    ).fetchall()
+    return {collection: int(ops) for collection, ops in rows}

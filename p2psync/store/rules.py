@@ -10,13 +10,14 @@ it was withdrawn).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from p2psync.core import canonical
 from p2psync.core import rules as core
-from p2psync.core.rules import Rule, RuleError, RuleObject, RuleState
+from p2psync.core.rules import Rule, RuleObject
+from p2psync.errors import RuleError
 
 #: Limits per peer: a stranger can only fill its own small corner of the store.
 MAX_OPEN_PROPOSALS = 16
@@ -160,10 +161,23 @@ def in_force(objects: dict[bytes, list[bytes]]) -> dict[bytes, set[core.Mode]]:
     and the modes of those rules."""
     modes: dict[bytes, set[core.Mode]] = {}
     for peer, blobs in objects.items():
-        for rule in core.fold([core.decode(blob) for blob in blobs]).values():
-            if rule.state is RuleState.ACCEPTED:
-                modes.setdefault(peer, set()).add(rule.terms.mode)
+        for rule in core.in_force(core.fold([core.decode(blob) for blob in blobs]).values()):
+            modes.setdefault(peer, set()).add(rule.terms.mode)
     return modes
+
+
+def intake_order(conn: sqlite3.Connection, ids: Sequence[bytes]) -> dict[bytes, int]:
+    """The order in which this store took in each of these rule objects (its own
+    count, see :func:`version`)."""
+    return {
+        row[0]: int(row[1])
+        for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500))
+        for row in conn.execute(
+            "SELECT id, rowid FROM rule_objects WHERE id IN "
+            f"({', '.join('?' * len(chunk))})",
+            list(chunk),
+        )
+    }
 
 
 def latest_signed(conn: sqlite3.Connection, me: bytes) -> dict[bytes, int]:

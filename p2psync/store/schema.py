@@ -6,7 +6,8 @@ refused rather than guessed at.
 
 Tables (version 1):
 
-``meta``        key/value: ``self`` (this agent's public key), ``clock`` (HLC).
+``meta``        key/value: ``self`` (this agent's public key), ``clock`` (HLC);
+                later also ``own_behind:<peer>`` (see :mod:`p2psync.store.local`).
 ``authors``     one row per author seen: compact index, key, head (seq, id, hlc),
                 ``frozen`` after a fork.
 ``entries``     every applied entry, exactly as signed (``signed``) plus the

@@ -3,91 +3,40 @@
 Reads never wait for the writer (WAL). Every write is one ``BEGIN IMMEDIATE``
 transaction, so several processes on one home (agent, CLI, API) serialise
 safely; a crash at any instant leaves the last committed state.
+
+:class:`Store` is the facade the rest of p2psync uses: each method takes the
+reading or the writing connection and calls the module of its noun — records,
+logs, peers, rules, meta — or, to write entries, :mod:`~p2psync.store.local`
+(our own) and :mod:`~p2psync.store.ingest` (from elsewhere).
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
-from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
 from p2psync.core.flow import Flow
-from p2psync.core.identity import Identity, short_id
+from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
 from p2psync.core.rules import Mode, Rule, Terms
-from p2psync.errors import IntegrityError, StoreError
-from p2psync.store import logs, peers, records, schema
+from p2psync.errors import StoreError
+from p2psync.store import local, logs, meta, peers, records, schema
 from p2psync.store import rules as rules_mod
-from p2psync.store.connection import Guard, connect
+from p2psync.store.connection import Guard, connect, data_version
 from p2psync.store.gcpause import fewer_collections
 from p2psync.store.ingest import IngestResult, decode_batch, ingest
+from p2psync.store.local import Change
+from p2psync.store.logs import AuthorState, StoredEntry
 from p2psync.store.peers import PeerState
 from p2psync.store.verify import VerifyReport, verify
 from p2psync.store.writer import Writer
 
+__all__ = ["STORE_FILE", "AuthorState", "Change", "Store", "StoredEntry"]
+
 STORE_FILE = "store.sqlite"
-OWN_BEHIND = "own_behind:"
-
-
-def _own_log_behind(conn: sqlite3.Connection, head: int) -> tuple[str, int] | None:
-    """(peer short ID, seq) of a claim that our own log goes beyond ``head``."""
-    rows = conn.execute(
-        "SELECT m.key, m.value FROM meta m WHERE m.key LIKE 'own_behind:%'"
-    ).fetchall()
-    for key, seq in rows:
-        peer = bytes.fromhex(key[len(OWN_BEHIND):])
-        removed = conn.execute(
-            "SELECT 1 FROM peers WHERE key = ? AND state = 'removed'", (peer,)
-        ).fetchone()
-        if int(seq) > head and removed is None:
-            return short_id(peer), int(seq)
-    return None
-_WRITE_CHUNK = 1000
-
-
-def _chunks(items: Iterable[Sequence[Change]], size: int) -> Iterator[list[Sequence[Change]]]:
-    chunk: list[Sequence[Change]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One change a local writer asks for."""
-
-    kind: OpKind
-    collection: str
-    key: str
-    value: Value = None
-    resolve: bool = False  # supersede every head of the record, ending a conflict
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEntry:
-    author: bytes
-    seq: int
-    id: bytes
-    hlc: int
-    signed: bytes
-    payloads: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AuthorState:
-    author: bytes
-    seq: int
-    head: bytes | None
-    hlc: int
-    frozen: bool
 
 
 class Store:
@@ -124,12 +73,15 @@ class Store:
 
     def get_meta(self, key: str) -> object:
         with self._reader.reading() as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+            return meta.get(conn, key)
 
     def set_meta(self, key: str, value: object) -> None:
         with self._db.writing() as conn:
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            meta.put(conn, key, value)
+
+    def delete_meta(self, key: str) -> None:
+        with self._db.writing() as conn:
+            meta.delete(conn, key)
 
     # ------------------------------------------------------------ records
 
@@ -161,38 +113,26 @@ class Store:
             return records.collections(conn)
 
     def conflicts(self) -> list[records.Conflict]:
+        with self._reader.snapshot() as conn:  # winners and losers from one snapshot
+            return list(records.conflicts(conn))
+
+    def incomplete(self) -> dict[str, int]:
+        """Per collection, the ops applied here without their payload (withheld
+        upstream by a path that does not carry that collection)."""
         with self._reader.reading() as conn:
-            conn.execute("BEGIN")  # winners and losers from one snapshot
-            try:
-                return list(records.conflicts(conn))
-            finally:
-                conn.execute("COMMIT")
+            return records.incomplete(conn)
 
     # ------------------------------------------------------------ logs
 
     def authors(self) -> list[AuthorState]:
         with self._reader.reading() as conn:
-            rows = conn.execute(
-                "SELECT key, head_seq, head_id, head_hlc, frozen FROM authors ORDER BY key"
-            ).fetchall()
-        return [AuthorState(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+            return logs.authors(conn)
 
     def entries(self, author: bytes | None = None) -> Iterator[StoredEntry]:
         """Stored entries: one author's in seq order, or everyone's in clock order."""
-        sql = (
-            "SELECT a.key, e.seq, e.id, e.hlc, e.signed, e.payloads "
-            "FROM entries e JOIN authors a ON a.idx = e.author "
-        )
-        if author is None:
-            sql += "ORDER BY e.hlc, a.key"
-            args: tuple[object, ...] = ()
-        else:
-            sql += "WHERE a.key = ? ORDER BY e.seq"
-            args = (author,)
         with self._reader.reading() as conn:
-            rows = conn.execute(sql, args).fetchall()
-        for row in rows:
-            yield StoredEntry(*row)
+            stored = logs.entries(conn, author)
+        yield from stored
 
     def log_entries(
         self,
@@ -204,34 +144,18 @@ class Store:
     ) -> list[StoredEntry]:
         """Stored entries as :meth:`entries` orders them, filtered in the store: see
         :func:`p2psync.store.logs.log_rows`."""
-        with self._reader.reading() as conn:
-            conn.execute("BEGIN")  # one snapshot, however many rows are read
-            try:
-                rows = logs.log_rows(conn, author, since_hlc, covers, newest)
-            finally:
-                conn.execute("COMMIT")
+        with self._reader.snapshot() as conn:  # however many rows are read
+            rows = logs.log_rows(conn, author, since_hlc, covers, newest)
         return [StoredEntry(*row) for row in rows]
 
     def forks(self) -> list[tuple[bytes, int, bytes, bytes]]:
         """``(author, seq, ours, theirs)`` for every fork on record."""
         with self._reader.reading() as conn:
-            return conn.execute(
-                "SELECT a.key, f.seq, f.ours, f.theirs FROM forks f "
-                "JOIN authors a ON a.idx = f.author ORDER BY a.key, f.seq"
-            ).fetchall()
+            return logs.forks(conn)
 
     def held_count(self) -> int:
         with self._reader.reading() as conn:
-            return int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
-
-    def incomplete(self) -> dict[str, int]:
-        """Per collection, the ops applied here without their payload (withheld
-        upstream by a path that does not carry that collection)."""
-        with self._reader.reading() as conn:
-            rows = conn.execute(
-                "SELECT collection, sum(ops) FROM incomplete GROUP BY collection"
-            ).fetchall()
-        return {collection: int(ops) for collection, ops in rows}
+            return logs.held_count(conn)
 
     # ------------------------------------------------------------ sync
 
@@ -242,12 +166,8 @@ class Store:
     def entries_after(
         self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
     ) -> list[logs.Outgoing]:
-        with self._reader.reading() as conn:
-            conn.execute("BEGIN")  # one snapshot across the per-author reads
-            try:
-                return logs.entries_after(conn, after, max_entries, max_bytes)
-            finally:
-                conn.execute("COMMIT")
+        with self._reader.snapshot() as conn:  # one snapshot across the per-author reads
+            return logs.entries_after(conn, after, max_entries, max_bytes)
 
     def entry_at(self, author: bytes, seq: int) -> logs.Outgoing | None:
         with self._reader.reading() as conn:
@@ -267,19 +187,13 @@ class Store:
             return None
         theirs = heads[own].seq
         with self._db.writing() as conn:
-            row = conn.execute("SELECT head_seq FROM authors WHERE key = ?", (own,)).fetchone()
-            if theirs <= (row[0] if row else 0):
-                return None
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (f"{OWN_BEHIND}{peer.hex()}", theirs),
-            )
-        return theirs
+            noted = local.note_own_log_claim(conn, own, peer, theirs)
+        return theirs if noted else None
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (see PRAGMA data_version)."""
         with self._reader.reading() as conn:
-            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+            return data_version(conn)
 
     # ------------------------------------------------------------ peers
 
@@ -292,10 +206,6 @@ class Store:
     def forget_peer_address(self, key: bytes, address: str) -> None:
         with self._db.writing() as conn:
             peers.forget_address(conn, key, address)
-
-    def remove_peer(self, key: bytes) -> bool:
-        with self._db.writing() as conn:
-            return peers.remove(conn, key)
 
     def peer(self, key: bytes) -> peers.Peer | None:
         with self._reader.reading() as conn:
@@ -367,15 +277,7 @@ class Store:
         count: a later message, or a later object of one message, comes after; in a
         message proposals come before the answers to them)."""
         with self._reader.reading() as conn:
-            return {
-                row[0]: int(row[1])
-                for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500))
-                for row in conn.execute(
-                    "SELECT id, rowid FROM rule_objects WHERE id IN "
-                    f"({', '.join('?' * len(chunk))})",
-                    list(chunk),
-                )
-            }
+            return rules_mod.intake_order(conn, ids)
 
     def latest_signed(self, me: bytes) -> dict[bytes, int]:
         with self._reader.reading() as conn:
@@ -423,23 +325,15 @@ class Store:
         with self._db.writing() as conn:
             return rules_mod.use_invite(conn, invite, by)
 
-    def delete_meta(self, key: str) -> None:
-        with self._db.writing() as conn:
-            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
-
     def set_peer_state(self, key: bytes, state: PeerState) -> None:
         with self._db.writing() as conn:
-            conn.execute("UPDATE peers SET state = ? WHERE key = ?", (state.value, key))
+            peers.set_state(conn, key, state)
 
     # ------------------------------------------------------------ checking
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        with self._reader.reading() as conn:
-            conn.execute("BEGIN")  # one consistent snapshot
-            try:
-                return verify(conn, progress)
-            finally:
-                conn.execute("COMMIT")
+        with self._reader.snapshot() as conn:
+            return verify(conn, progress)
 
     # ------------------------------------------------------------ writing
 
@@ -450,71 +344,10 @@ class Store:
         now_ms: Callable[[], int],
         salt: Callable[[], bytes],
     ) -> list[bytes]:
-        """Sign and apply one entry per transaction, all in one store transaction.
-
-        Returns the IDs of the entries written (a transaction whose every change
-        was a no-op, such as deleting a missing record, writes none).
-        """
-        written: list[bytes] = []
+        """Sign and apply one entry per transaction, all in one store transaction
+        (see :func:`p2psync.store.local.write`); returns the IDs written."""
         with self._db.writing() as conn:
-            writer = Writer(conn, now_ms())
-            head = writer.head(identity.public_key)
-            if head.frozen:
-                raise IntegrityError(
-                    "this site's own log is forked (its key was used elsewhere); "
-                    "it must be re-keyed before it can write"
-                )
-            behind = _own_log_behind(conn, head.seq)
-            if behind is not None:
-                raise IntegrityError(
-                    f"{behind[0]} holds entries {head.seq + 1}-{behind[1]} of this site's own "
-                    "log that this store lacks (restored from a backup?); sync with it "
-                    "(`p2psync sync`) before writing, or new entries would fork the log"
-                )
-            for chunk in _chunks(transactions, _WRITE_CHUNK):
-                for changes in chunk:
-                    for change in changes:
-                        check_collection(change.collection)
-                        check_key(change.key)
-                writer.prefetch((c.collection, c.key) for changes in chunk for c in changes)
-                for changes in chunk:
-                    entry_id = self._write_one(writer, identity, changes, now_ms, salt)
-                    if entry_id is not None:
-                        written.append(entry_id)
-                writer.flush()
-            writer.finish()
-        return written
-
-    @staticmethod
-    def _write_one(
-        writer: Writer,
-        identity: Identity,
-        changes: Sequence[Change],
-        now_ms: Callable[[], int],
-        salt: Callable[[], bytes],
-    ) -> bytes | None:
-        states = {}
-        ops: list[Op] = []
-        for change in changes:
-            heads = writer.record_heads(change.collection, change.key)
-            live = bool(heads) and not heads[0].deleted
-            if change.kind is OpKind.DELETE and not live and not change.resolve:
-                continue
-            if change.resolve:
-                bases = [version.entry for version in heads]
-            else:
-                bases = [heads[0].entry] if heads else []
-            ops.append(
-                make_op(change.kind, change.collection, change.key, change.value, bases, salt())
-            )
-            states[(change.collection, change.key)] = heads
-        if not ops:
-            return None
-        head = writer.head(identity.public_key)
-        stamp = hlc_mod.tick(max(writer.clock, head.hlc), now_ms())
-        entry = sign_entry(identity, head.seq + 1, head.id, stamp, ops)
-        writer.apply(entry, states)
-        return entry.id
+            return local.write(conn, identity, transactions, now_ms, salt)
 
     def ingest(
         self,

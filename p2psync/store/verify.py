@@ -6,7 +6,8 @@ from 1, each ``prev`` link, a strictly advancing clock, every payload against
 its digest, the author head row; then the signature of the last entry, which
 vouches for all before it through the links. Any single changed bit in a
 stored entry, payload or signature fails one of these checks. Forks on record
-are reported as problems too.
+are reported apart (``forks``): they are an author's misbehaviour, not damage;
+either makes the report not ``ok``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Applying entries to the store inside one write transaction.
 
 :class:`Writer` is the only code that changes ``entries``, ``records``,
-``losers``, ``authors``, ``held`` and ``forks``. Ingested entries go through
-:meth:`Writer.try_apply` (which checks their place in the chain and their
-dependencies), local ones straight to :meth:`Writer.apply`; both merge the same
-way.
+``losers``, ``authors``, ``held``, ``forks`` and ``incomplete``. Ingested entries
+(:mod:`p2psync.store.ingest`) go through :meth:`Writer.try_apply` (which checks
+their place in the chain and their dependencies), local ones
+(:mod:`p2psync.store.local`) straight to :meth:`Writer.apply`; both merge the
+same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from p2psync.core import hlc as hlc_mod
 from p2psync.core.entry import Entry, OpKind, wire_form
 from p2psync.core.identity import short_id
 from p2psync.core.merge import Version, merge
+from p2psync.core.messages import MAX_AUTHORS
 from p2psync.errors import (
     AuthorLimitError,
     ChainError,
@@ -29,14 +31,10 @@ from p2psync.errors import (
 )
 
 META_CLOCK = "clock"
-#: Most authors a store holds logs of. Sites are authors, so real deployments
-#: have tens or hundreds; the limit keeps a peer from flooding us with throwaway
-#: keys (and keeps a Have message well inside one frame).
-MAX_AUTHORS = 10_000
 
 
 @dataclass
-class Head:
+class AuthorHead:
     """An author's chain head, as held in this transaction."""
 
     idx: int | None  # None until the author's first row is needed
@@ -48,7 +46,9 @@ class Head:
     dirty: bool = False
 
 
-class Outcome(Enum):
+class Verdict(Enum):
+    """What became of one attempt to apply an entry."""
+
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     WAIT = "wait"
@@ -56,13 +56,13 @@ class Outcome(Enum):
 
 
 class Attempt(NamedTuple):
-    outcome: Outcome
+    outcome: Verdict
     dep: bytes | None = None
     error: EntryError | None = None
 
 
-_APPLIED = Attempt(Outcome.APPLIED)
-_DUPLICATE = Attempt(Outcome.DUPLICATE)
+_APPLIED = Attempt(Verdict.APPLIED)
+_DUPLICATE = Attempt(Verdict.DUPLICATE)
 
 _States = dict[tuple[str, str], list[Version]]
 
@@ -106,7 +106,7 @@ class Writer:
     def __init__(self, conn: sqlite3.Connection, now_ms: int) -> None:
         self.conn = conn
         self.now_ms = now_ms
-        self.heads: dict[bytes, Head] = {}
+        self.heads: dict[bytes, AuthorHead] = {}
         self._authors: int | None = None
         self.applied: set[bytes] = set()
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_CLOCK,)).fetchone()
@@ -124,7 +124,7 @@ class Writer:
 
     # ------------------------------------------------------------ reading
 
-    def head(self, author: bytes) -> Head:
+    def head(self, author: bytes) -> AuthorHead:
         head = self.heads.get(author)
         if head is not None:
             return head
@@ -133,9 +133,9 @@ class Writer:
             (author,),
         ).fetchone()
         if row is None:
-            head = Head(None, author, 0, None, 0, False)
+            head = AuthorHead(None, author, 0, None, 0, False)
         else:
-            head = Head(row[0], author, row[1], row[2], row[3], bool(row[4]))
+            head = AuthorHead(row[0], author, row[1], row[2], row[3], bool(row[4]))
         self.heads[author] = head
         return head
 
@@ -144,7 +144,7 @@ class Writer:
             self._authors = int(self.conn.execute("SELECT count(*) FROM authors").fetchone()[0])
         return self._authors
 
-    def _row(self, head: Head) -> int:
+    def _row(self, head: AuthorHead) -> int:
         """The author's row index, creating the row on first use."""
         if head.idx is None:
             cursor = self.conn.execute("INSERT INTO authors (key) VALUES (?)", (head.key,))
@@ -199,7 +199,7 @@ class Writer:
         row = self.conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return row is not None
 
-    def stored_wire(self, head: Head, seq: int) -> tuple[bytes, bytes] | None:
+    def stored_wire(self, head: AuthorHead, seq: int) -> tuple[bytes, bytes] | None:
         """``(id, wire)`` of the stored entry ``seq`` of an author, if held."""
         if head.idx is None:
             return None
@@ -219,7 +219,7 @@ class Writer:
         head = self.head(entry.author)
         if head.frozen:
             return Attempt(
-                Outcome.REFUSED,
+                Verdict.REFUSED,
                 error=FrozenAuthorError(f"author {short_id(entry.author)} is frozen after a fork"),
             )
         if entry.seq <= head.seq:
@@ -230,10 +230,10 @@ class Writer:
             return self._fork(head, entry.seq, ours, wire)
         if entry.seq > head.seq + 1:
             assert entry.prev is not None
-            return Attempt(Outcome.WAIT, dep=entry.prev)
+            return Attempt(Verdict.WAIT, dep=entry.prev)
         if head.idx is None and self.author_count() >= MAX_AUTHORS:
             return Attempt(
-                Outcome.REFUSED,
+                Verdict.REFUSED,
                 error=AuthorLimitError(
                     f"this store already holds the logs of {MAX_AUTHORS} authors; "
                     f"entries of a new author ({short_id(entry.author)}) are refused"
@@ -244,7 +244,7 @@ class Writer:
             return self._fork(head, head.seq, stored[1] if stored else b"", wire)
         if entry.hlc <= head.hlc:
             return Attempt(
-                Outcome.REFUSED,
+                Verdict.REFUSED,
                 error=ChainError(
                     f"entry {entry.seq} of {short_id(entry.author)}: "
                     "clock does not advance on its predecessor"
@@ -260,7 +260,7 @@ class Writer:
                 present = {version.entry for version in heads}
                 for base in op.bases:
                     if base not in present and not self.has_entry(base):
-                        return Attempt(Outcome.WAIT, dep=base)
+                        return Attempt(Verdict.WAIT, dep=base)
         self.apply(entry, states)
         return _APPLIED
 
@@ -346,7 +346,7 @@ class Writer:
         self._had_losers.clear()
         self._dirty.clear()
 
-    def _fork(self, head: Head, seq: int, ours: bytes, theirs: bytes) -> Attempt:
+    def _fork(self, head: AuthorHead, seq: int, ours: bytes, theirs: bytes) -> Attempt:
         self.conn.execute(
             "INSERT OR IGNORE INTO forks (author, seq, ours, theirs, detected) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -357,7 +357,7 @@ class Writer:
         if self.has_held:  # nothing more will be accepted from this author
             self.conn.execute("DELETE FROM held WHERE author = ?", (head.key,))
         return Attempt(
-            Outcome.REFUSED,
+            Verdict.REFUSED,
             error=ForkError(
                 f"author {short_id(head.key)} signed two different entries at seq {seq}; "
                 "both kept as proof and the author is frozen"
