@@ -31,6 +31,10 @@ from p2psync.core.messages import Head
 from p2psync.core.rules import Permissions, Route, Rule, Terms
 from p2psync.errors import EntryError, RuleViolationError, WithheldError
 
+#: Collection names whose verdict a flow remembers; a peer names as many as it likes,
+#: so past this the memo starts afresh.
+MAX_REMEMBERED = 1024
+
 #: Everything, both ways: what a connection without rules (a bare protocol test)
 #: may exchange.
 EVERYTHING = Permissions(send=(Terms(),), receive=(Terms(),))
@@ -116,9 +120,12 @@ class Flow:
 
     def may_receive(self, collection: str) -> bool:
         """A rule in force for this session lets the peer send ``collection`` here."""
-        allowed = self._receivable.get(collection)
+        memo = self._receivable
+        allowed = memo.get(collection)
         if allowed is None:
-            allowed = self._receivable[collection] = self.now.may_receive(collection)
+            if len(memo) >= MAX_REMEMBERED:
+                memo.clear()
+            allowed = memo[collection] = self.now.may_receive(collection)
         return allowed
 
     def judge(self, entry: Entry) -> EntryError | None:

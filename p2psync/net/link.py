@@ -173,6 +173,9 @@ class RulesPump:
     ) -> None:
         self.link, self.machine, self.store, self.handle = link, machine, store, handle
         self.on_open = on_open
+        #: the rules version of the objects we answered the peer's RulesHeld with:
+        #: once it says Have, it holds them (and no later ones it was not shown)
+        self.answered_version = 0
         self._in, self._out = trio.open_memory_channel[Event | _LocalRulesChanged](math.inf)
 
     def queue(self, event: Event) -> None:
@@ -212,9 +215,9 @@ class RulesPump:
         if event.on_demand:
             self.link.live = False  # the peer syncs on demand: on-demand rules count too
         ours = await self.link.objects()
-        version = self.link.read_version  # what its RulesHeld gets from us
+        self.answered_version = self.link.read_version  # what its RulesHeld gets from us
         if self.machine.rules_held_answered(event.digest, ours):
-            self.link.reconciled(version)  # it holds what we hold
+            self.link.reconciled(self.answered_version)  # it holds what we hold
         self.handle([])
         await self._refresh()
 

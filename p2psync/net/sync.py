@@ -69,7 +69,6 @@ class _Run:
         self.nursery = nursery
         self.on_progress, self.on_synced, self.on_stuck = on_progress, on_synced, on_stuck
         self.rules: RulesPump | None = None
-        self.link: PairLink | None = None
         self.stats = SessionStats()
         self.outbox_ready = Signal()
         self.sender_wake = Signal()
@@ -99,8 +98,8 @@ class _Run:
         self.sender_wake.set()
 
     def peer_heads(self, event: PeerHeadsReceived) -> None:
-        if self.link is not None:  # it settled: it holds what its RulesHeld got
-            self.link.reconciled(self.link.read_version)
+        if self.rules is not None:  # it settled: it holds what its RulesHeld got
+            self.rules.link.reconciled(self.rules.answered_version)
         self.stats.peer_heads = event.heads
         self.stats.to_receive = sum(
             max(0, head.seq - self.machine.local.get(a, Head(0, b"")).seq)
@@ -167,6 +166,8 @@ class _Run:
 
     async def ingester(self) -> None:
         async for event in self.batches_out:
+            if self.machine.closed:  # a batch queued behind one that ended the session
+                return
             try:
                 result, heads = await self.store.ingest(event.wires, self.machine.flow)
             except StoreError as exc:
@@ -183,7 +184,9 @@ class _Run:
             refusals = [Refusal(r.author, r.error, r.describe()) for r in result.rejected]
             positions = [(author, seq, eid) for author, (seq, eid) in result.seen.items()]
             self.handle(self.machine.ingested(event.batch, positions, heads, refusals))
-            if refusals and not self.machine.closed:  # not the sender's fault: logged
+            if self.machine.closed:  # the peer sent an entry that proves it hostile
+                return
+            if refusals:  # not the sender's fault: logged
                 more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
                 log.warning(
                     "entry from %s not applied: %s%s", self.who, refusals[0].description, more
@@ -268,7 +271,6 @@ async def run_session(
             if link is None:
                 run.handle(machine.begin(await store.heads()))
             else:
-                run.link = link
                 run.rules = RulesPump(link, machine, store, run.handle, on_open)
                 await run.rules.start()
                 nursery.start_soon(run.rules.run)
