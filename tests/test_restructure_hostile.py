@@ -19,9 +19,12 @@ from p2psync import pairing
 from p2psync.clock import now_ms
 from p2psync.core import messages
 from p2psync.core.entry import withhold
+from p2psync.core.events import Refusal
 from p2psync.core.flow import Flow
-from p2psync.core.messages import Entries, Have, RulesHeld
+from p2psync.core.messages import MAX_AUTHORS, Entries, Have, RulesHeld
 from p2psync.core.rules import Direction, Permissions, Terms
+from p2psync.core.session import SyncSession
+from p2psync.errors import FutureTimestampError
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import SessionStats, run_session
@@ -243,3 +246,26 @@ async def test_a_have_does_not_vouch_for_rule_objects_the_peer_was_never_shown(
     assert max(versions) <= answered[0], (
         f"reconciled as of {max(versions)}; the peer was only shown objects as of {answered[0]}"
     )
+
+
+# ---------------------------------------------------------------- 4. throwaway authors
+
+
+@pytest.mark.pure
+def test_refused_entries_of_throwaway_authors_do_not_grow_a_session_without_bound() -> None:
+    """A paired peer sends entries of ever new authors that we refuse (clock far
+    ahead: not its fault, the session goes on): a session tracks at most as many
+    authors as a Have may name."""
+    machine = SyncSession(0.0)
+    machine.begin({})
+    machine.receive(Have({}), 0.0)
+    for batch in range(1, 4):
+        machine.receive(Entries(batch, []), 0.0)
+        authors = [os.urandom(32) for _ in range(MAX_AUTHORS // 2)]
+        positions = [(a, 1, os.urandom(32)) for a in authors]
+        error = FutureTimestampError("its clock is far ahead")
+        refusals = [Refusal(a, error, "entry 1: clock far ahead") for a in authors]
+        machine.ingested(batch, positions, {}, refusals)
+        machine.take_outbox(0.0)
+    assert not machine.closed
+    assert len(machine.peer) <= MAX_AUTHORS and len(machine.refusals) <= MAX_AUTHORS

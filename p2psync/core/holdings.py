@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from p2psync.core.flow import Flow
-from p2psync.core.messages import Head, Heads, heads_digest
+from p2psync.core.messages import MAX_AUTHORS, Head, Heads, heads_digest
 
 Position = tuple[bytes, int, bytes]  # author, seq, entry ID
 
@@ -62,9 +62,14 @@ class Holdings:
         self._stale()
 
     def peer_has(self, positions: Iterable[Position]) -> None:
-        """The peer holds these now (sent to it, or it sent them)."""
+        """The peer holds these now (sent to it, or it sent them). Past
+        ``MAX_AUTHORS`` authors (what a Have may name, and a store may hold), new
+        authors are not tracked: a peer must not grow a session without bound with
+        entries of throwaway authors that we refuse."""
         for author, seq, entry_id in positions:
             known = self.peer.get(author)
+            if known is None and len(self.peer) >= MAX_AUTHORS:
+                continue
             if known is None or seq > known.seq:
                 self.peer[author] = Head(seq, entry_id, known.frozen if known else False)
                 self._peer_digest = None
@@ -77,6 +82,8 @@ class Holdings:
         self.peer_has(positions)
         for author, seq, entry_id in positions:
             told = self._told.get(author)
+            if told is None and author not in self.peer:
+                continue  # not tracked (see peer_has)
             if told is None or seq > told.seq:
                 self._told[author] = Head(seq, entry_id)
                 self._told_digest = None

@@ -362,7 +362,7 @@ class SyncSession:
             if isinstance(refusal.error, HostileEntry):
                 return self.fail(f"invalid entry: {refusal.description}")
         for refusal in refusals:
-            if refusal.author is not None:
+            if refusal.author is not None and refusal.author in self.holdings.peer:
                 self.refusals[refusal.author] = refusal.description
         return self.poll_synced()
 
