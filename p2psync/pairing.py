@@ -31,8 +31,7 @@ from p2psync.core import canonical
 from p2psync.core import rules as core
 from p2psync.core.identity import KEY_BYTES, short_id
 from p2psync.core.rules import Direction, Mode, Permissions, Rule, RuleState, Terms
-from p2psync.errors import DecodeError, StateError, UsageError
-from p2psync.errors import PairingError as PairingError  # noqa: PLC0414 (re-exported)
+from p2psync.errors import DecodeError, PairingError, StateError, UsageError
 from p2psync.home import OpenHome
 from p2psync.net.address import format_address, parse_address
 

@@ -43,7 +43,7 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "net",
-        "adapters that know no rules: streams, dialling, the store from trio, mDNS, ...",
+        "adapters below pairing: streams, dialling, the store from trio, mDNS, session parts",
         (
             "p2psync.net.address",
             "p2psync.net.adverts",
@@ -294,6 +294,7 @@ def test_the_command_line_starts_without_trio_or_zeroconf() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.process
 def test_api_imports_neither_the_agent_nor_trio() -> None:
     code = (
         "import sys, p2psync.api; "

@@ -12,8 +12,12 @@ import trio
 import trio.testing
 
 from p2psync.agent.connections import Connection, Ended, Registry
-from p2psync.agent.control import RECHECK_EVERY, Controlled, _wait_live
-from p2psync.net.sync import SessionStats
+from p2psync.agent.control import Controlled, _wait_live
+from p2psync.core.session import SyncSession
+from p2psync.net.stats import SessionStats
+from p2psync.net.storeio import ChangeFeed, TrioStore
+from p2psync.net.sync import run_session
+from tests.test_sync import MakeDb, connect, fill
 
 KEY = os.urandom(32)
 
@@ -62,28 +66,8 @@ async def test_a_sync_request_wakes_when_told_not_by_polling(
         waited = trio.current_time() - start
     assert results == {KEY: (True, None)}
     assert waited == pytest.approx(3.5)
-    # a check at the start, one per RECHECK_EVERY, one when told (polling every 20 ms:
-    # 175)
-    assert registry.looked <= 3.5 / RECHECK_EVERY + 2
-
-
-async def test_a_session_back_in_step_without_a_word_is_seen_within_a_recheck(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    registry = Registry()
-    _, machine = _live(registry)
-
-    async def silently_in_step() -> None:
-        await trio.sleep(0.2)
-        machine.synced = True  # no note_change
-
-    results: dict[bytes, tuple[bool, str | None]] = {}
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(silently_in_step)
-        start = trio.current_time()
-        await _wait_live(_agent(registry), [KEY], 10, results)
-    assert results == {KEY: (True, None)}
-    assert trio.current_time() - start == pytest.approx(RECHECK_EVERY)
+    # a check at the start, one when told (polling every 20 ms: 175)
+    assert registry.looked == 2
 
 
 async def test_a_connection_that_ends_out_of_step_answers_with_its_reason(
@@ -142,3 +126,38 @@ async def test_waiters_wake_on_every_change_of_the_registry() -> None:
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert woken == 2
+
+
+async def test_a_live_session_tells_every_change_of_standing(make_db: MakeDb) -> None:
+    """What the control socket waits on: a live session calls ``on_change`` when
+    it comes in sync, leaves it (a local write) and comes back, whether or not its
+    machine says SyncedWithPeer again (no polling needed)."""
+    a, b = make_db("a"), make_db("b")
+    fill(a, 3)
+    sa, sb = await connect(a, b)
+    feed_a = ChangeFeed()
+    changes: list[bool] = []
+    machines: list[SyncSession] = []
+
+    def started(machine: SyncSession, _stats: SessionStats) -> None:
+        machines.append(machine)
+
+    def changed() -> None:
+        changes.append(machines[0].synced)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_session(
+                sa, TrioStore(a.store), feed_a, live=True, on_start=started, on_change=changed
+            )
+        )
+        nursery.start_soon(lambda: run_session(sb, TrioStore(b.store), ChangeFeed(), live=True))
+        with trio.fail_after(5):
+            while changes != [True]:
+                await trio.sleep(0.01)
+            a.put("live", "k", 1)
+            feed_a.bump()
+            while changes[-3:] != [True, False, True]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert changes[0] is True and changes[-1] is True

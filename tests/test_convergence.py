@@ -83,6 +83,7 @@ def run_write(db: p2psync.Database, kind: str, collection: str, key: str, n: int
             tx.put(COLLECTIONS[0] if collection != COLLECTIONS[0] else COLLECTIONS[1], key, -n)
 
 
+@pytest.mark.slow  # 100 random programs: ~9 s
 @given(programs, st.randoms(use_true_random=False))
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_three_agents_converge(program: list[tuple[Any, ...]], rng: random.Random) -> None:

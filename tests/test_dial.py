@@ -14,13 +14,12 @@ import pytest
 import trio
 
 import p2psync
-from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
-from p2psync.errors import P2PSyncError
+from p2psync.errors import IdentityMismatch, P2PSyncError
 from p2psync.net.dial import dial
 from p2psync.net.peernote import PeerNote, after_session
-from p2psync.net.sync import SessionStats
+from p2psync.net.stats import SessionStats
 from p2psync.net.transport import secure
 
 MakeDb = Callable[[str], p2psync.Database]

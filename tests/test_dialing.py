@@ -20,11 +20,12 @@ from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.clock import now_ms
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
+from p2psync.errors import ConnectionLost
 from p2psync.net.adverts import MAX_FAILURES, AdvertTable
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.transport import SecureStream, secure
 
 pytestmark = pytest.mark.process
 
@@ -143,7 +144,7 @@ async def test_a_peer_that_ends_every_session_the_same_way_is_backed_off(
         sessions += 1
         secured = await secure(stream, b.identity, initiator=False, name="b")
         link = PairLink(
-            b, secured.peer, live=False, handshake_hash=secured.handshake_hash, peer_name="a"
+            b, secured.peer, handshake_hash=secured.handshake_hash, peer_name="a"
         )
         await run_session(
             secured, TrioStore(b.store), ChangeFeed(), live=False, link=link

@@ -14,9 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 import p2psync
-from p2psync import errors, pairing
+from p2psync import errors
 from p2psync.cli.main import Group
-from p2psync.core import frames, handshake, messages, noise, rules
 from p2psync.errors import (
     ChainError,
     DecodeError,
@@ -28,8 +27,6 @@ from p2psync.errors import (
     RuleViolationError,
     SignatureError,
 )
-from p2psync.net import agentsockets as sockets
-from p2psync.net import transport
 
 pytestmark = pytest.mark.pure
 
@@ -113,19 +110,6 @@ def test_remote_and_local_faults_are_apart() -> None:
     assert issubclass(errors.DecryptError, errors.HandshakeError)
     assert issubclass(errors.IdentityMismatch, RemoteProtocolError)
     assert issubclass(errors.LocalHandshakeError, errors.HandshakeError)
-
-
-def test_old_import_locations_still_work() -> None:
-    assert messages.ProtocolError is errors.ProtocolError
-    assert frames.FrameError is errors.FrameError
-    assert noise.HandshakeError is errors.HandshakeError
-    assert noise.DecryptError is errors.DecryptError
-    assert handshake.IdentityMismatch is errors.IdentityMismatch
-    assert rules.RuleError is errors.RuleError
-    assert pairing.PairingError is errors.PairingError
-    assert transport.ConnectionLost is errors.ConnectionLost
-    assert sockets.AgentNotRunning is errors.AgentNotRunning
-    assert issubclass(sockets.AgentSocketError, OSError)
 
 
 @pytest.mark.parametrize(

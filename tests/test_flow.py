@@ -82,10 +82,13 @@ def test_rules_count_by_mode_and_route() -> None:
     # a live connection kept for an online rule carries the on-demand one too
     assert live.may_receive("a") and live.may_receive("b") and not live.may_receive("c")
     only_on_demand = Flow.between(ME, PEER, [on_demand], live=True)
-    assert not only_on_demand.paired and only_on_demand.later is not None
-    assert Flow.between(ME, PEER, [on_demand], live=False).paired
+    assert not only_on_demand.flows and only_on_demand.later is not None
+    assert only_on_demand.in_force  # a live session with it waits for nothing
+    assert Flow.between(ME, PEER, [on_demand], live=False).flows
+    assert not Flow.between(ME, PEER, [proposed], live=True).in_force
     # the relay carries only rules whose route lets it
     relayed = Flow.between(ME, PEER, [online, on_demand], live=False, via_relay=True)
     assert relayed.may_receive("b") and not relayed.may_receive("a")
-    assert Flow.between(ME, PEER, [], live=False) == Flow(Permissions())
+    nothing = Flow.between(ME, PEER, [], live=False)
+    assert nothing.now == Permissions() and not nothing.in_force
     assert Flow().now == EVERYTHING

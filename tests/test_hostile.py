@@ -27,16 +27,15 @@ from p2psync.core import handshake as hs
 from p2psync.core import holdings as holdings_mod
 from p2psync.core import rules as core_rules
 from p2psync.core.flow import Flow
-from p2psync.core.frames import FrameError
 from p2psync.core.messages import Head
-from p2psync.core.noise import HandshakeError
 from p2psync.core.rules import Direction, RuleState, Terms
 from p2psync.core.session import SessionConfig, SyncSession
-from p2psync.errors import DecodeError
+from p2psync.errors import ConnectionLost, DecodeError, FrameError, HandshakeError
 from p2psync.net.link import PairLink
+from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.sync import SessionStats, run_session
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.sync import run_session
+from p2psync.net.transport import SecureStream, secure
 from p2psync.store import rules as store_rules
 from tests.test_pairing import key, session, state_of
 from tests.test_sync import Hostile, connect, fill
@@ -77,7 +76,6 @@ async def victim_session(
         link = PairLink(
             victim,
             key(attacker),
-            live=True,
             handshake_hash=sb.handshake_hash,
             peer_name=attacker.home.name,
         )

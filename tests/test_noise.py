@@ -15,13 +15,11 @@ from p2psync.core.noise import (
     MAX_MESSAGE,
     PATTERNS,
     CipherState,
-    DecryptError,
-    HandshakeError,
     HandshakeState,
     KeyPair,
     parse_pattern,
 )
-from p2psync.errors import P2PSyncError
+from p2psync.errors import DecryptError, HandshakeError, P2PSyncError
 
 pytestmark = pytest.mark.pure
 

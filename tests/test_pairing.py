@@ -19,10 +19,11 @@ from p2psync import pairing
 from p2psync.cli.main import cli
 from p2psync.core import canonical
 from p2psync.core.rules import Direction, RuleState, Terms
-from p2psync.errors import UsageError
+from p2psync.errors import PairingError, UsageError
 from p2psync.net.link import PairLink
+from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.sync import SessionStats, run_session
+from p2psync.net.sync import run_session
 from tests.test_sync import connect
 
 pytestmark = pytest.mark.trio_memory
@@ -46,7 +47,6 @@ async def session(
         link = PairLink(
             db,
             peer.identity.public_key,
-            live=live,
             handshake_hash=stream.handshake_hash,
             peer_name=peer.home.name,
             join=pairing.JoinTicket.of(join) if join is not None and name == "a" else None,
@@ -328,7 +328,7 @@ def test_a_joiner_cut_short_may_retry_after_the_code_expired(make_db: MakeDb) ->
     with sqlite3.connect(a.home.store_path) as conn:  # the code expires meanwhile
         conn.execute("UPDATE invites SET expires = 1")
     assert pairing.answer_join(a, key(b), code.invite, proof, handshake) == first
-    with pytest.raises(pairing.PairingError, match=r"already used|expired"):
+    with pytest.raises(PairingError, match=r"already used|expired"):
         pairing.answer_join(a, key(c), code.invite, proof, handshake)
 
 

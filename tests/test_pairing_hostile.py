@@ -27,11 +27,12 @@ from p2psync.core import rules as core
 from p2psync.core.messages import Caught, Have, Head, Ping, heads_digest
 from p2psync.core.rules import Direction, Mode, Permissions, Route, RuleState, Terms
 from p2psync.core.session import SyncSession
+from p2psync.errors import ConnectionLost
 from p2psync.net import sync as sync_mod
 from p2psync.net.link import PairLink, RulesPump
 from p2psync.net.oneshot import join_once, sync_once
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.transport import SecureStream, secure
 from p2psync.store.peers import PeerState
 from tests.test_pairing import key, pair_cli, session, state_of
 
@@ -306,7 +307,7 @@ async def test_pair_join_says_paired_only_when_the_inviter_holds_the_acceptance(
             stream = await listeners[0].accept()
             listeners[0].socket.close()  # the inviter is gone after this
             secured = await secure(stream, a.identity, initiator=False, name="a")
-            link = PairLink(a, key(b), live=True, handshake_hash=secured.handshake_hash)
+            link = PairLink(a, key(b), handshake_hash=secured.handshake_hash)
             await sync_mod.run_session(
                 secured, TrioStore(a.store), ChangeFeed(), live=True, link=link
             )

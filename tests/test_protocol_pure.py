@@ -235,7 +235,7 @@ def test_pairing_waits_until_its_deadline_then_ends() -> None:
         RulesHeldReceived(messages.rules_digest([]), False)
     ]
     assert machine.rules_held_answered(messages.rules_digest([]), []) is True
-    assert machine.rules_in_force(Flow(Permissions()), any_rule=False) == []  # live: waits
+    assert machine.rules_in_force(Flow(Permissions())) == []  # live: waits
     assert machine.next_deadline() == 5.0
     assert machine.timer(4.9) == []
     assert machine.timer(5.0) == [NothingToSync()]
@@ -244,7 +244,7 @@ def test_pairing_waits_until_its_deadline_then_ends() -> None:
     quick.start_pairing([], 0.0)
     quick.receive(messages.Rules([]), 0.0)
     quick.rules_stored([])
-    assert quick.rules_in_force(Flow(Permissions()), any_rule=False) == [NothingToSync()]
+    assert quick.rules_in_force(Flow(Permissions())) == [NothingToSync()]
 
 
 def test_rule_objects_must_settle_in_a_few_rounds() -> None:

@@ -24,11 +24,11 @@ from p2psync.core.flow import Flow
 from p2psync.core.messages import MAX_AUTHORS, Entries, Have, RulesHeld
 from p2psync.core.rules import Direction, Permissions, Terms
 from p2psync.core.session import SyncSession
-from p2psync.errors import FutureTimestampError
+from p2psync.errors import ConnectionLost, FutureTimestampError
 from p2psync.net.link import PairLink
+from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.sync import SessionStats, run_session
-from p2psync.net.transport import ConnectionLost
+from p2psync.net.sync import run_session
 from p2psync.store.ingest import IngestResult, decode_batch
 from tests.test_pairing import key, session
 from tests.test_sync import Hostile, against_hostile, connect, fill
@@ -125,7 +125,7 @@ async def test_a_paired_peer_grows_the_victims_memory_without_storing_anything(
 
     async def serve() -> None:
         link = PairLink(
-            victim, key(attacker), live=True, handshake_hash=sb.handshake_hash, peer_name="a"
+            victim, key(attacker), handshake_hash=sb.handshake_hash, peer_name="a"
         )
         result.append(
             await run_session(
@@ -215,7 +215,6 @@ async def test_a_have_does_not_vouch_for_rule_objects_the_peer_was_never_shown(
         link = PairLink(
             victim,
             key(attacker),
-            live=True,
             handshake_hash=sb.handshake_hash,
             peer_name="attacker",
             rules_feed=rules_feed,

@@ -11,27 +11,17 @@ from p2psync.core.events import (
     BatchReceived,
     JoinRequested,
     PeerHeadsReceived,
+    Refusal,
     RulesReceived,
     SessionClosed,
     StuckOnRefused,
     SyncedWithPeer,
 )
 from p2psync.core.flow import Flow
-from p2psync.core.messages import (
-    Ack,
-    Bye,
-    Caught,
-    Entries,
-    Have,
-    Head,
-    Ping,
-    Pong,
-    ProtocolError,
-    heads_digest,
-)
+from p2psync.core.messages import Ack, Bye, Caught, Entries, Have, Head, Ping, Pong, heads_digest
 from p2psync.core.rules import Permissions, Terms
 from p2psync.core.session import SessionConfig, SyncSession
-from p2psync.errors import LocalProtocolError
+from p2psync.errors import FutureTimestampError, LocalProtocolError, ProtocolError
 
 pytestmark = pytest.mark.pure
 
@@ -240,8 +230,8 @@ def test_entries_refused_leave_the_session_stuck_with_the_reason() -> None:
     deliver(b, a)
     a.send_batch([b"e4", b"e5"], [(AUTHOR, s, head(s).head) for s in (4, 5)])
     batch = next(e for e in deliver(a, b) if isinstance(e, BatchReceived))
-    b.note_refused(AUTHOR, "entry 4: its clock is far ahead")
-    b.ingested(batch.batch, [(AUTHOR, 5, head(5).head)])  # a holds up to 5
+    refused = Refusal(AUTHOR, FutureTimestampError("far ahead"), "entry 4: its clock is far ahead")
+    b.ingested(batch.batch, [(AUTHOR, 5, head(5).head)], None, [refused])  # a holds up to 5
     assert b.stuck_reason is None  # a has not said Caught for that yet
     events = deliver(b, a) + deliver(a, b) + deliver(b, a)
     assert b.stuck_reason == "entry 4: its clock is far ahead"

@@ -18,15 +18,14 @@ from p2psync.clock import now_ms
 from p2psync.core import canonical, hlc, messages
 from p2psync.core import handshake as hs
 from p2psync.core.entry import SIGN_PREFIX
-from p2psync.core.frames import FrameError
-from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import Identity
 from p2psync.core.messages import Entries, Have
-from p2psync.core.noise import HandshakeError
 from p2psync.core.session import SessionConfig
+from p2psync.errors import ConnectionLost, FrameError, HandshakeError, IdentityMismatch
+from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.sync import SessionStats, run_session
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.sync import run_session
+from p2psync.net.transport import SecureStream, secure
 from tests.helpers import Author
 
 pytestmark = pytest.mark.trio_memory

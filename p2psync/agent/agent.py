@@ -54,8 +54,9 @@ from p2psync.net.agentsockets import CHANGED_PEERS
 from p2psync.net.discovery import Discovery, check_interfaces, local_ipv4
 from p2psync.net.link import PairLink
 from p2psync.net.peernote import PeerNote, after_session
+from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.sync import SessionStats, run_session
+from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream, secure
 from p2psync.store.peers import PeerState
 
@@ -312,7 +313,6 @@ class Agent:
 
         def synced(_stats: SessionStats) -> None:
             nonlocal last_noted
-            self.registry.note_change()
             now = trio.current_time()
             if now - last_noted >= NOTE_EVERY:
                 last_noted = now
@@ -345,7 +345,6 @@ class Agent:
             return "another connection between us is kept"
 
         def stuck(stats: SessionStats) -> None:
-            self.registry.note_change()
             # `peers` shows it even after the agent stops
             note = PeerNote(error=f"cannot get in step: {stats.stuck}")
             self._spawn(partial(self.peers.note, peer, note))
@@ -359,7 +358,6 @@ class Agent:
                 link = PairLink(
                     self.db,
                     peer,
-                    live=True,
                     handshake_hash=secured.handshake_hash,
                     peer_name=secured.peer_name,
                     rules_feed=self.rules_feed,
@@ -377,6 +375,7 @@ class Agent:
                     link=link,
                     on_open=opened,
                     on_stuck=stuck,
+                    on_change=self.registry.note_change,
                 )
         except Exception as exc:  # one bad connection never takes the agent down
             log.warning("connection with %s failed: %r", short_id(peer), exc)

@@ -26,7 +26,7 @@ import trio
 
 from p2psync.clock import now_ms
 from p2psync.core.session import SyncSession
-from p2psync.net.sync import SessionStats
+from p2psync.net.stats import SessionStats
 
 MAX_ENDED = 1024  # connection endings remembered (for status and sync requests)
 

@@ -30,9 +30,6 @@ from p2psync.store.peers import PeerState
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
-#: a live session can come back in step without saying so again (its heads the same
-#: as when it last did, e.g. after a rules change): looked at this often meanwhile
-RECHECK_EVERY = 1.0
 
 
 class Controlled(Protocol):
@@ -196,5 +193,4 @@ async def _wait_live(
                     results[key] = (False, ended.reason)
             if len(results) >= len(keys):
                 return
-            with trio.move_on_after(RECHECK_EVERY):
-                await registry.wait_change()
+            await registry.wait_change()

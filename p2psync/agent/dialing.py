@@ -18,15 +18,13 @@ import trio
 from p2psync.agent.connections import Registry
 from p2psync.agent.peers import Peers
 from p2psync.clock import now_ms
-from p2psync.core.frames import FrameError
-from p2psync.core.handshake import IdentityMismatch
 from p2psync.core.identity import Identity, short_id
-from p2psync.core.noise import HandshakeError
+from p2psync.errors import ConnectionLost, FrameError, HandshakeError, IdentityMismatch
 from p2psync.net.adverts import AdvertTable
 from p2psync.net.dial import dial
 from p2psync.net.peernote import PeerNote
-from p2psync.net.sync import SessionStats
-from p2psync.net.transport import ConnectionLost, SecureStream
+from p2psync.net.stats import SessionStats
+from p2psync.net.transport import SecureStream
 
 log = logging.getLogger(__name__)
 

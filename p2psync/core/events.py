@@ -68,7 +68,7 @@ class SyncedWithPeer:
 @dataclass(frozen=True, slots=True)
 class StuckOnRefused:
     """All has flowed that will flow in this session, yet the peer holds entries we
-    do not: we refused or are holding some (see ``note_refused``)."""
+    do not: we refused or are holding some (the :class:`Refusal` says why)."""
 
     reason: str
 

@@ -15,9 +15,9 @@ sync`` and the relay's mailbox alike):
   live), waits: applying it without would lose that payload for good.
 
 Rules apply by route: a direct connection (live or on demand) carries every rule
-in force; the relay's mailbox only rules whose route is ``relay`` or ``auto``
-(``docs/relay.md``). In a live session, rules count only if one of them is
-online (``Permissions.between``).
+in force; the relay's mailbox (to come) only rules whose route is ``relay`` or
+``auto`` (``DESIGN.md`` §7: its mailbox policy). In a live session, rules count
+only if one of them is online (``Permissions.between``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class Flow:
 
     now: Permissions = EVERYTHING
     later: Permissions | None = None
+    #: a rule is in force between us at all, whatever this session carries (None:
+    #: whether ``now`` lets anything flow)
+    any_rule: bool | None = None
     _receivable: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -72,17 +75,22 @@ class Flow:
         if via_relay:
             rules = [r for r in rules if r.terms.route in (Route.RELAY, Route.AUTO)]
         now = Permissions.between(me, peer, rules, live=live)
-        later = Permissions.between(me, peer, rules, live=False) if live else None
-        if later is not None and later.receive == now.receive:
-            later = None
-        return cls(now, later)
+        anytime = Permissions.between(me, peer, rules, live=False) if live else now
+        later = anytime if anytime.receive != now.receive else None
+        return cls(now, later, anytime.paired)
 
     # ------------------------------------------------------------ in general
 
     @property
-    def paired(self) -> bool:
-        """A rule in force lets something flow, one way or the other."""
+    def flows(self) -> bool:
+        """A rule in force for this session lets something flow, one way or the
+        other (in a live session, only if one of the pair's rules is online)."""
         return self.now.paired
+
+    @property
+    def in_force(self) -> bool:
+        """A rule is in force between us, online or on demand."""
+        return self.now.paired if self.any_rule is None else self.any_rule
 
     @property
     def sending(self) -> bool:

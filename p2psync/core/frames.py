@@ -21,7 +21,7 @@ import struct
 import nacl.bindings
 import nacl.exceptions
 
-from p2psync.errors import FrameError as FrameError  # noqa: PLC0414 (re-exported)
+from p2psync.errors import FrameError, LocalProtocolError
 
 HEADER = struct.Struct(">I")
 TAG_BYTES = 16
@@ -92,6 +92,8 @@ class Sealer:
         self._counter = 0
 
     def seal(self, message: bytes) -> bytes:
+        if self._counter >= _MAX_NONCE:  # our limit, not the peer's doing
+            raise LocalProtocolError("nonce space exhausted; reconnect")
         header = HEADER.pack(len(message) + TAG_BYTES)
         sealed: bytes = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
             message, header, _nonce(self._counter), self._key

@@ -31,8 +31,7 @@ import nacl.exceptions
 from p2psync.core import canonical
 from p2psync.core.identity import KEY_BYTES, Identity, short_id, verify
 from p2psync.core.noise import HandshakeState, KeyPair
-from p2psync.errors import DecodeError, LocalHandshakeError, RemoteHandshakeError
-from p2psync.errors import IdentityMismatch as IdentityMismatch  # noqa: PLC0414 (re-exported)
+from p2psync.errors import DecodeError, IdentityMismatch, LocalHandshakeError, RemoteHandshakeError
 
 PROLOGUE = b"p2psync/1"
 PROTOCOL_VERSION = 1

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from p2psync.core.events import Position
 from p2psync.core.flow import Flow
 from p2psync.core.messages import MAX_AUTHORS, Head, Heads, heads_digest
-
-Position = tuple[bytes, int, bytes]  # author, seq, entry ID
 
 
 class Holdings:

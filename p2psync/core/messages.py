@@ -33,7 +33,6 @@ import cbor2
 
 from p2psync.core import canonical
 from p2psync.errors import DecodeError, RemoteProtocolError
-from p2psync.errors import ProtocolError as ProtocolError  # noqa: PLC0414 (re-exported)
 
 #: Largest decoded message; an Entries batch stays well below it.
 MAX_MESSAGE_BYTES = 2 << 20

@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 import nacl.bindings
 import nacl.exceptions
 
-from p2psync.errors import DecryptError as DecryptError  # noqa: PLC0414 (re-exported)
-from p2psync.errors import HandshakeError as HandshakeError  # noqa: PLC0414 (re-exported)
-from p2psync.errors import LocalHandshakeError, RemoteHandshakeError
+from p2psync.errors import DecryptError, HandshakeError, LocalHandshakeError, RemoteHandshakeError
 
 DHLEN = 32
 HASHLEN = 64

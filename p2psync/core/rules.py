@@ -33,8 +33,7 @@ from typing import Any
 from p2psync.core import canonical
 from p2psync.core.identity import KEY_BYTES, Identity, short_id, verify
 from p2psync.core.messages import MAX_REASON_CHARS
-from p2psync.errors import DecodeError, UsageError
-from p2psync.errors import RuleError as RuleError  # noqa: PLC0414 (re-exported)
+from p2psync.errors import DecodeError, RuleError, UsageError
 
 RULE_PREFIX = b"p2psync/v1/rule\x00"
 MAX_PATTERNS = 64

@@ -196,28 +196,33 @@ class SyncSession:
         """We presented an invite code and the inviter has not answered it yet."""
         return self._rules is not None and self._rules.joining
 
-    def rules_in_force(self, flow: Flow, *, any_rule: bool) -> list[Event]:
-        """The rules between us, as they stand once settled: what may flow, and
-        whether any rule is in force at all (``any_rule``: on-demand ones too).
+    def rules_in_force(self, flow: Flow) -> list[Event]:
+        """The rules between us, as they stand once settled: what may flow.
 
-        Before Have: a rule in force asks the shell to begin (:class:`RulesInForce`);
-        none ends the session (:class:`NothingToSync`) unless there is something to
-        wait for: the inviter's answer to our code, or — live, with no rule in force
-        at all — the user answering a request (the pairing deadline ends the wait).
-        After Have: a changed flow ends it, so that both sides start afresh under
-        the new rules."""
+        Before Have: a rule in force for this session asks the shell to begin
+        (:class:`RulesInForce`); none ends the session (:class:`NothingToSync`)
+        unless there is something to wait for: the inviter's answer to our code,
+        or — live, with no rule in force at all — the user answering a request
+        (the pairing deadline ends the wait). After Have: a changed flow ends it,
+        so that both sides start afresh under the new rules."""
         if not self.settled or self.closed:
             return []
         if not self.begun:
             self.set_flow(flow)
-            if flow.paired:
+            if flow.flows:
                 return [RulesInForce()]
-            if not self.joining and (self.on_demand or any_rule):
+            if not self.joining and (self.on_demand or flow.in_force):
                 return [NothingToSync()]
             return []
         if flow.now != self.flow.now:
             return self.close("the rules between us changed")
         return []
+
+    @property
+    def live(self) -> bool:
+        """Both sides stay connected (neither syncs on demand): only a pair with an
+        online rule syncs here; otherwise on-demand rules count too."""
+        return not self.on_demand and not self.peer_on_demand
 
     # ------------------------------------------------------------ opening
 
@@ -228,8 +233,10 @@ class SyncSession:
             self.state = State.HAVE_SENT
         elif self.state is State.HAVE_RECEIVED:
             self.state = State.OPEN
-        else:
+        elif self.state is State.CLOSED:
             return []
+        else:
+            raise LocalProtocolError("begin called after we said Have")
         self._pairing_deadline = None
         self._have = dict(local)
         self._outbox.append(Have(dict(local)))
@@ -246,7 +253,10 @@ class SyncSession:
     # ------------------------------------------------------------ what to send
 
     def set_flow(self, flow: Flow) -> None:
-        """What the rules let flow between us, from now on."""
+        """What the rules let flow between us, before we say Have (afterwards a
+        change of rules ends the session: :meth:`rules_in_force`)."""
+        if self.begun:
+            raise LocalProtocolError("the flow of a session changed after we said Have")
         self.holdings.set_flow(flow)
 
     @property
@@ -273,10 +283,6 @@ class SyncSession:
 
     def _wants(self) -> dict[bytes, int]:
         return self.holdings.wants() if self.state is State.OPEN else {}
-
-    def peer_heads(self) -> dict[bytes, Head]:
-        """What the peer holds, as far as we know."""
-        return dict(self.peer)
 
     def can_send(self) -> bool:
         return (
@@ -365,13 +371,6 @@ class SyncSession:
             if refusal.author is not None and refusal.author in self.holdings.peer:
                 self.refusals[refusal.author] = refusal.description
         return self.poll_synced()
-
-    def note_refused(self, author: bytes, reason: str) -> None:
-        """We refused one of ``author``'s entries from the peer, for a reason that is
-        not the peer's fault; ``StuckOnRefused`` gives it if we end up lacking it."""
-        self.holdings.refusals[author] = reason
-
-    # ------------------------------------------------------------ receiving
 
     def receive(self, message: Message, now: float) -> list[Event]:
         """Feed one message from the peer."""
@@ -508,6 +507,12 @@ class SyncSession:
         return (
             self.holdings.ever_synced and self._quiet() and not self.holdings.lacking()
         )
+
+    @property
+    def idle(self) -> bool:
+        """Open, with nothing of ours unacknowledged: a change of our heads alone
+        may call for a new Caught (:meth:`local_changed`, then :meth:`poll_synced`)."""
+        return self.state is State.OPEN and not self._unacked
 
     @property
     def unacked(self) -> int:

@@ -2,7 +2,7 @@
 §5): both sides name what they hold (``RulesHeld``), send it all when the digests
 differ (``Rules``), answer with what the objects received call for, and a
 joiner presents its invite code (``Join``). Part of the session machine: it
-returns the messages to send and raises :class:`ProtocolError` for the peer's
+returns the messages to send and raises :class:`RemoteProtocolError` for the peer's
 faults; the machine queues and closes."""
 
 from __future__ import annotations

@@ -10,11 +10,16 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from p2psync.core.frames import FrameError
 from p2psync.core.identity import Identity, short_id
-from p2psync.core.noise import HandshakeError
+from p2psync.errors import (
+    ConnectionLost,
+    FrameError,
+    HandshakeError,
+    LocalProtocolError,
+    P2PSyncError,
+)
 from p2psync.net.address import parse_address
-from p2psync.net.transport import ConnectionLost, SecureStream, secure
+from p2psync.net.transport import SecureStream, secure
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,18 @@ async def dial(
             with trio.fail_after(timeout(address)):
                 stream = await trio.open_tcp_stream(host, port)
             secured = await secure(stream, identity, initiator=True, name=name, expect=key)
+        except LocalProtocolError:
+            raise  # a bug here, not the far end's doing
         except Exception as exc:  # whatever the far end does, only this attempt fails
-            log.debug("dialling %s at %s failed: %r", _who(key), address, exc)
+            expected = isinstance(exc, P2PSyncError | OSError | trio.TooSlowError)
+            log.log(
+                logging.DEBUG if expected else logging.WARNING,
+                "dialling %s at %s failed: %r",
+                _who(key),
+                address,
+                exc,
+                exc_info=not expected,  # unexpected: the traceback helps find the bug
+            )
             if stream is not None:
                 await stream.aclose()
             error = _failure(address, exc)

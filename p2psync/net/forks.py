@@ -10,8 +10,7 @@ import logging
 from p2psync.core.identity import short_id
 from p2psync.core.messages import Head
 from p2psync.core.session import SyncSession
-from p2psync.net.stats import Signal
-from p2psync.net.storeio import TrioStore
+from p2psync.net.storeio import Signal, TrioStore
 
 log = logging.getLogger("p2psync.net.sync")
 

@@ -24,14 +24,16 @@ from p2psync.core.events import (
 )
 from p2psync.core.flow import Flow
 from p2psync.core.identity import short_id
-from p2psync.core.rules import Permissions, Rule
+from p2psync.core.rules import Rule
 from p2psync.core.session import SyncSession
-from p2psync.errors import P2PSyncError
+from p2psync.errors import LocalProtocolError, P2PSyncError, StoreError
 from p2psync.home import OpenHome
 from p2psync.net.storeio import ChangeFeed, TrioStore
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+#: Lines about a session are logged under the session's logger, whichever module
+#: writes them (operators filter on it).
+log = logging.getLogger("p2psync.net.sync")
 
 
 class PairLink:
@@ -42,7 +44,6 @@ class PairLink:
         db: OpenHome,
         peer: bytes,
         *,
-        live: bool,
         handshake_hash: bytes,
         peer_name: str | None = None,
         rules_feed: ChangeFeed | None = None,
@@ -52,9 +53,6 @@ class PairLink:
     ) -> None:
         self.db = db
         self.peer = peer
-        #: whether live-only (online) rules apply; the session turns it off when the
-        #: peer says it syncs on demand (its RulesHeld), so on-demand rules count too
-        self.live = live
         self.handshake_hash = handshake_hash
         self.peer_name = peer_name
         self.rules_feed = rules_feed  # bumped when rules change locally (CLI, API)
@@ -83,23 +81,12 @@ class PairLink:
         if self.on_reconciled is not None:
             self.on_reconciled(version)
 
-    async def permissions(self, *, live: bool | None = None) -> Permissions:
-        """What the rules in force let flow: for this session (default), or with
-        ``live=False`` every rule in force, on-demand ones included."""
-        live = self.live if live is None else live
-        return await self._run(lambda: pairing.permissions(self.db, self.peer, live=live))
-
-    async def flow(self) -> tuple[Flow, bool]:
-        """What flows in this session, and whether any rule is in force at all
-        (on-demand ones included)."""
-        me, live = self.db.identity.public_key, self.live
-
-        def work() -> tuple[Flow, bool]:
-            rules = self.db.store.rules(self.peer)
-            flow = Flow.between(me, self.peer, rules, live=live)
-            return flow, Permissions.between(me, self.peer, rules, live=False).paired
-
-        return await self._run(work)
+    async def flow(self, *, live: bool) -> Flow:
+        """What flows between us in a live session, or one on demand."""
+        me = self.db.identity.public_key
+        return await self._run(
+            lambda: Flow.between(me, self.peer, self.db.store.rules(self.peer), live=live)
+        )
 
     async def receive(self, objects: list[bytes]) -> list[bytes]:
         """Keep the peer's rule objects; our answers to send back."""
@@ -118,11 +105,6 @@ class PairLink:
             self.joined = joined
         self._added(added)
         return answers
-
-    @property
-    def joining(self) -> bool:
-        """We presented an invite code and the inviter has not answered it yet."""
-        return self.join is not None and self.joined is None
 
     def join_proof(self) -> tuple[bytes, bytes] | None:
         if self.join is None:
@@ -147,11 +129,9 @@ class PairLink:
             if self.on_rules_added is not None:
                 self.on_rules_added()
 
-    async def unpaired_reason(self) -> str:
+    async def unpaired_reason(self, *, live: bool) -> str:
         """Why a session with no rule in force ends, in words for both sides."""
-        return await self._run(
-            lambda: pairing.unpaired_reason(self.db, self.peer, live=self.live)
-        )
+        return await self._run(lambda: pairing.unpaired_reason(self.db, self.peer, live=live))
 
 
 class _LocalRulesChanged:
@@ -200,7 +180,13 @@ class RulesPump:
         async for event in self._out:
             try:
                 await handlers[type(event)](event)
-            except P2PSyncError as exc:
+            except StoreError as exc:  # ours, not the peer's: say so, and close
+                log.error("cannot store rule objects from %s: %s", short_id(self.link.peer), exc)
+                self.handle(self.machine.close(f"receiver cannot store rule objects: {exc}"))
+                return
+            except LocalProtocolError:
+                raise  # a bug here: never blamed on the peer
+            except P2PSyncError as exc:  # what the peer sent: a bad object or code
                 self.handle(self.machine.fail(str(exc)))
                 return
 
@@ -212,8 +198,6 @@ class RulesPump:
             self._in.send_nowait(_LocalRulesChanged())
 
     async def _rules_held(self, event: RulesHeldReceived) -> None:
-        if event.on_demand:
-            self.link.live = False  # the peer syncs on demand: on-demand rules count too
         ours = await self.link.objects()
         self.answered_version = self.link.read_version  # what its RulesHeld gets from us
         if self.machine.rules_held_answered(event.digest, ours):
@@ -242,8 +226,8 @@ class RulesPump:
     async def _refresh(self) -> None:
         if not self.machine.settled:
             return
-        flow, any_rule = await self.link.flow()
-        for event in self.machine.rules_in_force(flow, any_rule=any_rule):
+        flow = await self.link.flow(live=self.machine.live)
+        for event in self.machine.rules_in_force(flow):
             if isinstance(event, RulesInForce):
                 await self._open()
             elif isinstance(event, NothingToSync):
@@ -252,7 +236,7 @@ class RulesPump:
                 self.handle([event])
 
     async def _open(self) -> None:
-        refusal = self.on_open(self.link.live) if self.on_open is not None else None
+        refusal = self.on_open(self.machine.live) if self.on_open is not None else None
         if refusal is not None:
             self.handle(self.machine.close(refusal))
             return
@@ -264,6 +248,6 @@ class RulesPump:
 
     async def _nothing_to_sync(self, _: NothingToSync) -> None:
         if not self.machine.begun:
-            reason = await self.link.unpaired_reason()
+            reason = await self.link.unpaired_reason(live=self.machine.live)
             if not self.machine.begun:
                 self.handle(self.machine.close(reason))

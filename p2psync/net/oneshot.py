@@ -17,8 +17,9 @@ from p2psync.net.address import format_address
 from p2psync.net.dial import dial
 from p2psync.net.link import PairLink
 from p2psync.net.peernote import after_session
+from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.sync import SessionStats, run_session
+from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream
 from p2psync.pairing import JoinTicket, joined_rule
 from p2psync.store.peers import Peer, PeerState
@@ -140,7 +141,6 @@ async def _session(
     link = PairLink(
         db,
         secured.peer,
-        live=False,
         handshake_hash=secured.handshake_hash,
         peer_name=secured.peer_name,
         join=join,

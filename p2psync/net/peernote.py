@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from p2psync.core.messages import Head
-from p2psync.net.sync import SessionStats
+from p2psync.net.stats import SessionStats
 from p2psync.store.store import Store
 
 

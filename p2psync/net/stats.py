@@ -1,12 +1,10 @@
 """What one sync session did and how it ended, as the agent and ``p2psync
-sync`` report it; and the wake-up signal the session's tasks share."""
+sync`` report it."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-
-import trio
 
 from p2psync.clock import now_ms
 from p2psync.core.events import SessionClosed, StuckOnRefused, SyncedWithPeer
@@ -49,17 +47,3 @@ class SessionStats:
                 log.warning("closing connection with %s: %s", who, event.reason)
             else:
                 log.info("connection with %s closed: %s", who, event.reason)
-
-
-class Signal:
-    """A resettable wake-up for one waiting task."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = trio.Event()

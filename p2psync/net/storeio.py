@@ -77,3 +77,17 @@ class TrioStore:
 
     async def entry_at(self, author: bytes, seq: int) -> Outgoing | None:
         return await trio.to_thread.run_sync(self.store.entry_at, author, seq)
+
+
+class Signal:
+    """A resettable wake-up for one waiting task."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()

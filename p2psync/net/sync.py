@@ -38,16 +38,15 @@ from p2psync.core.events import (
 )
 from p2psync.core.identity import short_id
 from p2psync.core.messages import Bye, Head
-from p2psync.core.session import SessionConfig, State, SyncSession
-from p2psync.errors import RemoteProtocolError, StoreError
+from p2psync.core.session import SessionConfig, SyncSession
+from p2psync.errors import ConnectionLost, RemoteProtocolError, StoreError
 from p2psync.net.forks import exchange_fork_proofs
 from p2psync.net.link import PairLink, RulesPump
-from p2psync.net.stats import SessionStats, Signal
-from p2psync.net.storeio import ChangeFeed, TrioStore
-from p2psync.net.transport import ConnectionLost, SecureStream
+from p2psync.net.stats import SessionStats
+from p2psync.net.storeio import ChangeFeed, Signal, TrioStore
+from p2psync.net.transport import SecureStream
 
 log = logging.getLogger(__name__)
-__all__ = ["BATCH_BYTES", "BATCH_ENTRIES", "SessionStats", "run_session"]
 
 BATCH_ENTRIES = 2000
 BATCH_BYTES = 1 << 20
@@ -64,8 +63,11 @@ class _Run:
         on_progress: Callable[[SessionStats], None] | None = None,
         on_synced: Callable[[SessionStats], None] | None = None,
         on_stuck: Callable[[SessionStats], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.secure, self.store, self.feed, self.machine = secure, store, feed, machine
+        self.on_change = on_change
+        self.standing = (False, False)  # in sync, stuck: as last told to on_change
         self.nursery = nursery
         self.on_progress, self.on_synced, self.on_stuck = on_progress, on_synced, on_stuck
         self.rules: RulesPump | None = None
@@ -96,6 +98,11 @@ class _Run:
                 self.rules.queue(event)
         self.outbox_ready.set()
         self.sender_wake.set()
+        if self.on_change is not None:  # in sync or stuck, whether it said so or not
+            standing = (self.machine.synced, self.machine.stuck_reason is not None)
+            if standing != self.standing:
+                self.standing = standing
+                self.on_change()
 
     def peer_heads(self, event: PeerHeadsReceived) -> None:
         if self.rules is not None:  # it settled: it holds what its RulesHeld got
@@ -203,7 +210,7 @@ class _Run:
                 # one trip to the store: our heads now, and what the peer lacks of them
                 self.local_stale = False
                 heads, batch = await self.store.pending(
-                    self.machine.flow, self.machine.peer_heads(), BATCH_ENTRIES, BATCH_BYTES
+                    self.machine.flow, dict(self.machine.peer), BATCH_ENTRIES, BATCH_BYTES
                 )
                 self.machine.local_changed(heads)
                 if batch and not self.machine.can_send():
@@ -217,7 +224,7 @@ class _Run:
                 else:
                     self.handle(self.machine.poll_synced())
                 continue
-            if stale and self.machine.state is State.OPEN and not self.machine.unacked:
+            if stale and self.machine.idle:
                 self.local_stale = False
                 self.machine.local_changed(await self.store.heads())
                 self.handle(self.machine.poll_synced())
@@ -248,22 +255,28 @@ async def run_session(
     on_start: Callable[[SyncSession, SessionStats], None] | None = None,
     on_synced: Callable[[SessionStats], None] | None = None,
     link: PairLink | None = None,
-    pairing_timeout: float = 5.0,
+    pairing_timeout: float | None = None,
     on_open: Callable[[bool], str | None] | None = None,
     on_stuck: Callable[[SessionStats], None] | None = None,
+    on_change: Callable[[], None] | None = None,
 ) -> SessionStats:
     """Sync with the peer at the other end of ``secure`` until the session ends.
 
     ``live``: stay connected and push new entries as they are committed;
     otherwise end as soon as both sides hold the same entries. ``on_open(live)`` is
     asked, once a rule is in force, whether the session may go on (a reason ends it).
+    ``on_change()`` hears whenever the session comes in sync or stuck, or leaves it.
     """
-    config = replace(config or SessionConfig(), pairing_timeout=pairing_timeout)
+    config = config or SessionConfig()
+    if pairing_timeout is not None:
+        config = replace(config, pairing_timeout=pairing_timeout)
     machine = SyncSession(trio.current_time(), config, on_demand=not live)
     run: _Run | None = None
     try:
         async with trio.open_nursery() as nursery:
-            run = _Run(secure, store, feed, machine, nursery, on_progress, on_synced, on_stuck)
+            run = _Run(
+                secure, store, feed, machine, nursery, on_progress, on_synced, on_stuck, on_change
+            )
             if on_start is not None:
                 on_start(machine, run.stats)
             nursery.start_soon(run.writer)

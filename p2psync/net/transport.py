@@ -15,19 +15,10 @@ from collections.abc import Callable
 
 import trio
 
-from p2psync.core.frames import (
-    MAX_FRAME,
-    MAX_HANDSHAKE_FRAME,
-    FrameError,
-    FrameReader,
-    Opener,
-    Sealer,
-    frame,
-)
+from p2psync.core.frames import MAX_FRAME, MAX_HANDSHAKE_FRAME, FrameReader, Opener, Sealer, frame
 from p2psync.core.handshake import Handshake
 from p2psync.core.identity import Identity, short_id
-from p2psync.core.noise import HandshakeError
-from p2psync.errors import ConnectionLost
+from p2psync.errors import ConnectionLost, FrameError, HandshakeError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,3 @@ def get(conn: sqlite3.Connection, key: str) -> object:
 
 def put(conn: sqlite3.Connection, key: str, value: object) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-
-def delete(conn: sqlite3.Connection, key: str) -> None:
-    conn.execute("DELETE FROM meta WHERE key = ?", (key,))

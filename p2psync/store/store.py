@@ -79,10 +79,6 @@ class Store:
         with self._db.writing() as conn:
             meta.put(conn, key, value)
 
-    def delete_meta(self, key: str) -> None:
-        with self._db.writing() as conn:
-            meta.delete(conn, key)
-
     # ------------------------------------------------------------ records
 
     def get(self, collection: str, key: str) -> Value:
