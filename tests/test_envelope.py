@@ -130,6 +130,7 @@ def test_the_seal_is_libsodiums_sealed_box() -> None:
     size = int.from_bytes(plaintext[:4], "big")
     body, signature = canonical.decode(plaintext[4 : 4 + size], what="t", max_depth=1)
     assert canonical.decode(body, what="t", max_depth=1) == body_of()
+    assert signature == A.sign(b"p2psync/v1/envelope\x00" + body)
     assert plaintext[4 + size :] == bytes(len(plaintext) - 4 - size)
     assert sealed[:32] == nacl.bindings.crypto_scalarmult_base(ESK)
     # and libsodium's own seal (random ephemeral key) is opened by open_envelope
@@ -142,8 +143,13 @@ def test_sealing_is_deterministic_given_the_ephemeral_secret() -> None:
     assert wire_of() == wire_of()
     other = seal_envelope(A, B.public_key, 1, DATA, T, b"hello", bytes([0x34]) * 32)
     assert other != wire_of() and len(other) == len(wire_of())
-    nonce = hashlib.blake2b(split(other)[1][:32] + x25519(B), digest_size=24).digest()
-    assert len(nonce) == 24
+    # epk || crypto_box(plaintext, BLAKE2b-192(epk || rpk), rpk, esk), by hand
+    sealed = split(other)[1]
+    plaintext = nacl.bindings.crypto_box_seal_open(sealed, x25519(B), B.x25519_private)
+    epk = nacl.bindings.crypto_scalarmult_base(bytes([0x34]) * 32)
+    nonce = hashlib.blake2b(epk + x25519(B), digest_size=24).digest()
+    boxed = nacl.bindings.crypto_box(plaintext, nonce, x25519(B), bytes([0x34]) * 32)
+    assert sealed == epk + boxed
 
 
 # ---------------------------------------------------------------- padding and caps
@@ -265,7 +271,7 @@ def test_inner_names_must_be_the_headers(changes: dict[str, Any]) -> None:
 def test_padding_must_be_zeros_and_minimal() -> None:
     good = craft(body_of())
     assert open_envelope(B, good).payload == b"hello"
-    header, sealed = split(good)
+    _, sealed = split(good)
     plaintext = nacl.bindings.crypto_box_seal_open(sealed, x25519(B), B.x25519_private)
     content = plaintext[: 4 + int.from_bytes(plaintext[:4], "big")]
     nonzero = bytes(len(plaintext) - len(content) - 1) + b"\x01"
