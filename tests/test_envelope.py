@@ -403,3 +403,10 @@ def test_a_forged_receipt_signature_is_refused() -> None:
     forged = canonical.encode([body, C.sign(b"p2psync/v1/receipt\x00" + body)])
     with pytest.raises(EnvelopeSignatureError):
         decode_receipt(forged)
+
+
+def test_the_caps_leave_room_for_the_largest_header() -> None:
+    key = bytes(32)
+    header = OuterHeader(key, b"\1" * 32, (1 << 64) - 1, DATA, (1 << 63) - 1, MAX_SEALED_BYTES)
+    assert len(header.encode()) == 101
+    assert 1 + 101 + 5 + MAX_SEALED_BYTES <= MAX_ENVELOPE_BYTES

@@ -57,7 +57,7 @@ MIN_SEALED_BYTES = 1024
 BUCKET_STEP = 64 * 1024
 #: Largest sealed part of any envelope (a bucket).
 MAX_SEALED_BYTES = 4 * 1024 * 1024
-#: Largest outer header (its encoding is 108 bytes at most).
+#: Largest outer header (its encoding is 101 bytes at most).
 MAX_HEADER_BYTES = 128
 #: Largest wire form of an envelope: header, sealed part and the array around them.
 MAX_ENVELOPE_BYTES = MAX_SEALED_BYTES + MAX_HEADER_BYTES
