@@ -33,6 +33,10 @@ misused a protocol machine (a bug here, never the peer's doing). A
     │   │   ├── RemoteHandshakeError¹  what the peer sent fails the handshake
     │   │   │   ├── DecryptError       a handshake message failed its AEAD tag
     │   │   │   └── IdentityMismatch   the peer is not the one expected, or is not trusted
+    │   │   ├── EnvelopeError          a relay envelope or receipt is malformed, oversize or forged
+    │   │   │   ├── EnvelopeSealError  its seal does not open, or it is addressed to someone else
+    │   │   │   ├── EnvelopeSignatureError  its sender's (a receipt's signer's) signature fails
+    │   │   │   └── EnvelopeMismatchError   inner names differ from the outer header or depositor
     │   │   └── HostileEntry²          an entry that proves its sender broken or hostile
     │   ├── LocalProtocolError         LOCAL: our own code misused a protocol machine (a bug)
     │   │   └── LocalHandshakeError¹   the Noise machine was misused (out of turn, bad keys)
@@ -180,6 +184,32 @@ class DecryptError(RemoteHandshakeError):
 
 class IdentityMismatch(RemoteHandshakeError):
     """The peer proved an identity other than the one expected, or an untrusted one."""
+
+
+# ---------------------------------------------------------------- relay envelopes
+
+
+class EnvelopeError(RemoteProtocolError):
+    """A relay envelope (or a receipt inside one) that came from a relay or a sender is
+    malformed, not canonical, over a size cap, or forged (``core/envelope.py``,
+    ``core/receipt.py``). Malformed CBOR is this class itself (the canonical decoder's
+    :class:`DecodeError` is translated, as it is not an entry's fault)."""
+
+
+class EnvelopeSealError(EnvelopeError):
+    """The sealed part does not open with our key, or the outer header names another
+    recipient: the envelope is not for us (or was damaged)."""
+
+
+class EnvelopeSignatureError(EnvelopeError):
+    """The sender's signature of an envelope's inner body (or a receipt's signer's
+    signature) does not verify."""
+
+
+class EnvelopeMismatchError(EnvelopeError):
+    """Authentic inner names (sender, recipient, sequence number, class, expiry) differ
+    from the outer header the relay saw, or the sender is not the key that deposited
+    the envelope; a receipt names other parties than its envelope."""
 
 
 # ---------------------------------------------------------------- entries

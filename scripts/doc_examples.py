@@ -1,4 +1,4 @@
-"""The worked examples of ``docs/protocol.md`` and ``docs/entry-format.md``.
+"""The worked examples of ``docs/protocol.md``, ``docs/entry-format.md`` and ``docs/relay.md``.
 
 Every example is computed here by the real code from fixed keys, nonces, salts
 and times, so a second implementation can check its bytes against them. In the
@@ -30,10 +30,14 @@ from types import SimpleNamespace
 from typing import Any, cast
 from unittest import mock
 
+import nacl.bindings
+
 from p2psync import pairing
 from p2psync.api import Database
 from p2psync.core import canonical, frames, messages
 from p2psync.core import entry as entry_mod
+from p2psync.core import envelope as envelope_mod
+from p2psync.core import receipt as receipt_mod
 from p2psync.core import rules as rules_mod
 from p2psync.core.entry import withhold
 from p2psync.core.handshake import Handshake, x25519_public
@@ -42,7 +46,11 @@ from p2psync.core.messages import Head
 from p2psync.core.rules import Direction, Mode, Route, RuleState, Terms
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = (ROOT / "docs" / "protocol.md", ROOT / "docs" / "entry-format.md")
+DOCS = (
+    ROOT / "docs" / "protocol.md",
+    ROOT / "docs" / "entry-format.md",
+    ROOT / "docs" / "relay.md",
+)
 #: ``<!-- example: NAME -->`` then a fenced block
 BLOCK = re.compile(r"<!-- example: ([a-z0-9-]+) -->\n```\n(.*?)```\n", re.DOTALL)
 
@@ -54,6 +62,7 @@ B_EPHEMERAL = bytes([0x22]) * 32
 NONCE = bytes([0x03]) * 16
 SECRET = bytes([0x04]) * 16
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z, in ms
+ENVELOPE_EPHEMERAL = bytes([0x55]) * 32  # the sealed box's ephemeral X25519 secret
 
 
 # ---------------------------------------------------------------- formatting
@@ -353,7 +362,55 @@ def examples() -> dict[str, str]:
         hexlines('proof = BLAKE2b("p2psync/v1/join" || 00 || h, key secret, digest 32)', proof),
         hexlines("Join(invite ID, proof) message", join),
     )
+    relay_examples(out, names)
     return out
+
+
+def relay_examples(out: dict[str, str], names: dict[bytes, str]) -> None:
+    """docs/relay.md: an envelope from A to B, and B's receipt for it."""
+    expiry = T0 + 7 * 24 * 3600 * 1000
+    payload = b"hello, B"
+    wire = envelope_mod.seal_envelope(
+        A, B.public_key, 1, envelope_mod.EnvelopeClass.DATA, expiry, payload, ENVELOPE_EPHEMERAL
+    )
+    header_map, sealed = canonical.decode(wire, what="envelope", max_depth=2)
+    opened = envelope_mod.open_envelope(B, wire, depositor=A.public_key)
+    body, signature = canonical.decode(opened.signed, what="signed", max_depth=1)
+    assert signature == A.sign(envelope_mod.ENVELOPE_PREFIX + body)
+    rpk = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(B.public_key)
+    epk = nacl.bindings.crypto_scalarmult_base(ENVELOPE_EPHEMERAL)
+    nonce = hashlib.blake2b(epk + rpk, digest_size=24).digest()
+    content = len(opened.signed).to_bytes(4, "big") + opened.signed
+    out["envelope"] = block(
+        f'A seals to B: seq 1, class 1 (data), expiry {expiry} ms, payload "hello, B",',
+        "ephemeral X25519 secret 55*32",
+        hexlines("body CBOR", body),
+        "  " + diag(canonical.decode(body, what="b", max_depth=1), names, top=True),
+        hexlines('signature = Ed25519(A, "p2psync/v1/envelope" || 00 || body)', signature),
+        hexlines("signed = CBOR [body, signature]", opened.signed),
+        f"content = u32be({len(opened.signed)}) || signed: {len(content)} bytes; "
+        f"+ 48 = {len(content) + 48} -> bucket {len(sealed)}: "
+        f"{len(sealed) - 48 - len(content)} zero bytes of padding",
+        hexlines("rpk = X25519 form of B's key", rpk),
+        hexlines("epk = X25519(55*32, base point)", epk),
+        hexlines("nonce = BLAKE2b(epk || rpk, digest 24)", nonce),
+        hexlines("header CBOR", canonical.encode(header_map)),
+        "  " + diag(header_map, names, top=True),
+        hexlines("wire = CBOR [header, epk || crypto_box(plaintext, nonce, rpk, esk)]", wire),
+    )
+    heads = {A.public_key: Head(5, bytes([0xA5]) * 32), B.public_key: Head(2, bytes([0xB2]) * 32)}
+    signed = receipt_mod.sign_receipt(B, A.public_key, [1, 2], {3: "expired"}, heads, T0)
+    receipt_body, receipt_signature = canonical.decode(signed, what="receipt", max_depth=1)
+    assert receipt_mod.decode_receipt(signed).applied == (1, 2)
+    names_r = {**names, bytes([0xA5]) * 32: "A5*32", bytes([0xB2]) * 32: "B2*32"}
+    out["receipt"] = block(
+        'B\'s receipt for A: applied 1 and 2, refused 3 ("expired"), heads A: 5 (A5*32),',
+        f"B: 2 (B2*32), at {T0} ms",
+        hexlines("body CBOR", receipt_body),
+        "  " + diag(canonical.decode(receipt_body, what="b", max_depth=3), names_r, top=True),
+        hexlines('signature = Ed25519(B, "p2psync/v1/receipt" || 00 || body)', receipt_signature),
+        hexlines("receipt = CBOR [body, signature] (the payload of a class 3 envelope)", signed),
+    )
 
 
 # ---------------------------------------------------------------- docs
