@@ -23,6 +23,7 @@ from p2psync.core.mailbox import (
     live,
     newer,
 )
+from p2psync.errors import UsageError
 
 
 def _tally(envelopes: Iterable[Envelope]) -> Tally:
@@ -51,6 +52,8 @@ class ModelMailbox:
         )
 
     def deposit(self, deposit: Deposit, blob: bytes, now_ms: int) -> Verdict:
+        if len(blob) != deposit.size:
+            raise UsageError(f"a deposit of {len(blob)} bytes claims {deposit.size}")
         held = self.held.get(deposit.key)
         verdict = admit(
             deposit,
@@ -93,7 +96,7 @@ class ModelMailbox:
     def take_notices(self, sender: bytes) -> list[ExpiryNotice]:
         mine = [n for n in self.queued if n.sender == sender]
         self.queued = [n for n in self.queued if n.sender != sender]
-        return mine
+        return sorted(mine, key=lambda n: (n.until_ms, n.recipient, n.seq))
 
     def policy(self, recipient: bytes) -> MailboxPolicy:
         return self.policies.get(recipient, NO_POLICY)

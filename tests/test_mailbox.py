@@ -157,6 +157,8 @@ def test_sqlite_mailbox_round_trip_and_reopen(tmp_path: Path) -> None:
         assert box.set_policy(B, ALLOW_A) and not box.set_policy(B, MailboxPolicy(1))
         assert box.deposit(dep(), b"0123456789", NOW) == Stored(NOW + 7 * DAY_MS)
         assert box.deposit(dep(), b"0123456789", NOW + 1) == Duplicate(NOW + 7 * DAY_MS)
+        with pytest.raises(UsageError):
+            box.deposit(dep(seq=9), b"short", NOW)
         mode = box.guard.conn.execute("PRAGMA journal_mode").fetchone()[0]
         assert (mode, box.guard.conn.execute("PRAGMA synchronous").fetchone()[0]) == ("wal", 2)
     finally:

@@ -48,7 +48,7 @@ from p2psync.core.mailbox import (
     expired,
     newer,
 )
-from p2psync.errors import StoreError
+from p2psync.errors import StoreError, UsageError
 from p2psync.store.connection import Guard, connect
 
 VERSION = 1
@@ -215,7 +215,7 @@ class SqliteMailbox:
 
     def deposit(self, deposit: Deposit, blob: bytes, now_ms: int) -> Verdict:
         if len(blob) != deposit.size:
-            raise StoreError(f"a deposit of {len(blob)} bytes claims {deposit.size}")
+            raise UsageError(f"a deposit of {len(blob)} bytes claims {deposit.size}")
         with self.guard.writing() as conn:
             held = conn.execute(
                 "SELECT until_ms FROM envelopes WHERE recipient = ? AND sender = ? AND seq = ?",
