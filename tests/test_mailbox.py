@@ -25,6 +25,7 @@ from p2psync.core.mailbox import (
     GiB,
     Limits,
     MailboxPolicy,
+    MailboxStore,
     MiB,
     Quota,
     Refusal,
@@ -180,6 +181,13 @@ def test_sqlite_mailbox_round_trip_and_reopen(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- model vs SQLite
+
+
+def _both_implement_the_interface(
+    sql: SqliteMailbox, model: ModelMailbox
+) -> tuple[MailboxStore, MailboxStore]:
+    return sql, model  # checked by mypy
+
 
 KEYS = (A, B, C)
 SMALL = Limits(
