@@ -1,0 +1,108 @@
+"""The reference mailbox: :class:`~p2psync.core.mailbox.MailboxStore` in plain
+dicts, usage counted from what is held (never charged and refunded), so the
+SQLite backend's bookkeeping can be checked against it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from p2psync.core.envelope import EnvelopeClass
+from p2psync.core.mailbox import (
+    NO_POLICY,
+    Deposit,
+    Envelope,
+    ExpiryNotice,
+    Limits,
+    MailboxPolicy,
+    Stored,
+    Tally,
+    Usage,
+    Verdict,
+    admit,
+    expired,
+    live,
+    newer,
+)
+from p2psync.errors import UsageError
+
+
+def _tally(envelopes: Iterable[Envelope]) -> Tally:
+    sizes = [e.header.size for e in envelopes]
+    return Tally(len(sizes), sum(sizes))
+
+
+class ModelMailbox:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.held: dict[tuple[bytes, bytes, int], Envelope] = {}
+        self.positions: dict[bytes, int] = {}
+        self.policies: dict[bytes, MailboxPolicy] = {}
+        self.queued: list[ExpiryNotice] = []
+
+    def usage(self, recipient: bytes, sender: bytes) -> Usage:
+        box = [e for e in self.held.values() if e.header.recipient == recipient]
+        pair = [e for e in box if e.header.sender == sender]
+        intro = EnvelopeClass.INTRODUCTION
+        return Usage(
+            mailbox=_tally(box),
+            pair=_tally(pair),
+            sender=_tally(e for e in self.held.values() if e.header.sender == sender),
+            intro_mailbox=_tally(e for e in box if e.header.cls is intro),
+            intro_pair=_tally(e for e in pair if e.header.cls is intro),
+        )
+
+    def deposit(self, deposit: Deposit, blob: bytes, now_ms: int) -> Verdict:
+        if len(blob) != deposit.size:
+            raise UsageError(f"a deposit of {len(blob)} bytes claims {deposit.size}")
+        held = self.held.get(deposit.key)
+        verdict = admit(
+            deposit,
+            self.usage(deposit.recipient, deposit.sender),
+            self.policy(deposit.recipient),
+            self.limits,
+            now_ms,
+            held_until_ms=None if held is None else held.until_ms,
+        )
+        if isinstance(verdict, Stored):
+            position = self.positions.get(deposit.recipient, 0) + 1
+            self.positions[deposit.recipient] = position
+            self.held[deposit.key] = Envelope(position, deposit, verdict.until_ms, blob)
+        return verdict
+
+    def fetch(self, recipient: bytes, after: int, limit: int, now_ms: int) -> list[Envelope]:
+        mine = sorted(
+            (
+                e
+                for e in self.held.values()
+                if e.header.recipient == recipient and e.position > after and live(e, now_ms)
+            ),
+            key=lambda e: e.position,
+        )
+        return mine[:limit]
+
+    def delete(self, recipient: bytes, keys: Iterable[tuple[bytes, int]]) -> int:
+        return sum(self.held.pop((recipient, s, q), None) is not None for s, q in set(keys))
+
+    def retract(self, sender: bytes, recipient: bytes, seqs: Iterable[int]) -> int:
+        return sum(self.held.pop((recipient, sender, q), None) is not None for q in set(seqs))
+
+    def sweep(self, now_ms: int) -> list[ExpiryNotice]:
+        notices = expired(self.held.values(), now_ms)
+        for notice in notices:
+            del self.held[(notice.recipient, notice.sender, notice.seq)]
+        self.queued += notices
+        return notices
+
+    def take_notices(self, sender: bytes) -> list[ExpiryNotice]:
+        mine = [n for n in self.queued if n.sender == sender]
+        self.queued = [n for n in self.queued if n.sender != sender]
+        return sorted(mine, key=lambda n: (n.until_ms, n.recipient, n.seq))
+
+    def policy(self, recipient: bytes) -> MailboxPolicy:
+        return self.policies.get(recipient, NO_POLICY)
+
+    def set_policy(self, recipient: bytes, policy: MailboxPolicy) -> bool:
+        if not newer(self.policy(recipient), policy):
+            return False
+        self.policies[recipient] = policy
+        return True
