@@ -262,14 +262,14 @@ class MailboxMachine(RuleBasedStateMachine):
         assert got == self.model.fetch(recipient, after, limit, self.now)
         assert [e.position for e in got] == sorted(e.position for e in got)
 
-    @rule(recipient=keys, which=st.lists(st.tuples(keys, st.integers(0, 4)), max_size=4))
+    @rule(recipient=keys, which=st.lists(st.tuples(keys, st.integers(1, 4)), max_size=4))
     def delete(self, recipient: bytes, which: list[tuple[bytes, int]]) -> None:
         for sender, seq in which:
             if (position := self._position(recipient, sender, seq)) is not None:
                 self.gone.add((recipient, position))
         assert self.sql.delete(recipient, which) == self.model.delete(recipient, which)
 
-    @rule(sender=keys, recipient=keys, seqs=st.lists(st.integers(0, 4), max_size=3))
+    @rule(sender=keys, recipient=keys, seqs=st.lists(st.integers(1, 4), max_size=3))
     def retract(self, sender: bytes, recipient: bytes, seqs: list[int]) -> None:
         for seq in seqs:
             if (position := self._position(recipient, sender, seq)) is not None:

@@ -61,7 +61,7 @@ MAX_SEALED_BYTES = 4 * 1024 * 1024
 MAX_HEADER_BYTES = 128
 #: Largest wire form of an envelope: header, sealed part and the array around them.
 MAX_ENVELOPE_BYTES = MAX_SEALED_BYTES + MAX_HEADER_BYTES
-_MAX_SEQ = (1 << 64) - 1
+_MAX_SEQ = (1 << 63) - 1  # what signed 64-bit SQL integers hold
 _MAX_MS = (1 << 63) - 1
 
 
@@ -284,8 +284,14 @@ def open_envelope(identity: Identity, wire: bytes, *, depositor: bytes | None = 
         )
     inner = OuterHeader(fields[1], fields[2], fields[3], cls, fields[5], len(sealed))
     if inner != header:
+        differ = [
+            name
+            for name in ("sender", "recipient", "seq", "cls", "expiry_ms", "sealed_size")
+            if getattr(inner, name) != getattr(header, name)
+        ]
         raise EnvelopeMismatchError(
-            f"the envelope's signed names differ from its outer header: {inner} vs {header}"
+            f"the envelope's signed {', '.join(differ)} differ from its outer header "
+            f"(signed by {short_id(inner.sender)})"
         )
     return Envelope(inner.sender, inner.recipient, inner.seq, cls, inner.expiry_ms, payload, signed)
 
@@ -353,6 +359,6 @@ def _check_names(
     if sender == recipient:
         raise error("an envelope's sender and recipient differ")
     if type(seq) is not int or not 1 <= seq <= _MAX_SEQ:
-        raise error("an envelope's sequence number is 1 to 2**64 - 1")
+        raise error("an envelope's sequence number is 1 to 2**63 - 1")
     if type(expiry_ms) is not int or not 0 <= expiry_ms <= _MAX_MS:
         raise error("an envelope's expiry is 0 to 2**63 - 1 ms")

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from p2psync.core.envelope import MAX_SEALED_BYTES, EnvelopeClass
+from p2psync.core.envelope import MAX_SEALED_BY_CLASS, MAX_SEALED_BYTES, EnvelopeClass
 from p2psync.errors import UsageError
 
 KiB = 1024
@@ -35,6 +35,11 @@ DAY_MS = 24 * 3600 * 1000
 
 #: Keys are Ed25519 public keys (device IDs as bytes).
 KEY_SIZE = 32
+
+#: Numbers (seqs, times, sizes, cursors) are at most what SQL's signed 64-bit integers hold.
+MAX_INT = (1 << 63) - 1
+#: Envelopes one fetch returns at most.
+MAX_FETCH = 1000
 
 
 class Refusal(enum.Enum):
@@ -77,8 +82,10 @@ class Deposit:
     def __post_init__(self) -> None:
         if len(self.recipient) != KEY_SIZE or len(self.sender) != KEY_SIZE:
             raise UsageError(f"mailbox keys are {KEY_SIZE} bytes")
-        if self.seq < 1 or self.expiry_ms < 0 or self.size < 0:
-            raise UsageError("a deposit's seq starts at 1; its expiry and size are not negative")
+        checks = (("seq", self.seq, 1), ("expiry", self.expiry_ms, 0), ("size", self.size, 0))
+        for name, value, low in checks:
+            if type(value) is not int or not low <= value <= MAX_INT:
+                raise UsageError(f"a deposit's {name} is {low} to 2**63 - 1")
 
     @property
     def key(self) -> tuple[bytes, bytes, int]:
@@ -235,8 +242,9 @@ def admit(
         return Duplicate(held_until_ms)
     if not policy.allows(deposit):
         return Refused(Refusal.NOT_ALLOWED)
-    if deposit.size > limits.max_envelope_bytes:
-        return Refused(Refusal.TOO_BIG, None, deposit.size, limits.max_envelope_bytes)
+    cap = min(limits.max_envelope_bytes, MAX_SEALED_BY_CLASS[deposit.cls])
+    if deposit.size > cap:  # the relay's limit, and the envelope format's for the class
+        return Refused(Refusal.TOO_BIG, None, deposit.size, cap)
     if deposit.expiry_ms != 0 and deposit.expiry_ms <= now_ms:
         return Refused(Refusal.EXPIRED)
     full = _full(deposit, usage, limits)

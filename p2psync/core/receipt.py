@@ -45,7 +45,7 @@ MAX_APPLIED = 4096
 #: the largest receipt payload.
 MAX_REFUSED = 64
 MAX_RECEIPT_BYTES = MAX_PAYLOAD_BY_CLASS[EnvelopeClass.RECEIPT]
-_MAX_UINT = (1 << 64) - 1
+_MAX_UINT = (1 << 63) - 1  # seqs and times fit signed 64-bit SQL integers
 _MAX_MS = (1 << 63) - 1
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from p2psync.core.envelope import EnvelopeClass
 from p2psync.core.mailbox import (
+    MAX_FETCH,
+    MAX_INT,
     NO_POLICY,
     Deposit,
     Envelope,
@@ -100,6 +102,11 @@ CREATE TABLE notices (
 _COLUMNS = "recipient, sender, seq, position, cls, asked_ms, size, until_ms"
 
 _NONE = b""
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise UsageError(f"a mailbox {name} is {low} to {high}")
 
 
 def _quota_rows(
@@ -260,6 +267,8 @@ class SqliteMailbox:
         return verdict
 
     def fetch(self, recipient: bytes, after: int, limit: int, now_ms: int) -> list[Envelope]:
+        _check_int("cursor", after, 0, MAX_INT)
+        _check_int("fetch limit", limit, 1, MAX_FETCH)
         with self.guard.snapshot() as conn:
             rows = conn.execute(
                 f"SELECT {_COLUMNS}, blob FROM envelopes "
@@ -270,10 +279,16 @@ class SqliteMailbox:
         return [_envelope(row[:8], bytes(row[8])) for row in rows]
 
     def delete(self, recipient: bytes, keys: Iterable[tuple[bytes, int]]) -> int:
+        keys = set(keys)
+        for _, seq in keys:
+            _check_int("seq", seq, 1, MAX_INT)
         with self.guard.writing() as conn:
             return sum(self._drop(conn, recipient, sender, seq) for sender, seq in set(keys))
 
     def retract(self, sender: bytes, recipient: bytes, seqs: Iterable[int]) -> int:
+        seqs = set(seqs)
+        for seq in seqs:
+            _check_int("seq", seq, 1, MAX_INT)
         with self.guard.writing() as conn:
             return sum(self._drop(conn, recipient, sender, seq) for seq in set(seqs))
 
@@ -286,7 +301,8 @@ class SqliteMailbox:
             for n in notices:
                 self._drop(conn, n.recipient, n.sender, n.seq)
                 conn.execute(
-                    "INSERT INTO notices (sender, recipient, seq, until_ms) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO notices (sender, recipient, seq, until_ms) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",  # the same notice twice (a clock stepped back)
                     (n.sender, n.recipient, n.seq, n.until_ms),
                 )
         return notices
