@@ -2,8 +2,7 @@
 backend (store/mailbox.py) driven side by side with the reference model
 (tests/mailbox_model.py) by a hypothesis state machine on virtual time.
 
-A crash-safety test (kill -9 during deposit and sweep, as tests/test_crash.py
-does for ingest) is a later step."""
+kill -9 during deposits, fetch+delete and sweeps: tests/test_mailbox_crash.py."""
 
 from __future__ import annotations
 
