@@ -37,6 +37,7 @@ misused a protocol machine (a bug here, never the peer's doing). A
     │   │   │   ├── EnvelopeSealError  its seal does not open, or it is addressed to someone else
     │   │   │   ├── EnvelopeSignatureError  its sender's (a receipt's signer's) signature fails
     │   │   │   └── EnvelopeMismatchError   inner names differ from the outer header or depositor
+    │   │   ├── PolicyError            a signed mailbox policy is malformed or not its owner's
     │   │   └── HostileEntry²          an entry that proves its sender broken or hostile
     │   ├── LocalProtocolError         LOCAL: our own code misused a protocol machine (a bug)
     │   │   └── LocalHandshakeError¹   the Noise machine was misused (out of turn, bad keys)
@@ -210,6 +211,12 @@ class EnvelopeMismatchError(EnvelopeError):
     """Authentic inner names (sender, recipient, sequence number, class, expiry) differ
     from the outer header the relay saw, or the sender is not the key that deposited
     the envelope; a receipt names other parties than its envelope."""
+
+
+class PolicyError(RemoteProtocolError):
+    """A signed mailbox policy (``core/policy.py``) is malformed, not canonical, over
+    its size cap, not signed by the owner it names, or not the policy of the mailbox
+    it was handed over for."""
 
 
 # ---------------------------------------------------------------- entries

@@ -37,6 +37,7 @@ from p2psync.api import Database
 from p2psync.core import canonical, frames, messages
 from p2psync.core import entry as entry_mod
 from p2psync.core import envelope as envelope_mod
+from p2psync.core import policy as policy_mod
 from p2psync.core import receipt as receipt_mod
 from p2psync.core import rules as rules_mod
 from p2psync.core.entry import withhold
@@ -367,7 +368,7 @@ def examples() -> dict[str, str]:
 
 
 def relay_examples(out: dict[str, str], names: dict[bytes, str]) -> None:
-    """docs/relay.md: an envelope from A to B, and B's receipt for it."""
+    """docs/relay.md: an envelope from A to B, B's receipt for it, B's mailbox policy."""
     expiry = T0 + 7 * 24 * 3600 * 1000
     payload = b"hello, B"
     wire = envelope_mod.seal_envelope(
@@ -410,6 +411,20 @@ def relay_examples(out: dict[str, str], names: dict[bytes, str]) -> None:
         "  " + diag(canonical.decode(receipt_body, what="b", max_depth=3), names_r, top=True),
         hexlines('signature = Ed25519(B, "p2psync/v1/receipt" || 00 || body)', receipt_signature),
         hexlines("receipt = CBOR [body, signature] (the payload of a class 3 envelope)", signed),
+    )
+    other = bytes([0xC3]) * 32
+    wire = policy_mod.sign_policy(B, 1, [other, A.public_key], T0)
+    policy_body, policy_signature = canonical.decode(wire, what="policy", max_depth=1)
+    assert policy_mod.decode_policy(wire, owner=B.public_key).senders == (A.public_key, other)
+    names_p = {**names, other: "C3*32"}
+    out["mailbox-policy"] = block(
+        f"B's mailbox policy, version 1: data from A and from C3*32, at {T0} ms",
+        hexlines("body CBOR", policy_body),
+        "  " + diag(canonical.decode(policy_body, what="b", max_depth=2), names_p, top=True),
+        hexlines(
+            'signature = Ed25519(B, "p2psync/v1/mailbox-policy" || 00 || body)', policy_signature
+        ),
+        hexlines("policy = CBOR [body, signature]", wire),
     )
 
 
