@@ -205,15 +205,16 @@ def test_only_rules_by_relay_or_auto_admit_a_peer() -> None:
     on_demand = rule(P, route=Route.RELAY, mode=Mode.ON_DEMAND)
     assert senders_for(ME, {P: [on_demand]}) == {P}
     mixed = [rule(P, route=Route.DIRECT), rule(P, Direction.SEND, Route.RELAY)]
-    assert senders_for(ME, {P: mixed}) == frozenset()  # receiving only directly
+    assert senders_for(ME, {P: mixed}) == {P}  # by the relay it returns receipts
 
 
-def test_only_a_rule_letting_the_peer_send_here_admits_it() -> None:
-    # I proposed "send": only I send; the peer proposed "send": only it sends here
-    assert senders_for(ME, {P: [rule(P, Direction.SEND)]}) == frozenset()
-    assert senders_for(ME, {P: [rule(P, Direction.RECEIVE)]}) == {P}
-    assert senders_for(ME, {P: [rule(P, Direction.SEND, proposer_is_me=False)]}) == {P}
-    assert senders_for(ME, {P: [rule(P, Direction.RECEIVE, proposer_is_me=False)]}) == frozenset()
+def test_a_rule_either_way_admits_the_peer_its_receipts_included() -> None:
+    """A peer this agent only sends to must be able to return receipts through
+    the mailbox; which way entries flow is the recipient's to enforce."""
+    for direction in Direction:
+        for proposer_is_me in (True, False):
+            one = rule(P, direction, proposer_is_me=proposer_is_me)
+            assert senders_for(ME, {P: [one]}) == {P}
 
 
 @pytest.mark.parametrize("state", [RuleState.PROPOSED, RuleState.REJECTED, RuleState.REVOKED])

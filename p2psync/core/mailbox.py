@@ -121,8 +121,9 @@ class Limits:
 class MailboxPolicy:
     """The recipient's mailbox policy: which senders may deposit data and receipts.
 
-    A plain value here; on the wire it is signed by the recipient (that comes with
-    the relay protocol), and a relay keeps the policy with the highest version.
+    A plain value here; on the wire it is signed by the recipient
+    (:mod:`p2psync.core.policy`), and a relay keeps the policy with the highest
+    version.
     The policy of a mailbox nobody set is :data:`NO_POLICY`: data from no one.
     """
 

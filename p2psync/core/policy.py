@@ -103,15 +103,18 @@ def decode_policy(wire: bytes, *, owner: bytes | None = None) -> SignedPolicy:
 
 
 def senders_for(me: bytes, rules_by_peer: Mapping[bytes, Sequence[Rule]]) -> frozenset[bytes]:
-    """The peers that may deposit data for ``me``: those with a rule in force whose
-    route is ``relay`` or ``auto`` and that lets the peer send to ``me`` (as
-    :meth:`Flow.between <p2psync.core.flow.Flow.between>` has it for the relay).
+    """The peers that may deposit for ``me``: those with a rule in force whose route
+    is ``relay`` or ``auto``, whichever way it lets entries flow (as
+    :meth:`Flow.between <p2psync.core.flow.Flow.between>` has it for the relay). A
+    peer ``me`` only sends to is listed too: its receipts for our data come this
+    way. Which way entries may flow is enforced by ``me`` when it opens and applies
+    what arrives (the same flow policy as a direct session), not by the relay.
     ``rules_by_peer`` holds any rule objects about each pair; only those in force
     between ``me`` and that peer count."""
     return frozenset(
         peer
         for peer, rules in rules_by_peer.items()
-        if peer != me and Flow.between(me, peer, rules, live=False, via_relay=True).receiving
+        if peer != me and Flow.between(me, peer, rules, live=False, via_relay=True).flows
     )
 
 
