@@ -201,3 +201,19 @@ def _fail(message: str, received: bool) -> None:
     if received:
         raise DecodeError(message)
     raise InvalidRecord(message)
+
+
+def decode_signed(data: bytes, *, what: str, signature_bytes: int = 64) -> tuple[bytes, bytes]:
+    """``(body, signature)`` of a signed object's canonical ``[body, signature]``
+    (two byte strings, the signature of ``signature_bytes``); :class:`DecodeError`
+    otherwise. The body is left for its own strict decoding."""
+    pair = decode(data, what=what, max_depth=1)
+    if (
+        type(pair) is not list
+        or len(pair) != 2
+        or type(pair[0]) is not bytes
+        or type(pair[1]) is not bytes
+        or len(pair[1]) != signature_bytes
+    ):
+        raise DecodeError(f"{what} is [body, signature({signature_bytes})]")
+    return pair[0], pair[1]

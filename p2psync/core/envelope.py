@@ -260,16 +260,12 @@ def open_envelope(identity: Identity, wire: bytes, *, depositor: bytes | None = 
         )
     plaintext = _unseal(identity, sealed)
     signed = _unpad(plaintext, len(sealed))
-    pair = _decode(signed, "envelope signed body", 1)
-    if (
-        type(pair) is not list
-        or len(pair) != 2
-        or type(pair[0]) is not bytes
-        or type(pair[1]) is not bytes
-        or len(pair[1]) != SIGNATURE_BYTES
-    ):
-        raise EnvelopeError("an envelope's signed body is [body, signature(64)]")
-    body_bytes, signature = pair
+    try:
+        body_bytes, signature = canonical.decode_signed(
+            signed, what="an envelope's signed body", signature_bytes=SIGNATURE_BYTES
+        )
+    except DecodeError as exc:
+        raise EnvelopeError(str(exc)) from exc
     fields = _map(_decode(body_bytes, "envelope body", 1), "envelope body")
     cls = _class(fields[4])
     _check_names(fields[1], fields[2], fields[3], fields[5], EnvelopeError)

@@ -80,22 +80,16 @@ def decode_policy(wire: bytes, *, owner: bytes | None = None) -> SignedPolicy:
     if type(wire) is not bytes or len(wire) > MAX_POLICY_BYTES:
         raise PolicyError(f"a mailbox policy is at most {MAX_POLICY_BYTES} bytes")
     try:
-        pair = canonical.decode(wire, what="mailbox policy", max_depth=1)
-        if (
-            type(pair) is not list
-            or len(pair) != 2
-            or type(pair[0]) is not bytes
-            or type(pair[1]) is not bytes
-            or len(pair[1]) != SIGNATURE_BYTES
-        ):
-            raise PolicyError("a mailbox policy is [body, signature(64)]")
-        body = canonical.decode(pair[0], what="mailbox policy body", max_depth=2)
+        body_bytes, signature = canonical.decode_signed(
+            wire, what="a mailbox policy", signature_bytes=SIGNATURE_BYTES
+        )
+        body = canonical.decode(body_bytes, what="mailbox policy body", max_depth=2)
     except DecodeError as exc:
         raise PolicyError(str(exc)) from exc
     signer, version, senders, at_ms = _fields(body)
     if owner is not None and signer != owner:
         raise PolicyError(f"the mailbox policy is {short_id(signer)}'s, not {short_id(owner)}'s")
-    if not verify(signer, POLICY_PREFIX + pair[0], pair[1]):
+    if not verify(signer, POLICY_PREFIX + body_bytes, signature):
         raise PolicyError(
             f"the mailbox policy's signature by its owner {short_id(signer)} does not verify"
         )

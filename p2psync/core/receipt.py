@@ -97,20 +97,14 @@ def decode_receipt(signed: bytes) -> Receipt:
     if type(signed) is not bytes or len(signed) > MAX_RECEIPT_BYTES:
         raise EnvelopeError(f"a receipt is at most {MAX_RECEIPT_BYTES} bytes")
     try:
-        pair = canonical.decode(signed, what="receipt", max_depth=1)
-        if (
-            type(pair) is not list
-            or len(pair) != 2
-            or type(pair[0]) is not bytes
-            or type(pair[1]) is not bytes
-            or len(pair[1]) != SIGNATURE_BYTES
-        ):
-            raise EnvelopeError("a receipt is [body, signature(64)]")
-        body = canonical.decode(pair[0], what="receipt body", max_depth=3)
+        body_bytes, signature = canonical.decode_signed(
+            signed, what="a receipt", signature_bytes=SIGNATURE_BYTES
+        )
+        body = canonical.decode(body_bytes, what="receipt body", max_depth=3)
     except DecodeError as exc:
         raise EnvelopeError(str(exc)) from exc
     signer, peer, applied, refused, heads, at_ms = _fields(body)
-    if not verify(signer, RECEIPT_PREFIX + pair[0], pair[1]):
+    if not verify(signer, RECEIPT_PREFIX + body_bytes, signature):
         raise EnvelopeSignatureError(
             f"the receipt's signature by {short_id(signer)} does not verify"
         )
