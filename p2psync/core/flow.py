@@ -143,9 +143,9 @@ class Flow:
         here: the peer's fault. :class:`WithheldError` — it lacks a payload we may
         receive now or later: not the peer's fault (it may never have had it), the
         entry waits. ``None``: it may be applied."""
-        if _whole(self.now.receive) and None not in entry.ops:
-            return None
         everything = _whole(self.now.receive)
+        if everything and None not in entry.ops:
+            return None
         withheld: list[str] = []
         for collection, op in zip(entry.collections, entry.ops, strict=True):
             allowed = everything or self.may_receive(collection)

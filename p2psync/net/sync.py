@@ -99,7 +99,8 @@ class _Run:
         self.outbox_ready.set()
         self.sender_wake.set()
         if self.on_change is not None:  # in sync or stuck, whether it said so or not
-            standing = (self.machine.synced, self.machine.stuck_reason is not None)
+            synced = self.machine.synced  # stuck only when not (both need quiet)
+            standing = (synced, not synced and self.machine.stuck_reason is not None)
             if standing != self.standing:
                 self.standing = standing
                 self.on_change()
