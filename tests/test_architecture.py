@@ -54,7 +54,13 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "p2psync.net.stats",
             "p2psync.net.storeio",
             "p2psync.net.transport",
+            "p2psync.net.relayclient",
         ),
+    ),
+    (
+        "relay",
+        "the relay node: its home, admission, sessions with agents, the mailbox service",
+        ("p2psync.relay", "p2psync.relay.*"),
     ),
     (
         "pairing",
@@ -65,6 +71,11 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "sessions",
         "sync sessions over the network, with the pair's rules; one-shot syncs",
         ("p2psync.net.link", "p2psync.net.sync", "p2psync.net.peernote", "p2psync.net.oneshot"),
+    ),
+    (
+        "mail",
+        "the agent's side of the mailbox: bundles, receipts, the delivery ledger, bundle files",
+        ("p2psync.mail", "p2psync.mail.*"),
     ),
     ("api", "the Python API: p2psync.open(home) -> Database", ("p2psync", "p2psync.api")),
     (

@@ -78,8 +78,10 @@ class Handshake:
         name: str,
         expect: bytes | None = None,
         trust: Callable[[bytes], bool] | None = None,
+        prologue: bytes = PROLOGUE,
     ) -> None:
-        """``ephemeral`` is 32 random bytes (the caller's randomness).
+        """``ephemeral`` is 32 random bytes (the caller's randomness); ``prologue``
+        names the protocol (relay sessions use their own, ``core/relaywire.py``).
 
         An initiator passes ``expect`` (the peer it dialled); a responder passes
         ``trust`` to accept or refuse the initiator's identity.
@@ -100,7 +102,7 @@ class Handshake:
         self._state = HandshakeState(
             "XX",
             initiator,
-            prologue=PROLOGUE,
+            prologue=prologue,
             s=static,
             e=KeyPair.from_private(ephemeral),
         )

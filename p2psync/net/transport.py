@@ -16,7 +16,7 @@ from collections.abc import Callable
 import trio
 
 from p2psync.core.frames import MAX_FRAME, MAX_HANDSHAKE_FRAME, FrameReader, Opener, Sealer, frame
-from p2psync.core.handshake import Handshake
+from p2psync.core.handshake import PROLOGUE, Handshake
 from p2psync.core.identity import Identity, short_id
 from p2psync.errors import ConnectionLost, FrameError, HandshakeError
 
@@ -41,13 +41,14 @@ class SecureStream:
         bytes_in: int,
         bytes_out: int,
         handshake_hash: bytes = b"",
+        max_frame: int = MAX_FRAME,
     ) -> None:
         self.stream = stream
         self.handshake_hash = handshake_hash
         self.peer = peer
         self.peer_name = peer_name
         self._reader = reader
-        self._reader.set_limit(MAX_FRAME)
+        self._reader.set_limit(max_frame)
         self._sealer = Sealer(send_key)
         self._opener = Opener(receive_key)
         self._send_lock = trio.Lock()
@@ -107,8 +108,11 @@ async def secure(
     expect: bytes | None = None,
     trust: Callable[[bytes], bool] | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
+    prologue: bytes = PROLOGUE,
+    max_frame: int = MAX_FRAME,
 ) -> SecureStream:
-    """Run the handshake on ``stream``; raise HandshakeError, FrameError or ConnectionLost."""
+    """Run the handshake on ``stream``; raise HandshakeError, FrameError or ConnectionLost.
+    ``prologue`` and ``max_frame``: a relay session's (``core/relaywire.py``) differ."""
     handshake = Handshake(
         identity,
         initiator=initiator,
@@ -116,6 +120,7 @@ async def secure(
         name=name,
         expect=expect,
         trust=trust,
+        prologue=prologue,
     )
     reader = FrameReader(MAX_HANDSHAKE_FRAME)
     counter = _Counter()
@@ -144,6 +149,7 @@ async def secure(
         bytes_in=counter.bytes_in,
         bytes_out=sent,
         handshake_hash=outcome.handshake_hash,
+        max_frame=max_frame,
     )
 
 

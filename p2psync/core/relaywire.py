@@ -1,0 +1,431 @@
+"""The relay protocol: messages between an agent and a relay node (sans-IO).
+
+A relay session is Noise XX with the prologue ``b"p2psync-relay/1"`` (never
+confused with a sync session, whose prologue is ``b"p2psync/1"``), then sealed
+frames each holding one message: the canonical CBOR encoding of an array whose
+first element is the message type. Decoding is strict as in
+``core/messages.py``; anything off is a :class:`~p2psync.errors.RemoteProtocolError`.
+The full description is in ``docs/relay.md`` ("Relay sessions").
+
+====  ===========  ================================================  ===========
+type  name         fields                                            sent by
+====  ===========  ================================================  ===========
+1     Hello        token: null or [token id (8), proof (32)]         agent, first
+2     Welcome      relay time (ms), max sealed size, ttl default,    relay
+                   ttl max (ms)
+3     Bye          reason (text)                                     either
+4     Policy       rid, signed mailbox policy (bstr)                 agent
+5     Deposit      rid, envelope (bstr, wire form)                   agent
+6     Fetch        rid, after (position), limit                      agent
+7     Delete       rid, [[sender (32), seq], ...]                    agent
+8     Retract      rid, recipient (32), [seq, ...]                   agent
+9     TakeNotices  rid                                               agent
+10    Ping         nonce                                             either
+11    Pong         nonce                                             either
+12    Arrived      position                                          relay, unasked
+13    Stored       rid, until (ms)                                   relay
+14    Duplicate    rid, until (ms)                                   relay
+15    Refused      rid, code, detail (text)                          relay
+16    Envelopes    rid, [[position, until, envelope], ...], more     relay
+17    Done         rid, count                                        relay
+18    Notices      rid, [[recipient (32), seq, until], ...]          relay
+====  ===========  ================================================  ===========
+
+Types 20-39 are reserved for the live splice (part 2); a relay answers an
+unknown type with ``Bye``. ``rid`` is the agent's request number: every request
+gets exactly one answer carrying its rid, in the order the requests were sent,
+so an agent may pipeline requests.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from p2psync.core import canonical
+from p2psync.core.envelope import MAX_ENVELOPE_BYTES, MAX_SEALED_BYTES
+from p2psync.core.mailbox import MAX_FETCH
+from p2psync.core.messages import MAX_REASON_CHARS
+from p2psync.errors import DecodeError, RemoteProtocolError
+
+PROLOGUE = b"p2psync-relay/1"
+#: Largest message: one envelope of the largest size with room for its framing.
+MAX_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 4096
+#: Most (sender, seq) pairs one Delete names, seqs one Retract names, notices one
+#: Notices answer carries.
+MAX_NAMES = MAX_FETCH
+_MAX_INT = (1 << 63) - 1
+TOKEN_ID_BYTES = 8
+TOKEN_PROOF_BYTES = 32
+KEY_BYTES = 32
+
+
+class RefusalCode(enum.IntEnum):
+    """Why the relay refused a request (``Refused.code``)."""
+
+    NOT_ALLOWED = 1  # data/receipt from a sender not on the recipient's policy
+    TOO_BIG = 2  # the envelope is larger than the relay stores
+    EXPIRED = 3  # the envelope's expiry has passed
+    FULL = 4  # a quota would be exceeded (the detail names it, with use and limit)
+    MALFORMED = 5  # the envelope's header is malformed, or not the session's sender
+    NOT_NEWER = 6  # a mailbox policy whose version is not above the one in force
+    BUSY = 7  # the relay cannot take it now (storage failed); try again later
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    token: tuple[bytes, bytes] | None  # (token id, proof) or None (allow-listed)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    now_ms: int
+    max_sealed: int
+    ttl_default_ms: int
+    ttl_max_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rid: int
+    signed: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    rid: int
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    rid: int
+    after: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    rid: int
+    keys: tuple[tuple[bytes, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Retract:
+    rid: int
+    recipient: bytes
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TakeNotices:
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    rid: int
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    rid: int
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    rid: int
+    code: RefusalCode
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One envelope as a fetch serves it."""
+
+    position: int
+    until_ms: int
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Envelopes:
+    rid: int
+    held: tuple[Held, ...]
+    more: bool  # the relay holds more after the last one served
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    rid: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    recipient: bytes
+    seq: int
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notices:
+    rid: int
+    notices: tuple[Notice, ...]
+
+
+Request = Policy | Deposit | Fetch | Delete | Retract | TakeNotices
+Answer = Stored | Duplicate | Refused | Envelopes | Done | Notices
+Message = Hello | Welcome | Bye | Ping | Pong | Arrived | Request | Answer
+
+
+def encode(message: Message) -> bytes:
+    return canonical.encode(_body(message))
+
+
+def _body(message: Message) -> list[Any]:
+    match message:
+        case Hello(token=None):
+            return [1, None]
+        case Hello(token=(ident, proof)):
+            return [1, [ident, proof]]
+        case Welcome():
+            return [
+                2,
+                message.now_ms,
+                message.max_sealed,
+                message.ttl_default_ms,
+                message.ttl_max_ms,
+            ]
+        case Bye():
+            return [3, message.reason[:MAX_REASON_CHARS]]
+        case Policy():
+            return [4, message.rid, message.signed]
+        case Deposit():
+            return [5, message.rid, message.envelope]
+        case Fetch():
+            return [6, message.rid, message.after, message.limit]
+        case Delete():
+            return [7, message.rid, [[s, q] for s, q in message.keys]]
+        case Retract():
+            return [8, message.rid, message.recipient, list(message.seqs)]
+        case TakeNotices():
+            return [9, message.rid]
+        case Ping():
+            return [10, message.nonce]
+        case Pong():
+            return [11, message.nonce]
+        case Arrived():
+            return [12, message.position]
+        case Stored():
+            return [13, message.rid, message.until_ms]
+        case Duplicate():
+            return [14, message.rid, message.until_ms]
+        case Refused():
+            return [15, message.rid, int(message.code), message.detail[:MAX_REASON_CHARS]]
+        case Envelopes():
+            rows = [[h.position, h.until_ms, h.envelope] for h in message.held]
+            return [16, message.rid, rows, message.more]
+        case Done():
+            return [17, message.rid, message.count]
+        case Notices():
+            return [18, message.rid, [[n.recipient, n.seq, n.until_ms] for n in message.notices]]
+    raise TypeError(f"not a relay message: {message!r}")
+
+
+def decode(data: bytes) -> Message:
+    """Strictly decode one relay message; raise :class:`RemoteProtocolError`."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise RemoteProtocolError(f"relay message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = canonical.loads_strict(data, what="relay message", max_depth=3)
+    except DecodeError as exc:
+        raise RemoteProtocolError(f"undecodable relay message: {exc}") from exc
+    if type(body) is not list or not body or type(body[0]) is not int:
+        raise RemoteProtocolError("a relay message is an array starting with its type")
+    # Arrays of byte/text strings, ints, bools and null only: the plain encoder
+    # reproduces canonical input exactly.
+    if cbor2.dumps(body) != data:
+        raise RemoteProtocolError("relay message is not canonical CBOR")
+    decoder = _DECODERS.get(body[0])
+    if decoder is None:
+        raise RemoteProtocolError(f"unknown relay message type {body[0]}")
+    try:
+        return decoder(body[1:])
+    except (ValueError, TypeError) as exc:
+        raise RemoteProtocolError(f"malformed relay message of type {body[0]}: {exc}") from exc
+
+
+def _int(value: object, low: int = 0, high: int = _MAX_INT) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"expected an integer from {low} to {high}")
+    return value
+
+
+def _bytes(value: object, size: int) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise ValueError(f"expected {size} bytes")
+    return value
+
+
+def _blob(value: object) -> bytes:
+    if type(value) is not bytes or not value:
+        raise ValueError("expected a non-empty byte string")
+    return value
+
+
+def _text(value: object) -> str:
+    if type(value) is not str or len(value) > MAX_REASON_CHARS:
+        raise ValueError(f"expected text of at most {MAX_REASON_CHARS} characters")
+    return value
+
+
+def _list(value: object, cap: int) -> list[Any]:
+    if type(value) is not list or len(value) > cap:
+        raise ValueError(f"expected a list of at most {cap} items")
+    return value
+
+
+def _fields(fields: list[Any], count: int) -> list[Any]:
+    if len(fields) != count:
+        raise ValueError(f"expected {count} fields")
+    return fields
+
+
+def _hello(fields: list[Any]) -> Hello:
+    (token,) = _fields(fields, 1)
+    if token is None:
+        return Hello(None)
+    pair = _list(token, 2)
+    if len(pair) != 2:
+        raise ValueError("a token is [id, proof]")
+    return Hello((_bytes(pair[0], TOKEN_ID_BYTES), _bytes(pair[1], TOKEN_PROOF_BYTES)))
+
+
+def _welcome(fields: list[Any]) -> Welcome:
+    now, sealed, ttl_default, ttl_max = _fields(fields, 4)
+    return Welcome(
+        _int(now), _int(sealed, 1, MAX_SEALED_BYTES), _int(ttl_default, 1), _int(ttl_max, 1)
+    )
+
+
+def _delete(fields: list[Any]) -> Delete:
+    rid, rows = _fields(fields, 2)
+    keys = []
+    for row in _list(rows, MAX_NAMES):
+        pair = _list(row, 2)
+        if len(pair) != 2:
+            raise ValueError("a key is [sender, seq]")
+        keys.append((_bytes(pair[0], KEY_BYTES), _int(pair[1], 1)))
+    return Delete(_int(rid), tuple(keys))
+
+
+def _retract(fields: list[Any]) -> Retract:
+    rid, recipient, seqs = _fields(fields, 3)
+    return Retract(
+        _int(rid), _bytes(recipient, KEY_BYTES), tuple(_int(s, 1) for s in _list(seqs, MAX_NAMES))
+    )
+
+
+def _refused(fields: list[Any]) -> Refused:
+    rid, code, detail = _fields(fields, 3)
+    try:
+        reason = RefusalCode(_int(code))
+    except ValueError as exc:
+        raise ValueError(f"unknown refusal code {code}") from exc
+    return Refused(_int(rid), reason, _text(detail))
+
+
+def _envelopes(fields: list[Any]) -> Envelopes:
+    rid, rows, more = _fields(fields, 3)
+    held = []
+    previous = 0
+    for row in _list(rows, MAX_FETCH):
+        triple = _list(row, 3)
+        if len(triple) != 3:
+            raise ValueError("an envelope served is [position, until, envelope]")
+        position = _int(triple[0], 1)
+        if position <= previous:
+            raise ValueError("envelopes are served in increasing position order")
+        previous = position
+        held.append(Held(position, _int(triple[1]), _blob(triple[2])))
+    if type(more) is not bool:
+        raise ValueError("more is a boolean")
+    return Envelopes(_int(rid), tuple(held), more)
+
+
+def _notices(fields: list[Any]) -> Notices:
+    rid, rows = _fields(fields, 2)
+    notices = []
+    for row in _list(rows, MAX_NAMES):
+        triple = _list(row, 3)
+        if len(triple) != 3:
+            raise ValueError("a notice is [recipient, seq, until]")
+        notices.append(Notice(_bytes(triple[0], KEY_BYTES), _int(triple[1], 1), _int(triple[2])))
+    return Notices(_int(rid), tuple(notices))
+
+
+def _one(fields: list[Any]) -> Any:
+    (value,) = _fields(fields, 1)
+    return value
+
+
+_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
+    1: _hello,
+    2: _welcome,
+    3: lambda f: Bye(_text(_one(f))),
+    4: lambda f: Policy(_int(_fields(f, 2)[0]), _blob(f[1])),
+    5: lambda f: Deposit(_int(_fields(f, 2)[0]), _blob(f[1])),
+    6: lambda f: Fetch(_int(_fields(f, 3)[0]), _int(f[1]), _int(f[2], 1, MAX_FETCH)),
+    7: _delete,
+    8: _retract,
+    9: lambda f: TakeNotices(_int(_one(f))),
+    10: lambda f: Ping(_int(_one(f))),
+    11: lambda f: Pong(_int(_one(f))),
+    12: lambda f: Arrived(_int(_one(f), 1)),
+    13: lambda f: Stored(_int(_fields(f, 2)[0]), _int(f[1])),
+    14: lambda f: Duplicate(_int(_fields(f, 2)[0]), _int(f[1])),
+    15: _refused,
+    16: _envelopes,
+    17: lambda f: Done(_int(_fields(f, 2)[0]), _int(f[1])),
+    18: _notices,
+}
+
+REQUESTS: tuple[type, ...] = (Policy, Deposit, Fetch, Delete, Retract, TakeNotices)
+
+TOKEN_PREFIX = b"p2psync/v1/relay-token\x00"
+
+
+def token_proof(secret: bytes, handshake_hash: bytes) -> bytes:
+    """What ``Hello`` carries for an admission token: bound to this session's
+    handshake hash, so an overheard proof is worthless in any other session."""
+    return hashlib.blake2b(
+        TOKEN_PREFIX + handshake_hash, key=secret, digest_size=TOKEN_PROOF_BYTES
+    ).digest()
