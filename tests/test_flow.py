@@ -76,7 +76,8 @@ def test_a_missing_payload_that_may_come_here_makes_the_entry_wait() -> None:
 
 def test_rules_count_by_mode_and_route() -> None:
     online = rule(Terms(("a",), Direction.BOTH, Mode.ONLINE, Route.DIRECT))
-    on_demand = rule(Terms(("b",), Direction.BOTH, Mode.ON_DEMAND, Route.RELAY))
+    on_demand = rule(Terms(("b",), Direction.BOTH, Mode.ON_DEMAND, Route.AUTO))
+    relay_only = rule(Terms(("r",), Direction.BOTH, Mode.ONLINE, Route.RELAY))
     proposed = rule(Terms(("c",)), RuleState.PROPOSED)
     live = Flow.between(ME, PEER, [online, on_demand, proposed], live=True)
     # a live connection kept for an online rule carries the on-demand one too
@@ -87,8 +88,12 @@ def test_rules_count_by_mode_and_route() -> None:
     assert Flow.between(ME, PEER, [on_demand], live=False).flows
     assert not Flow.between(ME, PEER, [proposed], live=True).in_force
     # the relay carries only rules whose route lets it
-    relayed = Flow.between(ME, PEER, [online, on_demand], live=False, via_relay=True)
-    assert relayed.may_receive("b") and not relayed.may_receive("a")
+    relayed = Flow.between(ME, PEER, [online, on_demand, relay_only], live=False, via_relay=True)
+    assert relayed.may_receive("b") and relayed.may_receive("r") and not relayed.may_receive("a")
+    # ...and a direct connection never carries a rule whose route is `relay`
+    direct = Flow.between(ME, PEER, [online, on_demand, relay_only], live=True)
+    assert direct.may_receive("a") and direct.may_receive("b") and not direct.may_receive("r")
+    assert not Flow.between(ME, PEER, [relay_only], live=False).in_force
     nothing = Flow.between(ME, PEER, [], live=False)
     assert nothing.now == Permissions() and not nothing.in_force
     assert Flow().now == EVERYTHING

@@ -31,8 +31,10 @@ class Standing:
     change)."""
 
     paired: set[bytes] = field(default_factory=set)  # a rule in force, any mode
-    online: set[bytes] = field(default_factory=set)  # an online rule in force: stay connected
-    on_demand: set[bytes] = field(default_factory=set)  # an on-demand rule in force
+    #: an online rule in force that a direct connection carries: stay connected
+    online: set[bytes] = field(default_factory=set)
+    #: an on-demand rule in force that a direct connection carries
+    on_demand: set[bytes] = field(default_factory=set)
     asking: set[bytes] = field(default_factory=set)  # a proposal of ours awaits an answer
     ours: set[bytes] = field(default_factory=set)  # paired, or we proposed to them once
     #: per peer, where the newest rule object we signed about the pair stands
@@ -42,10 +44,11 @@ class Standing:
     def load(cls, store: Store, me: bytes) -> Standing:
         """Fold the rules (blocking: call in a worker thread)."""
         modes = store.peers_in_force_modes()
+        direct = store.peers_in_force_modes(direct=True)  # a route-relay rule: never dialled
         return cls(
             paired=set(modes),
-            online={peer for peer, held in modes.items() if Mode.ONLINE in held},
-            on_demand={peer for peer, held in modes.items() if Mode.ON_DEMAND in held},
+            online={peer for peer, held in direct.items() if Mode.ONLINE in held},
+            on_demand={peer for peer, held in direct.items() if Mode.ON_DEMAND in held},
             asking=store.peers_asked(me),
             latest=store.latest_signed(me),
             ours=set(modes) | store.peers_proposed_to(me),

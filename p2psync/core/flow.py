@@ -14,9 +14,9 @@ sync`` and the relay's mailbox alike):
   may receive, now or by another rule in force later (an on-demand rule while
   live), waits: applying it without would lose that payload for good.
 
-Rules apply by route: a direct connection (live or on demand) carries every rule
-in force; the relay's mailbox (to come) only rules whose route is ``relay`` or
-``auto`` (``DESIGN.md`` §7: its mailbox policy). In a live session, rules count
+Rules apply by route: a direct connection (live or on demand) carries the rules
+in force whose route is ``direct`` or ``auto``; the relay's mailbox only those
+whose route is ``relay`` or ``auto`` (``DESIGN.md`` §7: its mailbox policy). In a live session, rules count
 only if one of them is online (``Permissions.between``).
 """
 
@@ -72,8 +72,12 @@ class Flow:
     ) -> Flow:
         """The flow set by ``rules`` (any rule objects about the pair; only those in
         force count) for a live or on-demand direct session, or the relay."""
+        # A rule's route says which paths carry it: ``relay`` only the relay,
+        # ``direct`` only a direct connection, ``auto`` both.
         if via_relay:
             rules = [r for r in rules if r.terms.route in (Route.RELAY, Route.AUTO)]
+        else:
+            rules = [r for r in rules if r.terms.route in (Route.DIRECT, Route.AUTO)]
         now = Permissions.between(me, peer, rules, live=live)
         anytime = Permissions.between(me, peer, rules, live=False) if live else now
         later = anytime if anytime.receive != now.receive else None

@@ -156,12 +156,17 @@ def answered_objects(conn: sqlite3.Connection) -> dict[bytes, list[bytes]]:
     return {peer: objects_with(conn, peer) for (peer,) in rows.fetchall()}
 
 
-def in_force(objects: dict[bytes, list[bytes]]) -> dict[bytes, set[core.Mode]]:
+def in_force(
+    objects: dict[bytes, list[bytes]], *, direct: bool = False
+) -> dict[bytes, set[core.Mode]]:
     """The peers among ``objects`` (see :func:`answered_objects`) with a rule in force,
-    and the modes of those rules."""
+    and the modes of those rules; ``direct``: only rules a direct connection carries
+    (route ``direct`` or ``auto``)."""
     modes: dict[bytes, set[core.Mode]] = {}
     for peer, blobs in objects.items():
         for rule in core.in_force(core.fold([core.decode(blob) for blob in blobs]).values()):
+            if direct and rule.terms.route is core.Route.RELAY:
+                continue
             modes.setdefault(peer, set()).add(rule.terms.mode)
     return modes
 

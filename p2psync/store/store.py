@@ -262,11 +262,12 @@ class Store:
         decoded and folded after it, so other reads do not wait)."""
         return set(self.peers_in_force_modes())
 
-    def peers_in_force_modes(self) -> dict[bytes, set[Mode]]:
-        """Peers with a rule in force, and the modes of those rules."""
+    def peers_in_force_modes(self, *, direct: bool = False) -> dict[bytes, set[Mode]]:
+        """Peers with a rule in force, and the modes of those rules; ``direct``: only
+        rules a direct connection carries (route ``direct`` or ``auto``)."""
         with self._reader.reading() as conn:
             objects = rules_mod.answered_objects(conn)
-        return rules_mod.in_force(objects)
+        return rules_mod.in_force(objects, direct=direct)
 
     def rule_objects_order(self, ids: Sequence[bytes]) -> dict[bytes, int]:
         """The order in which this store took in each of these rule objects (its own
