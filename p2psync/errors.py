@@ -22,7 +22,8 @@ misused a protocol machine (a bug here, never the peer's doing). A
     ├── StateError                     well-formed, but refused in the current state
     │   ├── PairingError               an invite is unknown, used, expired or withdrawn
     │   ├── AgentNotRunning            no agent answers on this home's control socket
-    │   └── AgentSocketError           the agent's sockets cannot be placed or trusted (an OSError)
+    │   ├── AgentSocketError           the agent's sockets cannot be placed or trusted (an OSError)
+    │   └── RelayUnavailable           no relay answers, or it did not admit us
     ├── HomeError                      home folder missing, uninitialised, or already initialised
     ├── StoreError                     the SQLite store could not be read or written
     ├── ConnectionLost                 the other end closed the connection or it broke
@@ -121,6 +122,11 @@ class AgentNotRunning(StateError):
 class AgentSocketError(StateError, OSError):
     """The agent's local sockets cannot be placed or trusted. Also an ``OSError``,
     as every failure to reach the agent's sockets is."""
+
+
+class RelayUnavailable(StateError):
+    """No configured relay could be reached, or the one reached did not admit us
+    (unknown key, a token used up or expired)."""
 
 
 # ---------------------------------------------------------------- local resources

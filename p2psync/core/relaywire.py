@@ -39,6 +39,8 @@ so an agent may pipeline requests.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 from collections.abc import Callable
@@ -429,3 +431,36 @@ def token_proof(secret: bytes, handshake_hash: bytes) -> bytes:
     return hashlib.blake2b(
         TOKEN_PREFIX + handshake_hash, key=secret, digest_size=TOKEN_PROOF_BYTES
     ).digest()
+
+
+TOKEN_TEXT_PREFIX = "rt1-"
+TOKEN_SECRET_BYTES = 32
+_TOKEN_CHECK_BYTES = 2
+
+
+def token_text(ident: bytes, secret: bytes) -> str:
+    """An admission token as an operator hands it over: ``rt1-`` and the base32 of
+    its id (8 bytes), secret (32 bytes) and a 2-byte check (BLAKE2b of both)."""
+    if len(ident) != TOKEN_ID_BYTES or len(secret) != TOKEN_SECRET_BYTES:
+        raise ValueError("a token is an 8-byte id and a 32-byte secret")
+    payload = ident + secret
+    check = hashlib.blake2b(payload, digest_size=_TOKEN_CHECK_BYTES).digest()
+    return TOKEN_TEXT_PREFIX + base64.b32encode(payload + check).decode().rstrip("=").lower()
+
+
+def parse_token(text: str) -> tuple[bytes, bytes]:
+    """``(id, secret)`` of a token's text; ValueError with a one-sentence reason."""
+    text = text.strip()
+    if not text.startswith(TOKEN_TEXT_PREFIX):
+        raise ValueError(f"a relay token starts with {TOKEN_TEXT_PREFIX!r}")
+    body = text[len(TOKEN_TEXT_PREFIX) :].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError("a relay token is rt1- and base32 text") from exc
+    if len(raw) != TOKEN_ID_BYTES + TOKEN_SECRET_BYTES + _TOKEN_CHECK_BYTES:
+        raise ValueError("the relay token is cut short or too long: copy it whole")
+    payload, check = raw[:-_TOKEN_CHECK_BYTES], raw[-_TOKEN_CHECK_BYTES:]
+    if hashlib.blake2b(payload, digest_size=_TOKEN_CHECK_BYTES).digest() != check:
+        raise ValueError("the relay token has a typo (its check characters do not match)")
+    return payload[:TOKEN_ID_BYTES], payload[TOKEN_ID_BYTES:]

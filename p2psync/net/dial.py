@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
+from p2psync.core.frames import MAX_FRAME
+from p2psync.core.handshake import PROLOGUE
 from p2psync.core.identity import Identity, short_id
 from p2psync.errors import (
     ConnectionLost,
@@ -38,12 +40,15 @@ async def dial(
     *,
     timeout: Callable[[str], float] = no_timeout,
     on_failed: Failed | None = None,
+    prologue: bytes = PROLOGUE,
+    max_frame: int = MAX_FRAME,
 ) -> tuple[SecureStream | None, str]:
     """Try each address in turn, expecting ``key``'s identity (any, when None):
     ``(stream, address)`` for the first that connects within ``timeout(address)``
     seconds and completes the handshake, else ``(None, why the last one failed)``.
     ``on_failed`` hears of each address that was dialled and failed (not of one that
-    is not ``host:port``)."""
+    is not ``host:port``). ``prologue`` and ``max_frame``: a relay session's differ
+    (``core/relaywire.py``)."""
     error = "no address to dial"
     for address in addresses:
         try:
@@ -55,7 +60,15 @@ async def dial(
         try:
             with trio.fail_after(timeout(address)):
                 stream = await trio.open_tcp_stream(host, port)
-            secured = await secure(stream, identity, initiator=True, name=name, expect=key)
+            secured = await secure(
+                stream,
+                identity,
+                initiator=True,
+                name=name,
+                expect=key,
+                prologue=prologue,
+                max_frame=max_frame,
+            )
         except LocalProtocolError:
             raise  # a bug here, not the far end's doing
         except Exception as exc:  # whatever the far end does, only this attempt fails
