@@ -16,8 +16,8 @@ sync`` and the relay's mailbox alike):
 
 Rules apply by route: a direct connection (live or on demand) carries the rules
 in force whose route is ``direct`` or ``auto``; the relay's mailbox only those
-whose route is ``relay`` or ``auto`` (``DESIGN.md`` §7: its mailbox policy). In a live session, rules count
-only if one of them is online (``Permissions.between``).
+whose route is ``relay`` or ``auto`` (``DESIGN.md`` §7: its mailbox policy). In a
+live session, rules count only if one of them is online (``Permissions.between``).
 """
 
 from __future__ import annotations

@@ -420,7 +420,8 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     18: _notices,
 }
 
-REQUESTS: tuple[type, ...] = (Policy, Deposit, Fetch, Delete, Retract, TakeNotices)
+REQUESTS = (Policy, Deposit, Fetch, Delete, Retract, TakeNotices)
+ANSWERS = (Stored, Duplicate, Refused, Envelopes, Done, Notices)
 
 TOKEN_PREFIX = b"p2psync/v1/relay-token\x00"
 
