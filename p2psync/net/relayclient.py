@@ -19,7 +19,6 @@ import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -30,6 +29,7 @@ from p2psync.core.mailbox import MAX_FETCH
 from p2psync.errors import ConnectionLost, P2PSyncError, RelayUnavailable, RemoteProtocolError
 from p2psync.net.dial import dial
 from p2psync.net.transport import SecureStream
+from p2psync.store.relays import Relay
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,16 +39,6 @@ CONNECT_TIMEOUT = 10.0
 #: Requests in flight at once on one session (deposits are pipelined).
 WINDOW = 32
 PING_INTERVAL = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class RelayTarget:
-    """A relay as an agent pins it: its key, its addresses (tried in order), and an
-    admission token's text when the relay has not enrolled us yet."""
-
-    key: bytes
-    addresses: tuple[str, ...]
-    token: str | None = None
 
 
 class _Slot:
@@ -251,7 +241,7 @@ def _unexpected(message: wire.Message) -> RemoteProtocolError:
 
 @asynccontextmanager
 async def open_relay(
-    identity: Identity, name: str, target: RelayTarget, *, timeout: float = CONNECT_TIMEOUT
+    identity: Identity, name: str, target: Relay, *, timeout: float = CONNECT_TIMEOUT
 ) -> AsyncIterator[RelayClient]:
     """An admitted session with ``target``; raises :class:`RelayUnavailable` when no
     address answers or the relay does not admit us."""
@@ -281,7 +271,7 @@ async def open_relay(
         await stream.aclose()
 
 
-async def _admission(stream: SecureStream, target: RelayTarget, timeout: float) -> wire.Welcome:
+async def _admission(stream: SecureStream, target: Relay, timeout: float) -> wire.Welcome:
     proof = None
     if target.token is not None:
         try:

@@ -1,0 +1,93 @@
+"""`p2psync relay add/list/remove`: the relays this agent uses (tried in order).
+
+They sit in the same `relay` group as the relay node's own commands
+(`cli/relay.py`); these act on the agent's home, those on a relay's."""
+
+from __future__ import annotations
+
+import click
+
+from p2psync.cli import output
+from p2psync.cli.context import State, pass_state
+from p2psync.core.identity import device_id, parse_device_id, short_id
+from p2psync.core.relaywire import parse_token
+from p2psync.errors import NotFoundError, UsageError
+from p2psync.net.address import parse_address
+from p2psync.store import relays as relays_mod
+
+
+@click.command(name="add")
+@click.argument("relay_id")
+@click.option(
+    "--address",
+    "addresses",
+    metavar="HOST:PORT",
+    multiple=True,
+    required=True,
+    help="Where the relay listens (repeat for several; tried in order).",
+)
+@click.option("--token", metavar="TOKEN", help="An admission token from the relay's operator.")
+@pass_state
+def add(state: State, relay_id: str, addresses: tuple[str, ...], token: str | None) -> None:
+    """Use the relay RELAY_ID (its device ID, pinned) for peers out of direct reach.
+
+    Adding a relay already added replaces its addresses and token. Relays are
+    tried in the order they were added."""
+    key = parse_device_id(relay_id)
+    for address in addresses:
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    if token is not None:
+        try:
+            parse_token(token)
+        except ValueError as exc:
+            raise UsageError(f"--token: {exc}") from exc
+    with state.open() as db:
+        if key == db.identity.public_key:
+            raise UsageError("that is this agent's own device ID, not a relay's")
+        new = relays_mod.put(db.store, relays_mod.Relay(key, tuple(addresses), token))
+    verb = "added" if new else "updated"
+    click.echo(f"{verb} relay {short_id(key)} at {', '.join(addresses)}")
+
+
+@click.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def list_relays(state: State, as_json: bool) -> None:
+    """The relays this agent uses, in the order it tries them."""
+    with state.open() as db:
+        relays = relays_mod.load(db.store)
+    rows = [
+        {
+            "device_id": device_id(r.key),
+            "short_id": short_id(r.key),
+            "addresses": list(r.addresses),
+            "token": "waiting to be used" if r.token else None,
+        }
+        for r in relays
+    ]
+    if as_json:
+        output.emit_json({"relays": rows})
+        return
+    if not rows:
+        click.echo("no relays (add one with `p2psync relay add RELAY_ID --address HOST:PORT`)")
+    for index, row in enumerate(rows, 1):
+        token = " (admission token not used yet)" if row["token"] else ""
+        click.echo(f"{index}. {row['device_id']}  {', '.join(row['addresses'])}{token}")
+
+
+@click.command(name="remove")
+@click.argument("relay_id")
+@pass_state
+def remove(state: State, relay_id: str) -> None:
+    """Stop using the relay RELAY_ID (what it holds for us expires there)."""
+    key = parse_device_id(relay_id)
+    with state.open() as db:
+        if not relays_mod.remove(db.store, key):
+            raise NotFoundError(f"relay {short_id(key)} is not in this agent's list")
+    click.echo(f"removed relay {short_id(key)}")
+
+
+AGENT_COMMANDS = [add, list_relays, remove]
