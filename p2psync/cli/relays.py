@@ -5,6 +5,8 @@ They sit in the same `relay` group as the relay node's own commands
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from p2psync.cli import output
@@ -59,7 +61,7 @@ def list_relays(state: State, as_json: bool) -> None:
     """The relays this agent uses, in the order it tries them."""
     with state.open() as db:
         relays = relays_mod.load(db.store)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "device_id": device_id(r.key),
             "short_id": short_id(r.key),
