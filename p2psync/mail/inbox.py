@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from p2psync import pairing
 from p2psync.core.bundle import decode_bundle
-from p2psync.core.envelope import EnvelopeClass, open_envelope
+from p2psync.core.envelope import Envelope, EnvelopeClass, open_envelope
 from p2psync.core.flow import Flow
 from p2psync.core.identity import short_id
 from p2psync.core.receipt import receipt_of
@@ -62,7 +62,11 @@ class Incoming:
 
 
 def take(db: OpenHome, wire: bytes, now_ms: int, depositor: bytes | None) -> Incoming:
-    envelope = open_envelope(db.identity, wire, depositor=depositor)
+    return apply(db, open_envelope(db.identity, wire, depositor=depositor), now_ms)
+
+
+def apply(db: OpenHome, envelope: Envelope, now_ms: int) -> Incoming:
+    """What an opened envelope (steps 2-3 above) does."""
     sender, seq, cls = envelope.sender, envelope.seq, envelope.cls
     ledger = db.store.ledger
     if ledger.pair(sender).received(seq):

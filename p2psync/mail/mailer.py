@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from p2psync.core.envelope import EnvelopeClass
+from p2psync.core.envelope import Envelope, EnvelopeClass
 from p2psync.core.messages import Head, rules_digest
 from p2psync.core.policy import senders_for, sign_policy
 from p2psync.core.rules import Rule
@@ -69,9 +69,16 @@ class Mailer:
     # ------------------------------------------------------------ envelopes
 
     def outgoing(
-        self, peer: bytes, now_ms: int, *, max_sealed: int = 1 << 20, expiry_ms: int = 0
+        self,
+        peer: bytes,
+        now_ms: int,
+        *,
+        max_sealed: int = 1 << 20,
+        expiry_ms: int = 0,
+        receipts_only: bool = False,
     ) -> list[Outgoing]:
-        """Everything due to ``peer`` now (see ``mail/outbox.py``), sealed and queued."""
+        """Everything due to ``peer`` now (see ``mail/outbox.py``; only the owed
+        receipts with ``receipts_only``), sealed and queued."""
         return outbox.make(
             self.db,
             peer,
@@ -79,11 +86,16 @@ class Mailer:
             max_sealed=max_sealed,
             expiry_ms=expiry_ms,
             random=self._random,
+            receipts_only=receipts_only,
         )
 
     def incoming(self, wire: bytes, now_ms: int, *, depositor: bytes | None = None) -> Incoming:
         """Open and apply one envelope (see ``mail/inbox.py``); committed on return."""
         return inbox.take(self.db, wire, now_ms, depositor)
+
+    def apply(self, envelope: Envelope, now_ms: int) -> Incoming:
+        """Like :meth:`incoming`, for an envelope already opened (``open_envelope``)."""
+        return inbox.apply(self.db, envelope, now_ms)
 
     # ------------------------------------------------------------ what the carrier did
 

@@ -85,6 +85,7 @@ def make(
     max_sealed: int,
     expiry_ms: int,
     random: Callable[[int], bytes] = os.urandom,
+    receipts_only: bool = False,
 ) -> list[Outgoing]:
     """Everything due to ``peer`` now, sealed, numbered and recorded as queued."""
     if max_sealed < MIN_SEALED_BYTES:
@@ -96,7 +97,8 @@ def make(
     store, ledger = db.store, db.store.ledger
     local = heads_of(store.heads())
     drafts = _receipts(db, peer, local, now_ms)
-    drafts += _bundles(db, peer, flow, local, max_sealed, now_ms)
+    if not receipts_only:
+        drafts += _bundles(db, peer, flow, local, max_sealed, now_ms)
     if not drafts:
         return []
     first = ledger.reserve(peer, len(drafts))
