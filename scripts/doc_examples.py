@@ -426,6 +426,31 @@ def relay_examples(out: dict[str, str], names: dict[bytes, str]) -> None:
         ),
         hexlines("policy = CBOR [body, signature]", wire),
     )
+    bundle_example(out, names)
+
+
+def bundle_example(out: dict[str, str], names: dict[bytes, str]) -> None:
+    """docs/relay.md: A's bundle to B carrying A's first entry, without rule objects."""
+    from p2psync.core import bundle as bundle_mod
+    from p2psync.core import hlc as hlc_mod
+
+    op = entry_mod.make_op(
+        entry_mod.OpKind.PUT, "vouchers", "V-1", {"amount": 10}, (), bytes([0x5A]) * 16
+    )
+    entry = entry_mod.sign_entry(A, 1, None, hlc_mod.from_wall(T0), [op])
+    digest = messages.rules_digest([])
+    bundle = bundle_mod.Bundle({A.public_key: Head(1, entry.id)}, digest, (), (entry.wire(),))
+    encoded = bundle_mod.encode_bundle(bundle)
+    assert bundle_mod.decode_bundle(encoded) == bundle
+    names_b = {**names, entry.id: "A1 entry ID", entry.wire(): "A1 entry wire form"}
+    out["bundle"] = block(
+        f"A's bundle for B: heads A: 1 (its first entry, vouchers/V-1 = {{amount: 10}}, at {T0} ms),",
+        "the digest of no rule objects, no rule objects, that entry",
+        hexlines("rules digest = digest of [] (docs/protocol.md)", digest),
+        hexlines("entry wire form", entry.wire()),
+        hexlines("bundle CBOR (the payload of a class 1 envelope)", encoded),
+        "  " + diag(canonical.decode(encoded, what="b", max_depth=3), names_b, top=True),
+    )
 
 
 # ---------------------------------------------------------------- docs
