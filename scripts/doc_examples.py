@@ -34,9 +34,11 @@ import nacl.bindings
 
 from p2psync import pairing
 from p2psync.api import Database
+from p2psync.core import bundle as bundle_mod
 from p2psync.core import canonical, frames, messages
 from p2psync.core import entry as entry_mod
 from p2psync.core import envelope as envelope_mod
+from p2psync.core import hlc as hlc_mod
 from p2psync.core import policy as policy_mod
 from p2psync.core import receipt as receipt_mod
 from p2psync.core import rules as rules_mod
@@ -431,9 +433,6 @@ def relay_examples(out: dict[str, str], names: dict[bytes, str]) -> None:
 
 def bundle_example(out: dict[str, str], names: dict[bytes, str]) -> None:
     """docs/relay.md: A's bundle to B carrying A's first entry, without rule objects."""
-    from p2psync.core import bundle as bundle_mod
-    from p2psync.core import hlc as hlc_mod
-
     op = entry_mod.make_op(
         entry_mod.OpKind.PUT, "vouchers", "V-1", {"amount": 10}, (), bytes([0x5A]) * 16
     )
@@ -444,8 +443,8 @@ def bundle_example(out: dict[str, str], names: dict[bytes, str]) -> None:
     assert bundle_mod.decode_bundle(encoded) == bundle
     names_b = {**names, entry.id: "A1 entry ID", entry.wire(): "A1 entry wire form"}
     out["bundle"] = block(
-        f"A's bundle for B: heads A: 1 (its first entry, vouchers/V-1 = {{amount: 10}}, at {T0} ms),",
-        "the digest of no rule objects, no rule objects, that entry",
+        "A's bundle for B: heads A: 1 (its first entry, vouchers/V-1 = {amount: 10},",
+        f"at {T0} ms), the digest of no rule objects, no rule objects, that entry",
         hexlines("rules digest = digest of [] (docs/protocol.md)", digest),
         hexlines("entry wire form", entry.wire()),
         hexlines("bundle CBOR (the payload of a class 1 envelope)", encoded),
