@@ -37,7 +37,8 @@ misused a protocol machine (a bug here, never the peer's doing). A
     │   │   ├── EnvelopeError          a relay envelope or receipt is malformed, oversize or forged
     │   │   │   ├── EnvelopeSealError  its seal does not open, or it is addressed to someone else
     │   │   │   ├── EnvelopeSignatureError  its sender's (a receipt's signer's) signature fails
-    │   │   │   └── EnvelopeMismatchError   inner names differ from the outer header or depositor
+    │   │   │   ├── EnvelopeMismatchError   inner names differ from the outer header or depositor
+    │   │   │   └── BundleError    an envelope's bundle, or a bundle file, is malformed or oversize
     │   │   ├── PolicyError            a signed mailbox policy is malformed or not its owner's
     │   │   └── HostileEntry²          an entry that proves its sender broken or hostile
     │   ├── LocalProtocolError         LOCAL: our own code misused a protocol machine (a bug)
@@ -217,6 +218,12 @@ class EnvelopeMismatchError(EnvelopeError):
     """Authentic inner names (sender, recipient, sequence number, class, expiry) differ
     from the outer header the relay saw, or the sender is not the key that deposited
     the envelope; a receipt names other parties than its envelope."""
+
+
+class BundleError(EnvelopeError):
+    """A bundle (the payload of a data envelope, ``core/bundle.py``) or a bundle file
+    (envelopes handed over as a file) is malformed, not canonical, of an unknown
+    version, or over a size cap."""
 
 
 class PolicyError(RemoteProtocolError):

@@ -34,9 +34,11 @@ import nacl.bindings
 
 from p2psync import pairing
 from p2psync.api import Database
+from p2psync.core import bundle as bundle_mod
 from p2psync.core import canonical, frames, messages
 from p2psync.core import entry as entry_mod
 from p2psync.core import envelope as envelope_mod
+from p2psync.core import hlc as hlc_mod
 from p2psync.core import policy as policy_mod
 from p2psync.core import receipt as receipt_mod
 from p2psync.core import rules as rules_mod
@@ -425,6 +427,28 @@ def relay_examples(out: dict[str, str], names: dict[bytes, str]) -> None:
             'signature = Ed25519(B, "p2psync/v1/mailbox-policy" || 00 || body)', policy_signature
         ),
         hexlines("policy = CBOR [body, signature]", wire),
+    )
+    bundle_example(out, names)
+
+
+def bundle_example(out: dict[str, str], names: dict[bytes, str]) -> None:
+    """docs/relay.md: A's bundle to B carrying A's first entry, without rule objects."""
+    op = entry_mod.make_op(
+        entry_mod.OpKind.PUT, "vouchers", "V-1", {"amount": 10}, (), bytes([0x5A]) * 16
+    )
+    entry = entry_mod.sign_entry(A, 1, None, hlc_mod.from_wall(T0), [op])
+    digest = messages.rules_digest([])
+    bundle = bundle_mod.Bundle({A.public_key: Head(1, entry.id)}, digest, (), (entry.wire(),))
+    encoded = bundle_mod.encode_bundle(bundle)
+    assert bundle_mod.decode_bundle(encoded) == bundle
+    names_b = {**names, entry.id: "A1 entry ID", entry.wire(): "A1 entry wire form"}
+    out["bundle"] = block(
+        "A's bundle for B: heads A: 1 (its first entry, vouchers/V-1 = {amount: 10},",
+        f"at {T0} ms), the digest of no rule objects, no rule objects, that entry",
+        hexlines("rules digest = digest of [] (docs/protocol.md)", digest),
+        hexlines("entry wire form", entry.wire()),
+        hexlines("bundle CBOR (the payload of a class 1 envelope)", encoded),
+        "  " + diag(canonical.decode(encoded, what="b", max_depth=3), names_b, top=True),
     )
 
 

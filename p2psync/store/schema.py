@@ -19,6 +19,20 @@ Tables (version 1):
 ``held``        authenticated entries waiting for a predecessor or base (``dep``).
 ``forks``       proof of forks: the two entries the author signed.
 
+Version 10 adds the delivery ledger of the relay mailbox (:mod:`p2psync.store.ledger`):
+
+``mail_out``    every envelope this agent made, per peer and seq: class, state
+                (queued, at-relay, handed-over, acknowledged, expired, refused,
+                superseded), where (relay device ID or file name), entries, bytes,
+                until when, when made and done, the reason, and what it carries
+                (``carries``: CBOR ``[[author, first seq, last seq], ...]``; ``rules``:
+                the digest of the rule objects it carried, if any).
+``mail_pairs``  per peer: our next seq to it (never reused), its heads by its last
+                signed receipt or bundle (CBOR), the rules digest its last bundle
+                named, and what we received from it: every seq up to ``recv_high``,
+                and ``recv_above`` (CBOR list, bounded) above it.
+``mail_due``    receipts we owe: the peer's seqs we applied (``reason`` NULL) or refused.
+
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
 sending path does not carry). p2psync cannot fetch those payloads later yet;
@@ -199,6 +213,43 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         author     BLOB NOT NULL,
         ops        INTEGER NOT NULL,
         PRIMARY KEY (collection, author)
+    ) WITHOUT ROWID
+    """,
+    # the relay mailbox's delivery ledger (store/ledger.py)
+    10: """
+    CREATE TABLE mail_out (
+        peer     BLOB NOT NULL,
+        seq      INTEGER NOT NULL,
+        cls      INTEGER NOT NULL,
+        state    TEXT NOT NULL,
+        place    TEXT,
+        entries  INTEGER NOT NULL,
+        bytes    INTEGER NOT NULL,
+        until_ms INTEGER,
+        made_ms  INTEGER NOT NULL,
+        done_ms  INTEGER,
+        reason   TEXT,
+        carries  BLOB NOT NULL,
+        rules    BLOB,
+        PRIMARY KEY (peer, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX mail_out_by_state ON mail_out (state, peer);
+    CREATE TABLE mail_pairs (
+        peer        BLOB PRIMARY KEY,
+        next_seq    INTEGER NOT NULL DEFAULT 1,
+        heads       BLOB,
+        heads_ms    INTEGER,
+        rules       BLOB,
+        rules_ms    INTEGER,
+        recv_high   INTEGER NOT NULL DEFAULT 0,
+        recv_above  BLOB,
+        recv_ms     INTEGER
+    ) WITHOUT ROWID;
+    CREATE TABLE mail_due (
+        peer   BLOB NOT NULL,
+        seq    INTEGER NOT NULL,
+        reason TEXT,
+        PRIMARY KEY (peer, seq)
     ) WITHOUT ROWID
     """,
 }

@@ -28,6 +28,7 @@ from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect, data_version
 from p2psync.store.gcpause import fewer_collections
 from p2psync.store.ingest import IngestResult, decode_batch, ingest
+from p2psync.store.ledger import Ledger
 from p2psync.store.local import Change
 from p2psync.store.logs import AuthorState, StoredEntry
 from p2psync.store.peers import PeerState
@@ -64,6 +65,11 @@ class Store:
         except BaseException:
             self._db.close()
             raise
+
+    @property
+    def ledger(self) -> Ledger:
+        """The relay mailbox's delivery ledger (:mod:`p2psync.store.ledger`)."""
+        return Ledger(self._db, self._reader)
 
     def close(self) -> None:
         self._reader.close()

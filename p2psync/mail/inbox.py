@@ -1,0 +1,146 @@
+"""Opening what arrives through the mailbox, and what it does to the store.
+
+In order, for one wire envelope:
+
+1. :func:`~p2psync.core.envelope.open_envelope` — forged, tampered or misaddressed
+   envelopes raise their typed :class:`~p2psync.errors.EnvelopeError`; nothing is
+   recorded.
+2. Deduplicated by (sender, seq): a seq seen before changes nothing.
+3. By class:
+
+   * **data** — only from a peer with a rule in force with route relay/auto (else
+     refused, no receipt: a stranger gets no answer); expired ones are refused. The
+     bundle's rule objects are kept through the pairing path (as a session's
+     ``Rules``), then its entries are ingested by the flow those rules give — the
+     live session's judge: what no rule lets in is refused, missing predecessors
+     are held. Then, in one transaction: the seq received, a receipt owed (applied,
+     or refused with the first reason that is the sender's fault), the sender's
+     heads and rules digest noted.
+   * **receipt** — verified (:func:`~p2psync.core.receipt.receipt_of`); the rows it
+     names move to acknowledged or refused (reason); the signer's heads are noted.
+   * **introduction** — refused: introductions are not handled yet.
+
+The caller deletes the envelope from the relay only after this returned (its
+effects are committed). A crash between the ingest and the ledger's commit only
+means the envelope is applied again next time (duplicates are harmless).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from p2psync import pairing
+from p2psync.core.bundle import decode_bundle
+from p2psync.core.envelope import Envelope, EnvelopeClass, open_envelope
+from p2psync.core.flow import Flow
+from p2psync.core.identity import short_id
+from p2psync.core.receipt import receipt_of
+from p2psync.errors import BundleError, HostileEntry, RemoteProtocolError
+from p2psync.home import OpenHome
+from p2psync.store.ledger import State
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What one envelope did."""
+
+    cls: EnvelopeClass
+    sender: bytes
+    seq: int
+    duplicate: bool = False
+    #: data: entries applied, held (waiting for predecessors), refused, already held
+    applied: int = 0
+    held: int = 0
+    refused: int = 0
+    duplicates: int = 0
+    rules_added: int = 0
+    #: receipt: our envelopes it acknowledged, and refused
+    acknowledged: int = 0
+    rejected: int = 0
+    #: why the envelope as a whole was refused (not applied), if it was
+    reason: str | None = None
+
+
+def take(db: OpenHome, wire: bytes, now_ms: int, depositor: bytes | None) -> Incoming:
+    return apply(db, open_envelope(db.identity, wire, depositor=depositor), now_ms)
+
+
+def apply(db: OpenHome, envelope: Envelope, now_ms: int) -> Incoming:
+    """What an opened envelope (steps 2-3 above) does."""
+    sender, seq, cls = envelope.sender, envelope.seq, envelope.cls
+    ledger = db.store.ledger
+    if ledger.pair(sender).received(seq):
+        return Incoming(cls, sender, seq, duplicate=True)
+    if cls is EnvelopeClass.RECEIPT:
+        receipt = receipt_of(envelope)
+        if not ledger.receive(sender, seq, now_ms, owe=False, heads=receipt.heads):
+            return Incoming(cls, sender, seq, duplicate=True)
+        acked = ledger.move(sender, receipt.applied, State.ACKNOWLEDGED, now_ms)
+        refused = 0
+        for refused_seq, reason in receipt.refused:
+            refused += len(ledger.move(sender, [refused_seq], State.REFUSED, now_ms, reason=reason))
+        return Incoming(cls, sender, seq, acknowledged=len(acked), rejected=refused)
+    if cls is EnvelopeClass.INTRODUCTION:
+        ledger.receive(sender, seq, now_ms, owe=False)
+        return Incoming(cls, sender, seq, reason="introductions are not handled yet")
+    return _data(db, envelope.payload, sender, seq, envelope.expiry_ms, now_ms)
+
+
+def _data(
+    db: OpenHome, payload: bytes, sender: bytes, seq: int, expiry_ms: int, now_ms: int
+) -> Incoming:
+    me, ledger, cls = db.identity.public_key, db.store.ledger, EnvelopeClass.DATA
+
+    def refuse(reason: str, *, owe: bool = True) -> Incoming:
+        fresh = ledger.receive(sender, seq, now_ms, owe=owe, reason=reason)
+        return Incoming(cls, sender, seq, duplicate=not fresh, reason=None if not fresh else reason)
+
+    if not Flow.between(me, sender, db.store.rules(sender), live=False, via_relay=True).flows:
+        return refuse(
+            f"no rule with route relay or auto is in force with {short_id(sender)}", owe=False
+        )
+    if expiry_ms and expiry_ms <= now_ms:
+        return refuse("expired")
+    try:
+        bundle = decode_bundle(payload)
+    except BundleError as exc:
+        return refuse(f"malformed bundle: {exc}")
+    added = 0
+    if bundle.rule_objects:
+        before = len(db.store.rule_objects(sender))
+        try:
+            pairing.receive(db, sender, list(bundle.rule_objects), None)
+        except RemoteProtocolError as exc:
+            return refuse(f"rule objects refused: {exc}")
+        added = len(db.store.rule_objects(sender)) - before
+    flow = Flow.between(me, sender, db.store.rules(sender), live=False, via_relay=True)
+    if bundle.entries and not flow.receiving:
+        return refuse("entries sent, but no rule lets you send any here by the relay")
+    result = db.store.ingest(list(bundle.entries), now_ms, flow=flow) if bundle.entries else None
+    hostile = [r for r in result.rejected if isinstance(r.error, HostileEntry)] if result else []
+    if flow.receiving:
+        db.store.note_peer_heads(sender, bundle.heads)
+    reason = f"invalid entry: {hostile[0].describe()}" if hostile else None
+    fresh = ledger.receive(
+        sender,
+        seq,
+        now_ms,
+        owe=True,
+        reason=reason,
+        heads=bundle.heads,
+        rules=bundle.rules_digest,
+    )
+    if result is None:
+        return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added, reason=reason)
+    return Incoming(
+        cls,
+        sender,
+        seq,
+        duplicate=not fresh,
+        applied=len(result.accepted),
+        held=len(result.held),
+        refused=len(result.rejected),
+        duplicates=result.duplicates,
+        rules_added=added,
+        reason=reason,
+    )

@@ -1,0 +1,298 @@
+"""What goes to one peer through the mailbox: owed receipts, then bundles.
+
+**What the peer lacks** is what a live session would send it — by the relay's flow
+policy (``Flow.between(..., via_relay=True)``): our heads, minus its known heads
+(the furthest of its last signed receipt or bundle and of a direct session), minus
+what envelopes still on their way (``IN_FLIGHT`` in the ledger) or acknowledged
+lately carry (an acknowledged envelope's entries may be held there, waiting for an
+envelope still on its way). Per author
+the known seq is carried forward over in-flight runs that touch it; runs further on
+are left out of what is read. So asking twice sends nothing twice, and an expired
+envelope's entries (no longer in flight) go again.
+
+Entries are read in causal (clock) order and packed, in that order, into as few
+bundles as fit ``max_sealed`` (a single entry too big for it gets an envelope of the
+data class's largest size). Rule objects about the pair ride in the first bundle
+when the peer may lack them (its last bundle named another digest, and no envelope
+in flight or acknowledged since carries ours). Seqs are reserved (committed) before
+sealing, rows recorded "queued" before anything is returned.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from p2psync.core.bundle import (
+    MAX_BUNDLE_ENTRIES,
+    Bundle,
+    base_size,
+    encode_bundle,
+    head_bytes,
+    heads_of,
+    packed_size,
+)
+from p2psync.core.envelope import (
+    ENVELOPE_OVERHEAD,
+    MAX_SEALED_BY_CLASS,
+    MIN_SEALED_BYTES,
+    EnvelopeClass,
+    seal_envelope,
+)
+from p2psync.core.flow import Flow
+from p2psync.core.messages import Head, rules_digest
+from p2psync.core.receipt import MAX_APPLIED, MAX_REFUSED, sign_receipt
+from p2psync.errors import UsageError
+from p2psync.home import OpenHome
+from p2psync.store.ingest import HELD_FOR_MS
+from p2psync.store.ledger import IN_FLIGHT, Carries, LedgerRow, State
+from p2psync.store.logs import Outgoing as Stored
+
+#: Entries (and bytes) read from the store at a time while packing.
+READ_ENTRIES = 8192
+READ_BYTES = 16 << 20
+_ZERO = bytes(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A sealed envelope to hand to the relay (or a file), recorded as queued."""
+
+    peer: bytes
+    seq: int
+    cls: EnvelopeClass
+    wire: bytes
+    entries: int
+
+
+@dataclass
+class _Draft:
+    cls: EnvelopeClass
+    payload: bytes
+    entries: int = 0
+    carries: Carries = ()
+    rules: bytes | None = None
+    receipts: tuple[int, ...] = ()
+
+
+def make(
+    db: OpenHome,
+    peer: bytes,
+    now_ms: int,
+    *,
+    max_sealed: int,
+    expiry_ms: int,
+    random: Callable[[int], bytes] = os.urandom,
+    receipts_only: bool = False,
+) -> list[Outgoing]:
+    """Everything due to ``peer`` now, sealed, numbered and recorded as queued."""
+    if max_sealed < MIN_SEALED_BYTES:
+        raise UsageError(f"an envelope may be no smaller than {MIN_SEALED_BYTES} bytes")
+    me = db.identity.public_key
+    flow = Flow.between(me, peer, db.store.rules(peer), live=False, via_relay=True)
+    if not flow.flows:
+        return []
+    store, ledger = db.store, db.store.ledger
+    local = heads_of(store.heads())
+    drafts = _receipts(db, peer, local, now_ms)
+    if not receipts_only:
+        drafts += _bundles(db, peer, flow, local, max_sealed, now_ms)
+    if not drafts:
+        return []
+    first = ledger.reserve(peer, len(drafts))
+    out, rows = [], []
+    for seq, draft in enumerate(drafts, first):
+        wire = seal_envelope(
+            db.identity, peer, seq, draft.cls, expiry_ms, draft.payload, random(32)
+        )
+        out.append(Outgoing(peer, seq, draft.cls, wire, draft.entries))
+        rows.append(
+            LedgerRow(
+                peer,
+                seq,
+                draft.cls.value,
+                State.QUEUED,
+                None,
+                draft.entries,
+                len(wire),
+                expiry_ms or None,
+                now_ms,
+                None,
+                None,
+                draft.carries,
+                draft.rules,
+            )
+        )
+    receipts = [s for d in drafts for s in d.receipts]
+    ledger.add(rows, {peer: receipts} if receipts else {})
+    return out
+
+
+def _receipts(db: OpenHome, peer: bytes, local: Mapping[bytes, Head], now_ms: int) -> list[_Draft]:
+    due = db.store.ledger.due(peer)
+    drafts = []
+    while due:
+        applied: list[int] = []
+        refused: dict[int, str] = {}
+        taken = 0
+        for seq, reason in due:
+            if reason is None and len(applied) < MAX_APPLIED:
+                applied.append(seq)
+            elif reason is not None and len(refused) < MAX_REFUSED:
+                refused[seq] = reason
+            else:
+                break
+            taken += 1
+        due = due[taken:]
+        payload = sign_receipt(db.identity, peer, applied, refused, local, now_ms)
+        drafts.append(_Draft(EnvelopeClass.RECEIPT, payload, receipts=(*applied, *sorted(refused))))
+    return drafts
+
+
+def known_heads(db: OpenHome, peer: bytes) -> dict[bytes, Head]:
+    """What ``peer`` holds, as far as we know: per author the furthest of its signed
+    word through the mailbox and of a direct session."""
+    known = dict(db.store.ledger.pair(peer).heads or {})
+    for author, seq in db.store.peer_heads(peer).items():
+        held = known.get(author)
+        if held is None or seq > held.seq:
+            known[author] = Head(seq, _ZERO, held.frozen if held else False)
+    return known
+
+
+Runs = dict[bytes, list[tuple[int, int]]]
+
+
+def _on_their_way(db: OpenHome, peer: bytes, now_ms: int) -> tuple[list[LedgerRow], Runs]:
+    """Data envelopes in flight, and the runs they carry plus those of envelopes
+    acknowledged lately (the peer committed them, applied or held waiting for a
+    predecessor; held ones it drops after HELD_FOR_MS, after which only its heads count)."""
+    ledger = db.store.ledger
+    rows = [r for r in ledger.rows(peer, IN_FLIGHT) if r.cls == EnvelopeClass.DATA.value]
+    acked = [
+        r
+        for r in ledger.rows(peer, [State.ACKNOWLEDGED])
+        if r.entries and (r.done_ms or 0) > now_ms - HELD_FOR_MS
+    ]
+    runs: Runs = defaultdict(list)
+    for row in rows + acked:
+        for author, first, last in row.carries:
+            runs[author].append((first, last))
+    return rows, runs
+
+
+def _bundles(
+    db: OpenHome,
+    peer: bytes,
+    flow: Flow,
+    local: Mapping[bytes, Head],
+    max_sealed: int,
+    now_ms: int,
+) -> list[_Draft]:
+    rows, runs = _on_their_way(db, peer, now_ms)
+    after = flow.lacks(local, known_heads(db, peer))
+    skip: dict[bytes, list[tuple[int, int]]] = {}
+    for author in list(after):
+        at = after[author]
+        later = []
+        for first, last in sorted(runs.get(author, ())):
+            if first <= at + 1:
+                at = max(at, last)
+            else:
+                later.append((first, last))
+        if at >= local[author].seq:
+            del after[author]
+        else:
+            after[author], skip[author] = at, later
+    objects = db.store.rule_objects(peer)
+    digest = rules_digest(objects)
+    base = Bundle(dict(local), digest, tuple(objects) if _rules_due(db, peer, digest, rows) else ())
+    packer = _Packer(base, max_sealed)
+    while after:
+        batch = db.store.entries_after(after, READ_ENTRIES, READ_BYTES)
+        if not batch:
+            break
+        for item in batch:
+            after[item.author] = item.seq
+        wanted = [s for s in batch if not _skipped(skip.get(s.author), s.seq)]
+        if wanted:
+            packer.add(wanted, flow.outgoing([s.wire for s in wanted]))
+        for author in [a for a, seq in after.items() if seq >= local[a].seq]:
+            del after[author]
+    return packer.finish()
+
+
+def _skipped(runs: list[tuple[int, int]] | None, seq: int) -> bool:
+    return bool(runs) and any(first <= seq <= last for first, last in runs or ())
+
+
+def _rules_due(db: OpenHome, peer: bytes, digest: bytes, in_flight: list[LedgerRow]) -> bool:
+    """The peer may lack some of our rule objects about the pair."""
+    pair = db.store.ledger.pair(peer)
+    if pair.rules == digest or any(r.rules == digest for r in in_flight):
+        return False
+    acked = [
+        r.done_ms or 0
+        for r in db.store.ledger.rows(peer, [State.ACKNOWLEDGED])
+        if r.rules == digest
+    ]
+    # acknowledged, and the peer said nothing since: it holds them
+    return not acked or (pair.rules_ms is not None and pair.rules_ms > max(acked))
+
+
+class _Packer:
+    """Entries into as few bundles as fit, in order."""
+
+    def __init__(self, base: Bundle, max_sealed: int) -> None:
+        self.base = base
+        self.limit = min(max_sealed, MAX_SEALED_BY_CLASS[EnvelopeClass.DATA]) - ENVELOPE_OVERHEAD
+        self.drafts: list[_Draft] = []
+        self._start()
+
+    def _start(self) -> None:
+        self.size = base_size(self.base)
+        self.wires: list[bytes] = []
+        self.stored: list[Stored] = []
+        self.entry_bytes = 0
+
+    def add(self, stored: list[Stored], wires: list[bytes]) -> None:
+        for item, wire in zip(stored, wires, strict=True):
+            cost = len(wire) + head_bytes(len(wire))
+            full = (
+                len(self.wires) >= MAX_BUNDLE_ENTRIES
+                or packed_size(self.size, len(self.wires) + 1, self.entry_bytes + cost) > self.limit
+            )
+            if self.wires and full:
+                self._flush()
+            self.wires.append(wire)
+            self.stored.append(item)
+            self.entry_bytes += cost
+
+    def _flush(self) -> None:
+        bundle = Bundle(
+            self.base.heads, self.base.rules_digest, self.base.rule_objects, tuple(self.wires)
+        )
+        carries: list[tuple[bytes, int, int]] = []
+        index: dict[bytes, int] = {}  # author -> its last run in carries
+        for item in self.stored:
+            at = index.get(item.author)
+            if at is not None and carries[at][2] == item.seq - 1:
+                carries[at] = (item.author, carries[at][1], item.seq)
+            else:
+                index[item.author] = len(carries)
+                carries.append((item.author, item.seq, item.seq))
+        rules = self.base.rules_digest if self.base.rule_objects else None
+        self.drafts.append(
+            _Draft(
+                EnvelopeClass.DATA, encode_bundle(bundle), len(self.wires), tuple(carries), rules
+            )
+        )
+        self.base = Bundle(self.base.heads, self.base.rules_digest)  # objects ride once
+        self._start()
+
+    def finish(self) -> list[_Draft]:
+        if self.wires or self.base.rule_objects:
+            self._flush()
+        return self.drafts
