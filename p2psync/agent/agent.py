@@ -40,6 +40,7 @@ from p2psync.agent.connections import Connection, Registry
 from p2psync.agent.control import handle_control
 from p2psync.agent.dialing import Dialing
 from p2psync.agent.peers import Peers
+from p2psync.agent.relaying import RelayLink
 from p2psync.agent.sockets import serve_control, serve_notifications
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
@@ -78,6 +79,8 @@ class AgentConfig:
     backoff_cap: float = 30.0
     dial_timeout: float = 5.0
     poll_interval: float = 2.0  # fallback check for commits we were not told about
+    relay_grace: float = 2.0  # seconds between a change and the deposit it causes
+    relay_tick: float = 60.0  # seconds between relay exchanges when nothing happens
 
 
 class Agent:
@@ -117,6 +120,13 @@ class Agent:
         self._on_demand_locks: dict[bytes, trio.Lock] = {}
         self._paired_checked = -1e9
         self.started_ms = now_ms()
+        self.relay_link = RelayLink(
+            db,
+            self.feed,
+            lambda: set(self.registry.by_peer),
+            grace=config.relay_grace,
+            tick=config.relay_tick,
+        )
 
     # ------------------------------------------------------------ running
 
@@ -149,6 +159,7 @@ class Agent:
                 )
                 await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
+            nursery.start_soon(self.relay_link.run)
             self._write_agent_file()
             task_status.started(self.addresses)
             try:
@@ -226,8 +237,10 @@ class Agent:
         and re-check rule objects, the dialers follow."""
         if await self.peers.reload():
             self.rules_feed.bump()
+            self.relay_link.poke()  # a rule changed: the relay may carry more, or less
         if self._nursery is not None:
             self.dialing.update(self._nursery)
+        await self.relay_link.reload()
 
     # ------------------------------------------------------------ connections
 
@@ -317,6 +330,7 @@ class Agent:
             if now - last_noted >= NOTE_EVERY:
                 last_noted = now
                 assert conn.machine is not None
+                self.relay_link.note_in_step(peer, conn.machine.peer)
                 note = PeerNote(
                     seen=now_ms(),
                     synced=now_ms(),
@@ -382,6 +396,7 @@ class Agent:
             await self.peers.note(peer, PeerNote(error=str(exc)))
         finally:
             self.registry.remove(conn)
+            self.relay_link.poke()  # the peer may be out of direct reach now
             if conn.machine is not None and conn.stats is not None:
                 await self._note_end(conn)
         return stats
@@ -453,7 +468,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         """What ``p2psync status`` shows."""
-        return agent_status(
+        document = agent_status(
             identity=self.identity,
             name=self.name,
             listen=self.addresses,
@@ -463,6 +478,8 @@ class Agent:
             peers=self.peers.known,
             adverts=self.adverts,
         )
+        document["relay"] = describe(self.relay_link)
+        return document
 
     def dial_now(self, key: bytes | None = None) -> None:
         """Skip the backoff wait of one dialer (or all)."""

@@ -186,15 +186,20 @@ class Mailer:
 
     # ------------------------------------------------------------ the mailbox policy
 
-    def policy(self, now_ms: int) -> bytes | None:
-        """The signed mailbox policy in force (a new version only when the senders
-        changed); None while no peer was ever listed."""
+    def peers(self) -> frozenset[bytes]:
+        """The peers the relay carries anything for, one way or the other (a rule in
+        force with route relay or auto): the mailbox policy's senders."""
         me = self.db.identity.public_key
         by_peer: dict[bytes, list[Rule]] = {}
         for rule in self.db.store.rules(None):
             other = rule.acceptor if rule.proposer == me else rule.proposer
             by_peer.setdefault(other, []).append(rule)
-        senders = senders_for(me, by_peer)
+        return senders_for(me, by_peer)
+
+    def policy(self, now_ms: int) -> bytes | None:
+        """The signed mailbox policy in force (a new version only when the senders
+        changed); None while no peer was ever listed."""
+        senders = self.peers()
         last = self._ledger.policy()
         if last is not None and set(last[1]) == senders:
             return last[2]

@@ -1,0 +1,215 @@
+"""The running agent's relay link: its mailbox at the first relay that admits it.
+
+While the agent runs and relays are configured (``p2psync relay add``), it keeps
+one session with the first relay, in the order added, that admits it (backing
+off and trying the next when none does). On each session it runs an exchange
+(``mail/exchange.py``): it hands over its mailbox policy, fetches and applies
+what waits for it, and deposits, for each peer the relay carries anything for
+that has **no live direct connection**, what that peer lacks. Then it waits
+for a reason to exchange again:
+
+* the relay says something arrived for us (``Arrived``);
+* our store gained entries (a local write, or entries from another peer) —
+  after a short grace, so a burst of writes goes as one batch, not one
+  envelope per entry, and a peer that is about to connect directly gets them
+  directly;
+* a direct connection ended (its peer may now be out of reach);
+* a timer (expiry by our own clock, the relay's notices, retracting envelopes a
+  direct session superseded).
+
+A peer whose direct session got in step has its envelopes at the relay
+superseded and retracted (``Mailer.superseded``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+import trio
+
+from p2psync.clock import now_ms
+from p2psync.core.identity import short_id
+from p2psync.core.messages import Head
+from p2psync.errors import ConnectionLost, P2PSyncError, RelayUnavailable
+from p2psync.home import OpenHome
+from p2psync.mail.exchange import ExchangeReport, exchange_on
+from p2psync.mail.mailer import Mailer
+from p2psync.net.relayclient import RelayClient, open_relay
+from p2psync.net.storeio import ChangeFeed, Signal
+from p2psync.store import relays as relays_mod
+from p2psync.store.relays import Relay
+
+log = logging.getLogger(__name__)
+
+GRACE = 2.0  # seconds between a change and the deposit it causes
+TICK = 60.0  # seconds between exchanges when nothing happens
+BACKOFF_START = 1.0
+BACKOFF_CAP = 300.0
+STEADY = 60.0  # a session that lasted this long (seconds) resets the backoff
+
+
+class RelayLink:
+    """The agent's side of its relays (module docstring)."""
+
+    def __init__(
+        self,
+        db: OpenHome,
+        feed: ChangeFeed,
+        connected: Callable[[], set[bytes]],
+        *,
+        grace: float = GRACE,
+        tick: float = TICK,
+    ) -> None:
+        self.db = db
+        self.feed = feed
+        self.connected = connected  # peers with a live direct connection now
+        self.grace = grace
+        self.tick = tick
+        self.mailer = Mailer(db)
+        self.relay: bytes | None = None  # the relay of the session in use
+        self.address = ""
+        self.since_ms = 0
+        self.last: ExchangeReport | None = None
+        self.last_ms = 0
+        self.error: str | None = None
+        self._wake = Signal()
+        self._changed = trio.Event()
+        self._in_step: dict[bytes, dict[bytes, Head]] = {}
+        self._admitted = False
+        self._relays: list[Relay] = []
+
+    def poke(self) -> None:
+        """Something changed that may call for an exchange (a connection ended)."""
+        self._wake.set()
+
+    async def reload(self) -> None:
+        """Re-read the list of relays; if it changed, start over with the new one."""
+        relays = await trio.to_thread.run_sync(relays_mod.load, self.db.store)
+        if relays != self._relays:
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Keep a session with the first relay that admits us, until cancelled."""
+        backoff = BACKOFF_START
+        while True:
+            self._changed = trio.Event()
+            relays = self._relays = await trio.to_thread.run_sync(relays_mod.load, self.db.store)
+            if not relays:
+                self.relay, self.error = None, None
+                await self._changed.wait()
+                continue
+            for relay in relays:
+                started = trio.current_time()
+                if await self._attempt(relay):
+                    break  # the list of relays changed: start over at once
+                if self._admitted and trio.current_time() - started > STEADY:
+                    backoff = BACKOFF_START  # a session that lasted: no reason to wait long
+            else:
+                with trio.move_on_after(backoff):
+                    await self._changed.wait()
+                backoff = min(backoff * 2, BACKOFF_CAP)
+
+    async def _attempt(self, relay: Relay) -> bool:
+        """One session with ``relay`` until it ends or the list of relays changes;
+        True if the list changed."""
+        changed = self._changed
+        self._admitted = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await changed.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await self._session(relay)
+            except (RelayUnavailable, ConnectionLost) as exc:
+                self.error = str(exc)
+                log.info("relay %s: %s", short_id(relay.key), exc)
+            except P2PSyncError as exc:  # the relay broke its protocol, or our store failed
+                self.error = str(exc)
+                log.warning("relay %s: %s", short_id(relay.key), exc)
+            nursery.cancel_scope.cancel()
+        self.relay = None
+        return changed.is_set()
+
+    async def _session(self, relay: Relay) -> None:
+        async with open_relay(self.db.identity, self.db.name, relay) as client:
+            self._admitted = True
+            if relay.token is not None:
+                await trio.to_thread.run_sync(relays_mod.admitted, self.db.store, relay.key)
+            self.relay, self.address, self.since_ms = relay.key, client.address, now_ms()
+            self.error = None
+            log.info("relay %s: connected at %s", short_id(relay.key), client.address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_arrivals, client)
+                nursery.start_soon(self._watch_feed)
+                while True:
+                    await self._exchange(client)
+                    with trio.move_on_after(self.tick):
+                        await self._wake.wait()
+                        await trio.sleep(self.grace)  # let a burst settle into one batch
+
+    async def _exchange(self, client: RelayClient) -> None:
+        direct = self.connected()
+        await self._retract_superseded(client)
+        peers = [p for p in await trio.to_thread.run_sync(self.mailer.peers) if p not in direct]
+        report = await exchange_on(client, self.mailer, peers)
+        self.last, self.last_ms = report, now_ms()
+        received = sum(p.entries_in for p in report.peers.values())
+        if received:
+            self.feed.bump()  # live sessions forward what arrived through the relay
+        for peer, row in report.peers.items():
+            if row.deposited or row.received or row.refused:
+                log.info(
+                    "relay %s: %s: %d envelopes (%d entries) deposited, %d received "
+                    "(%d entries), %d refused",
+                    short_id(client.relay),
+                    short_id(peer),
+                    row.deposited,
+                    row.entries_out,
+                    row.received,
+                    row.entries_in,
+                    len(row.refused),
+                )
+
+    def note_in_step(self, peer: bytes, heads: Mapping[bytes, Head]) -> None:
+        """A direct session with ``peer`` is in step, the peer holding ``heads``:
+        envelopes it made redundant are superseded at the next exchange."""
+        self._in_step[peer] = dict(heads)
+
+    async def _retract_superseded(self, client: RelayClient) -> None:
+        while self._in_step:
+            peer, heads = self._in_step.popitem()
+            seqs = await trio.to_thread.run_sync(self.mailer.superseded, peer, heads, now_ms())
+            if seqs:
+                await client.retract(peer, seqs)
+
+    async def _watch_arrivals(self, client: RelayClient) -> None:
+        seen = client.arrived
+        while True:
+            seen = await client.wait_arrived(seen)
+            self._wake.set()
+
+    async def _watch_feed(self) -> None:
+        version = self.feed.version
+        while True:
+            version = await self.feed.wait_beyond(version)
+            self._wake.set()
+
+
+def describe(link: RelayLink | None) -> dict[str, object] | None:
+    """The relay link as ``status --json`` shows it."""
+    if link is None:
+        return None
+    return {
+        "relay": short_id(link.relay) if link.relay else None,
+        "address": link.address or None,
+        "since_ms": link.since_ms or None,
+        "last_exchange_ms": link.last_ms or None,
+        "error": link.error,
+        "grace_s": link.grace,
+        "tick_s": link.tick if math.isfinite(link.tick) else None,
+    }
