@@ -40,7 +40,7 @@ from p2psync.agent.connections import Connection, Registry
 from p2psync.agent.control import handle_control
 from p2psync.agent.dialing import Dialing
 from p2psync.agent.peers import Peers
-from p2psync.agent.relaying import RelayLink
+from p2psync.agent.relaying import RelayLink, describe
 from p2psync.agent.sockets import serve_control, serve_notifications
 from p2psync.agent.status import agent_status
 from p2psync.api import Database
