@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -22,6 +22,8 @@ from p2psync.net import agentsockets
 from p2psync.net.address import parse_address
 
 if TYPE_CHECKING:
+    from p2psync.api import Database
+    from p2psync.cli.relaysync import RelayOutcome
     from p2psync.net.oneshot import SyncOutcome
 
 # trio, zeroconf and the agent are imported by the commands that use them (the
@@ -119,10 +121,34 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> P2PSyncError | None
 @timeout_option(60.0)
 @pass_state
 def sync(state: State, peer: str | None, address: str | None, timeout: float) -> None:
-    """Sync now with PEER (or every paired peer); exit 0 once in step."""
+    """Sync now with PEER (or every paired peer); exit 0 once in step.
+
+    A peer out of direct reach whose rules allow the relay (route relay or auto)
+    is synced through the first relay that admits this agent (`p2psync relay
+    add`): what it lacks is left there, what waits for us is fetched and applied."""
+    from p2psync.cli.relaysync import through_relay  # noqa: PLC0415 - see the note at the top
+
+    outcomes, error = _sync_direct(state, peer, address, timeout)
+    relayed: list[RelayOutcome] = []
+    relay_error = None
+    if address is None:
+        with state.open() as db:
+            missed = _relay_candidates(db, peer, outcomes)
+            if missed:
+                relayed, relay_error = through_relay(db, missed, timeout=timeout)
+    done = {device_id(r.peer) for r in relayed}
+    outcomes = [o for o in outcomes if o.synced or o.peer not in done]
+    _warn_incomplete(state, outcomes)
+    _report(outcomes, error, relayed, relay_error)
+
+
+def _sync_direct(
+    state: State, peer: str | None, address: str | None, timeout: float
+) -> tuple[list[SyncOutcome], str | None]:
     import trio  # noqa: PLC0415 - see the note at the top
 
     from p2psync.net.oneshot import sync_once  # noqa: PLC0415
+
     if address is None:
         try:
             answer = agentsockets.request(
@@ -135,16 +161,18 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
         except (OSError, ValueError) as exc:
             raise P2PSyncError(f"the running agent did not answer: {exc}") from exc
         else:
-            outcomes = [_from_agent(r) for r in answer.get("peers", [])]
-            _warn_incomplete(state, outcomes)
-            _report(outcomes, answer.get("error"))
-            return
+            return [_from_agent(r) for r in answer.get("peers", [])], answer.get("error")
     try:
         target = parse_address(address) if address else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with state.open() as db:
         keys = [resolve_peer(db, peer).key] if peer else None
+        if keys and target is None and keys[0] not in db.store.peers_in_force_modes(direct=True):
+            from p2psync.mail.mailer import Mailer  # noqa: PLC0415 - see the note at the top
+
+            if keys[0] in Mailer(db).peers():
+                return [], None  # its rules go only through the relay
         show = sys.stderr.isatty()
 
         def progress(who: bytes, received: int, total: int, sent: int) -> None:
@@ -159,8 +187,17 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
         outcomes = trio.run(lambda: sync_once(db, keys, target, timeout=timeout, progress=progress))
         if show:
             click.echo("", err=True)
-    _warn_incomplete(state, outcomes)
-    _report(outcomes, None)
+    return outcomes, None
+
+
+def _relay_candidates(db: Database, peer: str | None, outcomes: list[SyncOutcome]) -> list[bytes]:
+    """Peers to try through the relay: the one named (or every peer the relay
+    carries anything for) that a direct sync did not get in step."""
+    from p2psync.mail.mailer import Mailer  # noqa: PLC0415 - see the note at the top
+
+    synced = {o.peer for o in outcomes if o.synced}
+    keys = [resolve_peer(db, peer).key] if peer else sorted(Mailer(db).peers())
+    return [k for k in keys if device_id(k) not in synced]
 
 
 def _warn_incomplete(state: State, outcomes: list[SyncOutcome]) -> None:
@@ -208,10 +245,17 @@ def _who(outcome: SyncOutcome) -> str:
     return f"{output.safe(outcome.name)} ({short})" if outcome.name else short
 
 
-def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
-    if error:
+def _report(
+    outcomes: list[SyncOutcome],
+    error: str | None,
+    relayed: Sequence[RelayOutcome] = (),
+    relay_error: str | None = None,
+) -> None:
+    if error and not relayed:
         raise P2PSyncError(error)
-    if not outcomes:
+    if not outcomes and not relayed:
+        if relay_error:
+            raise P2PSyncError(f"no relay served this sync: {relay_error}")
         raise P2PSyncError("no paired peer with an address to sync with; see `p2psync peers`")
     for outcome in outcomes:
         who = _who(outcome)
@@ -219,12 +263,15 @@ def _report(outcomes: list[SyncOutcome], error: str | None) -> None:
             click.echo(f"{who}: in sync (received {outcome.received}, sent {outcome.sent})")
         else:
             click.echo(f"{who}: NOT in sync: {output.safe(outcome.error or '')}")
-    failed = [o for o in outcomes if not o.synced]
+    for relayed_one in relayed:
+        click.echo(relayed_one.line)
+    if relay_error:
+        click.echo(f"no relay served this sync: {output.safe(relay_error)}", err=True)
+    failed = [o for o in outcomes if not o.synced] + [r for r in relayed if not r.ok]
     if failed:
+        total = len(outcomes) + len(relayed)
         are = "is" if len(failed) == 1 else "are"
-        raise P2PSyncError(
-            f"{len(failed)} of {output.plural(len(outcomes), 'peer')} {are} not in sync"
-        )
+        raise P2PSyncError(f"{len(failed)} of {output.plural(total, 'peer')} {are} not in sync")
 
 
 @click.command()

@@ -109,3 +109,14 @@ def describe_hlc(stamp: int) -> str:
 def describe_ms(ms: int) -> str:
     """ISO-8601 UTC time of a wall-clock instant in ms since the epoch."""
     return describe_hlc(hlc.from_wall(ms))
+
+
+def short_time(ms: int) -> str:
+    """A moment as a clerk reads it, in local time: ``9 Dec 14:02``."""
+    moment = datetime.datetime.fromtimestamp(ms / 1000)
+    return f"{moment.day} {moment:%b %H:%M}"
+
+
+def count(number: int, noun: str, nouns: str | None = None) -> str:
+    """Like :func:`plural`, with thousands separated: ``3,200 entries``."""
+    return f"{number:,} {noun if number == 1 else nouns or noun + 's'}"

@@ -64,7 +64,8 @@ async def sync_once(
         ]
     else:
         if keys is None:  # the peers we have business with: rules in force, or asked for
-            ours = db.store.peers_in_force() | db.store.peers_asked(db.identity.public_key)
+            direct = set(db.store.peers_in_force_modes(direct=True))  # not route-relay only
+            ours = direct | db.store.peers_asked(db.identity.public_key)
             keys = [k for k, p in trusted.items() if p.addresses and k in ours]
         jobs = []
         for wanted in keys:

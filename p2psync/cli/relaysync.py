@@ -1,0 +1,89 @@
+"""`p2psync sync` through the relay: for the peers a direct sync could not reach
+(or whose rules go only through the relay), one exchange with the first relay
+that admits us (``mail/exchange.py``): deposit what they lack, fetch what waits
+for us, apply it, send receipts. It says what happened, peer by peer::
+
+    Branch 1 (ABCD123): 3,200 entries at relay EFGH456 until 9 Dec 14:02; 1,150 entries received
+
+A relay's word is "stored", not "delivered": the peer acknowledges with a signed
+receipt on a later exchange (``p2psync peers`` shows the ledger)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from p2psync.api import Database
+from p2psync.cli import output
+from p2psync.core.identity import short_id
+from p2psync.errors import P2PSyncError, RelayUnavailable
+from p2psync.mail.exchange import ExchangeReport, exchange
+from p2psync.mail.mailer import Mailer
+from p2psync.store import relays as relays_mod
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOutcome:
+    peer: bytes
+    line: str
+    ok: bool
+
+
+def through_relay(
+    db: Database, keys: Sequence[bytes], *, timeout: float
+) -> tuple[list[RelayOutcome], str | None]:
+    """Exchange with the first relay that admits us for ``keys`` (only those the
+    relay carries anything for); the outcome per peer, or why no relay served."""
+    carried = Mailer(db).peers()
+    wanted = [k for k in keys if k in carried]
+    relays = relays_mod.load(db.store)
+    if not wanted or not relays:
+        return [], None
+    errors: list[str] = []
+    for relay in relays:
+        try:
+            report = trio.run(_exchange, db, relay, wanted, timeout)
+        except RelayUnavailable as exc:
+            errors.append(str(exc))
+            continue
+        except trio.TooSlowError:
+            errors.append(f"relay {short_id(relay.key)} did not finish within {timeout:g} s")
+            continue
+        except P2PSyncError as exc:
+            errors.append(f"relay {short_id(relay.key)}: {exc}")
+            continue
+        return [_outcome(db, report, key) for key in wanted], None
+    return [], "; ".join(errors)
+
+
+async def _exchange(
+    db: Database, relay: relays_mod.Relay, keys: list[bytes], timeout: float
+) -> ExchangeReport:
+    with trio.fail_after(timeout):
+        return await exchange(db, relay, keys)
+
+
+def _outcome(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
+    peer = db.store.peer(key)
+    who = f"{output.safe(peer.name)} ({short_id(key)})" if peer and peer.name else short_id(key)
+    row = report.of(key)
+    parts = []
+    relay = short_id(report.relay)
+    if row.entries_out:
+        parts.append(
+            f"{output.count(row.entries_out, 'entry', 'entries')} at relay {relay} "
+            f"until {output.short_time(row.until_ms)}"
+        )
+    elif row.deposited:
+        parts.append(f"{output.plural(row.deposited, 'receipt')} left at relay {relay}")
+    if row.entries_in or row.received:
+        parts.append(f"{output.count(row.entries_in, 'entry', 'entries')} received")
+    if row.acknowledged:
+        parts.append(f"{output.plural(row.acknowledged, 'envelope')} of ours acknowledged")
+    if not parts:
+        parts.append(f"nothing to exchange through relay {relay}")
+    for reason in dict.fromkeys(row.refused + row.problems):
+        parts.append(f"NOT delivered: {output.safe(reason)}")
+    return RelayOutcome(key, f"{who}: {'; '.join(parts)}", not row.refused)
