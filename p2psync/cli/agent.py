@@ -279,6 +279,7 @@ def _report(
 @pass_state
 def status(state: State, as_json: bool) -> None:
     """Show the agent, its connections, per-peer lag and errors."""
+    from p2psync.cli.delivery import describe_delivery  # noqa: PLC0415 - see the top
     from p2psync.cli.peers import (  # noqa: PLC0415 - see the top
         describe_incomplete,
         describe_link,
@@ -342,6 +343,13 @@ def status(state: State, as_json: bool) -> None:
         click.echo(extra)
         if row["incomplete"]:
             click.echo(f"    note: {output.safe(describe_incomplete(row['incomplete']))}")
+        for line in describe_delivery(row["delivery"]) if row["delivery"] else ():
+            click.echo(f"    {line}")
+    link = (running or {}).get("relay")
+    if link and link.get("relay"):
+        click.echo(f"relay: connected to {link['relay']} at {link['address']}")
+    elif link and link.get("error"):
+        click.echo(f"relay: not connected: {output.safe(link['error'])}")
 
 
 @click.command()

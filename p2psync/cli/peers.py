@@ -16,6 +16,7 @@ from p2psync import pairing
 from p2psync.api import Database
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
+from p2psync.cli.delivery import delivery, describe_delivery
 from p2psync.cli.lookup import (
     agent_status,
     relationship,
@@ -83,6 +84,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                 # ops in collections this peer may send us that reached us without
                 # their payload by another path: they will not come from it either
                 "incomplete": missing,
+                "delivery": delivery(db, peer.key, now_ms()),
             }
         )
     listed = {row["device_id"] for row in rows}
@@ -106,6 +108,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                     "behind": None,
                     "ahead": None,
                     "incomplete": {},
+                    "delivery": None,
                 }
             )
     return rows
@@ -186,6 +189,8 @@ def peers(state: State, as_json: bool) -> None:
             click.echo(f"    last problem: {output.safe(row['problem'])}")
         if row["incomplete"]:
             click.echo(f"    note: {output.safe(describe_incomplete(row['incomplete']))}")
+        for line in describe_delivery(row["delivery"]) if row["delivery"] else ():
+            click.echo(f"    {line}")
 
 
 COMMANDS = (peers,)

@@ -1,0 +1,102 @@
+"""The delivery ledger per peer, as `peers` and `status` show it (DESIGN §7):
+what went through a relay or as a file, and what became of it.
+
+* queued — sealed here, not yet handed to a relay;
+* at relay (envelopes, entries, bytes, until T) / handed over as file;
+* acknowledged (when: only by the peer's signed receipt);
+* expired (re-queued: their entries go again) / refused (why) / superseded (a
+  direct sync delivered them).
+
+Gaps are shown too: seqs of the peer's that never arrived (a relay dropped or
+withholds them), and envelopes of ours the relay holds with no receipt for a
+day ("receipts stopped")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2psync.cli import output
+from p2psync.core.envelope import EnvelopeClass
+from p2psync.home import OpenHome
+from p2psync.mail.mailer import Mailer
+from p2psync.store.ledger import State
+
+#: Refusal reasons shown per peer (the newest).
+MAX_REASONS = 3
+
+
+def delivery(db: OpenHome, peer: bytes, now_ms: int) -> dict[str, Any] | None:
+    """The ledger of ``peer`` in figures; None when nothing ever went by relay or file."""
+    mailer = Mailer(db)
+    rows = [r for r in mailer.ledger(peer) if r.cls == EnvelopeClass.DATA.value]
+    gaps = mailer.gaps(peer, now_ms)
+    if not rows and not gaps.received_up_to:
+        return None
+    by_state: dict[str, dict[str, Any]] = {}
+    for state in State:
+        chosen = [r for r in rows if r.state is state]
+        until = [r.until_ms for r in chosen if r.until_ms is not None]
+        by_state[state.value] = {
+            "envelopes": len(chosen),
+            "entries": sum(r.entries for r in chosen),
+            "bytes": sum(r.size for r in chosen),
+            "until_ms": max(until) if until else None,
+            "places": sorted({r.place for r in chosen if r.place}),
+        }
+    acknowledged = [r.done_ms for r in rows if r.state is State.ACKNOWLEDGED and r.done_ms]
+    refused = sorted(
+        (r for r in rows if r.state is State.REFUSED and r.reason), key=lambda r: -r.seq
+    )
+    return {
+        "states": by_state,
+        "last_acknowledged_ms": max(acknowledged) if acknowledged else None,
+        "refusals": list(dict.fromkeys(r.reason for r in refused if r.reason))[:MAX_REASONS],
+        "missing_from_peer": list(gaps.missing),
+        "received_up_to": gaps.received_up_to,
+        "unanswered": gaps.unanswered,
+        "receipts_stopped": gaps.receipts_stopped,
+    }
+
+
+def describe_delivery(figures: dict[str, Any]) -> list[str]:
+    """The ledger in a few lines for `peers`."""
+    states = figures["states"]
+    parts = []
+    queued = states[State.QUEUED.value]
+    if queued["envelopes"]:
+        parts.append(f"{output.count(queued['entries'], 'entry', 'entries')} queued here")
+    for key, how in ((State.AT_RELAY.value, "at relay"), (State.HANDED_OVER.value, "as file")):
+        held = states[key]
+        if held["envelopes"]:
+            where = ", ".join(p[:7] for p in held["places"]) if key == State.AT_RELAY.value else ""
+            until = f" until {output.short_time(held['until_ms'])}" if held["until_ms"] else ""
+            parts.append(
+                f"{output.count(held['entries'], 'entry', 'entries')} {how}"
+                f"{' ' + where if where else ''}{until}"
+            )
+    done = states[State.ACKNOWLEDGED.value]
+    if done["envelopes"]:
+        when = figures["last_acknowledged_ms"]
+        parts.append(
+            f"{output.count(done['entries'], 'entry', 'entries')} acknowledged"
+            + (f" (last {output.short_time(when)})" if when else "")
+        )
+    for key, what in (
+        (State.EXPIRED.value, "expired (sent again)"),
+        (State.SUPERSEDED.value, "superseded by a direct sync"),
+        (State.REFUSED.value, "refused"),
+    ):
+        if states[key]["envelopes"]:
+            parts.append(f"{output.plural(states[key]['envelopes'], 'envelope')} {what}")
+    lines = [f"by relay/file: {'; '.join(parts)}"] if parts else []
+    for reason in figures["refusals"]:
+        lines.append(f"refused: {output.safe(reason)}")
+    if figures["missing_from_peer"]:
+        missing = figures["missing_from_peer"]
+        shown = ", ".join(str(s) for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        lines.append(f"GAP: its envelopes {shown} never arrived (dropped or withheld on the way)")
+    if figures["receipts_stopped"]:
+        lines.append(
+            f"receipts stopped: {figures['unanswered']} envelopes out with no receipt for a day"
+        )
+    return lines
