@@ -15,6 +15,7 @@ from p2psync.core.mailbox import (
     Limits,
     MailboxPolicy,
     Stored,
+    Summary,
     Tally,
     Usage,
     Verdict,
@@ -106,3 +107,31 @@ class ModelMailbox:
             return False
         self.policies[recipient] = policy
         return True
+
+    def position(self, recipient: bytes) -> int:
+        return self.positions.get(recipient, 0)
+
+    def purge(self, recipient: bytes, now_ms: int) -> int:
+        mine = [key for key in self.held if key[0] == recipient]
+        for key in mine:
+            del self.held[key]
+            notice = ExpiryNotice(key[1], recipient, key[2], now_ms)
+            if notice not in self.queued:
+                self.queued.append(notice)
+        self.policies.pop(recipient, None)
+        return len(mine)
+
+    def summary(self, now_ms: int) -> Summary:
+        del now_ms
+        boxes: dict[bytes, Tally] = {}
+        for e in self.held.values():
+            boxes[e.header.recipient] = boxes.get(e.header.recipient, Tally()).plus(e.header.size)
+        return Summary(
+            mailboxes=len(boxes),
+            envelopes=len(self.held),
+            bytes=sum(e.header.size for e in self.held.values()),
+            oldest_until_ms=min((e.until_ms for e in self.held.values()), default=None),
+            notices=len(self.queued),
+            fullest_count=max((t.count for t in boxes.values()), default=0),
+            fullest_bytes=max((t.bytes for t in boxes.values()), default=0),
+        )

@@ -308,6 +308,15 @@ class MailboxMachine(RuleBasedStateMachine):
                 (notice.recipient, due[(notice.recipient, notice.sender, notice.seq)].position)
             )
 
+    @rule(recipient=keys)
+    def purge(self, recipient: bytes) -> None:
+        for (to, _sender, _seq), envelope in self.model.held.items():
+            if to == recipient:
+                self.gone.add((recipient, envelope.position))
+        assert self.sql.purge(recipient, self.now) == self.model.purge(recipient, self.now)
+        assert self.sql.policy(recipient) == self.model.policy(recipient)
+        self.versions[recipient] = 0
+
     @rule(sender=keys)
     def take_notices(self, sender: bytes) -> None:
         assert self.sql.take_notices(sender) == self.model.take_notices(sender)
@@ -320,6 +329,12 @@ class MailboxMachine(RuleBasedStateMachine):
             for envelope in served:
                 assert (recipient, envelope.position) not in self.gone
                 assert envelope.until_ms > self.now
+
+    @invariant()
+    def same_summary_and_positions(self) -> None:
+        assert self.sql.summary(self.now) == self.model.summary(self.now)
+        for recipient in KEYS:
+            assert self.sql.position(recipient) == self.model.position(recipient)
 
     @invariant()
     def same_usage_within_quotas(self) -> None:

@@ -210,6 +210,20 @@ def read_header(wire: bytes) -> OuterHeader:
     return _split(wire)[0]
 
 
+def split_wire(wire: bytes) -> tuple[OuterHeader, bytes]:
+    """An envelope's outer header and sealed part, strictly checked (as
+    :func:`read_header`): what a relay stores."""
+    return _split(wire)
+
+
+def join_wire(header: OuterHeader, sealed: bytes) -> bytes:
+    """The wire form of an envelope from its outer header and sealed part: the
+    inverse of :func:`split_wire` (canonical encoding makes it byte-exact)."""
+    if len(sealed) != header.sealed_size:
+        raise UsageError("the sealed part is not the size its header says")
+    return canonical.encode([header._map(), sealed])
+
+
 def _split(wire: bytes) -> tuple[OuterHeader, bytes]:
     if type(wire) is not bytes or len(wire) > MAX_ENVELOPE_BYTES:
         raise EnvelopeError(f"an envelope is at most {MAX_ENVELOPE_BYTES} bytes")

@@ -311,6 +311,19 @@ def live(envelope: Envelope, now_ms: int) -> bool:
     return now_ms < envelope.until_ms
 
 
+@dataclass(frozen=True)
+class Summary:
+    """What a relay holds, for ``relay status``."""
+
+    mailboxes: int = 0  # mailboxes holding at least one envelope
+    envelopes: int = 0
+    bytes: int = 0
+    oldest_until_ms: int | None = None  # the earliest T among them
+    notices: int = 0  # expiry notices waiting for their senders
+    fullest_count: int = 0  # the most envelopes one mailbox holds
+    fullest_bytes: int = 0  # the most bytes one mailbox holds
+
+
 class MailboxStore(Protocol):
     """A mailbox backend. Every method is one transaction; the decisions are the
     functions above. The caller (the relay) names the authenticated key: a
@@ -354,4 +367,18 @@ class MailboxStore(Protocol):
 
     def set_policy(self, recipient: bytes, policy: MailboxPolicy) -> bool:
         """Put ``policy`` in force if it is :func:`newer`; whether it was."""
+        ...
+
+    def position(self, recipient: bytes) -> int:
+        """The last position handed out in the recipient's mailbox (0: none)."""
+        ...
+
+    def purge(self, recipient: bytes, now_ms: int) -> int:
+        """An operator drops the recipient's mailbox: every envelope goes, each
+        with an expiry notice (``until_ms`` = ``now_ms``) for its sender, in one
+        transaction; the policy goes too. How many envelopes went."""
+        ...
+
+    def summary(self, now_ms: int) -> Summary:
+        """What is held (:class:`Summary`)."""
         ...

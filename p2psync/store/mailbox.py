@@ -43,6 +43,7 @@ from p2psync.core.mailbox import (
     Limits,
     MailboxPolicy,
     Stored,
+    Summary,
     Tally,
     Usage,
     Verdict,
@@ -340,3 +341,41 @@ class SqliteMailbox:
                 [(recipient, sender) for sender in sorted(policy.senders)],
             )
         return True
+
+    def position(self, recipient: bytes) -> int:
+        with self.guard.snapshot() as conn:
+            row = conn.execute(
+                "SELECT last_position FROM mailboxes WHERE recipient = ?", (recipient,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def purge(self, recipient: bytes, now_ms: int) -> int:
+        with self.guard.writing() as conn:
+            rows = conn.execute(
+                "SELECT sender, seq FROM envelopes WHERE recipient = ?", (recipient,)
+            ).fetchall()
+            for sender, seq in rows:
+                self._drop(conn, recipient, bytes(sender), seq)
+                conn.execute(
+                    "INSERT INTO notices (sender, recipient, seq, until_ms) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (sender, recipient, seq, now_ms),
+                )
+            conn.execute("DELETE FROM policy_senders WHERE recipient = ?", (recipient,))
+            conn.execute(
+                "UPDATE mailboxes SET policy_version = 0 WHERE recipient = ?", (recipient,)
+            )
+        return len(rows)
+
+    def summary(self, now_ms: int) -> Summary:
+        del now_ms  # what is held, expired or not (the sweep drops the expired)
+        with self.guard.snapshot() as conn:
+            count, size, oldest = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(until_ms) FROM envelopes"
+            ).fetchone()
+            mailboxes, fullest_count, fullest_bytes = conn.execute(
+                "SELECT COUNT(*), COALESCE(MAX(count), 0), COALESCE(MAX(bytes), 0) "
+                "FROM quotas WHERE kind = 'mailbox' AND count > 0"
+            ).fetchone()
+            (notices,) = conn.execute("SELECT COUNT(*) FROM notices").fetchone()
+        return Summary(mailboxes, count, size, oldest, notices, fullest_count, fullest_bytes)
