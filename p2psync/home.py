@@ -128,6 +128,15 @@ def load(path: Path) -> Home:
         raise HomeError(
             f"no p2psync home at {path}; run `p2psync init --home {shlex.quote(str(path))}` first"
         )
+    identity = read_identity(key_path)
+    config = read_config(path)
+    name = config.get("name")
+    return Home(path, identity, name if isinstance(name, str) else identity.short_id)
+
+
+def read_identity(key_path: Path) -> Identity:
+    """The identity in a key file (an agent's or a relay's); a clear HomeError when
+    it is unreadable or readable by other users."""
     try:
         mode = key_path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -139,14 +148,21 @@ def load(path: Path) -> Home:
         seed = bytes.fromhex(data["seed"])
         if data.get("type") != _KEY_TYPE or len(seed) != 32:
             raise ValueError("not a p2psync key")
-        identity = Identity(seed)
+        return Identity(seed)
     except HomeError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HomeError(f"{key_path} is not a readable p2psync identity ({exc})") from exc
-    config = read_config(path)
-    name = config.get("name")
-    return Home(path, identity, name if isinstance(name, str) else identity.short_id)
+
+
+def write_identity(key_path: Path) -> Identity:
+    """Write a new identity to ``key_path`` (mode 0600, never overwriting one)."""
+    seed = os.urandom(32)
+    _write_new(
+        key_path,
+        json.dumps({"type": _KEY_TYPE, "version": 1, "seed": seed.hex()}).encode() + b"\n",
+    )
+    return Identity(seed)
 
 
 def read_config(path: Path) -> dict[str, object]:

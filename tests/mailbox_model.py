@@ -94,10 +94,13 @@ class ModelMailbox:
         self.queued += notices
         return notices
 
-    def take_notices(self, sender: bytes) -> list[ExpiryNotice]:
-        mine = [n for n in self.queued if n.sender == sender]
-        self.queued = [n for n in self.queued if n.sender != sender]
-        return sorted(mine, key=lambda n: (n.until_ms, n.recipient, n.seq))
+    def take_notices(self, sender: bytes, limit: int = 1000) -> list[ExpiryNotice]:
+        mine = sorted(
+            (n for n in self.queued if n.sender == sender),
+            key=lambda n: (n.until_ms, n.recipient, n.seq),
+        )[:limit]
+        self.queued = [n for n in self.queued if n not in mine]
+        return mine
 
     def policy(self, recipient: bytes) -> MailboxPolicy:
         return self.policies.get(recipient, NO_POLICY)

@@ -317,9 +317,9 @@ class MailboxMachine(RuleBasedStateMachine):
         assert self.sql.policy(recipient) == self.model.policy(recipient)
         self.versions[recipient] = 0
 
-    @rule(sender=keys)
-    def take_notices(self, sender: bytes) -> None:
-        assert self.sql.take_notices(sender) == self.model.take_notices(sender)
+    @rule(sender=keys, limit=st.integers(1, 3))
+    def take_notices(self, sender: bytes, limit: int) -> None:
+        assert self.sql.take_notices(sender, limit) == self.model.take_notices(sender, limit)
 
     @invariant()
     def same_mailboxes_nothing_gone_or_expired_served(self) -> None:

@@ -111,7 +111,7 @@ def top_up(target):
         seq += 1
 
 if mode == "fetch":
-    top_up(200)
+    top_up(600)
 say("ready")
 r = 0
 while True:

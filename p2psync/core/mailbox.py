@@ -353,8 +353,9 @@ class MailboxStore(Protocol):
         transaction; the notices queued."""
         ...
 
-    def take_notices(self, sender: bytes) -> list[ExpiryNotice]:
-        """Remove and return the notices queued for ``sender``, oldest first."""
+    def take_notices(self, sender: bytes, limit: int = MAX_FETCH) -> list[ExpiryNotice]:
+        """Remove and return the oldest ``limit`` notices queued for ``sender``,
+        oldest first (by T, then recipient and seq)."""
         ...
 
     def usage(self, recipient: bytes, sender: bytes) -> Usage:

@@ -308,11 +308,14 @@ class SqliteMailbox:
                 )
         return notices
 
-    def take_notices(self, sender: bytes) -> list[ExpiryNotice]:
+    def take_notices(self, sender: bytes, limit: int = MAX_FETCH) -> list[ExpiryNotice]:
+        _check_int("notice limit", limit, 1, MAX_FETCH)
         with self.guard.writing() as conn:
             rows = conn.execute(
-                "DELETE FROM notices WHERE sender = ? RETURNING recipient, seq, until_ms",
-                (sender,),
+                "DELETE FROM notices WHERE sender = ? AND (recipient, seq, until_ms) IN "
+                "(SELECT recipient, seq, until_ms FROM notices WHERE sender = ? "
+                "ORDER BY until_ms, recipient, seq LIMIT ?) RETURNING recipient, seq, until_ms",
+                (sender, sender, limit),
             ).fetchall()
         notices = [ExpiryNotice(sender, bytes(r), q, u) for r, q, u in rows]
         return sorted(notices, key=lambda n: (n.until_ms, n.recipient, n.seq))
