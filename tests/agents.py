@@ -23,7 +23,9 @@ def cli(home: Path, *args: str, check: bool = True, timeout: float = 60) -> str:
         check=False,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"p2psync {' '.join(args)} failed: {result.stderr}")
+        raise AssertionError(
+            f"p2psync {' '.join(args)} failed: {result.stderr}\n(stdout: {result.stdout})"
+        )
     return result.stdout
 
 

@@ -16,7 +16,7 @@ import click
 
 from p2psync import __version__
 from p2psync import home as home_mod
-from p2psync.cli import agent, bundle, logs, output, pair, peers, records, rule
+from p2psync.cli import agent, bundle, logs, output, pair, peers, records, relay, rule
 from p2psync.cli.context import HOME_HELP, State, pass_state
 from p2psync.errors import P2PSyncError, UsageError
 
@@ -95,7 +95,7 @@ def show_id(state: State, as_json: bool) -> None:
         click.echo(loaded.identity.device_id)
 
 
-_GROUPS = (records, logs, pair, rule, peers, agent, bundle)
+_GROUPS = (records, logs, pair, rule, peers, agent, bundle, relay)
 for _command in (command for group in _GROUPS for command in group.COMMANDS):
     cli.add_command(_command)
 

@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
+from p2psync.api import Database
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.relaywire import parse_token
-from p2psync.errors import NotFoundError, UsageError
+from p2psync.errors import NotFoundError, P2PSyncError, UsageError
 from p2psync.net.address import parse_address
 from p2psync.store import relays as relays_mod
 
@@ -29,12 +30,24 @@ from p2psync.store import relays as relays_mod
     help="Where the relay listens (repeat for several; tried in order).",
 )
 @click.option("--token", metavar="TOKEN", help="An admission token from the relay's operator.")
+@click.option(
+    "--no-check",
+    "check",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="Do not connect now (by default the relay is reached once: admission checked, "
+    "our mailbox opened there).",
+)
 @pass_state
-def add(state: State, relay_id: str, addresses: tuple[str, ...], token: str | None) -> None:
+def add(
+    state: State, relay_id: str, addresses: tuple[str, ...], token: str | None, check: bool
+) -> None:
     """Use the relay RELAY_ID (its device ID, pinned) for peers out of direct reach.
 
     Adding a relay already added replaces its addresses and token. Relays are
-    tried in the order they were added."""
+    tried in the order they were added. The relay is reached once at once, so a
+    wrong address or token shows now; it is added either way."""
     key = parse_device_id(relay_id)
     for address in addresses:
         try:
@@ -49,9 +62,42 @@ def add(state: State, relay_id: str, addresses: tuple[str, ...], token: str | No
     with state.open() as db:
         if key == db.identity.public_key:
             raise UsageError("that is this agent's own device ID, not a relay's")
-        new = relays_mod.put(db.store, relays_mod.Relay(key, tuple(addresses), token))
-    verb = "added" if new else "updated"
-    click.echo(f"{verb} relay {short_id(key)} at {', '.join(addresses)}")
+        relay = relays_mod.Relay(key, tuple(addresses), token)
+        new = relays_mod.put(db.store, relay)
+        verb = "added" if new else "updated"
+        click.echo(f"{verb} relay {short_id(key)} at {', '.join(addresses)}")
+        if check:
+            click.echo(_check(db, relay))
+
+
+def _check(db: Database, relay: relays_mod.Relay) -> str:
+    """Connect once: the relay admits us (spending the token) and holds our
+    mailbox policy, so peers can leave envelopes for us from now on."""
+    import trio  # noqa: PLC0415 - the CLI imports trio only where it runs it
+
+    from p2psync.mail.exchange import hand_policy  # noqa: PLC0415
+    from p2psync.mail.mailer import Mailer  # noqa: PLC0415
+    from p2psync.net.relayclient import open_relay  # noqa: PLC0415
+
+    async def connect() -> None:
+        with trio.fail_after(CHECK_TIMEOUT):
+            async with open_relay(db.identity, db.name, relay) as client:
+                if relay.token is not None:
+                    await trio.to_thread.run_sync(relays_mod.admitted, db.store, relay.key)
+                await hand_policy(client, Mailer(db))
+
+    try:
+        trio.run(connect)
+    except trio.TooSlowError:
+        problem = f"it did not answer within {CHECK_TIMEOUT:g} s"
+    except P2PSyncError as exc:
+        problem = str(exc)
+    else:
+        return f"relay {short_id(relay.key)} admitted this agent; peers can leave envelopes for it"
+    return (
+        f"not checked: {output.safe(problem)}; peers can leave envelopes for this agent "
+        "once it has connected (the running agent and `p2psync sync` keep trying)"
+    )
 
 
 @click.command(name="list")
@@ -93,3 +139,4 @@ def remove(state: State, relay_id: str) -> None:
 
 
 AGENT_COMMANDS = [add, list_relays, remove]
+CHECK_TIMEOUT = 15.0

@@ -55,6 +55,11 @@ class SecureStream:
         self.bytes_in = bytes_in
         self.bytes_out = bytes_out
 
+    def set_max_frame(self, max_frame: int) -> None:
+        """The largest frame accepted from now on (a relay allows only a small one
+        until it has admitted the peer)."""
+        self._reader.set_limit(max_frame)
+
     async def send(self, message: bytes) -> None:
         async with self._send_lock:
             data = self._sealer.seal(message)

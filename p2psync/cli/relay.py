@@ -1,0 +1,305 @@
+"""`p2psync relay ...`: run a relay node, and choose the relays an agent uses.
+
+A relay node's commands (``init``, ``serve``, ``status``, ``allow``, ``deny``,
+``token``, ``purge``) act on a *relay* home: ``--home`` when given, else
+``$P2PSYNC_RELAY_HOME``, else ``~/.local/share/p2psync-relay``. The agent's
+commands (``add``, ``list``, ``remove``, in ``cli/relays.py``) act on the
+agent's home as every other command does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import click
+
+from p2psync.cli import output
+from p2psync.cli.context import State, pass_state
+from p2psync.cli.relays import AGENT_COMMANDS
+from p2psync.cli.terms import parse_duration
+from p2psync.clock import now_ms
+from p2psync.core.identity import device_id, parse_device_id, short_id
+from p2psync.errors import UsageError
+from p2psync.net.address import parse_address
+from p2psync.relay import home as relay_home
+
+DEFAULT_LISTEN = "0.0.0.0:7718"
+
+
+def _home(state: State) -> relay_home.RelayHome:
+    return relay_home.load(relay_home.resolve(state.home_arg))
+
+
+@click.group(name="relay")
+def relay() -> None:
+    """Run a relay node (init, serve, status, allow, deny, token, purge), or
+    choose the relays this agent uses (add, list, remove)."""
+
+
+@relay.command(name="init")
+@click.option("--name", help="Display name of this relay (default: derived from its ID).")
+@pass_state
+def init(state: State, name: str | None) -> None:
+    """Create a relay home with a new identity; prints the relay's device ID first."""
+    created = relay_home.init(relay_home.resolve(state.home_arg), name)
+    click.echo(created.identity.device_id)
+    click.echo(f"initialised relay {created.name!r} at {created.path}")
+    click.echo(
+        "admit agents with `p2psync relay allow DEVICE_ID` or `p2psync relay token create`, "
+        "then run `p2psync relay serve`"
+    )
+
+
+@relay.command(name="serve")
+@click.option(
+    "--listen",
+    "listen",
+    metavar="HOST:PORT",
+    multiple=True,
+    help=f"Address to listen on (repeatable; default {DEFAULT_LISTEN}; port 0 picks one).",
+)
+@click.option("--quiet", is_flag=True, help="Log warnings only.")
+@pass_state
+def serve(state: State, listen: tuple[str, ...], quiet: bool) -> None:
+    """Run the relay in the foreground until SIGINT or SIGTERM."""
+    import trio  # noqa: PLC0415 - the CLI imports trio only where it runs it
+
+    from p2psync.cli.agent import _sole_error  # noqa: PLC0415
+    from p2psync.relay.lock import serve_lock  # noqa: PLC0415
+    from p2psync.relay.node import Node  # noqa: PLC0415
+
+    try:
+        addresses = [parse_address(a) for a in (listen or (DEFAULT_LISTEN,))]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not quiet and not state.debug:
+        logging.getLogger("p2psync").setLevel(logging.INFO)
+    home = _home(state)
+    with serve_lock(home.path):
+        node = Node(home, addresses)
+
+        async def stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+            async for signum in signals:
+                logging.getLogger("p2psync").info("stopping on %s", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+        async def main() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stop_on_signal, signals, nursery.cancel_scope)
+                    listening = await nursery.start(node.run)
+                    for address in listening:
+                        click.echo(f"listening on {address}")
+                    sys.stdout.flush()
+
+        try:
+            trio.run(main)
+        except BaseExceptionGroup as group:
+            error = _sole_error(group)
+            if error is None:
+                raise
+            raise error from error.__cause__
+        finally:
+            node.close()
+    click.echo("stopped")
+
+
+@relay.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def status(state: State, as_json: bool) -> None:
+    """Sessions, mailboxes, envelopes, bytes, oldest expiry and quota use."""
+    from p2psync.relay.status import relay_status  # noqa: PLC0415
+
+    document = relay_status(_home(state))
+    if as_json:
+        output.emit_json(document)
+        return
+    for line in _status_lines(document):
+        click.echo(line)
+
+
+def _status_lines(d: dict[str, Any]) -> list[str]:
+    lines = [f"relay {d['name']!r} {d['device_id']}"]
+    running = d["running"]
+    if running is None:
+        lines.append("serve: not running")
+    else:
+        lines.append(
+            f"serve: running, pid {running['pid']}, listening on {', '.join(running['listen'])}"
+        )
+        sessions = running["sessions"]
+        lines.append(
+            f"sessions: {len(sessions)} ({running['half_open']} connecting; "
+            f"{running['counters']['refused']} refused, "
+            f"{running['half_open_evicted']} half-open evicted since start)"
+        )
+        for s in sessions:
+            lines.append(
+                f"  {s['short_id']} from {s['address']} since {output.short_time(s['since'])}: "
+                f"{s['deposits']} deposits, {s['fetched']} fetched, "
+                f"{s['bytes_in']:,} bytes in, {s['bytes_out']:,} out"
+            )
+    m = d["mailbox"]
+    oldest = (
+        ""
+        if m["oldest_until"] is None
+        else (f", oldest expires {output.short_time(m['oldest_until'])}")
+    )
+    lines.append(
+        f"mailboxes: {m['mailboxes']} holding {output.count(m['envelopes'], 'envelope')}, "
+        f"{m['bytes']:,} bytes{oldest}"
+    )
+    q = d["quota"]
+    lines.append(
+        f"fullest mailbox: {q['count']:,} of {q['count_limit']:,} envelopes, "
+        f"{q['bytes']:,} of {q['bytes_limit']:,} bytes"
+    )
+    lines.append(f"expiry notices waiting: {m['notices']}")
+    lines.append(f"admitted devices: {d['allowed']}; usable tokens: {d['tokens']}")
+    return lines
+
+
+@relay.command(name="allow")
+@click.argument("device")
+@pass_state
+def allow(state: State, device: str) -> None:
+    """Admit the agent DEVICE (its device ID) to this relay."""
+    from p2psync.relay.admission import Admission  # noqa: PLC0415
+
+    home = _home(state)
+    key = parse_device_id(device)
+    new = Admission(home.path).allow(key, now_ms())
+    click.echo(f"{'allowed' if new else 'already allowed'}: {device_id(key)}")
+
+
+@relay.command(name="deny")
+@click.argument("device")
+@pass_state
+def deny(state: State, device: str) -> None:
+    """Stop admitting DEVICE (its sessions end at their next connection; what it
+    deposited stays until fetched or expired)."""
+    from p2psync.relay.admission import Admission  # noqa: PLC0415
+
+    home = _home(state)
+    key = parse_device_id(device)
+    was = Admission(home.path).deny(key)
+    click.echo(f"denied: {device_id(key)}{'' if was else ' (it was not allowed)'}")
+
+
+@relay.group(name="token")
+def token() -> None:
+    """Admission tokens: hand one to an agent's operator for `relay add --token`."""
+
+
+@token.command(name="create")
+@click.option(
+    "--uses",
+    type=click.IntRange(1, 1_000_000),
+    default=1,
+    show_default=True,
+    help="How many agents it admits.",
+)
+@click.option(
+    "--expires",
+    metavar="DURATION",
+    default="7d",
+    show_default=True,
+    help="How long it stays usable (90s, 10m, 2h, 1d).",
+)
+@pass_state
+def token_create(state: State, uses: int, expires: str) -> None:
+    """Create a token; prints it (give it to the agent's operator, privately)."""
+    from p2psync.relay.admission import Admission  # noqa: PLC0415
+
+    home = _home(state)
+    seconds = parse_duration(expires, "--expires")
+    if seconds <= 0:
+        raise UsageError("--expires: give a duration above 0")
+    until = now_ms() + int(seconds * 1000)
+    text = Admission(home.path).create_token(uses, until, now_ms())
+    click.echo(text)
+    click.echo(
+        f"admits {output.count(uses, 'agent')} until {output.short_time(until)}: "
+        f"`p2psync relay add {home.identity.device_id} --address HOST:PORT --token {text}`",
+        err=True,
+    )
+
+
+@token.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def token_list(state: State, as_json: bool) -> None:
+    """The tokens made on this relay (their ids, never their secrets)."""
+    from p2psync.relay.admission import Admission  # noqa: PLC0415
+
+    tokens = Admission(_home(state).path).tokens()
+    now = now_ms()
+    rows: list[dict[str, Any]] = [
+        {
+            "id": t.ident.hex(),
+            "uses": t.uses,
+            "used": t.used,
+            "expires": t.expires_ms,
+            "revoked": t.revoked,
+            "usable": t.usable(now),
+        }
+        for t in tokens
+    ]
+    if as_json:
+        output.emit_json({"tokens": rows})
+        return
+    if not rows:
+        click.echo("no tokens (create one with `p2psync relay token create`)")
+    for r in rows:
+        state_text = (
+            "revoked" if r["revoked"] else "usable" if r["usable"] else "used up or expired"
+        )
+        expires = "never" if r["expires"] is None else output.short_time(r["expires"])
+        click.echo(f"{r['id']}  {r['used']}/{r['uses']} used, expires {expires}, {state_text}")
+
+
+@token.command(name="revoke")
+@click.argument("token_id")
+@pass_state
+def token_revoke(state: State, token_id: str) -> None:
+    """Make the token TOKEN_ID (from `relay token list`) unusable."""
+    from p2psync.relay.admission import Admission  # noqa: PLC0415
+
+    Admission(_home(state).path).revoke_token(token_id.strip().lower())
+    click.echo(f"revoked token {token_id}")
+
+
+@relay.command(name="purge")
+@click.argument("device")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def purge(state: State, device: str, yes: bool) -> None:
+    """Drop DEVICE's mailbox: every envelope waiting for it goes (their senders are
+    told, as for an expiry, and send again). Logged in relay.log."""
+    from p2psync.relay.home import log_action  # noqa: PLC0415
+    from p2psync.store.mailbox import SqliteMailbox  # noqa: PLC0415
+
+    home = _home(state)
+    key = parse_device_id(device)
+    if not yes:
+        click.confirm(f"drop every envelope waiting for {short_id(key)} on this relay?", abort=True)
+    mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+    try:
+        count = mailbox.purge(key, now_ms())
+    finally:
+        mailbox.close()
+    log_action(home.path, f"purge {key.hex()} dropped={count} by uid={os.getuid()}")
+    click.echo(f"purged {output.count(count, 'envelope')} waiting for {short_id(key)}")
+
+
+for _command in AGENT_COMMANDS:
+    relay.add_command(_command)
+
+COMMANDS = [relay]

@@ -1,0 +1,1 @@
+"""The relay node: admission, sessions and the blind mailbox it serves (``docs/relay.md``)."""

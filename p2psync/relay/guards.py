@@ -1,0 +1,104 @@
+"""What keeps a few sockets from exhausting a relay: inbound byte-rate caps and a
+bounded set of half-open connections (accepted, not yet admitted).
+
+* :class:`Bucket` is a token bucket that goes into debt: a reader that took more
+  than its share sleeps it off, so a connection (or all of them, through the
+  shared bucket) gets at most ``rate`` bytes per second after a one-second burst.
+* :class:`Throttled` wraps a connection's stream so every byte read is charged to
+  its own bucket and the relay's.
+* :class:`HalfOpen` tracks connections until they are admitted. Beyond the cap per
+  source address, or the cap in total, the *oldest* half-open connection is
+  closed to make room: a slow-loris holding many sockets only ever evicts its
+  own oldest ones first, and one that arrives last still gets its handshake
+  deadline (``docs/relay.md``, "Caps").
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+
+import trio
+
+
+class Bucket:
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.tokens = float(rate)  # a one-second burst
+        self.stamp = trio.current_time()
+
+    async def take(self, amount: int) -> None:
+        now = trio.current_time()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= amount
+        if self.tokens < 0:
+            await trio.sleep(-self.tokens / self.rate)
+
+
+class Throttled(trio.abc.Stream):
+    """``inner`` with every byte received charged to ``buckets`` (in order)."""
+
+    def __init__(self, inner: trio.abc.Stream, *buckets: Bucket) -> None:
+        self.inner = inner
+        self.buckets = buckets
+        self.bytes_in = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.bytes_in += len(data)
+        for bucket in self.buckets:
+            await bucket.take(len(data))
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass(eq=False)
+class Ticket:
+    address: str
+    scope: trio.CancelScope
+    number: int
+    evicted: bool = field(default=False)
+
+
+class HalfOpen:
+    """Connections accepted and not yet admitted, oldest first."""
+
+    def __init__(self, per_address: int, total: int) -> None:
+        self.per_address = per_address
+        self.total = total
+        self._all: collections.OrderedDict[int, Ticket] = collections.OrderedDict()
+        self._count = itertools.count()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def enter(self, address: str, scope: trio.CancelScope) -> Ticket:
+        """Track a new connection, evicting the oldest ones beyond the caps."""
+        mine = [t for t in self._all.values() if t.address == address]
+        while len(mine) >= self.per_address:
+            self._evict(mine.pop(0))
+        while len(self._all) >= self.total:
+            self._evict(next(iter(self._all.values())))
+        ticket = Ticket(address, scope, next(self._count))
+        self._all[ticket.number] = ticket
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        self._all.pop(ticket.number, None)
+
+    def _evict(self, ticket: Ticket) -> None:
+        ticket.evicted = True
+        ticket.scope.cancel()
+        self._all.pop(ticket.number, None)
+        self.evicted += 1

@@ -1,0 +1,370 @@
+"""The relay node: listens, admits agents, serves their mailbox requests.
+
+One :class:`Node` per relay home (``relay serve`` holds ``serve.lock``). Each
+connection goes through, in order (``docs/relay.md``, "Relay sessions"):
+
+1. **half-open** (:class:`~p2psync.relay.guards.HalfOpen`): the Noise XX
+   handshake with the relay prologue and ``Hello`` must finish within
+   ``caps.handshake_seconds``; beyond the caps the oldest half-open
+   connection is closed first. Until admitted, frames are capped at 512 bytes.
+2. **admission** (:class:`~p2psync.relay.admission.Admission`): the allow-list,
+   or a token whose proof is bound to this handshake. Anything else: ``Bye``
+   with the same reason, whoever asks.
+3. **session**: requests answered in order, one at a time (each answer after
+   its transaction committed); ``Arrived`` pushed, unasked, when a deposit
+   for this device is stored; ``Ping`` answered; silent for
+   ``caps.idle_seconds``: ``Bye``. A device has at most
+   ``caps.sessions_per_device`` sessions: a newer one closes the oldest.
+
+Inbound bytes are rate-capped per connection and in total
+(:class:`~p2psync.relay.guards.Throttled`). The sweep drops expired envelopes
+every ``caps.sweep_seconds``; ``state.json`` is rewritten every second for
+``relay status``. Nothing of an envelope's content is ever logged (the relay
+cannot read it anyway); logs name devices by short ID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from functools import partial
+from typing import Any
+
+import trio
+
+from p2psync.clock import now_ms
+from p2psync.core import relaywire as wire
+from p2psync.core.envelope import MAX_SEALED_BYTES
+from p2psync.core.identity import device_id, short_id
+from p2psync.errors import (
+    ConnectionLost,
+    HandshakeError,
+    P2PSyncError,
+    ProtocolError,
+    StoreError,
+)
+from p2psync.net.transport import SecureStream, secure
+from p2psync.relay.admission import Admission
+from p2psync.relay.guards import Bucket, HalfOpen, Throttled
+from p2psync.relay.home import STATE_FILE, RelayHome
+from p2psync.relay.service import Service
+from p2psync.store.mailbox import SqliteMailbox
+
+log = logging.getLogger("p2psync.relay")
+
+#: The largest frame before admission (a Hello with a token is under 64 bytes).
+HELLO_FRAME = 512
+NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID or for a token"
+
+
+class Session:
+    """One admitted session."""
+
+    def __init__(self, stream: SecureStream, address: str, throttled: Throttled) -> None:
+        self.stream = stream
+        self.key = stream.peer
+        self.address = address
+        self.throttled = throttled
+        self.since_ms = now_ms()
+        self.scope = trio.CancelScope()
+        self.requests = 0
+        self.deposits = 0
+        self.fetched = 0
+        self.arrived = 0
+        self._arrival = trio.Event()
+
+    async def send(self, message: wire.Message) -> None:
+        await self.stream.send(wire.encode(message))
+
+    def notify(self, position: int) -> None:
+        if position > self.arrived:
+            self.arrived = position
+            self._arrival.set()
+
+    async def push_arrivals(self) -> None:
+        """Tell the device, unasked, that something arrived (never blocking the
+        depositor's session: only the latest position is sent)."""
+        sent = 0
+        while True:
+            await self._arrival.wait()
+            self._arrival = trio.Event()
+            if self.arrived > sent:
+                sent = self.arrived
+                await self.send(wire.Arrived(sent))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device_id": device_id(self.key),
+            "short_id": short_id(self.key),
+            "address": self.address,
+            "since": self.since_ms,
+            "requests": self.requests,
+            "deposits": self.deposits,
+            "fetched": self.fetched,
+            "bytes_in": self.stream.bytes_in,
+            "bytes_out": self.stream.bytes_out,
+        }
+
+
+class Node:
+    def __init__(self, home: RelayHome, listen: list[tuple[str, int]]) -> None:
+        self.home = home
+        self.caps = home.caps
+        self.listen = listen
+        self.mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+        self.service = Service(self.mailbox, home.limits)
+        self.admission = Admission(home.path)
+        self.sessions: dict[bytes, list[Session]] = {}
+        self.half_open = HalfOpen(self.caps.half_open_per_address, self.caps.half_open_total)
+        self.started_ms = now_ms()
+        self.addresses: list[str] = []
+        self.counters = {
+            "accepted": 0,
+            "admitted": 0,
+            "refused": 0,
+            "handshake_failed": 0,
+            "timed_out": 0,
+            "deposits": 0,
+            "expired": 0,
+        }
+        self._store_limiter = trio.CapacityLimiter(1)
+        self._total: Bucket | None = None
+
+    def close(self) -> None:
+        self.mailbox.close()
+
+    # ------------------------------------------------------------ running
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; reports the listen addresses once listening."""
+        self._total = Bucket(self.caps.bytes_per_second_total)
+        listeners: list[trio.SocketListener] = []
+        try:
+            for host, port in self.listen:
+                try:
+                    listeners.extend(await trio.open_tcp_listeners(port, host=host))
+                except OSError as exc:
+                    raise P2PSyncError(
+                        f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                    ) from exc
+        except BaseException:
+            for listener in listeners:
+                listener.socket.close()
+            raise
+        for listener in listeners:
+            host, port = listener.socket.getsockname()[:2]
+            self.addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(trio.serve_listeners, self._connection, listeners))
+                nursery.start_soon(self._sweeper)
+                nursery.start_soon(self._state_writer)
+                log.info(
+                    "relay %s (%s) listening on %s",
+                    self.home.identity.short_id,
+                    self.home.name,
+                    ", ".join(self.addresses),
+                )
+                task_status.started(list(self.addresses))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (self.home.path / STATE_FILE).unlink()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.counters["accepted"] += 1
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            address = "?"
+        assert self._total is not None
+        throttled = Throttled(
+            stream, Bucket(self.caps.bytes_per_second_per_connection), self._total
+        )
+        try:
+            session = await self._admit(throttled, address)
+            if session is not None:
+                await self._serve(session)
+        except* (ConnectionLost, ProtocolError) as group:  # one bad peer never takes us down
+            log.info("connection from %s ended: %s", address, _first(group))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            log.info("connection from %s broke: %s", address, _first(group))
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await stream.aclose()
+
+    async def _admit(self, throttled: Throttled, address: str) -> Session | None:
+        deadline = self.caps.handshake_seconds
+        with trio.CancelScope(deadline=trio.current_time() + deadline) as scope:
+            ticket = self.half_open.enter(address, scope)
+            try:
+                try:
+                    stream = await secure(
+                        throttled,
+                        self.home.identity,
+                        initiator=False,
+                        name=self.home.name,
+                        timeout=deadline,
+                        prologue=wire.PROLOGUE,
+                        max_frame=HELLO_FRAME,
+                    )
+                except HandshakeError as exc:
+                    self.counters["handshake_failed"] += 1
+                    log.info("handshake from %s failed: %s", address, exc)
+                    return None
+                hello = wire.decode(await stream.receive())
+                if not isinstance(hello, wire.Hello):
+                    await stream.send(wire.encode(wire.Bye("expected Hello")))
+                    return None
+                admitted = await trio.to_thread.run_sync(
+                    self.admission.admit, stream.peer, hello.token, stream.handshake_hash, now_ms()
+                )
+                if not admitted:
+                    self.counters["refused"] += 1
+                    log.info("refused %s from %s", short_id(stream.peer), address)
+                    await stream.send(wire.encode(wire.Bye(NOT_ADMITTED)))
+                    return None
+                if sum(len(s) for s in self.sessions.values()) >= self.caps.sessions_total:
+                    await stream.send(wire.encode(wire.Bye("the relay is busy; try again later")))
+                    return None
+                stream.set_max_frame(wire.MAX_MESSAGE_BYTES + 64)
+                limits = self.home.limits
+                await stream.send(
+                    wire.encode(
+                        wire.Welcome(
+                            now_ms(),
+                            min(limits.max_envelope_bytes, MAX_SEALED_BYTES),
+                            limits.ttl_default_ms,
+                            limits.ttl_max_ms,
+                        )
+                    )
+                )
+            finally:
+                self.half_open.leave(ticket)
+        if scope.cancelled_caught:
+            if not ticket.evicted:
+                self.counters["timed_out"] += 1
+            log.info("connection from %s not admitted in time", address)
+            return None
+        self.counters["admitted"] += 1
+        log.info("admitted %s from %s", short_id(stream.peer), address)
+        return Session(stream, address, throttled)
+
+    async def _serve(self, session: Session) -> None:
+        mine = self.sessions.setdefault(session.key, [])
+        mine.append(session)
+        while len(mine) > self.caps.sessions_per_device:
+            oldest = mine.pop(0)
+            log.info("closing an older session of %s", short_id(oldest.key))
+            oldest.scope.cancel()
+        try:
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(session.push_arrivals)
+                    await self._requests(session)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(ValueError):
+                mine.remove(session)
+            if not mine and self.sessions.get(session.key) is mine:
+                del self.sessions[session.key]
+
+    async def _requests(self, session: Session) -> None:
+        while True:
+            with trio.move_on_after(self.caps.idle_seconds) as idle:
+                data = await session.stream.receive()
+            if idle.cancelled_caught:
+                await session.send(wire.Bye("idle for too long"))
+                return
+            try:
+                message = wire.decode(data)
+            except ProtocolError as exc:
+                await session.send(wire.Bye(f"malformed message: {exc}"))
+                return
+            if isinstance(message, wire.Ping):
+                await session.send(wire.Pong(message.nonce))
+            elif isinstance(message, wire.Pong):
+                pass
+            elif isinstance(message, wire.Bye):
+                return
+            elif isinstance(message, wire.REQUESTS):
+                session.requests += 1
+                try:
+                    outcome = await trio.to_thread.run_sync(
+                        self.service.handle,
+                        session.key,
+                        message,
+                        now_ms(),
+                        limiter=self._store_limiter,
+                    )
+                except StoreError as exc:
+                    log.error("storage failed: %s", exc)
+                    await session.send(wire.Bye("the relay's storage failed; try again later"))
+                    return
+                await session.send(outcome.answer)
+                if isinstance(outcome.answer, wire.Envelopes):
+                    session.fetched += len(outcome.answer.held)
+                if outcome.arrived is not None:
+                    session.deposits += 1
+                    self.counters["deposits"] += 1
+                    recipient, position = outcome.arrived
+                    for other in self.sessions.get(recipient, ()):
+                        other.notify(position)
+            else:
+                await session.send(wire.Bye(f"unexpected {type(message).__name__}"))
+                return
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def _sweeper(self) -> None:
+        while True:
+            try:
+                notices = await trio.to_thread.run_sync(
+                    self.mailbox.sweep, now_ms(), limiter=self._store_limiter
+                )
+            except StoreError as exc:
+                log.error("the expiry sweep failed: %s", exc)
+            else:
+                if notices:
+                    self.counters["expired"] += len(notices)
+                    log.info("expired %d envelopes (their senders get a notice)", len(notices))
+            await trio.sleep(self.caps.sweep_seconds)
+
+    def state(self) -> dict[str, Any]:
+        sessions = [s.describe() for group in self.sessions.values() for s in group]
+        return {
+            "pid": os.getpid(),
+            "device_id": self.home.identity.device_id,
+            "name": self.home.name,
+            "listen": self.addresses,
+            "started": self.started_ms,
+            "written": now_ms(),
+            "sessions": sessions,
+            "half_open": len(self.half_open),
+            "half_open_evicted": self.half_open.evicted,
+            "counters": dict(self.counters),
+        }
+
+    async def _state_writer(self) -> None:
+        path = self.home.path / STATE_FILE
+        tmp = path.with_name(STATE_FILE + ".tmp")
+        while True:
+            try:
+                tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
+                os.replace(tmp, path)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+            await trio.sleep(1.0)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of an exception group (trio nests them)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

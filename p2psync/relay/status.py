@@ -1,0 +1,58 @@
+"""What ``relay status`` shows: the running node's state file (when it runs) and
+what the mailbox holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from p2psync.clock import now_ms
+from p2psync.relay.admission import Admission
+from p2psync.relay.home import STATE_FILE, RelayHome
+from p2psync.relay.lock import serving
+from p2psync.store.mailbox import SqliteMailbox
+
+
+def relay_status(home: RelayHome) -> dict[str, Any]:
+    running: dict[str, Any] | None = None
+    if serving(home.path):
+        try:
+            running = json.loads((home.path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            running = None
+    mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+    try:
+        summary = mailbox.summary(now_ms())
+    finally:
+        mailbox.close()
+    admission = Admission(home.path)
+    now = now_ms()
+    return {
+        "device_id": home.identity.device_id,
+        "name": home.name,
+        "home": str(home.path),
+        "running": running,
+        "mailbox": {
+            "mailboxes": summary.mailboxes,
+            "envelopes": summary.envelopes,
+            "bytes": summary.bytes,
+            "oldest_until": summary.oldest_until_ms,
+            "notices": summary.notices,
+        },
+        "quota": {
+            "count": summary.fullest_count,
+            "count_limit": home.limits.mailbox_count,
+            "bytes": summary.fullest_bytes,
+            "bytes_limit": home.limits.mailbox_bytes,
+        },
+        "limits": {
+            "mailbox_count": home.limits.mailbox_count,
+            "mailbox_bytes": home.limits.mailbox_bytes,
+            "pair_bytes": home.limits.pair_bytes,
+            "sender_bytes": home.limits.sender_bytes,
+            "ttl_default_ms": home.limits.ttl_default_ms,
+            "ttl_max_ms": home.limits.ttl_max_ms,
+        },
+        "allowed": len(admission.allowed()),
+        "tokens": sum(t.usable(now) for t in admission.tokens()),
+    }
