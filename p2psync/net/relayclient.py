@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
 import trio
@@ -94,10 +94,11 @@ class RelayClient:
             finally:
                 self._window.release()
 
-        async with trio.open_nursery() as nursery:
-            for index, envelope in enumerate(envelopes):
-                await self._window.acquire()
-                nursery.start_soon(one, index, envelope)
+        with _unwrapped():
+            async with trio.open_nursery() as nursery:
+                for index, envelope in enumerate(envelopes):
+                    await self._window.acquire()
+                    nursery.start_soon(one, index, envelope)
         return [a for a in answers if a is not None]
 
     async def fetch(self, after: int, limit: int = MAX_FETCH) -> wire.Envelopes:
@@ -239,6 +240,28 @@ def _unexpected(message: wire.Message) -> RemoteProtocolError:
     return RemoteProtocolError(f"the relay answered with {type(message).__name__}")
 
 
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """Let the one error a nursery wrapped (nested) in exception groups out as
+    itself, so callers catch a :class:`P2PSyncError`, not an ExceptionGroup (the
+    same exception failing several requests counts once)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: dict[int, BaseException] = {}
+        pending: list[BaseException] = [group]
+        while pending:
+            exc = pending.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                pending.extend(exc.exceptions)
+            else:
+                leaves[id(exc)] = exc
+        if len(leaves) != 1:
+            raise
+        (sole,) = leaves.values()
+        raise sole from sole.__cause__
+
+
 @asynccontextmanager
 async def open_relay(
     identity: Identity, name: str, target: Relay, *, timeout: float = CONNECT_TIMEOUT
@@ -260,13 +283,14 @@ async def open_relay(
     try:
         welcome = await _admission(stream, target, timeout)
         client = RelayClient(stream, welcome, address)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.read_loop)
-            nursery.start_soon(client.ping_loop)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        with _unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.read_loop)
+                nursery.start_soon(client.ping_loop)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
 
