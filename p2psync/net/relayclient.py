@@ -39,6 +39,9 @@ CONNECT_TIMEOUT = 10.0
 #: Requests in flight at once on one session (deposits are pipelined).
 WINDOW = 32
 PING_INTERVAL = 60.0
+#: Seconds a request may wait for its answer once sent (the relay answers in order,
+#: after it has read the whole request); past that the session is given up.
+ANSWER_TIMEOUT = 120.0
 
 
 class _Slot:
@@ -158,7 +161,14 @@ class RelayClient:
             slot = _Slot(rid)
             self._pending.append(slot)
             await self.stream.send(wire.encode(make(rid)))
-        await slot.done.wait()
+        with trio.move_on_after(ANSWER_TIMEOUT):
+            await slot.done.wait()
+        if not slot.done.is_set():
+            self._fail(
+                ConnectionLost(
+                    f"relay {short_id(self.relay)} did not answer within {ANSWER_TIMEOUT:g} s"
+                )
+            )
         if slot.error is not None:
             raise slot.error
         assert slot.answer is not None
