@@ -16,11 +16,11 @@ This is a test double, not the relay node (``p2psync/relay/``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-import os
 
 import trio
 
@@ -209,7 +209,9 @@ class FakeRelay:
 async def open_fake_relay(identity: Identity | None = None) -> AsyncIterator[FakeRelay]:
     relay = FakeRelay(identity) if identity is not None else FakeRelay()
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, relay.serve_one, 0, host="127.0.0.1"))
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, relay.serve_one, 0, host="127.0.0.1")
+        )
         port = listeners[0].socket.getsockname()[1]
         relay.address = f"127.0.0.1:{port}"
         try:
