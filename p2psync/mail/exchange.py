@@ -45,6 +45,9 @@ MAX_SEALED = 1 << 20
 #: The most envelopes one exchange fetches (a relay's default mailbox holds 10,000):
 #: a relay serving without end cannot hold the exchange; the rest waits for the next.
 MAX_COLLECT = 20_000
+#: The longest a relay's "stored until" is believed (the relay's default TTL
+#: maximum): a hostile relay cannot keep our entries from going again for longer.
+MAX_HOLD_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass
@@ -198,20 +201,22 @@ async def deliver(client: RelayClient, mailer: Mailer, peer: bytes, report: Exch
         refused = False
         for out, answer in zip(batch, answers, strict=True):
             if isinstance(answer, wire.Stored | wire.Duplicate):
+                hold = min(client.welcome.ttl_max_ms, MAX_HOLD_MS)
+                until_ms = min(answer.until_ms, now_ms() + hold)
                 await trio.to_thread.run_sync(
                     partial(
                         mailer.deposited,
                         peer,
                         out.seq,
                         where=where,
-                        until_ms=answer.until_ms,
+                        until_ms=until_ms,
                         now_ms=now_ms(),
                     )
                 )
                 row.deposited += 1
                 row.entries_out += out.entries
                 row.bytes_out += len(out.wire)
-                row.until_ms = max(row.until_ms, answer.until_ms)
+                row.until_ms = max(row.until_ms, until_ms)
             else:
                 refused = True
                 reason = _refusal(answer)
