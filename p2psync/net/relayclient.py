@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
@@ -112,7 +112,7 @@ class RelayClient:
             raise RemoteProtocolError("the relay served an envelope from before the fetch cursor")
         return answer
 
-    async def fetch_all(self, after: int = 0) -> AsyncIterator[wire.Held]:
+    async def fetch_all(self, after: int = 0) -> AsyncGenerator[wire.Held, None]:
         """Every envelope the relay holds for us after ``after``, in position order."""
         while True:
             batch = await self.fetch(after)
