@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 #: The largest envelope an agent makes for the relay (a bucket; smaller than the
 #: relay's cap keeps one slow deposit from holding a session for long).
 MAX_SEALED = 1 << 20
+#: The most envelopes one exchange fetches (a relay's default mailbox holds 10,000):
+#: a relay serving without end cannot hold the exchange; the rest waits for the next.
+MAX_COLLECT = 20_000
+#: The longest a relay's "stored until" is believed (the relay's default TTL
+#: maximum): a hostile relay cannot keep our entries from going again for longer.
+MAX_HOLD_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass
@@ -112,32 +119,40 @@ async def collect(client: RelayClient, mailer: Mailer, report: ExchangeReport) -
     """Fetch, apply and delete everything the relay holds for us; the last position."""
     last = 0
     done: list[tuple[bytes, int]] = []
-    async for held in client.fetch_all():
-        last = held.position
-        report.fetched += 1
-        try:
-            header = wire_header(held.envelope)
-        except RemoteProtocolError as exc:  # garbage the relay served: not ours to keep
-            log.warning("relay %s served a malformed envelope: %s", short_id(client.relay), exc)
-            continue
-        try:
-            outcome = await trio.to_thread.run_sync(mailer.incoming, held.envelope, now_ms())
-        except StoreError:
-            raise  # our own store failed: keep the envelope at the relay, try again later
-        except RemoteProtocolError as exc:
-            log.warning(
-                "refused an envelope from %s via relay %s: %s",
-                short_id(header[0]),
-                short_id(client.relay),
-                exc,
-            )
-            report.of(header[0]).problems.append(str(exc))
-        else:
-            _count(report, outcome)
-        done.append(header)
-        if len(done) >= wire.MAX_NAMES:
-            report.deleted += await client.delete(done)
-            done = []
+    async with aclosing(client.fetch_all()) as served:
+        async for held in served:
+            if report.fetched >= MAX_COLLECT:
+                log.warning(
+                    "relay %s served more than %d envelopes in one exchange; the rest waits",
+                    short_id(client.relay),
+                    MAX_COLLECT,
+                )
+                break
+            last = held.position
+            report.fetched += 1
+            try:
+                header = wire_header(held.envelope)
+            except RemoteProtocolError as exc:  # garbage the relay served: not ours to keep
+                log.warning("relay %s served a malformed envelope: %s", short_id(client.relay), exc)
+                continue
+            try:
+                outcome = await trio.to_thread.run_sync(mailer.incoming, held.envelope, now_ms())
+            except StoreError:
+                raise  # our own store failed: keep the envelope at the relay, try again later
+            except RemoteProtocolError as exc:
+                log.warning(
+                    "refused an envelope from %s via relay %s: %s",
+                    short_id(header[0]),
+                    short_id(client.relay),
+                    exc,
+                )
+                report.of(header[0]).problems.append(str(exc))
+            else:
+                _count(report, outcome)
+            done.append(header)
+            if len(done) >= wire.MAX_NAMES:
+                report.deleted += await client.delete(done)
+                done = []
     if done:
         report.deleted += await client.delete(done)
     return last
@@ -186,20 +201,22 @@ async def deliver(client: RelayClient, mailer: Mailer, peer: bytes, report: Exch
         refused = False
         for out, answer in zip(batch, answers, strict=True):
             if isinstance(answer, wire.Stored | wire.Duplicate):
+                hold = min(client.welcome.ttl_max_ms, MAX_HOLD_MS)
+                until_ms = min(answer.until_ms, now_ms() + hold)
                 await trio.to_thread.run_sync(
                     partial(
                         mailer.deposited,
                         peer,
                         out.seq,
                         where=where,
-                        until_ms=answer.until_ms,
+                        until_ms=until_ms,
                         now_ms=now_ms(),
                     )
                 )
                 row.deposited += 1
                 row.entries_out += out.entries
                 row.bytes_out += len(out.wire)
-                row.until_ms = max(row.until_ms, answer.until_ms)
+                row.until_ms = max(row.until_ms, until_ms)
             else:
                 refused = True
                 reason = _refusal(answer)

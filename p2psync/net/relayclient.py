@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
 import trio
@@ -39,6 +39,9 @@ CONNECT_TIMEOUT = 10.0
 #: Requests in flight at once on one session (deposits are pipelined).
 WINDOW = 32
 PING_INTERVAL = 60.0
+#: Seconds a request may wait for its answer once sent (the relay answers in order,
+#: after it has read the whole request); past that the session is given up.
+ANSWER_TIMEOUT = 120.0
 
 
 class _Slot:
@@ -94,10 +97,11 @@ class RelayClient:
             finally:
                 self._window.release()
 
-        async with trio.open_nursery() as nursery:
-            for index, envelope in enumerate(envelopes):
-                await self._window.acquire()
-                nursery.start_soon(one, index, envelope)
+        with _unwrapped():
+            async with trio.open_nursery() as nursery:
+                for index, envelope in enumerate(envelopes):
+                    await self._window.acquire()
+                    nursery.start_soon(one, index, envelope)
         return [a for a in answers if a is not None]
 
     async def fetch(self, after: int, limit: int = MAX_FETCH) -> wire.Envelopes:
@@ -108,7 +112,7 @@ class RelayClient:
             raise RemoteProtocolError("the relay served an envelope from before the fetch cursor")
         return answer
 
-    async def fetch_all(self, after: int = 0) -> AsyncIterator[wire.Held]:
+    async def fetch_all(self, after: int = 0) -> AsyncGenerator[wire.Held, None]:
         """Every envelope the relay holds for us after ``after``, in position order."""
         while True:
             batch = await self.fetch(after)
@@ -157,7 +161,14 @@ class RelayClient:
             slot = _Slot(rid)
             self._pending.append(slot)
             await self.stream.send(wire.encode(make(rid)))
-        await slot.done.wait()
+        with trio.move_on_after(ANSWER_TIMEOUT):
+            await slot.done.wait()
+        if not slot.done.is_set():
+            self._fail(
+                ConnectionLost(
+                    f"relay {short_id(self.relay)} did not answer within {ANSWER_TIMEOUT:g} s"
+                )
+            )
         if slot.error is not None:
             raise slot.error
         assert slot.answer is not None
@@ -239,6 +250,28 @@ def _unexpected(message: wire.Message) -> RemoteProtocolError:
     return RemoteProtocolError(f"the relay answered with {type(message).__name__}")
 
 
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """Let the one error a nursery wrapped (nested) in exception groups out as
+    itself, so callers catch a :class:`P2PSyncError`, not an ExceptionGroup (the
+    same exception failing several requests counts once)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: dict[int, BaseException] = {}
+        pending: list[BaseException] = [group]
+        while pending:
+            exc = pending.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                pending.extend(exc.exceptions)
+            else:
+                leaves[id(exc)] = exc
+        if len(leaves) != 1:
+            raise
+        (sole,) = leaves.values()
+        raise sole from sole.__cause__
+
+
 @asynccontextmanager
 async def open_relay(
     identity: Identity, name: str, target: Relay, *, timeout: float = CONNECT_TIMEOUT
@@ -260,13 +293,14 @@ async def open_relay(
     try:
         welcome = await _admission(stream, target, timeout)
         client = RelayClient(stream, welcome, address)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.read_loop)
-            nursery.start_soon(client.ping_loop)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        with _unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.read_loop)
+                nursery.start_soon(client.ping_loop)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
 
