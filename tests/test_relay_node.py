@@ -4,8 +4,7 @@ and `run` through it, admission, expiry, restarts (``docs/relay.md``)."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -95,3 +94,95 @@ def test_two_sites_never_online_together_converge_through_the_relay(
     status = relay.status()
     assert status["running"] is not None and status["allowed"] == 2
     assert MARKER.encode() not in relay.files_bytes()
+
+
+def test_running_agents_with_no_address_for_each_other_sync_live_through_the_relay(
+    tmp_path: Path, relay: RelayNode, agents: Callable[[str], SpawnedAgent]
+) -> None:
+    """Two running agents that cannot dial each other (no address, no discovery):
+    writes on either side reach the other through the relay within seconds (the
+    relay pushes Arrived), and the status says which relay is in use."""
+    a, b = agents("head"), agents("branch")
+    pair_by_rule(a.home, b.home, Terms.make(["*"], route=Route.AUTO))
+    relay.start()
+    for agent in (a, b):
+        cli(relay.home, "relay", "allow", agent.device_id)
+        use_relay(agent.home, relay)
+        agent.start()
+    write(a.home, 50, "h")
+    wait_for(lambda: len(records(b.home)) == 50, timeout=30)
+    write(b.home, 20, "b")
+    wait_for(lambda: len(records(a.home)) == 70, timeout=30)
+    assert records(a.home) == records(b.home)
+    status = cli(a.home, "status")
+    assert "relay: connected to" in status, status
+    wait_for(lambda: "acknowledged" in cli(a.home, "peers"), timeout=30)
+    assert MARKER.encode() not in relay.files_bytes()
+
+
+def test_a_direct_rule_never_touches_the_relay(tmp_path: Path, relay: RelayNode) -> None:
+    """Route direct: `sync` deposits nothing, and the relay lists no one in the
+    mailbox policy (nothing could be deposited for us either)."""
+    a, b = site(tmp_path, "head"), site(tmp_path, "branch")
+    ida, idb = pair_by_rule(a, b, Terms.make(["*"], route=Route.DIRECT))
+    relay.start()
+    for home, ident in ((a, ida), (b, idb)):
+        cli(relay.home, "relay", "allow", ident)
+        use_relay(home, relay)
+    write(a, 20, "h")
+    result = run(a, "sync", "--timeout", "10")
+    assert result.returncode == 1
+    assert "relay" not in result.stdout
+    assert relay.status()["mailbox"]["envelopes"] == 0
+
+
+def test_a_relay_that_does_not_admit_us_is_a_clear_error(tmp_path: Path, relay: RelayNode) -> None:
+    a, b = site(tmp_path, "head"), site(tmp_path, "branch")
+    pair_by_rule(a, b, Terms.make(["*"], route=Route.RELAY))
+    relay.start()
+    added = cli(a, "relay", "add", relay.device_id, "--address", relay.address)
+    assert "not checked" in added and "did not admit this agent" in added
+    write(a, 5, "h")
+    result = run(a, "sync", "--timeout", "10")
+    assert result.returncode == 1
+    assert "did not admit this agent" in result.stderr
+    assert "Traceback" not in result.stderr
+    used = cli(relay.home, "relay", "token", "create", "--uses", "1").splitlines()[0]
+    added = cli(a, "relay", "add", relay.device_id, "--address", relay.address, "--token", used)
+    assert "admitted this agent" in added
+    other = site(tmp_path, "other")
+    again = cli(other, "relay", "add", relay.device_id, "--address", relay.address, "--token", used)
+    assert "did not admit" in again  # the token's one use is spent
+    typo = run(
+        other,
+        "relay",
+        "add",
+        relay.device_id,
+        "--address",
+        relay.address,
+        "--token",
+        used[:-2] + ("aa" if not used.endswith("aa") else "bb"),
+    )
+    assert typo.returncode == 2 and "typo" in typo.stderr
+
+
+def test_envelopes_the_relay_expired_go_again(tmp_path: Path, relay: RelayNode) -> None:
+    """The relay's clock passes the envelopes' time (its sweep drops them and
+    queues notices): the sender's next sync learns it and deposits them again; the
+    recipient then gets everything."""
+    a, b = site(tmp_path, "head"), site(tmp_path, "branch")
+    ida, idb = pair_by_rule(a, b, Terms.make(["*"], route=Route.RELAY))
+    relay.start()
+    for home, ident in ((a, ida), (b, idb)):
+        cli(relay.home, "relay", "allow", ident)
+        use_relay(home, relay)
+    write(a, 40, "h")
+    assert "40 entries at relay" in cli(a, "sync", "--timeout", "20")
+    relay.stop()
+    relay.start(env={"P2PSYNC_CLOCK_SKEW_MS": str(8 * DAY_MS)})  # a week and a day later
+    wait_for(lambda: relay.status()["mailbox"]["envelopes"] == 0, timeout=20)
+    assert relay.status()["mailbox"]["notices"] >= 1
+    again = cli(a, "sync", "--timeout", "20")
+    assert "40 entries at relay" in again, again
+    assert "40 entries received" in cli(b, "sync", "--timeout", "20")
+    assert len(records(b)) == 40
