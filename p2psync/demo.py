@@ -34,6 +34,8 @@ Say = Callable[[str], None]
 class Site:
     """One site: a home and, while running, its agent process."""
 
+    is_relay = False  # the relay node's process is stopped with the sites
+
     def __init__(self, base: Path, name: str, discovery: bool) -> None:
         self.name = name
         self.home = base / name.lower().replace(" ", "-")
@@ -201,10 +203,101 @@ def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
     took = wait_until(lambda: north.count("stock") == 2000, timeout=30)
     shell(f"Branch North restarted and caught up on 2,000 records in {took:.1f} s")
 
+    _through_relay(base, sites, head, say, shell)
+
     say("Every site verifies every chain, hash and signature it holds")
     for site in sites:
-        shell(f"{site.name}: {site.cli('verify').strip()}")
+        if not site.is_relay:
+            shell(f"{site.name}: {site.cli('verify').strip()}")
     say("Done: all agents stopped, nothing left running")
+
+
+def _through_relay(base: Path, sites: list[Site], head: Site, say: Say, shell: Say) -> None:
+    """A field laptop never online with the head office: they go through a relay
+    that can neither read nor forge what it carries."""
+    say(
+        "A field laptop is never online with the head office: they go through a relay "
+        "(a fourth process with its own key), which stores sealed envelopes it cannot read"
+    )
+    relay_home = base / "relay"
+    relay_id = _run(relay_home, "relay", "init", "--name", "Relay").splitlines()[0]
+    relay = AgentProcess(relay_home, command=("relay", "serve"), log=base / "relay.log")
+    relay_site = Site.__new__(Site)  # stopped with the sites, by PID
+    relay_site.name, relay_site.home, relay_site.agent = "Relay", relay_home, relay
+    relay_site.is_relay = True
+    sites.append(relay_site)
+    relay.start()
+    shell(f"Relay: device ID {relay_id}, listening on {relay.address}")
+
+    laptop = Site(base, "Field laptop", discovery=False)
+    sites.append(laptop)
+    laptop.start()
+    code = head.cli("pair", "invite", "-c", "orders", "--route", "relay", "--expires", "5m")
+    laptop.cli("pair", "join", code.splitlines()[-1])
+    laptop.stop()
+    shell("the laptop paired once at the office (orders only, route relay), then left")
+    for site in (head, laptop):
+        _run(relay_home, "relay", "allow", site.device_id)
+        site.cli("relay", "add", relay_id, "--address", relay.address)
+    shell("operator: p2psync relay allow <ID> (each site); each site: p2psync relay add <relay>")
+
+    say("The head office records 300 orders; its agent leaves them at the relay for the laptop")
+    orders = base / "orders.jsonl"
+    with orders.open("w") as out:
+        for i in range(300):
+            value = {"customer": "ACME", "qty": i % 7 + 1, "note": "SECRET-PRICE-4711"}
+            out.write(json.dumps({"collection": "orders", "key": f"O-{i:04d}", "value": value}))
+            out.write("\n")
+    head.cli("put", "--from", str(orders))
+    wait_until(lambda: "at relay" in _delivery(head, laptop), timeout=30)
+    shell(f"head office: p2psync peers  ->  {_delivery(head, laptop)}")
+    shell(
+        "    (the 300 orders, and the head office's other entries without their contents: "
+        "the laptop checks every chain it holds)"
+    )
+    status = _run(relay_home, "relay", "status").splitlines()
+    shell(f"relay: p2psync relay status  ->  {next(x for x in status if x.startswith('mail'))}")
+    leaked = any(
+        b"SECRET-PRICE-4711" in p.read_bytes() for p in relay_home.iterdir() if p.is_file()
+    )
+    shell(f"the relay's files hold the text of an order: {'YES' if leaked else 'no'}")
+
+    say("Later the laptop, alone, syncs once; then records an order of its own and syncs again")
+    for line in laptop.cli("sync").splitlines():
+        shell(f"Field laptop: p2psync sync  ->  {line}")
+    laptop.cli("put", "orders", "O-9001", '{"customer": "Field client", "qty": 2}')
+    for line in laptop.cli("sync").splitlines():
+        shell(f"Field laptop: p2psync sync  ->  {line}")
+    wait_until(lambda: head.get("orders", "O-9001") is not None, timeout=30)
+    shell("the head office's agent was told by the relay and applied O-9001 at once")
+    wait_until(lambda: "acknowledged" in _delivery(head, laptop), timeout=30)
+    shell(f"head office: p2psync peers  ->  {_delivery(head, laptop)}")
+
+
+def _run(home: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2psync", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise p2psync.P2PSyncError(f"p2psync {' '.join(args[:2])} failed: {result.stderr}")
+    return result.stdout
+
+
+def _delivery(site: Site, peer: Site) -> str:
+    """What ``peers`` says about envelopes to ``peer`` (the first such line)."""
+    lines = site.cli("peers").splitlines()
+    start = next((i for i, line in enumerate(lines) if peer.name in line), None)
+    if start is None:
+        return ""
+    for line in lines[start + 1 :]:
+        if not line.startswith(" "):
+            break
+        if line.strip().startswith("by relay"):
+            return line.strip()
+    return ""
 
 
 def _status(site: Site) -> dict[str, Any]:

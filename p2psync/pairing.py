@@ -246,10 +246,18 @@ def last_ended(rules: Sequence[Rule]) -> Rule | None:
     return max(ended, key=lambda r: (signed_ms(r.objects[-1]), r.id), default=None)
 
 
+#: Why a direct session with a peer whose rules all have route relay carries nothing.
+RELAY_ONLY = "paired, but these agents' rules go only through a relay (route relay)"
+
+
 def unpaired_reason(db: OpenHome, peer: bytes, *, live: bool = True) -> str:
     """Why nothing flows with ``peer`` in this session (no rule in force for it), in
     words both sides read."""
     rules = db.store.rules(peer)
+    me = db.identity.public_key
+    paired_by = core.in_force(rules, me, peer)
+    if paired_by and all(r.terms.route is core.Route.RELAY for r in paired_by):
+        return RELAY_ONLY
     if any(r.state is RuleState.PROPOSED for r in rules):
         return "not paired: the pairing request awaits approval"
     if live and any(r.state is RuleState.ACCEPTED for r in rules):

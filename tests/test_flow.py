@@ -93,7 +93,10 @@ def test_rules_count_by_mode_and_route() -> None:
     # ...and a direct connection never carries a rule whose route is `relay`
     direct = Flow.between(ME, PEER, [online, on_demand, relay_only], live=True)
     assert direct.may_receive("a") and direct.may_receive("b") and not direct.may_receive("r")
-    assert not Flow.between(ME, PEER, [relay_only], live=False).in_force
+    # paired only through the relay: nothing flows directly, and a direct session
+    # ends at once saying so (in force, nothing to wait for)
+    relay_paired = Flow.between(ME, PEER, [relay_only], live=False)
+    assert relay_paired.in_force and not relay_paired.flows
     nothing = Flow.between(ME, PEER, [], live=False)
     assert nothing.now == Permissions() and not nothing.in_force
     assert Flow().now == EVERYTHING

@@ -186,3 +186,24 @@ def test_envelopes_the_relay_expired_go_again(tmp_path: Path, relay: RelayNode) 
     assert "40 entries at relay" in again, again
     assert "40 entries received" in cli(b, "sync", "--timeout", "20")
     assert len(records(b)) == 40
+
+
+def test_joining_with_an_invite_for_route_relay_pairs_and_syncs_nothing_directly(
+    tmp_path: Path, agents: Callable[[str], SpawnedAgent]
+) -> None:
+    """The invite's rule goes only through a relay: the join still completes (both
+    hold the rule), says so, and the direct connection carries no entry."""
+    head = agents("head")
+    head.start()
+    write(head.home, 3, "h", collection="orders")
+    code = cli(head.home, "pair", "invite", "-c", "orders", "--route", "relay").splitlines()[-1]
+    laptop = site(tmp_path, "laptop")
+    joined = cli(laptop, "pair", "join", code)
+    assert "paired with head" in joined and "only through a relay" in joined, joined
+    assert records(laptop, "orders") == {}
+    with p2psync.open(laptop) as db:
+        (rule,) = db.store.rules(db.store.peers()[0].key)
+        assert rule.state.value == "accepted" and rule.terms.route is Route.RELAY
+    with p2psync.open(head.home) as db:
+        (rule,) = db.store.rules(db.store.peers()[0].key)
+        assert rule.state.value == "accepted"

@@ -29,8 +29,10 @@ class AgentProcess:
         args: Sequence[str] = (),
         prefix: Sequence[str] = (),
         log: Path | None = None,
+        command: Sequence[str] = ("run",),
     ) -> None:
         self.home = home
+        self.command = list(command)  # ("relay", "serve") runs a relay node
         self.address = listen
         self.args = list(args)
         self.prefix = list(prefix)
@@ -53,7 +55,7 @@ class AgentProcess:
                     "p2psync",
                     "--home",
                     str(self.home),
-                    "run",
+                    *self.command,
                     "--listen",
                     self.address,
                     *self.args,

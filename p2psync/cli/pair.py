@@ -289,6 +289,9 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
     click.echo(
         f"paired with {who}: {terms} (rule {rule.id.hex()[:12]})"
     )
+    if not sync.synced:  # confirmed, but its rules go only through a relay
+        click.echo("its rules go only through a relay: see `p2psync relay list`")
+        return
     click.echo(f"in sync (received {sync.received}, sent {sync.sent})")
 
 

@@ -74,6 +74,7 @@ class Flow:
         force count) for a live or on-demand direct session, or the relay."""
         # A rule's route says which paths carry it: ``relay`` only the relay,
         # ``direct`` only a direct connection, ``auto`` both.
+        every = rules
         if via_relay:
             rules = [r for r in rules if r.terms.route in (Route.RELAY, Route.AUTO)]
         else:
@@ -81,7 +82,10 @@ class Flow:
         now = Permissions.between(me, peer, rules, live=live)
         anytime = Permissions.between(me, peer, rules, live=False) if live else now
         later = anytime if anytime.receive != now.receive else None
-        return cls(now, later, anytime.paired)
+        # rules in force only by the other path: paired, with nothing to do here
+        # (the session ends at once, saying so, rather than wait for a pairing)
+        paired = anytime.paired or Permissions.between(me, peer, every, live=False).paired
+        return cls(now, later, paired)
 
     # ------------------------------------------------------------ in general
 

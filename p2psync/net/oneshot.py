@@ -21,7 +21,7 @@ from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream
-from p2psync.pairing import JoinTicket, joined_rule
+from p2psync.pairing import RELAY_ONLY, JoinTicket, joined_rule
 from p2psync.store.peers import Peer, PeerState
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,10 @@ class JoinOutcome:
         """The inviter holds our acceptance: a session that began with the rule in
         force on both sides ended in sync (or the rule was in force before)."""
         return self.rule is not None and (
-            self.already or (self.sync is not None and self.sync.synced)
+            self.already
+            or (self.sync is not None and self.sync.synced)
+            # the rules settled (both hold them) and go only through a relay
+            or (self.sync is not None and self.sync.error == RELAY_ONLY)
         )
 
 
