@@ -27,6 +27,7 @@ from p2psync.errors import (
     UsageError,
 )
 from p2psync.mail.mailer import QUEUED_FOR_MS, Mailer, Outgoing
+from p2psync.store.ledger import State
 
 pytestmark = pytest.mark.pure
 
@@ -271,10 +272,77 @@ def test_envelopes_smaller_than_the_smallest_bucket_cannot_be_asked_for(relay_pa
         Mailer(a).outgoing(key(b), NOW, max_sealed=512)
 
 
-def test_introductions_are_refused_for_now(make_db: MakeDb, relay_pair) -> None:
+def test_a_pairing_request_goes_as_an_introduction_and_the_answer_comes_back(
+    make_db: MakeDb,
+) -> None:
+    """A proposes to B, which it never met: one introduction (class 2) carries the
+    request; B lists it as pending under A's name; B accepts; B's answer comes back
+    in a data envelope A's policy lets in; the rule is in force at both; data then
+    flows, and the introduction is acknowledged."""
+    a, b = make_db("a"), make_db("b")
+    ma, mb = Mailer(a), Mailer(b)
+    pairing.propose(a, key(b), Terms.make(["orders"], route=Route.RELAY), name="b")
+    assert key(b) in ma.peers()  # its answer may come to our mailbox
+    (intro,) = ma.outgoing(key(b), NOW)
+    assert intro.cls is EnvelopeClass.INTRODUCTION
+    assert ma.outgoing(key(b), NOW) == []  # once
+    got = mb.incoming(intro.wire, NOW)
+    assert got.reason is None and got.rules_added >= 1
+    (pending,) = [r for r in b.store.rules(key(a)) if r.state is RuleState.PROPOSED]
+    assert b.store.peer(key(a)).name == "a"
+    assert key(a) not in mb.peers()  # nothing from A until B says yes
+    pairing.accept(b, pending)
+    write(b, 3, collection="orders")
+    answer = mb.outgoing(key(a), NOW)
+    assert [e.cls for e in answer][-1] is EnvelopeClass.DATA
+    results = [ma.incoming(e.wire, NOW) for e in answer]
+    assert any(r.rules_added for r in results) and sum(r.applied for r in results) == 3
+    assert any(r.state is RuleState.ACCEPTED for r in a.store.rules(key(b)))
+    receipts = ma.outgoing(key(b), NOW)
+    for e in receipts:
+        mb.incoming(e.wire, NOW)
+    data = [e for e in answer if e.cls is EnvelopeClass.DATA]
+    assert states(mb, key(a)).get("acknowledged") == len(data)
+    assert answer[0].cls is EnvelopeClass.RECEIPT  # for the introduction
+    (intro_row,) = [r for r in ma.ledger(key(b)) if r.seq == intro.seq]
+    assert intro_row.state is State.ACKNOWLEDGED  # the introduction
+    write(a, 2, collection="orders")
+    for e in ma.outgoing(key(b), NOW):
+        mb.incoming(e.wire, NOW)
+    assert b.get("orders", "k1") is not None
+
+
+def test_a_rejected_request_is_answered_through_the_relay(make_db: MakeDb) -> None:
+    a, b = make_db("a"), make_db("b")
+    ma, mb = Mailer(a), Mailer(b)
+    pairing.propose(a, key(b), Terms.make(["*"], route=Route.AUTO), name="b")
+    (intro,) = ma.outgoing(key(b), NOW)
+    mb.incoming(intro.wire, NOW)
+    (pending,) = b.store.rules(key(a))
+    pairing.reject(b, pending, "we do not know you")
+    (answer,) = mb.outgoing(key(a), NOW)
+    assert answer.cls is EnvelopeClass.INTRODUCTION
+    ma.incoming(answer.wire, NOW)
+    (rule,) = a.store.rules(key(b))
+    assert rule.state is RuleState.REJECTED and rule.reason == "we do not know you"
+    assert key(b) not in ma.peers() and ma.outgoing(key(b), NOW) == []
+
+
+def test_introductions_from_strangers_that_are_not_requests_change_nothing(
+    make_db: MakeDb, relay_pair
+) -> None:
     _, b = relay_pair
-    wire = seal_envelope(
-        make_db("c").identity, key(b), 1, EnvelopeClass.INTRODUCTION, 0, b"hi", os.urandom(32)
+    c = make_db("c")
+    garbage = seal_envelope(
+        c.identity, key(b), 1, EnvelopeClass.INTRODUCTION, 0, b"hi", os.urandom(32)
     )
-    assert Mailer(b).incoming(wire, NOW).reason == "introductions are not handled yet"
-    assert Mailer(b).incoming(wire, NOW).duplicate
+    assert "malformed introduction" in (Mailer(b).incoming(garbage, NOW).reason or "")
+    assert Mailer(b).incoming(garbage, NOW).duplicate
+    assert b.store.peer(key(c)) is None
+    # data from a stranger who only introduced itself: refused, nothing applied
+    write(c, 2)
+    pairing.propose(c, key(b), Terms.make(["*"], route=Route.RELAY), name="b")
+    (intro,) = Mailer(c).outgoing(key(b), NOW)
+    Mailer(b).incoming(intro.wire, NOW)
+    data = seal_envelope(c.identity, key(b), 9, EnvelopeClass.DATA, 0, b"x", os.urandom(32))
+    assert "no rule" in (Mailer(b).incoming(data, NOW).reason or "")

@@ -219,7 +219,15 @@ def test_a_rule_either_way_admits_the_peer_its_receipts_included() -> None:
 
 @pytest.mark.parametrize("state", [RuleState.PROPOSED, RuleState.REJECTED, RuleState.REVOKED])
 def test_rules_not_in_force_admit_no_one(state: RuleState) -> None:
-    assert senders_for(ME, {P: [rule(P, state=state)]}) == frozenset()
+    assert senders_for(ME, {P: [rule(P, state=state, proposer_is_me=False)]}) == frozenset()
+    if state is not RuleState.PROPOSED:
+        assert senders_for(ME, {P: [rule(P, state=state)]}) == frozenset()
+
+
+def test_a_peer_we_asked_to_pair_may_answer_by_the_relay() -> None:
+    assert senders_for(ME, {P: [rule(P, state=RuleState.PROPOSED)]}) == {P}
+    direct = rule(P, route=Route.DIRECT, state=RuleState.PROPOSED)
+    assert senders_for(ME, {P: [direct]}) == frozenset()
 
 
 def test_several_peers_each_by_their_own_rules() -> None:

@@ -16,6 +16,12 @@ objects as ``Rules`` carries them. The bundle is read only from inside an opened
 envelope, whose signature covers it; the entries and rule objects are verified
 by the normal paths (ingest, pairing) when applied.
 
+An **introduction** is the payload of an introduction envelope (class 2): a
+pairing request to a site that may not know us yet, our name and the signed rule
+objects of what we propose::
+
+    introduction = CBOR {0: 1, 1: name (text), 2: [rule object, ...]}
+
 A **bundle file** is sealed envelopes handed over by hand (``p2psync bundle
 export/import``)::
 
@@ -34,6 +40,7 @@ from typing import Any
 from p2psync.core import canonical
 from p2psync.core.entry import MAX_ENTRY_BYTES
 from p2psync.core.envelope import MAX_ENVELOPE_BYTES, MAX_PAYLOAD_BY_CLASS, EnvelopeClass
+from p2psync.core.handshake import MAX_NAME_CHARS
 from p2psync.core.identity import KEY_BYTES
 from p2psync.core.messages import DIGEST_BYTES, MAX_AUTHORS, MAX_RULE_OBJECTS, Head
 from p2psync.core.rules import MAX_RULE_BYTES
@@ -202,3 +209,40 @@ def decode_file(data: bytes) -> list[bytes]:
         if type(wire) is not bytes or not 0 < len(wire) <= MAX_ENVELOPE_BYTES:
             raise BundleError("the bundle file is damaged: an envelope is not a byte string")
     return list(envelopes)
+
+
+MAX_INTRODUCTION_BYTES = MAX_PAYLOAD_BY_CLASS[EnvelopeClass.INTRODUCTION]
+
+
+@dataclass(frozen=True, slots=True)
+class Introduction:
+    name: str
+    rule_objects: tuple[bytes, ...]
+
+
+def encode_introduction(intro: Introduction) -> bytes:
+    data = canonical.encode({0: VERSION, 1: intro.name, 2: list(intro.rule_objects)})
+    if len(data) > MAX_INTRODUCTION_BYTES:
+        raise UsageError(f"an introduction is at most {MAX_INTRODUCTION_BYTES} bytes")
+    return data
+
+
+def decode_introduction(payload: bytes) -> Introduction:
+    """Strictly decode an introduction (the payload of an opened class-2 envelope)."""
+    if type(payload) is not bytes or len(payload) > MAX_INTRODUCTION_BYTES:
+        raise BundleError(f"an introduction is at most {MAX_INTRODUCTION_BYTES} bytes")
+    try:
+        body = canonical.decode(payload, what="introduction", max_depth=2)
+    except DecodeError as exc:
+        raise BundleError(str(exc)) from exc
+    if type(body) is not dict or set(body) != {0, 1, 2}:
+        raise BundleError("an introduction is a map with the keys 0-2")
+    if type(body[0]) is not int or body[0] != VERSION:
+        raise BundleError(f"unknown introduction version {body[0]!r}")
+    name = body[1]
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
+        raise BundleError(f"an introduction's name is 1-{MAX_NAME_CHARS} printable characters")
+    objects = _strings(body[2], MAX_RULE_OBJECTS, MAX_RULE_BYTES, "rule objects")
+    if not objects:
+        raise BundleError("an introduction carries at least one rule object")
+    return Introduction(name, objects)

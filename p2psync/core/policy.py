@@ -27,7 +27,7 @@ from p2psync.core import canonical
 from p2psync.core.flow import Flow
 from p2psync.core.identity import KEY_BYTES, SIGNATURE_BYTES, Identity, short_id, verify
 from p2psync.core.mailbox import MailboxPolicy
-from p2psync.core.rules import Rule
+from p2psync.core.rules import Rule, proposed_via_relay
 from p2psync.errors import DecodeError, PolicyError, UsageError
 
 POLICY_PREFIX = b"p2psync/v1/mailbox-policy\x00"
@@ -101,14 +101,20 @@ def senders_for(me: bytes, rules_by_peer: Mapping[bytes, Sequence[Rule]]) -> fro
     is ``relay`` or ``auto``, whichever way it lets entries flow (as
     :meth:`Flow.between <p2psync.core.flow.Flow.between>` has it for the relay). A
     peer ``me`` only sends to is listed too: its receipts for our data come this
-    way. Which way entries may flow is enforced by ``me`` when it opens and applies
-    what arrives (the same flow policy as a direct session), not by the relay.
+    way. A peer we asked to pair (our proposal awaiting its answer, route relay or
+    auto) is listed as well: its answer comes this way. Which way entries may flow
+    is enforced by ``me`` when it opens and applies what arrives (the same flow
+    policy as a direct session), not by the relay.
     ``rules_by_peer`` holds any rule objects about each pair; only those in force
     between ``me`` and that peer count."""
     return frozenset(
         peer
         for peer, rules in rules_by_peer.items()
-        if peer != me and Flow.between(me, peer, rules, live=False, via_relay=True).flows
+        if peer != me
+        and (
+            Flow.between(me, peer, rules, live=False, via_relay=True).flows
+            or proposed_via_relay(rules, me, peer)  # its answer to our request
+        )
     )
 
 

@@ -384,6 +384,20 @@ def fold(objects: Iterable[RuleObject]) -> dict[bytes, Rule]:
     return rules
 
 
+def proposed_via_relay(rules: Iterable[Rule], me: bytes, peer: bytes) -> list[Rule]:
+    """Our proposals to ``peer`` still awaiting its answer whose route lets the relay
+    carry them (``relay`` or ``auto``): they travel as introductions, and the
+    peer's answer may come back through our mailbox."""
+    return [
+        rule
+        for rule in rules
+        if rule.state is RuleState.PROPOSED
+        and rule.proposer == me
+        and rule.acceptor == peer
+        and rule.proposed.route in (Route.RELAY, Route.AUTO)
+    ]
+
+
 def in_force(rules: Iterable[Rule], *parties: bytes) -> list[Rule]:
     """The rules in force among ``rules`` (accepted, not revoked); with ``parties``,
     only those between them. Two agents are **paired** while a rule between them

@@ -18,7 +18,12 @@ In order, for one wire envelope:
      heads and rules digest noted.
    * **receipt** — verified (:func:`~p2psync.core.receipt.receipt_of`); the rows it
      names move to acknowledged or refused (reason); the signer's heads are noted.
-   * **introduction** — refused: introductions are not handled yet.
+   * **introduction** — a pairing request (or an answer to ours) from a site
+     that may not know us: its rule objects go through the pairing path, so a
+     request waits in ``pair pending`` under the name it gave. From anyone the
+     relay admitted (the relay caps them per sender and per mailbox). A data
+     envelope from a peer we asked to pair is opened too: its rule objects may be
+     the acceptance.
 
 The caller deletes the envelope from the relay only after this returned (its
 effects are committed). A crash between the ingest and the ledger's commit only
@@ -30,11 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from p2psync import pairing
-from p2psync.core.bundle import decode_bundle
+from p2psync.core.bundle import decode_bundle, decode_introduction
 from p2psync.core.envelope import Envelope, EnvelopeClass, open_envelope
 from p2psync.core.flow import Flow
 from p2psync.core.identity import short_id
 from p2psync.core.receipt import receipt_of
+from p2psync.core.rules import proposed_via_relay
 from p2psync.errors import BundleError, HostileEntry, RemoteProtocolError
 from p2psync.home import OpenHome
 from p2psync.store.ledger import State
@@ -81,9 +87,30 @@ def apply(db: OpenHome, envelope: Envelope, now_ms: int) -> Incoming:
             refused += len(ledger.move(sender, [refused_seq], State.REFUSED, now_ms, reason=reason))
         return Incoming(cls, sender, seq, acknowledged=len(acked), rejected=refused)
     if cls is EnvelopeClass.INTRODUCTION:
-        ledger.receive(sender, seq, now_ms, owe=False)
-        return Incoming(cls, sender, seq, reason="introductions are not handled yet")
+        return _introduction(db, envelope.payload, sender, seq, now_ms)
     return _data(db, envelope.payload, sender, seq, envelope.expiry_ms, now_ms)
+
+
+def _introduction(db: OpenHome, payload: bytes, sender: bytes, seq: int, now_ms: int) -> Incoming:
+    """A pairing request (or an answer to ours) from a site that may not know us:
+    its rule objects go through the pairing path as a session's ``Rules`` would (a
+    request then waits in ``pair pending``). The receipt is owed (it flows once a
+    rule is in force)."""
+    cls = EnvelopeClass.INTRODUCTION
+    try:
+        intro = decode_introduction(payload)
+    except BundleError as exc:
+        db.store.ledger.receive(sender, seq, now_ms, owe=False)
+        return Incoming(cls, sender, seq, reason=f"malformed introduction: {exc}")
+    before = len(db.store.rule_objects(sender))
+    try:
+        pairing.receive(db, sender, list(intro.rule_objects), None, intro.name)
+    except RemoteProtocolError as exc:
+        db.store.ledger.receive(sender, seq, now_ms, owe=False)
+        return Incoming(cls, sender, seq, reason=f"rule objects refused: {exc}")
+    added = len(db.store.rule_objects(sender)) - before
+    fresh = db.store.ledger.receive(sender, seq, now_ms, owe=True)
+    return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added)
 
 
 def _data(
@@ -95,7 +122,9 @@ def _data(
         fresh = ledger.receive(sender, seq, now_ms, owe=owe, reason=reason)
         return Incoming(cls, sender, seq, duplicate=not fresh, reason=None if not fresh else reason)
 
-    if not Flow.between(me, sender, db.store.rules(sender), live=False, via_relay=True).flows:
+    rules = db.store.rules(sender)
+    asked = bool(proposed_via_relay(rules, me, sender))  # its answer may be in it
+    if not asked and not Flow.between(me, sender, rules, live=False, via_relay=True).flows:
         return refuse(
             f"no rule with route relay or auto is in force with {short_id(sender)}", owe=False
         )

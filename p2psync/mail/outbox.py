@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from p2psync.core.bundle import (
     MAX_BUNDLE_ENTRIES,
     Bundle,
+    Introduction,
     base_size,
     encode_bundle,
+    encode_introduction,
     head_bytes,
     heads_of,
     packed_size,
@@ -44,6 +46,7 @@ from p2psync.core.envelope import (
 from p2psync.core.flow import Flow
 from p2psync.core.messages import Head, rules_digest
 from p2psync.core.receipt import MAX_APPLIED, MAX_REFUSED, sign_receipt
+from p2psync.core.rules import Route, Rule, RuleState, proposed_via_relay
 from p2psync.errors import UsageError
 from p2psync.home import OpenHome
 from p2psync.store.ingest import HELD_FOR_MS
@@ -91,14 +94,16 @@ def make(
     if max_sealed < MIN_SEALED_BYTES:
         raise UsageError(f"an envelope may be no smaller than {MIN_SEALED_BYTES} bytes")
     me = db.identity.public_key
-    flow = Flow.between(me, peer, db.store.rules(peer), live=False, via_relay=True)
+    rules = db.store.rules(peer)
+    flow = Flow.between(me, peer, rules, live=False, via_relay=True)
     if not flow.flows:
-        return []
-    store, ledger = db.store, db.store.ledger
-    local = heads_of(store.heads())
-    drafts = _receipts(db, peer, local, now_ms)
-    if not receipts_only:
-        drafts += _bundles(db, peer, flow, local, max_sealed, now_ms)
+        drafts = [] if receipts_only else _introduction(db, peer, rules)
+    else:
+        local = heads_of(db.store.heads())
+        drafts = _receipts(db, peer, local, now_ms)
+        if not receipts_only:
+            drafts += _bundles(db, peer, flow, local, max_sealed, now_ms)
+    ledger = db.store.ledger
     if not drafts:
         return []
     first = ledger.reserve(peer, len(drafts))
@@ -128,6 +133,30 @@ def make(
     receipts = [s for d in drafts for s in d.receipts]
     ledger.add(rows, {peer: receipts} if receipts else {})
     return out
+
+
+def _introduction(db: OpenHome, peer: bytes, rules: list[Rule]) -> list[_Draft]:
+    """Our pending pairing request to ``peer`` (or our rejection of its request
+    through the relay), once: the rule objects, unless an introduction carrying
+    them is on its way or was acknowledged."""
+    me = db.identity.public_key
+    answered = [
+        r
+        for r in rules
+        if r.state is RuleState.REJECTED
+        and r.proposer == peer
+        and r.proposed.route in (Route.RELAY, Route.AUTO)
+    ]
+    proposals = proposed_via_relay(rules, me, peer) + answered
+    if not proposals:
+        return []
+    objects = tuple(o for rule in proposals for o in rule.objects)
+    digest = rules_digest(list(objects))
+    sent = db.store.ledger.rows(peer, [*IN_FLIGHT, State.ACKNOWLEDGED])
+    if any(r.rules == digest and r.cls == EnvelopeClass.INTRODUCTION.value for r in sent):
+        return []
+    payload = encode_introduction(Introduction(db.name, objects))
+    return [_Draft(EnvelopeClass.INTRODUCTION, payload, rules=digest)]
 
 
 def _receipts(db: OpenHome, peer: bytes, local: Mapping[bytes, Head], now_ms: int) -> list[_Draft]:
