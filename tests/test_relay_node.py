@@ -207,3 +207,44 @@ def test_joining_with_an_invite_for_route_relay_pairs_and_syncs_nothing_directly
     with p2psync.open(head.home) as db:
         (rule,) = db.store.rules(db.store.peers()[0].key)
         assert rule.state.value == "accepted"
+
+
+def test_pairing_through_the_relay_with_a_site_that_is_never_online_with_us(
+    tmp_path: Path, relay: RelayNode
+) -> None:
+    """`pair add ID --relay R` leaves the request at the relay; the other site,
+    alone, fetches it (`sync`), sees it pending under our name, accepts; its answer
+    and its records come back through the relay; then records flow both ways."""
+    a, b = site(tmp_path, "head"), site(tmp_path, "laptop")
+    ida = cli(a, "id").strip()
+    idb = cli(b, "id").strip()
+    relay.start()
+    for home, ident in ((a, ida), (b, idb)):
+        cli(relay.home, "relay", "allow", ident)
+        use_relay(home, relay)
+    write(a, 10, "h", collection="orders")
+    asked = cli(
+        a,
+        "pair",
+        "add",
+        idb,
+        "--name",
+        "laptop",
+        "-c",
+        "orders",
+        "--route",
+        "relay",
+        "--relay",
+        relay.device_id[:8],
+    )
+    assert "pairing request left at relay" in asked, asked
+    fetched = cli(b, "sync", "--timeout", "20")
+    assert "head" in fetched and "pairing request received" in fetched, fetched
+    assert "head" in cli(b, "pair", "pending")
+    cli(b, "pair", "accept", "head")
+    write(b, 5, "b", collection="orders")
+    assert "5 entries at relay" in cli(b, "sync", "--timeout", "20")
+    back = cli(a, "sync", "--timeout", "20")
+    assert "5 entries received" in back and "10 entries at relay" in back, back
+    assert "10 entries received" in cli(b, "sync", "--timeout", "20")
+    assert records(a, "orders") == records(b, "orders") and len(records(b, "orders")) == 15

@@ -134,7 +134,7 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
     if address is None:
         with state.open() as db:
             missed = _relay_candidates(db, peer, outcomes)
-            if missed:
+            if missed or peer is None:  # with no peer named, collect what waits for us
                 relayed, relay_error = through_relay(db, missed, timeout=timeout)
     done = {device_id(r.peer) for r in relayed}
     outcomes = [o for o in outcomes if o.synced or o.peer not in done]

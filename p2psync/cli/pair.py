@@ -32,7 +32,7 @@ from p2psync.cli.terms import (
 )
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Rule, RuleState
+from p2psync.core.rules import Route, Rule, RuleState, Terms
 from p2psync.errors import (
     InvalidDeviceID,
     NotFoundError,
@@ -61,6 +61,13 @@ def pair() -> None:
     help="Where the peer listens (repeatable).",
 )
 @click.option("--name", help="A name for the peer (default: its short ID).")
+@click.option(
+    "--relay",
+    "relay",
+    metavar="RELAY_ID",
+    help="Leave the request at this relay now (one of `p2psync relay list`, or the "
+    "first characters of its ID), for a peer that is offline or out of reach.",
+)
 @rule_options()
 @pass_state
 def pair_add(
@@ -68,11 +75,16 @@ def pair_add(
     peer: str,
     addresses: tuple[str, ...],
     name: str | None,
+    relay: str | None,
     options: RuleOptions,
 ) -> None:
     """Ask PEER to pair, proposing a sync rule; nothing flows until it accepts (or
     has added this agent too). PEER: a device ID, or the name or first characters
-    of an agent `p2psync peers` lists (a known peer, or one found on the LAN)."""
+    of an agent `p2psync peers` lists (a known peer, or one found on the LAN).
+
+    With --relay (or later, by the running agent or `p2psync sync`, when the rule's
+    route is relay or auto) the request goes through a relay, sealed to PEER; its
+    answer comes back the same way."""
     for address in addresses:
         try:
             parse_address(address)
@@ -105,6 +117,33 @@ def pair_add(
     notify(state)
     assert added is not None
     say_proposal(result, added, me, own)
+    if relay is not None:
+        _leave_at_relay(state, key, relay, terms)
+
+
+def _leave_at_relay(state: State, key: bytes, relay: str, terms: Terms) -> None:
+    from p2psync.cli.relaysync import through_relay  # noqa: PLC0415 - trio only here
+    from p2psync.store import relays as relays_mod  # noqa: PLC0415
+
+    if terms.route is Route.DIRECT:
+        raise UsageError("--relay: this rule's route is direct; give --route relay or auto")
+    with state.open() as db:
+        wanted = relay.strip().upper().replace("-", "")
+        found = [
+            r
+            for r in relays_mod.load(db.store)
+            if device_id(r.key).replace("-", "").startswith(wanted)
+        ]
+        if len(found) != 1:
+            raise NotFoundError(
+                f"--relay {relay!r} names {'no' if not found else 'more than one'} relay "
+                "of `p2psync relay list`"
+            )
+        outcomes, error = through_relay(db, [key], timeout=30.0, first=found[0].key)
+    if error:
+        raise P2PSyncError(f"the request could not be left at a relay: {error}")
+    for outcome in outcomes:
+        click.echo(outcome.line)
 
 
 @pair.command(name="invite")
@@ -274,8 +313,7 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
     terms = rule.terms_for(me).describe()
     if outcome.already:
         click.echo(
-            f"already paired with {who} for: {terms} "
-            f"(rule {rule.id.hex()[:12]}); nothing new"
+            f"already paired with {who} for: {terms} (rule {rule.id.hex()[:12]}); nothing new"
         )
         return
     sync = outcome.sync
@@ -286,9 +324,7 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
             f"the pairing completes when the two agents next connect "
             f"(or run `p2psync sync {short_id(invite.inviter)}`)"
         )
-    click.echo(
-        f"paired with {who}: {terms} (rule {rule.id.hex()[:12]})"
-    )
+    click.echo(f"paired with {who}: {terms} (rule {rule.id.hex()[:12]})")
     if not sync.synced:  # confirmed, but its rules go only through a relay
         click.echo("its rules go only through a relay: see `p2psync relay list`")
         return

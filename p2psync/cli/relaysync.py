@@ -32,14 +32,16 @@ class RelayOutcome:
 
 
 def through_relay(
-    db: Database, keys: Sequence[bytes], *, timeout: float
+    db: Database, keys: Sequence[bytes], *, timeout: float, first: bytes | None = None
 ) -> tuple[list[RelayOutcome], str | None]:
-    """Exchange with the first relay that admits us for ``keys`` (only those the
-    relay carries anything for); the outcome per peer, or why no relay served."""
+    """Exchange with the first relay that admits us (``first`` tried before the
+    others) for ``keys`` (only those the relay carries anything for), collecting
+    what waits for us even when none is; the outcome per peer (and a line per
+    pairing request that arrived), or why no relay served."""
     carried = Mailer(db).peers()
     wanted = [k for k in keys if k in carried]
-    relays = relays_mod.load(db.store)
-    if not wanted or not relays:
+    relays = sorted(relays_mod.load(db.store), key=lambda r: r.key != first)
+    if not relays:
         return [], None
     errors: list[str] = []
     for relay in relays:
@@ -54,8 +56,24 @@ def through_relay(
         except P2PSyncError as exc:
             errors.append(f"relay {short_id(relay.key)}: {exc}")
             continue
-        return [_outcome(db, report, key) for key in wanted], None
+        requests = [
+            _request(db, report, key)
+            for key, row in report.peers.items()
+            if row.requests and key not in wanted
+        ]
+        return [_outcome(db, report, key) for key in wanted] + requests, None
     return [], "; ".join(errors)
+
+
+def _request(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
+    peer = db.store.peer(key)
+    who = f"{output.safe(peer.name)} ({short_id(key)})" if peer and peer.name else short_id(key)
+    return RelayOutcome(
+        key,
+        f"{who}: pairing request received through relay {short_id(report.relay)}; "
+        "see `p2psync pair pending`",
+        True,
+    )
 
 
 async def _exchange(
@@ -71,13 +89,18 @@ def _outcome(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
     row = report.of(key)
     parts = []
     relay = short_id(report.relay)
+    if row.introduced:
+        parts.append(
+            f"pairing request left at relay {relay} until {output.short_time(row.until_ms)}"
+        )
     if row.entries_out:
         parts.append(
             f"{output.count(row.entries_out, 'entry', 'entries')} at relay {relay} "
             f"until {output.short_time(row.until_ms)}"
         )
-    elif row.deposited:
-        parts.append(f"{output.plural(row.deposited, 'receipt')} left at relay {relay}")
+    elif row.deposited > row.introduced:
+        receipts = row.deposited - row.introduced
+        parts.append(f"{output.plural(receipts, 'receipt')} left at relay {relay}")
     if row.entries_in or row.received:
         parts.append(f"{output.count(row.entries_in, 'entry', 'entries')} received")
     if row.acknowledged:

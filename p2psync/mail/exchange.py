@@ -55,6 +55,8 @@ class PeerReport:
     """What one exchange did for one peer."""
 
     deposited: int = 0  # envelopes stored at the relay
+    introduced: int = 0  # of which introductions (our pairing request or answer)
+    requests: int = 0  # introductions received (pairing requests, answers to ours)
     entries_out: int = 0
     bytes_out: int = 0
     until_ms: int = 0  # the latest "stored until" among them
@@ -175,6 +177,8 @@ def _count(report: ExchangeReport, outcome: Incoming) -> None:
         peer.entries_in += outcome.applied
     elif outcome.cls is EnvelopeClass.RECEIPT:
         peer.acknowledged += outcome.acknowledged
+    elif outcome.cls is EnvelopeClass.INTRODUCTION and outcome.reason is None:
+        peer.requests += 1
 
 
 async def expire(client: RelayClient, mailer: Mailer, report: ExchangeReport) -> None:
@@ -214,6 +218,7 @@ async def deliver(client: RelayClient, mailer: Mailer, peer: bytes, report: Exch
                     )
                 )
                 row.deposited += 1
+                row.introduced += out.cls is EnvelopeClass.INTRODUCTION
                 row.entries_out += out.entries
                 row.bytes_out += len(out.wire)
                 row.until_ms = max(row.until_ms, until_ms)
