@@ -1,0 +1,305 @@
+"""The relay node (``p2psync/relay``) attacked as a hostile agent or network would:
+admission, what is allowed before admission, requests in a session, dropped and
+throttled connections, and the operator's view (``docs/relay.md``).
+
+Most tests run the :class:`~p2psync.relay.node.Node` inside the test on loopback
+(a small RelayHome made with ``dataclasses.replace`` for fast caps) and speak the
+protocol by hand (:class:`Raw`); a few run ``relay serve`` as a process, which
+must survive what the test does to it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2psync.clock import now_ms
+from p2psync.core import relaywire as wire
+from p2psync.core.envelope import MAX_PAYLOAD_BY_CLASS, EnvelopeClass, seal_envelope
+from p2psync.core.frames import frame
+from p2psync.core.identity import Identity, device_id
+from p2psync.core.mailbox import NO_POLICY, Limits
+from p2psync.core.policy import sign_policy
+from p2psync.errors import ConnectionLost
+from p2psync.net.transport import SecureStream, secure
+from p2psync.relay import home as relay_home
+from p2psync.relay.admission import Admission
+from p2psync.relay.home import LOG_FILE, RelayHome
+from p2psync.relay.node import NOT_ADMITTED, Node
+from p2psync.store.mailbox import SqliteMailbox
+from tests.agents import cli
+from tests.helpers import flip_bit
+from tests.relaynode import RelayNode
+
+pytestmark = pytest.mark.process  # real loopback sockets, in-process or not
+
+#: Another loopback source address (Linux routes all of 127/8 to lo).
+OTHER = "127.0.0.2"
+
+
+# ---------------------------------------------------------------- harness
+
+
+def make_home(tmp_path: Path, limits: Limits | None = None, **caps: float) -> RelayHome:
+    home = relay_home.init(tmp_path / "relay", "hub")
+    return dataclasses.replace(
+        home, caps=dataclasses.replace(home.caps, **caps), limits=limits or home.limits
+    )
+
+
+@asynccontextmanager
+async def serving(home: RelayHome) -> AsyncIterator[tuple[Node, str]]:
+    """The node of ``home`` listening on 127.0.0.1 (a free port)."""
+    node = Node(home, [("127.0.0.1", 0)])
+    try:
+        async with trio.open_nursery() as nursery:
+            (address,) = await nursery.start(node.run)
+            yield node, address
+            nursery.cancel_scope.cancel()
+    finally:
+        node.close()
+
+
+def relay_log(node: Node) -> str:
+    path = node.home.path / LOG_FILE
+    return path.read_text() if path.exists() else ""
+
+
+def agent() -> Identity:
+    return Identity(os.urandom(32))
+
+
+def allow(node: Node, *who: Identity) -> None:
+    for identity in who:
+        node.admission.allow(identity.public_key, now_ms())
+
+
+async def tcp(address: str, local: str | None = None) -> trio.SocketStream:
+    host, port = address.rsplit(":", 1)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    if local is not None:
+        await sock.bind((local, 0))
+    await sock.connect((host, int(port)))
+    return trio.SocketStream(sock)
+
+
+class Raw:
+    """One agent speaking the relay protocol by hand."""
+
+    def __init__(self, stream: SecureStream) -> None:
+        self.stream = stream
+        self.rid = 0
+        self.arrived: list[int] = []
+
+    @classmethod
+    async def handshake(
+        cls, address: str, relay: bytes, identity: Identity, local: str | None = None
+    ) -> Raw:
+        stream = await secure(
+            await tcp(address, local),
+            identity,
+            initiator=True,
+            name="agent",
+            expect=relay,
+            prologue=wire.PROLOGUE,
+            max_frame=wire.MAX_MESSAGE_BYTES + 64,
+        )
+        return cls(stream)
+
+    async def hello(self, token: tuple[bytes, bytes] | None = None) -> wire.Message:
+        await self.send(wire.Hello(token))
+        return await self.receive()
+
+    async def send(self, message: wire.Message) -> None:
+        await self.stream.send(wire.encode(message))
+
+    async def receive(self) -> wire.Message:
+        with trio.fail_after(10):
+            return wire.decode(await self.stream.receive())
+
+    async def ask(self, make: Callable[[int], wire.Request]) -> wire.Message:
+        """Send one request; its answer (Arrived pushed meanwhile is noted)."""
+        self.rid += 1
+        await self.send(make(self.rid))
+        while True:
+            message = await self.receive()
+            if isinstance(message, wire.Arrived):
+                self.arrived.append(message.position)
+                continue
+            return message
+
+    async def closed(self, within: float = 10) -> bool:
+        """Whether the relay ends the connection within ``within`` s (anything it
+        sends before is read and dropped)."""
+        with trio.move_on_after(within):
+            try:
+                while True:
+                    await self.stream.receive()
+            except ConnectionLost:
+                return True
+        return False
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def session(address: str, relay: bytes, identity: Identity, local: str | None = None) -> Raw:
+    """An admitted session (``identity`` must be allowed)."""
+    raw = await Raw.handshake(address, relay, identity, local)
+    welcome = await raw.hello()
+    assert isinstance(welcome, wire.Welcome), welcome
+    return raw
+
+
+def token_hello(text: str, raw: Raw) -> tuple[bytes, bytes]:
+    ident, secret = wire.parse_token(text)
+    return ident, wire.token_proof(secret, raw.stream.handshake_hash)
+
+
+def envelope(
+    sender: Identity,
+    recipient: Identity,
+    seq: int,
+    payload: bytes = b"x",
+    cls: EnvelopeClass = EnvelopeClass.DATA,
+) -> bytes:
+    return seal_envelope(sender, recipient.public_key, seq, cls, 0, payload, os.urandom(32))
+
+
+def policy(owner: Identity, version: int, *senders: Identity, signer: Identity | None = None) -> bytes:
+    signed = sign_policy(signer or owner, version, [s.public_key for s in senders], now_ms())
+    return signed
+
+
+def deposit(data: bytes) -> Callable[[int], wire.Request]:
+    return lambda rid: wire.Deposit(rid, data)
+
+
+def fetch(after: int = 0, limit: int = 1000) -> Callable[[int], wire.Request]:
+    return lambda rid: wire.Fetch(rid, after, limit)
+
+
+def refused(answer: wire.Message, code: wire.RefusalCode) -> bool:
+    return isinstance(answer, wire.Refused) and answer.code is code
+
+
+# ---------------------------------------------------------------- 1. admission
+
+
+async def test_an_unknown_key_is_refused_and_an_allowed_one_admitted(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        stranger, friend = agent(), agent()
+        allow(node, friend)
+        raw = await Raw.handshake(address, relay, stranger)
+        assert await raw.hello() == wire.Bye(NOT_ADMITTED)
+        assert await raw.closed()
+        ok = await Raw.handshake(address, relay, friend)
+        welcome = await ok.hello()
+        assert isinstance(welcome, wire.Welcome)
+        assert welcome.max_sealed == node.home.limits.max_envelope_bytes
+        assert await ok.ask(lambda rid: wire.TakeNotices(rid)) == wire.Notices(1, ())
+        assert (node.counters["refused"], node.counters["admitted"]) == (1, 1)
+        await ok.aclose()
+
+
+async def test_a_token_admits_once_per_use_and_allow_lists_the_key(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        text = node.admission.create_token(2, None, now_ms())
+        first, second, third = agent(), agent(), agent()
+        for who in (first, second):
+            raw = await Raw.handshake(address, relay, who)
+            assert isinstance(await raw.hello(token_hello(text, raw)), wire.Welcome)
+            await raw.aclose()
+        assert set(node.admission.allowed()) == {first.public_key, second.public_key}
+        assert [t.used for t in node.admission.tokens()] == [2]
+        raw = await Raw.handshake(address, relay, third)  # used up
+        assert await raw.hello(token_hello(text, raw)) == wire.Bye(NOT_ADMITTED)
+        # an admitted key needs no token again
+        raw = await Raw.handshake(address, relay, first)
+        assert isinstance(await raw.hello(), wire.Welcome)
+        await raw.aclose()
+        assert [t.used for t in node.admission.tokens()] == [2]
+        log = relay_log(node)
+        assert log.count("admitted ") == 2 and third.public_key.hex() not in log
+
+
+@pytest.mark.parametrize("kind", ["expired", "revoked", "used up"])
+async def test_an_unusable_token_is_refused(tmp_path: Path, kind: str) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        now = now_ms()
+        text = node.admission.create_token(1, now - 1 if kind == "expired" else None, now - 10)
+        if kind == "revoked":
+            node.admission.revoke_token(node.admission.tokens()[0].ident.hex())
+        if kind == "used up":
+            raw = await Raw.handshake(address, relay, agent())
+            assert isinstance(await raw.hello(token_hello(text, raw)), wire.Welcome)
+            await raw.aclose()
+        before = node.admission.allowed()
+        late = agent()
+        raw = await Raw.handshake(address, relay, late)
+        assert await raw.hello(token_hello(text, raw)) == wire.Bye(NOT_ADMITTED)
+        assert node.admission.allowed() == before
+        assert late.public_key not in node.admission.allowed()
+
+
+async def test_an_overheard_proof_admits_no_one_in_another_session(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        text = node.admission.create_token(5, None, now_ms())
+        victim, thief = agent(), agent()
+        raw = await Raw.handshake(address, relay, victim)
+        overheard = token_hello(text, raw)
+        assert isinstance(await raw.hello(overheard), wire.Welcome)
+        await raw.aclose()
+        replay = await Raw.handshake(address, relay, thief)
+        assert replay.stream.handshake_hash != raw.stream.handshake_hash
+        assert await replay.hello(overheard) == wire.Bye(NOT_ADMITTED)
+        wrong = await Raw.handshake(address, relay, thief)
+        assert await wrong.hello((overheard[0], os.urandom(32))) == wire.Bye(NOT_ADMITTED)
+        unknown = await Raw.handshake(address, relay, thief)
+        ident = os.urandom(wire.TOKEN_ID_BYTES)
+        assert await unknown.hello((ident, overheard[1])) == wire.Bye(NOT_ADMITTED)
+        assert set(node.admission.allowed()) == {victim.public_key}
+        assert [t.used for t in node.admission.tokens()] == [1]
+
+
+async def test_a_denied_key_stays_out_even_with_a_valid_token(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        text = node.admission.create_token(1, None, now_ms())
+        banned = agent()
+        allow(node, banned)
+        node.admission.deny(banned.public_key)
+        raw = await Raw.handshake(address, relay, banned)
+        assert await raw.hello(token_hello(text, raw)) == wire.Bye(NOT_ADMITTED)
+        assert node.admission.allowed() == {}
+        assert [t.used for t in node.admission.tokens()] == [0]
+
+
+async def test_a_refused_session_stores_nothing_whatever_it_sends(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        stranger, friend = agent(), agent()
+        raw = await Raw.handshake(address, relay, stranger)
+        # pipelined behind the Hello, before any answer: a policy and a deposit
+        with contextlib.suppress(ConnectionLost):  # the relay may have closed already
+            await raw.send(wire.Hello(None))
+            await raw.send(wire.Policy(1, policy(stranger, 1, friend)))
+            await raw.send(wire.Deposit(2, envelope(stranger, friend, 1)))
+        assert await raw.receive() == wire.Bye(NOT_ADMITTED)
+        assert await raw.closed()
+        assert node.mailbox.summary(now_ms()).envelopes == 0
+        assert node.mailbox.policy(stranger.public_key) == NO_POLICY
+        assert node.admission.allowed() == {}
+        assert not (node.home.path / relay_home.ADMISSION_FILE).exists()
+        assert stranger.public_key.hex() not in relay_log(node)
