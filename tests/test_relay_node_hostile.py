@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -303,3 +304,107 @@ async def test_a_refused_session_stores_nothing_whatever_it_sends(tmp_path: Path
         assert node.admission.allowed() == {}
         assert not (node.home.path / relay_home.ADMISSION_FILE).exists()
         assert stranger.public_key.hex() not in relay_log(node)
+
+
+# ---------------------------------------------------------------- 2. before admission
+
+
+async def test_a_frame_over_512_bytes_before_admission_ends_the_connection(
+    tmp_path: Path,
+) -> None:
+    async with serving(make_home(tmp_path, handshake_seconds=30)) as (node, address):
+        relay = node.home.identity.public_key
+        friend = agent()
+        allow(node, friend)  # even an allowed key: the Hello frame is capped
+        raw = await Raw.handshake(address, relay, friend)
+        start = trio.current_time()
+        # only the length of a 600-byte frame: refused before its body is awaited
+        await raw.stream.stream.send_all(struct.pack(">I", 600) + bytes(16))
+        assert await raw.closed(within=5)
+        assert trio.current_time() - start < 5  # not the handshake deadline
+        assert node.counters["admitted"] == 0
+        ok = await session(address, relay, friend)
+        await ok.aclose()
+
+
+async def test_a_silent_connection_is_closed_by_the_handshake_deadline(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path, handshake_seconds=0.5)) as (node, address):
+        start = trio.current_time()
+        stream = await tcp(address)
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b""
+        assert 0.4 < trio.current_time() - start < 3
+        assert len(node.half_open) == 0
+        await stream.aclose()
+
+
+async def test_a_handshake_without_hello_is_closed_by_the_deadline(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path, handshake_seconds=0.5)) as (node, address):
+        friend = agent()
+        allow(node, friend)
+        start = trio.current_time()
+        raw = await Raw.handshake(address, node.home.identity.public_key, friend)
+        assert await raw.closed(within=5)
+        assert 0.4 < trio.current_time() - start < 3
+        assert node.counters["timed_out"] == 1 and node.counters["admitted"] == 0
+        assert len(node.half_open) == 0
+
+
+async def wait_half_open(node: Node, count: int, accepted: int) -> None:
+    """Until the node accepted ``accepted`` connections and holds ``count`` half-open."""
+    with trio.fail_after(5):
+        while len(node.half_open) != count or node.counters["accepted"] != accepted:
+            await trio.sleep(0.01)
+
+
+async def still_open(stream: trio.SocketStream) -> bool:
+    with trio.move_on_after(0.2):
+        try:
+            return await stream.receive_some(100) != b""
+        except (trio.BrokenResourceError, OSError):
+            return False
+    return True
+
+
+async def test_half_open_connections_from_one_address_evict_their_own_oldest(
+    tmp_path: Path,
+) -> None:
+    home = make_home(tmp_path, handshake_seconds=30, half_open_per_address=3, half_open_total=10)
+    async with serving(home) as (node, address):
+        loris: list[trio.SocketStream] = []
+        for n in range(5):
+            loris.append(await tcp(address))
+            await wait_half_open(node, min(n + 1, 3), n + 1)
+        assert [await still_open(s) for s in loris] == [False, False, True, True, True]
+        assert node.half_open.evicted == 2
+        friend = agent()
+        allow(node, friend)
+        ok = await session(address, node.home.identity.public_key, friend, local=OTHER)
+        assert isinstance(await ok.ask(fetch()), wire.Envelopes)
+        assert node.half_open.evicted == 2  # the agent evicted no one
+        assert [await still_open(s) for s in loris[2:]] == [True, True, True]
+        for s in loris:
+            await s.aclose()
+        await ok.aclose()
+
+
+async def test_the_total_half_open_cap_evicts_the_oldest_overall(tmp_path: Path) -> None:
+    home = make_home(tmp_path, handshake_seconds=30, half_open_per_address=8, half_open_total=3)
+    async with serving(home) as (node, address):
+        first = [await tcp(address)]
+        await wait_half_open(node, 1, 1)
+        others = [await tcp(address, OTHER)]
+        await wait_half_open(node, 2, 2)
+        first.append(await tcp(address))
+        await wait_half_open(node, 3, 3)
+        newest = await tcp(address, OTHER)  # over the total: the oldest goes
+        await wait_half_open(node, 3, 4)
+        assert [await still_open(s) for s in (*first, *others, newest)] == [
+            False,
+            True,
+            True,
+            True,
+        ]
+        assert node.half_open.evicted == 1
+        for s in (*first, *others, newest):
+            await s.aclose()
