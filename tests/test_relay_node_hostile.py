@@ -22,12 +22,13 @@ import pytest
 import trio
 
 from p2psync.clock import now_ms
+from p2psync.core import canonical
 from p2psync.core import relaywire as wire
 from p2psync.core.envelope import MAX_PAYLOAD_BY_CLASS, EnvelopeClass, seal_envelope
 from p2psync.core.frames import frame
 from p2psync.core.identity import Identity, device_id
 from p2psync.core.mailbox import NO_POLICY, Limits
-from p2psync.core.policy import sign_policy
+from p2psync.core.policy import FORMAT, POLICY_PREFIX, sign_policy
 from p2psync.errors import ConnectionLost
 from p2psync.net.transport import SecureStream, secure
 from p2psync.relay import home as relay_home
@@ -174,9 +175,17 @@ def envelope(
     return seal_envelope(sender, recipient.public_key, seq, cls, 0, payload, os.urandom(32))
 
 
-def policy(owner: Identity, version: int, *senders: Identity, signer: Identity | None = None) -> bytes:
-    signed = sign_policy(signer or owner, version, [s.public_key for s in senders], now_ms())
-    return signed
+def policy(owner: Identity, version: int, *senders: Identity) -> bytes:
+    return sign_policy(owner, version, [s.public_key for s in senders], now_ms())
+
+
+def forged_policy(owner: Identity, signer: Identity, version: int, *senders: Identity) -> bytes:
+    """A policy for ``owner``'s mailbox, signed by ``signer`` instead."""
+    body = canonical.encode(
+        {0: FORMAT, 1: owner.public_key, 2: version, 3: sorted(s.public_key for s in senders),
+         4: now_ms()}
+    )
+    return canonical.encode([body, signer.sign(POLICY_PREFIX + body)])
 
 
 def deposit(data: bytes) -> Callable[[int], wire.Request]:
@@ -408,3 +417,233 @@ async def test_the_total_half_open_cap_evicts_the_oldest_overall(tmp_path: Path)
         assert node.half_open.evicted == 1
         for s in (*first, *others, newest):
             await s.aclose()
+
+
+# ---------------------------------------------------------------- 3. in a session
+
+
+@asynccontextmanager
+async def three(tmp_path: Path, limits: Limits | None = None, **caps: float) -> AsyncIterator[
+    tuple[Node, str, tuple[Identity, Identity, Identity]]
+]:
+    """A node with three allowed agents: a, b (b's policy lists a and c) and c."""
+    async with serving(make_home(tmp_path, limits, **caps)) as (node, address):
+        a, b, c = agent(), agent(), agent()
+        allow(node, a, b, c)
+        raw = await session(address, node.home.identity.public_key, b)
+        assert await raw.ask(lambda rid: wire.Policy(rid, policy(b, 1, a, c))) == wire.Done(1, 1)
+        await raw.aclose()
+        yield node, address, (a, b, c)
+
+
+def held(node: Node, recipient: Identity) -> list[tuple[bytes, int]]:
+    """(sender, seq) of what the recipient's mailbox holds."""
+    got = node.mailbox.fetch(recipient.public_key, 0, 1000, now_ms())
+    return [(e.header.sender, e.header.seq) for e in got]
+
+
+async def test_a_deposit_in_someone_elses_name_is_refused_malformed(tmp_path: Path) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        raw = await session(address, node.home.identity.public_key, c)
+        forged = envelope(a, b, 1)  # a's envelope, deposited by c
+        assert refused(await raw.ask(deposit(forged)), wire.RefusalCode.MALFORMED)
+        for garbage in (b"\x00", forged[:-1], flip_bit(forged, 8 * 5), b"\xa0" * 2000):
+            assert refused(await raw.ask(deposit(garbage)), wire.RefusalCode.MALFORMED)
+        assert held(node, b) == []
+        assert isinstance(await raw.ask(deposit(envelope(c, b, 1))), wire.Stored)  # still served
+        assert held(node, b) == [(c.public_key, 1)]
+        await raw.aclose()
+
+
+async def test_a_policy_signed_by_another_or_older_is_refused(tmp_path: Path) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        raw = await session(address, relay, c)
+        # c hands over b's own (genuine) policy, and one for c signed by a
+        for signed in (policy(b, 9, c), forged_policy(c, a, 9, a)):
+            assert refused(await raw.ask(lambda rid, s=signed: wire.Policy(rid, s)), wire.RefusalCode.MALFORMED)
+        tampered = flip_bit(policy(c, 9, a), 8 * 40)
+        assert refused(await raw.ask(lambda rid: wire.Policy(rid, tampered)), wire.RefusalCode.MALFORMED)
+        assert node.mailbox.policy(c.public_key) == NO_POLICY
+        assert node.mailbox.policy(b.public_key).version == 1
+        raw_b = await session(address, relay, b)
+        assert await raw_b.ask(lambda rid: wire.Policy(rid, policy(b, 3, a))) == wire.Done(1, 1)
+        for version in (3, 2):
+            answer = await raw_b.ask(lambda rid, v=version: wire.Policy(rid, policy(b, v, c)))
+            assert refused(answer, wire.RefusalCode.NOT_NEWER)
+        assert node.mailbox.policy(b.public_key).senders == {a.public_key}
+        await raw.aclose()
+        await raw_b.aclose()
+
+
+async def test_a_sender_off_the_policy_is_refused_not_allowed(tmp_path: Path) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        raw = await session(address, node.home.identity.public_key, b)
+        # a has no policy: nobody may deposit data or receipts for a
+        for cls in (EnvelopeClass.DATA, EnvelopeClass.RECEIPT):
+            answer = await raw.ask(deposit(envelope(b, a, 1, cls=cls)))
+            assert refused(answer, wire.RefusalCode.NOT_ALLOWED)
+        assert held(node, a) == []
+        intro = await raw.ask(deposit(envelope(b, a, 2, cls=EnvelopeClass.INTRODUCTION)))
+        assert isinstance(intro, wire.Stored)
+        assert held(node, a) == [(b.public_key, 2)]
+        await raw.aclose()
+
+
+async def test_a_full_mailbox_refuses_and_never_evicts(tmp_path: Path) -> None:
+    async with three(tmp_path, Limits(mailbox_count=2)) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        raw_a = await session(address, relay, a)
+        raw_c = await session(address, relay, c)
+        assert isinstance(await raw_a.ask(deposit(envelope(a, b, 1))), wire.Stored)
+        assert isinstance(await raw_a.ask(deposit(envelope(a, b, 2))), wire.Stored)
+        full = await raw_c.ask(deposit(envelope(c, b, 1)))
+        assert refused(full, wire.RefusalCode.FULL)
+        assert isinstance(full, wire.Refused) and "mailbox-count" in full.detail
+        raw_b = await session(address, relay, b)
+        served = await raw_b.ask(fetch())
+        assert isinstance(served, wire.Envelopes)
+        assert [h.position for h in served.held] == [1, 2] and not served.more
+        for raw in (raw_a, raw_b, raw_c):
+            await raw.aclose()
+
+
+async def test_a_fetch_answer_never_exceeds_the_message_cap(tmp_path: Path) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        raw_a = await session(address, relay, a)
+        largest = MAX_PAYLOAD_BY_CLASS[EnvelopeClass.DATA]
+        sizes = [largest, 1_500_000, 1_500_000, largest // 2, 100]
+        for seq, size in enumerate(sizes, 1):
+            stored = await raw_a.ask(deposit(envelope(a, b, seq, os.urandom(size))))
+            assert isinstance(stored, wire.Stored), stored
+        raw_b = await session(address, relay, b)
+        after, batches = 0, []
+        while True:
+            raw_b.rid += 1
+            await raw_b.stream.send(wire.encode(wire.Fetch(raw_b.rid, after, 1000)))
+            data = await raw_b.stream.receive()
+            assert len(data) <= wire.MAX_MESSAGE_BYTES
+            answer = wire.decode(data)
+            assert isinstance(answer, wire.Envelopes) and answer.held
+            batches.append([h.position for h in answer.held])
+            after = answer.held[-1].position
+            if not answer.more:
+                break
+        assert [p for batch in batches for p in batch] == [1, 2, 3, 4, 5]
+        assert len(batches) >= 3 and batches[0] == [1]
+        await raw_a.aclose()
+        await raw_b.aclose()
+
+
+async def test_an_agent_reaches_only_its_own_mailbox_and_envelopes(tmp_path: Path) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        raw_a = await session(address, relay, a)
+        raw_c = await session(address, relay, c)
+        assert isinstance(await raw_a.ask(deposit(envelope(a, b, 1))), wire.Stored)
+        assert isinstance(await raw_c.ask(deposit(envelope(c, b, 1))), wire.Stored)
+        # c names a's envelope in b's mailbox: delete touches c's own mailbox only
+        names = ((a.public_key, 1), (c.public_key, 1))
+        assert await raw_c.ask(lambda rid: wire.Delete(rid, names)) == wire.Done(2, 0)
+        # c retracts seq 1 to b: its own envelope goes, a's (also seq 1) stays
+        retract = await raw_c.ask(lambda rid: wire.Retract(rid, b.public_key, (1,)))
+        assert retract == wire.Done(3, 1)
+        assert held(node, b) == [(a.public_key, 1)]
+        # c fetches: its own (empty) mailbox, never b's
+        assert await raw_c.ask(fetch()) == wire.Envelopes(4, (), False)
+        # a cannot retract in someone else's name either: the key is the session's
+        assert await raw_a.ask(lambda rid: wire.Retract(rid, c.public_key, (1,))) == wire.Done(2, 0)
+        assert held(node, b) == [(a.public_key, 1)]
+        raw_b = await session(address, relay, b)
+        assert await raw_b.ask(lambda rid: wire.Delete(rid, ((a.public_key, 1),))) == wire.Done(
+            1, 1
+        )
+        assert held(node, b) == []
+        for raw in (raw_a, raw_b, raw_c):
+            await raw.aclose()
+
+
+def cbor_message(*items: object) -> bytes:
+    return canonical.encode(list(items))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"\xff\x00garbage",  # not CBOR
+        cbor_message(99, 1),  # an unknown type
+        cbor_message(25, 1),  # reserved for the live splice
+        cbor_message(6, 1, 0),  # a Fetch missing its limit
+        cbor_message(6, 1, 0, 5000),  # a Fetch above MAX_FETCH
+        wire.encode(wire.Welcome(1, 1024, 1, 1)),  # the relay's to send
+        wire.encode(wire.Hello(None)),  # a second Hello
+        wire.encode(wire.Stored(1, 1)),  # an answer
+    ],
+)
+async def test_a_malformed_or_unexpected_message_ends_only_that_session(
+    tmp_path: Path, message: bytes
+) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        bystander = await session(address, relay, a)
+        raw = await session(address, relay, c)
+        await raw.stream.send(message)
+        bye = await raw.receive()
+        assert isinstance(bye, wire.Bye), bye
+        assert await raw.closed()
+        assert isinstance(await bystander.ask(deposit(envelope(a, b, 1))), wire.Stored)
+        assert await bystander.ask(lambda rid: wire.TakeNotices(rid)) == wire.Notices(2, ())
+        await bystander.aclose()
+
+
+async def test_arrived_is_pushed_to_the_recipients_open_sessions(tmp_path: Path) -> None:
+    async with three(tmp_path) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        raw_b1 = await session(address, relay, b)
+        raw_b2 = await session(address, relay, b)
+        raw_a = await session(address, relay, a)
+        assert isinstance(await raw_a.ask(deposit(envelope(a, b, 1))), wire.Stored)
+        assert await raw_b1.receive() == wire.Arrived(1)
+        assert await raw_b2.receive() == wire.Arrived(1)
+        assert isinstance(await raw_a.ask(deposit(envelope(a, b, 1))), wire.Duplicate)
+        assert isinstance(await raw_a.ask(deposit(envelope(a, b, 2))), wire.Stored)
+        assert await raw_b1.receive() == wire.Arrived(2)  # nothing for the duplicate
+        assert raw_a.arrived == []  # the depositor is not told
+        for raw in (raw_a, raw_b1, raw_b2):
+            await raw.aclose()
+
+
+async def test_an_idle_session_gets_bye(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path, idle_seconds=0.5)) as (node, address):
+        relay = node.home.identity.public_key
+        friend = agent()
+        allow(node, friend)
+        raw = await session(address, relay, friend)
+        busy = await session(address, relay, friend)
+        start = trio.current_time()
+        for _ in range(6):  # a ping every 0.2 s keeps this one alive
+            await trio.sleep(0.2)
+            assert await busy.ask(lambda _rid: wire.Ping(7)) == wire.Pong(7)  # type: ignore[arg-type,return-value]
+        assert await raw.receive() == wire.Bye("idle for too long")
+        assert await raw.closed()
+        assert trio.current_time() - start < 3
+        assert len(node.sessions[friend.public_key]) == 1
+        await busy.aclose()
+
+
+async def test_a_fifth_session_of_one_device_closes_the_oldest(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        friend = agent()
+        allow(node, friend)
+        raws = []
+        for _ in range(5):
+            raws.append(await session(address, relay, friend))
+            await raws[-1].ask(fetch())  # the session is in node.sessions once answered
+        assert await raws[0].closed()
+        for raw in raws[1:]:
+            assert isinstance(await raw.ask(fetch()), wire.Envelopes)
+        assert len(node.sessions[friend.public_key]) == 4
+        for raw in raws:
+            await raw.aclose()
