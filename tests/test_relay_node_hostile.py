@@ -24,18 +24,16 @@ import trio
 from p2psync.clock import now_ms
 from p2psync.core import canonical
 from p2psync.core import relaywire as wire
-from p2psync.core.envelope import MAX_PAYLOAD_BY_CLASS, EnvelopeClass, seal_envelope
+from p2psync.core.envelope import MAX_PAYLOAD_BY_CLASS, EnvelopeClass, read_header, seal_envelope
 from p2psync.core.frames import frame
-from p2psync.core.identity import Identity, device_id
+from p2psync.core.identity import Identity, device_id, parse_device_id
 from p2psync.core.mailbox import NO_POLICY, Limits
 from p2psync.core.policy import FORMAT, POLICY_PREFIX, sign_policy
 from p2psync.errors import ConnectionLost
 from p2psync.net.transport import SecureStream, secure
 from p2psync.relay import home as relay_home
-from p2psync.relay.admission import Admission
 from p2psync.relay.home import LOG_FILE, RelayHome
 from p2psync.relay.node import NOT_ADMITTED, Node
-from p2psync.store.mailbox import SqliteMailbox
 from tests.agents import cli
 from tests.helpers import flip_bit
 from tests.relaynode import RelayNode
@@ -182,8 +180,13 @@ def policy(owner: Identity, version: int, *senders: Identity) -> bytes:
 def forged_policy(owner: Identity, signer: Identity, version: int, *senders: Identity) -> bytes:
     """A policy for ``owner``'s mailbox, signed by ``signer`` instead."""
     body = canonical.encode(
-        {0: FORMAT, 1: owner.public_key, 2: version, 3: sorted(s.public_key for s in senders),
-         4: now_ms()}
+        {
+            0: FORMAT,
+            1: owner.public_key,
+            2: version,
+            3: sorted(s.public_key for s in senders),
+            4: now_ms(),
+        }
     )
     return canonical.encode([body, signer.sign(POLICY_PREFIX + body)])
 
@@ -215,7 +218,7 @@ async def test_an_unknown_key_is_refused_and_an_allowed_one_admitted(tmp_path: P
         welcome = await ok.hello()
         assert isinstance(welcome, wire.Welcome)
         assert welcome.max_sealed == node.home.limits.max_envelope_bytes
-        assert await ok.ask(lambda rid: wire.TakeNotices(rid)) == wire.Notices(1, ())
+        assert await ok.ask(wire.TakeNotices) == wire.Notices(1, ())
         assert (node.counters["refused"], node.counters["admitted"]) == (1, 1)
         await ok.aclose()
 
@@ -423,9 +426,9 @@ async def test_the_total_half_open_cap_evicts_the_oldest_overall(tmp_path: Path)
 
 
 @asynccontextmanager
-async def three(tmp_path: Path, limits: Limits | None = None, **caps: float) -> AsyncIterator[
-    tuple[Node, str, tuple[Identity, Identity, Identity]]
-]:
+async def three(
+    tmp_path: Path, limits: Limits | None = None, **caps: float
+) -> AsyncIterator[tuple[Node, str, tuple[Identity, Identity, Identity]]]:
     """A node with three allowed agents: a, b (b's policy lists a and c) and c."""
     async with serving(make_home(tmp_path, limits, **caps)) as (node, address):
         a, b, c = agent(), agent(), agent()
@@ -461,9 +464,13 @@ async def test_a_policy_signed_by_another_or_older_is_refused(tmp_path: Path) ->
         raw = await session(address, relay, c)
         # c hands over b's own (genuine) policy, and one for c signed by a
         for signed in (policy(b, 9, c), forged_policy(c, a, 9, a)):
-            assert refused(await raw.ask(lambda rid, s=signed: wire.Policy(rid, s)), wire.RefusalCode.MALFORMED)
+            assert refused(
+                await raw.ask(lambda rid, s=signed: wire.Policy(rid, s)), wire.RefusalCode.MALFORMED
+            )
         tampered = flip_bit(policy(c, 9, a), 8 * 40)
-        assert refused(await raw.ask(lambda rid: wire.Policy(rid, tampered)), wire.RefusalCode.MALFORMED)
+        assert refused(
+            await raw.ask(lambda rid: wire.Policy(rid, tampered)), wire.RefusalCode.MALFORMED
+        )
         assert node.mailbox.policy(c.public_key) == NO_POLICY
         assert node.mailbox.policy(b.public_key).version == 1
         raw_b = await session(address, relay, b)
@@ -477,7 +484,7 @@ async def test_a_policy_signed_by_another_or_older_is_refused(tmp_path: Path) ->
 
 
 async def test_a_sender_off_the_policy_is_refused_not_allowed(tmp_path: Path) -> None:
-    async with three(tmp_path) as (node, address, (a, b, c)):
+    async with three(tmp_path) as (node, address, (a, b, _c)):
         raw = await session(address, node.home.identity.public_key, b)
         # a has no policy: nobody may deposit data or receipts for a
         for cls in (EnvelopeClass.DATA, EnvelopeClass.RECEIPT):
@@ -509,7 +516,7 @@ async def test_a_full_mailbox_refuses_and_never_evicts(tmp_path: Path) -> None:
 
 
 async def test_a_fetch_answer_never_exceeds_the_message_cap(tmp_path: Path) -> None:
-    async with three(tmp_path) as (node, address, (a, b, c)):
+    async with three(tmp_path) as (node, address, (a, b, _c)):
         relay = node.home.identity.public_key
         raw_a = await session(address, relay, a)
         largest = MAX_PAYLOAD_BY_CLASS[EnvelopeClass.DATA]
@@ -593,12 +600,12 @@ async def test_a_malformed_or_unexpected_message_ends_only_that_session(
         assert isinstance(bye, wire.Bye), bye
         assert await raw.closed()
         assert isinstance(await bystander.ask(deposit(envelope(a, b, 1))), wire.Stored)
-        assert await bystander.ask(lambda rid: wire.TakeNotices(rid)) == wire.Notices(2, ())
+        assert await bystander.ask(wire.TakeNotices) == wire.Notices(2, ())
         await bystander.aclose()
 
 
 async def test_arrived_is_pushed_to_the_recipients_open_sessions(tmp_path: Path) -> None:
-    async with three(tmp_path) as (node, address, (a, b, c)):
+    async with three(tmp_path) as (node, address, (a, b, _c)):
         relay = node.home.identity.public_key
         raw_b1 = await session(address, relay, b)
         raw_b2 = await session(address, relay, b)
@@ -647,3 +654,201 @@ async def test_a_fifth_session_of_one_device_closes_the_oldest(tmp_path: Path) -
         assert len(node.sessions[friend.public_key]) == 4
         for raw in raws:
             await raw.aclose()
+
+
+# ---------------------------------------------------------------- 4. robustness
+
+
+@pytest.fixture
+def relay_process(tmp_path: Path) -> Iterator[RelayNode]:
+    node = RelayNode(tmp_path / "relay").init()
+    yield node
+    node.stop()
+
+
+def allow_cli(relay: RelayNode, *who: Identity) -> None:
+    for identity in who:
+        cli(relay.home, "relay", "allow", device_id(identity.public_key))
+
+
+async def set_policy(address: str, relay: bytes, owner: Identity, *senders: Identity) -> None:
+    raw = await session(address, relay, owner)
+    assert await raw.ask(lambda rid: wire.Policy(rid, policy(owner, 1, *senders))) == wire.Done(
+        1, 1
+    )
+    await raw.aclose()
+
+
+def linger_zero(raw: Raw) -> None:
+    """Make closing the socket send a RST."""
+    sock = raw.stream.stream.socket  # type: ignore[attr-defined]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_clients_dropping_mid_request_do_not_take_the_relay_down(
+    relay_process: RelayNode,
+) -> None:
+    a, b, c = agent(), agent(), agent()
+    await trio.to_thread.run_sync(allow_cli, relay_process, a, b, c)
+    relay_process.start()
+    address = relay_process.address
+    relay = parse_device_id(relay_process.device_id)
+    await set_policy(address, relay, b, a, c)
+    big = envelope(c, b, 1, os.urandom(2_000_000))
+    raw = await session(address, relay, c)
+    assert isinstance(await raw.ask(deposit(big)), wire.Stored)
+    await raw.aclose()
+
+    # TCP only; garbage; a cut handshake frame; a garbage handshake frame
+    for data in (b"", os.urandom(300), struct.pack(">I", 4000) + bytes(10), frame(os.urandom(96))):
+        stream = await tcp(address)
+        await stream.send_all(data) if data else None
+        await stream.aclose()
+    # admitted, then half a frame of a deposit
+    raw = await session(address, relay, a)
+    await raw.stream.stream.send_all(struct.pack(">I", 100_000) + bytes(50_000))
+    await raw.aclose()
+    # admitted, a deposit cut mid-message by a RST
+    raw = await session(address, relay, a)
+    linger_zero(raw)
+    whole = wire.encode(wire.Deposit(1, envelope(a, b, 9, os.urandom(500_000))))
+    await raw.stream.stream.send_all(struct.pack(">I", len(whole) + 16) + whole[:200_000])
+    await raw.aclose()
+    # b asks for its 2 MB envelope many times and hangs up (RST) without reading
+    raw = await session(address, relay, b)
+    for rid in range(1, 20):
+        await raw.send(wire.Fetch(rid, 0, 10))
+    linger_zero(raw)
+    await raw.aclose()
+    # deposits pipelined, then gone before the answers
+    raw = await session(address, relay, a)
+    for seq in range(1, 6):
+        await raw.send(wire.Deposit(seq, envelope(a, b, seq)))
+    await raw.aclose()
+
+    await trio.sleep(0.5)
+    assert relay_process.process is not None and relay_process.process.poll() is None
+    sender = await session(address, relay, a)
+    assert isinstance(await sender.ask(deposit(envelope(a, b, 100))), wire.Stored)
+    receiver = await session(address, relay, b)
+    served = await receiver.ask(fetch())
+    assert isinstance(served, wire.Envelopes)
+    got = {wire_header_of(h.envelope) for h in served.held}
+    assert (c.public_key, 1) in got and (a.public_key, 100) in got
+    assert (a.public_key, 9) not in got  # the cut deposit never landed
+    await sender.aclose()
+    await receiver.aclose()
+    assert relay_process.process.poll() is None
+
+
+def wire_header_of(data: bytes) -> tuple[bytes, int]:
+    header = read_header(data)
+    return header.sender, header.seq
+
+
+async def test_a_connection_gets_about_its_byte_rate(tmp_path: Path) -> None:
+    rate = 200_000
+    async with three(tmp_path, bytes_per_second_per_connection=rate) as (node, address, abc):
+        a, b, _ = abc
+        raw = await session(address, node.home.identity.public_key, a)
+        envelopes = [envelope(a, b, seq, os.urandom(60_000)) for seq in range(1, 80)]
+        answers: list[wire.Message] = []
+
+        async def upload() -> None:
+            for seq, data in enumerate(envelopes, 1):
+                await raw.send(wire.Deposit(seq, data))
+
+        async def read() -> None:
+            while True:
+                answers.append(await raw.receive())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            nursery.start_soon(read)
+            await trio.sleep(1)  # past the one-second burst
+            throttled = node.sessions[a.public_key][0].throttled
+            start, begun = throttled.bytes_in, trio.current_time()
+            await trio.sleep(3)
+            got = throttled.bytes_in - start
+            elapsed = trio.current_time() - begun
+            nursery.cancel_scope.cancel()
+        assert 0.6 * rate * elapsed < got < 1.4 * rate * elapsed + 65_536, got
+        stored = [m for m in answers if isinstance(m, wire.Stored)]
+        assert len(stored) == len(answers) and len(stored) < len(envelopes)
+        await raw.aclose()
+
+
+# ---------------------------------------------------------------- 5. the operator
+
+
+async def wait_status(relay: RelayNode, ok: Callable[[dict[str, object]], bool]) -> dict:  # type: ignore[type-arg]
+    with trio.fail_after(10):
+        while True:
+            status = await trio.to_thread.run_sync(relay.status)
+            if ok(status):
+                return status
+            await trio.sleep(0.3)
+
+
+async def test_relay_status_while_serving_shows_sessions_and_the_mailbox(
+    relay_process: RelayNode,
+) -> None:
+    a, b = agent(), agent()
+    await trio.to_thread.run_sync(allow_cli, relay_process, a, b)
+    relay_process.start()
+    address, relay = relay_process.address, parse_device_id(relay_process.device_id)
+    await set_policy(address, relay, b, a)
+    raw = await session(address, relay, a)
+    for seq in (1, 2):
+        assert isinstance(await raw.ask(deposit(envelope(a, b, seq, bytes(3000)))), wire.Stored)
+
+    def deposited(status: dict) -> bool:  # type: ignore[type-arg]
+        running = status["running"]
+        return running is not None and any(s["deposits"] == 2 for s in running["sessions"])
+
+    status = await wait_status(relay_process, deposited)
+    (row,) = status["running"]["sessions"]
+    assert row["device_id"] == device_id(a.public_key) and row["address"] == "127.0.0.1"
+    assert row["requests"] == 2 and row["bytes_in"] > 2 * 4096
+    assert status["running"]["counters"]["admitted"] == 2
+    assert status["mailbox"]["mailboxes"] == 1 and status["mailbox"]["envelopes"] == 2
+    assert status["mailbox"]["bytes"] == 2 * 4096  # sealed sizes: the 4 KiB bucket
+    assert status["quota"]["count"] == 2 and status["allowed"] == 2
+    text = await trio.to_thread.run_sync(cli, relay_process.home, "relay", "status")
+    assert "sessions: 1 " in text and "mailboxes: 1 holding 2 envelopes" in text
+    await raw.aclose()
+    status = await wait_status(relay_process, lambda s: s["running"]["sessions"] == [])  # type: ignore[index]
+    assert status["mailbox"]["envelopes"] == 2
+
+
+async def test_purge_drops_the_mailbox_logs_it_and_tells_the_senders(
+    relay_process: RelayNode,
+) -> None:
+    a, b = agent(), agent()
+    await trio.to_thread.run_sync(allow_cli, relay_process, a, b)
+    relay_process.start()
+    address, relay = relay_process.address, parse_device_id(relay_process.device_id)
+    await set_policy(address, relay, b, a)
+    raw = await session(address, relay, a)
+    for seq in (1, 2):
+        assert isinstance(await raw.ask(deposit(envelope(a, b, seq))), wire.Stored)
+    out = await trio.to_thread.run_sync(
+        cli, relay_process.home, "relay", "purge", device_id(b.public_key), "--yes"
+    )
+    assert "purged 2 envelopes" in out
+    log = (relay_process.home / LOG_FILE).read_text()
+    assert f"purge {b.public_key.hex()} dropped=2" in log
+    notices = await raw.ask(wire.TakeNotices)
+    assert isinstance(notices, wire.Notices)
+    assert sorted((n.recipient, n.seq) for n in notices.notices) == [
+        (b.public_key, 1),
+        (b.public_key, 2),
+    ]
+    assert await raw.ask(wire.TakeNotices) == wire.Notices(4, ())
+    # the policy went with the mailbox: a must wait for b to hand it over again
+    assert refused(await raw.ask(deposit(envelope(a, b, 3))), wire.RefusalCode.NOT_ALLOWED)
+    receiver = await session(address, relay, b)
+    assert await receiver.ask(fetch()) == wire.Envelopes(1, (), False)
+    await receiver.aclose()
+    await raw.aclose()
+    assert relay_process.process is not None and relay_process.process.poll() is None
