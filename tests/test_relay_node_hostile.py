@@ -852,3 +852,23 @@ async def test_purge_drops_the_mailbox_logs_it_and_tells_the_senders(
     await receiver.aclose()
     await raw.aclose()
     assert relay_process.process is not None and relay_process.process.poll() is None
+
+
+async def test_a_session_that_never_reads_its_answers_is_closed(tmp_path: Path) -> None:
+    """Answers pile up unread (the socket's buffers fill and the relay's send
+    blocks): the session must not hold its task and socket forever."""
+    async with three(tmp_path, idle_seconds=1) as (node, address, (a, b, _)):
+        relay = node.home.identity.public_key
+        raw_a = await session(address, relay, a)
+        assert isinstance(
+            await raw_a.ask(deposit(envelope(a, b, 1, os.urandom(2_000_000)))), wire.Stored
+        )
+        await raw_a.aclose()
+        hog = await session(address, relay, b)
+        for rid in range(1, 60):  # 120 MB of answers, never read
+            await hog.send(wire.Fetch(rid, 0, 10))
+        with trio.move_on_after(8):
+            while b.public_key in node.sessions:
+                await trio.sleep(0.1)
+        assert b.public_key not in node.sessions
+        await hog.aclose()

@@ -13,8 +13,9 @@ connection goes through, in order (``docs/relay.md``, "Relay sessions"):
 3. **session**: requests answered in order, one at a time (each answer after
    its transaction committed); ``Arrived`` pushed, unasked, when a deposit
    for this device is stored; ``Ping`` answered; silent for
-   ``caps.idle_seconds``: ``Bye``. A device has at most
-   ``caps.sessions_per_device`` sessions: a newer one closes the oldest.
+   ``caps.idle_seconds``: ``Bye``; reading nothing of an answer for as long:
+   closed. A device has at most ``caps.sessions_per_device`` sessions: a newer
+   one closes the oldest.
 
 Inbound bytes are rate-capped per connection and in total
 (:class:`~p2psync.relay.guards.Throttled`). The sweep drops expired envelopes
@@ -62,8 +63,11 @@ NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID 
 class Session:
     """One admitted session."""
 
-    def __init__(self, stream: SecureStream, address: str, throttled: Throttled) -> None:
+    def __init__(
+        self, stream: SecureStream, address: str, throttled: Throttled, send_seconds: float
+    ) -> None:
         self.stream = stream
+        self.send_seconds = send_seconds
         self.key = stream.peer
         self.address = address
         self.throttled = throttled
@@ -76,7 +80,12 @@ class Session:
         self._arrival = trio.Event()
 
     async def send(self, message: wire.Message) -> None:
-        await self.stream.send(wire.encode(message))
+        """Send one message; a device that reads nothing of it for ``send_seconds``
+        (the idle cap) loses the session (its unread answers pile up otherwise)."""
+        with trio.move_on_after(self.send_seconds) as scope:
+            await self.stream.send(wire.encode(message))
+        if scope.cancelled_caught:
+            raise ConnectionLost(f"{short_id(self.key)} read nothing for {self.send_seconds:g} s")
 
     def notify(self, position: int) -> None:
         if position > self.arrived:
@@ -253,7 +262,7 @@ class Node:
             return None
         self.counters["admitted"] += 1
         log.info("admitted %s from %s", short_id(stream.peer), address)
-        return Session(stream, address, throttled)
+        return Session(stream, address, throttled, self.caps.idle_seconds)
 
     async def _serve(self, session: Session) -> None:
         mine = self.sessions.setdefault(session.key, [])
