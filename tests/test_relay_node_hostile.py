@@ -872,3 +872,24 @@ async def test_a_session_that_never_reads_its_answers_is_closed(tmp_path: Path) 
                 await trio.sleep(0.1)
         assert b.public_key not in node.sessions
         await hog.aclose()
+
+
+async def test_sessions_total_holds_against_hellos_sent_at_once(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path, sessions_total=2)) as (node, address):
+        relay = node.home.identity.public_key
+        crowd = [agent() for _ in range(6)]
+        allow(node, *crowd)
+        raws = [await Raw.handshake(address, relay, who) for who in crowd]
+        answers: list[wire.Message] = []
+
+        async def hello(raw: Raw) -> None:
+            answers.append(await raw.hello())
+
+        async with trio.open_nursery() as nursery:
+            for raw in raws:
+                nursery.start_soon(hello, raw)
+        welcomed = [m for m in answers if isinstance(m, wire.Welcome)]
+        assert len(welcomed) == 2, answers
+        assert sum(len(s) for s in node.sessions.values()) <= 2
+        for raw in raws:
+            await raw.aclose()

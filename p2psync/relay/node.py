@@ -140,6 +140,7 @@ class Node:
         }
         self._store_limiter = trio.CapacityLimiter(1)
         self._total: Bucket | None = None
+        self._welcoming = 0  # sessions being welcomed, not yet in self.sessions
 
     def close(self) -> None:
         self.mailbox.close()
@@ -238,21 +239,27 @@ class Node:
                     log.info("refused %s from %s", short_id(stream.peer), address)
                     await stream.send(wire.encode(wire.Bye(NOT_ADMITTED)))
                     return None
-                if sum(len(s) for s in self.sessions.values()) >= self.caps.sessions_total:
+                sessions = sum(len(s) for s in self.sessions.values()) + self._welcoming
+                if sessions >= self.caps.sessions_total:
                     await stream.send(wire.encode(wire.Bye("the relay is busy; try again later")))
                     return None
                 stream.set_max_frame(wire.MAX_MESSAGE_BYTES + 64)
                 limits = self.home.limits
-                await stream.send(
-                    wire.encode(
-                        wire.Welcome(
-                            now_ms(),
-                            min(limits.max_envelope_bytes, MAX_SEALED_BYTES),
-                            limits.ttl_default_ms,
-                            limits.ttl_max_ms,
+                # counted from here: _serve registers the session with no await between
+                self._welcoming += 1
+                try:
+                    await stream.send(
+                        wire.encode(
+                            wire.Welcome(
+                                now_ms(),
+                                min(limits.max_envelope_bytes, MAX_SEALED_BYTES),
+                                limits.ttl_default_ms,
+                                limits.ttl_max_ms,
+                            )
                         )
                     )
-                )
+                finally:
+                    self._welcoming -= 1
             finally:
                 self.half_open.leave(ticket)
         if scope.cancelled_caught:
