@@ -893,3 +893,33 @@ async def test_sessions_total_holds_against_hellos_sent_at_once(tmp_path: Path) 
         assert sum(len(s) for s in node.sessions.values()) <= 2
         for raw in raws:
             await raw.aclose()
+
+
+async def test_expired_envelopes_are_swept_and_their_senders_told(tmp_path: Path) -> None:
+    limits = Limits(ttl_default_ms=300, ttl_max_ms=300)
+    async with three(tmp_path, limits, sweep_seconds=0.2) as (node, address, (a, b, _)):
+        relay = node.home.identity.public_key
+        raw_a = await session(address, relay, a)
+        stored = await raw_a.ask(deposit(envelope(a, b, 1)))
+        assert isinstance(stored, wire.Stored) and stored.until_ms <= now_ms() + 300
+        with trio.fail_after(5):
+            while node.counters["expired"] < 1:
+                await trio.sleep(0.05)
+        assert node.mailbox.summary(now_ms()).envelopes == 0
+        notices = await raw_a.ask(wire.TakeNotices)
+        assert isinstance(notices, wire.Notices)
+        assert [(n.recipient, n.seq) for n in notices.notices] == [(b.public_key, 1)]
+        await raw_a.aclose()
+
+
+async def test_an_oversize_frame_in_a_session_ends_it_without_buffering(tmp_path: Path) -> None:
+    async with three(tmp_path, idle_seconds=30) as (node, address, (a, b, _)):
+        relay = node.home.identity.public_key
+        raw = await session(address, relay, a)
+        start = trio.current_time()
+        await raw.stream.stream.send_all(struct.pack(">I", wire.MAX_MESSAGE_BYTES + 1000))
+        assert await raw.closed(within=5)
+        assert trio.current_time() - start < 5  # refused on the length, not the idle cap
+        ok = await session(address, relay, b)
+        assert isinstance(await ok.ask(fetch()), wire.Envelopes)
+        await ok.aclose()
