@@ -33,7 +33,7 @@ from p2psync.errors import ConnectionLost
 from p2psync.net.transport import SecureStream, secure
 from p2psync.relay import home as relay_home
 from p2psync.relay.home import LOG_FILE, RelayHome
-from p2psync.relay.node import NOT_ADMITTED, Node
+from p2psync.relay.node import ADMISSION_FAILED, NOT_ADMITTED, Node
 from tests.agents import cli
 from tests.helpers import flip_bit
 from tests.relaynode import RelayNode
@@ -922,4 +922,23 @@ async def test_an_oversize_frame_in_a_session_ends_it_without_buffering(tmp_path
         assert trio.current_time() - start < 5  # refused on the length, not the idle cap
         ok = await session(address, relay, b)
         assert isinstance(await ok.ask(fetch()), wire.Envelopes)
+        await ok.aclose()
+
+
+async def test_an_unreadable_admission_file_refuses_but_does_not_stop_the_relay(
+    tmp_path: Path,
+) -> None:
+    """The operator breaks admission.json by hand while the relay runs: agents
+    are refused until it is mended; the relay keeps running."""
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        friend = agent()
+        allow(node, friend)
+        good = (node.home.path / relay_home.ADMISSION_FILE).read_text()
+        (node.home.path / relay_home.ADMISSION_FILE).write_text("{not json")
+        raw = await Raw.handshake(address, relay, friend)
+        assert await raw.hello() == wire.Bye(ADMISSION_FAILED)
+        assert await raw.closed()
+        (node.home.path / relay_home.ADMISSION_FILE).write_text(good)
+        ok = await session(address, relay, friend)
         await ok.aclose()

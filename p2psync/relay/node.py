@@ -42,6 +42,7 @@ from p2psync.core.identity import device_id, short_id
 from p2psync.errors import (
     ConnectionLost,
     HandshakeError,
+    HomeError,
     P2PSyncError,
     ProtocolError,
     StoreError,
@@ -58,6 +59,7 @@ log = logging.getLogger("p2psync.relay")
 #: The largest frame before admission (a Hello with a token is under 64 bytes).
 HELLO_FRAME = 512
 NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID or for a token"
+ADMISSION_FAILED = "the relay cannot check admissions now; try again later"
 
 
 class Session:
@@ -231,9 +233,18 @@ class Node:
                 if not isinstance(hello, wire.Hello):
                     await stream.send(wire.encode(wire.Bye("expected Hello")))
                     return None
-                admitted = await trio.to_thread.run_sync(
-                    self.admission.admit, stream.peer, hello.token, stream.handshake_hash, now_ms()
-                )
+                try:
+                    admitted = await trio.to_thread.run_sync(
+                        self.admission.admit,
+                        stream.peer,
+                        hello.token,
+                        stream.handshake_hash,
+                        now_ms(),
+                    )
+                except HomeError as exc:  # admission.json broken: refuse, keep serving
+                    log.error("cannot check admission: %s", exc)
+                    await stream.send(wire.encode(wire.Bye(ADMISSION_FAILED)))
+                    return None
                 if not admitted:
                     self.counters["refused"] += 1
                     log.info("refused %s from %s", short_id(stream.peer), address)
