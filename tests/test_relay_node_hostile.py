@@ -942,3 +942,61 @@ async def test_an_unreadable_admission_file_refuses_but_does_not_stop_the_relay(
         (node.home.path / relay_home.ADMISSION_FILE).write_text(good)
         ok = await session(address, relay, friend)
         await ok.aclose()
+
+
+async def test_a_one_use_token_admits_one_of_many_agents_racing_with_it(tmp_path: Path) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        text = node.admission.create_token(1, None, now_ms())
+        crowd = [agent() for _ in range(6)]
+        raws = [await Raw.handshake(address, relay, who) for who in crowd]
+        answers: list[wire.Message] = []
+
+        async def hello(raw: Raw) -> None:
+            answers.append(await raw.hello(token_hello(text, raw)))
+
+        async with trio.open_nursery() as nursery:
+            for raw in raws:
+                nursery.start_soon(hello, raw)
+        assert sum(isinstance(m, wire.Welcome) for m in answers) == 1, answers
+        assert answers.count(wire.Bye(NOT_ADMITTED)) == 5
+        assert len(node.admission.allowed()) == 1
+        assert [t.used for t in node.admission.tokens()] == [1]
+        for raw in raws:
+            await raw.aclose()
+
+
+async def test_all_connections_together_get_about_the_total_byte_rate(tmp_path: Path) -> None:
+    rate = 200_000
+    async with three(tmp_path, bytes_per_second_total=rate) as (node, address, (a, b, c)):
+        relay = node.home.identity.public_key
+        uploads = [(await session(address, relay, who), who) for who in (a, c)]
+        done: list[int] = []
+
+        async def upload(raw: Raw, who: Identity) -> None:
+            for seq in range(1, 40):
+                await raw.send(wire.Deposit(seq, envelope(who, b, seq, os.urandom(60_000))))
+
+        async def read(raw: Raw) -> None:
+            while True:
+                done.append(isinstance(await raw.receive(), wire.Stored))
+
+        async with trio.open_nursery() as nursery:
+            for raw, who in uploads:
+                nursery.start_soon(upload, raw, who)
+                nursery.start_soon(read, raw)
+            await trio.sleep(1)
+
+            def total() -> int:
+                return sum(
+                    s.throttled.bytes_in for k in (a, c) for s in node.sessions[k.public_key]
+                )
+
+            start, begun = total(), trio.current_time()
+            await trio.sleep(3)
+            got, elapsed = total() - start, trio.current_time() - begun
+            nursery.cancel_scope.cancel()
+        assert 0.6 * rate * elapsed < got < 1.4 * rate * elapsed + 2 * 65_536, got
+        assert all(done)
+        for raw, _ in uploads:
+            await raw.aclose()
