@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import struct
@@ -1000,3 +1001,22 @@ async def test_all_connections_together_get_about_the_total_byte_rate(tmp_path: 
         assert all(done)
         for raw, _ in uploads:
             await raw.aclose()
+
+
+async def test_a_hand_broken_token_row_refuses_its_users_but_does_not_stop_the_relay(
+    tmp_path: Path,
+) -> None:
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        text = node.admission.create_token(3, None, now_ms())
+        friend = agent()
+        allow(node, friend)
+        path = node.home.path / relay_home.ADMISSION_FILE
+        data = json.loads(path.read_text())
+        (row,) = data["tokens"].values()
+        del row["secret"]  # an operator's slip
+        path.write_text(json.dumps(data))
+        raw = await Raw.handshake(address, relay, agent())
+        assert await raw.hello(token_hello(text, raw)) == wire.Bye(ADMISSION_FAILED)
+        ok = await session(address, relay, friend)  # the allow-list still works
+        await ok.aclose()
