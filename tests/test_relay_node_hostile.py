@@ -18,6 +18,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -48,7 +49,7 @@ OTHER = "127.0.0.2"
 # ---------------------------------------------------------------- harness
 
 
-def make_home(tmp_path: Path, limits: Limits | None = None, **caps: float) -> RelayHome:
+def make_home(tmp_path: Path, limits: Limits | None = None, **caps: Any) -> RelayHome:
     home = relay_home.init(tmp_path / "relay", "hub")
     return dataclasses.replace(
         home, caps=dataclasses.replace(home.caps, **caps), limits=limits or home.limits
@@ -190,6 +191,10 @@ def forged_policy(owner: Identity, signer: Identity, version: int, *senders: Ide
         }
     )
     return canonical.encode([body, signer.sign(POLICY_PREFIX + body)])
+
+
+def hand_over(signed: bytes) -> Callable[[int], wire.Request]:
+    return lambda rid: wire.Policy(rid, signed)
 
 
 def deposit(data: bytes) -> Callable[[int], wire.Request]:
@@ -465,9 +470,7 @@ async def test_a_policy_signed_by_another_or_older_is_refused(tmp_path: Path) ->
         raw = await session(address, relay, c)
         # c hands over b's own (genuine) policy, and one for c signed by a
         for signed in (policy(b, 9, c), forged_policy(c, a, 9, a)):
-            assert refused(
-                await raw.ask(lambda rid, s=signed: wire.Policy(rid, s)), wire.RefusalCode.MALFORMED
-            )
+            assert refused(await raw.ask(hand_over(signed)), wire.RefusalCode.MALFORMED)
         tampered = flip_bit(policy(c, 9, a), 8 * 40)
         assert refused(
             await raw.ask(lambda rid: wire.Policy(rid, tampered)), wire.RefusalCode.MALFORMED
@@ -477,7 +480,7 @@ async def test_a_policy_signed_by_another_or_older_is_refused(tmp_path: Path) ->
         raw_b = await session(address, relay, b)
         assert await raw_b.ask(lambda rid: wire.Policy(rid, policy(b, 3, a))) == wire.Done(1, 1)
         for version in (3, 2):
-            answer = await raw_b.ask(lambda rid, v=version: wire.Policy(rid, policy(b, v, c)))
+            answer = await raw_b.ask(hand_over(policy(b, version, c)))
             assert refused(answer, wire.RefusalCode.NOT_NEWER)
         assert node.mailbox.policy(b.public_key).senders == {a.public_key}
         await raw.aclose()
@@ -632,7 +635,8 @@ async def test_an_idle_session_gets_bye(tmp_path: Path) -> None:
         start = trio.current_time()
         for _ in range(6):  # a ping every 0.2 s keeps this one alive
             await trio.sleep(0.2)
-            assert await busy.ask(lambda _rid: wire.Ping(7)) == wire.Pong(7)  # type: ignore[arg-type,return-value]
+            await busy.send(wire.Ping(7))
+            assert await busy.receive() == wire.Pong(7)
         assert await raw.receive() == wire.Bye("idle for too long")
         assert await raw.closed()
         assert trio.current_time() - start < 3
@@ -703,7 +707,8 @@ async def test_clients_dropping_mid_request_do_not_take_the_relay_down(
     # TCP only; garbage; a cut handshake frame; a garbage handshake frame
     for data in (b"", os.urandom(300), struct.pack(">I", 4000) + bytes(10), frame(os.urandom(96))):
         stream = await tcp(address)
-        await stream.send_all(data) if data else None
+        if data:
+            await stream.send_all(data)
         await stream.aclose()
     # admitted, then half a frame of a deposit
     raw = await session(address, relay, a)
@@ -782,7 +787,7 @@ async def test_a_connection_gets_about_its_byte_rate(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- 5. the operator
 
 
-async def wait_status(relay: RelayNode, ok: Callable[[dict[str, object]], bool]) -> dict:  # type: ignore[type-arg]
+async def wait_status(relay: RelayNode, ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     with trio.fail_after(10):
         while True:
             status = await trio.to_thread.run_sync(relay.status)
@@ -803,7 +808,7 @@ async def test_relay_status_while_serving_shows_sessions_and_the_mailbox(
     for seq in (1, 2):
         assert isinstance(await raw.ask(deposit(envelope(a, b, seq, bytes(3000)))), wire.Stored)
 
-    def deposited(status: dict) -> bool:  # type: ignore[type-arg]
+    def deposited(status: dict[str, Any]) -> bool:
         running = status["running"]
         return running is not None and any(s["deposits"] == 2 for s in running["sessions"])
 
@@ -818,7 +823,7 @@ async def test_relay_status_while_serving_shows_sessions_and_the_mailbox(
     text = await trio.to_thread.run_sync(cli, relay_process.home, "relay", "status")
     assert "sessions: 1 " in text and "mailboxes: 1 holding 2 envelopes" in text
     await raw.aclose()
-    status = await wait_status(relay_process, lambda s: s["running"]["sessions"] == [])  # type: ignore[index]
+    status = await wait_status(relay_process, lambda s: s["running"]["sessions"] == [])
     assert status["mailbox"]["envelopes"] == 2
 
 
