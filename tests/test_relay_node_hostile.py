@@ -1025,3 +1025,37 @@ async def test_a_hand_broken_token_row_refuses_its_users_but_does_not_stop_the_r
         assert await raw.hello(token_hello(text, raw)) == wire.Bye(ADMISSION_FAILED)
         ok = await session(address, relay, friend)  # the allow-list still works
         await ok.aclose()
+
+
+async def test_a_slow_loris_against_the_relay_process_evicts_only_itself(
+    relay_process: RelayNode,
+) -> None:
+    """Caps from relay.json: two half-open connections per address, a handshake
+    deadline of five seconds. A loris on 127.0.0.1 loses its oldest sockets, an
+    agent from another address gets in, and the status shows it all."""
+    settings = relay_process.home / relay_home.SETTINGS_FILE
+    data = json.loads(settings.read_text())
+    data["caps"].update(half_open_per_address=2, handshake_seconds=5)
+    settings.write_text(json.dumps(data))
+    friend = agent()
+    await trio.to_thread.run_sync(allow_cli, relay_process, friend)
+    relay_process.start()
+    address, relay = relay_process.address, parse_device_id(relay_process.device_id)
+    loris = []
+    for _ in range(3):
+        loris.append(await tcp(address))
+        await trio.sleep(0.1)  # accepted in this order
+    status = await wait_status(
+        relay_process, lambda s: s["running"] is not None and s["running"]["half_open"] == 2
+    )
+    assert status["running"]["half_open_evicted"] == 1
+    assert [await still_open(s) for s in loris] == [False, True, True]
+    ok = await session(address, relay, friend, local=OTHER)
+    assert isinstance(await ok.ask(fetch()), wire.Envelopes)
+    with trio.fail_after(8):  # the deadline closes the rest
+        for s in loris[1:]:
+            assert await s.receive_some(100) == b""
+    await ok.aclose()
+    for s in loris:
+        await s.aclose()
+    assert relay_process.process is not None and relay_process.process.poll() is None
