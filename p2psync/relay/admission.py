@@ -144,12 +144,15 @@ class Admission:
                 return False
             ident, proof = token
             row = data["tokens"].get(ident.hex())
-            if row is None or not _token(ident.hex(), row).usable(now_ms):
-                return False
-            expected = wire.token_proof(bytes.fromhex(row["secret"]), handshake_hash)
-            if not hmac.compare_digest(expected, proof):
-                return False
-            row["used"] += 1
+            try:
+                if row is None or not _token(ident.hex(), row).usable(now_ms):
+                    return False
+                expected = wire.token_proof(bytes.fromhex(row["secret"]), handshake_hash)
+                if not hmac.compare_digest(expected, proof):
+                    return False
+                row["used"] = int(row["used"]) + 1
+            except (KeyError, TypeError, ValueError) as exc:  # edited by hand
+                raise HomeError(f"{self.path}: token {ident.hex()} is malformed ({exc!r})") from exc
             data["allowed"][key.hex()] = {"since": now_ms, "how": f"token {ident.hex()}"}
         log_action(self.home, f"admitted {key.hex()} by token {ident.hex()}")
         return True

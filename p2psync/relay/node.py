@@ -13,8 +13,9 @@ connection goes through, in order (``docs/relay.md``, "Relay sessions"):
 3. **session**: requests answered in order, one at a time (each answer after
    its transaction committed); ``Arrived`` pushed, unasked, when a deposit
    for this device is stored; ``Ping`` answered; silent for
-   ``caps.idle_seconds``: ``Bye``. A device has at most
-   ``caps.sessions_per_device`` sessions: a newer one closes the oldest.
+   ``caps.idle_seconds``: ``Bye``; reading nothing of an answer for as long:
+   closed. A device has at most ``caps.sessions_per_device`` sessions: a newer
+   one closes the oldest.
 
 Inbound bytes are rate-capped per connection and in total
 (:class:`~p2psync.relay.guards.Throttled`). The sweep drops expired envelopes
@@ -41,6 +42,7 @@ from p2psync.core.identity import device_id, short_id
 from p2psync.errors import (
     ConnectionLost,
     HandshakeError,
+    HomeError,
     P2PSyncError,
     ProtocolError,
     StoreError,
@@ -57,13 +59,17 @@ log = logging.getLogger("p2psync.relay")
 #: The largest frame before admission (a Hello with a token is under 64 bytes).
 HELLO_FRAME = 512
 NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID or for a token"
+ADMISSION_FAILED = "the relay cannot check admissions now; try again later"
 
 
 class Session:
     """One admitted session."""
 
-    def __init__(self, stream: SecureStream, address: str, throttled: Throttled) -> None:
+    def __init__(
+        self, stream: SecureStream, address: str, throttled: Throttled, send_seconds: float
+    ) -> None:
         self.stream = stream
+        self.send_seconds = send_seconds
         self.key = stream.peer
         self.address = address
         self.throttled = throttled
@@ -76,7 +82,12 @@ class Session:
         self._arrival = trio.Event()
 
     async def send(self, message: wire.Message) -> None:
-        await self.stream.send(wire.encode(message))
+        """Send one message; a device that reads nothing of it for ``send_seconds``
+        (the idle cap) loses the session (its unread answers pile up otherwise)."""
+        with trio.move_on_after(self.send_seconds) as scope:
+            await self.stream.send(wire.encode(message))
+        if scope.cancelled_caught:
+            raise ConnectionLost(f"{short_id(self.key)} read nothing for {self.send_seconds:g} s")
 
     def notify(self, position: int) -> None:
         if position > self.arrived:
@@ -131,6 +142,7 @@ class Node:
         }
         self._store_limiter = trio.CapacityLimiter(1)
         self._total: Bucket | None = None
+        self._welcoming = 0  # sessions being welcomed, not yet in self.sessions
 
     def close(self) -> None:
         self.mailbox.close()
@@ -221,29 +233,44 @@ class Node:
                 if not isinstance(hello, wire.Hello):
                     await stream.send(wire.encode(wire.Bye("expected Hello")))
                     return None
-                admitted = await trio.to_thread.run_sync(
-                    self.admission.admit, stream.peer, hello.token, stream.handshake_hash, now_ms()
-                )
+                try:
+                    admitted = await trio.to_thread.run_sync(
+                        self.admission.admit,
+                        stream.peer,
+                        hello.token,
+                        stream.handshake_hash,
+                        now_ms(),
+                    )
+                except HomeError as exc:  # admission.json broken: refuse, keep serving
+                    log.error("cannot check admission: %s", exc)
+                    await stream.send(wire.encode(wire.Bye(ADMISSION_FAILED)))
+                    return None
                 if not admitted:
                     self.counters["refused"] += 1
                     log.info("refused %s from %s", short_id(stream.peer), address)
                     await stream.send(wire.encode(wire.Bye(NOT_ADMITTED)))
                     return None
-                if sum(len(s) for s in self.sessions.values()) >= self.caps.sessions_total:
+                sessions = sum(len(s) for s in self.sessions.values()) + self._welcoming
+                if sessions >= self.caps.sessions_total:
                     await stream.send(wire.encode(wire.Bye("the relay is busy; try again later")))
                     return None
                 stream.set_max_frame(wire.MAX_MESSAGE_BYTES + 64)
                 limits = self.home.limits
-                await stream.send(
-                    wire.encode(
-                        wire.Welcome(
-                            now_ms(),
-                            min(limits.max_envelope_bytes, MAX_SEALED_BYTES),
-                            limits.ttl_default_ms,
-                            limits.ttl_max_ms,
+                # counted from here: _serve registers the session with no await between
+                self._welcoming += 1
+                try:
+                    await stream.send(
+                        wire.encode(
+                            wire.Welcome(
+                                now_ms(),
+                                min(limits.max_envelope_bytes, MAX_SEALED_BYTES),
+                                limits.ttl_default_ms,
+                                limits.ttl_max_ms,
+                            )
                         )
                     )
-                )
+                finally:
+                    self._welcoming -= 1
             finally:
                 self.half_open.leave(ticket)
         if scope.cancelled_caught:
@@ -253,7 +280,7 @@ class Node:
             return None
         self.counters["admitted"] += 1
         log.info("admitted %s from %s", short_id(stream.peer), address)
-        return Session(stream, address, throttled)
+        return Session(stream, address, throttled, self.caps.idle_seconds)
 
     async def _serve(self, session: Session) -> None:
         mine = self.sessions.setdefault(session.key, [])
