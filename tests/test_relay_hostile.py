@@ -26,7 +26,7 @@ from p2psync.mail import exchange as exchange_mod
 from p2psync.mail.exchange import exchange
 from p2psync.mail.mailer import QUEUED_FOR_MS, Mailer
 from p2psync.net import relayclient
-from p2psync.net.relayclient import open_relay
+from p2psync.net.relayclient import _unwrapped, open_relay
 from tests.helpers import flip_bit
 from tests.relayfake import FakeRelay, Session, open_fake_relay
 from tests.test_mail import MakeDb, key, pair, states, write
@@ -465,3 +465,15 @@ async def test_an_envelope_served_after_its_expiry_is_refused_as_expired(homes: 
         assert (row.state.value, row.reason) == ("refused", "expired")
         assert (await exchange(b, relay.target)).of(key(a)).entries_in == 10
         assert records(b) == 10
+
+
+def test_a_session_broken_under_several_tasks_is_one_p2psync_error() -> None:
+    """The read loop, the pinger and requests in flight all fail when the relay
+    goes: their errors come out as one ConnectionLost, not an ExceptionGroup that
+    would escape the agent's `except P2PSyncError` (seen under kill -9)."""
+    with pytest.raises(ConnectionLost), _unwrapped():
+        raise ExceptionGroup(
+            "two tasks", [ConnectionLost("read"), ExceptionGroup("x", [ConnectionLost("ping")])]
+        )
+    with pytest.raises(ExceptionGroup), _unwrapped():  # a bug elsewhere: every traceback
+        raise ExceptionGroup("bug", [ConnectionLost("read"), KeyError("oops")])

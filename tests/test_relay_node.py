@@ -4,6 +4,7 @@ and `run` through it, admission, expiry, restarts (``docs/relay.md``)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -248,3 +249,27 @@ def test_pairing_through_the_relay_with_a_site_that_is_never_online_with_us(
     assert "5 entries received" in back and "10 entries at relay" in back, back
     assert "10 entries received" in cli(b, "sync", "--timeout", "20")
     assert records(a, "orders") == records(b, "orders") and len(records(b, "orders")) == 15
+
+
+def test_a_running_agent_survives_its_relay_dying_and_carries_on_when_it_is_back(
+    tmp_path: Path, relay: RelayNode, agents: Callable[[str], SpawnedAgent]
+) -> None:
+    a, b = agents("head"), agents("branch")
+    pair_by_rule(a.home, b.home, Terms.make(["*"], route=Route.RELAY))
+    relay.start()
+    for agent in (a, b):
+        cli(relay.home, "relay", "allow", agent.device_id)
+        use_relay(agent.home, relay)
+        agent.start()
+    write(a.home, 5, "h")
+    wait_for(lambda: len(records(b.home)) == 5, timeout=30)
+    assert relay.process is not None
+    relay.process.kill()  # kill -9, mid-session for both agents
+    relay.process.wait()
+    relay.process = None
+    write(a.home, 5, "later")
+    time.sleep(1.5)
+    assert a.running and b.running, "an agent died with its relay"
+    assert "relay: not connected" in cli(a.home, "status")
+    relay.start()
+    wait_for(lambda: len(records(b.home)) == 10, timeout=60)

@@ -252,9 +252,10 @@ def _unexpected(message: wire.Message) -> RemoteProtocolError:
 
 @contextmanager
 def _unwrapped() -> Iterator[None]:
-    """Let the one error a nursery wrapped (nested) in exception groups out as
-    itself, so callers catch a :class:`P2PSyncError`, not an ExceptionGroup (the
-    same exception failing several requests counts once)."""
+    """Let the p2psync error a nursery wrapped (nested) in exception groups out as
+    itself, so callers catch a :class:`P2PSyncError`, not an ExceptionGroup: when
+    several tasks failed (the session broke under each of them), the first error
+    stands for all."""
     try:
         yield
     except BaseExceptionGroup as group:
@@ -266,10 +267,12 @@ def _unwrapped() -> Iterator[None]:
                 pending.extend(exc.exceptions)
             else:
                 leaves[id(exc)] = exc
-        if len(leaves) != 1:
-            raise
-        (sole,) = leaves.values()
-        raise sole from sole.__cause__
+        errors = [e for e in leaves.values() if not isinstance(e, trio.Cancelled)]
+        if not errors or not all(isinstance(e, P2PSyncError) for e in errors):
+            raise  # anything else is a bug: keep every traceback
+        # several tasks failed for the one reason (the session broke): say it once
+        first = errors[0]
+        raise first from first.__cause__
 
 
 @asynccontextmanager
