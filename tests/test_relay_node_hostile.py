@@ -653,6 +653,8 @@ async def test_a_fifth_session_of_one_device_closes_the_oldest(tmp_path: Path) -
         for _ in range(5):
             raws.append(await session(address, relay, friend))
             await raws[-1].ask(fetch())  # the session is in node.sessions once answered
+        bye = wire.decode(await raws[0].stream.receive())
+        assert bye == wire.Bye("replaced by a newer session of this device")
         assert await raws[0].closed()
         for raw in raws[1:]:
             assert isinstance(await raw.ask(fetch()), wire.Envelopes)

@@ -79,6 +79,7 @@ class Session:
         self.deposits = 0
         self.fetched = 0
         self.arrived = 0
+        self.replaced = False  # closed for a newer session of the same device
         self._arrival = trio.Event()
 
     async def send(self, message: wire.Message) -> None:
@@ -288,6 +289,7 @@ class Node:
         while len(mine) > self.caps.sessions_per_device:
             oldest = mine.pop(0)
             log.info("closing an older session of %s", short_id(oldest.key))
+            oldest.replaced = True
             oldest.scope.cancel()
         try:
             with session.scope:
@@ -295,6 +297,11 @@ class Node:
                     nursery.start_soon(session.push_arrivals)
                     await self._requests(session)
                     nursery.cancel_scope.cancel()
+            if session.replaced:  # say why, briefly; the device has a newer session
+                with trio.move_on_after(1) as bye:
+                    bye.shield = True
+                    with contextlib.suppress(P2PSyncError):
+                        await session.send(wire.Bye("replaced by a newer session of this device"))
         finally:
             with contextlib.suppress(ValueError):
                 mine.remove(session)
