@@ -22,7 +22,13 @@ from typing import Any, TypeAlias
 
 import cbor2
 
-from p2psync.errors import DecodeError, InvalidRecord, NestingError, NonCanonicalError
+from p2psync.errors import (
+    DecodeError,
+    InvalidRecord,
+    NestingError,
+    NonCanonicalError,
+    RemoteProtocolError,
+)
 
 Value: TypeAlias = bool | int | float | str | bytes | list["Value"] | dict[str, "Value"] | None
 
@@ -217,3 +223,23 @@ def decode_signed(data: bytes, *, what: str, signature_bytes: int = 64) -> tuple
     ):
         raise DecodeError(f"{what} is [body, signature({signature_bytes})]")
     return pair[0], pair[1]
+
+
+def message_body(data: bytes, *, what: str, max_bytes: int) -> list[Any]:
+    """A peer's protocol message (a sync or relay message) as the array it is:
+    at most ``max_bytes``, canonical CBOR of an array of byte/text strings, ints,
+    bools and null whose first element is its type. Anything else is a
+    :class:`RemoteProtocolError` saying what, in words naming ``what``."""
+    if len(data) > max_bytes:
+        raise RemoteProtocolError(f"{what} of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        body = loads_strict(data, what=what, max_depth=3)
+    except DecodeError as exc:
+        raise RemoteProtocolError(f"undecodable {what}: {exc}") from exc
+    if type(body) is not list or not body or type(body[0]) is not int:
+        raise RemoteProtocolError(f"a {what} is an array starting with its type")
+    # Arrays of byte/text strings, ints, bools and null only: the plain encoder
+    # reproduces canonical input exactly.
+    if cbor2.dumps(body) != data:
+        raise RemoteProtocolError(f"{what} is not canonical CBOR")
+    return body

@@ -29,10 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
-
 from p2psync.core import canonical
-from p2psync.errors import DecodeError, RemoteProtocolError
+from p2psync.errors import RemoteProtocolError
 
 #: Largest decoded message; an Entries batch stays well below it.
 MAX_MESSAGE_BYTES = 2 << 20
@@ -167,18 +165,7 @@ def encode(message: Message) -> bytes:
 
 def decode(data: bytes) -> Message:
     """Strictly decode one message; raise :class:`RemoteProtocolError` on anything off."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise RemoteProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        body = canonical.loads_strict(data, what="message", max_depth=3)
-    except DecodeError as exc:
-        raise RemoteProtocolError(f"undecodable message: {exc}") from exc
-    if type(body) is not list or not body or type(body[0]) is not int:
-        raise RemoteProtocolError("a message is an array starting with its type")
-    # Every message is arrays of byte/text strings, ints and bools: the plain
-    # encoder reproduces canonical input exactly.
-    if cbor2.dumps(body) != data:
-        raise RemoteProtocolError("message is not canonical CBOR")
+    body = canonical.message_body(data, what="message", max_bytes=MAX_MESSAGE_BYTES)
     decoder = _DECODERS.get(body[0])
     if decoder is None:
         raise RemoteProtocolError(f"unknown message type {body[0]}")

@@ -47,13 +47,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
-
 from p2psync.core import canonical
 from p2psync.core.envelope import MAX_ENVELOPE_BYTES, MAX_SEALED_BYTES
 from p2psync.core.mailbox import MAX_FETCH
 from p2psync.core.messages import MAX_REASON_CHARS
-from p2psync.errors import DecodeError, RemoteProtocolError
+from p2psync.errors import RemoteProtocolError
 
 PROLOGUE = b"p2psync-relay/1"
 #: Largest message: one envelope of the largest size with room for its framing.
@@ -264,18 +262,7 @@ def _body(message: Message) -> list[Any]:
 
 def decode(data: bytes) -> Message:
     """Strictly decode one relay message; raise :class:`RemoteProtocolError`."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise RemoteProtocolError(f"relay message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        body = canonical.loads_strict(data, what="relay message", max_depth=3)
-    except DecodeError as exc:
-        raise RemoteProtocolError(f"undecodable relay message: {exc}") from exc
-    if type(body) is not list or not body or type(body[0]) is not int:
-        raise RemoteProtocolError("a relay message is an array starting with its type")
-    # Arrays of byte/text strings, ints, bools and null only: the plain encoder
-    # reproduces canonical input exactly.
-    if cbor2.dumps(body) != data:
-        raise RemoteProtocolError("relay message is not canonical CBOR")
+    body = canonical.message_body(data, what="relay message", max_bytes=MAX_MESSAGE_BYTES)
     decoder = _DECODERS.get(body[0])
     if decoder is None:
         raise RemoteProtocolError(f"unknown relay message type {body[0]}")
