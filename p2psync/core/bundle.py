@@ -41,8 +41,7 @@ from p2psync.core import canonical
 from p2psync.core.entry import MAX_ENTRY_BYTES
 from p2psync.core.envelope import MAX_ENVELOPE_BYTES, MAX_PAYLOAD_BY_CLASS, EnvelopeClass
 from p2psync.core.handshake import MAX_NAME_CHARS
-from p2psync.core.identity import KEY_BYTES
-from p2psync.core.messages import DIGEST_BYTES, MAX_AUTHORS, MAX_RULE_OBJECTS, Head
+from p2psync.core.messages import DIGEST_BYTES, MAX_RULE_OBJECTS, Head, heads_of_rows
 from p2psync.core.rules import MAX_RULE_BYTES
 from p2psync.errors import BundleError, DecodeError, UsageError
 
@@ -148,28 +147,7 @@ def _strings(value: object, count: int, size: int, what: str) -> tuple[bytes, ..
 
 
 def _heads(value: object) -> dict[bytes, Head]:
-    if type(value) is not list or len(value) > MAX_AUTHORS:
-        raise BundleError(f"a bundle names at most {MAX_AUTHORS} heads")
-    heads: dict[bytes, Head] = {}
-    previous = b""
-    for row in value:
-        if (
-            type(row) is not list
-            or len(row) != 4
-            or type(row[0]) is not bytes
-            or len(row[0]) != KEY_BYTES
-            or type(row[1]) is not int
-            or not 0 <= row[1] <= _MAX_INT
-            or type(row[2]) is not bytes
-            or len(row[2]) != 32
-            or type(row[3]) is not bool
-        ):
-            raise BundleError("a head is [author(32), seq, head(32), frozen]")
-        if row[0] <= previous:
-            raise BundleError("a bundle's heads are ascending by author, without repeats")
-        previous = row[0]
-        heads[row[0]] = Head(row[1], row[2], row[3])
-    return heads
+    return heads_of_rows(value, BundleError, "a bundle")
 
 
 def heads_of(heads: Mapping[bytes, Head]) -> dict[bytes, Head]:

@@ -263,3 +263,31 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     9: _join,
     10: _rules_held,
 }
+
+
+def heads_of_rows(value: object, error: type[Exception], what: str) -> dict[bytes, Head]:
+    """Heads as a receipt or a bundle names them: ``[[author (32), seq, head (32),
+    frozen], ...]`` ascending by author, at most :data:`MAX_AUTHORS`, seqs up to
+    2**63 - 1; anything else raises ``error`` (saying ``what`` holds them)."""
+    if type(value) is not list or len(value) > MAX_AUTHORS:
+        raise error(f"{what} names at most {MAX_AUTHORS} heads")
+    heads: dict[bytes, Head] = {}
+    previous = b""
+    for row in value:
+        if (
+            type(row) is not list
+            or len(row) != 4
+            or type(row[0]) is not bytes
+            or len(row[0]) != 32
+            or type(row[1]) is not int
+            or not 0 <= row[1] <= (1 << 63) - 1
+            or type(row[2]) is not bytes
+            or len(row[2]) != 32
+            or type(row[3]) is not bool
+        ):
+            raise error("a head is [author(32), seq, head(32), frozen]")
+        if row[0] <= previous:
+            raise error(f"{what}'s heads are ascending by author, without repeats")
+        previous = row[0]
+        heads[row[0]] = Head(row[1], row[2], row[3])
+    return heads

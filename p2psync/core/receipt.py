@@ -27,7 +27,7 @@ from typing import Any
 from p2psync.core import canonical
 from p2psync.core.envelope import MAX_PAYLOAD_BY_CLASS, Envelope, EnvelopeClass
 from p2psync.core.identity import KEY_BYTES, SIGNATURE_BYTES, Identity, short_id, verify
-from p2psync.core.messages import MAX_AUTHORS, MAX_REASON_CHARS, Head
+from p2psync.core.messages import MAX_REASON_CHARS, Head, heads_of_rows
 from p2psync.errors import (
     DecodeError,
     EnvelopeError,
@@ -176,25 +176,4 @@ def _refused(value: object) -> tuple[tuple[int, str], ...]:
 
 
 def _heads(value: object) -> dict[bytes, Head]:
-    if type(value) is not list or len(value) > MAX_AUTHORS:
-        raise EnvelopeError(f"a receipt lists at most {MAX_AUTHORS} heads")
-    heads: dict[bytes, Head] = {}
-    previous = b""
-    for row in value:
-        if (
-            type(row) is not list
-            or len(row) != 4
-            or type(row[0]) is not bytes
-            or len(row[0]) != KEY_BYTES
-            or type(row[1]) is not int
-            or not 0 <= row[1] <= _MAX_UINT
-            or type(row[2]) is not bytes
-            or len(row[2]) != 32
-            or type(row[3]) is not bool
-        ):
-            raise EnvelopeError("a head is [author(32), seq, head(32), frozen]")
-        if row[0] <= previous:
-            raise EnvelopeError("heads are ascending by author, without repeats")
-        previous = row[0]
-        heads[row[0]] = Head(row[1], row[2], row[3])
-    return heads
+    return heads_of_rows(value, EnvelopeError, "a receipt")
