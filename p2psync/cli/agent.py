@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -58,9 +57,8 @@ def run(
     quiet: bool,
 ) -> None:
     """Run the agent in the foreground until SIGINT or SIGTERM."""
-    import trio  # noqa: PLC0415 - see the note at the top
-
     from p2psync.agent.agent import Agent, AgentConfig  # noqa: PLC0415
+    from p2psync.cli.foreground import run_until_signal  # noqa: PLC0415
     try:
         addresses = [parse_address(a) for a in (listen or (DEFAULT_LISTEN,))]
     except ValueError as exc:
@@ -73,46 +71,8 @@ def run(
         )
         agent = Agent(db, addresses, config)
 
-        async def stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-            async for signum in signals:
-                logging.getLogger("p2psync").info("stopping on %s", signal.Signals(signum).name)
-                scope.cancel()
-                return
-
-        async def main() -> None:
-            # caught from the start: a signal while starting stops the agent cleanly too
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(stop_on_signal, signals, nursery.cancel_scope)
-                    listening = await nursery.start(agent.run)
-                    for address in listening:
-                        click.echo(f"listening on {address}")
-                    sys.stdout.flush()
-
-        try:
-            trio.run(main)
-        except BaseExceptionGroup as group:
-            error = _sole_error(group)
-            if error is None:
-                raise  # anything else is an internal error (traceback with --debug)
-            raise error from error.__cause__
+        run_until_signal(agent.run)
     click.echo("stopped")
-
-
-def _sole_error(group: BaseExceptionGroup[BaseException]) -> P2PSyncError | None:
-    """The p2psync error that trio's nurseries wrapped, nested, in exception groups
-    (a start-up failure: a port in use, an address not here), if it is all they hold."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if len(leaves) == 1 and isinstance(leaves[0], P2PSyncError):
-        return leaves[0]
-    return None
 
 
 @click.command()

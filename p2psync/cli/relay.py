@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import click
@@ -67,9 +64,7 @@ def init(state: State, name: str | None) -> None:
 @pass_state
 def serve(state: State, listen: tuple[str, ...], quiet: bool) -> None:
     """Run the relay in the foreground until SIGINT or SIGTERM."""
-    import trio  # noqa: PLC0415 - the CLI imports trio only where it runs it
-
-    from p2psync.cli.agent import _sole_error  # noqa: PLC0415
+    from p2psync.cli.foreground import run_until_signal  # noqa: PLC0415 - trio only here
     from p2psync.relay.lock import serve_lock  # noqa: PLC0415
     from p2psync.relay.node import Node  # noqa: PLC0415
 
@@ -83,28 +78,8 @@ def serve(state: State, listen: tuple[str, ...], quiet: bool) -> None:
     with serve_lock(home.path):
         node = Node(home, addresses)
 
-        async def stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-            async for signum in signals:
-                logging.getLogger("p2psync").info("stopping on %s", signal.Signals(signum).name)
-                scope.cancel()
-                return
-
-        async def main() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(stop_on_signal, signals, nursery.cancel_scope)
-                    listening = await nursery.start(node.run)
-                    for address in listening:
-                        click.echo(f"listening on {address}")
-                    sys.stdout.flush()
-
         try:
-            trio.run(main)
-        except BaseExceptionGroup as group:
-            error = _sole_error(group)
-            if error is None:
-                raise
-            raise error from error.__cause__
+            run_until_signal(node.run)
         finally:
             node.close()
     click.echo("stopped")
