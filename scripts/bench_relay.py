@@ -297,8 +297,8 @@ async def scale_async(
             check(await client.deposit_all(wires), len(wires))
 
     async with trio.open_nursery() as nursery:
-        for index, sender in enumerate(senders):
-            nursery.start_soon(fill, index, sender)
+        for index, who in enumerate(senders):
+            nursery.start_soon(fill, index, who)
     setup = time.perf_counter() - started
 
     # the measure: 50 recipients online, 10 senders depositing for 5 each
@@ -320,13 +320,13 @@ async def scale_async(
     ready = trio.Semaphore(0)
     go = trio.Event()
 
-    async def recipient(owner: Identity, task_status: trio.TaskStatus[None]) -> None:
+    async def fetcher(owner: Identity, task_status: trio.TaskStatus[None]) -> None:
         async with contextlib.AsyncExitStack() as stack:
             client = await connect(stack, owner, relay, gate)
             task_status.started()
             await drain(client, counters, total)
 
-    async def sender(index: int, owner: Identity) -> None:
+    async def depositor(index: int, owner: Identity) -> None:
         async with contextlib.AsyncExitStack() as stack:
             client = await connect(stack, owner, relay, gate)
             ready.release()
@@ -337,9 +337,9 @@ async def scale_async(
 
     async with trio.open_nursery() as nursery:
         for owner in live:
-            await nursery.start(recipient, owner)
+            await nursery.start(fetcher, owner)
         for index, owner in enumerate(senders):
-            nursery.start_soon(sender, index, owner)
+            nursery.start_soon(depositor, index, owner)
         for _ in senders:
             await ready.acquire()
         cpu_before, client_before = node.cpu_seconds(), time.process_time()
