@@ -248,6 +248,7 @@ class ScaleRun:
     relay_cpu: float  # relay CPU seconds during the measure / its wall time
     client_cpu: float  # this process's (the 60 clients') CPU seconds / wall time
     held: int  # envelopes the relay held at the end
+    mailboxes: int  # mailboxes holding them
 
 
 @dataclass
@@ -370,6 +371,7 @@ async def scale_async(
         cpu / (ended - began),
         client / (ended - began),
         0,
+        0,
     )
 
 
@@ -413,6 +415,7 @@ def scale_run(base: Path) -> ScaleRun:
         result = trio.run(scale_async, relay, senders, resting, live, node)
         status = json.loads(cli(node.home, "relay", "status", "--json"))
         result.held = int(status["mailbox"]["envelopes"])
+        result.mailboxes = int(status["mailbox"]["mailboxes"])
     finally:
         node.stop()
     shutil.rmtree(node.home)
@@ -485,3 +488,4 @@ def run_relay(args: argparse.Namespace) -> None:
         line("  relay peak RSS (VmHWM), MiB (target <= 150)", [s.peak_rss for s in scale], 1)
         line("  relay RSS at the end (VmRSS), MiB", [s.rss for s in scale], 1)
         line("  envelopes the relay held at the end", [s.held for s in scale])
+        line("  mailboxes holding them", [s.mailboxes for s in scale])
