@@ -4,6 +4,7 @@
     scripts/bench sync  [--records N] [--runs R] [--live-writes W]
     scripts/bench lan   [--runs R] [--agents N]          (root: builds network namespaces)
     scripts/bench stop  [--runs R]
+    scripts/bench relay [--records N] [--runs R] [--no-scale]
 
 ``local`` measures the local core (issue 2): single puts, a bulk load of N
 records (one entry each), and ingest of N entries from another author (verify +
@@ -33,6 +34,12 @@ runs with min and max beside it; each run starts from a fresh home.
 discovery, and with discovery bound to 127.0.0.1 (nothing sent elsewhere) stopped
 at once after ``listening on`` (still probing and announcing on mDNS) and once
 advertised (3 s after; it sends its goodbye).
+
+``relay`` runs a relay node and agents on 127.0.0.1 (issue 10): N records from A
+to B only through the relay (``p2psync sync`` on each side, against the bulk
+load), bytes per entry through the relay against a direct sync, and the relay
+with 1,000 mailboxes holding envelopes and 50 sessions open while 10 senders
+deposit (RSS, deposits/s, fetches/s). See ``scripts/bench_relay.py``.
 """
 
 from __future__ import annotations
@@ -571,6 +578,12 @@ def run_stop(args: argparse.Namespace) -> None:
             print(f"{label + ', ms':<60} {summary(ms)}")
 
 
+def run_relay(args: argparse.Namespace) -> None:
+    from bench_relay import run_relay as run  # noqa: PLC0415 - its own module (scripts/)
+
+    run(args)
+
+
 def a_key(agent: LanAgent) -> bytes:
     with p2psync.open(agent.home) as db:
         return db.identity.public_key
@@ -601,8 +614,14 @@ def main() -> None:
     lan.add_argument("--agents", type=int, default=10)
     stop = sub.add_parser("stop", help="one agent: SIGTERM to exit, with and without discovery")
     stop.add_argument("--runs", type=int, default=9)
+    relay = sub.add_parser("relay", help="relay node: mailbox sync, bytes per entry, scale")
+    relay.add_argument("--records", type=int, default=100_000)
+    relay.add_argument("--runs", type=int, default=3)
+    relay.add_argument("--no-scale", action="store_true", help="skip the relay scale measure")
     args = parser.parse_args()
-    if args.suite == "local":
+    if args.suite == "relay":
+        run_relay(args)
+    elif args.suite == "local":
         run_local(args)
     elif args.suite == "sync":
         run_sync(args)
