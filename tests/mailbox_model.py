@@ -70,7 +70,9 @@ class ModelMailbox:
             self.held[deposit.key] = Envelope(position, deposit, verdict.until_ms, blob)
         return verdict
 
-    def fetch(self, recipient: bytes, after: int, limit: int, now_ms: int) -> list[Envelope]:
+    def fetch(
+        self, recipient: bytes, after: int, limit: int, now_ms: int, max_bytes: int | None = None
+    ) -> list[Envelope]:
         mine = sorted(
             (
                 e
@@ -79,7 +81,16 @@ class ModelMailbox:
             ),
             key=lambda e: e.position,
         )
-        return mine[:limit]
+        chosen: list[Envelope] = []
+        for envelope in mine[:limit]:
+            if (
+                max_bytes is not None
+                and chosen
+                and (sum(e.header.size for e in chosen) + envelope.header.size > max_bytes)
+            ):
+                break
+            chosen.append(envelope)
+        return chosen
 
     def delete(self, recipient: bytes, keys: Iterable[tuple[bytes, int]]) -> int:
         return sum(self.held.pop((recipient, s, q), None) is not None for s, q in set(keys))

@@ -255,10 +255,17 @@ class MailboxMachine(RuleBasedStateMachine):
         if isinstance(verdict, Stored):
             assert verdict.until_ms > self.now
 
-    @rule(recipient=keys, after=st.integers(0, 12), limit=st.integers(1, 5))
-    def fetch(self, recipient: bytes, after: int, limit: int) -> None:
-        got = self.sql.fetch(recipient, after, limit, self.now)
-        assert got == self.model.fetch(recipient, after, limit, self.now)
+    @rule(
+        recipient=keys,
+        after=st.integers(0, 12),
+        limit=st.integers(1, 5),
+        budget=st.one_of(st.none(), st.integers(0, 400)),
+    )
+    def fetch(self, recipient: bytes, after: int, limit: int, budget: int | None) -> None:
+        got = self.sql.fetch(recipient, after, limit, self.now, max_bytes=budget)
+        assert got == self.model.fetch(recipient, after, limit, self.now, max_bytes=budget)
+        if budget is not None and len(got) > 1:
+            assert sum(e.header.size for e in got) <= budget
         assert [e.position for e in got] == sorted(e.position for e in got)
 
     @rule(recipient=keys, which=st.lists(st.tuples(keys, st.integers(1, 4)), max_size=4))

@@ -334,9 +334,12 @@ class MailboxStore(Protocol):
         :class:`Stored` answer is durable when it returns."""
         ...
 
-    def fetch(self, recipient: bytes, after: int, limit: int, now_ms: int) -> list[Envelope]:
+    def fetch(
+        self, recipient: bytes, after: int, limit: int, now_ms: int, max_bytes: int | None = None
+    ) -> list[Envelope]:
         """The recipient's live envelopes with position > ``after``, in position
-        order, at most ``limit``."""
+        order, at most ``limit``, and (when ``max_bytes`` is given) no more than
+        fit in ``max_bytes`` of sealed size, though always the first one."""
         ...
 
     def delete(self, recipient: bytes, keys: Iterable[tuple[bytes, int]]) -> int:

@@ -120,8 +120,10 @@ class Service:
         return Outcome(wire.Refused(rid, _CODES[verdict.reason], _detail(verdict)))
 
     def _fetch(self, key: bytes, request: wire.Fetch, now_ms: int) -> wire.Envelopes:
-        held = self.mailbox.fetch(key, request.after, min(request.limit, MAX_FETCH), now_ms)
+        limit = min(request.limit, MAX_FETCH)
         budget = wire.MAX_MESSAGE_BYTES - _ANSWER_SLACK
+        # what the answer can carry, not `limit` envelopes of up to 4 MiB each
+        held = self.mailbox.fetch(key, request.after, limit, now_ms, max_bytes=budget)
         served: list[wire.Held] = []
         for envelope in held:
             h = envelope.header
@@ -133,9 +135,7 @@ class Service:
             if budget < 0 and served:
                 return wire.Envelopes(request.rid, tuple(served), True)
             served.append(wire.Held(envelope.position, envelope.until_ms, data))
-        more = len(held) == request.limit and bool(
-            self.mailbox.fetch(key, held[-1].position, 1, now_ms)
-        )
+        more = bool(held) and bool(self.mailbox.fetch(key, held[-1].position, 1, now_ms))
         return wire.Envelopes(request.rid, tuple(served), more)
 
 

@@ -102,6 +102,7 @@ CREATE TABLE notices (
 
 _COLUMNS = "recipient, sender, seq, position, cls, asked_ms, size, until_ms"
 
+_BLOB = "SELECT blob FROM envelopes WHERE recipient = ? AND position = ?"
 _NONE = b""
 
 
@@ -267,17 +268,29 @@ class SqliteMailbox:
             self._charge(conn, deposit, +1)
         return verdict
 
-    def fetch(self, recipient: bytes, after: int, limit: int, now_ms: int) -> list[Envelope]:
+    def fetch(
+        self, recipient: bytes, after: int, limit: int, now_ms: int, max_bytes: int | None = None
+    ) -> list[Envelope]:
         _check_int("cursor", after, 0, MAX_INT)
         _check_int("fetch limit", limit, 1, MAX_FETCH)
         with self.guard.snapshot() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS}, blob FROM envelopes "
+                f"SELECT {_COLUMNS} FROM envelopes "
                 "WHERE recipient = ? AND position > ? AND until_ms > ? "
                 "ORDER BY position LIMIT ?",
                 (recipient, after, now_ms, limit),
             ).fetchall()
-        return [_envelope(row[:8], bytes(row[8])) for row in rows]
+            chosen: list[tuple[bytes, bytes, int, int, int, int, int, int]] = []
+            total = 0
+            for row in rows:  # blobs are read only for what the answer can carry
+                total += row[6]
+                if max_bytes is not None and chosen and total > max_bytes:
+                    break
+                chosen.append(row)
+            return [
+                _envelope(row, bytes(conn.execute(_BLOB, (recipient, row[3])).fetchone()[0]))
+                for row in chosen
+            ]
 
     def delete(self, recipient: bytes, keys: Iterable[tuple[bytes, int]]) -> int:
         keys = set(keys)
