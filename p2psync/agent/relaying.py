@@ -5,7 +5,8 @@ one session with the first relay, in the order added, that admits it (backing
 off and trying the next when none does). On each session it runs an exchange
 (``mail/exchange.py``): it hands over its mailbox policy, fetches and applies
 what waits for it, and deposits, for each peer the relay carries anything for
-that has **no live direct connection**, what that peer lacks. Then it waits
+that has **no live direct connection** (or has a rule whose route is ``relay``:
+what only it carries never goes on a direct connection), what that peer lacks. Then it waits
 for a reason to exchange again:
 
 * the relay says something arrived for us (``Arrived``);
@@ -155,7 +156,11 @@ class RelayLink:
     async def _exchange(self, client: RelayClient) -> None:
         direct = self.connected()
         await self._retract_superseded(client)
-        peers = [p for p in await trio.to_thread.run_sync(self.mailer.peers) if p not in direct]
+        targets = await trio.to_thread.run_sync(self.mailer.targets)
+        relay_only = await trio.to_thread.run_sync(self.mailer.relay_only)
+        # a live direct connection carries what goes by direct or auto rules; what
+        # only a relay rule carries still goes through the relay
+        peers = [p for p in targets if p not in direct or p in relay_only]
         report = await exchange_on(client, self.mailer, peers)
         self.last, self.last_ms = report, now_ms()
         received = sum(p.entries_in for p in report.peers.values())

@@ -156,7 +156,7 @@ def _relay_candidates(db: Database, peer: str | None, outcomes: list[SyncOutcome
     from p2psync.mail.mailer import Mailer  # noqa: PLC0415 - see the note at the top
 
     synced = {o.peer for o in outcomes if o.synced}
-    keys = [resolve_peer(db, peer).key] if peer else sorted(Mailer(db).peers())
+    keys = [resolve_peer(db, peer).key] if peer else sorted(Mailer(db).targets())
     return [k for k in keys if device_id(k) not in synced]
 
 

@@ -32,7 +32,7 @@ from p2psync.cli.terms import (
 )
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Route, Rule, RuleState, Terms
+from p2psync.core.rules import Route, Rule, RuleState
 from p2psync.errors import (
     InvalidDeviceID,
     NotFoundError,
@@ -91,7 +91,10 @@ def pair_add(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     terms = options.terms()
+    if relay is not None and terms.route is Route.DIRECT:
+        raise UsageError("--relay: this rule's route is direct; give --route relay or auto")
     with state.open() as db:
+        via = _relay_named(db, relay) if relay is not None else None
         try:
             key = parse_device_id(peer)
         except InvalidDeviceID:
@@ -117,29 +120,24 @@ def pair_add(
     notify(state)
     assert added is not None
     say_proposal(result, added, me, own)
-    if relay is not None:
-        _leave_at_relay(state, key, relay, terms)
+    if via is not None:
+        _leave_at_relay(state, key, via)
 
 
-def _leave_at_relay(state: State, key: bytes, relay: str, terms: Terms) -> None:
+def _relay_named(db: Database, relay: str) -> bytes:
+    from p2psync.cli.relays import relay_named  # noqa: PLC0415
+
+    try:
+        return relay_named(db, relay)
+    except NotFoundError as exc:
+        raise NotFoundError(f"--relay: {exc}") from None
+
+
+def _leave_at_relay(state: State, key: bytes, relay: bytes) -> None:
     from p2psync.cli.relaysync import through_relay  # noqa: PLC0415 - trio only here
-    from p2psync.store import relays as relays_mod  # noqa: PLC0415
 
-    if terms.route is Route.DIRECT:
-        raise UsageError("--relay: this rule's route is direct; give --route relay or auto")
     with state.open() as db:
-        wanted = relay.strip().upper().replace("-", "")
-        found = [
-            r
-            for r in relays_mod.load(db.store)
-            if device_id(r.key).replace("-", "").startswith(wanted)
-        ]
-        if len(found) != 1:
-            raise NotFoundError(
-                f"--relay {relay!r} names {'no' if not found else 'more than one'} relay "
-                "of `p2psync relay list`"
-            )
-        outcomes, error = through_relay(db, [key], timeout=30.0, first=found[0].key)
+        outcomes, error = through_relay(db, [key], timeout=30.0, first=relay)
     if error:
         raise P2PSyncError(f"the request could not be left at a relay: {error}")
     for outcome in outcomes:

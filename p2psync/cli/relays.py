@@ -126,15 +126,30 @@ def list_relays(state: State, as_json: bool) -> None:
         click.echo(f"{index}. {row['device_id']}  {', '.join(row['addresses'])}{token}")
 
 
+def relay_named(db: Database, text: str) -> bytes:
+    """The key of the relay of our list that ``text`` names: its device ID or the
+    first characters of it (as every output shows them)."""
+    wanted = text.strip().upper().replace("-", "")
+    relays = relays_mod.load(db.store)
+    found = [r.key for r in relays if device_id(r.key).replace("-", "").startswith(wanted)]
+    if not wanted or len(found) != 1:
+        listed = ", ".join(short_id(r.key) for r in relays) or "none yet"
+        raise NotFoundError(
+            f"{text!r} names {'no' if not found else 'more than one'} relay of this agent's "
+            f"list ({listed}; see `p2psync relay list`)"
+        )
+    return found[0]
+
+
 @click.command(name="remove")
 @click.argument("relay_id")
 @pass_state
 def remove(state: State, relay_id: str) -> None:
-    """Stop using the relay RELAY_ID (what it holds for us expires there)."""
-    key = parse_device_id(relay_id)
+    """Stop using the relay RELAY_ID (its device ID or first characters; what it
+    holds for us expires there)."""
     with state.open() as db:
-        if not relays_mod.remove(db.store, key):
-            raise NotFoundError(f"relay {short_id(key)} is not in this agent's list")
+        key = relay_named(db, relay_id)
+        relays_mod.remove(db.store, key)
     click.echo(f"removed relay {short_id(key)}")
 
 

@@ -38,7 +38,7 @@ def through_relay(
     others) for ``keys`` (only those the relay carries anything for), collecting
     what waits for us even when none is; the outcome per peer (and a line per
     pairing request that arrived), or why no relay served."""
-    carried = Mailer(db).peers()
+    carried = Mailer(db).targets()
     wanted = [k for k in keys if k in carried]
     relays = sorted(relays_mod.load(db.store), key=lambda r: r.key != first)
     if not relays:

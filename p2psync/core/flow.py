@@ -49,8 +49,10 @@ class Flow:
     """What flows between this site and one peer on one route.
 
     ``now``: the rules in force for this route and session. ``later``: every rule
-    in force between us whatever the session (on-demand ones in a live session),
-    when it lets more come: entries missing such a payload wait rather than lose it.
+    in force between us whatever the session and path (on-demand ones in a live
+    session, relay-only ones on a direct connection and direct-only ones in the
+    mailbox), when it lets more come: entries missing such a payload wait rather
+    than lose it.
     """
 
     now: Permissions = EVERYTHING
@@ -74,18 +76,18 @@ class Flow:
         force count) for a live or on-demand direct session, or the relay."""
         # A rule's route says which paths carry it: ``relay`` only the relay,
         # ``direct`` only a direct connection, ``auto`` both.
-        every = rules
         if via_relay:
-            rules = [r for r in rules if r.terms.route in (Route.RELAY, Route.AUTO)]
+            carried = [r for r in rules if r.terms.route in (Route.RELAY, Route.AUTO)]
         else:
-            rules = [r for r in rules if r.terms.route in (Route.DIRECT, Route.AUTO)]
-        now = Permissions.between(me, peer, rules, live=live)
-        anytime = Permissions.between(me, peer, rules, live=False) if live else now
+            carried = [r for r in rules if r.terms.route in (Route.DIRECT, Route.AUTO)]
+        now = Permissions.between(me, peer, carried, live=live)
+        # what may come here at all, by this path later (on demand) or by the other
+        # path: an entry missing such a payload waits for it rather than lose it
+        anytime = Permissions.between(me, peer, rules, live=False)
         later = anytime if anytime.receive != now.receive else None
         # rules in force only by the other path: paired, with nothing to do here
         # (the session ends at once, saying so, rather than wait for a pairing)
-        paired = anytime.paired or Permissions.between(me, peer, every, live=False).paired
-        return cls(now, later, paired)
+        return cls(now, later, anytime.paired)
 
     # ------------------------------------------------------------ in general
 
@@ -185,8 +187,9 @@ class Flow:
         if later:
             return WithheldError(
                 f"it holds changes to {later[0]!r}, which the rules with the sender "
-                f"carry only on demand; it waits here, with {short_id(entry.author)}'s later "
-                "entries, until they sync on demand (p2psync sync)"
+                f"carry only on demand or only by the other path (direct or relay); it waits "
+                f"here, with {short_id(entry.author)}'s later entries, until they come that "
+                "way (p2psync sync, or the relay)"
             )
         return None
 

@@ -100,7 +100,7 @@ async def exchange_on(
     await hand_policy(client, mailer)
     await collect(client, mailer, report)
     await expire(client, mailer, report)
-    targets = list(peers) if peers is not None else await trio.to_thread.run_sync(mailer.peers)
+    targets = list(peers) if peers is not None else await trio.to_thread.run_sync(mailer.targets)
     for peer in targets:
         await deliver(client, mailer, peer, report)
     return report

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from p2psync.core.envelope import Envelope, EnvelopeClass
 from p2psync.core.messages import Head, rules_digest
 from p2psync.core.policy import senders_for, sign_policy
-from p2psync.core.rules import Rule
+from p2psync.core.rules import Route, Rule, RuleState, in_force
 from p2psync.home import OpenHome
 from p2psync.mail import inbox, outbox
 from p2psync.mail.inbox import Incoming
@@ -195,6 +195,30 @@ class Mailer:
             other = rule.acceptor if rule.proposer == me else rule.proposer
             by_peer.setdefault(other, []).append(rule)
         return senders_for(me, by_peer)
+
+    def targets(self) -> frozenset[bytes]:
+        """The peers an exchange deposits for: the policy's senders, and peers whose
+        request through the relay we rejected (the rejection goes back as an
+        introduction; they are not on our policy)."""
+        me = self.db.identity.public_key
+        rejected = {
+            rule.proposer
+            for rule in self.db.store.rules(None)
+            if rule.state is RuleState.REJECTED
+            and rule.acceptor == me
+            and rule.proposed.route in (Route.RELAY, Route.AUTO)
+        }
+        return self.peers() | rejected
+
+    def relay_only(self) -> frozenset[bytes]:
+        """Peers with a rule in force whose route is ``relay``: what it carries goes
+        through the relay even while a direct connection with them is live."""
+        me = self.db.identity.public_key
+        return frozenset(
+            rule.acceptor if rule.proposer == me else rule.proposer
+            for rule in in_force(self.db.store.rules(None), me)
+            if rule.terms.route is Route.RELAY
+        )
 
     def policy(self, now_ms: int) -> bytes | None:
         """The signed mailbox policy in force (a new version only when the senders

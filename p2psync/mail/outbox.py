@@ -182,8 +182,13 @@ def _receipts(db: OpenHome, peer: bytes, local: Mapping[bytes, Head], now_ms: in
 
 def known_heads(db: OpenHome, peer: bytes) -> dict[bytes, Head]:
     """What ``peer`` holds, as far as we know: per author the furthest of its signed
-    word through the mailbox and of a direct session."""
+    word through the mailbox and of the last direct session, if that ended in step
+    (a session counts what it sent as held; one that could not get in step may have
+    sent entries the peer holds back, waiting for a payload only we can bring)."""
     known = dict(db.store.ledger.pair(peer).heads or {})
+    row = db.store.peer(peer)
+    if row is None or row.last_error is not None:
+        return known
     for author, seq in db.store.peer_heads(peer).items():
         held = known.get(author)
         if held is None or seq > held.seq:

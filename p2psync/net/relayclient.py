@@ -24,9 +24,15 @@ from typing import TypeVar
 import trio
 
 from p2psync.core import relaywire as wire
-from p2psync.core.identity import Identity, short_id
+from p2psync.core.identity import Identity, device_id, short_id
 from p2psync.core.mailbox import MAX_FETCH
-from p2psync.errors import ConnectionLost, P2PSyncError, RelayUnavailable, RemoteProtocolError
+from p2psync.errors import (
+    ConnectionLost,
+    IdentityMismatch,
+    P2PSyncError,
+    RelayUnavailable,
+    RemoteProtocolError,
+)
 from p2psync.net.dial import dial
 from p2psync.net.transport import SecureStream
 from p2psync.store.relays import Relay
@@ -281,20 +287,32 @@ async def open_relay(
 ) -> AsyncIterator[RelayClient]:
     """An admitted session with ``target``; raises :class:`RelayUnavailable` when no
     address answers or the relay does not admit us."""
+    impostors: list[str] = []
+
+    async def failed(address: str, exc: Exception) -> None:
+        if isinstance(exc, IdentityMismatch):
+            impostors.append(f"{address} ({exc})")
+
     stream, how = await dial(
         identity,
         name,
         target.key,
         target.addresses,
         timeout=lambda _address: timeout,
+        on_failed=failed,
         prologue=wire.PROLOGUE,
         max_frame=wire.MAX_MESSAGE_BYTES + 64,
     )
+    if stream is None and impostors:
+        raise RelayUnavailable(
+            f"another relay or agent answers at {'; '.join(impostors)}: check the relay ID "
+            f"and address (`p2psync relay add RELAY_ID --address HOST:PORT` replaces them)"
+        )
     if stream is None:
         raise RelayUnavailable(f"relay {short_id(target.key)} is unreachable ({how})")
     address = how
     try:
-        welcome = await _admission(stream, target, timeout)
+        welcome = await _admission(stream, identity, target, timeout)
         client = RelayClient(stream, welcome, address)
         with _unwrapped():
             async with trio.open_nursery() as nursery:
@@ -308,7 +326,9 @@ async def open_relay(
         await stream.aclose()
 
 
-async def _admission(stream: SecureStream, target: Relay, timeout: float) -> wire.Welcome:
+async def _admission(
+    stream: SecureStream, identity: Identity, target: Relay, timeout: float
+) -> wire.Welcome:
     proof = None
     if target.token is not None:
         try:
@@ -325,9 +345,12 @@ async def _admission(stream: SecureStream, target: Relay, timeout: float) -> wir
     except ConnectionLost as exc:
         raise RelayUnavailable(f"relay {short_id(target.key)} closed the session: {exc}") from exc
     if isinstance(first, wire.Bye):
+        if not first.reason.startswith("not admitted"):
+            raise RelayUnavailable(f"relay {short_id(target.key)}: {first.reason}")
+        used = " (the token was not accepted: used up, expired or revoked?)" if proof else ""
         raise RelayUnavailable(
-            f"relay {short_id(target.key)} did not admit this agent ({first.reason!r}); "
-            "ask its operator to allow this device ID or for a token"
+            f"relay {short_id(target.key)} did not admit this agent{used}; ask its operator "
+            f"to run `p2psync relay allow {device_id(identity.public_key)}` or for a token"
         )
     if not isinstance(first, wire.Welcome):
         raise RemoteProtocolError(f"the relay answered Hello with {type(first).__name__}")
