@@ -13,10 +13,16 @@ import trio
 
 import p2psync
 from p2psync.agent.agent import Agent, AgentConfig
+from p2psync.agent.relaying import RelayLink
 from p2psync.clock import now_ms
+from p2psync.core.messages import Head
 from p2psync.core.rules import Route, Terms
+from p2psync.mail.exchange import exchange
 from p2psync.mail.mailer import Mailer
 from p2psync.net.oneshot import sync_once
+from p2psync.net.relayclient import open_relay
+from p2psync.net.storeio import ChangeFeed
+from tests.relayfake import open_fake_relay
 from tests.test_rule_delivery import agree
 
 pytestmark = pytest.mark.process  # in-process agent on a loopback socket
@@ -98,11 +104,6 @@ async def test_a_live_direct_connection_keeps_relay_only_entries_off_the_relay(
     (agent/relaying.py RelayLink._exchange), whatever the rules' routes: while a and b
     are connected directly (their direct rule), what only the relay may carry (the
     relay-only rule) never goes at all."""
-    from p2psync.agent.relaying import RelayLink
-    from p2psync.mail.exchange import exchange
-    from p2psync.net.relayclient import open_relay
-    from p2psync.net.storeio import ChangeFeed
-    from tests.relayfake import open_fake_relay
 
     a, b = mixed_pair(make_db)
     a.put("viarelay", "k", "only the relay may carry this")
@@ -123,7 +124,6 @@ async def test_a_direct_session_retracts_the_only_copy_of_a_relay_only_payload(
     the running agent calls, RelayLink._retract_superseded) marks the envelope
     superseded and names it for retraction: the relay deletes the only full copy
     before b ever committed the payload."""
-    from p2psync.core.messages import Head
 
     a, b = mixed_pair(make_db)
     a.put("viarelay", "k", "only the relay may carry this")
