@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 KEY_FILE = "identity.key"
 CONFIG_FILE = "config.json"
 AGENT_FILE = "agent.json"  # written by a running agent: pid, listen addresses
+RELAY_SETTINGS = "relay.json"  # marks a relay node's home (p2psync/relay/home.py)
 _KEY_TYPE = "p2psync-ed25519-seed"
 
 
@@ -124,6 +125,12 @@ def init(path: Path, name: str | None = None) -> Home:
 def load(path: Path) -> Home:
     """Load an existing home; a missing or uninitialised one is a clear error."""
     key_path = path / KEY_FILE
+    if (path / RELAY_SETTINGS).exists() and not (path / STORE_FILE).exists():
+        raise HomeError(
+            f"{path} is a relay's home, not an agent's: the relay's own commands take it "
+            f"(`p2psync relay status --home {shlex.quote(str(path))}`); an agent has a home "
+            "of its own (`p2psync init --home PATH`)"
+        )
     if not key_path.exists():
         raise HomeError(
             f"no p2psync home at {path}; run `p2psync init --home {shlex.quote(str(path))}` first"

@@ -108,10 +108,14 @@ async def _sync(agent: Controlled, peer: str | None, timeout: float) -> dict[str
         if keys[0] not in agent.peers.known:
             raise ValueError(f"{peer} is not a known peer")
     else:
+        # peers paired only by route-relay rules are not dialled: `p2psync sync`
+        # takes them through the relay itself
+        direct = standing.online | standing.on_demand
         keys = [
             key
             for key, known in agent.peers.known.items()
-            if known.state is PeerState.KNOWN and (key in standing.paired or key in standing.asking)
+            if known.state is PeerState.KNOWN
+            and (key in direct or (key in standing.asking and key not in standing.paired))
         ]
     live = [key for key in keys if key in standing.online]
     # a live connection carries every rule of a pair with an online rule in force

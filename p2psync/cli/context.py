@@ -14,6 +14,9 @@ from p2psync import home as home_mod
 F = TypeVar("F", bound=Callable[..., Any])
 
 HOME_HELP = "Agent home folder (default: $P2PSYNC_HOME, else the XDG data dir)."
+RELAY_HOME_HELP = (
+    "Relay home folder (default: $P2PSYNC_RELAY_HOME, else ~/.local/share/p2psync-relay)."
+)
 
 
 class State:
@@ -45,14 +48,14 @@ def _late_home(ctx: click.Context, param: click.Parameter, value: str | None) ->
     state.home_arg = value
 
 
-def home_option(function: F) -> F:
+def home_option(function: F, help: str = HOME_HELP) -> F:
     """Accept ``--home PATH`` here too, as after the top-level command."""
     return click.option(
         "--home",
         metavar="PATH",
         expose_value=False,
         callback=_late_home,
-        help=HOME_HELP,
+        help=help,
     )(function)
 
 
@@ -62,3 +65,9 @@ _pass = click.make_pass_decorator(State)
 def pass_state(function: F) -> F:
     """Hand the command the :class:`State`; it also takes ``--home`` after its name."""
     return home_option(_pass(function))  # type: ignore[return-value]
+
+
+def pass_relay_state(function: F) -> F:
+    """As :func:`pass_state`, for the relay node's commands: ``--home`` names a
+    relay's home."""
+    return home_option(_pass(function), RELAY_HOME_HELP)  # type: ignore[return-value]

@@ -10,13 +10,14 @@ agent's home as every other command does.
 from __future__ import annotations
 
 import logging
+import shlex
 import os
 from typing import Any
 
 import click
 
 from p2psync.cli import output
-from p2psync.cli.context import State, pass_state
+from p2psync.cli.context import State, pass_relay_state
 from p2psync.cli.relays import AGENT_COMMANDS
 from p2psync.cli.terms import parse_duration
 from p2psync.clock import now_ms
@@ -40,15 +41,16 @@ def relay() -> None:
 
 @relay.command(name="init")
 @click.option("--name", help="Display name of this relay (default: derived from its ID).")
-@pass_state
+@pass_relay_state
 def init(state: State, name: str | None) -> None:
     """Create a relay home with a new identity; prints the relay's device ID first."""
     created = relay_home.init(relay_home.resolve(state.home_arg), name)
     click.echo(created.identity.device_id)
     click.echo(f"initialised relay {created.name!r} at {created.path}")
+    home = f" --home {shlex.quote(state.home_arg)}" if state.home_arg else ""
     click.echo(
-        "admit agents with `p2psync relay allow DEVICE_ID` or `p2psync relay token create`, "
-        "then run `p2psync relay serve`"
+        f"admit agents with `p2psync relay allow{home} DEVICE_ID` or "
+        f"`p2psync relay token create{home}`, then run `p2psync relay serve{home}`"
     )
 
 
@@ -61,7 +63,7 @@ def init(state: State, name: str | None) -> None:
     help=f"Address to listen on (repeatable; default {DEFAULT_LISTEN}; port 0 picks one).",
 )
 @click.option("--quiet", is_flag=True, help="Log warnings only.")
-@pass_state
+@pass_relay_state
 def serve(state: State, listen: tuple[str, ...], quiet: bool) -> None:
     """Run the relay in the foreground until SIGINT or SIGTERM."""
     from p2psync.cli.foreground import run_until_signal  # noqa: PLC0415 - trio only here
@@ -87,7 +89,7 @@ def serve(state: State, listen: tuple[str, ...], quiet: bool) -> None:
 
 @relay.command(name="status")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@pass_state
+@pass_relay_state
 def status(state: State, as_json: bool) -> None:
     """Sessions, mailboxes, envelopes, bytes, oldest expiry and quota use."""
     from p2psync.relay.status import relay_status  # noqa: PLC0415
@@ -143,7 +145,7 @@ def _status_lines(d: dict[str, Any]) -> list[str]:
 
 @relay.command(name="allow")
 @click.argument("device")
-@pass_state
+@pass_relay_state
 def allow(state: State, device: str) -> None:
     """Admit the agent DEVICE (its device ID) to this relay."""
     from p2psync.relay.admission import Admission  # noqa: PLC0415
@@ -156,10 +158,11 @@ def allow(state: State, device: str) -> None:
 
 @relay.command(name="deny")
 @click.argument("device")
-@pass_state
+@pass_relay_state
 def deny(state: State, device: str) -> None:
-    """Stop admitting DEVICE (its sessions end at their next connection; what it
-    deposited stays until fetched or expired)."""
+    """Stop admitting DEVICE: its open sessions end within seconds, it is refused
+    from then on (a token will not bring it back; `relay allow` does). What it
+    deposited stays until fetched or expired."""
     from p2psync.relay.admission import Admission  # noqa: PLC0415
 
     home = _home(state)
@@ -188,7 +191,7 @@ def token() -> None:
     show_default=True,
     help="How long it stays usable (90s, 10m, 2h, 1d).",
 )
-@pass_state
+@pass_relay_state
 def token_create(state: State, uses: int, expires: str) -> None:
     """Create a token; prints it (give it to the agent's operator, privately)."""
     from p2psync.relay.admission import Admission  # noqa: PLC0415
@@ -209,7 +212,7 @@ def token_create(state: State, uses: int, expires: str) -> None:
 
 @token.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@pass_state
+@pass_relay_state
 def token_list(state: State, as_json: bool) -> None:
     """The tokens made on this relay (their ids, never their secrets)."""
     from p2psync.relay.admission import Admission  # noqa: PLC0415
@@ -242,7 +245,7 @@ def token_list(state: State, as_json: bool) -> None:
 
 @token.command(name="revoke")
 @click.argument("token_id")
-@pass_state
+@pass_relay_state
 def token_revoke(state: State, token_id: str) -> None:
     """Make the token TOKEN_ID (from `relay token list`) unusable."""
     from p2psync.relay.admission import Admission  # noqa: PLC0415
@@ -254,7 +257,7 @@ def token_revoke(state: State, token_id: str) -> None:
 @relay.command(name="purge")
 @click.argument("device")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@pass_state
+@pass_relay_state
 def purge(state: State, device: str, yes: bool) -> None:
     """Drop DEVICE's mailbox: every envelope waiting for it goes (their senders are
     told, as for an expiry, and send again). Logged in relay.log."""

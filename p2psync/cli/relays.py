@@ -95,8 +95,9 @@ def _check(db: Database, relay: relays_mod.Relay) -> str:
     else:
         return f"relay {short_id(relay.key)} admitted this agent; peers can leave envelopes for it"
     return (
-        f"not checked: {output.safe(problem)}; peers can leave envelopes for this agent "
-        "once it has connected (the running agent and `p2psync sync` keep trying)"
+        f"could not connect to it now: {output.safe(problem)}. Peers can leave envelopes "
+        "for this agent once it has connected (the running agent retries; so does each "
+        "`p2psync sync`)"
     )
 
 

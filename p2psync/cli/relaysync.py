@@ -61,7 +61,11 @@ def through_relay(
             for key, row in report.peers.items()
             if row.requests and key not in wanted
         ]
-        return [_outcome(db, report, key) for key in wanted] + requests, None
+        outcomes = [_outcome(db, report, key) for key in wanted] + requests
+        if not outcomes:
+            line = f"relay {short_id(report.relay)}: nothing waiting for this agent"
+            outcomes = [RelayOutcome(report.relay, line, True)]
+        return outcomes, None
     return [], "; ".join(errors)
 
 
@@ -105,7 +109,7 @@ def _outcome(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
         parts.append(f"{output.count(row.entries_in, 'entry', 'entries')} received")
     if row.acknowledged:
         parts.append(f"{output.plural(row.acknowledged, 'envelope')} of ours acknowledged")
-    if not parts:
+    if not parts and not row.refused:
         parts.append(f"nothing to exchange through relay {relay}")
     for reason in dict.fromkeys(row.refused + row.problems):
         parts.append(f"NOT delivered: {output.safe(reason)}")

@@ -232,4 +232,10 @@ async def deliver(client: RelayClient, mailer: Mailer, peer: bytes, report: Exch
 
 
 def _refusal(answer: wire.Refused) -> str:
+    if answer.code is wire.RefusalCode.NOT_ALLOWED:
+        return (
+            "the relay holds no mailbox of this peer that lets us leave anything: it must "
+            "connect to this relay once (`p2psync relay add` there, then its agent running "
+            "or `p2psync sync`) since its rules with us were agreed; kept here until then"
+        )
     return f"relay refused: {answer.code.name.lower().replace('_', ' ')} ({answer.detail})"

@@ -13,7 +13,8 @@ with a MAC over the session's handshake hash (:func:`~p2psync.core.relaywire.tok
 so an overheard proof admits no one else. The first admission by token puts the
 agent's key on the allow-list and uses one of the token's uses; later sessions
 need no token. ``deny`` takes a key off the list and keeps it off (a token will
-not bring it back). Every change is a read-modify-write under an exclusive
+not bring it back); a running node ends the device's open sessions when it sees
+the file change. Every change is a read-modify-write under an exclusive
 ``flock`` of the file's lock, so ``relay allow`` and a running ``relay serve``
 never lose each other's changes.
 """

@@ -33,7 +33,7 @@ from p2psync.core.mailbox import Limits
 from p2psync.errors import HomeError, UsageError
 from p2psync.store.store import STORE_FILE
 
-SETTINGS_FILE = "relay.json"
+SETTINGS_FILE = agent_home.RELAY_SETTINGS
 ADMISSION_FILE = "admission.json"
 MAILBOX_FILE = "mailbox.sqlite"
 STATE_FILE = "state.json"

@@ -50,7 +50,7 @@ from p2psync.errors import (
 from p2psync.net.transport import SecureStream, secure
 from p2psync.relay.admission import Admission
 from p2psync.relay.guards import Bucket, HalfOpen, Throttled
-from p2psync.relay.home import STATE_FILE, RelayHome
+from p2psync.relay.home import ADMISSION_FILE, STATE_FILE, RelayHome
 from p2psync.relay.service import Service
 from p2psync.store.mailbox import SqliteMailbox
 
@@ -79,7 +79,7 @@ class Session:
         self.deposits = 0
         self.fetched = 0
         self.arrived = 0
-        self.replaced = False  # closed for a newer session of the same device
+        self.ending = ""  # why the relay closed it (a newer session, no longer admitted)
         self._arrival = trio.Event()
 
     async def send(self, message: wire.Message) -> None:
@@ -176,6 +176,7 @@ class Node:
                 nursery.start_soon(partial(trio.serve_listeners, self._connection, listeners))
                 nursery.start_soon(self._sweeper)
                 nursery.start_soon(self._state_writer)
+                nursery.start_soon(self._admission_watch)
                 log.info(
                     "relay %s (%s) listening on %s",
                     self.home.identity.short_id,
@@ -289,7 +290,7 @@ class Node:
         while len(mine) > self.caps.sessions_per_device:
             oldest = mine.pop(0)
             log.info("closing an older session of %s", short_id(oldest.key))
-            oldest.replaced = True
+            oldest.ending = "replaced by a newer session of this device"
             oldest.scope.cancel()
         try:
             with session.scope:
@@ -297,11 +298,11 @@ class Node:
                     nursery.start_soon(session.push_arrivals)
                     await self._requests(session)
                     nursery.cancel_scope.cancel()
-            if session.replaced:  # say why, briefly; the device has a newer session
+            if session.ending:  # closed by the relay: say why, briefly
                 with trio.move_on_after(1) as bye:
                     bye.shield = True
                     with contextlib.suppress(P2PSyncError):
-                        await session.send(wire.Bye("replaced by a newer session of this device"))
+                        await session.send(wire.Bye(session.ending))
         finally:
             with contextlib.suppress(ValueError):
                 mine.remove(session)
@@ -383,6 +384,33 @@ class Node:
             "half_open_evicted": self.half_open.evicted,
             "counters": dict(self.counters),
         }
+
+    async def _admission_watch(self) -> None:
+        """End the sessions of devices no longer admitted (`relay deny`) within a
+        second or so of the change to the admission file."""
+        path = self.home.path / ADMISSION_FILE
+        seen: float | None = None
+        while True:
+            await trio.sleep(1.0)
+            try:
+                stamp = path.stat().st_mtime
+            except OSError:
+                continue
+            if stamp == seen:
+                continue
+            seen = stamp
+            try:
+                allowed = await trio.to_thread.run_sync(self.admission.allowed)
+            except P2PSyncError as exc:
+                log.error("cannot read the admission file: %s", exc)
+                continue
+            for key, sessions in list(self.sessions.items()):
+                if key in allowed:
+                    continue
+                for session in list(sessions):
+                    log.info("closing the session of %s: no longer admitted", short_id(key))
+                    session.ending = "no longer admitted to this relay"
+                    session.scope.cancel()
 
     async def _state_writer(self) -> None:
         path = self.home.path / STATE_FILE
