@@ -99,7 +99,9 @@ def sync(state: State, peer: str | None, address: str | None, timeout: float) ->
     done = {device_id(r.peer) for r in relayed}
     outcomes = [o for o in outcomes if o.synced or o.peer not in done]
     _warn_incomplete(state, outcomes)
-    _report(outcomes, error, relayed, relay_error)
+    with state.open() as db:
+        paired = bool(db.store.peers_in_force_modes())
+    _report(outcomes, error, relayed, relay_error, paired=paired)
 
 
 def _sync_direct(
@@ -210,10 +212,17 @@ def _report(
     error: str | None,
     relayed: Sequence[RelayOutcome] = (),
     relay_error: str | None = None,
+    *,
+    paired: bool = True,
 ) -> None:
-    if error and not relayed:
+    """Say what the sync did, peer by peer; ``paired``: some rule is in force (else
+    a sync that only collected from a relay is not a failure)."""
+    synced_with = bool(outcomes) or any(not r.note for r in relayed)
+    if error and not synced_with:
         raise P2PSyncError(error)
-    if not outcomes and not relayed:
+    if not synced_with and (paired or not relayed):
+        for note in relayed:
+            click.echo(note.line)
         if relay_error:
             raise P2PSyncError(f"no relay served this sync: {relay_error}")
         raise P2PSyncError("no paired peer with an address to sync with; see `p2psync peers`")

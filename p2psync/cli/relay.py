@@ -10,8 +10,8 @@ agent's home as every other command does.
 from __future__ import annotations
 
 import logging
-import shlex
 import os
+import shlex
 from typing import Any
 
 import click

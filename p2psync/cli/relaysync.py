@@ -29,6 +29,8 @@ class RelayOutcome:
     peer: bytes
     line: str
     ok: bool
+    #: a line about the relay itself or a pairing request, not a peer we sync with
+    note: bool = False
 
 
 def through_relay(
@@ -64,7 +66,7 @@ def through_relay(
         outcomes = [_outcome(db, report, key) for key in wanted] + requests
         if not outcomes:
             line = f"relay {short_id(report.relay)}: nothing waiting for this agent"
-            outcomes = [RelayOutcome(report.relay, line, True)]
+            outcomes = [RelayOutcome(report.relay, line, True, note=True)]
         return outcomes, None
     return [], "; ".join(errors)
 
@@ -77,6 +79,7 @@ def _request(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
         f"{who}: pairing request received through relay {short_id(report.relay)}; "
         "see `p2psync pair pending`",
         True,
+        note=True,
     )
 
 
