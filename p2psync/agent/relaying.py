@@ -49,6 +49,9 @@ TICK = 60.0  # seconds between exchanges when nothing happens
 BACKOFF_START = 1.0
 BACKOFF_CAP = 300.0
 STEADY = 60.0  # a session that lasted this long (seconds) resets the backoff
+#: Seconds a peer whose envelopes the relay refused (all of them: it has no mailbox
+#: of the peer that lists us yet, or is full) gets no new attempt from this link.
+REFUSED_PAUSE = 600.0
 
 
 class RelayLink:
@@ -80,6 +83,7 @@ class RelayLink:
         self._in_step: dict[bytes, dict[bytes, Head]] = {}
         self._admitted = False
         self._relays: list[Relay] = []
+        self._refused: dict[bytes, float] = {}  # peer -> trio time of the next attempt
 
     def poke(self) -> None:
         """Something changed that may call for an exchange (a connection ended)."""
@@ -142,6 +146,7 @@ class RelayLink:
             if relay.token is not None:
                 await trio.to_thread.run_sync(relays_mod.admitted, self.db.store, relay.key)
             self.relay, self.address, self.since_ms = relay.key, client.address, now_ms()
+            self._refused.clear()  # a new session: try every peer again
             self.error = None
             log.info("relay %s: connected at %s", short_id(relay.key), client.address)
             async with trio.open_nursery() as nursery:
@@ -160,8 +165,18 @@ class RelayLink:
         relay_only = await trio.to_thread.run_sync(self.mailer.relay_only)
         # a live direct connection carries what goes by direct or auto rules; what
         # only a relay rule carries still goes through the relay
-        peers = [p for p in targets if p not in direct or p in relay_only]
+        now = trio.current_time()
+        peers = [
+            p
+            for p in targets
+            if (p not in direct or p in relay_only) and self._refused.get(p, 0) <= now
+        ]
         report = await exchange_on(client, self.mailer, peers)
+        for peer, row in report.peers.items():
+            if row.refused and not row.deposited:  # e.g. no mailbox of the peer there yet
+                self._refused[peer] = now + REFUSED_PAUSE
+            else:
+                self._refused.pop(peer, None)
         self.last, self.last_ms = report, now_ms()
         received = sum(p.entries_in for p in report.peers.values())
         if received:

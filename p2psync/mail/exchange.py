@@ -32,7 +32,7 @@ from p2psync.core.envelope import EnvelopeClass, read_header
 from p2psync.core.identity import device_id, short_id
 from p2psync.errors import RemoteProtocolError, StoreError
 from p2psync.home import OpenHome
-from p2psync.mail.mailer import Incoming, Mailer
+from p2psync.mail.mailer import BATCH, Incoming, Mailer
 from p2psync.net.relayclient import RelayClient, open_relay
 from p2psync.store import relays as relays_mod
 from p2psync.store.relays import Relay
@@ -195,10 +195,12 @@ async def deliver(client: RelayClient, mailer: Mailer, peer: bytes, report: Exch
     row = report.of(peer)
     max_sealed = min(MAX_SEALED, client.welcome.max_sealed)
     where = device_id(client.relay)
+    size = 1  # a first small batch: a relay that refuses costs one envelope, not all
     while True:
         batch = await trio.to_thread.run_sync(
-            lambda: mailer.outgoing(peer, now_ms(), max_sealed=max_sealed)
+            partial(mailer.outgoing, peer, now_ms(), max_sealed=max_sealed, max_envelopes=size)
         )
+        size = BATCH
         if not batch:
             return
         answers = await client.deposit_all([out.wire for out in batch])

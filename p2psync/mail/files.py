@@ -54,7 +54,7 @@ def export_file(db: OpenHome, peer: bytes, path: Path, now_ms: int) -> Exported:
     mailer = Mailer(db)
     mailer.expire(now_ms)  # what expired goes again
     until = now_ms + FILE_TTL_MS
-    envelopes = mailer.outgoing(peer, now_ms, expiry_ms=until)
+    envelopes = mailer.outgoing(peer, now_ms, expiry_ms=until, max_envelopes=None)  # one file
     if not envelopes:
         return Exported([], 0)
     size = write_file(path, [e.wire for e in envelopes])

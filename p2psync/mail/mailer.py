@@ -55,6 +55,11 @@ class Gaps:
     receipts_stopped: bool
 
 
+#: Data envelopes one call to :meth:`Mailer.outgoing` makes at most (plus one):
+#: memory holds a few envelopes, whatever the backlog.
+BATCH = 4
+
+
 class Mailer:
     """The mailbox side of one open home."""
 
@@ -76,9 +81,11 @@ class Mailer:
         max_sealed: int = 1 << 20,
         expiry_ms: int = 0,
         receipts_only: bool = False,
+        max_envelopes: int | None = BATCH,
     ) -> list[Outgoing]:
-        """Everything due to ``peer`` now (see ``mail/outbox.py``; only the owed
-        receipts with ``receipts_only``), sealed and queued."""
+        """What is due to ``peer`` now (see ``mail/outbox.py``; only the owed
+        receipts with ``receipts_only``), sealed and queued: a batch of about
+        ``max_envelopes`` (None: everything); ask again for the next."""
         return outbox.make(
             self.db,
             peer,
@@ -87,6 +94,7 @@ class Mailer:
             expiry_ms=expiry_ms,
             random=self._random,
             receipts_only=receipts_only,
+            max_envelopes=max_envelopes,
         )
 
     def incoming(self, wire: bytes, now_ms: int, *, depositor: bytes | None = None) -> Incoming:

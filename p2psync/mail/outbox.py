@@ -55,7 +55,7 @@ from p2psync.store.logs import Outgoing as Stored
 
 #: Entries (and bytes) read from the store at a time while packing.
 READ_ENTRIES = 8192
-READ_BYTES = 16 << 20
+READ_BYTES = 4 << 20
 _ZERO = bytes(32)
 
 
@@ -89,8 +89,12 @@ def make(
     expiry_ms: int,
     random: Callable[[int], bytes] = os.urandom,
     receipts_only: bool = False,
+    max_envelopes: int | None = None,
 ) -> list[Outgoing]:
-    """Everything due to ``peer`` now, sealed, numbered and recorded as queued."""
+    """What is due to ``peer`` now, sealed, numbered and recorded as queued: every
+    owed receipt, and bundles of what it lacks, at most about ``max_envelopes`` of
+    them (None: all; asking again goes on where this left off), so memory holds a
+    few envelopes whatever the backlog."""
     if max_sealed < MIN_SEALED_BYTES:
         raise UsageError(f"an envelope may be no smaller than {MIN_SEALED_BYTES} bytes")
     me = db.identity.public_key
@@ -102,7 +106,7 @@ def make(
         local = heads_of(db.store.heads())
         drafts = _receipts(db, peer, local, now_ms)
         if not receipts_only:
-            drafts += _bundles(db, peer, flow, local, max_sealed, now_ms)
+            drafts += _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes)
     ledger = db.store.ledger
     if not drafts:
         return []
@@ -130,8 +134,8 @@ def make(
                 draft.rules,
             )
         )
-    receipts = [s for d in drafts for s in d.receipts]
-    ledger.add(rows, {peer: receipts} if receipts else {})
+    receipts = {(peer, seq): d.receipts for seq, d in enumerate(drafts, first) if d.receipts}
+    ledger.add(rows, receipts)
     return out
 
 
@@ -224,6 +228,7 @@ def _bundles(
     local: Mapping[bytes, Head],
     max_sealed: int,
     now_ms: int,
+    max_envelopes: int | None = None,
 ) -> list[_Draft]:
     rows, runs = _on_their_way(db, peer, now_ms)
     after = flow.lacks(local, known_heads(db, peer))
@@ -244,7 +249,7 @@ def _bundles(
     digest = rules_digest(objects)
     base = Bundle(dict(local), digest, tuple(objects) if _rules_due(db, peer, digest, rows) else ())
     packer = _Packer(base, max_sealed)
-    while after:
+    while after and (max_envelopes is None or len(packer.drafts) < max_envelopes):
         batch = db.store.entries_after(after, READ_ENTRIES, READ_BYTES)
         if not batch:
             break

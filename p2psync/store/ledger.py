@@ -187,9 +187,12 @@ class Ledger:
 
     # ------------------------------------------------------------ what we made
 
-    def add(self, rows: Iterable[LedgerRow], receipts: Mapping[bytes, Iterable[int]]) -> None:
-        """Record new envelopes, and that the owed receipts for ``receipts`` (peer ->
-        seqs) are now in them: one transaction."""
+    def add(
+        self, rows: Iterable[LedgerRow], receipts: Mapping[tuple[bytes, int], Iterable[int]]
+    ) -> None:
+        """Record new envelopes, and that the owed receipts for ``receipts`` ((peer,
+        receipt envelope's seq) -> seqs) are sealed in them: one transaction. They
+        stay owed until that envelope is at a relay or in a file."""
         values = [
             (
                 r.peer,
@@ -212,9 +215,10 @@ class Ledger:
             conn.executemany(
                 f"INSERT INTO mail_out ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", values
             )
-            for peer, seqs in receipts.items():
+            for (peer, envelope), seqs in receipts.items():
                 conn.executemany(
-                    "DELETE FROM mail_due WHERE peer = ? AND seq = ?", [(peer, s) for s in seqs]
+                    "UPDATE mail_due SET receipt = ? WHERE peer = ? AND seq = ?",
+                    [(envelope, peer, s) for s in seqs],
                 )
 
     def move(
@@ -246,6 +250,10 @@ class Ledger:
                     "WHERE peer = ? AND seq = ?",
                     (state.value, place, until_ms, now_ms if final else None, reason, peer, seq),
                 )
+                if state in (State.AT_RELAY, State.HANDED_OVER):  # its receipts are on their way
+                    conn.execute(
+                        "DELETE FROM mail_due WHERE peer = ? AND receipt = ?", (peer, seq)
+                    )
                 moved.append(row)
         return moved
 
@@ -313,8 +321,13 @@ class Ledger:
     def due(self, peer: bytes) -> list[tuple[int, str | None]]:
         """Receipts owed to ``peer``: (seq, None if applied else the reason)."""
         with self._reader.reading() as conn:
+            # not sealed yet, or sealed in an envelope the relay refused or that
+            # expired before it was deposited
             return conn.execute(
-                "SELECT seq, reason FROM mail_due WHERE peer = ? ORDER BY seq", (peer,)
+                "SELECT d.seq, d.reason FROM mail_due d LEFT JOIN mail_out o "
+                "ON o.peer = d.peer AND o.seq = d.receipt WHERE d.peer = ? "
+                "AND (d.receipt IS NULL OR o.seq IS NULL OR o.state IN (?, ?)) ORDER BY d.seq",
+                (peer, State.REFUSED.value, State.EXPIRED.value),
             ).fetchall()
 
     # ------------------------------------------------------------ the mailbox policy

@@ -57,6 +57,10 @@ def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
     return {key: Head(seq, head, bool(frozen)) for key, seq, head, frozen in rows}
 
 
+#: Rows read at a time while an author's stream is under the byte budget.
+_CHUNK = 64
+
+
 def entries_after(
     conn: sqlite3.Connection,
     after: Mapping[bytes, int],
@@ -74,12 +78,19 @@ def entries_after(
         row = conn.execute("SELECT idx FROM authors WHERE key = ?", (author,)).fetchone()
         if row is None:
             continue
-        rows = conn.execute(
+        cursor = conn.execute(
             "SELECT hlc, seq, id, signed, payloads FROM entries "
             "WHERE author = ? AND seq > ? ORDER BY seq LIMIT ?",
             (row[0], seq, max_entries),
-        ).fetchall()
-        streams.append([Outgoing(r[0], author, r[1], r[2], wire_form(r[3], r[4])) for r in rows])
+        )
+        stream: list[Outgoing] = []
+        read = 0
+        while read <= max_bytes and (chunk := cursor.fetchmany(_CHUNK)):
+            for r in chunk:
+                stream.append(Outgoing(r[0], author, r[1], r[2], wire_form(r[3], r[4])))
+                read += len(stream[-1].wire)
+        cursor.close()  # no author's stream is read far past what one call returns
+        streams.append(stream)
     merged = streams[0] if len(streams) == 1 else heapq.merge(*streams)
     out: list[Outgoing] = []
     size = 0

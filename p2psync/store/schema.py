@@ -31,7 +31,9 @@ Version 10 adds the delivery ledger of the relay mailbox (:mod:`p2psync.store.le
                 signed receipt or bundle (CBOR), the rules digest its last bundle
                 named, and what we received from it: every seq up to ``recv_high``,
                 and ``recv_above`` (CBOR list, bounded) above it.
-``mail_due``    receipts we owe: the peer's seqs we applied (``reason`` NULL) or refused.
+``mail_due``    receipts we owe: the peer's seqs we applied (``reason`` NULL) or refused,
+                and the seq of the receipt envelope they were sealed in (until it
+                is at a relay or in a file; refused or expired, they are owed again).
 
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
@@ -251,6 +253,11 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         reason TEXT,
         PRIMARY KEY (peer, seq)
     ) WITHOUT ROWID
+    """,
+    # an owed receipt stays owed until the envelope carrying it is at a relay or in a
+    # file: ``receipt`` is that envelope's seq (NULL: not sealed yet)
+    11: """
+    ALTER TABLE mail_due ADD COLUMN receipt INTEGER
     """,
 }
 
