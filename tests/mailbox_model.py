@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from p2psync.core.envelope import EnvelopeClass
 from p2psync.core.mailbox import (
+    MAX_NOTICES,
     NO_POLICY,
     Deposit,
     Envelope,
@@ -102,7 +103,15 @@ class ModelMailbox:
         notices = expired(self.held.values(), now_ms)
         for notice in notices:
             del self.held[(notice.recipient, notice.sender, notice.seq)]
-        self.queued += notices
+        self.queued += [n for n in notices if n not in self.queued]
+        self.queued = [n for n in self.queued if n.until_ms > now_ms - self.limits.ttl_max_ms]
+        for sender in {n.sender for n in self.queued}:
+            mine = sorted(
+                (n for n in self.queued if n.sender == sender),
+                key=lambda n: (n.until_ms, n.recipient, n.seq),
+            )
+            for old in mine[: max(0, len(mine) - MAX_NOTICES)]:
+                self.queued.remove(old)
         return notices
 
     def take_notices(self, sender: bytes, limit: int = 1000) -> list[ExpiryNotice]:

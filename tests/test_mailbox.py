@@ -88,7 +88,11 @@ def test_refusals_in_order_policy_size_expiry_quota() -> None:
 
 
 def test_each_quota_refuses_at_its_edge_and_admits_just_below() -> None:
-    limits = Limits(mailbox_bytes=100, pair_bytes=50, sender_bytes=70)
+    limits = Limits(mailbox_bytes=100, pair_bytes=50, sender_bytes=70, pair_count=3)
+    assert admit(dep(), Usage(pair=Tally(3, 3)), ALLOW_A, limits, NOW) == Refused(
+        Refusal.FULL, Quota.PAIR_COUNT, 3, 3
+    )
+    assert isinstance(admit(dep(), Usage(pair=Tally(2, 2)), ALLOW_A, limits, NOW), Stored)
     for usage, quota in (
         (Usage(mailbox=Tally(1, 91)), Quota.MAILBOX_BYTES),
         (Usage(pair=Tally(1, 41)), Quota.PAIR_BYTES),
@@ -192,6 +196,7 @@ KEYS = (A, B, C)
 SMALL = Limits(
     mailbox_count=6,
     mailbox_bytes=400,
+    pair_count=4,
     pair_bytes=250,
     sender_bytes=500,
     intro_mailbox_count=3,
@@ -352,6 +357,7 @@ class MailboxMachine(RuleBasedStateMachine):
                 assert usage.mailbox.count <= SMALL.mailbox_count
                 assert usage.mailbox.bytes <= SMALL.mailbox_bytes
                 assert usage.pair.bytes <= SMALL.pair_bytes
+                assert usage.pair.count <= SMALL.pair_count
                 assert usage.sender.bytes <= SMALL.sender_bytes
                 assert usage.intro_mailbox.count <= SMALL.intro_mailbox_count
                 assert usage.intro_mailbox.bytes <= SMALL.intro_mailbox_bytes

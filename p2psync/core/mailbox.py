@@ -40,6 +40,8 @@ KEY_SIZE = 32
 MAX_INT = (1 << 63) - 1
 #: Envelopes one fetch returns at most.
 MAX_FETCH = 1000
+#: Expiry notices kept per sender (the newest): advice a sender may never take.
+MAX_NOTICES = 1000
 
 
 class Refusal(enum.Enum):
@@ -60,6 +62,7 @@ class Quota(enum.Enum):
     INTRO_MAILBOX_BYTES = "introduction-mailbox-bytes"
     MAILBOX_COUNT = "mailbox-count"
     MAILBOX_BYTES = "mailbox-bytes"
+    PAIR_COUNT = "pair-count"
     PAIR_BYTES = "pair-bytes"
     SENDER_BYTES = "sender-bytes"
 
@@ -99,6 +102,8 @@ class Limits:
 
     mailbox_count: int = 10_000
     mailbox_bytes: int = 1 * GiB
+    #: one sender's share of a mailbox: a sender cannot take every place from the others
+    pair_count: int = 2_500
     pair_bytes: int = 256 * MiB
     sender_bytes: int = 2 * GiB
     #: Introductions (pairing requests, invite joins) come from anyone admitted:
@@ -217,6 +222,7 @@ def _full(deposit: Deposit, usage: Usage, limits: Limits) -> Refused | None:
     checks += [
         (Quota.MAILBOX_COUNT, usage.mailbox.count, 1, limits.mailbox_count),
         (Quota.MAILBOX_BYTES, usage.mailbox.bytes, size, limits.mailbox_bytes),
+        (Quota.PAIR_COUNT, usage.pair.count, 1, limits.pair_count),
         (Quota.PAIR_BYTES, usage.pair.bytes, size, limits.pair_bytes),
         (Quota.SENDER_BYTES, usage.sender.bytes, size, limits.sender_bytes),
     ]
@@ -353,7 +359,8 @@ class MailboxStore(Protocol):
 
     def sweep(self, now_ms: int) -> list[ExpiryNotice]:
         """Drop every envelope expired at ``now_ms`` and queue its notice, in one
-        transaction; the notices queued."""
+        transaction; the notices queued. Notices nobody took within the maximum
+        TTL go, and a sender keeps at most :data:`MAX_NOTICES` (the newest)."""
         ...
 
     def take_notices(self, sender: bytes, limit: int = MAX_FETCH) -> list[ExpiryNotice]:

@@ -36,6 +36,7 @@ from p2psync.core.envelope import EnvelopeClass
 from p2psync.core.mailbox import (
     MAX_FETCH,
     MAX_INT,
+    MAX_NOTICES,
     NO_POLICY,
     Deposit,
     Envelope,
@@ -318,6 +319,20 @@ class SqliteMailbox:
                     "INSERT INTO notices (sender, recipient, seq, until_ms) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING",  # the same notice twice (a clock stepped back)
                     (n.sender, n.recipient, n.seq, n.until_ms),
+                )
+            # advice nobody took: bounded in time and per sender
+            conn.execute(
+                "DELETE FROM notices WHERE until_ms <= ?", (now_ms - self.limits.ttl_max_ms,)
+            )
+            over = conn.execute(
+                "SELECT sender FROM notices GROUP BY sender HAVING COUNT(*) > ?", (MAX_NOTICES,)
+            ).fetchall()
+            for (sender,) in over:
+                conn.execute(
+                    "DELETE FROM notices WHERE sender = ? AND (recipient, seq, until_ms) NOT IN "
+                    "(SELECT recipient, seq, until_ms FROM notices WHERE sender = ? "
+                    "ORDER BY until_ms DESC, recipient DESC, seq DESC LIMIT ?)",
+                    (sender, sender, MAX_NOTICES),
                 )
         return notices
 
