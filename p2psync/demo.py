@@ -238,10 +238,13 @@ def _through_relay(base: Path, sites: list[Site], head: Site, say: Say, shell: S
     shell("the laptop paired once at the office (orders only, route relay), then left")
     for site in (head, laptop):
         _run(relay_home, "relay", "allow", site.device_id)
-        site.cli("relay", "add", relay_id, "--address", relay.address)
-    shell("operator: p2psync relay allow <ID> (each site); each site: p2psync relay add <relay>")
+    laptop.cli("relay", "add", relay_id, "--address", relay.address)
+    shell("operator: p2psync relay allow <ID> (each site); the laptop: p2psync relay add <relay>")
 
-    say("The head office records 300 orders; its agent leaves them at the relay for the laptop")
+    say(
+        "The head office records 300 orders, then adds the relay; its agent leaves what the "
+        "laptop lacks there"
+    )
     orders = base / "orders.jsonl"
     with orders.open("w") as out:
         for i in range(300):
@@ -249,7 +252,8 @@ def _through_relay(base: Path, sites: list[Site], head: Site, say: Say, shell: S
             out.write(json.dumps({"collection": "orders", "key": f"O-{i:04d}", "value": value}))
             out.write("\n")
     head.cli("put", "--from", str(orders))
-    wait_until(lambda: "at relay" in _delivery(head, laptop), timeout=30)
+    head.cli("relay", "add", relay_id, "--address", relay.address)
+    _settle(lambda: _delivery(head, laptop) if "at relay" in _delivery(head, laptop) else "")
     shell(f"head office: p2psync peers  ->  {_delivery(head, laptop)}")
     shell(
         "    (the 300 orders, and the head office's other entries without their contents: "
@@ -272,6 +276,21 @@ def _through_relay(base: Path, sites: list[Site], head: Site, say: Say, shell: S
     shell("the head office's agent was told by the relay and applied O-9001 at once")
     wait_until(lambda: "acknowledged" in _delivery(head, laptop), timeout=30)
     shell(f"head office: p2psync peers  ->  {_delivery(head, laptop)}")
+
+
+def _settle(read: Callable[[], str], quiet: float = 3.0, timeout: float = 60.0) -> str:
+    """Wait until ``read()`` is not empty and has not changed for ``quiet`` seconds
+    (a running agent deposits in batches)."""
+    started = time.monotonic()
+    last, since = "", time.monotonic()
+    while time.monotonic() - started < timeout:
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now and time.monotonic() - since >= quiet:
+            return now
+        time.sleep(0.2)
+    raise p2psync.P2PSyncError(f"the demo waited {timeout:g} s in vain")
 
 
 def _run(home: Path, *args: str) -> str:
