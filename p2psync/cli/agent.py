@@ -81,7 +81,9 @@ def run(
 @timeout_option(60.0)
 @pass_state
 def sync(state: State, peer: str | None, address: str | None, timeout: float) -> None:
-    """Sync now with PEER (or every paired peer); exit 0 once in step.
+    """Sync now with PEER (or every paired peer); exit 0 once in step (through a
+    relay: once what the peer lacks is left there; a signed receipt, seen in
+    `p2psync peers`, says when it arrived).
 
     A peer out of direct reach whose rules allow the relay (route relay or auto)
     is synced through the first relay that admits this agent (`p2psync relay
