@@ -8,6 +8,7 @@ the kill can land between any two requests of a pipelined stream.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -37,6 +38,9 @@ RECIPIENT = Identity(bytes([2]) * 32)
 class Node:
     def __init__(self, tmp_path: Path) -> None:
         home = relay_home.init(tmp_path / "relay", "crashy")
+        settings = json.loads((home.path / relay_home.SETTINGS_FILE).read_text())
+        settings["limits"]["pair_count"] = 100_000  # one sender deposits thousands here
+        (home.path / relay_home.SETTINGS_FILE).write_text(json.dumps(settings))
         admission = Admission(home.path)
         for identity in (SENDER, RECIPIENT):
             admission.allow(identity.public_key, now_ms())
