@@ -93,7 +93,8 @@ def test_two_sites_never_online_together_converge_through_the_relay(
     assert (acknowledged["envelopes"], acknowledged["entries"]) == (1, 301)
     assert "acknowledged" in cli(a, "peers")
     status = relay.status()
-    assert status["running"] is not None and status["allowed"] == 2
+    assert status["running"] is not None and len(status["admitted"]) == 2
+    assert {r["device_id"] for r in status["admitted"]} == {ida, idb}
     assert MARKER.encode() not in relay.files_bytes()
 
 

@@ -22,6 +22,7 @@ from p2psync.cli.relays import AGENT_COMMANDS
 from p2psync.cli.terms import parse_duration
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, parse_device_id, short_id
+from p2psync.core.relaywire import parse_token
 from p2psync.errors import UsageError
 from p2psync.net.address import parse_address
 from p2psync.relay import home as relay_home
@@ -139,7 +140,11 @@ def _status_lines(d: dict[str, Any]) -> list[str]:
         f"{q['bytes']:,} of {q['bytes_limit']:,} bytes"
     )
     lines.append(f"expiry notices waiting: {m['notices']}")
-    lines.append(f"admitted devices: {d['allowed']}; usable tokens: {d['tokens']}")
+    lines.append(f"admitted devices: {len(d['admitted'])}; usable tokens: {d['tokens']}")
+    for row in d["admitted"]:
+        lines.append(
+            f"  {row['device_id']}  since {output.short_time(row['since'])} ({row['how']})"
+        )
     return lines
 
 
@@ -203,8 +208,10 @@ def token_create(state: State, uses: int, expires: str) -> None:
     until = now_ms() + int(seconds * 1000)
     text = Admission(home.path).create_token(uses, until, now_ms())
     click.echo(text)
+    ident = parse_token(text)[0].hex()
     click.echo(
-        f"admits {output.count(uses, 'agent')} until {output.short_time(until)}: "
+        f"token {ident} admits {output.count(uses, 'agent')} until "
+        f"{output.short_time(until)}: "
         f"`p2psync relay add {home.identity.device_id} --address HOST:PORT --token {text}`",
         err=True,
     )
@@ -250,8 +257,8 @@ def token_revoke(state: State, token_id: str) -> None:
     """Make the token TOKEN_ID (from `relay token list`) unusable."""
     from p2psync.relay.admission import Admission  # noqa: PLC0415
 
-    Admission(_home(state).path).revoke_token(token_id.strip().lower())
-    click.echo(f"revoked token {token_id}")
+    revoked = Admission(_home(state).path).revoke_token(token_id.strip().lower())
+    click.echo(f"revoked token {revoked}")
 
 
 @relay.command(name="purge")

@@ -438,7 +438,7 @@ def token_text(ident: bytes, secret: bytes) -> str:
 
 def parse_token(text: str) -> tuple[bytes, bytes]:
     """``(id, secret)`` of a token's text; ValueError with a one-sentence reason."""
-    text = text.strip()
+    text = text.strip().lower()  # a phone or a mail program may capitalise it
     if not text.startswith(TOKEN_TEXT_PREFIX):
         raise ValueError(f"a relay token starts with {TOKEN_TEXT_PREFIX!r}")
     body = text[len(TOKEN_TEXT_PREFIX) :].upper()

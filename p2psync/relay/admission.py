@@ -113,13 +113,18 @@ class Admission:
         log_action(self.home, f"token create {ident.hex()} uses={uses} expires={expires_ms}")
         return wire.token_text(ident, secret)
 
-    def revoke_token(self, ident_hex: str) -> None:
+    def revoke_token(self, ident: str) -> str:
+        """Revoke the token whose id is (or starts with) ``ident``; its full id."""
         with self._locked() as data:
-            token = data["tokens"].get(ident_hex)
-            if token is None:
-                raise NotFoundError(f"no token {ident_hex} on this relay (see `relay token list`)")
-            token["revoked"] = True
-        log_action(self.home, f"token revoke {ident_hex}")
+            found = [k for k in data["tokens"] if k.startswith(ident)] if ident else []
+            if len(found) != 1:
+                what = "no" if not found else "more than one"
+                raise NotFoundError(
+                    f"{ident!r} names {what} token on this relay (see `relay token list`)"
+                )
+            data["tokens"][found[0]]["revoked"] = True
+        log_action(self.home, f"token revoke {found[0]}")
+        return str(found[0])
 
     def tokens(self) -> list[Token]:
         with self._locked() as data:
@@ -133,30 +138,38 @@ class Admission:
 
     def admit(
         self, key: bytes, token: tuple[bytes, bytes] | None, handshake_hash: bytes, now_ms: int
-    ) -> bool:
-        """Whether the session of ``key`` (with ``Hello.token``) is admitted; a valid
-        token puts the key on the allow-list and uses one of its uses."""
+    ) -> str | None:
+        """None when the session of ``key`` (with ``Hello.token``) is admitted (a valid
+        token puts the key on the allow-list and uses one of its uses), else why not:
+        for the relay's log only (the agent is told the same words whatever the reason)."""
         with self._locked() as data:
             if key.hex() in data["denied"]:
-                return False
+                return "denied"
             if key.hex() in data["allowed"]:
-                return True
+                return None
             if token is None:
-                return False
+                return "not on the allow-list, no token"
             ident, proof = token
             row = data["tokens"].get(ident.hex())
+            if row is None:
+                return f"unknown token {ident.hex()}"
             try:
-                if row is None or not _token(ident.hex(), row).usable(now_ms):
-                    return False
+                known = _token(ident.hex(), row)
+                if known.revoked:
+                    return f"token {ident.hex()} revoked"
+                if known.used >= known.uses:
+                    return f"token {ident.hex()} used up"
+                if not known.usable(now_ms):
+                    return f"token {ident.hex()} expired"
                 expected = wire.token_proof(bytes.fromhex(row["secret"]), handshake_hash)
                 if not hmac.compare_digest(expected, proof):
-                    return False
+                    return f"wrong proof for token {ident.hex()}"
                 row["used"] = int(row["used"]) + 1
             except (KeyError, TypeError, ValueError) as exc:  # edited by hand
                 raise HomeError(f"{self.path}: token {ident.hex()} is malformed ({exc!r})") from exc
             data["allowed"][key.hex()] = {"since": now_ms, "how": f"token {ident.hex()}"}
         log_action(self.home, f"admitted {key.hex()} by token {ident.hex()}")
-        return True
+        return None
 
 
 def _token(ident_hex: str, row: dict[str, Any]) -> Token:

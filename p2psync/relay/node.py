@@ -236,7 +236,7 @@ class Node:
                     await stream.send(wire.encode(wire.Bye("expected Hello")))
                     return None
                 try:
-                    admitted = await trio.to_thread.run_sync(
+                    refusal = await trio.to_thread.run_sync(
                         self.admission.admit,
                         stream.peer,
                         hello.token,
@@ -247,9 +247,9 @@ class Node:
                     log.error("cannot check admission: %s", exc)
                     await stream.send(wire.encode(wire.Bye(ADMISSION_FAILED)))
                     return None
-                if not admitted:
+                if refusal is not None:
                     self.counters["refused"] += 1
-                    log.info("refused %s from %s", short_id(stream.peer), address)
+                    log.info("refused %s from %s: %s", short_id(stream.peer), address, refusal)
                     await stream.send(wire.encode(wire.Bye(NOT_ADMITTED)))
                     return None
                 sessions = sum(len(s) for s in self.sessions.values()) + self._welcoming

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from p2psync.clock import now_ms
+from p2psync.core.identity import device_id
 from p2psync.relay.admission import Admission
 from p2psync.relay.home import STATE_FILE, RelayHome
 from p2psync.relay.lock import serving
@@ -53,6 +54,9 @@ def relay_status(home: RelayHome) -> dict[str, Any]:
             "ttl_default_ms": home.limits.ttl_default_ms,
             "ttl_max_ms": home.limits.ttl_max_ms,
         },
-        "allowed": len(admission.allowed()),
+        "admitted": [
+            {"device_id": device_id(key), "since": row.get("since"), "how": row.get("how")}
+            for key, row in sorted(admission.allowed().items())
+        ],
         "tokens": sum(t.usable(now) for t in admission.tokens()),
     }
