@@ -2,8 +2,10 @@
 
 Three agent processes on 127.0.0.1 (nothing listens on other interfaces),
 each with its own home in a temporary folder. The demo narrates live sync, a
-conflict and its resolution, and a stopped branch catching up; it stops every
-process it started (by PID) and removes the folder, whatever happens.
+conflict and its resolution, and a stopped branch catching up; then a relay node
+(a fourth process) and a field laptop that syncs with the head office only
+through it. It stops every process it started (by PID) and removes the folder,
+whatever happens.
 
 Whatever else runs on the machine: the agents listen on ports the system
 picks, other agents seen over mDNS are left out of the story, and where
