@@ -67,7 +67,7 @@ def test_a_missing_payload_that_may_come_here_makes_the_entry_wait() -> None:
         assert isinstance(refusal, WithheldError) and not isinstance(refusal, HostileEntry)
         assert "without its 'payroll' part" in str(refusal)
     # payroll may come only by an on-demand rule: the entry waits for that sync
-    later = Flow(only("public").now, Permissions(receive=(Terms(("public", "payroll")),)))
+    later = Flow(only("public").now, (Permissions(receive=(Terms(("public", "payroll")),)),))
     refusal = later.judge(filtered)
     assert isinstance(refusal, WithheldError) and "only on demand" in str(refusal)
     # ...and a payload of such a collection, sent live, is not the peer's fault
@@ -83,7 +83,7 @@ def test_rules_count_by_mode_and_route() -> None:
     # a live connection kept for an online rule carries the on-demand one too
     assert live.may_receive("a") and live.may_receive("b") and not live.may_receive("c")
     only_on_demand = Flow.between(ME, PEER, [on_demand], live=True)
-    assert not only_on_demand.flows and only_on_demand.later is not None
+    assert not only_on_demand.flows and only_on_demand.later
     assert only_on_demand.in_force  # a live session with it waits for nothing
     assert Flow.between(ME, PEER, [on_demand], live=False).flows
     assert not Flow.between(ME, PEER, [proposed], live=True).in_force
@@ -100,3 +100,27 @@ def test_rules_count_by_mode_and_route() -> None:
     nothing = Flow.between(ME, PEER, [], live=False)
     assert nothing.now == Permissions() and not nothing.in_force
     assert Flow().now == EVERYTHING
+
+
+def test_an_entry_waits_only_for_a_copy_that_brings_more() -> None:
+    """A copy lacking a payload another path carries waits for that path only if
+    that path would bring everything this copy has too; otherwise (a relay-only and
+    a direct-only collection in one entry) no path brings more, and waiting on both
+    would hold it forever."""
+    author = Author()
+    entry = author.write(author.op("direct", "a", 1), author.op("relay", "b", 2))
+    direct_only = rule(Terms(("direct",), Direction.BOTH, Mode.ONLINE, Route.DIRECT))
+    relay_only = rule(Terms(("relay",), Direction.BOTH, Mode.ONLINE, Route.RELAY))
+    both = rule(Terms(("direct", "relay"), Direction.BOTH, Mode.ONLINE, Route.RELAY))
+    for via_relay in (False, True):
+        flow = Flow.between(ME, PEER, [direct_only, relay_only], live=True, via_relay=via_relay)
+        copy = decode_wire(flow.outgoing([entry.wire()])[0])
+        assert None in copy.ops and flow.judge(copy) is None  # applied as it comes
+    # the relay carries both: the direct copy (relay part withheld) waits for it...
+    direct = Flow.between(ME, PEER, [direct_only, both], live=True)
+    copy = decode_wire(direct.outgoing([entry.wire()])[0])
+    refusal = direct.judge(copy)
+    assert isinstance(refusal, WithheldError) and "'relay'" in str(refusal)
+    # ...and the relay's copy is whole
+    relayed = Flow.between(ME, PEER, [direct_only, both], live=False, via_relay=True)
+    assert relayed.judge(decode_wire(relayed.outgoing([entry.wire()])[0])) is None

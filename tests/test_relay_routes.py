@@ -34,15 +34,20 @@ def key(db: p2psync.Database) -> bytes:
     return db.identity.public_key
 
 
-async def direct_sync(a: p2psync.Database, b: p2psync.Database, *, held: bool = False) -> None:
+async def direct_sync(
+    a: p2psync.Database, b: p2psync.Database, *, held: bool | None = False
+) -> None:
     """A direct sync from a to b; ``held``: b holds an entry waiting for the payload
-    the other path carries, so they cannot get in step (and the sync says why)."""
+    the other path carries, so they cannot get in step (and the sync says why);
+    None: either (a may see itself in step first, as it lacks nothing of b's)."""
     async with trio.open_nursery() as nursery:
         agent_b = Agent(b, [("127.0.0.1", 0)], AgentConfig(discovery=False))
         await nursery.start(agent_b.run)
         a.store.add_peer(key(b), "b", [agent_b.addresses[0]], now_ms())
         [outcome] = await sync_once(a, [key(b)], None, timeout=10)
-        if held:
+        if held is None:
+            pass
+        elif held:
             assert not outcome.synced and "by the other path" in (outcome.error or ""), outcome
         else:
             assert outcome.synced, outcome
@@ -135,3 +140,33 @@ async def test_a_direct_session_retracts_the_only_copy_of_a_relay_only_payload(
     retract = ma.superseded(key(b), holds, now_ms())
     assert b.get("viarelay", "k") is None  # b does not have it
     assert out.seq not in retract, "the only copy with the payload is retracted"
+
+
+@pytest.mark.parametrize("first", ["direct", "relay"])
+async def test_entry_touching_both_a_relay_only_and_a_direct_only_collection_is_applied(
+    make_db: MakeDb, first: str
+) -> None:
+    """Review (helper-23): one entry changes a relay-only and a direct-only
+    collection. Neither path can bring it whole, so waiting for "the other path"
+    held it on both forever, and every later entry of its author with it. The first
+    copy is applied; the author's later entries flow by both paths."""
+    a, b = mixed_pair(make_db)
+    with a.transaction() as tx:
+        tx.put("viarelay", "k", "relay part")
+        tx.put("direct", "k", "direct part")
+    a.put("direct", "after", "a later entry")
+    a.put("viarelay", "after", "a later entry")
+    if first == "direct":
+        await direct_sync(a, b, held=True)  # entry 3 ('viarelay') waits for the relay
+        assert {x.author: x.seq for x in b.authors()}.get(key(a)) == 2
+        relay_rounds(a, b)
+    else:
+        relay_rounds(a, b)  # entry 2 ('direct') waits for a direct session
+        assert {x.author: x.seq for x in b.authors()}.get(key(a)) == 1
+        await direct_sync(a, b, held=None)  # entry 3 waits for the relay again
+        relay_rounds(a, b)
+    assert {x.author: x.seq for x in b.authors()}.get(key(a)) == 3
+    assert b.get("direct", "after") == b.get("viarelay", "after") == "a later entry"
+    # the copy applied first brought its path's part (the other part cannot come)
+    kept = "direct" if first == "direct" else "viarelay"
+    assert b.get(kept, "k") == ("direct part" if first == "direct" else "relay part")

@@ -11,8 +11,9 @@ sync`` and the relay's mailbox alike):
   are withheld: ``null``, see ``docs/entry-format.md`` §3.4);
 * **what may be accepted** — an entry carrying a payload no rule lets the peer
   send here is refused (the peer broke the rules); an entry missing a payload we
-  may receive, now or by another rule in force later (an on-demand rule while
-  live), waits: applying it without would lose that payload for good.
+  may receive, now or by another way the peer's entries come here (an on-demand
+  rule while live, the other path: direct or relay) that would bring it with all
+  this copy carries, waits: applying it without would lose that payload for good.
 
 Rules apply by route: a direct connection (live or on demand) carries the rules
 in force whose route is ``direct`` or ``auto``; the relay's mailbox only those
@@ -48,15 +49,16 @@ def _whole(terms: tuple[Terms, ...]) -> bool:
 class Flow:
     """What flows between this site and one peer on one route.
 
-    ``now``: the rules in force for this route and session. ``later``: every rule
-    in force between us whatever the session and path (on-demand ones in a live
-    session, relay-only ones on a direct connection and direct-only ones in the
-    mailbox), when it lets more come: entries missing such a payload wait rather
-    than lose it.
+    ``now``: the rules in force for this route and session. ``later``: the other
+    ways the peer's entries come here, each as what its rules let come by it (a
+    direct connection on demand, when a live session carries nothing yet; the relay
+    on a direct connection; a direct connection in the mailbox): an entry missing a
+    payload one of them would bring, with everything this copy carries, waits for
+    that copy rather than lose the payload.
     """
 
     now: Permissions = EVERYTHING
-    later: Permissions | None = None
+    later: tuple[Permissions, ...] = ()
     #: a rule is in force between us at all, whatever this session carries (None:
     #: whether ``now`` lets anything flow)
     any_rule: bool | None = None
@@ -81,13 +83,18 @@ class Flow:
         else:
             carried = [r for r in rules if r.terms.route in (Route.DIRECT, Route.AUTO)]
         now = Permissions.between(me, peer, carried, live=live)
-        # what may come here at all, by this path later (on demand) or by the other
-        # path: an entry missing such a payload waits for it rather than lose it
-        anytime = Permissions.between(me, peer, rules, live=False)
-        later = anytime if anytime.receive != now.receive else None
+        # every way the peer's entries may come here: a direct connection (on
+        # demand: all its rules) and the relay; those that let something come that
+        # this session does not are where an entry missing a payload may get it
+        paths = [
+            Permissions.between(me, peer, [r for r in rules if r.terms.route in routes],
+                                live=False)
+            for routes in ((Route.DIRECT, Route.AUTO), (Route.RELAY, Route.AUTO))
+        ]
+        later = tuple(p for p in paths if p.receive and p.receive != now.receive)
         # rules in force only by the other path: paired, with nothing to do here
         # (the session ends at once, saying so, rather than wait for a pairing)
-        return cls(now, later, anytime.paired)
+        return cls(now, later, any(p.paired for p in paths))
 
     # ------------------------------------------------------------ in general
 
@@ -182,11 +189,10 @@ class Flow:
                 f"this site needs no {missing!r} from the sender, leave it out of the "
                 "rule with the sender"
             )
-        later = [c for c, op in zip(entry.collections, entry.ops, strict=True) if op is None
-                 and self._later(c)]
-        if later:
+        later = self._better_copy(entry)
+        if later is not None:
             return WithheldError(
-                f"it holds changes to {later[0]!r}, which the rules with the sender "
+                f"it holds changes to {later!r}, which the rules with the sender "
                 f"carry only on demand or only by the other path (direct or relay); it waits "
                 f"here, with {short_id(entry.author)}'s later entries, until they come that "
                 "way (p2psync sync, or the relay)"
@@ -194,4 +200,23 @@ class Flow:
         return None
 
     def _later(self, collection: str) -> bool:
-        return self.later is not None and self.later.may_receive(collection)
+        return any(path.may_receive(collection) for path in self.later)
+
+    def _better_copy(self, entry: Entry) -> str | None:
+        """A collection whose payload ``entry`` lacks and another way would bring,
+        with every payload this copy has: the entry waits for that copy. When no
+        single way brings more (a relay-only and a direct-only collection in one
+        entry), the copy is applied as it is; the part it lacks cannot come whole by
+        any one path (docs/relay.md, Mixed routes)."""
+        if not self.later:
+            return None
+        present = [c for c, op in zip(entry.collections, entry.ops, strict=True)
+                   if op is not None]
+        absent = [c for c, op in zip(entry.collections, entry.ops, strict=True) if op is None]
+        for path in self.later:
+            if not all(path.may_receive(c) for c in present):
+                continue
+            for collection in absent:
+                if path.may_receive(collection):
+                    return collection
+        return None
