@@ -305,6 +305,48 @@ async def test_a_denied_key_stays_out_even_with_a_valid_token(tmp_path: Path) ->
         assert [t.used for t in node.admission.tokens()] == [0]
 
 
+async def test_a_deny_between_the_admission_check_and_the_session_still_ends_it(
+    tmp_path: Path,
+) -> None:
+    """Review (helper-23): the watch read the admission file (the deny already in
+    it) before the session was registered, and compared sessions only when the file
+    changed again: the denied session stayed until the next change."""
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        late = agent()
+        allow(node, late)
+        admit = node.admission.admit
+
+        def admit_then_denied(*args: Any) -> str | None:
+            answer = admit(*args)  # admitted...
+            node.admission.deny(late.public_key)  # ...and denied at once
+            trio.from_thread.run(trio.sleep, 2.5)  # the watch reads it meanwhile
+            return answer
+
+        node.admission.admit = admit_then_denied  # type: ignore[method-assign]
+        raw = await Raw.handshake(address, relay, late)
+        assert isinstance(await raw.hello(), wire.Welcome)
+        with trio.fail_after(5):
+            assert await raw.receive() == wire.Bye("no longer admitted to this relay")
+
+
+async def test_a_deny_that_keeps_the_file_time_still_ends_the_session(tmp_path: Path) -> None:
+    """Two writes within one tick of a coarse file clock share a modification time:
+    the watch, comparing only that, missed the deny."""
+    async with serving(make_home(tmp_path)) as (node, address):
+        relay = node.home.identity.public_key
+        denied = agent()
+        allow(node, denied)
+        raw = await session(address, relay, denied)
+        path = node.home.path / relay_home.ADMISSION_FILE
+        await trio.sleep(2.5)  # the watch has read the file as it is
+        before = path.stat()
+        node.admission.deny(denied.public_key)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        with trio.fail_after(5):
+            assert await raw.receive() == wire.Bye("no longer admitted to this relay")
+
+
 async def test_a_refused_session_stores_nothing_whatever_it_sends(tmp_path: Path) -> None:
     async with serving(make_home(tmp_path)) as (node, address):
         relay = node.home.identity.public_key

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -60,6 +61,8 @@ log = logging.getLogger("p2psync.relay")
 HELLO_FRAME = 512
 NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID or for a token"
 ADMISSION_FAILED = "the relay cannot check admissions now; try again later"
+#: how often (seconds) open sessions are checked against the admission file
+ADMISSION_TICK = 1.0
 
 
 class Session:
@@ -387,30 +390,42 @@ class Node:
 
     async def _admission_watch(self) -> None:
         """End the sessions of devices no longer admitted (`relay deny`) within a
-        second or so of the change to the admission file."""
+        second or so of the change to the admission file.
+
+        The file is read again whenever it may have changed (a new inode, size or
+        modification time: a deny replaces it); every open session is checked against
+        the last reading each second, so a session registered just after a reading
+        (its admission checked just before the deny) is ended at the next tick."""
         path = self.home.path / ADMISSION_FILE
-        seen: float | None = None
+        seen: tuple[int, int, int] | None = None
+        allowed: dict[bytes, object] | None = None
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(ADMISSION_TICK)
             try:
-                stamp = path.stat().st_mtime
+                info = path.stat()
             except OSError:
                 continue
-            if stamp == seen:
-                continue
-            seen = stamp
-            try:
-                allowed = await trio.to_thread.run_sync(self.admission.allowed)
-            except P2PSyncError as exc:
-                log.error("cannot read the admission file: %s", exc)
-                continue
-            for key, sessions in list(self.sessions.items()):
-                if key in allowed:
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if stamp != seen:
+                try:
+                    allowed = dict(await trio.to_thread.run_sync(self.admission.allowed))
+                except P2PSyncError as exc:
+                    log.error("cannot read the admission file: %s", exc)
                     continue
-                for session in list(sessions):
-                    log.info("closing the session of %s: no longer admitted", short_id(key))
-                    session.ending = "no longer admitted to this relay"
-                    session.scope.cancel()
+                seen = stamp
+            if allowed is not None:
+                self._end_unadmitted(allowed)
+
+    def _end_unadmitted(self, allowed: Mapping[bytes, object]) -> None:
+        for key, sessions in list(self.sessions.items()):
+            if key in allowed:
+                continue
+            for session in list(sessions):
+                if session.ending:
+                    continue
+                log.info("closing the session of %s: no longer admitted", short_id(key))
+                session.ending = "no longer admitted to this relay"
+                session.scope.cancel()
 
     async def _state_writer(self) -> None:
         path = self.home.path / STATE_FILE
