@@ -9,11 +9,16 @@ it chose, and the joiner, who asked by presenting the code, accepts them.
 
 Invite codes: ``P2PS-`` then base32 of canonical CBOR
 ``[inviter key, invite id (8), secret (16), [[ip (4/16 bytes), port], ...], expires ms,
-terms hash (8)]`` plus a 2-byte BLAKE2b check. The joiner accepts only a proposal
-whose terms match the hash: the code says what it pairs for. The joiner proves it
-holds the secret with
+terms hash (8)]`` plus a 2-byte BLAKE2b check; a code that names a relay has a
+seventh field ``[relay key (32), [[ip, port], ...]]``. The joiner accepts only a
+proposal whose terms match the hash: the code says what it pairs for. The joiner
+proves it holds the secret with
 ``BLAKE2b-256(key=secret, b"p2psync/v1/join\\x00" || handshake hash)``: bound to
-its own handshake, so an overheard proof is worthless elsewhere.
+its own handshake, so an overheard proof is worthless elsewhere. Through a relay
+(the inviter offline) there is no handshake between the two; the proof is
+``BLAKE2b-256(key=secret, b"p2psync/v1/relay-join\\x00" || inviter key || joiner
+key || invite id)``, sent in an introduction envelope signed by the joiner and
+sealed to the inviter: only the inviter reads it, and it serves no other joiner.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import ipaddress
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from p2psync.clock import now_ms
 from p2psync.core import canonical
@@ -34,9 +40,12 @@ from p2psync.core.rules import Direction, Mode, Permissions, Rule, RuleState, Te
 from p2psync.errors import DecodeError, PairingError, StateError, UsageError
 from p2psync.home import OpenHome
 from p2psync.net.address import format_address, parse_address
+from p2psync.store import rules as rules_store
+from p2psync.store.joins import RelayJoin
 
 INVITE_PREFIX = "P2PS-"
 JOIN_PREFIX = b"p2psync/v1/join\x00"
+RELAY_JOIN_PREFIX = b"p2psync/v1/relay-join\x00"
 
 
 # ---------------------------------------------------------------- rules
@@ -220,7 +229,7 @@ def receive(
     db: OpenHome,
     peer: bytes,
     objects: Iterable[bytes],
-    joining: JoinTicket | None,
+    joining: Invited | None,
     peer_name: str | None = None,
 ) -> list[bytes]:
     """Keep rule objects the peer sent; return our answers to send back.
@@ -291,27 +300,60 @@ class InviteCode:
     addresses: tuple[str, ...]
     expires: int
     terms: bytes  # hash of the terms the inviter will propose
+    #: the relay where the inviter collects join requests: its key and addresses
+    relay: tuple[bytes, tuple[str, ...]] | None = None
 
 
-def create_invite(db: OpenHome, terms: Terms, expires_in_s: float, addresses: Sequence[str]) -> str:
-    """A one-time code another agent can ``pair join``; valid ``expires_in_s`` seconds."""
+def create_invite(
+    db: OpenHome,
+    terms: Terms,
+    expires_in_s: float,
+    addresses: Sequence[str],
+    relay: tuple[bytes, Sequence[str]] | None = None,
+) -> str:
+    """A one-time code another agent can ``pair join``; valid ``expires_in_s`` seconds.
+    ``relay``: a relay (key, addresses) where the joiner may leave its request when
+    this agent cannot be reached (the terms' route must let the relay carry them)."""
+    if relay is not None and terms.route is core.Route.DIRECT:
+        raise UsageError("an invite through a relay needs a rule with route relay or auto")
     secret = os.urandom(16)
     invite = hashlib.blake2b(secret, digest_size=8, person=b"p2psync-invite").digest()
     expires = now_ms() + int(expires_in_s * 1000)
     db.store.add_invite(invite, secret, terms, expires, now_ms())
-    hints = []
+    hints = _packed(addresses)
+    fields: list[object] = [db.identity.public_key, invite, secret, hints, expires,
+                            terms_hash(terms)]
+    if relay is not None:
+        fields.append([relay[0], _packed(relay[1])])
+    payload = canonical.encode(fields)
+    check = hashlib.blake2b(payload, digest_size=2).digest()
+    text = base64.b32encode(payload + check).decode("ascii").rstrip("=")
+    return INVITE_PREFIX + "-".join(text[i : i + 8] for i in range(0, len(text), 8))
+
+
+def _packed(addresses: Sequence[str]) -> list[list[object]]:
+    hints: list[list[object]] = []
     for address in addresses:
         try:
             host, port = parse_address(address)
             hints.append([ipaddress.ip_address(host).packed, port])
         except ValueError:
             continue
-    payload = canonical.encode(
-        [db.identity.public_key, invite, secret, hints, expires, terms_hash(terms)]
-    )
-    check = hashlib.blake2b(payload, digest_size=2).digest()
-    text = base64.b32encode(payload + check).decode("ascii").rstrip("=")
-    return INVITE_PREFIX + "-".join(text[i : i + 8] for i in range(0, len(text), 8))
+    return hints
+
+
+def _unpacked(hints: object) -> tuple[str, ...]:
+    if type(hints) is not list:
+        raise DecodeError("addresses")
+    addresses = []
+    for hint in hints:
+        if type(hint) is not list or len(hint) != 2:
+            raise DecodeError("address")
+        ip, port = hint
+        if type(ip) is not bytes or type(port) is not int or not 0 < port < 65536:
+            raise DecodeError("address")
+        addresses.append(format_address(str(ipaddress.ip_address(ip)), port))
+    return tuple(addresses)
 
 
 def withdraw_invite(db: OpenHome, invite: bytes) -> None:
@@ -349,8 +391,10 @@ def parse_invite(code: str) -> InviteCode:
     if len(raw) < 3 or hashlib.blake2b(payload, digest_size=2).digest() != check:
         raise UsageError("invalid invite code: it was mistyped or cut short")
     try:
-        fields = canonical.decode(payload, what="invite code", max_depth=3)
-        inviter, invite, secret, hints, expires, terms = fields
+        fields = canonical.decode(payload, what="invite code", max_depth=4)
+        if type(fields) is not list or len(fields) not in (6, 7):
+            raise DecodeError("fields")
+        inviter, invite, secret, hints, expires, terms = fields[:6]
         if (
             type(terms) is not bytes
             or len(terms) != 8
@@ -361,23 +405,40 @@ def parse_invite(code: str) -> InviteCode:
             or type(secret) is not bytes
             or len(secret) != 16
             or type(expires) is not int
-            or type(hints) is not list
         ):
             raise DecodeError("fields")
         if expires < 0:
             raise DecodeError("expiry")
-        addresses = []
-        for ip, port in hints:
-            if type(ip) is not bytes or type(port) is not int or not 0 < port < 65536:
-                raise DecodeError("address")
-            addresses.append(format_address(str(ipaddress.ip_address(ip)), port))
+        addresses = _unpacked(hints)
+        relay = None
+        if len(fields) == 7:
+            named = fields[6]
+            if type(named) is not list or len(named) != 2:
+                raise DecodeError("relay")
+            key, relay_hints = named
+            if type(key) is not bytes or len(key) != KEY_BYTES or key == inviter:
+                raise DecodeError("relay")
+            relay = (key, _unpacked(relay_hints))
     except (DecodeError, ValueError, TypeError):
         raise UsageError("invalid invite code: its contents are malformed") from None
-    return InviteCode(inviter, invite, secret, tuple(addresses), expires, terms)
+    return InviteCode(inviter, invite, secret, addresses, expires, terms, relay)
 
 
 def join_proof(secret: bytes, handshake_hash: bytes) -> bytes:
     return hashlib.blake2b(JOIN_PREFIX + handshake_hash, key=secret, digest_size=32).digest()
+
+
+def relay_join_proof(secret: bytes, inviter: bytes, joiner: bytes, invite: bytes) -> bytes:
+    """The proof of a join left at a relay: bound to both parties and the invite."""
+    return hashlib.blake2b(
+        RELAY_JOIN_PREFIX + inviter + joiner + invite, key=secret, digest_size=32
+    ).digest()
+
+
+_NOT_ISSUED = (
+    "invite code refused: this agent did not issue it (mistyped, withdrawn, or made "
+    "by another agent)"
+)
 
 
 def answer_join(
@@ -394,10 +455,31 @@ def answer_join(
     is the reason of the ``Bye`` that ends the joiner's session)."""
     found = db.store.invite(invite)
     if found is None or not hmac.compare_digest(join_proof(found.secret, handshake_hash), proof):
-        raise PairingError(
-            "invite code refused: this agent did not issue it (mistyped, withdrawn, or made "
-            "by another agent)"
-        )
+        raise PairingError(_NOT_ISSUED)
+    return _grant(db, peer, found, now_ms())
+
+
+def answer_relay_join(
+    db: OpenHome, peer: bytes, invite: bytes, proof: bytes, now: int
+) -> bytes:
+    """A join request ``peer`` left at a relay (in an introduction): the same checks
+    and answer as :func:`answer_join`, with the proof bound to the two keys and the
+    invite instead of a handshake. The proposal goes back through the relay, so the
+    invite's route must let the relay carry it. The expiry counts when the request
+    is collected (the joiner's clock is not trusted): an inviter offline for days
+    gives its code a life as long (`pair invite --relay` defaults to 7 days)."""
+    found = db.store.invite(invite)
+    me = db.identity.public_key
+    if found is None or not hmac.compare_digest(
+        relay_join_proof(found.secret, me, peer, invite), proof
+    ):
+        raise PairingError(_NOT_ISSUED)
+    if found.terms.route is core.Route.DIRECT:
+        raise PairingError("invite code refused: its rule's route is direct (no relay)")
+    return _grant(db, peer, found, now)
+
+
+def _grant(db: OpenHome, peer: bytes, found: rules_store.Invite, now: int) -> bytes:
     me = db.identity.public_key
     same = [
         r
@@ -411,9 +493,9 @@ def answer_join(
         raise PairingError("invite code refused: it was already used")
     if found.used_by is not None:
         raise PairingError("invite code refused: it was already used by another agent")
-    if found.expires < now_ms():
+    if found.expires < now:
         raise PairingError("invite code refused: it has expired")
-    if not db.store.use_invite(invite, peer):
+    if not db.store.use_invite(found.id, peer):
         raise PairingError("invite code refused: it was already used by another agent")
     if same:
         return same[0].objects[0]
@@ -421,6 +503,18 @@ def answer_join(
     signed = core.propose(db.identity, peer, found.terms, os.urandom(16), now_ms())
     db.store.add_rule_objects(me, [signed], now_ms())
     return signed
+
+
+class Invited(Protocol):
+    """A code this agent presented (:class:`JoinTicket` in a session, a
+    :class:`~p2psync.store.joins.RelayJoin` through a relay): whose proposal with which
+    terms to accept as is."""
+
+    @property
+    def inviter(self) -> bytes: ...
+
+    @property
+    def terms(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +536,25 @@ class JoinTicket:
         return join_proof(self.secret, handshake_hash)
 
 
-def joined_rule(db: OpenHome, ticket: JoinTicket) -> Rule | None:
+def leave_join(db: OpenHome, code: InviteCode, relay: bytes) -> RelayJoin:
+    """Record a join of ``code`` to be left at ``relay`` (an introduction carries it,
+    :mod:`p2psync.mail.outbox`): the inviter's proposal, when it comes back, is
+    accepted as is. One per inviter; a newer code replaces an older one."""
+    me = db.identity.public_key
+    join = RelayJoin(
+        code.inviter,
+        code.invite,
+        code.terms,
+        relay_join_proof(code.secret, code.inviter, me, code.invite),
+        relay,
+        code.expires,
+        now_ms(),
+    )
+    db.store.add_relay_join(join)
+    return join
+
+
+def joined_rule(db: OpenHome, ticket: Invited) -> Rule | None:
     """The rule in force with the inviter that gives exactly what the code pairs for
     (in the inviter's view), if there is one: the rule the join made, or one that
     was already in force with those terms."""
@@ -477,7 +589,7 @@ def join_answered(
     return None
 
 
-def answer_invite_proposal(db: OpenHome, ticket: JoinTicket) -> list[bytes]:
+def answer_invite_proposal(db: OpenHome, ticket: Invited) -> list[bytes]:
     """Accept, as is, the inviter's open proposal with the code's terms (the joiner
     asked for it by presenting the code). Returns the acceptance to send, if any."""
     for rule in db.store.rules(ticket.inviter):

@@ -31,7 +31,7 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
         conn.execute("DROP TABLE invites")
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("DROP TABLE incomplete")  # version 9
-        for table in ("mail_out", "mail_pairs", "mail_due"):  # version 10
+        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins"):  # versions 10, 12
             conn.execute(f"DROP TABLE {table}")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
@@ -77,7 +77,7 @@ def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path)
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
         conn.execute("DROP TABLE incomplete")  # version 9
-        for table in ("mail_out", "mail_pairs", "mail_due"):  # version 10
+        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins"):  # versions 10, 12
             conn.execute(f"DROP TABLE {table}")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 6")
     reopened = p2psync.open(tmp_path / "a")
@@ -103,7 +103,7 @@ def test_a_version_6_store_gains_the_clock_index_and_withdrawable_invites(
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
         conn.execute("DROP TABLE incomplete")  # version 9
-        for table in ("mail_out", "mail_pairs", "mail_due"):  # version 10
+        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins"):  # versions 10, 12
             conn.execute(f"DROP TABLE {table}")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 7")
         # version 7 kept the invite code a site was joining; version 8 forgets it

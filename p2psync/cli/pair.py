@@ -4,6 +4,7 @@ remove."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 from collections import Counter
 from typing import Any
 
@@ -148,9 +149,9 @@ def _leave_at_relay(state: State, key: bytes, relay: bytes) -> None:
 @rule_options()
 @click.option(
     "--expires",
-    default="10m",
-    show_default=True,
-    help="How long the code works: 10s to 30d, e.g. 90s, 10m, 2h, 1d.",
+    default=None,
+    help="How long the code works: 10s to 30d, e.g. 90s, 10m, 2h, 1d "
+    "(default: 10m; 7d with --relay).",
 )
 @click.option(
     "--address",
@@ -159,36 +160,80 @@ def _leave_at_relay(state: State, key: bytes, relay: bytes) -> None:
     metavar="HOST:PORT",
     help="Where joiners reach this agent (default: its listen addresses).",
 )
+@click.option(
+    "--relay",
+    metavar="RELAY_ID",
+    help="A relay of this agent's (`relay list`) where a joiner may leave its request "
+    "while this agent is offline; the rule's route must be relay or auto.",
+)
 @pass_state
 def pair_invite(
     state: State,
     options: RuleOptions,
-    expires: str,
+    expires: str | None,
     addresses: tuple[str, ...],
+    relay: str | None,
 ) -> None:
     """Print a one-time code that pairs another agent with this rule (code on the last
-    line). `pair invites` lists the codes made, `pair uninvite ID` withdraws one."""
+    line). `pair invites` lists the codes made, `pair uninvite ID` withdraws one.
+
+    With --relay the code also names the relay: a joiner that cannot reach this agent
+    leaves its request there, and the pairing completes when this agent next
+    collects from the relay (while it runs, or at `p2psync sync`) and the joiner
+    collects the answer."""
+    expires = expires or ("7d" if relay is not None else "10m")
     seconds = parse_duration(expires, "--expires")
     if not INVITE_SECONDS[0] <= seconds <= INVITE_SECONDS[1]:
         raise UsageError(
             f"--expires {expires}: an invite code works for 10s to 30d (e.g. --expires 10m)"
         )
     terms = options.terms()
+    if relay is not None and terms.route is Route.DIRECT:
+        raise UsageError("--relay: this rule's route is direct; give --route relay or auto")
     hints = list(addresses) or listen_hints(state)
-    if not hints:
+    if not hints and relay is None:
         raise StateError(
-            "no address to put in the code: start the agent (p2psync run) or give --address"
+            "no address to put in the code: start the agent (p2psync run), give --address, "
+            "or --relay RELAY_ID"
         )
     with state.open() as db:
-        code = pairing.create_invite(db, terms, seconds, hints)
-    invite = pairing.parse_invite(code).invite.hex()
+        via = _invite_relay(db, relay) if relay is not None else None
+        code = pairing.create_invite(db, terms, seconds, hints, relay=via)
+    parsed = pairing.parse_invite(code)
+    invite = parsed.invite.hex()
+    reach = [f"reaches this agent at {', '.join(parsed.addresses)}"] if parsed.addresses else []
+    if parsed.relay is not None:
+        reach.append(f"or through relay {short_id(parsed.relay[0])}")
     click.echo(
         f"invite {invite} for: {terms.describe()}; works once, for {expires}; "
-        f"reaches this agent at {', '.join(hints)}"
+        f"{' '.join(reach)}"
     )
     click.echo(f"to withdraw it: p2psync pair uninvite {invite}")
     click.echo("on the other agent, run: p2psync pair join CODE")
     click.echo(code)
+
+
+def _invite_relay(db: Database, text: str) -> tuple[bytes, list[str]]:
+    """The relay named for an invite code, with the addresses a joiner may dial (IP
+    addresses only fit in a code)."""
+    from p2psync.store import relays as relays_mod  # noqa: PLC0415
+
+    key = _relay_named(db, text)
+    (relay,) = [r for r in relays_mod.load(db.store) if r.key == key]
+    packed = []
+    for address in relay.addresses:
+        try:
+            ipaddress.ip_address(parse_address(address)[0])
+        except ValueError:
+            continue
+        packed.append(address)
+    if not packed:
+        raise UsageError(
+            f"--relay: relay {short_id(key)} has no IP address to put in a code "
+            f"({', '.join(relay.addresses)}); joiners would need `relay add` first. Add "
+            "its IP address: p2psync relay add RELAY_ID --address IP:PORT"
+        )
+    return key, packed
 
 
 #: Shortest and longest life of an invite code, in seconds.
@@ -268,7 +313,10 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
     """Pair with the agent that printed CODE (no further approval), then sync once.
 
     Works whether this agent runs or not. A code the inviter refuses (used, expired,
-    withdrawn) changes nothing here."""
+    withdrawn) changes nothing here. When the code names a relay and the inviter
+    cannot be reached, the request is left at the relay: the pairing completes when
+    the inviter collects it and this agent collects the answer (`p2psync run`, or
+    `p2psync sync`)."""
     invite = pairing.parse_invite(code)
     if invite.expires < now_ms():
         raise P2PSyncError("this invite code has expired; ask the inviter for a new one")
@@ -285,7 +333,18 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
 
         ticket = pairing.JoinTicket.of(invite)
         dial = list(dict.fromkeys(addresses))
+        if not dial and invite.relay is not None:
+            _join_through_relay(state, db, invite, name, timeout, why="")
+            return
         outcome = trio.run(functools.partial(join_once, db, ticket, dial, timeout=timeout))
+        if (
+            outcome.rule is None
+            and not outcome.reached
+            and not outcome.refused
+            and invite.relay is not None
+        ):
+            _join_through_relay(state, db, invite, name, timeout, why=outcome.error or "")
+            return
         if outcome.rule is not None:
             db.store.add_peer(invite.inviter, name, list(invite.addresses), now_ms())
         peer = db.store.peer(invite.inviter)
@@ -329,21 +388,100 @@ def pair_join(state: State, code: str, name: str | None, timeout: float) -> None
     click.echo(f"in sync (received {sync.received}, sent {sync.sent})")
 
 
+def _join_through_relay(
+    state: State,
+    db: Database,
+    invite: pairing.InviteCode,
+    name: str | None,
+    timeout: float,
+    why: str,
+) -> None:
+    """Leave the join at the relay the code names (added to this agent's relays if
+    new) and say what happens next."""
+    from p2psync.cli.relaysync import through_relay  # noqa: PLC0415 - trio only here
+    from p2psync.store import relays as relays_mod  # noqa: PLC0415
+
+    assert invite.relay is not None
+    key, addresses = invite.relay
+    mine = next((r for r in relays_mod.load(db.store) if r.key == key), None)
+    if mine is None:
+        if not addresses:
+            raise StateError(
+                f"the code names relay {short_id(key)} without an address; add it first: "
+                "p2psync relay add RELAY_ID --address HOST:PORT"
+            )
+        relays_mod.put(db.store, relays_mod.Relay(key, addresses))
+        click.echo(f"added relay {short_id(key)} at {', '.join(addresses)} (from the code)")
+    pairing.leave_join(db, invite, key)
+    if name is not None or db.store.peer(invite.inviter) is None:
+        db.store.add_peer(invite.inviter, name, [], now_ms())
+    who = short_id(invite.inviter)
+    if why:
+        click.echo(f"{who} not reachable directly ({output.safe(why)}); trying the relay")
+    notify(state)
+    outcomes, error = through_relay(db, [invite.inviter], timeout=timeout, first=key)
+    left = [o for o in outcomes if o.peer == invite.inviter and o.ok and "left at" in o.line]
+    if not left:
+        problem = error or "; ".join(o.line for o in outcomes) or "no relay answered"
+        raise P2PSyncError(
+            f"the join request for {who} is not at relay {short_id(key)} yet: "
+            f"{output.safe(problem)}; it goes when the relay admits this agent "
+            f"(device ID {device_id(db.identity.public_key)}: ask the relay's operator), "
+            "while `p2psync run` runs, or at `p2psync sync`"
+        )
+    click.echo(
+        f"join request for {who} left at relay {short_id(key)}; the pairing completes when "
+        f"{who} collects it (its agent running, or `p2psync sync` there) and this agent "
+        "collects the answer (`p2psync run`, or `p2psync sync`); `p2psync pair pending` "
+        "shows it waiting"
+    )
+
+
 @pair.command(name="pending")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @pass_state
 def pair_pending(state: State, as_json: bool) -> None:
-    """Pairing requests and rule proposals waiting for an answer."""
+    """Pairing requests and rule proposals waiting for an answer, and invite codes
+    joined through a relay waiting for the inviter."""
     with state.open() as db:
         me = db.identity.public_key
         waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
         names = {p.key: p.name for p in db.store.peers()}
+        joins = db.store.relay_joins()
     rows = [rule_row(me, r, names) for r in waiting]
+    now = now_ms()
+    joined: list[dict[str, Any]] = [
+        {
+            "kind": "join",
+            "peer": device_id(j.inviter),
+            "peer_name": names.get(j.inviter),
+            "invite": j.invite.hex(),
+            "relay": device_id(j.relay),
+            "since": j.created,
+            "expires": j.expires,
+            "expired": j.expires < now,
+        }
+        for j in joins
+    ]
     if as_json:
-        output.emit_json(rows)
+        output.emit_json(rows + joined)
         return
-    if not rows:
+    if not rows and not joined:
         click.echo("nothing pending")
+    for join in joined:
+        who = output.safe(join["peer_name"] or join["peer"][:7])
+        relay = join["relay"][:7]
+        if join["expired"]:
+            click.echo(
+                f"your join of {who}'s invite {join['invite']} (left at relay {relay}) was "
+                "not answered before the code expired; ask for a new code"
+            )
+        else:
+            click.echo(
+                f"you joined {who}'s invite {join['invite']} through relay {relay}; waiting "
+                f"for {who} to collect it (the code works until "
+                f"{output.short_time(join['expires'])})"
+            )
     asking = Counter(row["peer"] for row in rows if row["awaiting"] == "you")
     for row in rows:
         who = output.safe(row["peer_name"] or row["peer"][:7])

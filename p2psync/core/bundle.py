@@ -192,14 +192,28 @@ def decode_file(data: bytes) -> list[bytes]:
 MAX_INTRODUCTION_BYTES = MAX_PAYLOAD_BY_CLASS[EnvelopeClass.INTRODUCTION]
 
 
+#: A join request's parts: the invite ID (as in the code) and the proof
+#: (:func:`p2psync.pairing.relay_join_proof`).
+JOIN_INVITE_BYTES = 8
+JOIN_PROOF_BYTES = 32
+
+
 @dataclass(frozen=True, slots=True)
 class Introduction:
+    """A pairing request or answer through the relay: rule objects, and, from a
+    site joining with an invite code that names the relay, its join request."""
+
     name: str
     rule_objects: tuple[bytes, ...]
+    #: (invite ID, proof): this site presents the inviter's invite code
+    join: tuple[bytes, bytes] | None = None
 
 
 def encode_introduction(intro: Introduction) -> bytes:
-    data = canonical.encode({0: VERSION, 1: intro.name, 2: list(intro.rule_objects)})
+    body: dict[int, object] = {0: VERSION, 1: intro.name, 2: list(intro.rule_objects)}
+    if intro.join is not None:
+        body[3] = list(intro.join)
+    data = canonical.encode(body)
     if len(data) > MAX_INTRODUCTION_BYTES:
         raise UsageError(f"an introduction is at most {MAX_INTRODUCTION_BYTES} bytes")
     return data
@@ -213,14 +227,27 @@ def decode_introduction(payload: bytes) -> Introduction:
         body = canonical.decode(payload, what="introduction", max_depth=2)
     except DecodeError as exc:
         raise BundleError(str(exc)) from exc
-    if type(body) is not dict or set(body) != {0, 1, 2}:
-        raise BundleError("an introduction is a map with the keys 0-2")
+    if type(body) is not dict or set(body) not in ({0, 1, 2}, {0, 1, 2, 3}):
+        raise BundleError("an introduction is a map with the keys 0-2 (and 3: a join)")
     if type(body[0]) is not int or body[0] != VERSION:
         raise BundleError(f"unknown introduction version {body[0]!r}")
     name = body[1]
     if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
         raise BundleError(f"an introduction's name is 1-{MAX_NAME_CHARS} printable characters")
     objects = _strings(body[2], MAX_RULE_OBJECTS, MAX_RULE_BYTES, "rule objects")
-    if not objects:
-        raise BundleError("an introduction carries at least one rule object")
-    return Introduction(name, objects)
+    join = None
+    if 3 in body:
+        parts = body[3]
+        if (
+            type(parts) is not list
+            or len(parts) != 2
+            or type(parts[0]) is not bytes
+            or len(parts[0]) != JOIN_INVITE_BYTES
+            or type(parts[1]) is not bytes
+            or len(parts[1]) != JOIN_PROOF_BYTES
+        ):
+            raise BundleError("an introduction's join is [invite ID (8 bytes), proof (32)]")
+        join = (parts[0], parts[1])
+    if not objects and join is None:
+        raise BundleError("an introduction carries a join or at least one rule object")
+    return Introduction(name, objects, join)

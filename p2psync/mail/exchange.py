@@ -100,7 +100,16 @@ async def exchange_on(
     await hand_policy(client, mailer)
     await collect(client, mailer, report)
     await expire(client, mailer, report)
-    targets = list(peers) if peers is not None else await trio.to_thread.run_sync(mailer.targets)
+    carried = await trio.to_thread.run_sync(mailer.targets)
+    targets = list(peers) if peers is not None else list(carried)
+    # a pairing request or join collected just now is answered in this exchange, and
+    # its sender may now deposit its answer (our policy lists the peers we asked)
+    if any(row.requests for row in report.peers.values()):
+        await hand_policy(client, mailer)
+    targets += [
+        key for key, row in report.peers.items()
+        if row.requests and key in carried and key not in targets
+    ]
     for peer in targets:
         await deliver(client, mailer, peer, report)
     return report

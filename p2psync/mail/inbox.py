@@ -20,7 +20,10 @@ In order, for one wire envelope:
      names move to acknowledged or refused (reason); the signer's heads are noted.
    * **introduction** — a pairing request (or an answer to ours) from a site
      that may not know us: its rule objects go through the pairing path, so a
-     request waits in ``pair pending`` under the name it gave. From anyone the
+     request waits in ``pair pending`` under the name it gave. A join with one of
+     our invite codes (``pairing.answer_relay_join``) makes our proposal, which goes
+     back as an introduction; the inviter's proposal to a site that joined its
+     code is accepted as is (``store/joins.py``). From anyone the
      relay admitted (the relay caps them per sender and per mailbox). A data
      envelope from a peer we asked to pair is opened too: its rule objects may be
      the acceptance.
@@ -32,6 +35,7 @@ means the envelope is applied again next time (duplicates are harmless).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from p2psync import pairing
@@ -41,9 +45,11 @@ from p2psync.core.flow import Flow
 from p2psync.core.identity import short_id
 from p2psync.core.receipt import receipt_of
 from p2psync.core.rules import proposed_via_relay
-from p2psync.errors import BundleError, HostileEntry, RemoteProtocolError
+from p2psync.errors import BundleError, HostileEntry, PairingError, RemoteProtocolError
 from p2psync.home import OpenHome
 from p2psync.store.ledger import State
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +109,21 @@ def _introduction(db: OpenHome, payload: bytes, sender: bytes, seq: int, now_ms:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         return Incoming(cls, sender, seq, reason=f"malformed introduction: {exc}")
     before = len(db.store.rule_objects(sender))
+    joining = db.store.relay_join(sender)  # we joined its code: its proposal is accepted
     try:
-        pairing.receive(db, sender, list(intro.rule_objects), None, intro.name)
+        if intro.join is not None:  # it joins with our invite code
+            pairing.answer_relay_join(db, sender, *intro.join, now_ms)
+        pairing.receive(db, sender, list(intro.rule_objects), joining, intro.name)
+    except PairingError as exc:
+        db.store.ledger.receive(sender, seq, now_ms, owe=False)
+        log.warning("join request from %s through the relay refused: %s",
+                    short_id(sender), exc)
+        return Incoming(cls, sender, seq, reason=str(exc))
     except RemoteProtocolError as exc:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         return Incoming(cls, sender, seq, reason=f"rule objects refused: {exc}")
+    if joining is not None and pairing.joined_rule(db, joining) is not None:
+        db.store.drop_relay_join(sender)  # paired as the code said
     added = len(db.store.rule_objects(sender)) - before
     fresh = db.store.ledger.receive(sender, seq, now_ms, owe=True)
     return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added)

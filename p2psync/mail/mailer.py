@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from p2psync import clock
 from p2psync.core.envelope import Envelope, EnvelopeClass
 from p2psync.core.messages import Head, rules_digest
 from p2psync.core.policy import senders_for, sign_policy
@@ -205,9 +206,10 @@ class Mailer:
         return senders_for(me, by_peer)
 
     def targets(self) -> frozenset[bytes]:
-        """The peers an exchange deposits for: the policy's senders, and peers whose
+        """The peers an exchange deposits for: the policy's senders, peers whose
         request through the relay we rejected (the rejection goes back as an
-        introduction; they are not on our policy)."""
+        introduction; they are not on our policy), and inviters whose code we
+        joined through the relay (the join goes as an introduction)."""
         me = self.db.identity.public_key
         rejected = {
             rule.proposer
@@ -216,7 +218,9 @@ class Mailer:
             and rule.acceptor == me
             and rule.proposed.route in (Route.RELAY, Route.AUTO)
         }
-        return self.peers() | rejected
+        now = clock.now_ms()
+        joining = {j.inviter for j in self.db.store.relay_joins() if j.expires >= now}
+        return self.peers() | rejected | joining
 
     def relay_only(self) -> frozenset[bytes]:
         """Peers with a rule in force whose route is ``relay``: what it carries goes

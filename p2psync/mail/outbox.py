@@ -101,7 +101,7 @@ def make(
     rules = db.store.rules(peer)
     flow = Flow.between(me, peer, rules, live=False, via_relay=True)
     if not flow.flows:
-        drafts = [] if receipts_only else _introduction(db, peer, rules)
+        drafts = [] if receipts_only else _introduction(db, peer, rules, now_ms)
     else:
         local = heads_of(db.store.heads())
         drafts = _receipts(db, peer, local, now_ms)
@@ -139,10 +139,10 @@ def make(
     return out
 
 
-def _introduction(db: OpenHome, peer: bytes, rules: list[Rule]) -> list[_Draft]:
+def _introduction(db: OpenHome, peer: bytes, rules: list[Rule], now_ms: int) -> list[_Draft]:
     """Our pending pairing request to ``peer`` (or our rejection of its request
-    through the relay), once: the rule objects, unless an introduction carrying
-    them is on its way or was acknowledged."""
+    through the relay, or our join of its invite code), once: the rule objects and
+    join, unless an introduction carrying them is on its way or was acknowledged."""
     me = db.identity.public_key
     answered = [
         r
@@ -152,14 +152,18 @@ def _introduction(db: OpenHome, peer: bytes, rules: list[Rule]) -> list[_Draft]:
         and r.proposed.route in (Route.RELAY, Route.AUTO)
     ]
     proposals = proposed_via_relay(rules, me, peer) + answered
-    if not proposals:
+    joining = db.store.relay_join(peer)
+    if joining is not None and joining.expires < now_ms:  # the inviter would refuse it
+        joining = None
+    if not proposals and joining is None:
         return []
     objects = tuple(o for rule in proposals for o in rule.objects)
-    digest = rules_digest(list(objects))
+    join = (joining.invite, joining.proof) if joining is not None else None
+    digest = rules_digest([*objects, *(join or ())])
     sent = db.store.ledger.rows(peer, [*IN_FLIGHT, State.ACKNOWLEDGED])
     if any(r.rules == digest and r.cls == EnvelopeClass.INTRODUCTION.value for r in sent):
         return []
-    payload = encode_introduction(Introduction(db.name, objects))
+    payload = encode_introduction(Introduction(db.name, objects, join))
     return [_Draft(EnvelopeClass.INTRODUCTION, payload, rules=digest)]
 
 

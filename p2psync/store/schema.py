@@ -259,6 +259,19 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     11: """
     ALTER TABLE mail_due ADD COLUMN receipt INTEGER
     """,
+    # invite codes joined through a relay, until the inviter's rule arrives
+    # (store/joins.py): the proof, not the code's secret
+    12: """
+    CREATE TABLE relay_joins (
+        inviter BLOB PRIMARY KEY,
+        invite  BLOB NOT NULL,
+        terms   BLOB NOT NULL,
+        proof   BLOB NOT NULL,
+        relay   BLOB NOT NULL,
+        expires INTEGER NOT NULL,
+        created INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
 }
 
 LATEST = max(MIGRATIONS)

@@ -23,7 +23,7 @@ from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
 from p2psync.core.rules import Mode, Rule, Terms
 from p2psync.errors import StoreError
-from p2psync.store import local, logs, meta, peers, records, schema
+from p2psync.store import joins, local, logs, meta, peers, records, schema
 from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect, data_version
 from p2psync.store.gcpause import fewer_collections
@@ -327,6 +327,23 @@ class Store:
     def use_invite(self, invite: bytes, by: bytes) -> bool:
         with self._db.writing() as conn:
             return rules_mod.use_invite(conn, invite, by)
+
+    def add_relay_join(self, join: joins.RelayJoin) -> None:
+        """Keep an invite code joined through a relay (one per inviter: a newer one
+        replaces it) until the inviter's rule arrives."""
+        with self._db.writing() as conn:
+            joins.put(conn, join)
+
+    def relay_joins(self) -> list[joins.RelayJoin]:
+        with self._reader.reading() as conn:
+            return joins.all_joins(conn)
+
+    def relay_join(self, inviter: bytes) -> joins.RelayJoin | None:
+        return next((j for j in self.relay_joins() if j.inviter == inviter), None)
+
+    def drop_relay_join(self, inviter: bytes) -> bool:
+        with self._db.writing() as conn:
+            return joins.drop(conn, inviter)
 
     def set_peer_state(self, key: bytes, state: PeerState) -> None:
         with self._db.writing() as conn:
