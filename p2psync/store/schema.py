@@ -35,6 +35,12 @@ Version 10 adds the delivery ledger of the relay mailbox (:mod:`p2psync.store.le
                 and the seq of the receipt envelope they were sealed in (until it
                 is at a relay or in a file; refused or expired, they are owed again).
 
+Version 12 adds ``relay_joins``: invite codes this agent joined through a relay
+(one per inviter: invite ID, terms hash, the join proof, the relay, the code's
+expiry), kept until the inviter's proposal with those terms arrives and is
+accepted (:mod:`p2psync.store.joins`). Unlike the rows version 8 deleted, they hold
+no secret: the proof is bound to the inviter, this agent and the invite.
+
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
 sending path does not carry). p2psync cannot fetch those payloads later yet;
