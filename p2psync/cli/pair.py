@@ -448,11 +448,12 @@ def pair_pending(state: State, as_json: bool) -> None:
         waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
         names = {p.key: p.name for p in db.store.peers()}
         joins = db.store.relay_joins()
-    rows = [rule_row(me, r, names) for r in waiting]
+    rows = [{"kind": "rule", **rule_row(me, r, names)} for r in waiting]
     now = now_ms()
     joined: list[dict[str, Any]] = [
         {
             "kind": "join",
+            "awaiting": "them",
             "peer": device_id(j.inviter),
             "peer_name": names.get(j.inviter),
             "invite": j.invite.hex(),
