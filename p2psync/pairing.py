@@ -27,6 +27,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ from p2psync.errors import DecodeError, PairingError, StateError, UsageError
 from p2psync.home import OpenHome
 from p2psync.net.address import format_address, parse_address
 from p2psync.store import rules as rules_store
-from p2psync.store.joins import RelayJoin
+from p2psync.store.joins import JoinRefusal, RelayJoin
+
+log = logging.getLogger(__name__)
 
 INVITE_PREFIX = "P2PS-"
 JOIN_PREFIX = b"p2psync/v1/join\x00"
@@ -229,14 +232,15 @@ def receive(
     db: OpenHome,
     peer: bytes,
     objects: Iterable[bytes],
-    joining: Invited | None,
+    joining: Sequence[Invited] = (),
     peer_name: str | None = None,
 ) -> list[bytes]:
     """Keep rule objects the peer sent; return our answers to send back.
 
-    ``joining``: we presented an invite code to this peer, so we accept, as is, the
-    proposal it makes in return with exactly the code's terms. A peer that proposes
-    something becomes known (under the name it gave), so ``pair pending`` can name it.
+    ``joining``: invite codes we presented to this peer, so we accept, as is, each
+    proposal it makes in return with exactly a code's terms (signed before the code
+    expired). A peer that proposes something becomes known (under the name it gave),
+    so ``pair pending`` can name it.
     """
     me = db.identity.public_key
     added = db.store.add_rule_objects(me, list(objects), now_ms(), peer_only=peer)
@@ -244,8 +248,9 @@ def receive(
     if (added and known is None) or (known is not None and not known.name and peer_name):
         db.store.add_peer(peer, peer_name, [], now_ms())
     answers = []
-    if joining is not None and joining.inviter == peer:  # before settle may narrow it
-        answers.extend(answer_invite_proposal(db, joining))
+    for ticket in joining:  # before settle may narrow it
+        if ticket.inviter == peer:
+            answers.extend(answer_invite_proposal(db, ticket))
     return answers + settle(db, peer)
 
 
@@ -319,7 +324,9 @@ def create_invite(
     secret = os.urandom(16)
     invite = hashlib.blake2b(secret, digest_size=8, person=b"p2psync-invite").digest()
     expires = now_ms() + int(expires_in_s * 1000)
-    db.store.add_invite(invite, secret, terms, expires, now_ms())
+    db.store.add_invite(
+        invite, secret, terms, expires, now_ms(), relay[0] if relay is not None else None
+    )
     hints = _packed(addresses)
     fields: list[object] = [db.identity.public_key, invite, secret, hints, expires,
                             terms_hash(terms)]
@@ -467,16 +474,30 @@ def answer_relay_join(
     invite instead of a handshake. The proposal goes back through the relay, so the
     invite's route must let the relay carry it. The expiry counts when the request
     is collected (the joiner's clock is not trusted): an inviter offline for days
-    gives its code a life as long (`pair invite --relay` defaults to 7 days)."""
-    found = db.store.invite(invite)
+    gives its code a life as long (`pair invite --relay` defaults to 7 days).
+
+    A refusal of a request with a valid proof (the code was used, expired, was
+    withdrawn) is owed back to the joiner (``join_refusals``: an introduction
+    carries it); a request without one gets no answer at all."""
+    found = next((i for i in db.store.invites() if i.id == invite), None)
     me = db.identity.public_key
     if found is None or not hmac.compare_digest(
         relay_join_proof(found.secret, me, peer, invite), proof
     ):
         raise PairingError(_NOT_ISSUED)
-    if found.terms.route is core.Route.DIRECT:
-        raise PairingError("invite code refused: its rule's route is direct (no relay)")
-    return _grant(db, peer, found, now)
+    try:
+        if found.withdrawn is not None:
+            raise PairingError("invite code refused: it was withdrawn")
+        if found.terms.route is core.Route.DIRECT:
+            raise PairingError("invite code refused: its rule's route is direct (no relay)")
+        return _grant(db, peer, found, now)
+    except PairingError as exc:
+        if not db.store.owe_join_refusal(JoinRefusal(peer, invite, str(exc), now)):
+            log.warning(
+                "refusal of %s's join not sent back: too many refusals are waiting",
+                short_id(peer),
+            )
+        raise
 
 
 def _grant(db: OpenHome, peer: bytes, found: rules_store.Invite, now: int) -> bytes:
@@ -516,6 +537,9 @@ class Invited(Protocol):
     @property
     def terms(self) -> bytes: ...
 
+    @property
+    def expires(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class JoinTicket:
@@ -527,10 +551,11 @@ class JoinTicket:
     invite: bytes
     secret: bytes
     terms: bytes
+    expires: int
 
     @classmethod
     def of(cls, code: InviteCode) -> JoinTicket:
-        return cls(code.inviter, code.invite, code.secret, code.terms)
+        return cls(code.inviter, code.invite, code.secret, code.terms, code.expires)
 
     def proof(self, handshake_hash: bytes) -> bytes:
         return join_proof(self.secret, handshake_hash)
@@ -539,7 +564,7 @@ class JoinTicket:
 def leave_join(db: OpenHome, code: InviteCode, relay: bytes) -> RelayJoin:
     """Record a join of ``code`` to be left at ``relay`` (an introduction carries it,
     :mod:`p2psync.mail.outbox`): the inviter's proposal, when it comes back, is
-    accepted as is. One per inviter; a newer code replaces an older one."""
+    accepted as is. One per code: joining the same code again replaces its row."""
     me = db.identity.public_key
     join = RelayJoin(
         code.inviter,
@@ -590,13 +615,17 @@ def join_answered(
 
 
 def answer_invite_proposal(db: OpenHome, ticket: Invited) -> list[bytes]:
-    """Accept, as is, the inviter's open proposal with the code's terms (the joiner
-    asked for it by presenting the code). Returns the acceptance to send, if any."""
+    """Accept, as is, the inviter's open proposal with the code's terms, signed
+    before the code expired (the joiner asked for it by presenting the code; the
+    inviter makes it when the code is presented, so a later one, with the same
+    terms, was not asked for and waits in ``pair pending``). Both times are the
+    inviter's clock. Returns the acceptance to send, if any."""
     for rule in db.store.rules(ticket.inviter):
         if (
             rule.proposer == ticket.inviter
             and rule.state is RuleState.PROPOSED
             and terms_hash(rule.proposed) == ticket.terms
+            and signed_ms(rule.objects[0]) <= ticket.expires
         ):
             return [accept(db, rule)]
     return []

@@ -380,12 +380,12 @@ def test_a_peer_that_fills_its_quota_can_still_be_removed(
     pairing.propose(a, key(p), Terms.make(["vouchers"]))
     p.store.add_rule_objects(key(p), a.store.rule_objects(key(p)), now_ms(), peer_only=key(a))
     [proposal] = p.store.rules(key(a))
-    pairing.receive(a, key(p), [pairing.accept(p, proposal)], None)
+    pairing.receive(a, key(p), [pairing.accept(p, proposal)])
     with pytest.raises(p2psync.P2PSyncError, match="the most it keeps"):
         for _ in range(store_rules.MAX_OBJECTS_PER_PEER):  # propose + revoke, again and again
             signed = core_rules.propose(p.identity, key(a), Terms(), os.urandom(16), now_ms())
             revoke = core_rules.revoke(p.identity, core_rules.decode(signed).id, now_ms())
-            pairing.receive(a, key(p), [signed, revoke], None)
+            pairing.receive(a, key(p), [signed, revoke])
     [live] = [r for r in a.store.rules(key(p)) if r.state is RuleState.ACCEPTED]
     pairing.revoke(a, live)  # our own revocation is never refused
     assert RuleState.ACCEPTED not in state_of(a, p)
@@ -400,14 +400,14 @@ def test_requests_from_too_many_strangers_are_refused_until_answered(
     strangers = [make_db(f"s{i}") for i in range(4)]
     for s in strangers[:3]:
         pairing.propose(s, key(a), Terms())
-        pairing.receive(a, key(s), s.store.rule_objects(key(a)), None)
+        pairing.receive(a, key(s), s.store.rule_objects(key(a)))
     late = strangers[3]
     pairing.propose(late, key(a), Terms())
     with pytest.raises(p2psync.P2PSyncError, match="await an answer"):
-        pairing.receive(a, key(late), late.store.rule_objects(key(a)), None)
+        pairing.receive(a, key(late), late.store.rule_objects(key(a)))
     [waiting] = a.store.rules(key(strangers[0]))
     pairing.reject(a, waiting, "no")  # answered: room for one more
-    pairing.receive(a, key(late), late.store.rules(key(a))[0].objects, None)
+    pairing.receive(a, key(late), late.store.rules(key(a))[0].objects)
     assert len(a.store.rules(key(late))) == 1
 
 

@@ -43,10 +43,10 @@ def key(db: p2psync.Database) -> bytes:
 def pair(a: p2psync.Database, b: p2psync.Database, terms: Terms) -> None:
     """A proposes ``terms`` to B, B accepts: both hold the rule in force."""
     pairing.propose(a, key(b), terms, name=b.name)
-    pairing.receive(b, key(a), a.store.rule_objects(key(b)), None, a.name)
+    pairing.receive(b, key(a), a.store.rule_objects(key(b)), (), a.name)
     proposal = next(r for r in b.store.rules(key(a)) if r.state is RuleState.PROPOSED)
     pairing.accept(b, proposal)
-    pairing.receive(a, key(b), b.store.rule_objects(key(a)), None)
+    pairing.receive(a, key(b), b.store.rule_objects(key(a)))
     assert any(r.state is RuleState.ACCEPTED for r in a.store.rules(key(b)))
 
 

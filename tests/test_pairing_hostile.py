@@ -478,10 +478,10 @@ def test_mutual_proposals_in_any_order_settle_within_what_both_asked(
             for o in other.store.rule_objects(key(db))
             if core.decode(o).kind is core.Kind.PROPOSE and rng.random() < 0.5
         ]
-        pairing.receive(db, key(other), seen, None)
+        pairing.receive(db, key(other), seen)
     for _ in range(6):  # then everything, both ways, until quiet
-        pairing.receive(a, key(b), b.store.rule_objects(key(a)), None)
-        pairing.receive(b, key(a), a.store.rule_objects(key(b)), None)
+        pairing.receive(a, key(b), b.store.rule_objects(key(a)))
+        pairing.receive(b, key(a), a.store.rule_objects(key(b)))
     rules = a.store.rules(key(b))
     fold_a = {(r.id, r.state, r.terms) for r in rules}
     assert fold_a == {(r.id, r.state, r.terms) for r in b.store.rules(key(a))}

@@ -15,6 +15,7 @@ import pytest
 import p2psync
 from p2psync import pairing
 from p2psync.clock import now_ms
+from p2psync.core import canonical
 from p2psync.core.bundle import Introduction, decode_introduction, encode_introduction
 from p2psync.core.envelope import EnvelopeClass, seal_envelope
 from p2psync.core.rules import Route, RuleState, Terms
@@ -142,5 +143,17 @@ def test_introduction_join_field_is_strict() -> None:
     for bad in ((b"i" * 7, b"p" * 32), (b"i" * 8, b"p" * 31)):
         with pytest.raises(BundleError):
             decode_introduction(encode_introduction(Introduction("x", (), bad)))
-    with pytest.raises(BundleError, match="a join or at least one rule object"):
+    with pytest.raises(BundleError, match="a join, a refusal or at least one rule object"):
         decode_introduction(encode_introduction(Introduction("x", ())))
+
+
+def test_introduction_refusal_field_is_strict() -> None:
+    ok = Introduction("x", (), refused=(b"i" * 8, "invite code refused: it has expired"))
+    assert decode_introduction(encode_introduction(ok)) == ok
+    for bad in ((b"i" * 7, "no"), (b"i" * 8, ""), (b"i" * 8, b"bytes"), ("text", "no")):
+        with pytest.raises(BundleError, match="refusal"):
+            decode_introduction(
+                canonical.encode({0: 1, 1: "x", 2: [], 4: list(bad)})
+            )
+    with pytest.raises(BundleError, match="keys 0-2"):
+        decode_introduction(canonical.encode({0: 1, 1: "x", 2: [], 5: 0}))

@@ -90,3 +90,36 @@ def test_join_through_a_relay_that_does_not_admit_the_joiner_says_what_to_do(
     cli(branch, "sync", "--timeout", "20")
     cli(head, "sync", "--timeout", "20")
     assert "you asked branch" in cli(head, "pair", "pending")
+
+
+def test_a_refused_join_is_told_to_the_joiner_and_can_be_cleared(
+    tmp_path: Path, relay: RelayNode
+) -> None:
+    """A code is good once: the second site that joins it through the relay hears
+    back why it was refused (at its next sync, and in `pair pending`) instead of
+    waiting for the code's whole life; `pair unjoin` clears the row."""
+    head, one, two = (site(tmp_path, n) for n in ("head", "one", "two"))
+    for home in (head, one, two):
+        cli(relay.home, "relay", "allow", device(home))
+    relay.start()
+    cli(head, "relay", "add", relay.device_id, "--address", relay.address)
+    made = cli(head, "pair", "invite", "-c", "orders", "--relay", relay.device_id[:7])
+    code = made.strip().splitlines()[-1]
+    for branch in (one, two):
+        joined = run(branch, "pair", "join", code, "--name", "Head office")
+        assert joined.returncode == 0 and "left at relay" in joined.stdout, joined.stdout
+    cli(head, "sync", "--timeout", "20")  # answers one, refuses two (the code is used)
+    told = run(two, "sync", "--timeout", "20")
+    assert "refused" in told.stdout and "already used" in told.stdout, told.stdout
+    pending = cli(two, "pair", "pending")
+    assert "Head office refused your join" in pending and "already used" in pending, pending
+    (row,) = json.loads(cli(two, "pair", "pending", "--json"))
+    assert row["kind"] == "join" and "already used" in row["refused"], row
+    cleared = cli(two, "pair", "unjoin", row["invite"][:6])
+    assert row["invite"] in cleared, cleared
+    assert cli(two, "pair", "pending").strip() == "nothing pending"
+    assert "not pending" not in cli(one, "pair", "pending")  # the first joiner pairs
+    run(one, "sync", "--timeout", "20")
+    assert cli(one, "pair", "pending").strip() == "nothing pending"
+    missing = run(two, "pair", "unjoin", "ffff")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr

@@ -142,14 +142,14 @@ def test_a_request_the_user_rejected_is_not_accepted_when_made_again_backdated(
     # a asks for photos (a sends); b's user says no
     later = core.propose(a.identity, key(b), Terms.make(["photos"], Direction.SEND),
                          os.urandom(16), accepted_at + 60_000)
-    pairing.receive(b, key(a), [later], None)
+    pairing.receive(b, key(a), [later])
     request = next(r for r in b.store.rules(key(a)) if r.id == core.rule_id(later))
     assert request.state is RuleState.PROPOSED  # left for the user, as documented
     pairing.reject(b, request, "no photos from you")
     # a asks again, backdated
     again = core.propose(a.identity, key(b), Terms.make(["photos"], Direction.SEND),
                          os.urandom(16), accepted_at - 1)
-    answers = pairing.receive(b, key(a), [again], None)
+    answers = pairing.receive(b, key(a), [again])
     state = next(r for r in b.store.rules(key(a)) if r.id == core.rule_id(again)).state
     assert state is RuleState.PROPOSED, (
         f"b's user rejected 'a sends photos'; the same request, backdated, was accepted "
@@ -276,10 +276,10 @@ def test_the_answers_settle_returns_can_be_stored_by_the_peer(make_db: MakeDb) -
         if core.rule_id(signed) < mine.id:
             break
     b.store.add_rule_objects(key(b), [signed], now_ms())
-    answers = pairing.receive(a, key(b), [signed], None)  # a's pairing worker
+    answers = pairing.receive(a, key(b), [signed])  # a's pairing worker
     kinds = [core.decode(x).kind.value for x in answers]
     try:
-        pairing.receive(b, key(a), answers, None)  # b, before a's full Rules arrives
+        pairing.receive(b, key(a), answers)  # b, before a's full Rules arrives
     except core.RuleError as exc:
         raise AssertionError(
             f"a answers {kinds}; b refuses the whole message ({exc}) and ends the session"

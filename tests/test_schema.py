@@ -31,8 +31,8 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
         conn.execute("DROP TABLE invites")
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("DROP TABLE incomplete")  # version 9
-        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins"):  # versions 10, 12
-            conn.execute(f"DROP TABLE {table}")
+        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins", "join_refusals"):
+            conn.execute(f"DROP TABLE {table}")  # versions 10, 12, 13
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
@@ -77,8 +77,9 @@ def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path)
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
         conn.execute("DROP TABLE incomplete")  # version 9
-        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins"):  # versions 10, 12
-            conn.execute(f"DROP TABLE {table}")
+        conn.execute("ALTER TABLE invites DROP COLUMN relay")  # version 13
+        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins", "join_refusals"):
+            conn.execute(f"DROP TABLE {table}")  # versions 10, 12, 13
         conn.execute("DELETE FROM schema_migrations WHERE version >= 6")
     reopened = p2psync.open(tmp_path / "a")
     try:
@@ -103,8 +104,9 @@ def test_a_version_6_store_gains_the_clock_index_and_withdrawable_invites(
         conn.execute("DROP INDEX entries_by_hlc")
         conn.execute("ALTER TABLE invites DROP COLUMN withdrawn")
         conn.execute("DROP TABLE incomplete")  # version 9
-        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins"):  # versions 10, 12
-            conn.execute(f"DROP TABLE {table}")
+        conn.execute("ALTER TABLE invites DROP COLUMN relay")  # version 13
+        for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins", "join_refusals"):
+            conn.execute(f"DROP TABLE {table}")  # versions 10, 12, 13
         conn.execute("DELETE FROM schema_migrations WHERE version >= 7")
         # version 7 kept the invite code a site was joining; version 8 forgets it
         conn.execute("INSERT INTO meta (key, value) VALUES ('join:ab', x'00')")
@@ -124,3 +126,34 @@ def test_a_version_6_store_gains_the_clock_index_and_withdrawable_invites(
             "ON a.idx = e.author WHERE e.hlc >= 0 ORDER BY e.hlc DESC, a.key DESC LIMIT 5"
         ).fetchall()
     assert any("entries_by_hlc" in str(step) for step in plan)
+
+
+def test_a_version_12_store_keeps_its_joins_and_gains_refusals(
+    make_db: MakeDb, tmp_path: Path
+) -> None:
+    """Version 13 re-keys ``relay_joins`` by (inviter, invite): a join kept by a
+    version 12 store survives, with no refusal; invites gain their relay."""
+    db = make_db("a")
+    path = db.home.store_path
+    db.close()
+    row = (b"i" * 32, b"c" * 8, b"t" * 8, b"p" * 32, b"r" * 32, 5, 4)
+    with sqlite3.connect(path) as conn:  # as version 12 left it
+        conn.execute("ALTER TABLE invites DROP COLUMN relay")
+        conn.execute("DROP TABLE join_refusals")
+        conn.execute("DROP TABLE relay_joins")
+        conn.execute(
+            "CREATE TABLE relay_joins (inviter BLOB PRIMARY KEY, invite BLOB NOT NULL, "
+            "terms BLOB NOT NULL, proof BLOB NOT NULL, relay BLOB NOT NULL, "
+            "expires INTEGER NOT NULL, created INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute("INSERT INTO relay_joins VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        conn.execute("DELETE FROM schema_migrations WHERE version >= 13")
+    reopened = p2psync.open(tmp_path / "a")
+    try:
+        (join,) = reopened.store.relay_joins()
+        assert (join.inviter, join.invite, join.expires, join.refused) == (
+            row[0], row[1], 5, None
+        )
+        assert reopened.store.join_refusals() == []
+    finally:
+        reopened.close()

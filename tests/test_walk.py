@@ -240,8 +240,8 @@ def test_a_rejected_request_is_not_shown_as_connected_and_syncing(agents: Make) 
 def _exchange(x: p2psync.Database, y: p2psync.Database) -> None:
     kx, ky = x.identity.public_key, y.identity.public_key
     for _ in range(3):
-        pairing.receive(y, kx, x.store.rule_objects(ky), None)
-        pairing.receive(x, ky, y.store.rule_objects(kx), None)
+        pairing.receive(y, kx, x.store.rule_objects(ky))
+        pairing.receive(x, ky, y.store.rule_objects(kx))
 
 
 @pytest.mark.pure

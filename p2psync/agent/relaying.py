@@ -19,7 +19,10 @@ for a reason to exchange again:
   direct session superseded).
 
 A peer whose direct session got in step has its envelopes at the relay
-superseded and retracted (``Mailer.superseded``).
+superseded and retracted (``Mailer.superseded``). While an invite code is open
+that names another relay in our list (one we joined, or one of ours), that relay
+is visited too, at most every :data:`SIDE_EVERY` seconds, for the peers due there
+(``visit_side_relays``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from p2psync.core.identity import short_id
 from p2psync.core.messages import Head
 from p2psync.errors import ConnectionLost, P2PSyncError, RelayUnavailable
 from p2psync.home import OpenHome
-from p2psync.mail.exchange import ExchangeReport, exchange_on
+from p2psync.mail.exchange import ExchangeReport, exchange_on, visit_side_relays
 from p2psync.mail.mailer import Mailer
 from p2psync.net.relayclient import RelayClient, open_relay
 from p2psync.net.storeio import ChangeFeed, Signal
@@ -52,6 +55,9 @@ STEADY = 60.0  # a session that lasted this long (seconds) resets the backoff
 #: Seconds a peer whose envelopes the relay refused (all of them: it has no mailbox
 #: of the peer that lists us yet, or is full) gets no new attempt from this link.
 REFUSED_PAUSE = 600.0
+#: Seconds between visits to the other relays that open invite codes name (a join
+#: waits for its answer there; joins of our codes are collected there).
+SIDE_EVERY = 30.0
 
 
 class RelayLink:
@@ -84,6 +90,7 @@ class RelayLink:
         self._admitted = False
         self._relays: list[Relay] = []
         self._refused: dict[bytes, float] = {}  # peer -> trio time of the next attempt
+        self._next_side = 0.0  # trio time of the next visit to relays invite codes name
 
     def poke(self) -> None:
         """Something changed that may call for an exchange (a connection ended)."""
@@ -178,6 +185,9 @@ class RelayLink:
             else:
                 self._refused.pop(peer, None)
         self.last, self.last_ms = report, now_ms()
+        if trio.current_time() >= self._next_side:
+            self._next_side = trio.current_time() + SIDE_EVERY
+            await visit_side_relays(self.db, self.mailer, client.relay, self._relays)
         received = sum(p.entries_in for p in report.peers.values())
         if received:
             self.feed.bump()  # live sessions forward what arrived through the relay

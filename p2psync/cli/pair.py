@@ -304,6 +304,27 @@ def pair_uninvite(state: State, invite_id: str) -> None:
     click.echo(f"withdrew invite {found.id.hex()}: its code works no more")
 
 
+@pair.command(name="unjoin")
+@click.argument("invite_id", metavar="ID")
+@pass_state
+def pair_unjoin(state: State, invite_id: str) -> None:
+    """Forget a join of an invite code through a relay (ID from `pair pending`, or
+    its first characters): refused, expired, or no longer wanted. A proposal the
+    inviter makes for it later then waits in `pair pending` like any request."""
+    wanted = invite_id.strip().lower()
+    with state.open() as db:
+        found = [j for j in db.store.relay_joins() if j.invite.hex().startswith(wanted)]
+        if not wanted or not found:
+            raise NotFoundError(
+                f"no join of an invite {output.safe(invite_id)} (see `p2psync pair pending`)"
+            )
+        if len(found) > 1:
+            raise UsageError(f"{output.safe(invite_id)} names several joins: give more of the ID")
+        (join,) = found
+        db.store.drop_relay_join(join.inviter, join.invite)
+    click.echo(f"forgot your join of invite {join.invite.hex()}")
+
+
 @pair.command(name="join")
 @click.argument("code")
 @click.option("--name", help="A name for the inviting peer (default: the name it gives).")
@@ -461,6 +482,7 @@ def pair_pending(state: State, as_json: bool) -> None:
             "since": j.created,
             "expires": j.expires,
             "expired": j.expires < now,
+            "refused": j.refused,
         }
         for j in joins
     ]
@@ -472,10 +494,17 @@ def pair_pending(state: State, as_json: bool) -> None:
     for join in joined:
         who = output.safe(join["peer_name"] or join["peer"][:7])
         relay = join["relay"][:7]
-        if join["expired"]:
+        if join["refused"] is not None:
+            click.echo(
+                f"{who} refused your join of its invite {join['invite']}: "
+                f"{output.safe(join['refused'])}; ask for a new code "
+                f"(`p2psync pair unjoin {join['invite']}` clears this)"
+            )
+        elif join["expired"]:
             click.echo(
                 f"your join of {who}'s invite {join['invite']} (left at relay {relay}) was "
-                "not answered before the code expired; ask for a new code"
+                "not answered before the code expired; ask for a new code "
+                f"(`p2psync pair unjoin {join['invite']}` clears this)"
             )
         else:
             click.echo(

@@ -19,7 +19,7 @@ from p2psync.api import Database
 from p2psync.cli import output
 from p2psync.core.identity import short_id
 from p2psync.errors import P2PSyncError, RelayUnavailable
-from p2psync.mail.exchange import ExchangeReport, exchange
+from p2psync.mail.exchange import ExchangeReport, exchange, visit_side_relays
 from p2psync.mail.mailer import Mailer
 from p2psync.store import relays as relays_mod
 
@@ -38,7 +38,8 @@ def through_relay(
 ) -> tuple[list[RelayOutcome], str | None]:
     """Exchange with the first relay that admits us (``first`` tried before the
     others) for ``keys`` (only those the relay carries anything for), collecting
-    what waits for us even when none is; the outcome per peer (and a line per
+    what waits for us even when none is, then with each other relay an open invite
+    code names (``visit_side_relays``); the outcome per peer (and a line per
     pairing request that arrived), or why no relay served."""
     carried = Mailer(db).targets()
     wanted = [k for k in keys if k in carried]
@@ -58,12 +59,9 @@ def through_relay(
         except P2PSyncError as exc:
             errors.append(f"relay {short_id(relay.key)}: {exc}")
             continue
-        requests = [
-            _request(db, report, key)
-            for key, row in report.peers.items()
-            if row.requests and key not in wanted
-        ]
-        outcomes = [_outcome(db, report, key) for key in wanted] + requests
+        outcomes = _outcomes(db, report, wanted)
+        for side in trio.run(visit_side_relays, db, Mailer(db), report.relay, relays):
+            outcomes += _outcomes(db, side, [k for k in side.peers if k not in wanted])
         if not outcomes:
             line = f"relay {short_id(report.relay)}: nothing waiting for this agent"
             outcomes = [RelayOutcome(report.relay, line, True, note=True)]
@@ -71,9 +69,30 @@ def through_relay(
     return [], "; ".join(errors)
 
 
-def _request(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
+def _outcomes(db: Database, report: ExchangeReport, wanted: Sequence[bytes]) -> list[RelayOutcome]:
+    """A line per peer asked, then one per pairing request that arrived and per
+    other peer whose envelope said something (a refused join)."""
+    outcomes = [_outcome(db, report, key) for key in wanted]
+    for key, row in report.peers.items():
+        if key in wanted:
+            continue
+        if row.requests:
+            outcomes.append(_request(db, report, key))
+        elif row.deposited:
+            outcomes.append(_outcome(db, report, key, note=True))
+        elif row.problems:
+            said = "; ".join(output.safe(p) for p in dict.fromkeys(row.problems))
+            outcomes.append(RelayOutcome(key, f"{_who(db, key)}: {said}", True, note=True))
+    return outcomes
+
+
+def _who(db: Database, key: bytes) -> str:
     peer = db.store.peer(key)
-    who = f"{output.safe(peer.name)} ({short_id(key)})" if peer and peer.name else short_id(key)
+    return f"{output.safe(peer.name)} ({short_id(key)})" if peer and peer.name else short_id(key)
+
+
+def _request(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
+    who = _who(db, key)
     return RelayOutcome(
         key,
         f"{who}: pairing request received through relay {short_id(report.relay)}; "
@@ -90,9 +109,10 @@ async def _exchange(
         return await exchange(db, relay, keys)
 
 
-def _outcome(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
-    peer = db.store.peer(key)
-    who = f"{output.safe(peer.name)} ({short_id(key)})" if peer and peer.name else short_id(key)
+def _outcome(
+    db: Database, report: ExchangeReport, key: bytes, *, note: bool = False
+) -> RelayOutcome:
+    who = _who(db, key)
     row = report.of(key)
     parts = []
     relay = short_id(report.relay)
@@ -116,4 +136,4 @@ def _outcome(db: Database, report: ExchangeReport, key: bytes) -> RelayOutcome:
         parts.append(f"nothing to exchange through relay {relay}")
     for reason in dict.fromkeys(row.refused + row.problems):
         parts.append(f"NOT delivered: {output.safe(reason)}")
-    return RelayOutcome(key, f"{who}: {'; '.join(parts)}", not row.refused)
+    return RelayOutcome(key, f"{who}: {'; '.join(parts)}", not row.refused, note=note)

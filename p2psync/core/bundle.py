@@ -41,7 +41,13 @@ from p2psync.core import canonical
 from p2psync.core.entry import MAX_ENTRY_BYTES
 from p2psync.core.envelope import MAX_ENVELOPE_BYTES, MAX_PAYLOAD_BY_CLASS, EnvelopeClass
 from p2psync.core.handshake import MAX_NAME_CHARS
-from p2psync.core.messages import DIGEST_BYTES, MAX_RULE_OBJECTS, Head, heads_of_rows
+from p2psync.core.messages import (
+    DIGEST_BYTES,
+    MAX_REASON_CHARS,
+    MAX_RULE_OBJECTS,
+    Head,
+    heads_of_rows,
+)
 from p2psync.core.rules import MAX_RULE_BYTES
 from p2psync.errors import BundleError, DecodeError, UsageError
 
@@ -207,12 +213,16 @@ class Introduction:
     rule_objects: tuple[bytes, ...]
     #: (invite ID, proof): this site presents the inviter's invite code
     join: tuple[bytes, bytes] | None = None
+    #: (invite ID, reason): this site, the inviter, refuses the recipient's join
+    refused: tuple[bytes, str] | None = None
 
 
 def encode_introduction(intro: Introduction) -> bytes:
     body: dict[int, object] = {0: VERSION, 1: intro.name, 2: list(intro.rule_objects)}
     if intro.join is not None:
         body[3] = list(intro.join)
+    if intro.refused is not None:
+        body[4] = [intro.refused[0], intro.refused[1][:MAX_REASON_CHARS]]
     data = canonical.encode(body)
     if len(data) > MAX_INTRODUCTION_BYTES:
         raise UsageError(f"an introduction is at most {MAX_INTRODUCTION_BYTES} bytes")
@@ -227,8 +237,10 @@ def decode_introduction(payload: bytes) -> Introduction:
         body = canonical.decode(payload, what="introduction", max_depth=2)
     except DecodeError as exc:
         raise BundleError(str(exc)) from exc
-    if type(body) is not dict or set(body) not in ({0, 1, 2}, {0, 1, 2, 3}):
-        raise BundleError("an introduction is a map with the keys 0-2 (and 3: a join)")
+    if type(body) is not dict or not {0, 1, 2} <= set(body) <= {0, 1, 2, 3, 4}:
+        raise BundleError(
+            "an introduction is a map with the keys 0-2 (and 3: a join, 4: a refusal)"
+        )
     if type(body[0]) is not int or body[0] != VERSION:
         raise BundleError(f"unknown introduction version {body[0]!r}")
     name = body[1]
@@ -248,6 +260,24 @@ def decode_introduction(payload: bytes) -> Introduction:
         ):
             raise BundleError("an introduction's join is [invite ID (8 bytes), proof (32)]")
         join = (parts[0], parts[1])
-    if not objects and join is None:
-        raise BundleError("an introduction carries a join or at least one rule object")
-    return Introduction(name, objects, join)
+    refused = None
+    if 4 in body:
+        parts = body[4]
+        if (
+            type(parts) is not list
+            or len(parts) != 2
+            or type(parts[0]) is not bytes
+            or len(parts[0]) != JOIN_INVITE_BYTES
+            or type(parts[1]) is not str
+            or not 0 < len(parts[1]) <= MAX_REASON_CHARS
+        ):
+            raise BundleError(
+                f"an introduction's refusal is [invite ID (8 bytes), reason "
+                f"(1-{MAX_REASON_CHARS} characters)]"
+            )
+        refused = (parts[0], parts[1])
+    if not objects and join is None and refused is None:
+        raise BundleError(
+            "an introduction carries a join, a refusal or at least one rule object"
+        )
+    return Introduction(name, objects, join, refused)

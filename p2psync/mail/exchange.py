@@ -30,7 +30,7 @@ from p2psync.clock import now_ms
 from p2psync.core import relaywire as wire
 from p2psync.core.envelope import EnvelopeClass, read_header
 from p2psync.core.identity import device_id, short_id
-from p2psync.errors import RemoteProtocolError, StoreError
+from p2psync.errors import P2PSyncError, RemoteProtocolError, StoreError
 from p2psync.home import OpenHome
 from p2psync.mail.mailer import BATCH, Incoming, Mailer
 from p2psync.net.relayclient import RelayClient, open_relay
@@ -45,6 +45,8 @@ MAX_SEALED = 1 << 20
 #: The most envelopes one exchange fetches (a relay's default mailbox holds 10,000):
 #: a relay serving without end cannot hold the exchange; the rest waits for the next.
 MAX_COLLECT = 20_000
+#: The longest one visit to a relay for invite codes may take (seconds).
+SIDE_VISIT_S = 30
 #: The longest a relay's "stored until" is believed (the relay's default TTL
 #: maximum): a hostile relay cannot keep our entries from going again for longer.
 MAX_HOLD_MS = 7 * 24 * 3600 * 1000
@@ -92,6 +94,32 @@ async def exchange(
         return await exchange_on(client, Mailer(db), peers)
 
 
+async def visit_side_relays(
+    db: OpenHome, mailer: Mailer, current: bytes | None, relays: list[Relay]
+) -> list[ExchangeReport]:
+    """One exchange with each relay an open invite code names (``Mailer.side_relays``)
+    other than ``current`` (the relay just used), for the peers due there: a join
+    waits for its answer at the relay its code named, whatever relay we use, and
+    joins of our codes are collected at the relay they name. A relay not in our
+    list, or unreachable, is skipped (logged)."""
+    visits = await trio.to_thread.run_sync(mailer.side_relays, now_ms())
+    reports = []
+    for relay in relays:
+        if relay.key == current or relay.key not in visits:
+            continue
+        try:
+            with trio.fail_after(SIDE_VISIT_S):
+                reports.append(await exchange(db, relay, sorted(visits[relay.key])))
+        except StoreError:
+            raise
+        except trio.TooSlowError:
+            log.info("relay %s: a visit for invite codes took over %d s", short_id(relay.key),
+                     SIDE_VISIT_S)
+        except P2PSyncError as exc:
+            log.info("relay %s: a visit for invite codes failed: %s", short_id(relay.key), exc)
+    return reports
+
+
 async def exchange_on(
     client: RelayClient, mailer: Mailer, peers: Iterable[bytes] | None = None
 ) -> ExchangeReport:
@@ -102,13 +130,16 @@ async def exchange_on(
     await expire(client, mailer, report)
     carried = await trio.to_thread.run_sync(mailer.targets)
     targets = list(peers) if peers is not None else list(carried)
-    # a pairing request or join collected just now is answered in this exchange, and
-    # its sender may now deposit its answer (our policy lists the peers we asked)
+    # a pairing request or join collected just now is answered (or refused) in this
+    # exchange, and its sender may now deposit its answer (our policy lists the peers
+    # we asked)
     if any(row.requests for row in report.peers.values()):
         await hand_policy(client, mailer)
+    refusing = await trio.to_thread.run_sync(mailer.refusing)
     targets += [
-        key for key, row in report.peers.items()
-        if row.requests and key in carried and key not in targets
+        key for key in report.peers
+        if (report.peers[key].requests or key in refusing) and key in carried
+        and key not in targets
     ]
     for peer in targets:
         await deliver(client, mailer, peer, report)

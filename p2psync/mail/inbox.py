@@ -109,7 +109,8 @@ def _introduction(db: OpenHome, payload: bytes, sender: bytes, seq: int, now_ms:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         return Incoming(cls, sender, seq, reason=f"malformed introduction: {exc}")
     before = len(db.store.rule_objects(sender))
-    joining = db.store.relay_join(sender)  # we joined its code: its proposal is accepted
+    # we joined its codes: its proposals with their terms are accepted as is
+    joining = [j for j in db.store.relay_joins(sender) if j.refused is None]
     try:
         if intro.join is not None:  # it joins with our invite code
             pairing.answer_relay_join(db, sender, *intro.join, now_ms)
@@ -118,15 +119,23 @@ def _introduction(db: OpenHome, payload: bytes, sender: bytes, seq: int, now_ms:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         log.warning("join request from %s through the relay refused: %s",
                     short_id(sender), exc)
-        return Incoming(cls, sender, seq, reason=str(exc))
+        why = str(exc).removeprefix("invite code refused: ")
+        return Incoming(cls, sender, seq, reason=f"its join of our invite code was refused: {why}")
     except RemoteProtocolError as exc:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         return Incoming(cls, sender, seq, reason=f"rule objects refused: {exc}")
-    if joining is not None and pairing.joined_rule(db, joining) is not None:
-        db.store.drop_relay_join(sender)  # paired as the code said
+    for join in joining:
+        if pairing.joined_rule(db, join) is not None:
+            db.store.drop_relay_join(sender, join.invite)  # paired as the code said
+    refusal = None
+    if intro.refused is not None:  # only the inviter of a code we joined can refuse it
+        invite, reason = intro.refused
+        if db.store.refuse_relay_join(sender, invite, reason):
+            refusal = f"our join of its invite code was refused: {reason}"
+            log.warning("%s refused our join of its invite code: %r", short_id(sender), reason)
     added = len(db.store.rule_objects(sender)) - before
     fresh = db.store.ledger.receive(sender, seq, now_ms, owe=True)
-    return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added)
+    return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added, reason=refusal)
 
 
 def _data(
@@ -154,7 +163,7 @@ def _data(
     if bundle.rule_objects:
         before = len(db.store.rule_objects(sender))
         try:
-            pairing.receive(db, sender, list(bundle.rule_objects), None)
+            pairing.receive(db, sender, list(bundle.rule_objects))
         except RemoteProtocolError as exc:
             return refuse(f"rule objects refused: {exc}")
         added = len(db.store.rule_objects(sender)) - before

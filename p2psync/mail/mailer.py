@@ -123,7 +123,9 @@ class Mailer:
 
     def expire(self, now_ms: int) -> int:
         """Envelopes on their way past their time (queued ones never deposited after
-        :data:`QUEUED_FOR_MS`) become "expired"; how many."""
+        :data:`QUEUED_FOR_MS`) become "expired"; how many. Joins and refusals long
+        past are forgotten (``store/joins.py``)."""
+        self.db.store.purge_joins(now_ms)
         count = 0
         for row in self._ledger.rows(states=IN_FLIGHT):
             if row.until_ms is not None and row.until_ms <= now_ms:
@@ -208,8 +210,9 @@ class Mailer:
     def targets(self) -> frozenset[bytes]:
         """The peers an exchange deposits for: the policy's senders, peers whose
         request through the relay we rejected (the rejection goes back as an
-        introduction; they are not on our policy), and inviters whose code we
-        joined through the relay (the join goes as an introduction)."""
+        introduction; they are not on our policy), inviters whose code we
+        joined through the relay (the join goes as an introduction) and joiners
+        whose join we refused (so does the refusal)."""
         me = self.db.identity.public_key
         rejected = {
             rule.proposer
@@ -219,8 +222,35 @@ class Mailer:
             and rule.proposed.route in (Route.RELAY, Route.AUTO)
         }
         now = clock.now_ms()
-        joining = {j.inviter for j in self.db.store.relay_joins() if j.expires >= now}
-        return self.peers() | rejected | joining
+        joining = {
+            j.inviter
+            for j in self.db.store.relay_joins()
+            if j.expires >= now and j.refused is None
+        }
+        return self.peers() | rejected | joining | self.refusing()
+
+    def refusing(self) -> frozenset[bytes]:
+        """Joiners whose join of our code we refused: the refusal is owed to them."""
+        return frozenset(r.joiner for r in self.db.store.join_refusals())
+
+    def side_relays(self, now_ms: int) -> dict[bytes, frozenset[bytes]]:
+        """Relays to visit besides the one in use, while invite codes are open: per
+        relay, the peers to deposit for there. Our open joins wait for their
+        inviter's answer at the relay their code named (and go there); an open
+        code of ours that names a relay has joins collected there (no peer yet)."""
+        visits: dict[bytes, set[bytes]] = {}
+        for join in self.db.store.relay_joins():
+            if join.refused is None and join.expires >= now_ms:
+                visits.setdefault(join.relay, set()).add(join.inviter)
+        for invite in self.db.store.invites():
+            if (
+                invite.relay is not None
+                and invite.used_by is None
+                and invite.withdrawn is None
+                and invite.expires >= now_ms
+            ):
+                visits.setdefault(invite.relay, set())
+        return {relay: frozenset(peers) for relay, peers in visits.items()}
 
     def relay_only(self) -> frozenset[bytes]:
         """Peers with a rule in force whose route is ``relay``: what it carries goes

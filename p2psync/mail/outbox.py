@@ -100,11 +100,12 @@ def make(
     me = db.identity.public_key
     rules = db.store.rules(peer)
     flow = Flow.between(me, peer, rules, live=False, via_relay=True)
-    if not flow.flows:
-        drafts = [] if receipts_only else _introduction(db, peer, rules, now_ms)
-    else:
+    drafts = []
+    if not receipts_only:
+        drafts = _introductions(db, peer, rules, now_ms, pairing=not flow.flows)
+    if flow.flows:
         local = heads_of(db.store.heads())
-        drafts = _receipts(db, peer, local, now_ms)
+        drafts += _receipts(db, peer, local, now_ms)
         if not receipts_only:
             drafts += _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes)
     ledger = db.store.ledger
@@ -139,32 +140,55 @@ def make(
     return out
 
 
-def _introduction(db: OpenHome, peer: bytes, rules: list[Rule], now_ms: int) -> list[_Draft]:
-    """Our pending pairing request to ``peer`` (or our rejection of its request
-    through the relay, or our join of its invite code), once: the rule objects and
-    join, unless an introduction carrying them is on its way or was acknowledged."""
+def _introductions(
+    db: OpenHome, peer: bytes, rules: list[Rule], now_ms: int, *, pairing: bool
+) -> list[_Draft]:
+    """Introductions due to ``peer``, each once (unless one with the same content is
+    on its way or was acknowledged): while no rule flows (``pairing``), our pending
+    pairing request (or our rejection of its request through the relay) with our
+    first open join of its codes; each further open join of its codes; each refusal
+    of its join of our codes."""
     me = db.identity.public_key
-    answered = [
-        r
-        for r in rules
-        if r.state is RuleState.REJECTED
-        and r.proposer == peer
-        and r.proposed.route in (Route.RELAY, Route.AUTO)
+    objects: tuple[bytes, ...] = ()
+    if pairing:
+        answered = [
+            r
+            for r in rules
+            if r.state is RuleState.REJECTED
+            and r.proposer == peer
+            and r.proposed.route in (Route.RELAY, Route.AUTO)
+        ]
+        proposals = proposed_via_relay(rules, me, peer) + answered
+        objects = tuple(o for rule in proposals for o in rule.objects)
+    # an expired join would be refused; a refused one is over
+    joins = [
+        (j.invite, j.proof)
+        for j in db.store.relay_joins(peer)
+        if j.refused is None and j.expires >= now_ms
     ]
-    proposals = proposed_via_relay(rules, me, peer) + answered
-    joining = db.store.relay_join(peer)
-    if joining is not None and joining.expires < now_ms:  # the inviter would refuse it
-        joining = None
-    if not proposals and joining is None:
+    contents: list[tuple[bytes, Introduction]] = []
+    if objects or joins:
+        join = joins.pop(0) if joins else None
+        intro = Introduction(db.name, objects, join)
+        contents.append((rules_digest([*objects, *(join or ())]), intro))
+    for join in joins:
+        contents.append((rules_digest(list(join)), Introduction(db.name, (), join)))
+    for refusal in db.store.join_refusals(peer):
+        refused = (refusal.invite, refusal.reason)
+        digest = rules_digest([b"refused", refusal.invite, refusal.reason.encode()])
+        contents.append((digest, Introduction(db.name, (), refused=refused)))
+    if not contents:
         return []
-    objects = tuple(o for rule in proposals for o in rule.objects)
-    join = (joining.invite, joining.proof) if joining is not None else None
-    digest = rules_digest([*objects, *(join or ())])
-    sent = db.store.ledger.rows(peer, [*IN_FLIGHT, State.ACKNOWLEDGED])
-    if any(r.rules == digest and r.cls == EnvelopeClass.INTRODUCTION.value for r in sent):
-        return []
-    payload = encode_introduction(Introduction(db.name, objects, join))
-    return [_Draft(EnvelopeClass.INTRODUCTION, payload, rules=digest)]
+    sent = {
+        r.rules
+        for r in db.store.ledger.rows(peer, [*IN_FLIGHT, State.ACKNOWLEDGED])
+        if r.cls == EnvelopeClass.INTRODUCTION.value
+    }
+    return [
+        _Draft(EnvelopeClass.INTRODUCTION, encode_introduction(intro), rules=digest)
+        for digest, intro in contents
+        if digest not in sent
+    ]
 
 
 def _receipts(db: OpenHome, peer: bytes, local: Mapping[bytes, Head], now_ms: int) -> list[_Draft]:

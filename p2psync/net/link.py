@@ -94,7 +94,9 @@ class PairLink:
 
         def work() -> tuple[list[bytes], Rule | None, bool]:
             before = self.db.store.rules_version()
-            answers = pairing.receive(self.db, self.peer, objects, join, self.peer_name)
+            answers = pairing.receive(
+                self.db, self.peer, objects, [join] if join else [], self.peer_name
+            )
             joined = None
             if join is not None:
                 joined = pairing.join_answered(self.db, join, objects, answers)

@@ -243,15 +243,16 @@ class Invite:
     used_by: bytes | None
     created: int = 0
     withdrawn: int | None = None  # when `pair uninvite` withdrew it
+    relay: bytes | None = None  # the relay the code names (joins are collected there)
 
 
-_INVITE_COLUMNS = "id, secret, terms, expires, used_by, created, withdrawn"
+_INVITE_COLUMNS = "id, secret, terms, expires, used_by, created, withdrawn, relay"
 
 
 def _invite(row: tuple[Any, ...]) -> Invite:
-    invite_id, secret, terms, expires, used_by, created, withdrawn = row
+    invite_id, secret, terms, expires, used_by, created, withdrawn, relay = row
     decoded = core.Terms.decode(canonical.decode(terms, what="invite terms", max_depth=2))
-    return Invite(invite_id, secret, decoded, expires, used_by, created, withdrawn)
+    return Invite(invite_id, secret, decoded, expires, used_by, created, withdrawn, relay)
 
 
 def add_invite(
@@ -261,10 +262,12 @@ def add_invite(
     terms: core.Terms,
     expires: int,
     now_ms: int,
+    relay: bytes | None = None,
 ) -> None:
     conn.execute(
-        "INSERT INTO invites (id, secret, terms, expires, created) VALUES (?, ?, ?, ?, ?)",
-        (invite_id, secret, canonical.encode(terms.encode()), expires, now_ms),
+        "INSERT INTO invites (id, secret, terms, expires, created, relay) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (invite_id, secret, canonical.encode(terms.encode()), expires, now_ms, relay),
     )
 
 

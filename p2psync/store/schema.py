@@ -36,10 +36,17 @@ Version 10 adds the delivery ledger of the relay mailbox (:mod:`p2psync.store.le
                 is at a relay or in a file; refused or expired, they are owed again).
 
 Version 12 adds ``relay_joins``: invite codes this agent joined through a relay
-(one per inviter: invite ID, terms hash, the join proof, the relay, the code's
+(invite ID, terms hash, the join proof, the relay, the code's
 expiry), kept until the inviter's proposal with those terms arrives and is
 accepted (:mod:`p2psync.store.joins`). Unlike the rows version 8 deleted, they hold
 no secret: the proof is bound to the inviter, this agent and the invite.
+
+Version 13 lets one inviter have several joins (``relay_joins`` keyed by inviter
+and invite) and keeps the inviter's refusal with the join (``refused``); adds
+``join_refusals``, the refusals an inviter owes to sites whose join (with a valid
+proof) it refused, sent back as introductions and forgotten after
+:data:`p2psync.store.joins.KEPT_MS`; and gives ``invites`` a ``relay`` column: the relay
+key a code names, which the agent visits while the code is open.
 
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
@@ -277,6 +284,34 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         expires INTEGER NOT NULL,
         created INTEGER NOT NULL
     ) WITHOUT ROWID
+    """,
+    # several codes of one inviter may be joined; a refusal the inviter sent back is
+    # kept with the join (``refused``); the inviter keeps the refusals it owes
+    # (``join_refusals``) and the relay its codes name (``invites.relay``)
+    13: """
+    CREATE TABLE relay_joins_13 (
+        inviter BLOB NOT NULL,
+        invite  BLOB NOT NULL,
+        terms   BLOB NOT NULL,
+        proof   BLOB NOT NULL,
+        relay   BLOB NOT NULL,
+        expires INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        refused TEXT,
+        PRIMARY KEY (inviter, invite)
+    ) WITHOUT ROWID;
+    INSERT INTO relay_joins_13 (inviter, invite, terms, proof, relay, expires, created)
+        SELECT inviter, invite, terms, proof, relay, expires, created FROM relay_joins;
+    DROP TABLE relay_joins;
+    ALTER TABLE relay_joins_13 RENAME TO relay_joins;
+    CREATE TABLE join_refusals (
+        joiner BLOB NOT NULL,
+        invite BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        made   INTEGER NOT NULL,
+        PRIMARY KEY (joiner, invite)
+    ) WITHOUT ROWID;
+    ALTER TABLE invites ADD COLUMN relay BLOB
     """,
 }
 

@@ -305,10 +305,16 @@ class Store:
             return rules_mod.rules_with(conn, peer)
 
     def add_invite(
-        self, invite: bytes, secret: bytes, terms: Terms, expires: int, now_ms: int
+        self,
+        invite: bytes,
+        secret: bytes,
+        terms: Terms,
+        expires: int,
+        now_ms: int,
+        relay: bytes | None = None,
     ) -> None:
         with self._db.writing() as conn:
-            rules_mod.add_invite(conn, invite, secret, terms, expires, now_ms)
+            rules_mod.add_invite(conn, invite, secret, terms, expires, now_ms, relay)
 
     def invite(self, invite: bytes) -> rules_mod.Invite | None:
         """The invite with this ID, unless it was withdrawn."""
@@ -329,21 +335,40 @@ class Store:
             return rules_mod.use_invite(conn, invite, by)
 
     def add_relay_join(self, join: joins.RelayJoin) -> None:
-        """Keep an invite code joined through a relay (one per inviter: a newer one
-        replaces it) until the inviter's rule arrives."""
+        """Keep an invite code joined through a relay (one per inviter and invite:
+        joining the same code again replaces it) until the inviter answers."""
         with self._db.writing() as conn:
             joins.put(conn, join)
 
-    def relay_joins(self) -> list[joins.RelayJoin]:
+    def relay_joins(self, inviter: bytes | None = None) -> list[joins.RelayJoin]:
+        """Our joins through a relay (of ``inviter``'s codes only, if given), oldest first."""
         with self._reader.reading() as conn:
-            return joins.all_joins(conn)
+            return joins.all_joins(conn, inviter)
 
-    def relay_join(self, inviter: bytes) -> joins.RelayJoin | None:
-        return next((j for j in self.relay_joins() if j.inviter == inviter), None)
+    def relay_join(self, inviter: bytes, invite: bytes | None = None) -> joins.RelayJoin | None:
+        """Our join of ``invite`` (any, if None) of ``inviter``'s codes, if kept."""
+        found = self.relay_joins(inviter)
+        return next((j for j in found if invite is None or j.invite == invite), None)
 
-    def drop_relay_join(self, inviter: bytes) -> bool:
+    def refuse_relay_join(self, inviter: bytes, invite: bytes, reason: str) -> bool:
         with self._db.writing() as conn:
-            return joins.drop(conn, inviter)
+            return joins.refuse(conn, inviter, invite, reason)
+
+    def drop_relay_join(self, inviter: bytes, invite: bytes | None = None) -> int:
+        with self._db.writing() as conn:
+            return joins.drop(conn, inviter, invite)
+
+    def owe_join_refusal(self, refusal: joins.JoinRefusal) -> bool:
+        with self._db.writing() as conn:
+            return joins.owe_refusal(conn, refusal)
+
+    def join_refusals(self, joiner: bytes | None = None) -> list[joins.JoinRefusal]:
+        with self._reader.reading() as conn:
+            return joins.refusals(conn, joiner)
+
+    def purge_joins(self, now_ms: int) -> int:
+        with self._db.writing() as conn:
+            return joins.purge(conn, now_ms)
 
     def set_peer_state(self, key: bytes, state: PeerState) -> None:
         with self._db.writing() as conn:
