@@ -98,10 +98,10 @@ def pair_by_rule(a_home: Path, b_home: Path, terms: Terms) -> tuple[str, str]:
     with p2psync.open(a_home) as a, p2psync.open(b_home) as b:
         ka, kb = a.identity.public_key, b.identity.public_key
         pairing.propose(a, kb, terms, name=b.name)
-        pairing.receive(b, ka, a.store.rule_objects(kb), None, a.name)
+        pairing.receive(b, ka, a.store.rule_objects(kb), (), a.name)
         proposal = next(r for r in b.store.rules(ka) if r.state is RuleState.PROPOSED)
         pairing.accept(b, proposal)
-        pairing.receive(a, kb, b.store.rule_objects(ka), None)
+        pairing.receive(a, kb, b.store.rule_objects(ka))
         return a.identity.device_id, b.identity.device_id
 
 
