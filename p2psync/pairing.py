@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 INVITE_PREFIX = "P2PS-"
 JOIN_PREFIX = b"p2psync/v1/join\x00"
 RELAY_JOIN_PREFIX = b"p2psync/v1/relay-join\x00"
+#: How every refusal of an invite code begins.
+REFUSED_PREFIX = "invite code refused: "
 
 
 # ---------------------------------------------------------------- rules
@@ -492,7 +494,8 @@ def answer_relay_join(
             raise PairingError("invite code refused: its rule's route is direct (no relay)")
         return _grant(db, peer, found, now)
     except PairingError as exc:
-        if not db.store.owe_join_refusal(JoinRefusal(peer, invite, str(exc), now)):
+        why = str(exc).removeprefix(REFUSED_PREFIX)
+        if not db.store.owe_join_refusal(JoinRefusal(peer, invite, why, now)):
             log.warning(
                 "refusal of %s's join not sent back: too many refusals are waiting",
                 short_id(peer),
@@ -521,7 +524,10 @@ def _grant(db: OpenHome, peer: bytes, found: rules_store.Invite, now: int) -> by
     if same:
         return same[0].objects[0]
     db.store.add_peer(peer, None, [], now_ms())
-    signed = core.propose(db.identity, peer, found.terms, os.urandom(16), now_ms())
+    # signed no later than the code's expiry, as the joiner checks: the expiry was
+    # checked against ``now``, and the clock may have passed it since
+    signed_at = min(now_ms(), found.expires)
+    signed = core.propose(db.identity, peer, found.terms, os.urandom(16), signed_at)
     db.store.add_rule_objects(me, [signed], now_ms())
     return signed
 

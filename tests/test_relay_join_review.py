@@ -8,12 +8,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+import p2psync
 from p2psync import home as home_mod
 from p2psync import pairing
+from p2psync.agent.relaying import RelayLink
 from p2psync.clock import now_ms
+from p2psync.core.envelope import EnvelopeClass
+from p2psync.core.identity import device_id
+from p2psync.core.identity import parse_device_id as device_key
 from p2psync.core.rules import Route, RuleState, Terms
 from p2psync.mail.mailer import Mailer
+from p2psync.net.storeio import ChangeFeed
+from p2psync.store.ledger import State
 from tests.agents import cli, run
 from tests.relaynode import RelayNode
 from tests.test_relay_join import RELAY, MakeDb, hand_over, in_force, invite, key
@@ -167,3 +175,60 @@ def test_a_joiner_with_a_relay_of_its_own_collects_the_answer(
     run(branch, "sync", "--timeout", "20")
     pending = cli(branch, "pair", "pending").strip()
     assert pending == "nothing pending", pending
+
+
+@pytest.mark.process
+def test_the_running_agents_link_collects_the_answer_at_the_codes_relay(
+    tmp_path: Path, two_relays: tuple[RelayNode, RelayNode]
+) -> None:
+    """The same as above for the running agent: its relay link keeps a session with
+    its own relay A, and its exchange visits the code's relay B too, where the answer
+    waits (a task beside the session); the head office's answer is accepted and the
+    acceptance deposited at B."""
+    mine, theirs = two_relays
+    head, branch = tmp_path / "head", tmp_path / "branch"
+    home_mod.init(head, "head")
+    home_mod.init(branch, "branch")
+    ids = {home: cli(home, "id").strip() for home in (head, branch)}
+    cli(mine.home, "relay", "allow", ids[branch])
+    for home in (head, branch):
+        cli(theirs.home, "relay", "allow", ids[home])
+    mine.start()
+    theirs.start()
+    cli(branch, "relay", "add", mine.device_id, "--address", mine.address)
+    cli(head, "relay", "add", theirs.device_id, "--address", theirs.address)
+    made = cli(head, "pair", "invite", "-c", "orders", "--relay", theirs.device_id[:7])
+    code = made.strip().splitlines()[-1]
+    assert run(branch, "pair", "join", code, "--name", "Head office").returncode == 0
+    cli(head, "sync", "--timeout", "20")  # the proposal waits at B
+
+    async def agent_link() -> bool:
+        """The agent's relay link, until its acceptance is at relay B."""
+        db = p2psync.open(branch)
+        inviter = db.store.relay_joins()[0].inviter
+        at_b = device_id(device_key(theirs.device_id))
+
+        def accepted_at_b() -> bool:
+            return any(
+                row.place == at_b and row.cls == EnvelopeClass.DATA.value
+                for row in Mailer(db).ledger(inviter)
+                if row.state is State.AT_RELAY
+            )
+
+        try:
+            link = RelayLink(db, ChangeFeed(), set)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.run)
+                with trio.move_on_after(30):
+                    while not accepted_at_b():
+                        await trio.sleep(0.2)
+                assert link.relay == device_key(mine.device_id)  # its session: relay A
+                nursery.cancel_scope.cancel()
+            return accepted_at_b()
+        finally:
+            db.close()
+
+    assert trio.run(agent_link)
+    assert cli(branch, "pair", "pending").strip() == "nothing pending"
+    cli(head, "sync", "--timeout", "20")  # collects the acceptance at B
+    assert "you asked" not in cli(head, "pair", "pending")

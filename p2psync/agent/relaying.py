@@ -21,7 +21,8 @@ for a reason to exchange again:
 A peer whose direct session got in step has its envelopes at the relay
 superseded and retracted (``Mailer.superseded``). While an invite code is open
 that names another relay in our list (one we joined, or one of ours), that relay
-is visited too, at most every :data:`SIDE_EVERY` seconds, for the peers due there
+is visited too, by a task of its own beside the session, every :data:`SIDE_EVERY`
+seconds counted from the end of a visit, for the peers due there
 (``visit_side_relays``).
 """
 
@@ -90,7 +91,6 @@ class RelayLink:
         self._admitted = False
         self._relays: list[Relay] = []
         self._refused: dict[bytes, float] = {}  # peer -> trio time of the next attempt
-        self._next_side = 0.0  # trio time of the next visit to relays invite codes name
 
     def poke(self) -> None:
         """Something changed that may call for an exchange (a connection ended)."""
@@ -159,6 +159,7 @@ class RelayLink:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_arrivals, client)
                 nursery.start_soon(self._watch_feed)
+                nursery.start_soon(self._visit_sides, relay.key)
                 while True:
                     await self._exchange(client)
                     with trio.move_on_after(self.tick):
@@ -168,7 +169,7 @@ class RelayLink:
     async def _exchange(self, client: RelayClient) -> None:
         direct = self.connected()
         await self._retract_superseded(client)
-        targets = await trio.to_thread.run_sync(self.mailer.targets)
+        targets = await trio.to_thread.run_sync(self.mailer.targets, client.relay)
         relay_only = await trio.to_thread.run_sync(self.mailer.relay_only)
         # a live direct connection carries what goes by direct or auto rules; what
         # only a relay rule carries still goes through the relay
@@ -185,9 +186,6 @@ class RelayLink:
             else:
                 self._refused.pop(peer, None)
         self.last, self.last_ms = report, now_ms()
-        if trio.current_time() >= self._next_side:
-            self._next_side = trio.current_time() + SIDE_EVERY
-            await visit_side_relays(self.db, self.mailer, client.relay, self._relays)
         received = sum(p.entries_in for p in report.peers.values())
         if received:
             self.feed.bump()  # live sessions forward what arrived through the relay
@@ -204,6 +202,16 @@ class RelayLink:
                     row.entries_in,
                     len(row.refused),
                 )
+
+    async def _visit_sides(self, current: bytes) -> None:
+        """Beside the session with ``current``: visit the other relays open invite
+        codes name, then wait :data:`SIDE_EVERY` seconds (a relay that never answers
+        costs this task its visit's time, never the session's)."""
+        while True:
+            reports = await visit_side_relays(self.db, self.mailer, current, self._relays)
+            if any(row.entries_in for report in reports for row in report.peers.values()):
+                self.feed.bump()
+            await trio.sleep(SIDE_EVERY)
 
     def note_in_step(self, peer: bytes, heads: Mapping[bytes, Head]) -> None:
         """A direct session with ``peer`` is in step, the peer holding ``heads``:

@@ -10,8 +10,10 @@ receipt on a later exchange (``p2psync peers`` shows the ledger)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -41,13 +43,14 @@ def through_relay(
     what waits for us even when none is, then with each other relay an open invite
     code names (``visit_side_relays``); the outcome per peer (and a line per
     pairing request that arrived), or why no relay served."""
-    carried = Mailer(db).targets()
-    wanted = [k for k in keys if k in carried]
     relays = sorted(relays_mod.load(db.store), key=lambda r: r.key != first)
     if not relays:
         return [], None
     errors: list[str] = []
+    started = time.monotonic()
     for relay in relays:
+        carried = Mailer(db).targets(relay.key)
+        wanted = [k for k in keys if k in carried]
         try:
             report = trio.run(_exchange, db, relay, wanted, timeout)
         except RelayUnavailable as exc:
@@ -60,7 +63,9 @@ def through_relay(
             errors.append(f"relay {short_id(relay.key)}: {exc}")
             continue
         outcomes = _outcomes(db, report, wanted)
-        for side in trio.run(visit_side_relays, db, Mailer(db), report.relay, relays):
+        left = max(0.0, timeout - (time.monotonic() - started))
+        visits = partial(visit_side_relays, within=left)
+        for side in trio.run(visits, db, Mailer(db), report.relay, relays):
             outcomes += _outcomes(db, side, [k for k in side.peers if k not in wanted])
         if not outcomes:
             line = f"relay {short_id(report.relay)}: nothing waiting for this agent"

@@ -19,6 +19,7 @@ mailer, and only a signed receipt counts as delivered.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -95,28 +96,41 @@ async def exchange(
 
 
 async def visit_side_relays(
-    db: OpenHome, mailer: Mailer, current: bytes | None, relays: list[Relay]
+    db: OpenHome,
+    mailer: Mailer,
+    current: bytes | None,
+    relays: list[Relay],
+    *,
+    within: float = math.inf,
 ) -> list[ExchangeReport]:
     """One exchange with each relay an open invite code names (``Mailer.side_relays``)
     other than ``current`` (the relay just used), for the peers due there: a join
     waits for its answer at the relay its code named, whatever relay we use, and
-    joins of our codes are collected at the relay they name. A relay not in our
-    list, or unreachable, is skipped (logged)."""
+    joins of our codes are collected at the relay they name. Each visit takes at
+    most :data:`SIDE_VISIT_S`, all of them at most ``within`` seconds. A relay not in
+    our list, unreachable or too slow is skipped (logged); our own store failing
+    raises."""
     visits = await trio.to_thread.run_sync(mailer.side_relays, now_ms())
+    listed = {relay.key for relay in relays}
+    for key in visits:
+        if key not in listed:
+            log.info("relay %s, named by an open invite code, is not in our list of relays",
+                     short_id(key))
     reports = []
-    for relay in relays:
-        if relay.key == current or relay.key not in visits:
-            continue
-        try:
-            with trio.fail_after(SIDE_VISIT_S):
-                reports.append(await exchange(db, relay, sorted(visits[relay.key])))
-        except StoreError:
-            raise
-        except trio.TooSlowError:
-            log.info("relay %s: a visit for invite codes took over %d s", short_id(relay.key),
-                     SIDE_VISIT_S)
-        except P2PSyncError as exc:
-            log.info("relay %s: a visit for invite codes failed: %s", short_id(relay.key), exc)
+    with trio.move_on_after(within):
+        for relay in relays:
+            if relay.key == current or relay.key not in visits:
+                continue
+            try:
+                with trio.fail_after(SIDE_VISIT_S):
+                    reports.append(await exchange(db, relay, sorted(visits[relay.key])))
+            except StoreError:
+                raise
+            except trio.TooSlowError:
+                log.info("relay %s: a visit for invite codes took over %d s",
+                         short_id(relay.key), SIDE_VISIT_S)
+            except P2PSyncError as exc:
+                log.info("relay %s: a visit for invite codes failed: %s", short_id(relay.key), exc)
     return reports
 
 
@@ -128,7 +142,7 @@ async def exchange_on(
     await hand_policy(client, mailer)
     await collect(client, mailer, report)
     await expire(client, mailer, report)
-    carried = await trio.to_thread.run_sync(mailer.targets)
+    carried = await trio.to_thread.run_sync(mailer.targets, client.relay)
     targets = list(peers) if peers is not None else list(carried)
     # a pairing request or join collected just now is answered (or refused) in this
     # exchange, and its sender may now deposit its answer (our policy lists the peers

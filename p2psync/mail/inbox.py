@@ -47,6 +47,7 @@ from p2psync.core.receipt import receipt_of
 from p2psync.core.rules import proposed_via_relay
 from p2psync.errors import BundleError, HostileEntry, PairingError, RemoteProtocolError
 from p2psync.home import OpenHome
+from p2psync.store.joins import RelayJoin
 from p2psync.store.ledger import State
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,12 @@ def _introduction(db: OpenHome, payload: bytes, sender: bytes, seq: int, now_ms:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         log.warning("join request from %s through the relay refused: %s",
                     short_id(sender), exc)
-        why = str(exc).removeprefix("invite code refused: ")
+        why = str(exc).removeprefix(pairing.REFUSED_PREFIX)
         return Incoming(cls, sender, seq, reason=f"its join of our invite code was refused: {why}")
     except RemoteProtocolError as exc:
         db.store.ledger.receive(sender, seq, now_ms, owe=False)
         return Incoming(cls, sender, seq, reason=f"rule objects refused: {exc}")
-    for join in joining:
-        if pairing.joined_rule(db, join) is not None:
-            db.store.drop_relay_join(sender, join.invite)  # paired as the code said
+    _joined(db, joining)
     refusal = None
     if intro.refused is not None:  # only the inviter of a code we joined can refuse it
         invite, reason = intro.refused
@@ -136,6 +135,13 @@ def _introduction(db: OpenHome, payload: bytes, sender: bytes, seq: int, now_ms:
     added = len(db.store.rule_objects(sender)) - before
     fresh = db.store.ledger.receive(sender, seq, now_ms, owe=True)
     return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added, reason=refusal)
+
+
+def _joined(db: OpenHome, joining: list[RelayJoin]) -> None:
+    """Forget the joins the inviter answered: a rule with their terms is in force."""
+    for join in joining:
+        if pairing.joined_rule(db, join) is not None:
+            db.store.drop_relay_join(join.inviter, join.invite)  # paired as the code said
 
 
 def _data(
@@ -162,10 +168,13 @@ def _data(
     added = 0
     if bundle.rule_objects:
         before = len(db.store.rule_objects(sender))
+        # a peer we are paired with answers a further code of its we joined here
+        joining = [j for j in db.store.relay_joins(sender) if j.refused is None]
         try:
-            pairing.receive(db, sender, list(bundle.rule_objects))
-        except RemoteProtocolError as exc:
+            pairing.receive(db, sender, list(bundle.rule_objects), joining)
+        except (RemoteProtocolError, PairingError) as exc:
             return refuse(f"rule objects refused: {exc}")
+        _joined(db, joining)
         added = len(db.store.rule_objects(sender)) - before
     flow = Flow.between(me, sender, db.store.rules(sender), live=False, via_relay=True)
     if bundle.entries and not flow.receiving:

@@ -207,12 +207,13 @@ class Mailer:
             by_peer.setdefault(other, []).append(rule)
         return senders_for(me, by_peer)
 
-    def targets(self) -> frozenset[bytes]:
-        """The peers an exchange deposits for: the policy's senders, peers whose
-        request through the relay we rejected (the rejection goes back as an
-        introduction; they are not on our policy), inviters whose code we
-        joined through the relay (the join goes as an introduction) and joiners
-        whose join we refused (so does the refusal)."""
+    def targets(self, relay: bytes | None = None) -> frozenset[bytes]:
+        """The peers an exchange (with ``relay``, if given) deposits for: the
+        policy's senders, peers whose request through the relay we rejected (the
+        rejection goes back as an introduction; they are not on our policy),
+        inviters whose code we joined through the relay (the join goes as an
+        introduction; with ``relay``, only codes naming it: the inviter collects
+        there) and joiners whose join we refused (so does the refusal)."""
         me = self.db.identity.public_key
         rejected = {
             rule.proposer
@@ -225,7 +226,7 @@ class Mailer:
         joining = {
             j.inviter
             for j in self.db.store.relay_joins()
-            if j.expires >= now and j.refused is None
+            if j.expires >= now and j.refused is None and relay in (None, j.relay)
         }
         return self.peers() | rejected | joining | self.refusing()
 

@@ -94,7 +94,11 @@ def drop(conn: sqlite3.Connection, inviter: bytes, invite: bytes | None = None) 
 def owe_refusal(conn: sqlite3.Connection, refusal: JoinRefusal) -> bool:
     """Keep a refusal owed to a joiner; False when :data:`MAX_REFUSALS` are kept."""
     (count,) = conn.execute("SELECT count(*) FROM join_refusals").fetchone()
-    if count >= MAX_REFUSALS:
+    kept = conn.execute(
+        "SELECT 1 FROM join_refusals WHERE joiner = ? AND invite = ?",
+        (refusal.joiner, refusal.invite),
+    ).fetchone()
+    if count >= MAX_REFUSALS and kept is None:
         return False
     conn.execute(
         "INSERT OR REPLACE INTO join_refusals (joiner, invite, reason, made) VALUES (?, ?, ?, ?)",
