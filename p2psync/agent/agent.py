@@ -120,12 +120,15 @@ class Agent:
         self._on_demand_locks: dict[bytes, trio.Lock] = {}
         self._paired_checked = -1e9
         self.started_ms = now_ms()
+        self._splice_peers: frozenset[bytes] = frozenset()  # live rules a relay may carry
+        self._splice_peers_read = False
         self.relay_link = RelayLink(
             db,
             self.feed,
             lambda: set(self.registry.by_peer),
             grace=config.relay_grace,
             tick=config.relay_tick,
+            splicer=self,
         )
 
     # ------------------------------------------------------------ running
@@ -235,7 +238,9 @@ class Agent:
     async def _reload_peers(self) -> None:
         """Re-read the peers (and the rules, when they changed): live sessions re-send
         and re-check rule objects, the dialers follow."""
-        if await self.peers.reload():
+        if await self.peers.reload() or not self._splice_peers_read:
+            self._splice_peers_read = True
+            self._splice_peers = await trio.to_thread.run_sync(self.relay_link.mailer.live_peers)
             self.rules_feed.bump()
             self.relay_link.poke()  # a rule changed: the relay may carry more, or less
         if self._nursery is not None:
@@ -294,14 +299,17 @@ class Agent:
         return sum(1 for conn in self.registry.all() if conn.peer not in self.peers.standing.paired)
 
     async def run_connection(
-        self, secured: SecureStream, *, outbound: bool, address: str
+        self, secured: SecureStream, *, outbound: bool, address: str, via: bytes | None = None
     ) -> SessionStats | None:
+        """Run a sync session with the peer at the other end of ``secured`` (``via``: the
+        relay it is spliced through; ``address`` says so)."""
         peer = secured.peer
         conn = Connection(
             peer=peer,
             dialled_by=self.identity.public_key if outbound else peer,
             outbound=outbound,
             address=address,
+            via=via,
         )
         if not outbound:
             self.registry.hold(conn)  # live or on demand: its first RulesHeld says
@@ -313,10 +321,8 @@ class Agent:
             conn.live = True
         log.info("connected to %s (%s, %s)", short_id(peer), secured.peer_name, address)
         # an address we dialled proved the peer's key: try it first from now on
-        await self.peers.note(
-            peer,
-            PeerNote(seen=now_ms(), clear_error=True, address=address if outbound else None),
-        )
+        dialled = address if outbound and via is None else None
+        await self.peers.note(peer, PeerNote(seen=now_ms(), clear_error=True, address=dialled))
 
         def started(machine: SyncSession, stats: SessionStats) -> None:
             conn.machine, conn.stats = machine, stats
@@ -377,6 +383,7 @@ class Agent:
                     rules_feed=self.rules_feed,
                     on_rules_added=rules_added,
                     on_reconciled=partial(self._reconciled, peer),
+                    via_relay=via is not None,
                 )
                 stats = await run_session(
                     secured,
@@ -425,6 +432,45 @@ class Agent:
         )
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             await self.peers.note(peer, note)
+
+    # ------------------------------------------------------------ live splices
+
+    def wanted(self) -> set[bytes]:
+        """Peers to ask the relay for a splice with: a live rule the relay may carry,
+        not removed, and no live connection (direct or spliced)."""
+        return {
+            peer
+            for peer in self._splice_peers
+            if self.registry.get(peer) is None and self.peers.ours(peer)
+        }
+
+    def welcome(self, peer: bytes) -> bool:
+        """Join a splice ``peer`` asked for: a live rule the relay may carry (the
+        handshake inside proves it is that peer)."""
+        return peer in self._splice_peers and self.registry.get(peer) is None
+
+    def adopt(self, peer: bytes, stream: trio.abc.Stream, *, initiator: bool, relay: bytes) -> None:
+        self._spawn(partial(self._spliced, peer, stream, initiator, relay))
+
+    async def _spliced(
+        self, peer: bytes, stream: trio.abc.Stream, initiator: bool, relay: bytes
+    ) -> None:
+        """The session with ``peer`` through a splice at ``relay``: the normal
+        handshake, expecting that peer (a relay splicing us to anyone else fails it)."""
+        address = f"via relay {short_id(relay)}"
+        try:
+            secured = await secure(
+                stream, self.identity, initiator=initiator, name=self.name, expect=peer
+            )
+        except Exception as exc:  # one bad splice never takes the agent down
+            log.warning("splice with %s through relay %s refused: %s", short_id(peer),
+                        short_id(relay), exc)
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await stream.aclose()
+            return
+        await self.run_connection(secured, outbound=initiator, address=address, via=relay)
 
     def _reconciled(self, peer: bytes, version: int) -> None:
         """The peer holds every rule object of ours about the pair, as of ``version``."""

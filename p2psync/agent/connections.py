@@ -3,6 +3,8 @@
 When two agents dial each other at the same moment both connections may
 complete. Each side then keeps the connection **dialled by the smaller
 identity key** (bytewise), so both keep the same one and close the other.
+A direct connection always wins over one spliced through a relay (both sides
+know which is which), so a direct path, once it works, replaces the relay.
 Between two connections dialled by the same side, the newer one wins (the older
 is most likely dead: the peer restarted).
 
@@ -44,6 +46,7 @@ class Connection:
     machine: SyncSession | None = None
     on_demand: bool = False
     live: bool = False  # it was (or is) the live connection with its peer
+    via: bytes | None = None  # the relay it is spliced through (None: direct)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +59,10 @@ class Ended:
 
 
 def prefer(new: Connection, old: Connection) -> bool:
-    """True when ``new`` should replace ``old`` (both with the same peer)."""
+    """True when ``new`` should replace ``old`` (both with the same peer): a direct
+    connection over one spliced through a relay, else by who dialled."""
+    if (new.via is None) != (old.via is None):
+        return new.via is None
     if new.dialled_by != old.dialled_by:
         return new.dialled_by < old.dialled_by
     return True

@@ -1,6 +1,7 @@
 """Dialling peers: one task per peer we should dial that has an address, stored or
 advertised on the LAN, with capped exponential backoff and jitter; it waits while
-any connection with that peer is up.
+a direct connection with that peer is up, and keeps trying (backing off) while the
+only one is spliced through a relay.
 
 Addresses from LAN adverts are not trusted: they are tried first with a short
 timeout, dropped after an identity mismatch (or a few failures), and stored only
@@ -97,10 +98,12 @@ class Dialing:
         quick = True  # one quick redial after a short session, then back off
         while self._dialers.get(key) is token:
             existing = self.registry.get(key)
-            if existing is not None:
+            if existing is not None and existing.via is None:
                 await existing.closed.wait()
                 await trio.sleep(random.uniform(0.05, 0.3))  # let a restarting peer settle
                 continue
+            # no connection, or one through a relay: try direct (with the backoff);
+            # a direct session that starts replaces the spliced one
             started = trio.current_time()
             stats = await self._dial_once(key)
             if trio.current_time() - started > HEALTHY_SESSION:

@@ -31,10 +31,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import trio
 
 from p2psync.clock import now_ms
+from p2psync.core import relaywire as wire
 from p2psync.core.identity import short_id
 from p2psync.core.messages import Head
 from p2psync.errors import ConnectionLost, P2PSyncError, RelayUnavailable
@@ -42,6 +44,7 @@ from p2psync.home import OpenHome
 from p2psync.mail.exchange import ExchangeReport, exchange_on, visit_side_relays
 from p2psync.mail.mailer import Mailer
 from p2psync.net.relayclient import RelayClient, open_relay
+from p2psync.net.splice import join_splice
 from p2psync.net.storeio import ChangeFeed, Signal
 from p2psync.store import relays as relays_mod
 from p2psync.store.relays import Relay
@@ -59,6 +62,32 @@ REFUSED_PAUSE = 600.0
 #: Seconds between visits to the other relays that open invite codes name (a join
 #: waits for its answer there; joins of our codes are collected there).
 SIDE_EVERY = 30.0
+#: Seconds between splice requests for peers the agent has no connection with.
+SPLICE_TICK = 15.0
+#: After "unavailable", seconds before asking again for that peer (doubling).
+SPLICE_BACKOFF_START = 5.0
+SPLICE_BACKOFF_CAP = 300.0
+#: Seconds before asking again for a peer whose splice was just joined.
+SPLICE_COOLDOWN = 10.0
+#: Seconds a join waits for the other side.
+SPLICE_WAIT = 15.0
+
+
+class Splicer(Protocol):
+    """What the agent does with live splices (``agent/agent.py``)."""
+
+    def wanted(self) -> set[bytes]:
+        """Peers to ask a splice for now: a live rule the relay may carry, and no
+        live connection."""
+        ...
+
+    def welcome(self, peer: bytes) -> bool:
+        """Whether to join a splice ``peer`` asked for."""
+        ...
+
+    def adopt(self, peer: bytes, stream: trio.abc.Stream, *, initiator: bool, relay: bytes) -> None:
+        """Run the agent-to-agent session over a spliced ``stream``."""
+        ...
 
 
 class RelayLink:
@@ -72,8 +101,10 @@ class RelayLink:
         *,
         grace: float = GRACE,
         tick: float = TICK,
+        splicer: Splicer | None = None,
     ) -> None:
         self.db = db
+        self.splicer = splicer
         self.feed = feed
         self.connected = connected  # peers with a live direct connection now
         self.grace = grace
@@ -91,10 +122,15 @@ class RelayLink:
         self._admitted = False
         self._relays: list[Relay] = []
         self._refused: dict[bytes, float] = {}  # peer -> trio time of the next attempt
+        self._splice_wake = trio.Event()
+        self._splice_next: dict[bytes, float] = {}  # peer -> trio time of the next request
+        self._splice_delay: dict[bytes, float] = {}  # peer -> the backoff after "unavailable"
+        self._joining: set[bytes] = set()  # peers whose splice is being joined
 
     def poke(self) -> None:
         """Something changed that may call for an exchange (a connection ended)."""
         self._wake.set()
+        self._splice_wake.set()
 
     async def reload(self) -> None:
         """Re-read the list of relays; if it changed, start over with the new one."""
@@ -160,6 +196,8 @@ class RelayLink:
                 nursery.start_soon(self._watch_arrivals, client)
                 nursery.start_soon(self._watch_feed)
                 nursery.start_soon(self._visit_sides, relay.key)
+                if self.splicer is not None:
+                    nursery.start_soon(self._splices, client, self.splicer)
                 while True:
                     await self._exchange(client)
                     with trio.move_on_after(self.tick):
@@ -202,6 +240,64 @@ class RelayLink:
                     row.entries_in,
                     len(row.refused),
                 )
+
+    async def _splices(self, client: RelayClient, splicer: Splicer) -> None:
+        """Live splices on this relay: join those peers ask for; ask for one with each
+        peer the agent wants live and has no connection with (backing off per peer
+        while the relay answers "unavailable"), now, whenever a connection ends, and
+        every :data:`SPLICE_TICK` seconds."""
+        self._splice_next.clear()
+        self._splice_delay.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._take_invitations, client, splicer, nursery)
+            while True:
+                self._splice_wake = trio.Event()
+                now = trio.current_time()
+                for peer in sorted(splicer.wanted()):
+                    if self._splice_next.get(peer, 0.0) > now or peer in self._joining:
+                        continue
+                    answer = await client.connect(peer)
+                    if isinstance(answer, wire.Invitation):
+                        self._splice_next[peer] = now + SPLICE_COOLDOWN
+                        nursery.start_soon(
+                            self._join, client, splicer, peer, answer.key, True
+                        )
+                    else:
+                        delay = self._splice_delay.get(peer, SPLICE_BACKOFF_START)
+                        self._splice_next[peer] = now + delay
+                        self._splice_delay[peer] = min(delay * 2, SPLICE_BACKOFF_CAP)
+                with trio.move_on_after(SPLICE_TICK):
+                    await self._splice_wake.wait()
+
+    async def _take_invitations(
+        self, client: RelayClient, splicer: Splicer, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            invited = await client.next_invitation()
+            if invited.peer in self._joining or not splicer.welcome(invited.peer):
+                log.info("relay %s: declined a splice with %s", short_id(client.relay),
+                         short_id(invited.peer))
+                continue
+            nursery.start_soon(self._join, client, splicer, invited.peer, invited.key, False)
+
+    async def _join(
+        self, client: RelayClient, splicer: Splicer, peer: bytes, key: bytes, initiator: bool
+    ) -> None:
+        self._joining.add(peer)
+        try:
+            stream = await join_splice(
+                self.db.identity, self.db.name, client.relay, client.address, key, peer,
+                wait=SPLICE_WAIT,
+            )
+        except P2PSyncError as exc:
+            log.info("relay %s: splice with %s failed: %s", short_id(client.relay),
+                     short_id(peer), exc)
+            return
+        finally:
+            self._joining.discard(peer)
+        self._splice_delay.pop(peer, None)
+        log.info("relay %s: spliced with %s", short_id(client.relay), short_id(peer))
+        splicer.adopt(peer, stream, initiator=initiator, relay=client.relay)
 
     async def _visit_sides(self, current: bytes) -> None:
         """Beside the session with ``current``: visit the other relays open invite

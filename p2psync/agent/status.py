@@ -56,6 +56,9 @@ def agent_status(
                 if conn.on_demand
                 else "pending",
                 "address": conn.address,
+                # the path: "direct", or "relay" (spliced through the relay named)
+                "path": "direct" if conn.via is None else "relay",
+                "relay": device_id(conn.via) if conn.via is not None else None,
                 "since": conn.since_ms,
                 "synced": synced,
                 "begun": bool(machine is not None and machine.begun),  # past the rules

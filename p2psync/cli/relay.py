@@ -124,6 +124,14 @@ def _status_lines(d: dict[str, Any]) -> list[str]:
                 f"{s['deposits']} deposits, {s['fetched']} fetched, "
                 f"{s['bytes_in']:,} bytes in, {s['bytes_out']:,} out"
             )
+        splices = running.get("splices", [])
+        lines.append(f"live splices: {len(splices)}")
+        for live in splices:
+            lines.append(
+                f"  {live['asker']} <-> {live['target']} since "
+                f"{output.short_time(live['since'])}: {live['bytes_to_target']:,} bytes one "
+                f"way, {live['bytes_to_asker']:,} the other"
+            )
     m = d["mailbox"]
     oldest = (
         ""

@@ -65,6 +65,14 @@ class FrameReader:
         self._need = None
         return header, body
 
+    def take_rest(self) -> bytes:
+        """The bytes received beyond the last whole frame (they belong to whatever
+        the stream carries next); the reader is empty afterwards."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._need = None
+        return rest
+
     @property
     def pending(self) -> int:
         """Bytes received but not yet returned as a frame."""

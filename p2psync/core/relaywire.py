@@ -29,10 +29,15 @@ type  name         fields                                            sent by
 16    Envelopes    rid, [[position, until, envelope], ...], more     relay
 17    Done         rid, count                                        relay
 18    Notices      rid, [[recipient (32), seq, until], ...]          relay
+20    Connect      rid, peer (32)                                    agent
+21    Invitation   rid, peer (32), key (32), expires (ms)            relay
+22    Invited      peer (32), key (32), expires (ms)                 relay, unasked
+23    Join         key (32)                                          agent, first
+24    Spliced      peer (32)                                         relay
 ====  ===========  ================================================  ===========
 
-Types 20-39 are reserved for the live splice (part 2); a relay answers an
-unknown type with ``Bye``. ``rid`` is the agent's request number: every request
+Types 20-24 are the live splice; 25-39 are reserved. A relay answers an unknown
+type with ``Bye``. ``rid`` is the agent's request number: every request
 gets exactly one answer carrying its rid, in the order the requests were sent,
 so an agent may pipeline requests.
 """
@@ -63,6 +68,7 @@ _MAX_INT = (1 << 63) - 1
 TOKEN_ID_BYTES = 8
 TOKEN_PROOF_BYTES = 32
 KEY_BYTES = 32
+SPLICE_KEY_BYTES = 32
 
 
 class RefusalCode(enum.IntEnum):
@@ -75,6 +81,7 @@ class RefusalCode(enum.IntEnum):
     MALFORMED = 5  # the envelope's header is malformed, or not the session's sender
     NOT_NEWER = 6  # a mailbox policy whose version is not above the one in force
     BUSY = 7  # the relay cannot take it now (storage failed); try again later
+    UNAVAILABLE = 8  # no splice: the peer is unknown, not allowing it, or not here
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +208,54 @@ class Notices:
     notices: tuple[Notice, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Ask for a live splice with ``peer``."""
+
+    rid: int
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Invitation:
+    """The answer to :class:`Connect`: present ``key`` in a fresh connection's
+    :class:`Join` before ``expires_ms``; this side runs the handshake inside as
+    the initiator."""
+
+    rid: int
+    peer: bytes
+    key: bytes
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Invited:
+    """Unasked: ``peer`` asked for a splice with this device (the responder)."""
+
+    peer: bytes
+    key: bytes
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """The first message of a splice connection, instead of ``Hello``."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Spliced:
+    """Both sides joined: after this frame the connection carries ``peer``'s bytes."""
+
+    peer: bytes
+
+
+#: Requests the mailbox service answers (``Connect``, also a request, the node does).
 Request = Policy | Deposit | Fetch | Delete | Retract | TakeNotices
-Answer = Stored | Duplicate | Refused | Envelopes | Done | Notices
-Message = Hello | Welcome | Bye | Ping | Pong | Arrived | Request | Answer
+Answer = Stored | Duplicate | Refused | Envelopes | Done | Notices | Invitation
+Splice = Connect | Invited | Join | Spliced
+Message = Hello | Welcome | Bye | Ping | Pong | Arrived | Request | Answer | Splice
 
 
 def encode(message: Message) -> bytes:
@@ -257,6 +309,16 @@ def _body(message: Message) -> list[Any]:
             return [17, message.rid, message.count]
         case Notices():
             return [18, message.rid, [[n.recipient, n.seq, n.until_ms] for n in message.notices]]
+        case Connect():
+            return [20, message.rid, message.peer]
+        case Invitation():
+            return [21, message.rid, message.peer, message.key, message.expires_ms]
+        case Invited():
+            return [22, message.peer, message.key, message.expires_ms]
+        case Join():
+            return [23, message.key]
+        case Spliced():
+            return [24, message.peer]
     raise TypeError(f"not a relay message: {message!r}")
 
 
@@ -405,10 +467,20 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     16: _envelopes,
     17: lambda f: Done(_int(_fields(f, 2)[0]), _int(f[1])),
     18: _notices,
+    20: lambda f: Connect(_int(_fields(f, 2)[0]), _bytes(f[1], KEY_BYTES)),
+    21: lambda f: Invitation(
+        _int(_fields(f, 4)[0]), _bytes(f[1], KEY_BYTES), _bytes(f[2], SPLICE_KEY_BYTES),
+        _int(f[3]),
+    ),
+    22: lambda f: Invited(
+        _bytes(_fields(f, 3)[0], KEY_BYTES), _bytes(f[1], SPLICE_KEY_BYTES), _int(f[2])
+    ),
+    23: lambda f: Join(_bytes(_one(f), SPLICE_KEY_BYTES)),
+    24: lambda f: Spliced(_bytes(_one(f), KEY_BYTES)),
 }
 
 REQUESTS = (Policy, Deposit, Fetch, Delete, Retract, TakeNotices)
-ANSWERS = (Stored, Duplicate, Refused, Envelopes, Done, Notices)
+ANSWERS = (Stored, Duplicate, Refused, Envelopes, Done, Notices, Invitation)
 
 TOKEN_PREFIX = b"p2psync/v1/relay-token\x00"
 

@@ -28,7 +28,7 @@ from p2psync import clock
 from p2psync.core.envelope import Envelope, EnvelopeClass
 from p2psync.core.messages import Head, rules_digest
 from p2psync.core.policy import senders_for, sign_policy
-from p2psync.core.rules import Route, Rule, RuleState, in_force
+from p2psync.core.rules import Permissions, Route, Rule, RuleState, in_force
 from p2psync.home import OpenHome
 from p2psync.mail import inbox, outbox
 from p2psync.mail.inbox import Incoming
@@ -252,6 +252,21 @@ class Mailer:
             ):
                 visits.setdefault(invite.relay, set())
         return {relay: frozenset(peers) for relay, peers in visits.items()}
+
+    def live_peers(self) -> frozenset[bytes]:
+        """Peers a live splice through a relay may serve: a rule in force with route
+        relay or auto, one of those online (the live session's test)."""
+        me = self.db.identity.public_key
+        by_peer: dict[bytes, list[Rule]] = {}
+        for rule in self.db.store.rules(None):
+            if rule.terms.route in (Route.RELAY, Route.AUTO):
+                other = rule.acceptor if rule.proposer == me else rule.proposer
+                by_peer.setdefault(other, []).append(rule)
+        return frozenset(
+            peer
+            for peer, rules in by_peer.items()
+            if Permissions.between(me, peer, rules, live=True).paired
+        )
 
     def relay_only(self) -> frozenset[bytes]:
         """Peers with a rule in force whose route is ``relay``: what it carries goes

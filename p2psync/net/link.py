@@ -50,9 +50,13 @@ class PairLink:
         join: pairing.JoinTicket | None = None,
         on_rules_added: Callable[[], None] | None = None,
         on_reconciled: Callable[[int], None] | None = None,
+        via_relay: bool = False,
     ) -> None:
         self.db = db
         self.peer = peer
+        #: the session runs spliced through a relay: the relay's rules (route relay
+        #: or auto) apply, not the direct connection's
+        self.via_relay = via_relay
         self.handshake_hash = handshake_hash
         self.peer_name = peer_name
         self.rules_feed = rules_feed  # bumped when rules change locally (CLI, API)
@@ -85,7 +89,9 @@ class PairLink:
         """What flows between us in a live session, or one on demand."""
         me = self.db.identity.public_key
         return await self._run(
-            lambda: Flow.between(me, self.peer, self.db.store.rules(self.peer), live=live)
+            lambda: Flow.between(
+                me, self.peer, self.db.store.rules(self.peer), live=live, via_relay=self.via_relay
+            )
         )
 
     async def receive(self, objects: list[bytes]) -> list[bytes]:

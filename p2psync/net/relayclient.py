@@ -45,6 +45,8 @@ CONNECT_TIMEOUT = 10.0
 #: Requests in flight at once on one session (deposits are pipelined).
 WINDOW = 32
 PING_INTERVAL = 60.0
+#: Splice invitations waiting to be taken, at most (each lives seconds).
+MAX_INVITATIONS = 16
 #: Seconds a request may wait for its answer once sent (the relay answers in order,
 #: after it has read the whole request); past that the session is given up.
 ANSWER_TIMEOUT = 120.0
@@ -75,6 +77,10 @@ class RelayClient:
         self._window = trio.Semaphore(WINDOW)
         self._next_rid = 1
         self._failure: Exception | None = None
+        self._invitations: collections.deque[wire.Invited] = collections.deque(
+            maxlen=MAX_INVITATIONS
+        )
+        self._invited = trio.Event()
 
     # ------------------------------------------------------------ requests
 
@@ -150,6 +156,25 @@ class RelayClient:
         answer = await self._request(wire.TakeNotices)
         return _expect(answer, (wire.Notices,)).notices
 
+    async def connect(self, peer: bytes) -> wire.Invitation | wire.Refused:
+        """Ask for a live splice with ``peer`` (``Refused(unavailable)``, whatever the
+        reason, when there is none)."""
+        answer = await self._request(lambda rid: wire.Connect(rid, peer))
+        if isinstance(answer, wire.Refused):
+            return answer
+        invitation = _expect(answer, (wire.Invitation,))
+        if invitation.peer != peer:
+            raise RemoteProtocolError("the relay answered a splice request for another peer")
+        return invitation
+
+    async def next_invitation(self) -> wire.Invited:
+        """The next splice a peer asked for with us (the relay's unasked ``Invited``)."""
+        while not self._invitations:
+            self._check()
+            await self._invited.wait()
+            self._invited = trio.Event()
+        return self._invitations.popleft()
+
     async def wait_arrived(self, seen: int) -> int:
         """Wait until the relay says something arrived past position ``seen``."""
         while self.arrived <= seen:
@@ -159,7 +184,7 @@ class RelayClient:
 
     # ------------------------------------------------------------ machinery
 
-    async def _request(self, make: Callable[[int], wire.Request]) -> wire.Message:
+    async def _request(self, make: Callable[[int], wire.Request | wire.Connect]) -> wire.Message:
         self._check()
         async with self._send_lock:  # rid order = send order = answer order
             rid = self._next_rid
@@ -205,6 +230,9 @@ class RelayClient:
                 self.arrived = message.position
                 self._arrival.set()
                 self._arrival = trio.Event()
+        elif isinstance(message, wire.Invited):
+            self._invitations.append(message)  # the oldest beyond a few is dropped
+            self._invited.set()
         elif isinstance(message, wire.Ping):
             await self.stream.send(wire.encode(wire.Pong(message.nonce)))
         elif isinstance(message, wire.Pong):
@@ -228,6 +256,7 @@ class RelayClient:
             slot.error = exc
             slot.done.set()
         self._arrival.set()
+        self._invited.set()
 
     async def ping_loop(self) -> None:
         """Keep the session alive through the relay's idle timeout."""

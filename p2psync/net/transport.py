@@ -74,6 +74,12 @@ class SecureStream:
         header_body = await _next_frame(self.stream, self._reader, self)
         return self._opener.open(*header_body)
 
+    def detach(self) -> tuple[trio.abc.Stream, bytes]:
+        """Stop using the sealed frames: the byte stream underneath, and the bytes
+        already read from it past the last frame (a relay splice carries another
+        stream from there on). This object must not be used afterwards."""
+        return self.stream, self._reader.take_rest()
+
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
             scope.shield = True
@@ -167,4 +173,29 @@ async def _send_plain(stream: trio.abc.Stream, message: bytes) -> int:
     return len(data)
 
 
-__all__ = ["ConnectionLost", "FrameError", "SecureStream", "secure"]
+class Prefixed(trio.abc.Stream):
+    """``inner``, with ``first`` read before anything from it (bytes a detached
+    :class:`SecureStream` had read ahead)."""
+
+    def __init__(self, inner: trio.abc.Stream, first: bytes) -> None:
+        self.inner = inner
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._first:
+            cut = len(self._first) if max_bytes is None else max_bytes
+            data, self._first = self._first[:cut], self._first[cut:]
+            return data
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+__all__ = ["ConnectionLost", "FrameError", "Prefixed", "SecureStream", "secure"]

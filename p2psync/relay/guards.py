@@ -23,18 +23,30 @@ import trio
 
 
 class Bucket:
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, burst: float | None = None) -> None:
         self.rate = float(rate)
-        self.tokens = float(rate)  # a one-second burst
+        self.burst = float(burst if burst is not None else rate)  # a one-second burst
+        self.tokens = self.burst
         self.stamp = trio.current_time()
 
-    async def take(self, amount: int) -> None:
+    def _refill(self) -> None:
         now = trio.current_time()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    async def take(self, amount: int) -> None:
+        self._refill()
         self.tokens -= amount
         if self.tokens < 0:
             await trio.sleep(-self.tokens / self.rate)
+
+    def try_take(self, amount: float) -> bool:
+        """Take ``amount`` if there is that much now (no debt); False otherwise."""
+        self._refill()
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
 
 
 class Throttled(trio.abc.Stream):

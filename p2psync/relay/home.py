@@ -56,6 +56,9 @@ class Caps:
     bytes_per_second_per_connection: int = 8 * 1024 * 1024  # inbound
     bytes_per_second_total: int = 64 * 1024 * 1024  # inbound, every connection together
     sweep_seconds: float = 30.0  # how often expired envelopes are dropped
+    splices_per_device: int = 8  # live splices (and, apart, invitations) per device
+    splices_total: int = 256  # live splices and open invitations, all devices
+    connects_per_second: float = 2.0  # splice requests per session (a burst of 10)
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():

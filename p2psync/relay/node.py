@@ -53,6 +53,7 @@ from p2psync.relay.admission import Admission
 from p2psync.relay.guards import Bucket, HalfOpen, Throttled
 from p2psync.relay.home import ADMISSION_FILE, STATE_FILE, RelayHome
 from p2psync.relay.service import Service
+from p2psync.relay.splice import Invitation, Live, Splices
 from p2psync.store.mailbox import SqliteMailbox
 
 log = logging.getLogger("p2psync.relay")
@@ -63,6 +64,14 @@ NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID 
 ADMISSION_FAILED = "the relay cannot check admissions now; try again later"
 #: how often (seconds) open sessions are checked against the admission file
 ADMISSION_TICK = 1.0
+#: invitations waiting to be pushed to one session, at most
+MAX_INVITATIONS_QUEUED = 8
+#: the one answer to a splice request that cannot be met, whatever the reason
+UNAVAILABLE = "unavailable"
+#: seconds to tell both sides they are spliced
+SPLICED_SEND_SECONDS = 5.0
+#: reading this many bytes at a time from one side of a splice
+SPLICE_CHUNK = 1 << 16
 
 
 class Session:
@@ -84,6 +93,9 @@ class Session:
         self.arrived = 0
         self.ending = ""  # why the relay closed it (a newer session, no longer admitted)
         self._arrival = trio.Event()
+        self.invitations: list[wire.Invited] = []  # to push, unasked (newest kept)
+        self._invited = trio.Event()
+        self.connects: Bucket | None = None  # splice requests (set when served)
 
     async def send(self, message: wire.Message) -> None:
         """Send one message; a device that reads nothing of it for ``send_seconds``
@@ -109,6 +121,20 @@ class Session:
                 sent = self.arrived
                 await self.send(wire.Arrived(sent))
 
+    def invite(self, message: wire.Invited) -> None:
+        """Queue an invitation to push (never blocking the asker's session); an
+        invitation not pushed within its life is useless, so only a few wait."""
+        self.invitations = [*self.invitations[-(MAX_INVITATIONS_QUEUED - 1) :], message]
+        self._invited.set()
+
+    async def push_invitations(self) -> None:
+        while True:
+            await self._invited.wait()
+            self._invited = trio.Event()
+            waiting, self.invitations = self.invitations, []
+            for message in waiting:
+                await self.send(message)
+
     def describe(self) -> dict[str, Any]:
         return {
             "device_id": device_id(self.key),
@@ -121,6 +147,16 @@ class Session:
             "bytes_in": self.stream.bytes_in,
             "bytes_out": self.stream.bytes_out,
         }
+
+
+class Joining:
+    """A connection that presented a splice key, waiting for the other side."""
+
+    def __init__(self, stream: SecureStream, throttled: Throttled, invitation: Invitation) -> None:
+        self.stream = stream
+        self.throttled = throttled
+        self.invitation = invitation
+        self.done = trio.Event()  # the splice it joined has ended
 
 
 class Node:
@@ -144,6 +180,11 @@ class Node:
             "deposits": 0,
             "expired": 0,
         }
+        self.splices = Splices(
+            per_device=self.caps.splices_per_device,
+            total=self.caps.splices_total,
+            pending_per_device=self.caps.splices_per_device,
+        )
         self._store_limiter = trio.CapacityLimiter(1)
         self._total: Bucket | None = None
         self._welcoming = 0  # sessions being welcomed, not yet in self.sessions
@@ -203,7 +244,9 @@ class Node:
         )
         try:
             session = await self._admit(throttled, address)
-            if session is not None:
+            if isinstance(session, Joining):
+                await self._splice(session)
+            elif session is not None:
                 await self._serve(session)
         except* (ConnectionLost, ProtocolError) as group:  # one bad peer never takes us down
             log.info("connection from %s ended: %s", address, _first(group))
@@ -215,7 +258,7 @@ class Node:
                 with contextlib.suppress(trio.BrokenResourceError, OSError):
                     await stream.aclose()
 
-    async def _admit(self, throttled: Throttled, address: str) -> Session | None:
+    async def _admit(self, throttled: Throttled, address: str) -> Session | Joining | None:
         deadline = self.caps.handshake_seconds
         with trio.CancelScope(deadline=trio.current_time() + deadline) as scope:
             ticket = self.half_open.enter(address, scope)
@@ -235,14 +278,15 @@ class Node:
                     log.info("handshake from %s failed: %s", address, exc)
                     return None
                 hello = wire.decode(await stream.receive())
-                if not isinstance(hello, wire.Hello):
+                if not isinstance(hello, wire.Hello | wire.Join):
                     await stream.send(wire.encode(wire.Bye("expected Hello")))
                     return None
+                token = hello.token if isinstance(hello, wire.Hello) else None
                 try:
                     refusal = await trio.to_thread.run_sync(
                         self.admission.admit,
                         stream.peer,
-                        hello.token,
+                        token,
                         stream.handshake_hash,
                         now_ms(),
                     )
@@ -255,6 +299,14 @@ class Node:
                     log.info("refused %s from %s: %s", short_id(stream.peer), address, refusal)
                     await stream.send(wire.encode(wire.Bye(NOT_ADMITTED)))
                     return None
+                if isinstance(hello, wire.Join):
+                    invitation = self.splices.claim(hello.key, stream.peer, trio.current_time())
+                    if invitation is None:
+                        log.info("refused a splice join from %s: no such key for it (used, "
+                                 "late, or another's)", short_id(stream.peer))
+                        await stream.send(wire.encode(wire.Bye(UNAVAILABLE)))
+                        return None
+                    return Joining(stream, throttled, invitation)
                 sessions = sum(len(s) for s in self.sessions.values()) + self._welcoming
                 if sessions >= self.caps.sessions_total:
                     await stream.send(wire.encode(wire.Bye("the relay is busy; try again later")))
@@ -297,8 +349,10 @@ class Node:
             oldest.scope.cancel()
         try:
             with session.scope:
+                session.connects = Bucket(self.caps.connects_per_second, burst=10)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.push_arrivals)
+                    nursery.start_soon(session.push_invitations)
                     await self._requests(session)
                     nursery.cancel_scope.cancel()
             if session.ending:  # closed by the relay: say why, briefly
@@ -330,6 +384,9 @@ class Node:
                 pass
             elif isinstance(message, wire.Bye):
                 return
+            elif isinstance(message, wire.Connect):
+                session.requests += 1
+                await session.send(await self._connect(session, message))
             elif isinstance(message, wire.REQUESTS):
                 session.requests += 1
                 try:
@@ -356,6 +413,128 @@ class Node:
             else:
                 await session.send(wire.Bye(f"unexpected {type(message).__name__}"))
                 return
+
+    # ------------------------------------------------------------ live splices
+
+    async def _connect(self, session: Session, request: wire.Connect) -> wire.Message:
+        """Invite ``session``'s device and the peer it asks for, or one uniform
+        refusal: the peer unknown, not here, not listing the asker on its mailbox
+        policy, a cap reached, or requests too fast."""
+        unavailable = wire.Refused(request.rid, wire.RefusalCode.UNAVAILABLE, UNAVAILABLE)
+        assert session.connects is not None
+        if not session.connects.try_take(1):
+            self.splices.counters["unavailable"] += 1
+            return unavailable
+        targets = [s for s in self.sessions.get(request.peer, ()) if not s.ending]
+        allowed = False
+        if targets:
+            try:
+                policy = await trio.to_thread.run_sync(
+                    self.mailbox.policy, request.peer, limiter=self._store_limiter
+                )
+            except StoreError as exc:
+                log.error("storage failed: %s", exc)
+            else:
+                allowed = session.key in policy.senders
+        invitation = (
+            self.splices.invite(session.key, request.peer, trio.current_time())
+            if allowed
+            else None
+        )
+        if invitation is None:
+            self.splices.counters["unavailable"] += 1
+            return unavailable
+        expires_ms = now_ms() + int((invitation.expires - trio.current_time()) * 1000)
+        target_key = self.splices.key_of(invitation, request.peer)
+        targets[-1].invite(wire.Invited(session.key, target_key, expires_ms))
+        log.info("splice invitation: %s asks for %s", short_id(session.key),
+                 short_id(request.peer))
+        return wire.Invitation(
+            request.rid, request.peer, self.splices.key_of(invitation, session.key), expires_ms
+        )
+
+    async def _splice(self, joining: Joining) -> None:
+        """One side of a splice joined: wait for the other (until the keys expire);
+        the second to arrive pipes both ways until either side ends or both are
+        silent for ``caps.idle_seconds``."""
+        invitation, device = joining.invitation, joining.stream.peer
+        invitation.joined[device] = joining
+        other = invitation.other(device)
+        if other in invitation.joined:
+            partner = invitation.joined[other]
+            assert isinstance(partner, Joining)
+            self.splices.drop(invitation)
+            try:
+                await self._pipe(invitation, joining, partner)
+            finally:
+                partner.done.set()
+            return
+        with trio.move_on_at(invitation.expires):
+            await joining.done.wait()
+        if not joining.done.is_set():
+            invitation.joined.pop(device, None)
+            self.splices.drop(invitation)
+            log.info("splice of %s with %s: the other side did not join in time",
+                     short_id(device), short_id(other))
+            with contextlib.suppress(P2PSyncError):
+                await joining.stream.send(wire.encode(wire.Bye(UNAVAILABLE)))
+
+    async def _pipe(self, invitation: Invitation, one: Joining, two: Joining) -> None:
+        asker, target = (one, two) if one.stream.peer == invitation.asker else (two, one)
+        live = Live(invitation.asker, invitation.target, now_ms())
+        with trio.move_on_after(SPLICED_SEND_SECONDS) as sending:
+            await asker.stream.send(wire.encode(wire.Spliced(invitation.target)))
+            await target.stream.send(wire.encode(wire.Spliced(invitation.asker)))
+        if sending.cancelled_caught:
+            log.info("splice %s <-> %s: a side read nothing", short_id(live.asker),
+                     short_id(live.target))
+            return
+        a_raw, a_left = asker.stream.detach()
+        b_raw, b_left = target.stream.detach()
+        self.splices.live.append(live)
+        self.splices.counters["spliced"] += 1
+        log.info("splice %s <-> %s started", short_id(live.asker), short_id(live.target))
+        last = [trio.current_time()]
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def pump(src: trio.abc.Stream, left: bytes, dst: trio.abc.Stream,
+                               to_target: bool) -> None:
+                    data = left
+                    while True:
+                        if data:
+                            await dst.send_all(data)
+                            last[0] = trio.current_time()
+                            if to_target:
+                                live.bytes_a += len(data)
+                            else:
+                                live.bytes_b += len(data)
+                        data = bytes(await src.receive_some(SPLICE_CHUNK))
+                        if not data:
+                            break
+                    nursery.cancel_scope.cancel()  # one side ended: so does the splice
+
+                async def idle() -> None:
+                    while True:
+                        await trio.sleep_until(last[0] + self.caps.idle_seconds)
+                        if trio.current_time() >= last[0] + self.caps.idle_seconds:
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(pump, a_raw, a_left, b_raw, True)
+                nursery.start_soon(pump, b_raw, b_left, a_raw, False)
+                nursery.start_soon(idle)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.splices.live.remove(live)
+            log.info("splice %s <-> %s ended (%d and %d bytes)", short_id(live.asker),
+                     short_id(live.target), live.bytes_a, live.bytes_b)
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                for raw in (a_raw, b_raw):
+                    with contextlib.suppress(trio.BrokenResourceError, OSError):
+                        await raw.aclose()
 
     # ------------------------------------------------------------ housekeeping
 
@@ -386,6 +565,8 @@ class Node:
             "half_open": len(self.half_open),
             "half_open_evicted": self.half_open.evicted,
             "counters": dict(self.counters),
+            "splices": [live.describe() for live in self.splices.live],
+            "splice_counters": dict(self.splices.counters),
         }
 
     async def _admission_watch(self) -> None:
