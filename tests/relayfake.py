@@ -16,6 +16,7 @@ This is a test double, not the relay node (``p2psync/relay/``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +31,7 @@ from p2psync.core.envelope import MAX_SEALED_BYTES, EnvelopeClass, read_header
 from p2psync.core.identity import Identity
 from p2psync.core.policy import decode_policy
 from p2psync.errors import ConnectionLost, P2PSyncError
-from p2psync.net.transport import SecureStream, secure
+from p2psync.net.transport import Prefixed, SecureStream, secure
 from p2psync.store.relays import Relay
 
 TTL_MS = 7 * 24 * 3600 * 1000
@@ -54,6 +55,7 @@ class Session:
     relay: FakeRelay
     stream: SecureStream
     key: bytes  # the agent's authenticated key
+    relay_nursery: trio.Nursery | None = None  # where unasked messages are sent from
 
     async def send(self, message: wire.Message) -> None:
         await self.stream.send(wire.encode(message))
@@ -73,6 +75,17 @@ class Session:
 Script = Callable[[Session, wire.Request], Awaitable[bool]]
 
 
+@dataclass(eq=False)
+class _Splice:
+    """An invitation: each side's device, the peer each is told it gets, its key."""
+
+    devices: dict[bytes, bytes]  # key -> device
+    told: dict[bytes, bytes]  # device -> the peer it is told it is spliced to
+    joined: dict[bytes, SecureStream] = field(default_factory=dict)
+    ready: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 @dataclass
 class FakeRelay:
     identity: Identity = field(default_factory=lambda: Identity(os.urandom(32)))
@@ -87,6 +100,18 @@ class FakeRelay:
     log: list[tuple[bytes, wire.Message]] = field(default_factory=list)
     sessions: int = 0
     _position: int = 0
+    # ---- live splice (honest: the asked-for peer, bytes untouched)
+    #: whom to invite instead of the peer asked for (a relay splicing to the wrong one)
+    invite_instead: dict[bytes, bytes] = field(default_factory=dict)
+    #: what the pipe does to a chunk: (from device, its offset in that direction, chunk)
+    tamper: Callable[[bytes, int, bytes], bytes] | None = None
+    #: answer every splice request itself, as this identity (the relay, or whoever
+    #: it hands the connection to, posing as the peer asked for)
+    impersonate: Identity | None = None
+    impostor_results: list[str] = field(default_factory=list)  # each attempt's outcome
+    splices: int = 0  # splices piped
+    _online: dict[bytes, Session] = field(default_factory=dict)
+    _keys: dict[bytes, _Splice] = field(default_factory=dict)
 
     @property
     def key(self) -> bytes:
@@ -182,27 +207,121 @@ class FakeRelay:
                 max_frame=wire.MAX_MESSAGE_BYTES + 64,
             )
             session = Session(self, stream, stream.peer)
-            if not isinstance(wire.decode(await stream.receive()), wire.Hello):
+            first = wire.decode(await stream.receive())
+            if isinstance(first, wire.Join):
+                await self._join(stream, first.key)
+                return
+            if not isinstance(first, wire.Hello):
                 return
             self.sessions += 1
             if not self.admit:
                 await session.send(wire.Bye("not admitted"))
                 return
             await session.send(wire.Welcome(now_ms(), self.max_sealed, TTL_MS, TTL_MS))
-            while True:
-                message = wire.decode(await stream.receive())
-                self.log.append((session.key, message))
-                if isinstance(message, wire.Ping):
-                    await session.send(wire.Pong(message.nonce))
-                elif not isinstance(message, wire.REQUESTS):
-                    await session.send(wire.Bye("unexpected"))
-                    return
-                elif self.script is None or not await self.script(session, message):
-                    await session.send(self.answer(session.key, message))
-        except (ConnectionLost, P2PSyncError, trio.ClosedResourceError):
+            async with trio.open_nursery() as nursery:
+                session.relay_nursery = nursery
+                self._online[session.key] = session
+                try:
+                    await self._requests(session)
+                finally:
+                    if self._online.get(session.key) is session:
+                        del self._online[session.key]
+                    nursery.cancel_scope.cancel()
+        except* (ConnectionLost, P2PSyncError, trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the agent went away, or broke the protocol: the session ends
         finally:
             await tcp.aclose()
+
+
+    async def _requests(self, session: Session) -> None:
+        while True:
+            message = wire.decode(await session.stream.receive())
+            self.log.append((session.key, message))
+            if isinstance(message, wire.Ping):
+                await session.send(wire.Pong(message.nonce))
+            elif isinstance(message, wire.Connect):
+                await session.send(self._connect(session.key, message))
+            elif not isinstance(message, wire.REQUESTS):
+                await session.send(wire.Bye("unexpected"))
+                return
+            elif self.script is None or not await self.script(session, message):
+                await session.send(self.answer(session.key, message))
+
+    # ------------------------------------------------------------ live splice
+
+    def _connect(self, asker: bytes, request: wire.Connect) -> wire.Message:
+        expires = now_ms() + 10_000
+        if self.impersonate is not None:
+            key = os.urandom(32)
+            self._keys[key] = _Splice({key: asker}, {asker: request.peer})
+            return wire.Invitation(request.rid, request.peer, key, expires)
+        invited = self.invite_instead.get(request.peer, request.peer)
+        other = self._online.get(invited)
+        if other is None or invited == asker:
+            return wire.Refused(request.rid, wire.RefusalCode.UNAVAILABLE, "unavailable")
+        key_a, key_b = os.urandom(32), os.urandom(32)
+        splice = _Splice({key_a: asker, key_b: invited}, {asker: request.peer, invited: asker})
+        self._keys[key_a] = self._keys[key_b] = splice
+        assert other.relay_nursery is not None
+        other.relay_nursery.start_soon(other.send, wire.Invited(asker, key_b, expires))
+        return wire.Invitation(request.rid, request.peer, key_a, expires)
+
+    async def _join(self, stream: SecureStream, key: bytes) -> None:
+        splice = self._keys.pop(key, None)
+        if splice is None or splice.devices[key] != stream.peer:
+            await stream.send(wire.encode(wire.Bye("unavailable")))
+            return
+        splice.joined[stream.peer] = stream
+        if self.impersonate is not None:
+            await stream.send(wire.encode(wire.Spliced(splice.told[stream.peer])))
+            raw, rest = stream.detach()
+            try:
+                inner = await secure(
+                    Prefixed(raw, rest), self.impersonate, initiator=False, name="impostor"
+                )
+                self.impostor_results.append(f"handshake passed with {inner.peer.hex()}")
+            except Exception as exc:  # what the agent's handshake did to us
+                self.impostor_results.append(f"handshake failed: {exc!r}")
+            return
+        if len(splice.joined) < 2:
+            with trio.move_on_after(10):
+                await splice.done.wait()
+            return
+        one, two = splice.joined.values()
+        try:
+            for side in (one, two):
+                await side.send(wire.encode(wire.Spliced(splice.told[side.peer])))
+            self.splices += 1
+            ends = [(side.peer, *side.detach()) for side in (one, two)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, ends[0], ends[1][1], nursery)
+                nursery.start_soon(self._pump, ends[1], ends[0][1], nursery)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            splice.done.set()
+
+    async def _pump(
+        self, source: tuple[bytes, trio.abc.Stream, bytes], sink: trio.abc.Stream,
+        nursery: trio.Nursery,
+    ) -> None:
+        device, raw, data = source
+        offset = 0
+        try:
+            while True:
+                if data:
+                    chunk = self.tamper(device, offset, data) if self.tamper else data
+                    offset += len(data)
+                    await sink.send_all(chunk)
+                data = bytes(await raw.receive_some(1 << 16))
+                if not data:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        nursery.cancel_scope.cancel()
+        for end in (raw, sink):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await end.aclose()
 
 
 @asynccontextmanager

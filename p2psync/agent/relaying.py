@@ -125,11 +125,13 @@ class RelayLink:
         self._splice_wake = trio.Event()
         self._splice_next: dict[bytes, float] = {}  # peer -> trio time of the next request
         self._splice_delay: dict[bytes, float] = {}  # peer -> the backoff after "unavailable"
-        self._joining: set[bytes] = set()  # peers whose splice is being joined
+        self._splice_cooldown: dict[bytes, float] = {}  # peer -> after a splice was joined
+        self._joining: dict[bytes, int] = {}  # peer -> splices with it being joined
 
     def poke(self) -> None:
         """Something changed that may call for an exchange (a connection ended)."""
         self._wake.set()
+        self._splice_cooldown.clear()  # a connection ended: ask again at once
         self._splice_wake.set()
 
     async def reload(self) -> None:
@@ -254,11 +256,15 @@ class RelayLink:
                 self._splice_wake = trio.Event()
                 now = trio.current_time()
                 for peer in sorted(splicer.wanted()):
-                    if self._splice_next.get(peer, 0.0) > now or peer in self._joining:
+                    if (
+                        self._splice_next.get(peer, 0.0) > now
+                        or self._splice_cooldown.get(peer, 0.0) > now
+                        or peer in self._joining
+                    ):
                         continue
                     answer = await client.connect(peer)
                     if isinstance(answer, wire.Invitation):
-                        self._splice_next[peer] = now + SPLICE_COOLDOWN
+                        self._splice_cooldown[peer] = now + SPLICE_COOLDOWN
                         nursery.start_soon(
                             self._join, client, splicer, peer, answer.key, True
                         )
@@ -274,7 +280,12 @@ class RelayLink:
     ) -> None:
         while True:
             invited = await client.next_invitation()
-            if invited.peer in self._joining or not splicer.welcome(invited.peer):
+            # both asked at once: the splice the smaller key asked for is the one kept
+            # (each side declines the other's only if its own ask wins)
+            mine_wins = self.db.identity.public_key < invited.peer
+            if (invited.peer in self._joining and mine_wins) or not splicer.welcome(
+                invited.peer
+            ):
                 log.info("relay %s: declined a splice with %s", short_id(client.relay),
                          short_id(invited.peer))
                 continue
@@ -283,7 +294,7 @@ class RelayLink:
     async def _join(
         self, client: RelayClient, splicer: Splicer, peer: bytes, key: bytes, initiator: bool
     ) -> None:
-        self._joining.add(peer)
+        self._joining[peer] = self._joining.get(peer, 0) + 1
         try:
             stream = await join_splice(
                 self.db.identity, self.db.name, client.relay, client.address, key, peer,
@@ -294,7 +305,9 @@ class RelayLink:
                      short_id(peer), exc)
             return
         finally:
-            self._joining.discard(peer)
+            self._joining[peer] -= 1
+            if not self._joining[peer]:
+                del self._joining[peer]
         self._splice_delay.pop(peer, None)
         log.info("relay %s: spliced with %s", short_id(client.relay), short_id(peer))
         splicer.adopt(peer, stream, initiator=initiator, relay=client.relay)
