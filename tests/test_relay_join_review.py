@@ -141,17 +141,11 @@ def two_relays(tmp_path: Path) -> Iterator[tuple[RelayNode, RelayNode]]:
         theirs.stop()
 
 
-@pytest.mark.process
-def test_a_joiner_with_a_relay_of_its_own_collects_the_answer(
-    tmp_path: Path, two_relays: tuple[RelayNode, RelayNode]
-) -> None:
-    """The branch already uses a relay A of its own (first in its list, admits it).
-    The head office's code names relay B. `pair join` appends B to the branch's
-    relays and leaves the join there (first=B), and the head office answers at B;
-    but the branch's `sync` (and its running agent) exchange only with the first
-    relay that admits them, A, so the answer waiting at B is never collected: the
-    join never completes (RelayJoin.relay is recorded but never used to route)."""
-    mine, theirs = two_relays
+def _sites_with_a_relay_each(
+    tmp_path: Path, mine: RelayNode, theirs: RelayNode
+) -> tuple[Path, Path, str]:
+    """A head office using relay B (``theirs``) and a branch using relay A (``mine``,
+    first in its list); both are admitted at B. The head office's code names B."""
     head, branch = tmp_path / "head", tmp_path / "branch"
     home_mod.init(head, "head")
     home_mod.init(branch, "branch")
@@ -164,7 +158,21 @@ def test_a_joiner_with_a_relay_of_its_own_collects_the_answer(
     cli(branch, "relay", "add", mine.device_id, "--address", mine.address)
     cli(head, "relay", "add", theirs.device_id, "--address", theirs.address)
     made = cli(head, "pair", "invite", "-c", "orders", "--relay", theirs.device_id[:7])
-    code = made.strip().splitlines()[-1]
+    return head, branch, made.strip().splitlines()[-1]
+
+
+@pytest.mark.process
+def test_a_joiner_with_a_relay_of_its_own_collects_the_answer(
+    tmp_path: Path, two_relays: tuple[RelayNode, RelayNode]
+) -> None:
+    """The branch already uses a relay A of its own (first in its list, admits it).
+    The head office's code names relay B. `pair join` appends B to the branch's
+    relays and leaves the join there (first=B), and the head office answers at B;
+    but the branch's `sync` (and its running agent) exchange only with the first
+    relay that admits them, A, so the answer waiting at B is never collected: the
+    join never completes (RelayJoin.relay is recorded but never used to route)."""
+    mine, theirs = two_relays
+    head, branch, code = _sites_with_a_relay_each(tmp_path, mine, theirs)
     joined = run(branch, "pair", "join", code, "--name", "Head office")
     assert joined.returncode == 0 and "left at relay" in joined.stdout, (
         joined.stdout + joined.stderr
@@ -186,19 +194,7 @@ def test_the_running_agents_link_collects_the_answer_at_the_codes_relay(
     waits (a task beside the session); the head office's answer is accepted and the
     acceptance deposited at B."""
     mine, theirs = two_relays
-    head, branch = tmp_path / "head", tmp_path / "branch"
-    home_mod.init(head, "head")
-    home_mod.init(branch, "branch")
-    ids = {home: cli(home, "id").strip() for home in (head, branch)}
-    cli(mine.home, "relay", "allow", ids[branch])
-    for home in (head, branch):
-        cli(theirs.home, "relay", "allow", ids[home])
-    mine.start()
-    theirs.start()
-    cli(branch, "relay", "add", mine.device_id, "--address", mine.address)
-    cli(head, "relay", "add", theirs.device_id, "--address", theirs.address)
-    made = cli(head, "pair", "invite", "-c", "orders", "--relay", theirs.device_id[:7])
-    code = made.strip().splitlines()[-1]
+    head, branch, code = _sites_with_a_relay_each(tmp_path, mine, theirs)
     assert run(branch, "pair", "join", code, "--name", "Head office").returncode == 0
     cli(head, "sync", "--timeout", "20")  # the proposal waits at B
 
