@@ -69,7 +69,16 @@ def test_two_agents_with_no_address_sync_live_through_the_splice(
     assert status["counters"]["deposits"] == deposits
     shown = cli(relay.home, "relay", "status")
     assert "live splices: 1" in shown and a.device_id[:7] in shown, shown
-    a.stop()
+    shown = cli(a.home, "peers")
+    assert f"path: via relay {relay.device_id[:7]} (live) since" in shown, shown
+    assert f"connected via relay {relay.device_id[:7]}; in sync" in cli(a.home, "status")
+    (row,) = json.loads(cli(b.home, "peers", "--json"))
+    assert (row["path"], row["path_relay"]) == ("relay", relay.device_id), row
+    # b goes away: a's path to it is the mailbox at once
     b.stop()
+    wait_for(lambda: json.loads(cli(a.home, "peers", "--json"))[0]["path"] == "mailbox", 10)
+    shown = cli(a.home, "peers")
+    assert f"path: mailbox at relay {relay.device_id[:7]} since" in shown, shown
+    a.stop()
     relay.stop()
     assert MARKER.encode() not in relay.files_bytes()

@@ -37,7 +37,7 @@ import trio
 
 from p2psync.clock import now_ms
 from p2psync.core import relaywire as wire
-from p2psync.core.identity import short_id
+from p2psync.core.identity import device_id, short_id
 from p2psync.core.messages import Head
 from p2psync.errors import ConnectionLost, P2PSyncError, RelayUnavailable
 from p2psync.home import OpenHome
@@ -353,6 +353,7 @@ def describe(link: RelayLink | None) -> dict[str, object] | None:
         return None
     return {
         "relay": short_id(link.relay) if link.relay else None,
+        "relay_id": device_id(link.relay) if link.relay else None,
         "address": link.address or None,
         "since_ms": link.since_ms or None,
         "last_exchange_ms": link.last_ms or None,

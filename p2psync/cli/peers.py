@@ -24,6 +24,7 @@ from p2psync.cli.lookup import (
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
 from p2psync.core.messages import lag
+from p2psync.mail.mailer import Mailer
 
 
 def _ms(value: int | None) -> str:
@@ -41,6 +42,8 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
     lan = {d["device_id"]: d for d in (running or {}).get("discovered", [])}
     ours = {a: h.seq for a, h in db.store.heads().items()}
     incomplete = db.store.incomplete()
+    link = (running or {}).get("relay") or {}
+    carried = Mailer(db).peers() if link.get("relay_id") else frozenset()
     rows: list[dict[str, Any]] = []
     for peer in db.store.peers():
         text_id = device_id(peer.key)
@@ -60,6 +63,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                 behind, ahead = behind if allowed.receive else 0, ahead if allowed.send else 0
             in_sync, last_sync, problem = None, peer.last_sync, peer.last_error
         seen = lan.get(text_id)
+        path = _path(conn, link if peer.key in carried else None)
         allowed = pairing.permissions(db, peer.key, live=False)
         missing = {c: n for c, n in incomplete.items() if allowed.may_receive(c)}
         rows.append(
@@ -71,6 +75,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                 "lan_addresses": list(seen["addresses"]) if seen else [],
                 "connected": conn is not None,
                 "connected_from": conn["address"] if conn and conn["direction"] == "in" else None,
+                **path,
                 "in_sync": in_sync,
                 "begun": bool(conn.get("begun", True)) if conn is not None else False,
                 "problem": problem,
@@ -99,6 +104,7 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
                     "lan_addresses": found["addresses"],
                     "connected": False,
                     "connected_from": None,
+                    **_path(None, None),
                     "in_sync": None,
                     "begun": False,
                     "problem": None,
@@ -114,6 +120,34 @@ def peer_rows(db: Database, running: dict[str, Any] | None) -> list[dict[str, An
     return rows
 
 
+def _path(conn: dict[str, Any] | None, link: dict[str, Any] | None) -> dict[str, Any]:
+    """The path in use with a peer, and since when: ``direct``, ``relay`` (live,
+    spliced through the relay ``path_relay``), ``mailbox`` (no live connection; the
+    running agent's relay link carries what the rules let it), or None."""
+    if conn is not None:
+        relay = conn.get("relay")
+        return {
+            "path": "relay" if relay else "direct",
+            "path_relay": relay,
+            "path_since": conn.get("since"),
+        }
+    if link:
+        return {"path": "mailbox", "path_relay": link["relay_id"], "path_since": link["since_ms"]}
+    return {"path": None, "path_relay": None, "path_since": None}
+
+
+def describe_path(row: dict[str, Any]) -> str | None:
+    """The path line of `peers`: how this agent reaches the peer now, since when."""
+    since = _ms(row["path_since"])
+    if row["path"] == "direct":
+        return f"direct since {since}"
+    if row["path"] == "relay":
+        return f"via relay {row['path_relay'][:7]} (live) since {since}"
+    if row["path"] == "mailbox":
+        return f"mailbox at relay {row['path_relay'][:7]} since {since}"
+    return None
+
+
 def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
     """connected?, in step? and the lag, in the words `peers` and `status` share
     (``why``: with the reason it cannot get in step, else the caller shows it)."""
@@ -123,7 +157,10 @@ def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
             if row["behind"] is not None
             else "lag unknown"
         )
-        return f"not connected; {lagging}"
+        mailbox = (
+            f" (mailbox at relay {row['path_relay'][:7]})" if row.get("path") == "mailbox" else ""
+        )
+        return f"not connected{mailbox}; {lagging}"
     if row["problem"]:
         step = row["problem"] if why else row["problem"].split(":", 1)[0]
     elif not row["state"].startswith("paired"):
@@ -134,7 +171,8 @@ def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
         step = "in sync"
     else:
         step = "syncing"
-    return f"connected; {step}; {row['behind']} behind, {row['ahead']} ahead"
+    via = f" via relay {row['path_relay'][:7]}" if row.get("path") == "relay" else ""
+    return f"connected{via}; {step}; {row['behind']} behind, {row['ahead']} ahead"
 
 
 def describe_incomplete(missing: dict[str, int]) -> str:
@@ -182,6 +220,9 @@ def peers(state: State, as_json: bool) -> None:
         click.echo(f"{output.safe(row['name'] or '?')}  {row['device_id']}")
         click.echo(f"    {output.safe(row['state'])}; {describe_link(row, why=False)}")
         click.echo(f"    addresses: {output.safe(describe_addresses(row))}")
+        path = describe_path(row)
+        if path is not None:
+            click.echo(f"    path: {path}")
         click.echo(f"    last seen: {_ms(row['last_seen'])}; last in sync: {_ms(row['last_sync'])}")
         if row["problem"] and row["connected"]:  # only what is wrong now
             click.echo(f"    why: {output.safe(row['problem'].split(': ', 1)[-1])}")
