@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import p2psync
 from p2psync.core.rules import Route, Terms
 from tests.agents import SpawnedAgent, cli, value_at, wait_for
 from tests.relaynode import RelayNode, pair_by_rule
@@ -82,3 +83,30 @@ def test_two_agents_with_no_address_sync_live_through_the_splice(
     a.stop()
     relay.stop()
     assert MARKER.encode() not in relay.files_bytes()
+
+
+def test_what_a_splice_carries_does_not_also_go_by_the_mailbox(
+    relay: RelayNode, sites: tuple[SpawnedAgent, SpawnedAgent]
+) -> None:
+    """Both sites come online with a backlog, their rule's route relay-only: the
+    first exchange with the relay collects and waits a grace before depositing, the
+    splice forms meanwhile, and everything goes live through it; nothing is left
+    in the mailbox (the relay stored no deposit at all)."""
+    a, b = sites
+    pair_by_rule(a.home, b.home, Terms.make(["orders"], route=Route.RELAY))
+    with a.db() as db:
+        db.write([p2psync.Change(p2psync.OpKind.PUT, "orders", f"a{i}", i)] for i in range(300))
+    with b.db() as db:
+        db.write([p2psync.Change(p2psync.OpKind.PUT, "orders", f"b{i}", i)] for i in range(300))
+    for agent in (a, b):
+        cli(relay.home, "relay", "allow", agent.device_id)
+    relay.start()
+    for agent in (a, b):
+        cli(agent.home, "relay", "add", relay.device_id, "--address", relay.address)
+    a.start()
+    b.start()
+    wait_for(lambda: value_at(b, "orders", "a299") == 299, timeout=30)
+    wait_for(lambda: value_at(a, "orders", "b299") == 299, timeout=30)
+    assert live_path(a, b) == ("relay", relay.device_id)
+    wait_for(lambda: relay.status()["running"]["splices"], timeout=5)
+    assert relay.status()["running"]["counters"]["deposits"] == 0

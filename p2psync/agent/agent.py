@@ -125,10 +125,11 @@ class Agent:
         self.relay_link = RelayLink(
             db,
             self.feed,
-            lambda: set(self.registry.by_peer),
+            lambda: {p for p, c in self.registry.by_peer.items() if c.via is None},
             grace=config.relay_grace,
             tick=config.relay_tick,
             splicer=self,
+            spliced=lambda: {p for p, c in self.registry.by_peer.items() if c.via is not None},
         )
 
     # ------------------------------------------------------------ running

@@ -102,9 +102,11 @@ class RelayLink:
         grace: float = GRACE,
         tick: float = TICK,
         splicer: Splicer | None = None,
+        spliced: Callable[[], set[bytes]] = set,
     ) -> None:
         self.db = db
         self.splicer = splicer
+        self.spliced = spliced  # peers with a live session spliced through a relay now
         self.feed = feed
         self.connected = connected  # peers with a live direct connection now
         self.grace = grace
@@ -198,7 +200,14 @@ class RelayLink:
                 nursery.start_soon(self._watch_arrivals, client)
                 nursery.start_soon(self._watch_feed)
                 nursery.start_soon(self._visit_sides, relay.key)
-                if self.splicer is not None:
+                if self.splicer is not None and self.splicer.wanted():
+                    nursery.start_soon(self._splices, client, self.splicer)
+                    # collect at once; deposit only after a grace in which the peers
+                    # that are here too get spliced (what a splice carries live does
+                    # not go by the mailbox)
+                    await self._exchange(client, deposit=False)
+                    await trio.sleep(self.grace)
+                elif self.splicer is not None:
                     nursery.start_soon(self._splices, client, self.splicer)
                 while True:
                     await self._exchange(client)
@@ -206,19 +215,22 @@ class RelayLink:
                         await self._wake.wait()
                         await trio.sleep(self.grace)  # let a burst settle into one batch
 
-    async def _exchange(self, client: RelayClient) -> None:
-        direct = self.connected()
+    async def _exchange(self, client: RelayClient, *, deposit: bool = True) -> None:
+        direct, spliced = self.connected(), self.spliced()
         await self._retract_superseded(client)
         targets = await trio.to_thread.run_sync(self.mailer.targets, client.relay)
         relay_only = await trio.to_thread.run_sync(self.mailer.relay_only)
         # a live direct connection carries what goes by direct or auto rules; what
         # only a relay rule carries still goes through the relay
         now = trio.current_time()
+        # a spliced session carries what the relay may (route relay or auto) live
         peers = [
             p
             for p in targets
-            if (p not in direct or p in relay_only) and self._refused.get(p, 0) <= now
-        ]
+            if p not in spliced
+            and (p not in direct or p in relay_only)
+            and self._refused.get(p, 0) <= now
+        ] if deposit else []
         report = await exchange_on(client, self.mailer, peers)
         for peer, row in report.peers.items():
             if row.refused and not row.deposited:  # e.g. no mailbox of the peer there yet
