@@ -4,7 +4,8 @@
     scripts/bench sync  [--records N] [--runs R] [--live-writes W]
     scripts/bench lan   [--runs R] [--agents N]          (root: builds network namespaces)
     scripts/bench stop  [--runs R]
-    scripts/bench relay [--records N] [--runs R] [--no-scale]
+    scripts/bench relay [--records N] [--runs R] [--no-scale] [--no-mailbox] [--no-splice]
+                        [--live-writes W]
 
 ``local`` measures the local core (issue 2): single puts, a bulk load of N
 records (one entry each), and ingest of N entries from another author (verify +
@@ -618,6 +619,9 @@ def main() -> None:
     relay.add_argument("--records", type=int, default=100_000)
     relay.add_argument("--runs", type=int, default=3)
     relay.add_argument("--no-scale", action="store_true", help="skip the relay scale measure")
+    relay.add_argument("--no-mailbox", action="store_true", help="skip the mailbox measures")
+    relay.add_argument("--no-splice", action="store_true", help="skip the live splice measures")
+    relay.add_argument("--live-writes", type=int, default=300, help="W2 writes per splice run")
     args = parser.parse_args()
     if args.suite == "relay":
         run_relay(args)

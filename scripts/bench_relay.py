@@ -441,6 +441,8 @@ def line(label: str, samples: Sequence[float], digits: int = 0) -> None:
 
 
 def run_relay(args: argparse.Namespace) -> None:
+    from bench_splice import PathRun, path_run, summarize  # noqa: PLC0415 - imports this one
+
     n = args.records
     with tempfile.TemporaryDirectory(prefix="p2psync-bench-") as tmp:
         base = Path(tmp)
@@ -453,10 +455,22 @@ def run_relay(args: argparse.Namespace) -> None:
         )
         mail: list[MailboxRun] = []
         scale: list[ScaleRun] = []
+        direct: list[PathRun] = []
+        spliced: list[PathRun] = []
         for _ in range(args.runs):
-            mail.append(mailbox_run(base, n, source))
+            if not args.no_mailbox:
+                mail.append(mailbox_run(base, n, source))
             if not args.no_scale:
                 scale.append(scale_run(base))
+            if not args.no_splice:
+                direct.append(path_run(base, source, n, args.live_writes, splice=False))
+                spliced.append(path_run(base, source, n, args.live_writes, splice=True))
+    if direct:
+        print(f"live splice against direct, interleaved, {args.live_writes} W2 writes a run")
+        for label, samples, digits in summarize(direct, spliced):
+            line(f"  {label}", samples, digits)
+    if not mail:
+        return
     line("bulk load (API, fresh home), records/s", [m.bulk for m in mail])
     line("A `sync` deposits (first half), records/s", [n / m.first for m in mail])
     line("B `sync` fetches+applies+receipt (second half), records/s", [n / m.second for m in mail])
