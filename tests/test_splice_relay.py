@@ -177,7 +177,7 @@ async def test_a_flood_of_splice_requests_is_cut_and_others_are_served(
 
 @pytest.mark.pure
 def test_a_key_is_good_once_for_its_device_until_it_expires() -> None:
-    splices = Splices(per_device=2, total=8, pending_per_device=2)
+    splices = Splices(per_device=2, total=8)
     a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
     invitation = splices.invite(a, b, 100.0)
     assert invitation is not None
@@ -194,7 +194,7 @@ def test_a_key_is_good_once_for_its_device_until_it_expires() -> None:
 
 @pytest.mark.pure
 def test_invitations_are_capped_per_device_and_in_all() -> None:
-    splices = Splices(per_device=2, total=3, pending_per_device=2)
+    splices = Splices(per_device=2, total=3)
     a, b, c, d = (bytes([n]) * 32 for n in range(4))
     assert splices.invite(a, b, 0.0) and splices.invite(a, b, 0.0)
     assert splices.invite(a, b, 0.0) is None  # a has two waiting

@@ -404,6 +404,9 @@ class Agent:
             await self.peers.note(peer, PeerNote(error=str(exc)))
         finally:
             self.registry.remove(conn)
+            if via is not None:
+                lasted = (now_ms() - conn.since_ms) / 1000
+                self.relay_link.splice_ended(peer, lasted)
             self.relay_link.poke()  # the peer may be out of direct reach now
             if conn.machine is not None and conn.stats is not None:
                 await self._note_end(conn)
@@ -448,7 +451,11 @@ class Agent:
     def welcome(self, peer: bytes) -> bool:
         """Join a splice ``peer`` asked for: a live rule the relay may carry (the
         handshake inside proves it is that peer)."""
-        return peer in self._splice_peers and self.registry.get(peer) is None
+        return (
+            peer in self._splice_peers
+            and self.registry.get(peer) is None
+            and self.peers.ours(peer)
+        )
 
     def adopt(self, peer: bytes, stream: trio.abc.Stream, *, initiator: bool, relay: bytes) -> None:
         self._spawn(partial(self._spliced, peer, stream, initiator, relay))

@@ -71,6 +71,10 @@ SPLICE_BACKOFF_CAP = 300.0
 SPLICE_COOLDOWN = 10.0
 #: Seconds a join waits for the other side.
 SPLICE_WAIT = 15.0
+#: A spliced session that lasted this long (seconds) resets the backoff.
+SPLICE_STEADY = 60.0
+#: Splice joins under way at once, at most (a relay pushing invitations gets no more).
+MAX_JOINS = 8
 
 
 class Splicer(Protocol):
@@ -128,12 +132,26 @@ class RelayLink:
         self._splice_next: dict[bytes, float] = {}  # peer -> trio time of the next request
         self._splice_delay: dict[bytes, float] = {}  # peer -> the backoff after "unavailable"
         self._splice_cooldown: dict[bytes, float] = {}  # peer -> after a splice was joined
-        self._joining: dict[bytes, int] = {}  # peer -> splices with it being joined
+        self._joining: dict[bytes, set[bool]] = {}  # peer -> joins under way (initiator?)
 
     def poke(self) -> None:
         """Something changed that may call for an exchange (a connection ended)."""
         self._wake.set()
-        self._splice_cooldown.clear()  # a connection ended: ask again at once
+        self._splice_wake.set()
+
+    def splice_ended(self, peer: bytes, lasted: float) -> None:
+        """A session spliced with ``peer`` ended after ``lasted`` seconds: one that
+        lasted is asked for again at once; a short one (the relay or the peer cuts
+        splices) backs off as an "unavailable" does, so nothing loops."""
+        now = trio.current_time()
+        self._splice_cooldown.pop(peer, None)
+        if lasted >= SPLICE_STEADY:
+            self._splice_delay.pop(peer, None)
+            self._splice_next.pop(peer, None)
+        else:
+            delay = self._splice_delay.get(peer, SPLICE_BACKOFF_START)
+            self._splice_next[peer] = now + delay
+            self._splice_delay[peer] = min(delay * 2, SPLICE_BACKOFF_CAP)
         self._splice_wake.set()
 
     async def reload(self) -> None:
@@ -292,11 +310,14 @@ class RelayLink:
     ) -> None:
         while True:
             invited = await client.next_invitation()
+            under_way = self._joining.get(invited.peer, set())
             # both asked at once: the splice the smaller key asked for is the one kept
-            # (each side declines the other's only if its own ask wins)
             mine_wins = self.db.identity.public_key < invited.peer
-            if (invited.peer in self._joining and mine_wins) or not splicer.welcome(
-                invited.peer
+            if (
+                False in under_way  # one join as the responder at a time, per peer
+                or (True in under_way and mine_wins)
+                or sum(len(j) for j in self._joining.values()) >= MAX_JOINS
+                or not splicer.welcome(invited.peer)
             ):
                 log.info("relay %s: declined a splice with %s", short_id(client.relay),
                          short_id(invited.peer))
@@ -306,7 +327,7 @@ class RelayLink:
     async def _join(
         self, client: RelayClient, splicer: Splicer, peer: bytes, key: bytes, initiator: bool
     ) -> None:
-        self._joining[peer] = self._joining.get(peer, 0) + 1
+        self._joining.setdefault(peer, set()).add(initiator)
         try:
             stream = await join_splice(
                 self.db.identity, self.db.name, client.relay, client.address, key, peer,
@@ -317,10 +338,10 @@ class RelayLink:
                      short_id(peer), exc)
             return
         finally:
-            self._joining[peer] -= 1
+            self._joining[peer].discard(initiator)
             if not self._joining[peer]:
                 del self._joining[peer]
-        self._splice_delay.pop(peer, None)
+        self._splice_cooldown[peer] = trio.current_time() + SPLICE_COOLDOWN
         log.info("relay %s: spliced with %s", short_id(client.relay), short_id(peer))
         splicer.adopt(peer, stream, initiator=initiator, relay=client.relay)
 

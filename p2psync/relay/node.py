@@ -156,6 +156,7 @@ class Joining:
         self.stream = stream
         self.throttled = throttled
         self.invitation = invitation
+        self.started = trio.Event()  # the other side joined: the pipe owns this stream
         self.done = trio.Event()  # the splice it joined has ended
 
 
@@ -181,9 +182,7 @@ class Node:
             "expired": 0,
         }
         self.splices = Splices(
-            per_device=self.caps.splices_per_device,
-            total=self.caps.splices_total,
-            pending_per_device=self.caps.splices_per_device,
+            per_device=self.caps.splices_per_device, total=self.caps.splices_total
         )
         self._store_limiter = trio.CapacityLimiter(1)
         self._total: Bucket | None = None
@@ -252,6 +251,9 @@ class Node:
             log.info("connection from %s ended: %s", address, _first(group))
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             log.info("connection from %s broke: %s", address, _first(group))
+        except* Exception as group:  # a bug, not the peer's doing: this connection only
+            log.error("connection from %s failed: %r", address, _first(group),
+                      exc_info=_first(group))
         finally:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
@@ -425,17 +427,19 @@ class Node:
         if not session.connects.try_take(1):
             self.splices.counters["unavailable"] += 1
             return unavailable
-        targets = [s for s in self.sessions.get(request.peer, ()) if not s.ending]
+        # the same work whoever is asked for (online or not, known or not): the
+        # answer's timing tells nothing either
         allowed = False
-        if targets:
-            try:
-                policy = await trio.to_thread.run_sync(
-                    self.mailbox.policy, request.peer, limiter=self._store_limiter
-                )
-            except StoreError as exc:
-                log.error("storage failed: %s", exc)
-            else:
-                allowed = session.key in policy.senders
+        try:
+            policy = await trio.to_thread.run_sync(
+                self.mailbox.policy, request.peer, limiter=self._store_limiter
+            )
+        except StoreError as exc:
+            log.error("storage failed: %s", exc)
+        else:
+            allowed = session.key in policy.senders
+        targets = [s for s in self.sessions.get(request.peer, ()) if not s.ending]
+        allowed = allowed and bool(targets)
         invitation = (
             self.splices.invite(session.key, request.peer, trio.current_time())
             if allowed
@@ -456,7 +460,8 @@ class Node:
     async def _splice(self, joining: Joining) -> None:
         """One side of a splice joined: wait for the other (until the keys expire);
         the second to arrive pipes both ways until either side ends or both are
-        silent for ``caps.idle_seconds``."""
+        silent for ``caps.idle_seconds``, while the first waits for that end (it
+        never touches its stream again: the pipe owns both)."""
         invitation, device = joining.invitation, joining.stream.peer
         invitation.joined[device] = joining
         other = invitation.other(device)
@@ -464,20 +469,23 @@ class Node:
             partner = invitation.joined[other]
             assert isinstance(partner, Joining)
             self.splices.drop(invitation)
+            partner.started.set()
             try:
                 await self._pipe(invitation, joining, partner)
             finally:
                 partner.done.set()
             return
         with trio.move_on_at(invitation.expires):
+            await joining.started.wait()
+        if joining.started.is_set():
             await joining.done.wait()
-        if not joining.done.is_set():
-            invitation.joined.pop(device, None)
-            self.splices.drop(invitation)
-            log.info("splice of %s with %s: the other side did not join in time",
-                     short_id(device), short_id(other))
-            with contextlib.suppress(P2PSyncError):
-                await joining.stream.send(wire.encode(wire.Bye(UNAVAILABLE)))
+            return
+        invitation.joined.pop(device, None)
+        self.splices.drop(invitation)
+        log.info("splice of %s with %s: the other side did not join in time",
+                 short_id(device), short_id(other))
+        with contextlib.suppress(P2PSyncError):
+            await joining.stream.send(wire.encode(wire.Bye(UNAVAILABLE)))
 
     async def _pipe(self, invitation: Invitation, one: Joining, two: Joining) -> None:
         asker, target = (one, two) if one.stream.peer == invitation.asker else (two, one)

@@ -68,10 +68,9 @@ class Live:
 class Splices:
     """Invitations waiting for their joins, and live splices, within the caps."""
 
-    def __init__(self, *, per_device: int, total: int, pending_per_device: int) -> None:
-        self.per_device = per_device
+    def __init__(self, *, per_device: int, total: int) -> None:
+        self.per_device = per_device  # live splices and waiting invitations, per device
         self.total = total
-        self.pending_per_device = pending_per_device
         self._by_key: dict[bytes, Invitation] = {}
         self.live: list[Live] = []
         self.counters = {"invited": 0, "unavailable": 0, "spliced": 0, "refused_joins": 0}
@@ -95,10 +94,8 @@ class Splices:
         self._expire(now)
         if asker == target:
             return None
-        for device in (asker, target):
-            if self._pending(device) >= self.pending_per_device:
-                return None
-            if self._live(device) >= self.per_device:
+        for device in (asker, target):  # live and waiting together
+            if self._pending(device) + self._live(device) >= self.per_device:
                 return None
         if len(self.live) + len({id(i) for i in self._by_key.values()}) >= self.total:
             return None
