@@ -55,6 +55,7 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "p2psync.net.storeio",
             "p2psync.net.transport",
             "p2psync.net.relayclient",
+            "p2psync.net.splice",
         ),
     ),
     (
