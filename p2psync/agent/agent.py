@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -404,13 +405,24 @@ class Agent:
             await self.peers.note(peer, PeerNote(error=str(exc)))
         finally:
             self.registry.remove(conn)
-            if via is not None:
-                lasted = (now_ms() - conn.since_ms) / 1000
-                self.relay_link.splice_ended(peer, lasted)
+            self._connection_ended(conn)
             self.relay_link.poke()  # the peer may be out of direct reach now
             if conn.machine is not None and conn.stats is not None:
                 await self._note_end(conn)
         return stats
+
+    def _connection_ended(self, conn: Connection) -> None:
+        """Tell the relay link how a connection ended (the registry already knows):
+        a direct one, so a splice is asked for at once; a splice a direct connection
+        replaced, which says nothing of the relay; or a splice that ended by itself,
+        whose life decides the backoff."""
+        taken = self.registry.get(conn.peer)
+        if conn.via is None:
+            self.relay_link.direct_ended(conn.peer)
+        elif taken is not None and taken.via is None:
+            self.relay_link.splice_ended(conn.peer, math.inf)
+        else:
+            self.relay_link.splice_ended(conn.peer, (now_ms() - conn.since_ms) / 1000)
 
     async def _outbound(self, secured: SecureStream, address: str) -> SessionStats | None:
         return await self.run_connection(secured, outbound=True, address=address)

@@ -139,6 +139,13 @@ class RelayLink:
         self._wake.set()
         self._splice_wake.set()
 
+    def direct_ended(self, peer: bytes) -> None:
+        """A direct connection with ``peer`` ended: if a splice is wanted now, ask at
+        once, whatever backoff earlier splices left."""
+        for table in (self._splice_next, self._splice_delay, self._splice_cooldown):
+            table.pop(peer, None)
+        self._splice_wake.set()
+
     def splice_ended(self, peer: bytes, lasted: float) -> None:
         """A session spliced with ``peer`` ended after ``lasted`` seconds: one that
         lasted is asked for again at once; a short one (the relay or the peer cuts
@@ -302,7 +309,10 @@ class RelayLink:
                         delay = self._splice_delay.get(peer, SPLICE_BACKOFF_START)
                         self._splice_next[peer] = now + delay
                         self._splice_delay[peer] = min(delay * 2, SPLICE_BACKOFF_CAP)
-                with trio.move_on_after(SPLICE_TICK):
+                # the next tick, or the end of the nearest backoff
+                due = [t for t in (*self._splice_next.values(),
+                                   *self._splice_cooldown.values()) if t > now]
+                with trio.move_on_after(min([SPLICE_TICK, *(t - now for t in due)])):
                     await self._splice_wake.wait()
 
     async def _take_invitations(
