@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import fresh_home, head_seq, start_agent
+from bench import bench_w2, fresh_home, head_seq, start_agent
 from bench_relay import cli, pair_by_rule, start_relay
 
 import p2psync
@@ -77,25 +77,6 @@ def _device(home: Path) -> str:
         return db.identity.device_id
 
 
-def _w2(a_home: Path, b_home: Path, writes: int) -> list[float]:
-    latencies = []
-    conn = sqlite3.connect(f"file:{b_home / 'store.sqlite'}?mode=ro", uri=True)
-    query = "SELECT 1 FROM records WHERE collection = 'live' AND key = ?"
-    with p2psync.open(a_home) as db:
-        for i in range(writes):
-            key = f"w{i}-{time.monotonic_ns()}"
-            started = time.perf_counter()
-            db.put("live", key, {"i": i})
-            while conn.execute(query, (key,)).fetchone() is None:
-                time.sleep(0.0001)
-                if time.perf_counter() - started > 10:
-                    raise SystemExit("splice bench W2: a live write did not arrive within 10 s")
-            latencies.append((time.perf_counter() - started) * 1000)
-            time.sleep(max(0.0, 0.010 - (time.perf_counter() - started)))
-    conn.close()
-    return latencies
-
-
 def path_run(base: Path, source: Path, count: int, writes: int, *, splice: bool) -> PathRun:
     a_home = base / f"a-{time.monotonic_ns()}"
     shutil.copytree(source, a_home)
@@ -125,7 +106,7 @@ def path_run(base: Path, source: Path, count: int, writes: int, *, splice: bool)
         path = "relay" if splice else "direct"
         _wait(lambda: (c := _live(agent_b, a_id)) and c["path"] == path and c["synced"], 30,
               f"a {path} connection in step")
-        run.w2 = _w2(a_home, b_home, writes)
+        run.w2 = bench_w2(a_home, b_home, writes)
         if splice:
             assert relay is not None
             run.to_direct, run.to_gone, run.to_mailbox = _moves(

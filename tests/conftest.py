@@ -14,6 +14,7 @@ another tier in it carries its own tier mark, which replaces the module's.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,9 @@ import pytest
 
 import p2psync
 from p2psync import home as home_mod
-from tests.agents import SpawnedAgent
+from p2psync.core.identity import Identity
+from tests.agents import SpawnedAgent, cli
+from tests.relaynode import RelayNode
 
 TIERS = ("pure", "trio_memory", "process", "lan")
 
@@ -118,3 +121,15 @@ def agents(tmp_path: Path) -> Iterator[Callable[[str], SpawnedAgent]]:
     yield make
     for agent in started:
         agent.stop()
+
+
+@pytest.fixture
+def splice_relay(tmp_path: Path) -> Iterator[tuple[RelayNode, dict[str, Identity]]]:
+    """A real relay process admitting four fresh identities, a to d (splice tests)."""
+    relay = RelayNode(tmp_path / "relay").init()
+    people = {name: Identity(os.urandom(32)) for name in ("a", "b", "c", "d")}
+    for identity in people.values():
+        cli(relay.home, "relay", "allow", identity.device_id)
+    relay.start()
+    yield relay, people
+    relay.stop()

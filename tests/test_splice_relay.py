@@ -9,8 +9,6 @@ others."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -24,21 +22,9 @@ from p2psync.net.relayclient import RelayClient, open_relay
 from p2psync.net.splice import join_splice
 from p2psync.relay.splice import KEY_SECONDS, Splices
 from p2psync.store.relays import Relay
-from tests.agents import cli
 from tests.relaynode import RelayNode
 
 UNAVAILABLE = (wire.RefusalCode.UNAVAILABLE, "unavailable")
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[RelayNode, dict[str, Identity]]]:
-    relay = RelayNode(tmp_path / "relay").init()
-    people = {name: Identity(os.urandom(32)) for name in ("a", "b", "c", "d")}
-    for identity in people.values():
-        cli(relay.home, "relay", "allow", identity.device_id)
-    relay.start()
-    yield relay, people
-    relay.stop()
 
 
 def target(relay: RelayNode) -> Relay:
@@ -56,11 +42,11 @@ def refusal(answer: wire.Message) -> tuple[wire.RefusalCode, str] | None:
 
 @pytest.mark.process
 async def test_unavailable_is_one_answer_whoever_is_asked_for(
-    node: tuple[RelayNode, dict[str, Identity]],
+    splice_relay: tuple[RelayNode, dict[str, Identity]],
 ) -> None:
     """Unknown, offline, not allowing the asker, or the asker itself: the same
     answer; only a connected peer that lists the asker gets an invitation."""
-    relay, who = node
+    relay, who = splice_relay
     async with (
         open_relay(who["a"], "a", target(relay)) as a,
         open_relay(who["b"], "b", target(relay)) as b,
@@ -80,9 +66,9 @@ async def test_unavailable_is_one_answer_whoever_is_asked_for(
 
 @pytest.mark.process
 async def test_a_stolen_or_replayed_key_is_refused_and_changes_nothing(
-    node: tuple[RelayNode, dict[str, Identity]],
+    splice_relay: tuple[RelayNode, dict[str, Identity]],
 ) -> None:
-    relay, who = node
+    relay, who = splice_relay
     spot = target(relay)
     async with (
         open_relay(who["a"], "a", spot) as a,
@@ -118,8 +104,8 @@ async def test_a_stolen_or_replayed_key_is_refused_and_changes_nothing(
             nursery.start_soon(join, "b", invited.key, who["a"])
         await streams["a"].send_all(b"hello b")
         await streams["b"].send_all(b"hello a")
-        assert await _read(streams["b"], 7) == b"hello b"
-        assert await _read(streams["a"], 7) == b"hello a"
+        assert await read(streams["b"], 7) == b"hello b"
+        assert await read(streams["a"], 7) == b"hello a"
         # used once: presented again (by its own device) it is refused
         with pytest.raises(RelayUnavailable, match="unavailable"):
             await join_splice(
@@ -133,9 +119,9 @@ async def test_a_stolen_or_replayed_key_is_refused_and_changes_nothing(
             await stream.aclose()
 
 
-async def _read(stream: trio.abc.Stream, size: int) -> bytes:
+async def read(stream: trio.abc.Stream, size: int, timeout: float = 5) -> bytes:
     data = b""
-    with trio.fail_after(5):
+    with trio.fail_after(timeout):
         while len(data) < size:
             chunk = await stream.receive_some(size - len(data))
             assert chunk, "the splice closed"
@@ -145,12 +131,12 @@ async def _read(stream: trio.abc.Stream, size: int) -> bytes:
 
 @pytest.mark.process
 async def test_a_flood_of_splice_requests_is_cut_and_others_are_served(
-    node: tuple[RelayNode, dict[str, Identity]],
+    splice_relay: tuple[RelayNode, dict[str, Identity]],
 ) -> None:
     """A paired agent asks for a splice hundreds of times: beyond a short burst it
     is answered "unavailable" at once, the invitations its peer receives stay
     few, and the relay goes on serving everyone (the flooder's peer included)."""
-    relay, who = node
+    relay, who = splice_relay
     spot = target(relay)
     async with (
         open_relay(who["a"], "a", spot) as a,

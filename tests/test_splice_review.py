@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,62 +16,31 @@ import p2psync
 from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.clock import now_ms
 from p2psync.core import relaywire as wire
-from p2psync.core.identity import Identity, parse_device_id
-from p2psync.core.policy import sign_policy
+from p2psync.core.identity import Identity
 from p2psync.core.rules import Route, Terms
-from p2psync.net.relayclient import RelayClient, open_relay
+from p2psync.net.relayclient import open_relay
 from p2psync.net.splice import join_splice
 from p2psync.relay import home as relay_home
 from p2psync.relay.guards import Bucket
 from p2psync.relay.node import Node
 from p2psync.relay.splice import KEY_SECONDS
 from p2psync.store import relays as relays_mod
-from p2psync.store.relays import Relay
-from tests.agents import cli
 from tests.relayfake import open_fake_relay
 from tests.relaynode import RelayNode
 from tests.test_mail import pair
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[RelayNode, dict[str, Identity]]]:
-    relay = RelayNode(tmp_path / "relay").init()
-    people = {name: Identity(os.urandom(32)) for name in ("a", "b", "c")}
-    for identity in people.values():
-        cli(relay.home, "relay", "allow", identity.device_id)
-    relay.start()
-    yield relay, people
-    relay.stop()
-
-
-def _target(relay: RelayNode) -> Relay:
-    return Relay(parse_device_id(relay.device_id), (relay.address,))
-
-
-async def _allow(client: RelayClient, identity: Identity, *senders: Identity) -> None:
-    signed = sign_policy(identity, 1, [s.public_key for s in senders], now_ms())
-    assert isinstance(await client.set_policy(signed), wire.Done)
-
-
-async def _read(stream: trio.abc.Stream, size: int, timeout: float = 5) -> bytes:
-    data = b""
-    with trio.fail_after(timeout):
-        while len(data) < size:
-            chunk = await stream.receive_some(size - len(data))
-            assert chunk, "the splice closed"
-            data += chunk
-    return data
+from tests.test_splice_relay import allow, read, target
 
 
 async def _splice(
-    relay: RelayNode, who: dict[str, Identity]
+    relay: RelayNode, who: dict[str, Identity], *, stagger: float = 0.0
 ) -> tuple[trio.abc.Stream, trio.abc.Stream]:
-    spot = _target(relay)
+    """A splice between a and b; ``stagger``: seconds between a's join and b's."""
+    spot = target(relay)
     async with (
         open_relay(who["a"], "a", spot) as a,
         open_relay(who["b"], "b", spot) as b,
     ):
-        await _allow(b, who["b"], who["a"])
+        await allow(b, who["b"], who["a"])
         invitation = await a.connect(who["b"].public_key)
         assert isinstance(invitation, wire.Invitation)
         with trio.fail_after(5):
@@ -85,13 +54,14 @@ async def _splice(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(join, "a", invitation.key, who["b"])
+            await trio.sleep(stagger)
             nursery.start_soon(join, "b", invited.key, who["a"])
     return streams["a"], streams["b"]
 
 
 @pytest.mark.process
 async def test_a_live_splice_outlives_its_invitation_keys(
-    node: tuple[RelayNode, dict[str, Identity]],
+    splice_relay: tuple[RelayNode, dict[str, Identity]],
 ) -> None:
     """Finding 1 (high): in relay/node.py ``_splice`` the FIRST side to join waits
     ``move_on_at(invitation.expires)`` for ``joining.done``, which is only set when
@@ -99,15 +69,15 @@ async def test_a_live_splice_outlives_its_invitation_keys(
     up, sends a Bye on the detached stream and returns; ``_connection`` then closes
     its socket: every live splice is cut ~10 s after it was asked for (and the agents
     splice again, in a loop)."""
-    relay, who = node
+    relay, who = splice_relay
     one, two = await _splice(relay, who)
     await one.send_all(b"ping")
-    assert await _read(two, 4) == b"ping"
+    assert await read(two, 4) == b"ping"
     await trio.sleep(KEY_SECONDS + 1.5)  # busy or not, the keys' life is over
     await one.send_all(b"still here")
-    assert await _read(two, 10) == b"still here"
+    assert await read(two, 10) == b"still here"
     await two.send_all(b"and back")
-    assert await _read(one, 8) == b"and back"
+    assert await read(one, 8) == b"and back"
     for stream in (one, two):
         await stream.aclose()
 
@@ -279,21 +249,21 @@ async def test_while_spliced_the_relay_link_deposits_nothing_for_that_peer(
 
 @pytest.mark.process
 async def test_a_device_is_in_at_most_splices_per_device_live_splices(
-    node: tuple[RelayNode, dict[str, Identity]],
+    splice_relay: tuple[RelayNode, dict[str, Identity]],
 ) -> None:
     """Finding 6 (low, cap): relay/splice.py ``invite`` checks live and pending
     separately (live < 8, pending < 8) and nothing re-checks when a pending one goes
     live (node.py ``_pipe``): ask 7 and join them, then ask 8 more and join them:
     15 live splices for one device, where relay.md's table says
     ``splices_per_device`` (8) bounds the live splices a device may be in."""
-    relay, who = node
-    spot = _target(relay)
+    relay, who = splice_relay
+    spot = target(relay)
     streams: list[trio.abc.Stream] = []
     async with (
         open_relay(who["a"], "a", spot) as a,
         open_relay(who["b"], "b", spot) as b,
     ):
-        await _allow(b, who["b"], who["a"])
+        await allow(b, who["b"], who["a"])
 
         async def batch(count: int) -> None:
             pairs = []
@@ -327,7 +297,7 @@ async def test_a_device_is_in_at_most_splices_per_device_live_splices(
 
 @pytest.mark.process
 async def test_a_splice_whose_first_side_reads_slowly_does_not_crash_the_relay(
-    node: tuple[RelayNode, dict[str, Identity]],
+    splice_relay: tuple[RelayNode, dict[str, Identity]],
 ) -> None:
     """Finding 7 (high, hostile agent: relay crash; a consequence of finding 1): at
     the keys' expiry the first joiner's task in ``_splice`` sends ``Bye`` on its
@@ -338,38 +308,19 @@ async def test_a_splice_whose_first_side_reads_slowly_does_not_crash_the_relay(
     ``except*`` does not name it, so it escapes ``serve_listeners`` and takes the
     whole relay down. Two admitted devices (one listing the other) can do it at
     will."""
-    relay, who = node
-    spot = _target(relay)
-    async with (
-        open_relay(who["a"], "a", spot) as a,
-        open_relay(who["b"], "b", spot) as b,
-    ):
-        await _allow(b, who["b"], who["a"])
-        invitation = await a.connect(who["b"].public_key)
-        assert isinstance(invitation, wire.Invitation)
-        with trio.fail_after(5):
-            invited = await b.next_invitation()
-        streams: dict[str, trio.abc.Stream] = {}
+    relay, who = splice_relay
+    first, second = await _splice(relay, who, stagger=0.5)  # a joins first
+    streams = {"a": first, "b": second}
 
-        async def join(name: str, key: bytes, peer: Identity) -> None:
-            streams[name] = await join_splice(
-                who[name], name, spot.key, relay.address, key, peer.public_key, wait=5
-            )
+    async def flood() -> None:  # b sends; a reads nothing: the pump blocks on a
+        with contextlib.suppress(Exception):
+            while True:
+                await streams["b"].send_all(b"x" * 65536)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(join, "a", invitation.key, who["b"])  # the first to join
-            await trio.sleep(0.5)
-            nursery.start_soon(join, "b", invited.key, who["a"])
-
-        async def flood() -> None:  # b sends; a reads nothing: the pump blocks on a
-            with contextlib.suppress(Exception):
-                while True:
-                    await streams["b"].send_all(b"x" * 65536)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(flood)
-            await trio.sleep(KEY_SECONDS + 2)
-            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        await trio.sleep(KEY_SECONDS + 2)
+        nursery.cancel_scope.cancel()
     for stream in streams.values():
         with contextlib.suppress(Exception):
             await stream.aclose()
