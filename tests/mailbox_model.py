@@ -69,6 +69,7 @@ class ModelMailbox:
             position = self.positions.get(deposit.recipient, 0) + 1
             self.positions[deposit.recipient] = position
             self.held[deposit.key] = Envelope(position, deposit, verdict.until_ms, blob)
+            return Stored(verdict.until_ms, position)
         return verdict
 
     def fetch(

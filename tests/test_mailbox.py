@@ -6,13 +6,7 @@ kill -9 during deposits, fetch+delete and sweeps: tests/test_mailbox_crash.py.""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from p2psync.core.envelope import EnvelopeClass
 from p2psync.core.mailbox import (
@@ -24,7 +18,6 @@ from p2psync.core.mailbox import (
     GiB,
     Limits,
     MailboxPolicy,
-    MailboxStore,
     MiB,
     Quota,
     Refusal,
@@ -38,7 +31,6 @@ from p2psync.core.mailbox import (
     until_ms,
 )
 from p2psync.errors import UsageError
-from p2psync.store.mailbox import SqliteMailbox
 from tests.mailbox_model import ModelMailbox
 
 pytestmark = pytest.mark.pure
@@ -150,220 +142,3 @@ def test_malformed_headers_and_limits_are_usage_errors() -> None:
         dep(size=-1)
     with pytest.raises(UsageError):
         Limits(ttl_max_ms=0)
-
-
-# ---------------------------------------------------------------- SQLite
-
-
-def test_sqlite_mailbox_round_trip_and_reopen(tmp_path: Path) -> None:
-    box = SqliteMailbox(tmp_path / "relay.db")
-    try:
-        assert box.set_policy(B, ALLOW_A) and not box.set_policy(B, MailboxPolicy(1))
-        assert box.deposit(dep(), b"0123456789", NOW) == Stored(NOW + 7 * DAY_MS)
-        assert box.deposit(dep(), b"0123456789", NOW + 1) == Duplicate(NOW + 7 * DAY_MS)
-        with pytest.raises(UsageError):
-            box.deposit(dep(seq=9), b"short", NOW)
-        mode = box.guard.conn.execute("PRAGMA journal_mode").fetchone()[0]
-        assert (mode, box.guard.conn.execute("PRAGMA synchronous").fetchone()[0]) == ("wal", 2)
-    finally:
-        box.close()
-    box = SqliteMailbox(tmp_path / "relay.db")
-    try:
-        [envelope] = box.fetch(B, 0, 10, NOW)
-        assert (envelope.position, envelope.blob, envelope.header) == (1, b"0123456789", dep())
-        assert box.policy(B) == ALLOW_A
-        assert box.usage(B, A) == Usage(Tally(1, 10), Tally(1, 10), Tally(1, 10))
-        assert box.retract(C, B, [1]) == 0 and box.delete(A, [(A, 1)]) == 0  # not theirs
-        assert box.deposit(dep(seq=2, expiry=NOW + 5), b"x" * 10, NOW) == Stored(NOW + 5)
-        assert [e.header.seq for e in box.fetch(B, 1, 10, NOW + 4)] == [2]
-        assert box.fetch(B, 1, 10, NOW + 5) == []  # T has come: never served again
-        assert box.sweep(NOW + 5) == [ExpiryNotice(A, B, 2, NOW + 5)]
-        assert box.delete(B, [(A, 1)]) == 1 and box.usage(B, A) == Usage()
-    finally:
-        box.close()
-
-
-# ---------------------------------------------------------------- model vs SQLite
-
-
-def _both_implement_the_interface(
-    sql: SqliteMailbox, model: ModelMailbox
-) -> tuple[MailboxStore, MailboxStore]:
-    return sql, model  # checked by mypy
-
-
-KEYS = (A, B, C)
-SMALL = Limits(
-    mailbox_count=6,
-    mailbox_bytes=400,
-    pair_count=4,
-    pair_bytes=250,
-    sender_bytes=500,
-    intro_mailbox_count=3,
-    intro_mailbox_bytes=100,
-    intro_pair_count=2,
-    intro_pair_bytes=60,
-    max_envelope_bytes=150,
-    ttl_default_ms=1_000,
-    ttl_max_ms=3_000,
-)
-keys = st.sampled_from(KEYS)
-
-
-class MailboxMachine(RuleBasedStateMachine):
-    """The same operations on the SQLite backend and the model, on virtual time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dir = tempfile.TemporaryDirectory()
-        self.sql = SqliteMailbox(Path(self.dir.name) / "relay.db", SMALL)
-        self.model = ModelMailbox(SMALL)
-        self.now = NOW
-        self.gone: set[tuple[bytes, int]] = set()  # (recipient, position) deleted/expired
-        self.notified: set[ExpiryNotice] = set()
-        self.versions = dict.fromkeys(KEYS, 0)
-
-    def teardown(self) -> None:
-        self.sql.close()
-        self.dir.cleanup()
-
-    def _position(self, recipient: bytes, sender: bytes, seq: int) -> int | None:
-        held = self.model.held.get((recipient, sender, seq))
-        return None if held is None else held.position
-
-    @rule(
-        sender=keys,
-        recipient=keys,
-        seq=st.integers(1, 4),
-        cls=st.sampled_from(EnvelopeClass),
-        expiry=st.one_of(st.just(0), st.integers(-500, 5_000)),
-        size=st.integers(0, 170),
-        fill=st.integers(0, 255),
-    )
-    def deposit(
-        self,
-        sender: bytes,
-        recipient: bytes,
-        seq: int,
-        cls: EnvelopeClass,
-        expiry: int,
-        size: int,
-        fill: int,
-    ) -> None:
-        header = Deposit(recipient, sender, seq, cls, expiry and max(0, self.now + expiry), size)
-        blob = bytes([fill]) * size
-        verdict = self.sql.deposit(header, blob, self.now)
-        assert verdict == self.model.deposit(header, blob, self.now)
-        if isinstance(verdict, (Stored, Duplicate)):  # idempotent: the same answer again
-            assert self.sql.deposit(header, blob, self.now) == Duplicate(verdict.until_ms)
-            assert self.model.deposit(header, blob, self.now) == Duplicate(verdict.until_ms)
-        if isinstance(verdict, Stored):
-            assert verdict.until_ms > self.now
-
-    @rule(
-        recipient=keys,
-        after=st.integers(0, 12),
-        limit=st.integers(1, 5),
-        budget=st.one_of(st.none(), st.integers(0, 400)),
-    )
-    def fetch(self, recipient: bytes, after: int, limit: int, budget: int | None) -> None:
-        got = self.sql.fetch(recipient, after, limit, self.now, max_bytes=budget)
-        assert got == self.model.fetch(recipient, after, limit, self.now, max_bytes=budget)
-        if budget is not None and len(got) > 1:
-            assert sum(e.header.size for e in got) <= budget
-        assert [e.position for e in got] == sorted(e.position for e in got)
-
-    @rule(recipient=keys, which=st.lists(st.tuples(keys, st.integers(1, 4)), max_size=4))
-    def delete(self, recipient: bytes, which: list[tuple[bytes, int]]) -> None:
-        for sender, seq in which:
-            if (position := self._position(recipient, sender, seq)) is not None:
-                self.gone.add((recipient, position))
-        assert self.sql.delete(recipient, which) == self.model.delete(recipient, which)
-
-    @rule(sender=keys, recipient=keys, seqs=st.lists(st.integers(1, 4), max_size=3))
-    def retract(self, sender: bytes, recipient: bytes, seqs: list[int]) -> None:
-        for seq in seqs:
-            if (position := self._position(recipient, sender, seq)) is not None:
-                self.gone.add((recipient, position))
-        assert self.sql.retract(sender, recipient, seqs) == self.model.retract(
-            sender, recipient, seqs
-        )
-
-    @rule(recipient=keys, step=st.integers(-1, 2), senders=st.frozensets(keys))
-    def set_policy(self, recipient: bytes, step: int, senders: frozenset[bytes]) -> None:
-        policy = MailboxPolicy(max(0, self.versions[recipient] + step), senders)
-        took = self.sql.set_policy(recipient, policy)
-        assert took == self.model.set_policy(recipient, policy) == (step > 0)
-        if took:
-            self.versions[recipient] = policy.version
-        assert self.sql.policy(recipient) == self.model.policy(recipient)
-
-    @rule(ms=st.integers(1, 2_500))
-    def advance(self, ms: int) -> None:
-        self.now += ms
-
-    @precondition(lambda self: bool(self.model.held))
-    @rule()
-    def advance_to_the_next_expiry(self) -> None:
-        self.now = max(self.now, min(e.until_ms for e in self.model.held.values()))
-
-    @rule()
-    def sweep(self) -> None:
-        due = {k: e for k, e in self.model.held.items() if e.until_ms <= self.now}
-        notices = self.sql.sweep(self.now)
-        assert notices == self.model.sweep(self.now)
-        assert sorted((n.recipient, n.sender, n.seq) for n in notices) == sorted(due)
-        for notice in notices:  # exactly one notice per expiry
-            assert notice not in self.notified
-            self.notified.add(notice)
-            self.gone.add(
-                (notice.recipient, due[(notice.recipient, notice.sender, notice.seq)].position)
-            )
-
-    @rule(recipient=keys)
-    def purge(self, recipient: bytes) -> None:
-        for (to, _sender, _seq), envelope in self.model.held.items():
-            if to == recipient:
-                self.gone.add((recipient, envelope.position))
-        assert self.sql.purge(recipient, self.now) == self.model.purge(recipient, self.now)
-        assert self.sql.policy(recipient) == self.model.policy(recipient)
-        self.versions[recipient] = 0
-
-    @rule(sender=keys, limit=st.integers(1, 3))
-    def take_notices(self, sender: bytes, limit: int) -> None:
-        assert self.sql.take_notices(sender, limit) == self.model.take_notices(sender, limit)
-
-    @invariant()
-    def same_mailboxes_nothing_gone_or_expired_served(self) -> None:
-        for recipient in KEYS:
-            served = self.sql.fetch(recipient, 0, 100, self.now)
-            assert served == self.model.fetch(recipient, 0, 100, self.now)
-            for envelope in served:
-                assert (recipient, envelope.position) not in self.gone
-                assert envelope.until_ms > self.now
-
-    @invariant()
-    def same_summary_and_positions(self) -> None:
-        assert self.sql.summary(self.now) == self.model.summary(self.now)
-        for recipient in KEYS:
-            assert self.sql.position(recipient) == self.model.position(recipient)
-
-    @invariant()
-    def same_usage_within_quotas(self) -> None:
-        for recipient in KEYS:
-            for sender in KEYS:
-                usage = self.sql.usage(recipient, sender)
-                assert usage == self.model.usage(recipient, sender)
-                assert usage.mailbox.count <= SMALL.mailbox_count
-                assert usage.mailbox.bytes <= SMALL.mailbox_bytes
-                assert usage.pair.bytes <= SMALL.pair_bytes
-                assert usage.pair.count <= SMALL.pair_count
-                assert usage.sender.bytes <= SMALL.sender_bytes
-                assert usage.intro_mailbox.count <= SMALL.intro_mailbox_count
-                assert usage.intro_mailbox.bytes <= SMALL.intro_mailbox_bytes
-                assert usage.intro_pair.count <= SMALL.intro_pair_count
-                assert usage.intro_pair.bytes <= SMALL.intro_pair_bytes
-
-
-MailboxMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
-test_sqlite_mailbox_agrees_with_the_model = MailboxMachine.TestCase

@@ -173,9 +173,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Stored:
-    """Stored (durably, when a backend returns it) and held until ``until_ms``."""
+    """Stored (durably, when a backend returns it) and held until ``until_ms``;
+    a backend also says at which ``position`` of the mailbox (not compared: the
+    pure decision has none)."""
 
     until_ms: int
+    position: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,7 @@ class Service:
         except StoreError as exc:
             return Outcome(wire.Refused(rid, wire.RefusalCode.BUSY, f"storage failed: {exc}"))
         if isinstance(verdict, Stored):
-            position = self.mailbox.position(header.recipient)
-            return Outcome(wire.Stored(rid, verdict.until_ms), (header.recipient, position))
+            return Outcome(wire.Stored(rid, verdict.until_ms), (header.recipient, verdict.position))
         if isinstance(verdict, Duplicate):
             return Outcome(wire.Duplicate(rid, verdict.until_ms))
         return Outcome(wire.Refused(rid, _CODES[verdict.reason], _detail(verdict)))

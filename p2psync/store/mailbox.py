@@ -267,7 +267,7 @@ class SqliteMailbox:
             if inserted != 1:  # a concurrent writer took the key (cannot happen on SQLite)
                 raise StoreError("the envelope was stored concurrently; deposit it again")
             self._charge(conn, deposit, +1)
-        return verdict
+        return Stored(verdict.until_ms, position)
 
     def fetch(
         self, recipient: bytes, after: int, limit: int, now_ms: int, max_bytes: int | None = None
