@@ -15,8 +15,10 @@ another tier in it carries its own tier mark, which replaces the module's.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import p2psync
 from p2psync import home as home_mod
 from p2psync.core.identity import Identity
 from tests.agents import SpawnedAgent, cli
+from tests.pgcluster import PgCluster, temp_root, unavailable_reason
 from tests.relaynode import RelayNode
 
 TIERS = ("pure", "trio_memory", "process", "lan")
@@ -133,3 +136,32 @@ def splice_relay(tmp_path: Path) -> Iterator[tuple[RelayNode, dict[str, Identity
     relay.start()
     yield relay, people
     relay.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL cluster for the whole session (Unix socket only),
+    started the first time a test asks for it and destroyed at the end. Skips when
+    this machine has no PostgreSQL server (``scripts/test`` installs it as root)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    root = temp_root("pgc-session-")
+    try:
+        cluster = PgCluster.create(root, "main")
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.destroy()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_conninfo(pg_cluster: PgCluster) -> Iterator[str]:
+    """A libpq conninfo of a fresh database in the session cluster, dropped after."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conninfo = pg_cluster.create_database(name)
+    yield conninfo
+    pg_cluster.drop_database(name)
