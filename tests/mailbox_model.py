@@ -145,6 +145,9 @@ class ModelMailbox:
         self.policies.pop(recipient, None)
         return len(mine)
 
+    def close(self) -> None:
+        pass
+
     def summary(self, now_ms: int) -> Summary:
         del now_ms
         boxes: dict[bytes, Tally] = {}

@@ -25,16 +25,19 @@ class RelayNode:
         self.device_id = ""
         self.process: subprocess.Popen[str] | None = None
 
-    def init(self) -> RelayNode:
-        self.device_id = cli(self.home, "relay", "init", "--name", self.name).splitlines()[0]
+    def init(self, *args: str) -> RelayNode:
+        """``relay init`` (``args``: e.g. ``--store CONNINFO`` or ``--node-of HOME``)."""
+        self.device_id = cli(
+            self.home, "relay", "init", "--name", self.name, *args
+        ).splitlines()[0]
         return self
 
-    def start(self, env: dict[str, str] | None = None) -> RelayNode:
+    def start(self, env: dict[str, str] | None = None, *args: str) -> RelayNode:
         """Serve (on the port chosen the first time, kept across restarts)."""
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "p2psync", "--home", str(self.home), "relay", "serve",
-                 "--listen", self.address],
+                 "--listen", self.address, *args],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
@@ -47,6 +50,16 @@ class RelayNode:
             raise AssertionError(f"the relay did not start: {self.log.read_text()[-800:]}")
         self.address = line.split()[-1]
         return self
+
+    def kill(self) -> None:
+        """kill -9, by PID."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        self.process = None
 
     def stop(self) -> int:
         if self.process is None:

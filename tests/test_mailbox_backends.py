@@ -60,7 +60,7 @@ Opener = Callable[[Limits | None], MailboxStore]
 
 
 def _close(box: MailboxStore) -> None:
-    box.close()  # type: ignore[attr-defined]  # both backends have it; the Protocol does not
+    box.close()
 
 
 @pytest.fixture(

@@ -302,8 +302,10 @@ class RelayLink:
                     answer = await client.connect(peer)
                     if isinstance(answer, wire.Invitation):
                         self._splice_cooldown[peer] = now + SPLICE_COOLDOWN
+                        # at the node of the relay the answer names (the peer is there)
                         nursery.start_soon(
-                            self._join, client, splicer, peer, answer.key, True
+                            self._join, client, splicer, peer, answer.key, True,
+                            answer.address or client.address,
                         )
                     else:
                         delay = self._splice_delay.get(peer, SPLICE_BACKOFF_START)
@@ -332,15 +334,23 @@ class RelayLink:
                 log.info("relay %s: declined a splice with %s", short_id(client.relay),
                          short_id(invited.peer))
                 continue
-            nursery.start_soon(self._join, client, splicer, invited.peer, invited.key, False)
+            nursery.start_soon(
+                self._join, client, splicer, invited.peer, invited.key, False, client.address
+            )
 
     async def _join(
-        self, client: RelayClient, splicer: Splicer, peer: bytes, key: bytes, initiator: bool
+        self,
+        client: RelayClient,
+        splicer: Splicer,
+        peer: bytes,
+        key: bytes,
+        initiator: bool,
+        address: str,
     ) -> None:
         self._joining.setdefault(peer, set()).add(initiator)
         try:
             stream = await join_splice(
-                self.db.identity, self.db.name, client.relay, client.address, key, peer,
+                self.db.identity, self.db.name, client.relay, address, key, peer,
                 wait=SPLICE_WAIT,
             )
         except P2PSyncError as exc:

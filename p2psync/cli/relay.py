@@ -26,12 +26,27 @@ from p2psync.core.relaywire import parse_token
 from p2psync.errors import UsageError
 from p2psync.net.address import parse_address
 from p2psync.relay import home as relay_home
+from p2psync.relay.admission import Admission
 
 DEFAULT_LISTEN = "0.0.0.0:7718"
 
 
 def _home(state: State) -> relay_home.RelayHome:
     return relay_home.load(relay_home.resolve(state.home_arg))
+
+
+def _admission(home: relay_home.RelayHome) -> Admission:
+    """The home's admission list (its file, or the database the nodes share)."""
+    from p2psync.relay.backend import open_admission  # noqa: PLC0415
+
+    return open_admission(home)
+
+
+STORE_HELP = (
+    "Where the mailbox (and, on PostgreSQL, the admission list) lives: sqlite (the "
+    "default: a file in the home), a postgresql://... URI, postgresql:KEY=VALUE... "
+    "(a libpq connection string), or postgresql (the PG* environment variables)."
+)
 
 
 @click.group(name="relay")
@@ -42,12 +57,35 @@ def relay() -> None:
 
 @relay.command(name="init")
 @click.option("--name", help="Display name of this relay (default: derived from its ID).")
+@click.option("--store", "store_arg", metavar="STORE", help=STORE_HELP)
+@click.option(
+    "--node-of",
+    "node_of",
+    metavar="HOME",
+    type=click.Path(file_okay=False),
+    help="Make this home another node of the relay in HOME (same identity, settings "
+    "and PostgreSQL store) instead of a new relay.",
+)
 @pass_relay_state
-def init(state: State, name: str | None) -> None:
+def init(state: State, name: str | None, store_arg: str | None, node_of: str | None) -> None:
     """Create a relay home with a new identity; prints the relay's device ID first."""
-    created = relay_home.init(relay_home.resolve(state.home_arg), name)
+    from pathlib import Path  # noqa: PLC0415
+
+    from p2psync.relay.backend import parse_store, shown  # noqa: PLC0415
+
+    store = parse_store(store_arg) if store_arg is not None else None
+    like = Path(node_of).expanduser() if node_of is not None else None
+    created = relay_home.init(relay_home.resolve(state.home_arg), name, store=store, like=like)
+    if created.store is not None:  # check the database now, not at the first serve
+        from p2psync.relay.backend import open_mailbox  # noqa: PLC0415
+
+        open_mailbox(created, 1).close()
     click.echo(created.identity.device_id)
-    click.echo(f"initialised relay {created.name!r} at {created.path}")
+    what = "another node of relay" if like is not None else "relay"
+    click.echo(
+        f"initialised {what} {created.name!r} at {created.path}, mailbox in "
+        f"{shown(created.store)}"
+    )
     home = f" --home {shlex.quote(state.home_arg)}" if state.home_arg else ""
     click.echo(
         f"admit agents with `p2psync relay allow{home} DEVICE_ID` or "
@@ -63,23 +101,51 @@ def init(state: State, name: str | None) -> None:
     multiple=True,
     help=f"Address to listen on (repeatable; default {DEFAULT_LISTEN}; port 0 picks one).",
 )
+@click.option(
+    "--advertise",
+    metavar="HOST:PORT",
+    multiple=True,
+    help="Address agents reach this node at, told to the other nodes of the relay "
+    "(repeatable; default: the listen addresses).",
+)
+@click.option("--store", "store_arg", metavar="STORE", help=STORE_HELP)
 @click.option("--quiet", is_flag=True, help="Log warnings only.")
 @pass_relay_state
-def serve(state: State, listen: tuple[str, ...], quiet: bool) -> None:
+def serve(
+    state: State,
+    listen: tuple[str, ...],
+    advertise: tuple[str, ...],
+    store_arg: str | None,
+    quiet: bool,
+) -> None:
     """Run the relay in the foreground until SIGINT or SIGTERM."""
     from p2psync.cli.foreground import run_until_signal  # noqa: PLC0415 - trio only here
+    from p2psync.relay.backend import parse_store, shown  # noqa: PLC0415
     from p2psync.relay.lock import serve_lock  # noqa: PLC0415
     from p2psync.relay.node import Node  # noqa: PLC0415
 
     try:
         addresses = [parse_address(a) for a in (listen or (DEFAULT_LISTEN,))]
+        for a in advertise:
+            parse_address(a)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if not quiet and not state.debug:
         logging.getLogger("p2psync").setLevel(logging.INFO)
     home = _home(state)
+    if store_arg is not None:
+        store = parse_store(store_arg)
+        if store != home.store and home.store is not None:
+            raise UsageError(
+                f"this relay's mailbox is in {shown(home.store)} (relay.json); a node "
+                "cannot move it (start a new relay home for another store)"
+            )
+        if store != home.store:
+            if store is None:
+                raise UsageError("this relay's mailbox is in SQLite already")
+            home = relay_home.set_store(home, store)  # so allow, deny, status act there too
     with serve_lock(home.path):
-        node = Node(home, addresses)
+        node = Node(home, addresses, list(advertise))
 
         try:
             run_until_signal(node.run)
@@ -104,7 +170,15 @@ def status(state: State, as_json: bool) -> None:
 
 
 def _status_lines(d: dict[str, Any]) -> list[str]:
-    lines = [f"relay {d['name']!r} {d['device_id']}"]
+    lines = [f"relay {d['name']!r} {d['device_id']}", f"mailbox store: {d['store']}"]
+    if d["backend"] == "postgresql":
+        lines.append(f"relay nodes on this database: {len(d['nodes'])}")
+        for n in d["nodes"]:
+            lines.append(
+                f"  {n['name']} node {n['node']} on {n['host']} pid {n['pid']}, at "
+                f"{', '.join(n['addresses']) or '?'}, seen {n['seen_ms_ago'] / 1000:.0f} s ago"
+            )
+        lines.extend(_replication_lines(d["replication"]))
     running = d["running"]
     if running is None:
         lines.append("serve: not running")
@@ -156,16 +230,33 @@ def _status_lines(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _replication_lines(r: dict[str, Any]) -> list[str]:
+    if "error" in r:
+        return [f"database: {r['error']}"]
+    role = "primary" if r["primary"] else "standby (read only)"
+    lines = [f"database: {role} at {r['server']}, synchronous_commit={r['synchronous_commit']}"]
+    if not r["standbys"]:
+        names = r["synchronous_standby_names"]
+        lines.append(
+            "  replication: no standby connected"
+            + (f" (waiting for {names}: commits wait too)" if names else " (none configured)")
+        )
+    for sb in r["standbys"]:
+        lines.append(
+            f"  standby {sb['name']}: {sb['state']}, {sb['sync_state']}, "
+            f"{sb['flush_lag_bytes']:,} bytes behind"
+        )
+    return lines
+
+
 @relay.command(name="allow")
 @click.argument("device")
 @pass_relay_state
 def allow(state: State, device: str) -> None:
     """Admit the agent DEVICE (its device ID) to this relay."""
-    from p2psync.relay.admission import Admission  # noqa: PLC0415
-
     home = _home(state)
     key = parse_device_id(device)
-    new = Admission(home.path).allow(key, now_ms())
+    new = _admission(home).allow(key, now_ms())
     click.echo(f"{'allowed' if new else 'already allowed'}: {device_id(key)}")
 
 
@@ -176,11 +267,9 @@ def deny(state: State, device: str) -> None:
     """Stop admitting DEVICE: its open sessions end within seconds, it is refused
     from then on (a token will not bring it back; `relay allow` does). What it
     deposited stays until fetched or expired."""
-    from p2psync.relay.admission import Admission  # noqa: PLC0415
-
     home = _home(state)
     key = parse_device_id(device)
-    was = Admission(home.path).deny(key)
+    was = _admission(home).deny(key)
     click.echo(f"denied: {device_id(key)}{'' if was else ' (it was not allowed)'}")
 
 
@@ -207,14 +296,12 @@ def token() -> None:
 @pass_relay_state
 def token_create(state: State, uses: int, expires: str) -> None:
     """Create a token; prints it (give it to the agent's operator, privately)."""
-    from p2psync.relay.admission import Admission  # noqa: PLC0415
-
     home = _home(state)
     seconds = parse_duration(expires, "--expires")
     if seconds <= 0:
         raise UsageError("--expires: give a duration above 0")
     until = now_ms() + int(seconds * 1000)
-    text = Admission(home.path).create_token(uses, until, now_ms())
+    text = _admission(home).create_token(uses, until, now_ms())
     click.echo(text)
     ident = parse_token(text)[0].hex()
     click.echo(
@@ -230,9 +317,7 @@ def token_create(state: State, uses: int, expires: str) -> None:
 @pass_relay_state
 def token_list(state: State, as_json: bool) -> None:
     """The tokens made on this relay (their ids, never their secrets)."""
-    from p2psync.relay.admission import Admission  # noqa: PLC0415
-
-    tokens = Admission(_home(state).path).tokens()
+    tokens = _admission(_home(state)).tokens()
     now = now_ms()
     rows: list[dict[str, Any]] = [
         {
@@ -263,9 +348,7 @@ def token_list(state: State, as_json: bool) -> None:
 @pass_relay_state
 def token_revoke(state: State, token_id: str) -> None:
     """Make the token TOKEN_ID (from `relay token list`) unusable."""
-    from p2psync.relay.admission import Admission  # noqa: PLC0415
-
-    revoked = Admission(_home(state).path).revoke_token(token_id.strip().lower())
+    revoked = _admission(_home(state)).revoke_token(token_id.strip().lower())
     click.echo(f"revoked token {revoked}")
 
 
@@ -276,14 +359,14 @@ def token_revoke(state: State, token_id: str) -> None:
 def purge(state: State, device: str, yes: bool) -> None:
     """Drop DEVICE's mailbox: every envelope waiting for it goes (their senders are
     told, as for an expiry, and send again). Logged in relay.log."""
+    from p2psync.relay.backend import open_mailbox  # noqa: PLC0415
     from p2psync.relay.home import log_action  # noqa: PLC0415
-    from p2psync.store.mailbox import SqliteMailbox  # noqa: PLC0415
 
     home = _home(state)
     key = parse_device_id(device)
     if not yes:
         click.confirm(f"drop every envelope waiting for {short_id(key)} on this relay?", abort=True)
-    mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+    mailbox = open_mailbox(home, 1)
     try:
         count = mailbox.purge(key, now_ms())
     finally:

@@ -396,3 +396,7 @@ class MailboxStore(Protocol):
     def summary(self, now_ms: int) -> Summary:
         """What is held (:class:`Summary`)."""
         ...
+
+    def close(self) -> None:
+        """Let go of the storage (file or connections)."""
+        ...

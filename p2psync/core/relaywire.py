@@ -30,7 +30,7 @@ type  name         fields                                            sent by
 17    Done         rid, count                                        relay
 18    Notices      rid, [[recipient (32), seq, until], ...]          relay
 20    Connect      rid, peer (32)                                    agent
-21    Invitation   rid, peer (32), key (32), expires (ms)            relay
+21    Invitation   rid, peer (32), key (32), expires (ms)[, address] relay
 22    Invited      peer (32), key (32), expires (ms)                 relay, unasked
 23    Join         key (32)                                          agent, first
 24    Spliced      peer (32)                                         relay
@@ -220,12 +220,15 @@ class Connect:
 class Invitation:
     """The answer to :class:`Connect`: present ``key`` in a fresh connection's
     :class:`Join` before ``expires_ms``; this side runs the handshake inside as
-    the initiator."""
+    the initiator. ``address`` (``host:port``, optional): join at that node of
+    the relay, not at the one asked (the peer's session is there; several relay
+    nodes share one identity, so the handshake expects the same key)."""
 
     rid: int
     peer: bytes
     key: bytes
     expires_ms: int
+    address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +315,8 @@ def _body(message: Message) -> list[Any]:
         case Connect():
             return [20, message.rid, message.peer]
         case Invitation():
-            return [21, message.rid, message.peer, message.key, message.expires_ms]
+            fields = [21, message.rid, message.peer, message.key, message.expires_ms]
+            return [*fields, message.address] if message.address else fields
         case Invited():
             return [22, message.peer, message.key, message.expires_ms]
         case Join():
@@ -355,6 +359,21 @@ def _blob(value: object) -> bytes:
 def _text(value: object) -> str:
     if type(value) is not str or len(value) > MAX_REASON_CHARS:
         raise ValueError(f"expected text of at most {MAX_REASON_CHARS} characters")
+    return value
+
+
+#: The longest node address an Invitation carries (``host:port``).
+MAX_ADDRESS_CHARS = 255
+
+
+def _address(value: object) -> str:
+    if (
+        type(value) is not str
+        or not 0 < len(value) <= MAX_ADDRESS_CHARS
+        or not value.isprintable()
+        or ":" not in value
+    ):
+        raise ValueError("expected a node address host:port")
     return value
 
 
@@ -469,8 +488,8 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     18: _notices,
     20: lambda f: Connect(_int(_fields(f, 2)[0]), _bytes(f[1], KEY_BYTES)),
     21: lambda f: Invitation(
-        _int(_fields(f, 4)[0]), _bytes(f[1], KEY_BYTES), _bytes(f[2], SPLICE_KEY_BYTES),
-        _int(f[3]),
+        _int(_fields(f, 4 if len(f) < 5 else 5)[0]), _bytes(f[1], KEY_BYTES),
+        _bytes(f[2], SPLICE_KEY_BYTES), _int(f[3]), _address(f[4]) if len(f) == 5 else "",
     ),
     22: lambda f: Invited(
         _bytes(_fields(f, 3)[0], KEY_BYTES), _bytes(f[1], SPLICE_KEY_BYTES), _int(f[2])

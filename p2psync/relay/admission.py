@@ -55,6 +55,9 @@ class Token:
 class Admission:
     """The admission file of one relay home."""
 
+    #: a running node notices changes by the file's inode, size and time
+    watch_by_file = True
+
     def __init__(self, home: Path) -> None:
         self.home = home
         self.path = home / ADMISSION_FILE

@@ -6,9 +6,12 @@ Resolution order: ``--home``, else ``$P2PSYNC_RELAY_HOME``, else
 Layout::
 
     HOME/identity.key      Ed25519 seed, as an agent's (mode 0600, never overwritten)
-    HOME/relay.json        settings: name, mailbox limits, session caps (``relay init``)
+    HOME/relay.json        settings: name, mailbox limits, session caps, and the mailbox
+                           store when it is not the SQLite file (``relay init --store``)
     HOME/admission.json    allowed device IDs and admission tokens (mode 0600)
-    HOME/mailbox.sqlite    the blind mailbox (``store/mailbox.py``)
+    HOME/mailbox.sqlite    the blind mailbox (``store/mailbox.py``), unless ``store`` names
+                           a PostgreSQL database (``store/pgmailbox.py``: then the mailbox,
+                           the admission list and the other nodes are there)
     HOME/state.json        written every second while ``relay serve`` runs
     HOME/relay.log         operator actions: allow, deny, tokens, purges, admissions
 
@@ -73,6 +76,9 @@ class RelayHome:
     name: str
     limits: Limits
     caps: Caps
+    #: the PostgreSQL database (a libpq connection string or URI; "" with the
+    #: ``PG*`` variables too) when the mailbox is not the SQLite file; None: SQLite
+    store: str | None = None
 
     @property
     def mailbox_path(self) -> Path:
@@ -89,8 +95,12 @@ def resolve(home: str | os.PathLike[str] | None = None) -> Path:
     return Path(xdg) / "p2psync-relay"
 
 
-def init(path: Path, name: str | None = None) -> RelayHome:
-    """A new relay home with a fresh identity and the default settings."""
+def init(
+    path: Path, name: str | None = None, *, store: str | None = None, like: Path | None = None
+) -> RelayHome:
+    """A new relay home with a fresh identity and the default settings; with
+    ``like``, another node of the relay in that home: its identity, name, limits,
+    caps and store (which must be PostgreSQL: nodes share the database)."""
     if name is not None and (
         not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable()
     ):
@@ -98,19 +108,55 @@ def init(path: Path, name: str | None = None) -> RelayHome:
     if (path / agent_home.KEY_FILE).exists():
         kind = "an agent's" if (path / STORE_FILE).exists() else "a"
         raise HomeError(f"{path} already holds {kind} p2psync identity; use another --home")
+    model = load(like) if like is not None else None
+    if model is not None:
+        if model.store is None and store is None:
+            raise HomeError(
+                f"the relay at {like} keeps its mailbox in SQLite, which one node alone "
+                "can use; give it a PostgreSQL --store first (docs/relay.md, "
+                "\"Several relay nodes\")"
+            )
+        name = name or model.name
+        store = store if store is not None else model.store
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        settings = {
+        settings: dict[str, Any] = {
             "kind": _KIND,
             "name": name,
-            "limits": dataclasses.asdict(Limits()),
-            "caps": dataclasses.asdict(Caps()),
+            "limits": dataclasses.asdict(model.limits if model else Limits()),
+            "caps": dataclasses.asdict(model.caps if model else Caps()),
         }
+        if store is not None:
+            settings["store"] = store
         _write_json(path / SETTINGS_FILE, settings)
-        identity = agent_home.write_identity(path / agent_home.KEY_FILE)  # last: marks done
+        key = path / agent_home.KEY_FILE
+        if model is not None:  # last: marks done
+            agent_home._write_new(key, (model.path / agent_home.KEY_FILE).read_bytes())
+            identity = agent_home.read_identity(key)
+        else:
+            identity = agent_home.write_identity(key)
     except OSError as exc:
         raise HomeError(f"cannot create the relay home at {path}: {exc.strerror or exc}") from exc
-    return RelayHome(path, identity, name or f"relay-{identity.short_id}", Limits(), Caps())
+    return RelayHome(
+        path,
+        identity,
+        name or f"relay-{identity.short_id}",
+        model.limits if model else Limits(),
+        model.caps if model else Caps(),
+        store,
+    )
+
+
+def set_store(home: RelayHome, store: str) -> RelayHome:
+    """Record ``store`` in the home's settings (``relay serve --store`` on a home
+    that had none)."""
+    settings = _read_json(home.path / SETTINGS_FILE)
+    settings["store"] = store
+    try:
+        _write_json(home.path / SETTINGS_FILE, settings)
+    except OSError as exc:
+        raise HomeError(f"cannot write {home.path / SETTINGS_FILE}: {exc.strerror or exc}") from exc
+    return dataclasses.replace(home, store=store)
 
 
 def load(path: Path) -> RelayHome:
@@ -130,12 +176,16 @@ def load(path: Path) -> RelayHome:
     if settings.get("kind") != _KIND:
         raise HomeError(f"{path / SETTINGS_FILE} is not a relay's settings file")
     name = settings.get("name")
+    store = settings.get("store")
+    if store is not None and not isinstance(store, str):
+        raise HomeError(f"{path / SETTINGS_FILE}: store is not a text")
     return RelayHome(
         path,
         identity,
         name if isinstance(name, str) and name else f"relay-{identity.short_id}",
         _settings(Limits, settings.get("limits"), path),
         _settings(Caps, settings.get("caps"), path),
+        store,
     )
 
 

@@ -49,12 +49,21 @@ from p2psync.errors import (
     StoreError,
 )
 from p2psync.net.transport import SecureStream, secure
-from p2psync.relay.admission import Admission
+from p2psync.relay.backend import open_admission, open_mailbox, shown
+from p2psync.relay.cluster import (
+    HEARTBEAT_S,
+    INVITE_CHANNEL,
+    Cluster,
+    Handed,
+    Listener,
+    NodeInfo,
+)
 from p2psync.relay.guards import Bucket, HalfOpen, Throttled
 from p2psync.relay.home import ADMISSION_FILE, STATE_FILE, RelayHome
 from p2psync.relay.service import Service
-from p2psync.relay.splice import Invitation, Live, Splices
-from p2psync.store.mailbox import SqliteMailbox
+from p2psync.relay.splice import KEY_SECONDS, Invitation, Live, Splices
+from p2psync.store.pgmailbox import ARRIVED_CHANNEL
+from p2psync.store.pgpool import Pool
 
 log = logging.getLogger("p2psync.relay")
 
@@ -72,6 +81,11 @@ UNAVAILABLE = "unavailable"
 SPLICED_SEND_SECONDS = 5.0
 #: reading this many bytes at a time from one side of a splice
 SPLICE_CHUNK = 1 << 16
+#: worker threads (and database connections) serving requests on PostgreSQL
+#: (SQLite has one writer: one thread)
+PG_THREADS = 8
+#: how often the replication state is read for ``relay status`` (seconds)
+REPLICATION_EVERY_S = 5.0
 
 
 class Session:
@@ -161,13 +175,30 @@ class Joining:
 
 
 class Node:
-    def __init__(self, home: RelayHome, listen: list[tuple[str, int]]) -> None:
+    def __init__(
+        self, home: RelayHome, listen: list[tuple[str, int]], advertise: list[str] | None = None
+    ) -> None:
         self.home = home
         self.caps = home.caps
         self.listen = listen
-        self.mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+        self.advertise = list(advertise or [])
+        shared = home.store is not None
+        self.mailbox = open_mailbox(home, PG_THREADS)
         self.service = Service(self.mailbox, home.limits)
-        self.admission = Admission(home.path)
+        self.cluster: Cluster | None = None
+        self.listener: Listener | None = None
+        self._pools: list[Pool] = []
+        try:
+            if home.store is not None:
+                self._pools = [Pool(home.store, 2), Pool(home.store, 2)]
+                self.cluster = Cluster(self._pools[0], home.name)
+                self.listener = Listener(home.store)
+            self.admission = open_admission(home, self._pools[1] if shared else None)
+        except BaseException:
+            self.close()
+            raise
+        self.nodes: list[NodeInfo] = []  # every node seen lately (this one first)
+        self.replication: dict[str, Any] = {}
         self.sessions: dict[bytes, list[Session]] = {}
         self.half_open = HalfOpen(self.caps.half_open_per_address, self.caps.half_open_total)
         self.started_ms = now_ms()
@@ -184,11 +215,20 @@ class Node:
         self.splices = Splices(
             per_device=self.caps.splices_per_device, total=self.caps.splices_total
         )
-        self._store_limiter = trio.CapacityLimiter(1)
+        self._store_limiter = trio.CapacityLimiter(PG_THREADS if shared else 1)
         self._total: Bucket | None = None
         self._welcoming = 0  # sessions being welcomed, not yet in self.sessions
 
     def close(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.leave()
+            except StoreError as exc:
+                log.warning("could not say this node leaves: %s", exc)
+        if self.listener is not None:
+            self.listener.close()
+        for pool in self._pools:
+            pool.close()
         self.mailbox.close()
 
     # ------------------------------------------------------------ running
@@ -220,11 +260,18 @@ class Node:
                 nursery.start_soon(self._sweeper)
                 nursery.start_soon(self._state_writer)
                 nursery.start_soon(self._admission_watch)
+                if self.cluster is not None:
+                    await trio.to_thread.run_sync(
+                        self.cluster.join, self.advertise or self.addresses, now_ms()
+                    )
+                    nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._listen)
                 log.info(
-                    "relay %s (%s) listening on %s",
+                    "relay %s (%s) listening on %s, mailbox in %s",
                     self.home.identity.short_id,
                     self.home.name,
                     ", ".join(self.addresses),
+                    shown(self.home.store),
                 )
                 task_status.started(list(self.addresses))
         finally:
@@ -303,6 +350,12 @@ class Node:
                     return None
                 if isinstance(hello, wire.Join):
                     invitation = self.splices.claim(hello.key, stream.peer, trio.current_time())
+                    if invitation is None and self.cluster is not None:
+                        # handed by another node, and this one not told yet
+                        await self._take_handed()
+                        invitation = self.splices.claim(
+                            hello.key, stream.peer, trio.current_time()
+                        )
                     if invitation is None:
                         log.info("refused a splice join from %s: no such key for it (used, "
                                  "late, or another's)", short_id(stream.peer))
@@ -344,6 +397,8 @@ class Node:
     async def _serve(self, session: Session) -> None:
         mine = self.sessions.setdefault(session.key, [])
         mine.append(session)
+        if self.cluster is not None and len(mine) == 1:
+            await self._where(session.key, True)
         while len(mine) > self.caps.sessions_per_device:
             oldest = mine.pop(0)
             log.info("closing an older session of %s", short_id(oldest.key))
@@ -367,6 +422,22 @@ class Node:
                 mine.remove(session)
             if not mine and self.sessions.get(session.key) is mine:
                 del self.sessions[session.key]
+                if self.cluster is not None:
+                    with trio.move_on_after(5) as scope:
+                        scope.shield = True
+                        await self._where(session.key, False)
+
+    async def _where(self, device: bytes, here: bool) -> None:
+        """Record in the database whether this node holds a session of ``device``."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        try:
+            if here:
+                await trio.to_thread.run_sync(cluster.opened, device, now_ms())
+            elif device not in self.sessions:
+                await trio.to_thread.run_sync(cluster.closed, device)
+        except StoreError as exc:
+            log.error("cannot record the session of %s: %s", short_id(device), exc)
 
     async def _requests(self, session: Session) -> None:
         while True:
@@ -439,6 +510,8 @@ class Node:
         else:
             allowed = session.key in policy.senders
         targets = [s for s in self.sessions.get(request.peer, ()) if not s.ending]
+        if allowed and not targets and self.cluster is not None:
+            return await self._connect_elsewhere(session, request, unavailable)
         allowed = allowed and bool(targets)
         invitation = (
             self.splices.invite(session.key, request.peer, trio.current_time())
@@ -456,6 +529,105 @@ class Node:
         return wire.Invitation(
             request.rid, request.peer, self.splices.key_of(invitation, session.key), expires_ms
         )
+
+    async def _connect_elsewhere(
+        self, session: Session, request: wire.Connect, unavailable: wire.Message
+    ) -> wire.Message:
+        """The peer has no session here: if another node holds one, hand it an
+        invitation (it pushes the peer's key and accepts both joins) and send the
+        asker there."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        try:
+            node = await trio.to_thread.run_sync(cluster.locate, request.peer, now_ms())
+        except StoreError as exc:
+            log.error("cannot look for %s on the other nodes: %s", short_id(request.peer), exc)
+            node = None
+        if node is None or not node.addresses:
+            self.splices.counters["unavailable"] += 1
+            return unavailable
+        asker_key, target_key = os.urandom(wire.SPLICE_KEY_BYTES), os.urandom(
+            wire.SPLICE_KEY_BYTES
+        )
+        expires_ms = now_ms() + int(KEY_SECONDS * 1000)
+        handed = Handed(session.key, request.peer, asker_key, target_key, expires_ms)
+        try:
+            await trio.to_thread.run_sync(cluster.hand, node.node, handed)
+        except StoreError as exc:
+            log.error("cannot hand a splice to node %s: %s", node.name, exc)
+            self.splices.counters["unavailable"] += 1
+            return unavailable
+        self.splices.counters["redirected"] = self.splices.counters.get("redirected", 0) + 1
+        log.info("splice invitation: %s asks for %s, who is at node %s (%s)",
+                 short_id(session.key), short_id(request.peer), node.node, node.addresses[0])
+        return wire.Invitation(request.rid, request.peer, asker_key, expires_ms, node.addresses[0])
+
+    async def _take_handed(self) -> None:
+        """Adopt the invitations other nodes handed to this one: push each to its
+        device here and accept both joins, as for an invitation made here."""
+        assert self.cluster is not None
+        try:
+            handed = await trio.to_thread.run_sync(self.cluster.take_handed)
+        except StoreError as exc:
+            log.error("cannot read the splices handed to this node: %s", exc)
+            return
+        for h in handed:
+            seconds = min(KEY_SECONDS, (h.expires_ms - now_ms()) / 1000)
+            targets = [s for s in self.sessions.get(h.target, ()) if not s.ending]
+            if seconds <= 0 or not targets:
+                continue
+            invitation = self.splices.invite(
+                h.asker, h.target, trio.current_time(), random=h.asker_key + h.target_key
+            )
+            if invitation is None:
+                self.splices.counters["unavailable"] += 1
+                continue
+            invitation.expires = trio.current_time() + seconds
+            targets[-1].invite(wire.Invited(h.asker, h.target_key, h.expires_ms))
+            log.info("splice invitation handed here: %s asks for %s", short_id(h.asker),
+                     short_id(h.target))
+
+    async def _heartbeat(self) -> None:
+        """Tell the other nodes this one is alive; learn who they are, and what the
+        database says of its replication (for ``relay status``)."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        last_replication = -REPLICATION_EVERY_S
+        while True:
+            try:
+                self.nodes = await trio.to_thread.run_sync(cluster.heartbeat, now_ms())
+            except StoreError as exc:
+                log.warning("heartbeat to the database failed: %s", exc)
+            if trio.current_time() - last_replication >= REPLICATION_EVERY_S:
+                last_replication = trio.current_time()
+                self.replication = await trio.to_thread.run_sync(cluster.replication)
+            await trio.sleep(HEARTBEAT_S)
+
+    async def _listen(self) -> None:
+        """Deposits stored through other nodes (tell the recipient's sessions here
+        at once) and splices handed to this node."""
+        assert self.listener is not None and self.cluster is not None
+        listener, me = self.listener, self.cluster.node
+        while True:
+            notes = await trio.to_thread.run_sync(listener.wait, 1.0, abandon_on_cancel=True)
+            if not notes and listener.error:
+                log.warning("listening to the database failed: %s", listener.error)
+                await trio.sleep(1.0)
+                continue
+            handed = False
+            for channel, payload in notes:
+                if channel == ARRIVED_CHANNEL:
+                    recipient, _, position = payload.partition(":")
+                    try:
+                        key, at = bytes.fromhex(recipient), int(position)
+                    except ValueError:
+                        continue
+                    for other in self.sessions.get(key, ()):
+                        other.notify(at)
+                elif channel == INVITE_CHANNEL and payload == me:
+                    handed = True
+            if handed:
+                await self._take_handed()
 
     async def _splice(self, joining: Joining) -> None:
         """One side of a splice joined: wait for the other (until the keys expire);
@@ -575,6 +747,11 @@ class Node:
             "counters": dict(self.counters),
             "splices": [live.describe() for live in self.splices.live],
             "splice_counters": dict(self.splices.counters),
+            "store": shown(self.home.store),
+            "node": self.cluster.node if self.cluster is not None else None,
+            "advertise": self.advertise or self.addresses,
+            "nodes": [n.describe(now_ms()) for n in self.nodes],
+            "replication": self.replication,
         }
 
     async def _admission_watch(self) -> None:
@@ -595,7 +772,7 @@ class Node:
             except OSError:
                 continue
             stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-            if stamp != seen:
+            if stamp != seen or not self.admission.watch_by_file:
                 try:
                     allowed = dict(await trio.to_thread.run_sync(self.admission.allowed))
                 except P2PSyncError as exc:

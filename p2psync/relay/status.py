@@ -8,10 +8,9 @@ from typing import Any
 
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
-from p2psync.relay.admission import Admission
+from p2psync.relay.backend import open_admission, open_mailbox, shown
 from p2psync.relay.home import STATE_FILE, RelayHome
 from p2psync.relay.lock import serving
-from p2psync.store.mailbox import SqliteMailbox
 
 
 def relay_status(home: RelayHome) -> dict[str, Any]:
@@ -21,17 +20,22 @@ def relay_status(home: RelayHome) -> dict[str, Any]:
             running = json.loads((home.path / STATE_FILE).read_text())
         except (OSError, ValueError):
             running = None
-    mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+    mailbox = open_mailbox(home, 1)
     try:
         summary = mailbox.summary(now_ms())
+        nodes, replication = _shared(home, mailbox)
     finally:
         mailbox.close()
-    admission = Admission(home.path)
+    admission = open_admission(home)
     now = now_ms()
     return {
         "device_id": home.identity.device_id,
         "name": home.name,
         "home": str(home.path),
+        "store": shown(home.store),
+        "backend": "sqlite" if home.store is None else "postgresql",
+        "nodes": nodes,
+        "replication": replication,
         "running": running,
         "mailbox": {
             "mailboxes": summary.mailboxes,
@@ -60,3 +64,15 @@ def relay_status(home: RelayHome) -> dict[str, Any]:
         ],
         "tokens": sum(t.usable(now) for t in admission.tokens()),
     }
+
+
+def _shared(home: RelayHome, mailbox: object) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """On PostgreSQL: the relay's nodes seen lately, and what the database says
+    of its replication; on SQLite: nothing (one node, no replication)."""
+    if home.store is None:
+        return [], {}
+    from p2psync.relay.cluster import Cluster  # noqa: PLC0415
+
+    cluster = Cluster(mailbox.pool, home.name)  # type: ignore[attr-defined]
+    now = now_ms()
+    return [n.describe(now) for n in cluster.nodes(now)], cluster.replication()

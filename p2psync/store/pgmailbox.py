@@ -22,7 +22,10 @@ locks, because deposits from several nodes run at once:
   still finds is retried by the pool).
 
 Besides the mailbox, the database holds what the relay nodes share
-(:mod:`p2psync.relay.cluster`): ``relay_nodes`` and ``relay_sessions``. Schema
+(:mod:`p2psync.relay.cluster`): ``relay_nodes`` (each node's addresses and
+last heartbeat), ``relay_sessions`` (which node holds which device's sessions),
+``relay_invites`` (splice invitations handed to another node) and
+``relay_admission`` (the admission list, one JSON document). Schema
 versions go forward only (:data:`MIGRATIONS`); a node that finds a newer one
 refuses to start.
 """
@@ -123,6 +126,18 @@ CREATE TABLE relay_sessions (
     node     TEXT NOT NULL,
     since_ms BIGINT NOT NULL,
     PRIMARY KEY (device, node)
+);
+CREATE TABLE relay_invites (
+    node       TEXT NOT NULL,
+    asker      BYTEA NOT NULL,
+    target     BYTEA NOT NULL,
+    asker_key  BYTEA NOT NULL,
+    target_key BYTEA PRIMARY KEY,
+    expires_ms BIGINT NOT NULL
+);
+CREATE TABLE relay_admission (
+    one  INTEGER PRIMARY KEY CHECK (one = 1),
+    doc  TEXT NOT NULL
 )
 """
 
@@ -489,7 +504,7 @@ class PgMailbox:
                 "SELECT last_position FROM mailboxes WHERE recipient = %s", (recipient,)
             ).fetchone()
         )
-        return 0 if row is None else int(row[0])  # type: ignore[call-overload]
+        return 0 if row is None else int(row[0])
 
     def purge(self, recipient: bytes, now_ms: int) -> int:
         def work(conn: Conn) -> int:

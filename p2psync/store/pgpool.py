@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from p2psync.errors import StoreError, UsageError
 
@@ -64,12 +64,12 @@ class Pool:
         self.psycopg = _psycopg()
         self.conninfo = conninfo
         self.size = size
-        self._idle: list[psycopg.Connection[tuple[object, ...]]] = []
+        self._idle: list[psycopg.Connection[tuple[Any, ...]]] = []
         self._made = 0
         self._cond = threading.Condition()
         self._closed = False
 
-    def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         import psycopg  # noqa: PLC0415
 
         kwargs: dict[str, object] = {"autocommit": True}
@@ -78,7 +78,7 @@ class Pool:
         return psycopg.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    def connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
         """A connection for this thread alone; closed, not kept, if anything failed."""
         with self._cond:
             deadline = time.monotonic() + WAIT_S
@@ -107,7 +107,7 @@ class Pool:
                     self._made -= 1
                 self._cond.notify()
 
-    def transaction(self, work: Callable[[psycopg.Connection[tuple[object, ...]]], T]) -> T:
+    def transaction(self, work: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
         """``work(conn)`` inside one transaction, committed when it returns;
         retried as the module says."""
         import psycopg  # noqa: PLC0415
