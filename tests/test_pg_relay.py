@@ -108,6 +108,24 @@ async def test_deposit_through_one_node_fetch_through_the_other_told_at_once(
     assert "relay nodes on this database: 2" in text and "mailbox store: postgresql:" in text
 
 
+async def test_a_deny_through_one_nodes_home_ends_the_session_on_the_other(
+    two_nodes: tuple[RelayNode, RelayNode, dict[str, Identity]],
+) -> None:
+    """node 2's home has no admission.json: the list is the database's."""
+    one, two, who = two_nodes
+    assert not (two.home / "admission.json").exists()
+    async with open_relay(who["b"], "b", at(two)) as b:
+        cli(one.home, "relay", "deny", who["b"].device_id)
+        with trio.fail_after(5):
+            while True:  # the session ends with the relay's Bye
+                try:
+                    await b.fetch(0)
+                except Exception as exc:
+                    assert "no longer admitted" in str(exc), exc
+                    break
+                await trio.sleep(0.2)
+
+
 async def test_a_splice_asked_of_the_node_without_the_peer_is_sent_to_the_node_with_it(
     two_nodes: tuple[RelayNode, RelayNode, dict[str, Identity]],
 ) -> None:

@@ -767,12 +767,15 @@ class Node:
         allowed: dict[bytes, object] | None = None
         while True:
             await trio.sleep(ADMISSION_TICK)
-            try:
-                info = path.stat()
-            except OSError:
-                continue
-            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-            if stamp != seen or not self.admission.watch_by_file:
+            if self.admission.watch_by_file:
+                try:
+                    info = path.stat()
+                except OSError:
+                    continue
+                stamp: tuple[int, int, int] | None = (info.st_ino, info.st_size, info.st_mtime_ns)
+            else:
+                stamp = None  # in the database: read every tick
+            if stamp != seen or stamp is None:
                 try:
                     allowed = dict(await trio.to_thread.run_sync(self.admission.allowed))
                 except P2PSyncError as exc:
