@@ -46,7 +46,7 @@ from p2psync.core.mailbox import (
     Tally,
     Usage,
 )
-from p2psync.errors import UsageError
+from p2psync.errors import StoreError, UsageError
 from p2psync.store.mailbox import SqliteMailbox
 from tests.mailbox_model import ModelMailbox
 
@@ -481,3 +481,19 @@ def test_concurrent_sweeps_on_two_nodes_give_one_notice_per_expiry(opener: Opene
     assert (summary.envelopes, summary.bytes, summary.notices) == (0, 0, 0)
     for sender in senders:
         assert nodes[1].usage(A, sender) == Usage()
+
+
+def test_a_mailbox_of_a_newer_schema_is_refused_not_touched(opener: Opener) -> None:
+    box = opener(None)
+    box.set_policy(B, ALLOW_A)
+    box.deposit(dep(), b"0123456789", NOW)
+    if isinstance(box, SqliteMailbox):
+        with box.guard.writing() as conn:
+            conn.execute("UPDATE mailbox_schema SET version = 99")
+    else:
+        box.pool.transaction(  # type: ignore[attr-defined]
+            lambda conn: conn.execute("UPDATE mailbox_schema SET version = 99")
+        )
+    with pytest.raises(StoreError, match="schema version 99"):
+        opener(None)
+    assert len(box.fetch(B, 0, 10, NOW)) == 1  # what it holds is still there

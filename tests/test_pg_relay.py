@@ -173,7 +173,8 @@ def test_running_agents_on_two_nodes_sync_live_and_a_site_syncs_through_either(
     """Head office on node 1, branch on node 2, no address for each other: writes
     reach the other side live through a splice the nodes arrange; a third site
     that only runs `p2psync sync` now and then deposits through node 2 and
-    collects through node 1."""
+    collects through node 1; when node 1 dies, the head office (which lists both
+    nodes' addresses) carries on through node 2."""
     one = RelayNode(tmp_path / "node1", "hub").init("--store", f"postgresql:{pg_conninfo}")
     two = RelayNode(tmp_path / "node2", "hub").init("--node-of", str(one.home))
     a, b = agents("head"), agents("branch")
@@ -185,7 +186,8 @@ def test_running_agents_on_two_nodes_sync_live_and_a_site_syncs_through_either(
     try:
         for home in (a.home, b.home, field):
             cli(two.home, "relay", "allow", json.loads(cli(home, "status", "--json"))["device_id"])
-        use_relay(a.home, one)
+        cli(a.home, "relay", "add", one.device_id, "--address", one.address,
+            "--address", two.address)  # one relay, two nodes: the first that answers
         use_relay(b.home, two)
         for agent in (a, b):
             agent.start()
@@ -204,6 +206,11 @@ def test_running_agents_on_two_nodes_sync_live_and_a_site_syncs_through_either(
         out = cli(field, "sync", "--timeout", "30")
         assert "entries received" in out, out
         assert len(records(field)) >= 40
+        # node 1 dies: the head office goes on through node 2 by itself
+        one.kill()
+        write(b.home, 5, "late")
+        wait_for(lambda: len(records(a.home)) == 60, timeout=60)
+        assert two.address in cli(a.home, "status")
     finally:
         one.stop()
         two.stop()

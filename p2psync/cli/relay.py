@@ -75,11 +75,12 @@ def init(state: State, name: str | None, store_arg: str | None, node_of: str | N
 
     store = parse_store(store_arg) if store_arg is not None else None
     like = Path(node_of).expanduser() if node_of is not None else None
-    created = relay_home.init(relay_home.resolve(state.home_arg), name, store=store, like=like)
-    if created.store is not None:  # check the database now, not at the first serve
-        from p2psync.relay.backend import open_mailbox  # noqa: PLC0415
+    target = store if store is not None or like is None else relay_home.load(like).store
+    if target is not None:  # reach the database (and make its tables) before the home
+        from p2psync.store.pgmailbox import PgMailbox  # noqa: PLC0415
 
-        open_mailbox(created, 1).close()
+        PgMailbox(target, connections=1).close()
+    created = relay_home.init(relay_home.resolve(state.home_arg), name, store=store, like=like)
     click.echo(created.identity.device_id)
     what = "another node of relay" if like is not None else "relay"
     click.echo(
