@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -265,6 +266,9 @@ class Listener:
         self.conninfo = conninfo
         self._conn: Conn | None = None
         self.error = ""
+        self._lock = threading.Lock()
+        self._waiting = False  # a thread is in wait(): it closes the connection itself
+        self._closed = False
 
     def _connect(self) -> Conn:
         import psycopg  # noqa: PLC0415
@@ -278,6 +282,10 @@ class Listener:
         """(channel, payload) pairs that arrived; [] on a timeout or a lost link."""
         import psycopg  # noqa: PLC0415
 
+        with self._lock:
+            if self._closed:
+                return []
+            self._waiting = True
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
@@ -290,8 +298,20 @@ class Listener:
                 self._conn.close()
             self._conn = None
             return []
+        finally:
+            with self._lock:
+                self._waiting = False
+                if self._closed:
+                    self._close()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def close(self) -> None:
+        """Close the connection, now or (while a thread waits on it) when it returns."""
+        with self._lock:
+            self._closed = True
+            if not self._waiting:
+                self._close()
