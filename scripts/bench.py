@@ -6,6 +6,7 @@
     scripts/bench stop  [--runs R]
     scripts/bench relay [--records N] [--runs R] [--no-scale] [--no-mailbox] [--no-splice]
                         [--live-writes W]
+    scripts/bench relay --store postgresql [--runs R] [--failover-runs N] [--per-sender M]
 
 ``local`` measures the local core (issue 2): single puts, a bulk load of N
 records (one entry each), and ingest of N entries from another author (verify +
@@ -41,6 +42,11 @@ to B only through the relay (``p2psync sync`` on each side, against the bulk
 load), bytes per entry through the relay against a direct sync, and the relay
 with 1,000 mailboxes holding envelopes and 50 sessions open while 10 senders
 deposit (RSS, deposits/s, fetches/s). See ``scripts/bench_relay.py``.
+
+``relay --store postgresql`` measures the relay's mailbox on PostgreSQL instead
+(issue 12): throughput of SQLite, PostgreSQL and two nodes on one database side by
+side in each run, and failover to a synchronous standby after kill -9 of the
+primary. See ``scripts/bench_pg.py``.
 """
 
 from __future__ import annotations
@@ -580,6 +586,13 @@ def run_stop(args: argparse.Namespace) -> None:
 
 
 def run_relay(args: argparse.Namespace) -> None:
+    if args.store == "postgresql":
+        from bench_pg import run_pg  # noqa: PLC0415 - its own module (scripts/)
+
+        run_pg(args)
+        return
+    if args.failover_runs is not None or args.per_sender is not None:
+        raise SystemExit("--failover-runs and --per-sender go with --store postgresql")
     from bench_relay import run_relay as run  # noqa: PLC0415 - its own module (scripts/)
 
     run(args)
@@ -622,6 +635,24 @@ def main() -> None:
     relay.add_argument("--no-mailbox", action="store_true", help="skip the mailbox measures")
     relay.add_argument("--no-splice", action="store_true", help="skip the live splice measures")
     relay.add_argument("--live-writes", type=int, default=300, help="W2 writes per splice run")
+    relay.add_argument(
+        "--store",
+        choices=["postgresql"],
+        help="postgresql: the mailbox on PostgreSQL instead (scripts/bench_pg.py: SQLite"
+        " against PostgreSQL against two nodes, and failover; --runs and the options below)",
+    )
+    relay.add_argument(
+        "--failover-runs", type=int, default=None, help="with --store postgresql (default 10)"
+    )
+    relay.add_argument(
+        "--per-sender",
+        type=int,
+        default=None,
+        help="with --store postgresql: deposits per sender per throughput run (default 200)",
+    )
+    relay.add_argument(
+        "--seed", type=int, default=None, help="with --store postgresql: the kill moments' seed"
+    )
     args = parser.parse_args()
     if args.suite == "relay":
         run_relay(args)
