@@ -20,7 +20,7 @@ class RelayNode:
     def __init__(self, home: Path, name: str = "hub") -> None:
         self.home = home
         self.name = name
-        self.log = home.parent / f"{name}.log"
+        self.log = home.parent / f"{home.name}.log"
         self.address = "127.0.0.1:0"
         self.device_id = ""
         self.process: subprocess.Popen[str] | None = None

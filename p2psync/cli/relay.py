@@ -9,6 +9,7 @@ agent's home as every other command does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -134,25 +135,52 @@ def serve(
     if not quiet and not state.debug:
         logging.getLogger("p2psync").setLevel(logging.INFO)
     home = _home(state)
+    switching = False
     if store_arg is not None:
         store = parse_store(store_arg)
         if store != home.store and home.store is not None:
             raise UsageError(
                 f"this relay's mailbox is in {shown(home.store)} (relay.json); a node "
-                "cannot move it (start a new relay home for another store)"
+                "cannot move it (edit relay.json if the database is reached another way)"
             )
         if store != home.store:
-            if store is None:
-                raise UsageError("this relay's mailbox is in SQLite already")
-            home = relay_home.set_store(home, store)  # so allow, deny, status act there too
+            _check_sqlite_empty(home)
+            switching = True
+            home = dataclasses.replace(home, store=store)
     with serve_lock(home.path):
-        node = Node(home, addresses, list(advertise))
+        node = Node(home, addresses, list(advertise))  # reaches the database first
+        if switching and home.store is not None:  # so allow, deny, status act there too
+            try:
+                home = relay_home.set_store(home, home.store)
+            except BaseException:
+                node.close()
+                raise
 
         try:
             run_until_signal(node.run)
         finally:
             node.close()
     click.echo("stopped")
+
+
+def _check_sqlite_empty(home: relay_home.RelayHome) -> None:
+    """Moving a relay to PostgreSQL leaves its SQLite mailbox behind: refused while
+    that still holds envelopes (their senders would wait for ever)."""
+    if not home.mailbox_path.exists():
+        return
+    from p2psync.store.mailbox import SqliteMailbox  # noqa: PLC0415
+
+    mailbox = SqliteMailbox(home.mailbox_path, home.limits)
+    try:
+        held = mailbox.summary(now_ms()).envelopes
+    finally:
+        mailbox.close()
+    if held:
+        raise UsageError(
+            f"this relay's SQLite mailbox still holds {output.count(held, 'envelope')}, "
+            "which a PostgreSQL store would not have; serve it on SQLite until it is "
+            "empty (or `relay purge` the mailboxes), then move"
+        )
 
 
 @relay.command(name="status")
@@ -172,6 +200,15 @@ def status(state: State, as_json: bool) -> None:
 
 def _status_lines(d: dict[str, Any]) -> list[str]:
     lines = [f"relay {d['name']!r} {d['device_id']}", f"mailbox store: {d['store']}"]
+    if "error" in d:  # the database is away
+        lines.append(f"cannot reach the mailbox store: {d['error']}")
+        running = d["running"]
+        lines.append(
+            "serve: not running" if running is None
+            else f"serve: running, pid {running['pid']}, listening on "
+            f"{', '.join(running['listen'])}, {len(running['sessions'])} sessions"
+        )
+        return lines
     if d["backend"] == "postgresql":
         lines.append(f"relay nodes on this database: {len(d['nodes'])}")
         for n in d["nodes"]:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from p2psync.core.mailbox import MailboxStore
 from p2psync.errors import HomeError, StoreError, UsageError
@@ -45,18 +44,21 @@ def parse_store(text: str) -> str | None:
 
 
 def shown(store: str | None) -> str:
-    """The store for logs and ``relay status``: never its password."""
+    """The store for logs and ``relay status``: never its password (libpq's own
+    parser reads it, in whichever form it is given)."""
     if store is None:
         return SQLITE
-    if "://" in store:
-        parts = urlsplit(store)
-        netloc = parts.netloc
-        if "@" in netloc:
-            user, host = netloc.rsplit("@", 1)
-            netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else netloc
-        return urlunsplit(parts._replace(netloc=netloc))
-    masked = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", store)
-    return f"postgresql:{masked}" if masked else "postgresql (PG* environment variables)"
+    if not store:
+        return "postgresql (PG* environment variables)"
+    try:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: PLC0415
+
+        params = conninfo_to_dict(store)
+    except Exception:  # psycopg missing, or a string libpq cannot read
+        return "postgresql (a connection string libpq cannot read)"
+    if "password" in params:
+        params["password"] = "***"
+    return "postgresql:" + make_conninfo(**params)  # type: ignore[arg-type]
 
 
 def open_mailbox(home: RelayHome, connections: int = 4) -> MailboxStore:

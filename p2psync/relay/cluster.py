@@ -28,6 +28,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,8 @@ HEARTBEAT_S = 2.0
 STALE_MS = 10_000
 #: Rows of nodes gone this long are removed (with their sessions) by any node.
 FORGET_MS = 3_600_000
+#: Every time in these tables is the database's clock (nodes' clocks may differ).
+_NOW = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,9 @@ class NodeInfo:
     host: str
     pid: int
     started_ms: int
-    seen_ms: int
+    ago_ms: int  # since its last heartbeat, by the database's clock
 
-    def describe(self, now_ms: int) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         return {
             "node": self.node,
             "name": self.name,
@@ -66,7 +69,7 @@ class NodeInfo:
             "host": self.host,
             "pid": self.pid,
             "started": self.started_ms,
-            "seen_ms_ago": max(0, now_ms - self.seen_ms),
+            "seen_ms_ago": max(0, self.ago_ms),
         }
 
 
@@ -90,60 +93,71 @@ class Cluster:
         self.node = os.urandom(8).hex()
         self.host = socket.gethostname()
         self.addresses: tuple[str, ...] = ()
+        self.started_ms = 0
 
     # ------------------------------------------------------------ nodes
 
     def join(self, addresses: list[str], now_ms: int) -> None:
-        """Register this node (its advertised addresses); forget long-gone nodes."""
+        """Register this node (its advertised addresses); forget long-gone nodes.
+        ``now_ms`` is only shown (as its start); staleness is the database's clock."""
         self.addresses = tuple(addresses)
+        self.started_ms = now_ms
+        self.pool.transaction(self._upsert)
 
-        def work(conn: Conn) -> None:
-            conn.execute(
-                "INSERT INTO relay_nodes (node, name, addresses, host, pid, started_ms, seen_ms) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (self.node, self.name, json.dumps(list(addresses)), self.host, os.getpid(),
-                 now_ms, now_ms),
-            )
-            gone = now_ms - FORGET_MS
-            conn.execute(
-                "DELETE FROM relay_sessions WHERE node IN "
-                "(SELECT node FROM relay_nodes WHERE seen_ms < %s)",
-                (gone,),
-            )
-            conn.execute("DELETE FROM relay_nodes WHERE seen_ms < %s", (gone,))
+    def _upsert(self, conn: Conn) -> None:
+        conn.execute(
+            "INSERT INTO relay_nodes (node, name, addresses, host, pid, started_ms, seen_ms) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, {_NOW}) ON CONFLICT (node) DO UPDATE SET "
+            "seen_ms = excluded.seen_ms",
+            (self.node, self.name, json.dumps(list(self.addresses)), self.host, os.getpid(),
+             self.started_ms),
+        )
+        conn.execute(
+            "DELETE FROM relay_sessions WHERE node IN "
+            f"(SELECT node FROM relay_nodes WHERE seen_ms < {_NOW} - %s)",
+            (FORGET_MS,),
+        )
+        conn.execute(f"DELETE FROM relay_nodes WHERE seen_ms < {_NOW} - %s", (FORGET_MS,))
 
-        self.pool.transaction(work)
-
-    def heartbeat(self, now_ms: int) -> list[NodeInfo]:
-        """Say this node is alive; every node seen lately (this one first)."""
+    def heartbeat(self, now_ms: int, devices: Iterable[bytes] = ()) -> list[NodeInfo]:
+        """Say this node is alive (its row made again if another node removed it)
+        and which devices it holds sessions of now (what opened or closed while
+        the database was away, or in a race, is right again); every node seen
+        lately (this one first). ``now_ms``: for invitations' expiry only."""
+        held = sorted(set(devices))
 
         def work(conn: Conn) -> list[NodeInfo]:
+            self._upsert(conn)
             conn.execute(
-                "UPDATE relay_nodes SET seen_ms = %s WHERE node = %s", (now_ms, self.node)
+                "DELETE FROM relay_sessions WHERE node = %s AND NOT (device = ANY(%s))",
+                (self.node, held),
             )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO relay_sessions (device, node, since_ms) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (device, node) DO NOTHING",
+                    [(device, self.node, now_ms) for device in held],
+                )
             conn.execute(  # invitations nobody took
                 "DELETE FROM relay_invites WHERE expires_ms < %s", (now_ms - 60_000,)
             )
-            rows = conn.execute(
-                "SELECT node, name, addresses, host, pid, started_ms, seen_ms FROM relay_nodes "
-                "WHERE seen_ms >= %s ORDER BY started_ms",
-                (now_ms - STALE_MS,),
-            ).fetchall()
-            return [_node(row) for row in rows]
+            return self._nodes(conn)
 
         nodes = self.pool.transaction(work)
         return sorted(nodes, key=lambda n: n.node != self.node)
 
-    def nodes(self, now_ms: int) -> list[NodeInfo]:
-        """Every node seen lately, oldest first (``relay status`` from any home)."""
-        rows = self.pool.transaction(
-            lambda conn: conn.execute(
-                "SELECT node, name, addresses, host, pid, started_ms, seen_ms FROM relay_nodes "
-                "WHERE seen_ms >= %s ORDER BY started_ms",
-                (now_ms - STALE_MS,),
-            ).fetchall()
-        )
+    @staticmethod
+    def _nodes(conn: Conn) -> list[NodeInfo]:
+        rows = conn.execute(
+            f"SELECT node, name, addresses, host, pid, started_ms, {_NOW} - seen_ms "
+            f"FROM relay_nodes WHERE seen_ms >= {_NOW} - %s ORDER BY started_ms, node",
+            (STALE_MS,),
+        ).fetchall()
         return [_node(row) for row in rows]
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node seen lately, oldest first (``relay status`` from any home)."""
+        return self.pool.transaction(self._nodes)
 
     def leave(self) -> None:
         def work(conn: Conn) -> None:
@@ -172,15 +186,16 @@ class Cluster:
             )
         )
 
-    def locate(self, device: bytes, now_ms: int) -> NodeInfo | None:
+    def locate(self, device: bytes) -> NodeInfo | None:
         """Another live node holding a session of ``device`` (the most recent)."""
         row = self.pool.transaction(
             lambda conn: conn.execute(
-                "SELECT n.node, n.name, n.addresses, n.host, n.pid, n.started_ms, n.seen_ms "
+                "SELECT n.node, n.name, n.addresses, n.host, n.pid, n.started_ms, "
+                f"{_NOW} - n.seen_ms "
                 "FROM relay_sessions s JOIN relay_nodes n ON n.node = s.node "
-                "WHERE s.device = %s AND s.node <> %s AND n.seen_ms >= %s "
+                f"WHERE s.device = %s AND s.node <> %s AND n.seen_ms >= {_NOW} - %s "
                 "ORDER BY s.since_ms DESC LIMIT 1",
-                (device, self.node, now_ms - STALE_MS),
+                (device, self.node, STALE_MS),
             ).fetchone()
         )
         return None if row is None else _node(row)
@@ -248,12 +263,14 @@ class Cluster:
 
 
 def _node(row: tuple[Any, ...]) -> NodeInfo:
-    node, name, addresses, host, pid, started, seen = row
+    node, name, addresses, host, pid, started, ago = row
     try:
         listed = tuple(str(a) for a in json.loads(addresses))
     except ValueError:
         listed = ()
-    return NodeInfo(node, name, listed, host, int(pid), int(started), int(seen))
+    # a wildcard address tells no agent where this node is
+    usable = tuple(a for a in listed if not a.startswith(("0.0.0.0:", "[::]:")))
+    return NodeInfo(node, name, usable, host, int(pid), int(started), int(ago))
 
 
 class Listener:

@@ -110,10 +110,10 @@ def init(
         raise HomeError(f"{path} already holds {kind} p2psync identity; use another --home")
     model = load(like) if like is not None else None
     if model is not None:
-        if model.store is None and store is None:
+        if model.store is None:
             raise HomeError(
                 f"the relay at {like} keeps its mailbox in SQLite, which one node alone "
-                "can use; give it a PostgreSQL --store first (docs/relay.md, "
+                "can use; nodes of one relay share one PostgreSQL database (docs/relay.md, "
                 "\"Several relay nodes\")"
             )
         name = name or model.name

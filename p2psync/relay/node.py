@@ -261,9 +261,15 @@ class Node:
                 nursery.start_soon(self._state_writer)
                 nursery.start_soon(self._admission_watch)
                 if self.cluster is not None:
-                    await trio.to_thread.run_sync(
-                        self.cluster.join, self.advertise or self.addresses, now_ms()
-                    )
+                    advertised = self.advertise or self.addresses
+                    if any(a.startswith(("0.0.0.0:", "[::]:")) for a in advertised):
+                        log.warning(
+                            "this node advertises %s to the other nodes of the relay: give "
+                            "--advertise HOST:PORT (the address agents reach it at), or "
+                            "splices cannot be sent here from another node",
+                            ", ".join(advertised),
+                        )
+                    await trio.to_thread.run_sync(self.cluster.join, advertised, now_ms())
                     nursery.start_soon(self._heartbeat)
                     nursery.start_soon(self._listen)
                 log.info(
@@ -539,11 +545,18 @@ class Node:
         assert self.cluster is not None
         cluster = self.cluster
         try:
-            node = await trio.to_thread.run_sync(cluster.locate, request.peer, now_ms())
+            node = await trio.to_thread.run_sync(cluster.locate, request.peer)
         except StoreError as exc:
             log.error("cannot look for %s on the other nodes: %s", short_id(request.peer), exc)
             node = None
-        if node is None or not node.addresses:
+        # counted here as an invitation of this node's (against the asker's cap and
+        # the total), with keys nobody is told: the real ones go to the peer's node
+        reserved = (
+            self.splices.invite(session.key, request.peer, trio.current_time())
+            if node is not None and node.addresses
+            else None
+        )
+        if node is None or reserved is None:
             self.splices.counters["unavailable"] += 1
             return unavailable
         asker_key, target_key = os.urandom(wire.SPLICE_KEY_BYTES), os.urandom(
@@ -555,6 +568,7 @@ class Node:
             await trio.to_thread.run_sync(cluster.hand, node.node, handed)
         except StoreError as exc:
             log.error("cannot hand a splice to node %s: %s", node.name, exc)
+            self.splices.drop(reserved)
             self.splices.counters["unavailable"] += 1
             return unavailable
         self.splices.counters["redirected"] = self.splices.counters.get("redirected", 0) + 1
@@ -595,7 +609,9 @@ class Node:
         last_replication = -REPLICATION_EVERY_S
         while True:
             try:
-                self.nodes = await trio.to_thread.run_sync(cluster.heartbeat, now_ms())
+                self.nodes = await trio.to_thread.run_sync(
+                    cluster.heartbeat, now_ms(), list(self.sessions)
+                )
             except StoreError as exc:
                 log.warning("heartbeat to the database failed: %s", exc)
             if trio.current_time() - last_replication >= REPLICATION_EVERY_S:
@@ -750,7 +766,7 @@ class Node:
             "store": shown(self.home.store),
             "node": self.cluster.node if self.cluster is not None else None,
             "advertise": self.advertise or self.addresses,
-            "nodes": [n.describe(now_ms()) for n in self.nodes],
+            "nodes": [n.describe() for n in self.nodes],
             "replication": self.replication,
         }
 

@@ -12,6 +12,7 @@ failure is :class:`~p2psync.errors.StoreError`: a deposit is then refused
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from p2psync.core import relaywire as wire
@@ -28,6 +29,11 @@ from p2psync.core.mailbox import (
 )
 from p2psync.core.policy import decode_policy
 from p2psync.errors import EnvelopeError, PolicyError, StoreError
+
+log = logging.getLogger("p2psync.relay")
+
+#: What an agent is told when storing failed (nothing stored): no details.
+STORAGE_FAILED = "the relay's storage failed; deposit again later"
 
 #: Room in one Envelopes answer for what is not an envelope (type, rid, flags,
 #: and per envelope its position, T and framing).
@@ -110,8 +116,9 @@ class Service:
         )
         try:
             verdict = self.mailbox.deposit(deposit, sealed, now_ms)
-        except StoreError as exc:
-            return Outcome(wire.Refused(rid, wire.RefusalCode.BUSY, f"storage failed: {exc}"))
+        except StoreError as exc:  # the details (hosts, paths, names) are for the log only
+            log.error("a deposit failed: %s", exc)
+            return Outcome(wire.Refused(rid, wire.RefusalCode.BUSY, STORAGE_FAILED))
         if isinstance(verdict, Stored):
             return Outcome(wire.Stored(rid, verdict.until_ms), (header.recipient, verdict.position))
         if isinstance(verdict, Duplicate):

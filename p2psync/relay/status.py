@@ -8,6 +8,7 @@ from typing import Any
 
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
+from p2psync.errors import StoreError
 from p2psync.relay.backend import open_admission, open_mailbox, shown
 from p2psync.relay.home import STATE_FILE, RelayHome
 from p2psync.relay.lock import serving
@@ -20,7 +21,20 @@ def relay_status(home: RelayHome) -> dict[str, Any]:
             running = json.loads((home.path / STATE_FILE).read_text())
         except (OSError, ValueError):
             running = None
-    mailbox = open_mailbox(home, 1)
+    head = {
+        "device_id": home.identity.device_id,
+        "name": home.name,
+        "home": str(home.path),
+        "store": shown(home.store),
+        "backend": "sqlite" if home.store is None else "postgresql",
+        "running": running,
+    }
+    try:
+        mailbox = open_mailbox(home, 1)
+    except StoreError as exc:  # the database is away: say so, and what this home knows
+        if home.store is None:
+            raise
+        return {**head, "error": str(exc)}
     try:
         summary = mailbox.summary(now_ms())
         nodes, replication = _shared(home, mailbox)
@@ -74,5 +88,4 @@ def _shared(home: RelayHome, mailbox: object) -> tuple[list[dict[str, Any]], dic
     from p2psync.relay.cluster import Cluster  # noqa: PLC0415
 
     cluster = Cluster(mailbox.pool, home.name)  # type: ignore[attr-defined]
-    now = now_ms()
-    return [n.describe(now) for n in cluster.nodes(now)], cluster.replication()
+    return [n.describe() for n in cluster.nodes()], cluster.replication()

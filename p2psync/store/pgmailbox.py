@@ -463,7 +463,11 @@ class PgMailbox:
                 (sender, sender, limit),
             ).fetchall()
 
-        notices = [ExpiryNotice(sender, bytes(r), q, u) for r, q, u in self.pool.transaction(work)]
+        # not run again after a lost COMMIT: the notices it took are gone then, as
+        # when the answer is lost on its way (advice: the sender's ledger expires
+        # its envelopes by its own clock)
+        taken = self.pool.transaction(work, idempotent=False)
+        notices = [ExpiryNotice(sender, bytes(r), q, u) for r, q, u in taken]
         return sorted(notices, key=lambda n: (n.until_ms, n.recipient, n.seq))
 
     def usage(self, recipient: bytes, sender: bytes) -> Usage:
@@ -496,7 +500,8 @@ class PgMailbox:
                 )
             return True
 
-        return self.pool.transaction(work)
+        # run again after a lost COMMIT, it would find itself in force: "not newer"
+        return self.pool.transaction(work, idempotent=False)
 
     def position(self, recipient: bytes) -> int:
         row = self.pool.transaction(

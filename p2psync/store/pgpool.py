@@ -11,8 +11,9 @@ times with a short pause; every other database error, and a retry that still
 fails, is a :class:`~p2psync.errors.StoreError` with one sentence for the log.
 
 Retrying after a connection lost *during* COMMIT can run a transaction twice;
-the mailbox's writes are idempotent (a deposit's second run finds its key
-held), so that is safe for them, and callers that are not must not use it.
+most of the mailbox's writes are idempotent (a deposit's second run finds its
+key held and answers ``Duplicate`` with the same T), so that is safe for them;
+the others say ``idempotent=False`` and get a :class:`StoreError` instead.
 """
 
 from __future__ import annotations
@@ -107,23 +108,34 @@ class Pool:
                     self._made -= 1
                 self._cond.notify()
 
-    def transaction(self, work: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
+    def transaction(
+        self, work: Callable[[psycopg.Connection[tuple[Any, ...]]], T], *, idempotent: bool = True
+    ) -> T:
         """``work(conn)`` inside one transaction, committed when it returns;
-        retried as the module says."""
+        retried as the module says. A transaction that is not ``idempotent`` is
+        not run again once ``work`` returned (the failure was at COMMIT, whose
+        outcome is unknown): a :class:`StoreError` says so instead."""
         import psycopg  # noqa: PLC0415
         from psycopg import errors  # noqa: PLC0415
 
         pause = PAUSE_S
         for attempt in range(ATTEMPTS):
+            ran = False
             try:
                 with self.connection() as conn, conn.transaction():
-                    return work(conn)
+                    result = work(conn)
+                    ran = True
+                return result
             except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
                 failure: psycopg.Error = exc
             except psycopg.OperationalError as exc:  # the connection (or the server) went
                 failure = exc
             except psycopg.Error as exc:
                 raise StoreError(f"the relay's database: {describe(exc)}") from exc
+            if ran and not idempotent:
+                raise StoreError(
+                    f"the relay's database went during a commit: {describe(failure)}"
+                ) from failure
             if attempt + 1 < ATTEMPTS:
                 time.sleep(pause)
                 pause *= 2
