@@ -56,7 +56,7 @@ async def test_when_the_direct_connection_that_replaced_a_splice_ends_the_splice
     client = _Client()
 
     async def join(client: object, splicer: object, peer: bytes, key: bytes,
-                   initiator: bool) -> None:  # the splice forms (the agent's run_connection)
+                   initiator: bool, address: str) -> None:  # the splice forms (run_connection)
         agent.registry.add(Connection(peer, peer, False, "via relay", via=b"R" * 32))
 
     link._join = join  # type: ignore[method-assign]
