@@ -21,7 +21,7 @@ from p2psync.core.mailbox import MailboxStore
 from p2psync.errors import HomeError, StoreError, UsageError
 from p2psync.relay.admission import Admission
 from p2psync.relay.home import ADMISSION_FILE, RelayHome
-from p2psync.store.pgpool import ATTEMPTS, PAUSE_S, Pool, describe
+from p2psync.store.pgpool import ATTEMPTS, PAUSE_S, Pool, check_conninfo, describe
 
 SQLITE = "sqlite"
 
@@ -34,9 +34,12 @@ def parse_store(text: str) -> str | None:
     if value.lower() in ("postgresql", "postgres"):
         return ""  # libpq reads PGHOST, PGDATABASE, ...
     if re.match(r"(?i)postgres(ql)?://", value):
+        check_conninfo(value)
         return value
     if value.lower().startswith("postgresql:"):
-        return value[len("postgresql:"):].strip()
+        conninfo = value[len("postgresql:"):].strip()
+        check_conninfo(conninfo)
+        return conninfo
     raise UsageError(
         f"--store {text!r}: give sqlite, a postgresql://... URI, postgresql:KEY=VALUE..., "
         "or postgresql (the PG* environment variables)"

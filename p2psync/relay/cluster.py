@@ -81,7 +81,7 @@ class Handed:
     target: bytes
     asker_key: bytes
     target_key: bytes
-    expires_ms: int
+    life_ms: int  # how long its keys are good from now (the database's clock)
 
 
 class Cluster:
@@ -119,11 +119,11 @@ class Cluster:
         )
         conn.execute(f"DELETE FROM relay_nodes WHERE seen_ms < {_NOW} - %s", (FORGET_MS,))
 
-    def heartbeat(self, now_ms: int, devices: Iterable[bytes] = ()) -> list[NodeInfo]:
+    def heartbeat(self, devices: Iterable[bytes] = ()) -> list[NodeInfo]:
         """Say this node is alive (its row made again if another node removed it)
         and which devices it holds sessions of now (what opened or closed while
-        the database was away, or in a race, is right again); every node seen
-        lately (this one first). ``now_ms``: for invitations' expiry only."""
+        the database was away is right again); every node seen lately (this one
+        first)."""
         held = sorted(set(devices))
 
         def work(conn: Conn) -> list[NodeInfo]:
@@ -134,12 +134,12 @@ class Cluster:
             )
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO relay_sessions (device, node, since_ms) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (device, node) DO NOTHING",
-                    [(device, self.node, now_ms) for device in held],
+                    "INSERT INTO relay_sessions (device, node, since_ms) "
+                    f"VALUES (%s, %s, {_NOW}) ON CONFLICT (device, node) DO NOTHING",
+                    [(device, self.node) for device in held],
                 )
             conn.execute(  # invitations nobody took
-                "DELETE FROM relay_invites WHERE expires_ms < %s", (now_ms - 60_000,)
+                f"DELETE FROM relay_invites WHERE expires_ms < {_NOW} - 60000"
             )
             return self._nodes(conn)
 
@@ -169,12 +169,13 @@ class Cluster:
 
     # ------------------------------------------------------------ sessions
 
-    def opened(self, device: bytes, now_ms: int) -> None:
+    def opened(self, device: bytes) -> None:
         self.pool.transaction(
             lambda conn: conn.execute(
-                "INSERT INTO relay_sessions (device, node, since_ms) VALUES (%s, %s, %s) "
+                "INSERT INTO relay_sessions (device, node, since_ms) "
+                f"VALUES (%s, %s, {_NOW}) "
                 "ON CONFLICT (device, node) DO UPDATE SET since_ms = excluded.since_ms",
-                (device, self.node, now_ms),
+                (device, self.node),
             )
         )
 
@@ -208,9 +209,9 @@ class Cluster:
         def work(conn: Conn) -> None:
             conn.execute(
                 "INSERT INTO relay_invites (node, asker, target, asker_key, target_key, "
-                "expires_ms) VALUES (%s, %s, %s, %s, %s, %s)",
+                f"expires_ms) VALUES (%s, %s, %s, %s, %s, {_NOW} + %s)",
                 (node, invitation.asker, invitation.target, invitation.asker_key,
-                 invitation.target_key, invitation.expires_ms),
+                 invitation.target_key, invitation.life_ms),
             )
             conn.execute("SELECT pg_notify(%s, %s)", (INVITE_CHANNEL, node))
 
@@ -221,7 +222,7 @@ class Cluster:
         rows = self.pool.transaction(
             lambda conn: conn.execute(
                 "DELETE FROM relay_invites WHERE node = %s "
-                "RETURNING asker, target, asker_key, target_key, expires_ms",
+                f"RETURNING asker, target, asker_key, target_key, expires_ms - {_NOW}",
                 (self.node,),
             ).fetchall()
         )

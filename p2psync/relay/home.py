@@ -179,6 +179,13 @@ def load(path: Path) -> RelayHome:
     store = settings.get("store")
     if store is not None and not isinstance(store, str):
         raise HomeError(f"{path / SETTINGS_FILE}: store is not a text")
+    if store:
+        from p2psync.store.pgpool import check_conninfo  # noqa: PLC0415
+
+        try:
+            check_conninfo(store)
+        except UsageError as exc:
+            raise HomeError(f"{path / SETTINGS_FILE}: store: {exc}") from None
     return RelayHome(
         path,
         identity,

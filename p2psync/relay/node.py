@@ -216,6 +216,9 @@ class Node:
             per_device=self.caps.splices_per_device, total=self.caps.splices_total
         )
         self._store_limiter = trio.CapacityLimiter(PG_THREADS if shared else 1)
+        #: taken around writing relay_sessions (a session opening or closing, the
+        #: heartbeat's whole list): the last write is always the present
+        self._where_lock = trio.Lock()
         self._total: Bucket | None = None
         self._welcoming = 0  # sessions being welcomed, not yet in self.sessions
 
@@ -438,10 +441,11 @@ class Node:
         assert self.cluster is not None
         cluster = self.cluster
         try:
-            if here:
-                await trio.to_thread.run_sync(cluster.opened, device, now_ms())
-            elif device not in self.sessions:
-                await trio.to_thread.run_sync(cluster.closed, device)
+            async with self._where_lock:  # never between a heartbeat's list and its write
+                if here and device in self.sessions:
+                    await trio.to_thread.run_sync(cluster.opened, device)
+                elif not here and device not in self.sessions:
+                    await trio.to_thread.run_sync(cluster.closed, device)
         except StoreError as exc:
             log.error("cannot record the session of %s: %s", short_id(device), exc)
 
@@ -562,8 +566,8 @@ class Node:
         asker_key, target_key = os.urandom(wire.SPLICE_KEY_BYTES), os.urandom(
             wire.SPLICE_KEY_BYTES
         )
-        expires_ms = now_ms() + int(KEY_SECONDS * 1000)
-        handed = Handed(session.key, request.peer, asker_key, target_key, expires_ms)
+        expires_ms = now_ms() + int(KEY_SECONDS * 1000)  # this node's clock, for the asker
+        handed = Handed(session.key, request.peer, asker_key, target_key, int(KEY_SECONDS * 1000))
         try:
             await trio.to_thread.run_sync(cluster.hand, node.node, handed)
         except StoreError as exc:
@@ -586,7 +590,7 @@ class Node:
             log.error("cannot read the splices handed to this node: %s", exc)
             return
         for h in handed:
-            seconds = min(KEY_SECONDS, (h.expires_ms - now_ms()) / 1000)
+            seconds = min(KEY_SECONDS, h.life_ms / 1000)  # whatever the nodes' clocks say
             targets = [s for s in self.sessions.get(h.target, ()) if not s.ending]
             if seconds <= 0 or not targets:
                 continue
@@ -597,7 +601,8 @@ class Node:
                 self.splices.counters["unavailable"] += 1
                 continue
             invitation.expires = trio.current_time() + seconds
-            targets[-1].invite(wire.Invited(h.asker, h.target_key, h.expires_ms))
+            expires_ms = now_ms() + int(seconds * 1000)
+            targets[-1].invite(wire.Invited(h.asker, h.target_key, expires_ms))
             log.info("splice invitation handed here: %s asks for %s", short_id(h.asker),
                      short_id(h.target))
 
@@ -609,9 +614,10 @@ class Node:
         last_replication = -REPLICATION_EVERY_S
         while True:
             try:
-                self.nodes = await trio.to_thread.run_sync(
-                    cluster.heartbeat, now_ms(), list(self.sessions)
-                )
+                async with self._where_lock:  # the list is what the database gets
+                    self.nodes = await trio.to_thread.run_sync(
+                        cluster.heartbeat, list(self.sessions)
+                    )
             except StoreError as exc:
                 log.warning("heartbeat to the database failed: %s", exc)
             if trio.current_time() - last_replication >= REPLICATION_EVERY_S:

@@ -51,6 +51,21 @@ def _psycopg() -> object:
     return psycopg
 
 
+def check_conninfo(conninfo: str) -> None:
+    """A :class:`UsageError` unless libpq can read ``conninfo`` (its own parser).
+    The error never quotes the string: libpq's would, password and all."""
+    _psycopg()
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+    try:
+        conninfo_to_dict(conninfo)
+    except Exception:
+        raise UsageError(
+            "libpq cannot read this PostgreSQL connection string (quote values with "
+            "spaces as 'a b' in key=value form; percent-encode %, @, / and : in a URI)"
+        ) from None
+
+
 def describe(exc: BaseException) -> str:
     """One line for a psycopg error: its first line, without libpq's details."""
     text = str(exc).strip().splitlines()
