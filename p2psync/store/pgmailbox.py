@@ -229,6 +229,49 @@ class PgMailbox:
         )
 
     @staticmethod
+    def _read_for_deposit(
+        conn: Conn, deposit: Deposit
+    ) -> tuple[int | None, Usage, MailboxPolicy]:
+        """In one statement: the T of the envelope held under the deposit's key (if
+        any), the tallies it would be charged against, and the recipient's policy."""
+        recipient, sender = deposit.recipient, deposit.sender
+        row = conn.execute(
+            "SELECT (SELECT until_ms FROM envelopes "
+            "        WHERE recipient = %(r)s AND sender = %(s)s AND seq = %(q)s), "
+            "(SELECT policy_version FROM mailboxes WHERE recipient = %(r)s), "
+            "(SELECT COALESCE(array_agg(sender), '{}') FROM policy_senders "
+            "        WHERE recipient = %(r)s), "
+            "(SELECT COALESCE(json_agg(json_build_array(kind, encode(principal, 'hex'), "
+            "        encode(peer, 'hex'), count, bytes)), '[]') FROM quotas "
+            "        WHERE (principal = %(r)s AND peer IN (%(n)s, %(s)s)) "
+            "        OR (principal = %(s)s AND peer = %(n)s))",
+            {"r": recipient, "s": sender, "q": deposit.seq, "n": _NONE},
+        ).fetchone()
+        assert row is not None
+        held, version, senders, quotas = row
+        found = {
+            (kind, bytes.fromhex(principal), bytes.fromhex(peer)): Tally(count, size)
+            for kind, principal, peer, count, size in quotas
+        }
+
+        def get(kind: str, principal: bytes, peer: bytes) -> Tally:
+            return found.get((kind, principal, peer), Tally())
+
+        usage = Usage(
+            mailbox=get("mailbox", recipient, _NONE),
+            pair=get("pair", recipient, sender),
+            sender=get("sender", sender, _NONE),
+            intro_mailbox=get("intro_mailbox", recipient, _NONE),
+            intro_pair=get("intro_pair", recipient, sender),
+        )
+        policy = (
+            NO_POLICY
+            if not version
+            else MailboxPolicy(version, frozenset(bytes(x) for x in senders))
+        )
+        return held, usage, policy
+
+    @staticmethod
     def _policy(conn: Conn, recipient: bytes) -> MailboxPolicy:
         row = conn.execute(
             "SELECT policy_version FROM mailboxes WHERE recipient = %s", (recipient,)
@@ -244,25 +287,33 @@ class PgMailbox:
 
     @staticmethod
     def _charge(conn: Conn, charges: Counter[tuple[str, bytes, bytes]],
-                sizes: Counter[tuple[str, bytes, bytes]]) -> None:
+                sizes: Counter[tuple[str, bytes, bytes]], notify: str | None = None) -> None:
         """Add ``charges`` (envelopes) and ``sizes`` (bytes) to their quota rows, in
-        one sorted order (negative: a refund; rows back at zero are dropped)."""
-        for row in sorted(set(charges) | set(sizes)):
-            count, size = charges[row], sizes[row]
-            if count == 0 and size == 0:
-                continue
+        one sorted order, in one statement (negative: a refund; rows back at zero
+        are dropped); with ``notify``, announce an arrival in the same statement."""
+        rows = [r for r in sorted(set(charges) | set(sizes)) if charges[r] or sizes[r]]
+        if not rows:
+            return
+        columns = (
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            [charges[r] for r in rows], [sizes[r] for r in rows],
+        )
+        conn.execute(
+            "WITH q AS (INSERT INTO quotas (kind, principal, peer, count, bytes) "
+            "SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::bigint[], "
+            "%s::bigint[]) ON CONFLICT (kind, principal, peer) DO UPDATE SET "
+            "count = quotas.count + excluded.count, bytes = quotas.bytes + excluded.bytes "
+            "RETURNING 1) "
+            "SELECT (SELECT COUNT(*) FROM q), "
+            "CASE WHEN %s THEN pg_notify(%s, %s) END",  # sent at COMMIT, if any
+            (*columns, notify is not None, ARRIVED_CHANNEL, notify or ""),
+        )
+        if any(charges[r] < 0 for r in rows):
             conn.execute(
-                "INSERT INTO quotas (kind, principal, peer, count, bytes) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, principal, peer) DO UPDATE SET "
-                "count = quotas.count + excluded.count, bytes = quotas.bytes + excluded.bytes",
-                (*row, count, size),
+                "DELETE FROM quotas WHERE count = 0 AND (kind, principal, peer) IN "
+                "(SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[]))",
+                columns[:3],
             )
-            if count < 0:
-                conn.execute(
-                    "DELETE FROM quotas WHERE kind = %s AND principal = %s AND peer = %s "
-                    "AND count = 0",
-                    row,
-                )
 
     @staticmethod
     def _refund(conn: Conn, gone: Iterable[tuple[bytes, bytes, int, int]]) -> None:
@@ -298,37 +349,32 @@ class PgMailbox:
             raise UsageError(f"a deposit of {len(blob)} bytes claims {deposit.size}")
 
         def work(conn: Conn) -> Verdict:
-            for key in sorted({_lock_key(b"mailbox", deposit.recipient),
-                               _lock_key(b"sender", deposit.sender)}):
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-            held = conn.execute(
-                "SELECT until_ms FROM envelopes WHERE recipient = %s AND sender = %s "
-                "AND seq = %s",
-                deposit.key,
-            ).fetchone()
+            locks = sorted({_lock_key(b"mailbox", deposit.recipient),
+                            _lock_key(b"sender", deposit.sender)})
+            conn.execute(  # in the array's order: the same for every deposit
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (locks,)
+            )
+            held, usage, policy = self._read_for_deposit(conn, deposit)
             verdict = admit(
                 deposit,
-                self._tallies(conn, deposit.recipient, deposit.sender),
-                self._policy(conn, deposit.recipient),
+                usage,
+                policy,
                 self.limits,
                 now_ms,
-                held_until_ms=None if held is None else held[0],
+                held_until_ms=held,
             )
             if not isinstance(verdict, Stored):
                 return verdict
-            (position,) = conn.execute(  # type: ignore[misc]
-                "INSERT INTO mailboxes (recipient, last_position, policy_version) "
+            row = conn.execute(
+                "WITH p AS (INSERT INTO mailboxes (recipient, last_position, policy_version) "
                 "VALUES (%s, 1, 0) ON CONFLICT (recipient) DO UPDATE SET "
-                "last_position = mailboxes.last_position + 1 RETURNING last_position",
-                (deposit.recipient,),
-            ).fetchone()
-            inserted = conn.execute(
+                "last_position = mailboxes.last_position + 1 RETURNING last_position) "
                 f"INSERT INTO envelopes ({_COLUMNS}, stored_ms, blob) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (recipient, sender, seq) DO NOTHING",
+                "SELECT %s, %s, %s, p.last_position, %s, %s, %s, %s, %s, %s FROM p "
+                "ON CONFLICT (recipient, sender, seq) DO NOTHING RETURNING position",
                 (
+                    deposit.recipient,
                     *deposit.key,
-                    position,
                     deposit.cls.value,
                     deposit.expiry_ms,
                     deposit.size,
@@ -336,19 +382,16 @@ class PgMailbox:
                     now_ms,
                     blob,
                 ),
-            ).rowcount
-            if inserted != 1:  # the locks make this impossible; never answer Stored then
+            ).fetchone()
+            if row is None:  # the locks make this impossible; never answer Stored then
                 raise StoreError("the envelope was stored concurrently; deposit it again")
+            position = int(row[0])
             charges: Counter[tuple[str, bytes, bytes]] = Counter()
             sizes: Counter[tuple[str, bytes, bytes]] = Counter()
-            for row in _quota_rows(deposit.recipient, deposit.sender, deposit.cls):
-                charges[row] += 1
-                sizes[row] += deposit.size
-            self._charge(conn, charges, sizes)
-            conn.execute(
-                "SELECT pg_notify(%s, %s)",
-                (ARRIVED_CHANNEL, f"{deposit.recipient.hex()}:{position}"),
-            )
+            for quota in _quota_rows(deposit.recipient, deposit.sender, deposit.cls):
+                charges[quota] += 1
+                sizes[quota] += deposit.size
+            self._charge(conn, charges, sizes, notify=f"{deposit.recipient.hex()}:{position}")
             return Stored(verdict.until_ms, position)
 
         return self.pool.transaction(work)
