@@ -29,8 +29,9 @@ than ``AUTOINCREMENT``. What differs is confined to :data:`SCHEMA` (``BLOB`` is
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from p2psync.core.envelope import EnvelopeClass
 from p2psync.core.mailbox import (
@@ -104,6 +105,31 @@ CREATE TABLE notices (
 _COLUMNS = "recipient, sender, seq, position, cls, asked_ms, size, until_ms"
 
 _BLOB = "SELECT blob FROM envelopes WHERE recipient = ? AND position = ?"
+
+#: The sweep's last step, on both backends (``?`` becomes ``%s`` on PostgreSQL):
+#: notices older than the maximum TTL go; a sender keeps its newest MAX_NOTICES.
+TRIM_NOTICES = (
+    "DELETE FROM notices WHERE until_ms <= ?",
+    "SELECT sender FROM notices GROUP BY sender HAVING COUNT(*) > ?",
+    "DELETE FROM notices WHERE sender = ? AND (recipient, seq, until_ms) NOT IN "
+    "(SELECT recipient, seq, until_ms FROM notices WHERE sender = ? "
+    "ORDER BY until_ms DESC, recipient DESC, seq DESC LIMIT ?)",
+)
+
+Row = TypeVar("Row", bound=Sequence[Any])
+
+
+def within_budget(rows: Iterable[Row], max_bytes: int | None) -> list[Row]:
+    """The first rows (a size at index 6) that fit in ``max_bytes``, always the
+    first: what a fetch serves, its blobs read only for these."""
+    chosen: list[Row] = []
+    total = 0
+    for row in rows:
+        total += row[6]
+        if max_bytes is not None and chosen and total > max_bytes:
+            break
+        chosen.append(row)
+    return chosen
 _NONE = b""
 
 
@@ -281,13 +307,7 @@ class SqliteMailbox:
                 "ORDER BY position LIMIT ?",
                 (recipient, after, now_ms, limit),
             ).fetchall()
-            chosen: list[tuple[bytes, bytes, int, int, int, int, int, int]] = []
-            total = 0
-            for row in rows:  # blobs are read only for what the answer can carry
-                total += row[6]
-                if max_bytes is not None and chosen and total > max_bytes:
-                    break
-                chosen.append(row)
+            chosen = within_budget(rows, max_bytes)
             return [
                 _envelope(row, bytes(conn.execute(_BLOB, (recipient, row[3])).fetchone()[0]))
                 for row in chosen
@@ -321,19 +341,10 @@ class SqliteMailbox:
                     (n.sender, n.recipient, n.seq, n.until_ms),
                 )
             # advice nobody took: bounded in time and per sender
-            conn.execute(
-                "DELETE FROM notices WHERE until_ms <= ?", (now_ms - self.limits.ttl_max_ms,)
-            )
-            over = conn.execute(
-                "SELECT sender FROM notices GROUP BY sender HAVING COUNT(*) > ?", (MAX_NOTICES,)
-            ).fetchall()
-            for (sender,) in over:
-                conn.execute(
-                    "DELETE FROM notices WHERE sender = ? AND (recipient, seq, until_ms) NOT IN "
-                    "(SELECT recipient, seq, until_ms FROM notices WHERE sender = ? "
-                    "ORDER BY until_ms DESC, recipient DESC, seq DESC LIMIT ?)",
-                    (sender, sender, MAX_NOTICES),
-                )
+            stale, over, keep = TRIM_NOTICES
+            conn.execute(stale, (now_ms - self.limits.ttl_max_ms,))
+            for (sender,) in conn.execute(over, (MAX_NOTICES,)).fetchall():
+                conn.execute(keep, (sender, sender, MAX_NOTICES))
         return notices
 
     def take_notices(self, sender: bytes, limit: int = MAX_FETCH) -> list[ExpiryNotice]:

@@ -58,7 +58,14 @@ from p2psync.core.mailbox import (
     newer,
 )
 from p2psync.errors import StoreError, UsageError
-from p2psync.store.mailbox import _check_int, _envelope, _quota_rows
+from p2psync.store.mailbox import SCHEMA as SQLITE_SCHEMA
+from p2psync.store.mailbox import (
+    TRIM_NOTICES,
+    _check_int,
+    _envelope,
+    _quota_rows,
+    within_budget,
+)
 from p2psync.store.pgpool import Pool
 
 if TYPE_CHECKING:
@@ -71,47 +78,12 @@ ARRIVED_CHANNEL = "p2psync_arrived"
 #: Envelopes one sweep transaction takes at most.
 SWEEP_BATCH = 500
 
-_V1 = """
-CREATE TABLE mailboxes (
-    recipient      BYTEA PRIMARY KEY,
-    last_position  BIGINT NOT NULL,
-    policy_version BIGINT NOT NULL
-);
-CREATE TABLE policy_senders (
-    recipient BYTEA NOT NULL,
-    sender    BYTEA NOT NULL,
-    PRIMARY KEY (recipient, sender)
-);
-CREATE TABLE envelopes (
-    recipient BYTEA NOT NULL,
-    sender    BYTEA NOT NULL,
-    seq       BIGINT NOT NULL,
-    position  BIGINT NOT NULL,
-    cls       INTEGER NOT NULL,
-    asked_ms  BIGINT NOT NULL,
-    size      BIGINT NOT NULL,
-    stored_ms BIGINT NOT NULL,
-    until_ms  BIGINT NOT NULL,
-    blob      BYTEA NOT NULL,
-    PRIMARY KEY (recipient, sender, seq)
-);
-CREATE UNIQUE INDEX envelopes_by_position ON envelopes (recipient, position);
-CREATE INDEX envelopes_by_until ON envelopes (until_ms);
-CREATE TABLE quotas (
-    kind      TEXT NOT NULL,
-    principal BYTEA NOT NULL,
-    peer      BYTEA NOT NULL,
-    count     BIGINT NOT NULL,
-    bytes     BIGINT NOT NULL,
-    PRIMARY KEY (kind, principal, peer)
-);
-CREATE TABLE notices (
-    sender    BYTEA NOT NULL,
-    recipient BYTEA NOT NULL,
-    seq       BIGINT NOT NULL,
-    until_ms  BIGINT NOT NULL,
-    PRIMARY KEY (sender, recipient, seq, until_ms)
-);
+#: The SQLite backend's tables (BYTEA for BLOB), and what the relay nodes share.
+_V1 = ";".join(
+    statement.replace("BLOB", "BYTEA")
+    for statement in SQLITE_SCHEMA.split(";")
+    if "mailbox_schema" not in statement  # made before any migration, below
+) + """;
 CREATE TABLE relay_nodes (
     node       TEXT PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -409,13 +381,7 @@ class PgMailbox:
                 "ORDER BY position LIMIT %s",
                 (recipient, after, now_ms, limit),
             ).fetchall()
-            chosen: list[tuple[Any, ...]] = []
-            total = 0
-            for row in rows:  # blobs are read only for what the answer can carry
-                total += row[6]
-                if max_bytes is not None and chosen and total > max_bytes:
-                    break
-                chosen.append(row)
+            chosen = within_budget(rows, max_bytes)
             if not chosen:
                 return []
             blobs: dict[int, bytes] = dict(
@@ -469,17 +435,10 @@ class PgMailbox:
 
     def _trim_notices(self, conn: Conn, now_ms: int) -> None:
         """Advice nobody took: bounded in time and per sender."""
-        conn.execute("DELETE FROM notices WHERE until_ms <= %s", (now_ms - self.limits.ttl_max_ms,))
-        over = conn.execute(
-            "SELECT sender FROM notices GROUP BY sender HAVING COUNT(*) > %s", (MAX_NOTICES,)
-        ).fetchall()
-        for (sender,) in over:
-            conn.execute(
-                "DELETE FROM notices WHERE sender = %s AND (recipient, seq, until_ms) NOT IN "
-                "(SELECT recipient, seq, until_ms FROM notices WHERE sender = %s "
-                "ORDER BY until_ms DESC, recipient DESC, seq DESC LIMIT %s)",
-                (sender, sender, MAX_NOTICES),
-            )
+        stale, over, keep = (sql.replace("?", "%s") for sql in TRIM_NOTICES)
+        conn.execute(stale, (now_ms - self.limits.ttl_max_ms,))
+        for (sender,) in conn.execute(over, (MAX_NOTICES,)).fetchall():
+            conn.execute(keep, (sender, sender, MAX_NOTICES))
 
     def sweep(self, now_ms: int) -> list[ExpiryNotice]:
         """As the interface says, in batches of :data:`SWEEP_BATCH` (each batch one
