@@ -20,7 +20,6 @@ from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.clock import now_ms
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
-from p2psync.errors import ConnectionLost
 from p2psync.net.adverts import MAX_FAILURES, AdvertTable
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -91,9 +90,11 @@ async def test_an_advert_proven_by_a_handshake_comes_first_and_an_impostor_goes(
 async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
     make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Connections with agents that have no rule in force are capped; a peer with
-    a rule in force is let in however many strangers are connected, and a peer
-    that is known (we proposed) but not yet paired counts as a stranger."""
+    """Connections with agents that have no rule in force are capped: beyond the
+    cap a new one closes the oldest (issue 13: the newest refused let a flood of
+    throwaway identities keep everyone out); a peer with a rule in force is let in
+    however many strangers are connected and closes none, and a peer that is known
+    (we proposed) but not yet paired counts as a stranger."""
     monkeypatch.setattr(agent_mod, "MAX_UNPAIRED", 2)
     a, b, known = make_db("a"), make_db("b"), make_db("known")
     me = a.identity.public_key
@@ -115,15 +116,22 @@ async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
         with trio.fail_after(5):
             while len(agent.registry.all()) < 2:
                 await trio.sleep(0.01)
+        paired = a.store.peers_in_force()
+        newer = []
         for identity in (Identity(os.urandom(32)), known.identity):
-            refused = await connect(identity)
-            with trio.fail_after(5), pytest.raises(ConnectionLost):
-                await refused.receive()
+            newer.append(await connect(identity))  # gets in: the oldest stranger made room
+            with trio.fail_after(5):
+                while identity.public_key not in {c.peer for c in agent.registry.all()}:
+                    await trio.sleep(0.01)
+            with trio.fail_after(5):  # the evicted one's session ends a moment later
+                while sum(c.peer not in paired for c in agent.registry.all()) > 2:
+                    await trio.sleep(0.01)
         peer = await connect(b.identity)
         with trio.fail_after(5):
             while not any(c.peer == b.identity.public_key for c in agent.registry.all()):
                 await trio.sleep(0.01)
-        for stream in (*strangers, peer):
+        assert known.identity.public_key in {c.peer for c in agent.registry.all()}
+        for stream in (*strangers, *newer, peer):
             await stream.aclose()
         nursery.cancel_scope.cancel()
 

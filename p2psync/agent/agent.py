@@ -54,6 +54,7 @@ from p2psync.net.address import format_address, parse_address
 from p2psync.net.adverts import AdvertTable, Found
 from p2psync.net.agentsockets import CHANGED_PEERS
 from p2psync.net.discovery import Discovery, check_interfaces, local_ipv4
+from p2psync.net.halfopen import HalfOpen
 from p2psync.net.link import PairLink
 from p2psync.net.peernote import PeerNote, after_session
 from p2psync.net.stats import SessionStats
@@ -64,9 +65,18 @@ from p2psync.store.peers import PeerState
 
 log = logging.getLogger(__name__)
 
+
+def _host(address: str) -> str:
+    """The host of ``format_address``'s ``host:port`` or ``[host]:port``."""
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
 NOTE_EVERY = 10.0  # seconds between "last in sync" notes of a live connection
-MAX_HANDSHAKES = 32  # inbound handshakes in progress at once
+MAX_HANDSHAKES = 32  # inbound handshakes in progress at once (beyond: the oldest idle goes)
+HANDSHAKES_PER_ADDRESS = 8  # of them from one source address
+FIRST_MESSAGE_SECONDS = 2.0  # for the first handshake message (32 bytes) to come
 MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
+UNPAIRED_PER_ADDRESS = 4  # of them from one source address (beyond: its oldest goes)
 MAX_SIDE = 2  # connections one peer may have open beside its live one (pending or on demand)
 MAX_ON_DEMAND = 1  # on-demand syncs one peer may run at once beside its live connection
 
@@ -117,7 +127,7 @@ class Agent:
             dial_timeout=config.dial_timeout,
         )
         self._nursery: trio.Nursery | None = None
-        self._handshaking = 0
+        self.half_open = HalfOpen(HANDSHAKES_PER_ADDRESS, MAX_HANDSHAKES)
         self._on_demand_locks: dict[bytes, trio.Lock] = {}
         self._paired_checked = -1e9
         self.started_ms = now_ms()
@@ -252,38 +262,49 @@ class Agent:
     # ------------------------------------------------------------ connections
 
     async def _inbound(self, stream: trio.SocketStream) -> None:
+        """A connection to the agent's port. Anyone may connect: an unpaired agent
+        can only exchange rule objects (pairing requests, invite joins); no entry
+        flows without a rule in force. So that a few sockets cannot keep the others
+        out (``docs/protocol.md`` §2, "Handshake"): handshakes in progress are capped
+        per source address and in total, a new one evicting the oldest that has not
+        sent its first message (else the oldest); that message must come within
+        :data:`FIRST_MESSAGE_SECONDS`; and unpaired agents are capped likewise, a
+        new one closing the oldest unpaired connection from its address (or in all)."""
         try:
             remote = stream.socket.getpeername()
-            address = format_address(str(remote[0]), int(remote[1]))
+            host = str(remote[0])
+            address = format_address(host, int(remote[1]))
         except OSError:
-            address = "?"
-        if self._handshaking >= MAX_HANDSHAKES:
-            log.warning("refused connection from %s: too many handshakes in progress", address)
-            await stream.aclose()
+            host = address = "?"
+        with trio.CancelScope() as scope:
+            ticket = self.half_open.enter(host, scope)
+            try:
+                secured = await secure(
+                    stream,
+                    self.identity,
+                    initiator=False,
+                    name=self.name,
+                    first_timeout=FIRST_MESSAGE_SECONDS,
+                    on_first=lambda: self.half_open.progress(ticket),
+                )
+            except Exception as exc:  # one bad connection never takes the agent down
+                log.info("refused connection from %s: %s", address, exc)
+                await stream.aclose()
+                return
+            finally:
+                self.half_open.leave(ticket)
+        if scope.cancelled_caught:
+            log.info("closed a half-open connection from %s to make room", address)
+            with trio.move_on_after(1) as closing:
+                closing.shield = True
+                await stream.aclose()
             return
-        self._handshaking += 1
-        try:
-            # anyone may connect: an unpaired agent can only exchange rule objects
-            # (pairing requests, invite joins); no entry flows without a rule in force
-            secured = await secure(stream, self.identity, initiator=False, name=self.name)
-        except Exception as exc:  # one bad connection never takes the agent down
-            log.warning("refused connection from %s: %s", address, exc)
-            await stream.aclose()
-            return
-        finally:
-            self._handshaking -= 1
-        if secured.peer not in self.peers.standing.paired and self._strangers() >= MAX_UNPAIRED:
+        if secured.peer not in self.peers.standing.paired:
             if trio.current_time() - self._paired_checked > 1.0:  # someone may have paired
                 self._paired_checked = trio.current_time()
                 await self._reload_peers()
-            if secured.peer not in self.peers.standing.paired and self._strangers() >= MAX_UNPAIRED:
-                log.warning(
-                    "refused %s from %s: too many unpaired agents connected",
-                    short_id(secured.peer),
-                    address,
-                )
-                await secured.aclose()
-                return
+            if secured.peer not in self.peers.standing.paired:
+                self._room_for_a_stranger(host)
         side = sum(1 for conn in self.registry.others if conn.peer == secured.peer)
         if side >= MAX_SIDE:
             log.warning(
@@ -296,9 +317,30 @@ class Agent:
             return
         await self.run_connection(secured, outbound=False, address=address)
 
-    def _strangers(self) -> int:
-        """Connections open with agents that have no rule in force with us."""
-        return sum(1 for conn in self.registry.all() if conn.peer not in self.peers.standing.paired)
+    def _strangers(self) -> list[Connection]:
+        """Connections open with agents that have no rule in force with us, oldest first."""
+        paired = self.peers.standing.paired
+        return sorted(
+            (conn for conn in self.registry.all() if conn.peer not in paired),
+            key=lambda conn: conn.opened,
+        )
+
+    def _room_for_a_stranger(self, host: str) -> None:
+        """Close the oldest unpaired connections beyond the caps, from ``host`` first,
+        so that one more fits: a flood of throwaway identities evicts its own."""
+        strangers = [c for c in self._strangers() if not c.scope.cancel_called]
+        mine = [c for c in strangers if _host(c.address) == host]
+        while len(mine) >= UNPAIRED_PER_ADDRESS:
+            oldest = mine.pop(0)
+            strangers.remove(oldest)
+            self._evict_stranger(oldest)
+        while len(strangers) >= MAX_UNPAIRED:
+            self._evict_stranger(strangers.pop(0))
+
+    def _evict_stranger(self, conn: Connection) -> None:
+        log.info("closing the unpaired connection of %s (%s) to make room",
+                 short_id(conn.peer), conn.address)
+        conn.scope.cancel()
 
     async def run_connection(
         self, secured: SecureStream, *, outbound: bool, address: str, via: bytes | None = None

@@ -22,6 +22,7 @@ or, as the agent tells it, a session that started, opened, got in sync or stuck.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -40,6 +41,7 @@ class Connection:
     outbound: bool
     address: str
     since_ms: int = field(default_factory=now_ms)
+    opened: float = field(default_factory=time.monotonic)  # orders connections exactly
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed: trio.Event = field(default_factory=trio.Event)
     stats: SessionStats | None = None

@@ -121,9 +121,13 @@ async def secure(
     timeout: float = HANDSHAKE_TIMEOUT,
     prologue: bytes = PROLOGUE,
     max_frame: int = MAX_FRAME,
+    first_timeout: float | None = None,
+    on_first: Callable[[], None] | None = None,
 ) -> SecureStream:
     """Run the handshake on ``stream``; raise HandshakeError, FrameError or ConnectionLost.
-    ``prologue`` and ``max_frame``: a relay session's (``core/relaywire.py``) differ."""
+    ``prologue`` and ``max_frame``: a relay session's (``core/relaywire.py``) differ.
+    ``first_timeout``: the peer's first message must come within it (a responder's
+    guard: message 1 is 32 bytes); ``on_first`` is called when it has come."""
     handshake = Handshake(
         identity,
         initiator=initiator,
@@ -140,8 +144,21 @@ async def secure(
         first = handshake.start()
         if first is not None:
             sent += await _send_plain(stream, first)
+        first_seen = False
         while not handshake.done:
-            header, body = await _next_frame(stream, reader, counter)
+            if first_seen or first_timeout is None:
+                header, body = await _next_frame(stream, reader, counter)
+            else:
+                with trio.move_on_after(first_timeout) as waiting:
+                    header, body = await _next_frame(stream, reader, counter)
+                if waiting.cancelled_caught:
+                    raise HandshakeError(
+                        f"the first handshake message did not come within {first_timeout:g} s"
+                    )
+            if not first_seen:
+                first_seen = True
+                if on_first is not None:
+                    on_first()
             del header
             reply = handshake.receive(body)
             if reply is not None:

@@ -6,20 +6,15 @@ bounded set of half-open connections (accepted, not yet admitted).
   shared bucket) gets at most ``rate`` bytes per second after a one-second burst.
 * :class:`Throttled` wraps a connection's stream so every byte read is charged to
   its own bucket and the relay's.
-* :class:`HalfOpen` tracks connections until they are admitted. Beyond the cap per
-  source address, or the cap in total, the *oldest* half-open connection is
-  closed to make room: a slow-loris holding many sockets only ever evicts its
-  own oldest ones first, and one that arrives last still gets its handshake
-  deadline (``docs/relay.md``, "Caps").
+* :class:`~p2psync.net.halfopen.HalfOpen` (shared with the agent) tracks
+  connections until they are admitted (``docs/relay.md``, "Caps").
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
-from dataclasses import dataclass, field
-
 import trio
+
+from p2psync.net.halfopen import HalfOpen, Ticket
 
 
 class Bucket:
@@ -73,44 +68,4 @@ class Throttled(trio.abc.Stream):
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-
-@dataclass(eq=False)
-class Ticket:
-    address: str
-    scope: trio.CancelScope
-    number: int
-    evicted: bool = field(default=False)
-
-
-class HalfOpen:
-    """Connections accepted and not yet admitted, oldest first."""
-
-    def __init__(self, per_address: int, total: int) -> None:
-        self.per_address = per_address
-        self.total = total
-        self._all: collections.OrderedDict[int, Ticket] = collections.OrderedDict()
-        self._count = itertools.count()
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._all)
-
-    def enter(self, address: str, scope: trio.CancelScope) -> Ticket:
-        """Track a new connection, evicting the oldest ones beyond the caps."""
-        mine = [t for t in self._all.values() if t.address == address]
-        while len(mine) >= self.per_address:
-            self._evict(mine.pop(0))
-        while len(self._all) >= self.total:
-            self._evict(next(iter(self._all.values())))
-        ticket = Ticket(address, scope, next(self._count))
-        self._all[ticket.number] = ticket
-        return ticket
-
-    def leave(self, ticket: Ticket) -> None:
-        self._all.pop(ticket.number, None)
-
-    def _evict(self, ticket: Ticket) -> None:
-        ticket.evicted = True
-        ticket.scope.cancel()
-        self._all.pop(ticket.number, None)
-        self.evicted += 1
+__all__ = ["Bucket", "HalfOpen", "Throttled", "Ticket"]

@@ -67,6 +67,8 @@ from p2psync.store.pgpool import Pool
 
 log = logging.getLogger("p2psync.relay")
 
+#: seconds for a connection's first handshake message (32 bytes) to come
+FIRST_MESSAGE_SECONDS = 2.0
 #: The largest frame before admission (a Hello with a token is under 64 bytes).
 HELLO_FRAME = 512
 NOT_ADMITTED = "not admitted: ask this relay's operator to allow your device ID or for a token"
@@ -330,6 +332,8 @@ class Node:
                         timeout=deadline,
                         prologue=wire.PROLOGUE,
                         max_frame=HELLO_FRAME,
+                        first_timeout=min(deadline, FIRST_MESSAGE_SECONDS),
+                        on_first=lambda: self.half_open.progress(ticket),
                     )
                 except HandshakeError as exc:
                     self.counters["handshake_failed"] += 1
