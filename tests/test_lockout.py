@@ -25,6 +25,7 @@ import trio
 import p2psync
 from p2psync import pairing
 from p2psync.agent.agent import Agent, AgentConfig
+from p2psync.core import messages
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
 from p2psync.net.oneshot import join_once, sync_once
@@ -140,3 +141,32 @@ async def test_an_invite_holder_gets_in_while_throwaway_identities_flood_the_age
         assert outcome.rule is not None, outcome
         nursery.cancel_scope.cancel()
     assert c.get("vouchers", "V-1") == 1 or outcome.rule is not None
+
+
+async def test_a_paired_peer_that_pings_and_never_reads_gets_at_most_one_pong_queued(
+    make_db: MakeDb,
+) -> None:
+    """The agent's writer stalls on a peer that reads nothing (its receive buffer is
+    tiny here); the reader keeps taking its Pings. One Pong waits, not one a Ping."""
+    a, b = make_db("a"), make_db("b")
+    mutual(a, b)
+    async with trio.open_nursery() as nursery:
+        agent_a = await start(nursery, a)
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port_of(agent_a)))
+        secured = await secure(trio.SocketStream(sock), b.identity, initiator=True, name="b")
+        digest = messages.rules_digest(b.store.rule_objects(None))
+        await secured.send(messages.encode(messages.RulesHeld(digest, True)))
+        await secured.send(messages.encode(messages.Have({})))
+        for nonce in range(60_000):
+            await secured.send(messages.encode(messages.Ping(nonce)))
+        await trio.sleep(0.5)
+        [conn] = [c for c in agent_a.registry.all() if c.peer == key(b)]
+        assert conn.machine is not None
+        queued = conn.machine.take_outbox(trio.current_time())
+        pongs = [m for m in queued if isinstance(m, messages.Pong)]
+        assert len(pongs) <= 1, f"{len(pongs)} Pongs queued for a peer that reads nothing"
+        assert not pongs or pongs[0].nonce == 59_999  # the latest one
+        await secured.aclose()
+        nursery.cancel_scope.cancel()

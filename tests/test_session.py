@@ -103,6 +103,36 @@ def test_window_limits_unacknowledged_batches() -> None:
     assert isinstance(events[0], SessionClosed) and "window" in events[0].reason
 
 
+def test_acks_the_peer_has_not_read_count_in_the_window() -> None:
+    """Issue 13: a peer that sends batches and reads nothing cannot make Acks pile
+    up in the outbox: a batch counts against the window until its Ack has left."""
+    c = started({}, config=SessionConfig(window=2))
+    c.receive(Have({}), 0.0)
+    c.take_outbox(0.0)
+    for n in (1, 2):
+        c.receive(Entries(n, [b"w"]), 0.0)
+        c.ingested(n, [])  # ingested: its Ack waits in the outbox (nothing taken)
+    events = c.receive(Entries(3, [b"w"]), 0.0)
+    assert isinstance(events[0], SessionClosed) and "window" in events[0].reason
+    # taken (sent) in time, the same batches leave room
+    d = started({}, config=SessionConfig(window=2))
+    d.receive(Have({}), 0.0)
+    for n in (1, 2, 3, 4):
+        d.receive(Entries(n, [b"w"]), 0.0)
+        d.ingested(n, [])
+        assert any(isinstance(m, Ack) for m in d.take_outbox(0.0))
+    assert not d.closed
+
+
+def test_one_pong_waits_however_many_pings_came() -> None:
+    c = started({}, config=SessionConfig(window=2))
+    c.receive(Have({}), 0.0)
+    c.take_outbox(0.0)
+    for nonce in range(1000):
+        c.receive(Ping(nonce), 0.0)
+    assert [m for m in c.take_outbox(0.0) if isinstance(m, Pong)] == [Pong(999)]
+
+
 @pytest.mark.parametrize(
     "message",
     [Entries(2, [b"x"]), Ack(1), Ack(7)],

@@ -392,6 +392,9 @@ class SyncSession:
         return [SessionClosed(message.reason, by_peer=True, error=False)]
 
     def _on_ping(self, message: Ping) -> list[Event]:
+        # at most one Pong waits (the latest): a peer that pings and never reads
+        # must not grow the outbox by one a Ping
+        self._outbox = [m for m in self._outbox if not isinstance(m, Pong)]
         self._outbox.append(Pong(message.nonce))
         return []
 
@@ -432,7 +435,10 @@ class SyncSession:
             raise RemoteProtocolError(
                 f"batch {message.batch} out of order (expected {self._next_batch_in})"
             )
-        if len(self._receiving) >= self.config.window:
+        # a batch counts until its Ack has left: a peer that sends and never reads
+        # cannot make Acks pile up beyond the window either
+        waiting_acks = sum(1 for m in self._outbox if isinstance(m, Ack))
+        if len(self._receiving) + waiting_acks >= self.config.window:
             raise RemoteProtocolError("peer exceeded the window of unacknowledged batches")
         self._next_batch_in += 1
         self._receiving.add(message.batch)
