@@ -124,6 +124,19 @@ def test_acks_the_peer_has_not_read_count_in_the_window() -> None:
     assert not d.closed
 
 
+def test_rules_waiting_to_be_sent_join_rather_than_pile_up() -> None:
+    c = SyncSession(0.0)
+    c.start_pairing([], 0.0)
+    c.take_outbox(0.0)
+    for n in range(50):  # our rule objects changed 50 times while the peer read nothing
+        c.local_rules_changed([b"obj-%d" % k for k in range(n % 5 + 1)])
+        c.receive(Ping(n), 0.0)
+    out = c.take_outbox(0.0)
+    rules = [m for m in out if isinstance(m, messages.Rules)]
+    assert len(rules) == 1 and len(out) == 2, out
+    assert set(rules[0].objects) == {b"obj-%d" % k for k in range(5)}
+
+
 def test_one_pong_waits_however_many_pings_came() -> None:
     c = started({}, config=SessionConfig(window=2))
     c.receive(Have({}), 0.0)

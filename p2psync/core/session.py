@@ -183,8 +183,21 @@ class SyncSession:
         return bool(out)
 
     def _queue(self, messages: list[Message]) -> None:
-        if not self.closed:
-            self._outbox += messages
+        if self.closed:
+            return
+        for message in messages:
+            # a Rules joins the Rules waiting last (only Pongs after it: nothing is
+            # reordered): the peer stores the union of what they carry either way,
+            # and a peer that never reads cannot pile them up
+            last = len(self._outbox) - 1
+            while last >= 0 and isinstance(self._outbox[last], Pong):
+                last -= 1
+            waiting = self._outbox[last] if last >= 0 else None
+            if isinstance(message, Rules) and isinstance(waiting, Rules):
+                union = list(dict.fromkeys([*waiting.objects, *message.objects]))
+                self._outbox[last] = Rules(union)
+            else:
+                self._outbox.append(message)
 
     @property
     def settled(self) -> bool:
