@@ -51,6 +51,7 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "p2psync.net.dial",
             "p2psync.net.discovery",
             "p2psync.net.forks",
+            "p2psync.net.halfopen",
             "p2psync.net.stats",
             "p2psync.net.storeio",
             "p2psync.net.transport",

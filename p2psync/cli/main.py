@@ -18,6 +18,7 @@ from p2psync import __version__
 from p2psync import home as home_mod
 from p2psync.cli import agent, bundle, logs, output, pair, peers, records, relay, rule
 from p2psync.cli.context import HOME_HELP, State, pass_state
+from p2psync.cli.logformat import configure
 from p2psync.errors import P2PSyncError, UsageError
 
 
@@ -59,10 +60,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
     """p2psync: keep business records in step between sites, peer to peer."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(logging.DEBUG if debug else logging.WARNING)  # peers' words escaped
     ctx.obj = State(home, debug)
 
 

@@ -1,0 +1,33 @@
+"""The log format of every p2psync process (`p2psync run`, `relay serve`, any
+command): one line per record, whatever a peer put in it.
+
+A log line carries text other parties chose: a peer's handshake name, its
+``Bye`` reason (up to 500 characters), a relay's answers, names in mDNS adverts.
+:class:`SafeFormatter` escapes control and reordering characters in the message
+(``\\n`` becomes ``\\u000a``, an escape sequence ``\\u001b[31m``) as
+:func:`~p2psync.cli.output.safe` does in what the CLI prints, so no one can
+forge a line, hide one or drive the terminal that reads the log. A traceback
+(``--debug``) keeps its own lines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from p2psync.cli.output import safe
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class SafeFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = safe(record.message)
+        return super().formatMessage(record)
+
+
+def configure(level: int) -> None:
+    """The root logger's handler, as ``logging.basicConfig`` makes it, with the
+    safe formatter."""
+    logging.basicConfig(level=level, format=FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(SafeFormatter(FORMAT))
