@@ -93,6 +93,7 @@ def init(path: Path, name: str | None = None) -> Home:
         )
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # an existing folder too: the home holds every record
     except OSError as exc:
         raise HomeError(f"cannot create the home at {path}: {exc.strerror or exc}") from exc
     seed = os.urandom(32)
@@ -190,7 +191,8 @@ def read_config(path: Path) -> dict[str, object]:
 
 def _write_config(path: Path, config: dict[str, object]) -> None:
     tmp = path / (CONFIG_FILE + ".tmp")
-    with tmp.open("w") as out:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
         out.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
         out.flush()
         os.fsync(out.fileno())
@@ -215,3 +217,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def loose_permissions(path: Path) -> list[tuple[Path, int]]:
+    """The home folder and the files in it that others than its user may read or
+    write (mode & 0o077), with their modes: what ``p2psync verify`` warns about."""
+    found: list[tuple[Path, int]] = []
+    try:
+        entries = [path, *sorted(p for p in path.iterdir() if not p.is_symlink())]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            mode = stat.S_IMODE(entry.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o077 and (entry == path or entry.is_file() or entry.is_socket()):
+            found.append((entry, mode))
+    return found

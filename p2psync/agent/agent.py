@@ -238,7 +238,9 @@ class Agent:
             "started": self.started_ms,
         }
         tmp = self.home / (AGENT_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, self.home / AGENT_FILE)
 
     def _remove_agent_file(self) -> None:

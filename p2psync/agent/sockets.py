@@ -27,6 +27,7 @@ async def serve_notifications(
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
     try:
         await sock.bind(path)
+        os.chmod(path, 0o600)  # in a 0700 folder too: its user's alone
         task_status.started()
         while True:
             await on_notice(await sock.recv(64))
@@ -47,6 +48,7 @@ async def serve_control(
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
         await sock.bind(path)
+        os.chmod(path, 0o600)  # in a 0700 folder too: its user's alone
         sock.listen(16)
         listener = trio.SocketListener(sock)
         task_status.started()

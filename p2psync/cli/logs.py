@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import shlex
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from p2psync.cli.terms import parse_duration
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, short_id
 from p2psync.errors import CorruptionError, IntegrityError
+from p2psync.home import loose_permissions
 
 
 def _entry_json(entry: LogEntry) -> dict[str, Any]:
@@ -172,6 +174,14 @@ def verify(state: State) -> None:
         held = f"; {output.plural(report.held, 'entry', 'entries')} {waits} for predecessors"
     entries = output.plural(report.entries, "entry", "entries")
     click.echo(f"{entries} from {output.plural(report.authors, 'author')} verified{held}")
+    for path, mode in loose_permissions(state.home):
+        what = "folder" if path == state.home else "file"
+        fix = "700" if path.is_dir() else "600"
+        click.echo(
+            f"warning: the home {what} {output.safe(str(path))} is mode {mode:04o}: other "
+            f"users may read or change it; run `chmod {fix} {shlex.quote(str(path))}`",
+            err=True,
+        )
 
 
 COMMANDS = (log, verify)

@@ -9,6 +9,7 @@ explained in one sentence on stderr. No tracebacks unless ``--debug`` is given.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -61,6 +62,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
     """p2psync: keep business records in step between sites, peer to peer."""
     configure(logging.DEBUG if debug else logging.WARNING)  # peers' words escaped
+    os.umask(0o077)  # what a home holds (records, keys, sockets, logs): its user's alone
     ctx.obj = State(home, debug)
 
 

@@ -120,6 +120,7 @@ def init(
         store = store if store is not None else model.store
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # an existing folder too
         settings: dict[str, Any] = {
             "kind": _KIND,
             "name": name,

@@ -25,8 +25,24 @@ BUSY_TIMEOUT_MS = 30_000
 PAGE_SIZE = 16384
 
 
+def private_files(path: Path) -> None:
+    """Make the database at ``path`` (and its -wal and -shm) its user's alone: created
+    0600 whatever the umask (SQLite gives the -wal and -shm the database's mode),
+    and tightened to 0600 if an older or copied home left them looser."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (or create) the database file at ``path`` in WAL mode."""
+    """Open (or create) the database file at ``path`` in WAL mode, 0600."""
+    try:
+        private_files(path)
+    except OSError as exc:
+        raise StoreError(f"cannot open the store at {path}: {exc.strerror or exc}") from exc
     try:
         conn = sqlite3.connect(
             str(path),
