@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from p2psync.store.connection import connect
 from tests.agents import wait_for
 
 pytestmark = pytest.mark.process
@@ -71,3 +72,23 @@ def test_verify_warns_about_loose_permissions(tmp_path: Path) -> None:
     os.chmod(home / "agent.json", 0o644) if (home / "agent.json").exists() else None
     out = run(home, 0o022, "verify")
     assert "0755" in out and str(home) in out and "chmod 700" in out, out
+
+
+def test_a_second_connection_keeps_the_first_ones_locks(tmp_path: Path) -> None:
+    """Opening and closing a descriptor on the database drops every POSIX lock this
+    process holds on it (SQLite's included): another process then believes it is the
+    last one open, checkpoints and deletes the -wal and -shm in use here, and what it
+    writes next is never seen by this process (nor what this process writes, kept)."""
+    path = tmp_path / "store.sqlite"
+    first = connect(path)
+    first.execute("CREATE TABLE t (v INTEGER)")
+    second = connect(path)  # the agent opens a writer and a reader
+    script = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        "c.execute('INSERT INTO t VALUES (1)'); c.commit(); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=30)
+    assert first.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    assert (tmp_path / "store.sqlite-wal").exists()  # still the one this process uses
+    first.close()
+    second.close()

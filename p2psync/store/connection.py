@@ -28,9 +28,13 @@ PAGE_SIZE = 16384
 def private_files(path: Path) -> None:
     """Make the database at ``path`` (and its -wal and -shm) its user's alone: created
     0600 whatever the umask (SQLite gives the -wal and -shm the database's mode),
-    and tightened to 0600 if an older or copied home left them looser."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.close(fd)
+    and tightened to 0600 if an older or copied home left them looser.
+
+    Never opens an existing database: closing any descriptor on it drops every POSIX
+    lock this process holds there, SQLite's included, and another process would then
+    take itself for the last one open and delete the -wal and -shm in use here."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         with contextlib.suppress(FileNotFoundError):
             if name.stat().st_mode & 0o077:
