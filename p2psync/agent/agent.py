@@ -54,7 +54,7 @@ from p2psync.net.address import format_address, parse_address
 from p2psync.net.adverts import AdvertTable, Found
 from p2psync.net.agentsockets import CHANGED_PEERS
 from p2psync.net.discovery import Discovery, check_interfaces, local_ipv4
-from p2psync.net.halfopen import HalfOpen
+from p2psync.net.halfopen import HalfOpen, busiest, source_of
 from p2psync.net.link import PairLink
 from p2psync.net.peernote import PeerNote, after_session
 from p2psync.net.stats import SessionStats
@@ -301,12 +301,6 @@ class Agent:
                 closing.shield = True
                 await stream.aclose()
             return
-        if secured.peer not in self.peers.standing.paired:
-            if trio.current_time() - self._paired_checked > 1.0:  # someone may have paired
-                self._paired_checked = trio.current_time()
-                await self._reload_peers()
-            if secured.peer not in self.peers.standing.paired:
-                self._room_for_a_stranger(host)
         side = sum(1 for conn in self.registry.others if conn.peer == secured.peer)
         if side >= MAX_SIDE:
             log.warning(
@@ -317,27 +311,51 @@ class Agent:
             )
             await secured.aclose()
             return
-        await self.run_connection(secured, outbound=False, address=address)
+        try:
+            if secured.peer not in self.peers.standing.ours:
+                if trio.current_time() - self._paired_checked > 1.0:  # someone may have paired
+                    self._paired_checked = trio.current_time()
+                    await self._reload_peers()
+                if secured.peer not in self.peers.standing.ours:
+                    self._room_for_a_stranger(host)
+            await self.run_connection(secured, outbound=False, address=address)
+        except Exception as exc:  # one bad connection (or failed read) never stops the agent
+            log.warning("connection from %s (%s) ended: %s", short_id(secured.peer), address, exc)
+            with trio.move_on_after(1) as closing:
+                closing.shield = True
+                await secured.aclose()
 
     def _strangers(self) -> list[Connection]:
-        """Connections open with agents that have no rule in force with us, oldest first."""
-        paired = self.peers.standing.paired
+        """Connections strangers opened to us (agents with no rule in force with us,
+        that we never asked to pair), oldest first. Our own outbound connections
+        (a pairing request of ours being delivered) are never strangers."""
+        ours = self.peers.standing.ours
         return sorted(
-            (conn for conn in self.registry.all() if conn.peer not in paired),
+            (
+                conn
+                for conn in self.registry.all()
+                if not conn.outbound and conn.via is None and conn.peer not in ours
+            ),
             key=lambda conn: conn.opened,
         )
 
     def _room_for_a_stranger(self, host: str) -> None:
-        """Close the oldest unpaired connections beyond the caps, from ``host`` first,
-        so that one more fits: a flood of throwaway identities evicts its own."""
+        """Close the oldest stranger connections beyond the caps so that one more fits:
+        from the new one's source at its cap, from the busiest source (IPv4 address
+        or IPv6 /64, :func:`~p2psync.net.halfopen.source_of`) at the total cap. A
+        flood of throwaway identities, from one address or a few, evicts its own; a
+        stranger alone at its address (an invite holder) is the last to go."""
         strangers = [c for c in self._strangers() if not c.scope.cancel_called]
-        mine = [c for c in strangers if _host(c.address) == host]
+        source = source_of(host)
+        mine = [c for c in strangers if source_of(_host(c.address)) == source]
         while len(mine) >= UNPAIRED_PER_ADDRESS:
             oldest = mine.pop(0)
             strangers.remove(oldest)
             self._evict_stranger(oldest)
         while len(strangers) >= MAX_UNPAIRED:
-            self._evict_stranger(strangers.pop(0))
+            oldest = busiest(strangers, lambda c: source_of(_host(c.address)))[0]
+            strangers.remove(oldest)
+            self._evict_stranger(oldest)
 
     def _evict_stranger(self, conn: Connection) -> None:
         log.info("closing the unpaired connection of %s (%s) to make room",
