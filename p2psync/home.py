@@ -220,8 +220,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def loose_permissions(path: Path) -> list[tuple[Path, int]]:
-    """The home folder and the files in it that others than its user may read or
-    write (mode & 0o077), with their modes: what ``p2psync verify`` warns about."""
+    """The home folder and the files, sockets and folders in it that others than
+    its user may read or write (mode & 0o077), with their modes: what ``p2psync
+    verify`` warns about."""
     found: list[tuple[Path, int]] = []
     try:
         entries = [path, *sorted(p for p in path.iterdir() if not p.is_symlink())]
@@ -232,6 +233,6 @@ def loose_permissions(path: Path) -> list[tuple[Path, int]]:
             mode = stat.S_IMODE(entry.stat().st_mode)
         except OSError:
             continue
-        if mode & 0o077 and (entry == path or entry.is_file() or entry.is_socket()):
+        if mode & 0o077 and (entry.is_dir() or entry.is_file() or entry.is_socket()):
             found.append((entry, mode))
     return found

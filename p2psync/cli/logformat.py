@@ -7,12 +7,15 @@ A log line carries text other parties chose: a peer's handshake name, its
 (``\\n`` becomes ``\\u000a``, an escape sequence ``\\u001b[31m``) as
 :func:`~p2psync.cli.output.safe` does in what the CLI prints, so no one can
 forge a line, hide one or drive the terminal that reads the log. A traceback
-(``--debug``) keeps its own lines.
+(logged with ``exc_info``) keeps its own lines, each escaped alike and indented
+by ``| ``: its last line carries the exception's text, which a peer may have
+chosen, so no line of it can pass for a record of its own.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from p2psync.cli.output import safe
 
@@ -23,6 +26,18 @@ class SafeFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = safe(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    """Each line of a traceback escaped and marked as a continuation. Split on
+    ``\n`` only: ``safe`` escapes every other line break."""
+    return "\n".join("| " + safe(line) for line in text.split("\n"))
 
 
 def configure(level: int) -> None:

@@ -175,11 +175,12 @@ def verify(state: State) -> None:
     entries = output.plural(report.entries, "entry", "entries")
     click.echo(f"{entries} from {output.plural(report.authors, 'author')} verified{held}")
     for path, mode in loose_permissions(state.home):
-        what = "folder" if path == state.home else "file"
-        fix = "700" if path.is_dir() else "600"
+        folder = path.is_dir()
+        what = "the home folder" if path == state.home else "the folder" if folder else "the file"
+        fix = "700" if folder else "600"
         click.echo(
-            f"warning: the home {what} {output.safe(str(path))} is mode {mode:04o}: other "
-            f"users may read or change it; run `chmod {fix} {shlex.quote(str(path))}`",
+            f"warning: {what} {output.safe(str(path))} is mode {mode:04o}: other users may "
+            f"read or change it; run `chmod {fix} {output.safe(shlex.quote(str(path)))}`",
             err=True,
         )
 

@@ -50,7 +50,9 @@ class Group(click.Group):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"p2psync: {message}", err=True)
+    """Print one sentence and exit. The sentence may quote a peer or a relay (a
+    ``Bye`` reason, a name): escaped as every output is."""
+    click.echo(f"p2psync: {output.safe(message)}", err=True)
     sys.exit(code)
 
 

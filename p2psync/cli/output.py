@@ -67,7 +67,12 @@ def parse_value(text: str, what: str = "value") -> Value:
 
 # Characters a terminal acts on or that reorder text (C1 controls, bidi overrides):
 # records come from other sites, so they are escaped in everything we print.
-_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: DEL and C1 controls; bidi marks, embeddings and isolates (they reorder what is
+#: shown); zero-width and invisible characters (they make two names look alike); the
+#: Unicode line and paragraph separators (readers that split on them see a new line)
+_UNSAFE = re.compile(
+    "[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+)
 
 
 def _escape(text: str) -> str:
