@@ -218,6 +218,23 @@ def reject(db: OpenHome, rule: Rule, reason: str) -> bytes:
     return signed
 
 
+def reject_strangers(db: OpenHome, reason: str) -> tuple[list[Rule], int]:
+    """Reject every request awaiting this agent from agents it has no rule in force
+    with (``pair reject --all-pending``): a flood of throwaway requests cleared in
+    one step. Returns the rules rejected, and how many proposals from paired peers
+    (rule changes) were left for ``rule accept``/``rule reject``."""
+    me = db.identity.public_key
+    paired = db.store.peers_in_force()
+    waiting = [
+        r for r in db.store.rules() if r.state is RuleState.PROPOSED and r.acceptor == me
+    ]
+    rejected = [r for r in waiting if r.proposer not in paired]
+    objects = [core.reject(db.identity, r.id, reason, now_ms()) for r in rejected]
+    if objects:
+        db.store.add_rule_objects(me, objects, now_ms())  # one transaction
+    return rejected, len(waiting) - len(rejected)
+
+
 def revoke(db: OpenHome, rule: Rule) -> bytes:
     if rule.state is RuleState.REVOKED:
         raise StateError(f"rule {rule.id.hex()[:12]} is already revoked")

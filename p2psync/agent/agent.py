@@ -62,6 +62,7 @@ from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream, secure
 from p2psync.store.peers import PeerState
+from p2psync.store.rules import REQUEST_TTL_MS
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ HANDSHAKES_PER_ADDRESS = 8  # of them from one source address
 FIRST_MESSAGE_SECONDS = 2.0  # for the first handshake message (32 bytes) to come
 MAX_UNPAIRED = 16  # connections open at once with agents that have no rule in force
 UNPAIRED_PER_ADDRESS = 4  # of them from one source address (beyond: its oldest goes)
+EXPIRY_EVERY = 3600.0  # seconds between sweeps of expired pairing requests
 MAX_SIDE = 2  # connections one peer may have open beside its live one (pending or on demand)
 MAX_ON_DEMAND = 1  # on-demand syncs one peer may run at once beside its live connection
 
@@ -174,6 +176,7 @@ class Agent:
                 )
                 await nursery.start(self.discovery.run)
             nursery.start_soon(self._poll_changes)
+            nursery.start_soon(self._expire_requests)
             nursery.start_soon(self.relay_link.run)
             self._write_agent_file()
             task_status.started(self.addresses)
@@ -588,6 +591,28 @@ class Agent:
                 version = current
                 await self._reload_peers()
                 self.feed.bump()
+
+    async def _expire_requests(self) -> None:
+        """Forget strangers' requests left unanswered (or rejected) for
+        :data:`~p2psync.store.rules.REQUEST_TTL_MS`, at start and every
+        :data:`EXPIRY_EVERY` seconds: their rule objects go, and their slots."""
+        while True:
+            try:
+                gone = await trio.to_thread.run_sync(
+                    self.db.store.expire_requests, self.identity.public_key, now_ms()
+                )
+            except P2PSyncError as exc:
+                log.warning("could not forget expired pairing requests: %s", exc)
+                gone = []
+            if gone:
+                log.info(
+                    "forgot %d pairing requests unanswered for %d days: %s",
+                    len(gone),
+                    REQUEST_TTL_MS // 86_400_000,
+                    ", ".join(short_id(peer) for peer in gone[:10]),
+                )
+                await self._reload_peers()
+            await trio.sleep(EXPIRY_EVERY)
 
     # ------------------------------------------------------------ control socket
 

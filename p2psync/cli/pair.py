@@ -469,7 +469,9 @@ def pair_pending(state: State, as_json: bool) -> None:
         waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
         names = {p.key: p.name for p in db.store.peers()}
         joins = db.store.relay_joins()
+        paired = db.store.peers_in_force()
     rows = [{"kind": "rule", **rule_row(me, r, names)} for r in waiting]
+    strangers = sum(1 for r in waiting if r.acceptor == me and r.proposer not in paired)
     now = now_ms()
     joined: list[dict[str, Any]] = [
         {
@@ -532,6 +534,12 @@ def pair_pending(state: State, as_json: bool) -> None:
                 f"you asked {who}: {row['terms']}  (rule {row['id'][:12]}); "
                 "waiting for their answer"
             )
+    if strangers > 2:
+        click.echo(
+            f"{strangers} requests from agents not paired with you; reject them all with "
+            "`p2psync pair reject --all-pending --reason TEXT` (unanswered, they are "
+            "forgotten after 7 days)"
+        )
 
 
 @pair.command(name="accept")
@@ -557,16 +565,40 @@ def pair_accept(
 
 
 @pair.command(name="reject")
-@click.argument("peer")
+@click.argument("peer", required=False)
 @click.option("--reason", required=True, help="Why (the requester sees it).")
+@click.option(
+    "--all-pending",
+    is_flag=True,
+    help="Reject every pairing request from agents not paired with this one "
+    "(proposals from paired peers stay for `rule accept`/`rule reject`).",
+)
 @pass_state
-def pair_reject(state: State, peer: str, reason: str) -> None:
-    """Reject PEER's pairing request, saying why."""
+def pair_reject(state: State, peer: str | None, reason: str, all_pending: bool) -> None:
+    """Reject PEER's pairing request (or, with --all-pending, every one), saying why."""
+    if (peer is None) == (not all_pending):
+        raise UsageError("give either PEER or --all-pending")
     with state.open() as db:
-        found = resolve_peer(db, peer)
-        pairing.reject(db, _waiting_from(db, found), reason)
+        if all_pending:
+            rejected, kept = pairing.reject_strangers(db, reason)
+            names = {p.key: p.name for p in db.store.peers()}
+        else:
+            found = resolve_peer(db, peer or "")
+            pairing.reject(db, _waiting_from(db, found), reason)
     notify(state)
-    click.echo(f"rejected {output.safe(found.name or '')} ({short_id(found.key)}): {reason}")
+    if not all_pending:
+        click.echo(f"rejected {output.safe(found.name or '')} ({short_id(found.key)}): "
+                   f"{output.safe(reason)}")
+        return
+    for rule in rejected:
+        who = names.get(rule.proposer) or ""
+        click.echo(f"rejected {output.safe(who)} ({short_id(rule.proposer)}): {rule.id.hex()[:12]}")
+    click.echo(f"{output.count(len(rejected), 'pairing request')} rejected: {output.safe(reason)}")
+    if kept:
+        click.echo(
+            f"{output.count(kept, 'proposal')} from paired peers left for "
+            "`p2psync rule accept ID` or `p2psync rule reject ID --reason TEXT`"
+        )
 
 
 @pair.command(name="remove")

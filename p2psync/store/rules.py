@@ -26,9 +26,24 @@ MAX_OPEN_PROPOSALS = 16
 MAX_OBJECTS_PER_PEER = 1024
 MAX_BYTES_PER_PEER = 1 << 20
 #: Agents with requests awaiting our answer and nothing signed by us yet: beyond
-#: this many, requests from further strangers are refused until some are answered
-#: (throwaway keys cannot grow the store without bound; invite codes still work).
+#: this many, requests from further strangers are refused until some are answered,
+#: rejected (``pair reject --all-pending``) or expire (invite codes still work).
 MAX_STRANGERS = 64
+#: A pair no acceptance was ever signed in (a stranger's requests, unanswered or
+#: rejected) holds at most this much signed by the peer, and all such pairs together
+#: at most :data:`STRANGERS_BYTES`: throwaway keys cannot fill the disk. An
+#: acceptance of our own proposal (an invite join) is never refused by these.
+MAX_OBJECTS_PER_STRANGER = 32
+MAX_BYTES_PER_STRANGER = 64 << 10
+STRANGERS_BYTES = 4 << 20
+#: A stranger's pair with nothing new for this long (a request never answered, or
+#: rejected) is forgotten: its rule objects deleted (:func:`expire_requests`).
+REQUEST_TTL_MS = 7 * 24 * 3600 * 1000
+_FLOOR = "rules_floor"  # meta: the rules version, kept moving forward across deletions
+_BUDGET_HINT = (
+    "answer or reject them (`p2psync pair pending`, `p2psync pair reject --all-pending`), "
+    "or use an invite"
+)
 
 
 def add_objects(
@@ -47,6 +62,7 @@ def add_objects(
     added = []
     known: dict[bytes, tuple[bytes, bytes]] = {}  # proposal ID -> (other party, proposer)
     usage: dict[bytes, list[int]] = {}  # peer -> [objects, bytes] it has signed with us
+    strangers_bytes: list[int] = []  # what pairs with no acceptance hold, once read
     pending = []
     for blob in signed:
         obj = core.decode(blob)
@@ -67,10 +83,12 @@ def add_objects(
             if obj.signer != me and _stranger(conn, peer) and _strangers(conn, me) >= (
                 MAX_STRANGERS
             ):
-                raise RuleError(
-                    f"{MAX_STRANGERS} pairing requests from other agents await an answer "
-                    "here; answer or reject some (`p2psync pair pending`), or use an invite"
-                )
+                expire_requests(conn, me, now_ms)  # room, if some are old enough
+                if _strangers(conn, me) >= MAX_STRANGERS:
+                    raise RuleError(
+                        f"{MAX_STRANGERS} pairing requests from other agents await an "
+                        f"answer here; {_BUDGET_HINT}"
+                    )
         else:
             assert obj.proposal is not None
             if obj.proposal not in known:
@@ -107,14 +125,75 @@ def add_objects(
                     f"this agent already holds {count} rule objects ({size} bytes) signed by "
                     "that peer, the most it keeps"
                 )
+            if obj.kind is not core.Kind.ACCEPT and not _accepted(conn, peer):
+                _stranger_budget(conn, me, now_ms, (count, size), len(obj.signed), strangers_bytes)
+                strangers_bytes[0] += len(obj.signed)
             usage[peer] = [count + 1, size + len(obj.signed)]
+        position = version(conn) + 1  # its rowid: the rules version once it is in
         conn.execute(
-            "INSERT INTO rule_objects (id, proposal, kind, signer, peer, signed, received) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (obj.id, proposal, obj.kind.value, obj.signer, peer, obj.signed, now_ms),
+            "INSERT INTO rule_objects "
+            "(rowid, id, proposal, kind, signer, peer, signed, received, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                position,
+                obj.id,
+                proposal,
+                obj.kind.value,
+                obj.signer,
+                peer,
+                obj.signed,
+                now_ms,
+                len(obj.signed),
+            ),
         )
         added.append(obj)
     return added
+
+
+def _accepted(conn: sqlite3.Connection, peer: bytes) -> bool:
+    """An acceptance was signed in the pair with ``peer`` (by either side, ever)."""
+    row = conn.execute(
+        "SELECT 1 FROM rule_objects WHERE kind = 'accept' AND peer = ? LIMIT 1", (peer,)
+    ).fetchone()
+    return row is not None
+
+
+def _stranger_budget(
+    conn: sqlite3.Connection,
+    me: bytes,
+    now_ms: int,
+    held: tuple[int, int],
+    more: int,
+    total: list[int],
+) -> None:
+    """Refuse an object of ``more`` bytes from a peer with no acceptance in its pair
+    (``held``: the objects and bytes signed by it held) beyond the strangers' budgets;
+    ``total`` caches what all such pairs hold."""
+    count, size = held
+    if count >= MAX_OBJECTS_PER_STRANGER or size + more > MAX_BYTES_PER_STRANGER:
+        raise RuleError(
+            f"this agent already holds {count} rule objects ({size} bytes) from that agent, "
+            "the most it keeps for an agent it is not paired with"
+        )
+    if not total:
+        total.append(_strangers_bytes(conn))
+    if total[0] + more > STRANGERS_BYTES and expire_requests(conn, me, now_ms):
+        total[0] = _strangers_bytes(conn)  # some were old enough to go
+    if total[0] + more > STRANGERS_BYTES:
+        raise RuleError(
+            f"requests from agents not paired with this one fill their budget "
+            f"({STRANGERS_BYTES >> 20} MiB); {_BUDGET_HINT}"
+        )
+
+
+def _strangers_bytes(conn: sqlite3.Connection) -> int:
+    """What pairs with no acceptance hold, signed by the peer (from an index)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(o.size), 0) FROM rule_objects o INDEXED BY rule_objects_by_size "
+        "WHERE o.signer = o.peer AND NOT EXISTS (SELECT 1 FROM rule_objects a "
+        "WHERE a.kind = 'accept' AND a.peer = o.peer)"
+    ).fetchone()
+    return int(row[0])
 
 
 def _stranger(conn: sqlite3.Connection, peer: bytes) -> bool:
@@ -144,8 +223,47 @@ def _open_proposals(conn: sqlite3.Connection, peer: bytes) -> int:
 
 
 def version(conn: sqlite3.Connection) -> int:
-    """Changes whenever a rule object is added (they are never deleted)."""
-    return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM rule_objects").fetchone()[0])
+    """Grows whenever a rule object is added or deleted: each object's rowid is the
+    version after it was added, and a deletion (of strangers' requests only) moves
+    ``rules_floor`` past every rowid there was, so no version is ever seen twice."""
+    row = conn.execute(
+        "SELECT max(coalesce((SELECT max(rowid) FROM rule_objects), 0), "
+        "coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?), 0))",
+        (_FLOOR,),
+    ).fetchone()
+    return int(row[0])
+
+
+def expire_requests(
+    conn: sqlite3.Connection, me: bytes, now_ms: int, ttl_ms: int | None = None
+) -> list[bytes]:
+    """Forget the pairs with strangers that have had nothing new for ``ttl_ms``
+    (default :data:`REQUEST_TTL_MS`): no acceptance ever, no proposal of ours, the
+    newest object received before ``now_ms - ttl_ms``. Their rule objects are
+    deleted, and their ``peers`` row if nothing else was ever learnt of them (no
+    sync, no heads). Returns their keys. A stranger that asks again later is a new
+    request."""
+    cutoff = now_ms - (REQUEST_TTL_MS if ttl_ms is None else ttl_ms)
+    gone = [
+        peer
+        for (peer,) in conn.execute(
+            "SELECT peer FROM rule_objects GROUP BY peer HAVING max(kind = 'accept') = 0 "
+            "AND max(kind = 'propose' AND signer = ?) = 0 AND max(received) < ?",
+            (me, cutoff),
+        ).fetchall()
+    ]
+    if not gone:
+        return gone
+    floor = version(conn) + 1
+    for peer in gone:
+        conn.execute("DELETE FROM rule_objects WHERE peer = ?", (peer,))
+        conn.execute(
+            "DELETE FROM peers WHERE key = ? AND last_sync IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM peer_heads WHERE peer = ?)",
+            (peer, peer),
+        )
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_FLOOR, floor))
+    return gone
 
 
 def answered_objects(conn: sqlite3.Connection) -> dict[bytes, list[bytes]]:

@@ -48,6 +48,12 @@ proof) it refused, sent back as introductions and forgotten after
 :data:`p2psync.store.joins.KEPT_MS`; and gives ``invites`` a ``relay`` column: the relay
 key a code names, which the agent visits while the code is open.
 
+Version 14 gives ``rule_objects`` a ``size`` column (``length(signed)``) and an
+index by (peer, signer, size), so the budget on strangers' requests in all is read
+from the index; rule objects of strangers are deleted when their requests expire
+(:func:`p2psync.store.rules.expire_requests`), and ``meta`` ``rules_floor`` keeps
+the rules version moving forward when they are.
+
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
 sending path does not carry). p2psync cannot fetch those payloads later yet;
@@ -312,6 +318,11 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         PRIMARY KEY (joiner, invite)
     ) WITHOUT ROWID;
     ALTER TABLE invites ADD COLUMN relay BLOB
+    """,
+    14: """
+    ALTER TABLE rule_objects ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE rule_objects SET size = length(signed);
+    CREATE INDEX rule_objects_by_size ON rule_objects (peer, signer, size)
     """,
 }
 

@@ -258,8 +258,14 @@ class Store:
         with self._reader.reading() as conn:
             return rules_mod.objects_with(conn, peer)
 
+    def expire_requests(self, me: bytes, now_ms: int) -> list[bytes]:
+        """Forget strangers' requests with nothing new for
+        :data:`~p2psync.store.rules.REQUEST_TTL_MS`; returns the strangers' keys."""
+        with self._db.writing() as conn:
+            return rules_mod.expire_requests(conn, me, now_ms)
+
     def rules_version(self) -> int:
-        """Changes whenever a rule object is added."""
+        """Grows whenever a rule object is added or deleted."""
         with self._reader.reading() as conn:
             return rules_mod.version(conn)
 
