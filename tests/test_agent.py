@@ -180,6 +180,29 @@ def test_sync_through_an_agent_that_cannot_get_in_step_says_why_at_once(
     assert out.count("not in sync") == 0  # said once, by the CLI
 
 
+def test_the_live_sender_hears_why_its_peer_cannot_get_in_step(agents: Make) -> None:
+    """Issue 13 item 6: the same refusal, seen from b, which sent the entries and
+    believed them delivered: `sync` through b's agent says why at once too, and
+    b's `peers` shows it, while the connection stays up."""
+    a, b = agents("a").start(), agents("b").start()
+    c = agents("c")
+    pair_up(a, b)
+    cli(c.home, "pair", "add", b.device_id, "--address", b.address, "--collection", "vouchers")
+    b.pair(c, with_address=False)
+    cli(c.home, "put", "payroll", "eve", "1")
+    cli(c.home, "put", "vouchers", "V-9", "9")
+    cli(c.home, "sync", b.device_id, "--address", b.address, "--timeout", "10")
+    wait_for(lambda: value_at(b, "vouchers", "V-9") == 9, timeout=10)
+    started = time.monotonic()
+    out = cli(b.home, "sync", a.device_id, "--timeout", "20", check=False)
+    assert time.monotonic() - started < 5, out
+    assert "NOT in sync" in out and "the peer refused what we sent" in out, out
+    assert "'payroll'" in out, out
+    wait_for(lambda: "cannot get in step" in cli(b.home, "peers"), timeout=5)
+    [row] = [r for r in json.loads(cli(b.home, "peers", "--json")) if r["name"] == "a"]
+    assert row["connected"] and "the peer refused what we sent" in row["problem"], row
+
+
 def test_second_agent_on_one_home_is_refused(agents: Make) -> None:
     a = agents("a").start()
     second = SpawnedAgent(a.home, "a-again")

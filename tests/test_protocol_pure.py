@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import pytest
 
-from p2psync.core import messages
+from p2psync.core import canonical, messages
 from p2psync.core.events import (
     BatchReceived,
     Event,
@@ -27,7 +27,12 @@ from p2psync.core.messages import Head, Ping, Pong
 from p2psync.core.rules import Permissions, Terms
 from p2psync.core.session import TRANSITIONS, SessionConfig, State, SyncSession
 from p2psync.core.settling import MAX_RULE_WORK, MAX_RULES_HELD
-from p2psync.errors import FutureTimestampError, LocalProtocolError, SignatureError
+from p2psync.errors import (
+    FutureTimestampError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SignatureError,
+)
 
 pytestmark = pytest.mark.pure
 
@@ -326,3 +331,40 @@ def test_our_own_misuse_is_a_local_error_not_the_peers() -> None:
         machine.start_pairing([], 0.0)
     with pytest.raises(LocalProtocolError):
         machine.send_batch([b"x"], [])  # nothing may be sent before both said Have
+
+
+def test_between_two_live_sides_the_sender_hears_why_at_once_without_a_close() -> None:
+    """Issue 13 item 6: a refused the entry (not b's fault) and is stuck; b, which
+    believes it delivered, hears why in a Stuck message, and the session stays up."""
+    wire = pair()
+    wire.a.refuse.add(B1)
+    wire.b.write(B1, 2)
+    begin(wire)
+    wire.run()
+    told = [e for e in wire.b.events if isinstance(e, StuckOnRefused)]
+    assert told and "its clock is far ahead" in told[0].reason, wire.b.events
+    assert told[0].reason.startswith("the peer refused what we sent: ")
+    assert wire.b.machine.stuck_reason == told[0].reason
+    assert not wire.a.machine.closed and not wire.b.machine.closed
+    # said once per stuck state, however long the session stays up
+    wire.run(until=200.0)
+    assert len([e for e in wire.b.events if isinstance(e, StuckOnRefused)]) == 1
+
+
+def test_a_peer_repeating_stuck_is_heard_once() -> None:
+    machine = SyncSession(0.0)
+    machine.begin({})
+    machine.receive(messages.Have({}), 0.0)
+    first = machine.receive(messages.Stuck("no"), 0.0)
+    again = machine.receive(messages.Stuck("no"), 0.0)
+    assert first == [StuckOnRefused("the peer refused what we sent: no")] and again == []
+    assert machine.receive(messages.Stuck("other"), 0.0) == [
+        StuckOnRefused("the peer refused what we sent: other")
+    ]
+
+
+def test_stuck_travels_and_decodes_strictly() -> None:
+    assert messages.decode(messages.encode(messages.Stuck("why"))) == messages.Stuck("why")
+    for bad in ([11], [11, 5], [11, "x" * 501], [11, "x", 1]):
+        with pytest.raises(RemoteProtocolError):
+            messages.decode(canonical.encode(bad))

@@ -279,12 +279,18 @@ def test_entries_refused_leave_the_session_stuck_with_the_reason() -> None:
     events = deliver(b, a) + deliver(a, b) + deliver(b, a)
     assert b.stuck_reason == "entry 4: its clock is far ahead"
     stuck = [e for e in events if isinstance(e, StuckOnRefused)]
-    assert stuck == [StuckOnRefused("entry 4: its clock is far ahead")]
+    assert stuck == [  # b's own, then a's on b's Stuck message: both know at once
+        StuckOnRefused("entry 4: its clock is far ahead"),
+        StuckOnRefused("the peer refused what we sent: entry 4: its clock is far ahead"),
+    ]
+    assert a.stuck_reason == stuck[1].reason and not a.closed and not b.closed
     assert not b.synced and not any(isinstance(e, SyncedWithPeer) for e in events)
     assert b.poll_synced() == []  # reported once per state
     b.local_changed({AUTHOR: head(5)})  # the entries arrived by another path
     assert b.stuck_reason is None
     assert any(isinstance(e, SyncedWithPeer) for e in b.poll_synced()) and b.synced
+    deliver(b, a)  # b's Caught for what it holds now
+    assert a.stuck_reason is None and a.synced
 
 
 def test_lacking_entries_without_a_known_refusal_still_say_so() -> None:

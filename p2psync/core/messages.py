@@ -19,6 +19,7 @@ type  name       fields
 8     Rules      [signed rule object (bstr), ...]
 9     Join       invite id (8 bytes), proof (32 bytes)
 10    RulesHeld  digest of the rule objects held for the pair (16 bytes), on demand (bool)
+11    Stuck      reason (text): we refused entries you sent, not your fault; why
 ====  =========  ===============================================================
 """
 
@@ -95,6 +96,15 @@ class Bye:
 
 
 @dataclass(frozen=True, slots=True)
+class Stuck:
+    """We are quiet and lack entries you hold and sent: we refused them (or hold
+    them behind one we refused), for a reason that is not your fault. The session
+    stays up."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Rules:
     objects: list[bytes]
 
@@ -111,7 +121,7 @@ class RulesHeld:
     on_demand: bool = False  # the sender syncs on demand: on-demand rules count
 
 
-Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld
+Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld | Stuck
 
 
 def heads_digest(heads: Heads) -> bytes:
@@ -158,6 +168,8 @@ def encode(message: Message) -> bytes:
         body = [8, message.objects]
     elif isinstance(message, Join):
         body = [9, message.invite, message.proof]
+    elif isinstance(message, Stuck):
+        body = [11, message.reason[:MAX_REASON_CHARS]]
     else:
         body = [10, message.digest, message.on_demand]
     return canonical.encode(body)
@@ -222,11 +234,15 @@ def _entries(body: list[Any]) -> Entries:
     return Entries(_uint(batch), wires)
 
 
-def _reason(body: list[Any]) -> Bye:
+def _text(body: list[Any]) -> str:
     (reason,) = _fields(body, 1)
     if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
         raise ValueError("reason must be short text")
-    return Bye(reason)
+    return reason
+
+
+def _reason(body: list[Any]) -> Bye:
+    return Bye(_text(body))
 
 
 def _rules(body: list[Any]) -> Rules:
@@ -262,6 +278,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     8: _rules,
     9: _join,
     10: _rules_held,
+    11: lambda body: Stuck(_text(body)),
 }
 
 

@@ -71,6 +71,7 @@ from p2psync.core.messages import (
     Pong,
     Rules,
     RulesHeld,
+    Stuck,
 )
 from p2psync.core.settling import RuleExchange
 from p2psync.errors import HostileEntry, LocalProtocolError, RemoteProtocolError
@@ -123,6 +124,8 @@ class SyncSession:
         self.close_reason: str | None = None
         #: the session was in sync when it closed (``synced`` says False once closed)
         self.ended_in_sync = False
+        #: why the peer cannot get in step with what we sent (its Stuck), until in sync
+        self._peer_stuck: str | None = None
 
     # ------------------------------------------------------------ output
 
@@ -414,6 +417,14 @@ class SyncSession:
     def _on_pong(self, message: Pong) -> list[Event]:
         return []
 
+    def _on_stuck(self, message: Stuck) -> list[Event]:
+        # said once per stuck state by an honest peer; a repeat changes nothing, so
+        # a peer that repeats it cannot flood the log
+        if message.reason == self._peer_stuck or self.synced:
+            return []
+        self._peer_stuck = message.reason
+        return [StuckOnRefused(_PEER_STUCK + message.reason)]
+
     def _on_rules(self, message: Rules) -> list[Event]:
         self._peer_rules().peer_message()
         return [RulesReceived(message.objects)]
@@ -494,12 +505,19 @@ class SyncSession:
             return []
         in_sync, why = verdict
         if in_sync:
+            self._peer_stuck = None
             return [SyncedWithPeer(self.holdings.local_digest()), *self.end_if_done()]
         events: list[Event] = [StuckOnRefused(why)]
         if self.on_demand or self.peer_on_demand:
             # an on-demand sync (ours or the peer's) says why now rather than at its
             # timeout; the peer learns the reason from our Bye
             events += self.close(f"cannot get in step: {why}")
+        else:
+            # live: the peer, which believes it delivered, hears why, and both stay
+            # connected (the entries may yet arrive another way). One Stuck waits
+            # at most, the latest: verdicts are said once per state anyway
+            self._outbox = [m for m in self._outbox if not isinstance(m, Stuck)]
+            self._outbox.append(Stuck(why))
         return events
 
     def end_if_done(self) -> list[Event]:
@@ -511,9 +529,12 @@ class SyncSession:
 
     @property
     def stuck_reason(self) -> str | None:
-        """Why we cannot get in step in this session, once nothing more will flow."""
+        """Why we cannot get in step in this session, once nothing more will flow:
+        what we lack and refused, else what the peer said it refused of ours."""
         lacking = self.holdings.lacking() if self._quiet() else []
-        return self.holdings.why(lacking) if lacking else None
+        if lacking:
+            return self.holdings.why(lacking)
+        return None if self._peer_stuck is None else _PEER_STUCK + self._peer_stuck
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after the store changed)."""
@@ -589,6 +610,10 @@ class SyncSession:
         return [SessionClosed(reason, by_peer=False, error=error, done=done)]
 
 
+#: How a peer's Stuck is told here (``status``, ``peers``, ``sync``, the log).
+_PEER_STUCK = "the peer refused what we sent: "
+
+
 def _unexpected(state: State, message: Message) -> str:
     name = type(message).__name__
     if state is not State.OPEN and isinstance(message, Entries | Ack | Caught):
@@ -619,6 +644,7 @@ TRANSITIONS: dict[State, dict[type[Message], Handler]] = {
         Entries: SyncSession._on_entries,  # type: ignore[dict-item]
         Ack: SyncSession._on_ack,  # type: ignore[dict-item]
         Caught: SyncSession._on_caught,  # type: ignore[dict-item]
+        Stuck: SyncSession._on_stuck,  # type: ignore[dict-item]
     },
     State.CLOSED: {},
 }
