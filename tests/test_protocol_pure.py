@@ -25,7 +25,13 @@ from p2psync.core.flow import Flow
 from p2psync.core.frames import MAX_FRAME, FrameReader, Opener, Sealer
 from p2psync.core.messages import Head, Ping, Pong
 from p2psync.core.rules import Permissions, Terms
-from p2psync.core.session import TRANSITIONS, SessionConfig, State, SyncSession
+from p2psync.core.session import (
+    MAX_PEER_STUCK_EVENTS,
+    TRANSITIONS,
+    SessionConfig,
+    State,
+    SyncSession,
+)
 from p2psync.core.settling import MAX_RULE_WORK, MAX_RULES_HELD
 from p2psync.errors import (
     FutureTimestampError,
@@ -368,3 +374,14 @@ def test_stuck_travels_and_decodes_strictly() -> None:
     for bad in ([11], [11, 5], [11, "x" * 501], [11, "x", 1]):
         with pytest.raises(RemoteProtocolError):
             messages.decode(canonical.encode(bad))
+
+
+def test_a_peer_alternating_stuck_reasons_is_logged_a_bounded_number_of_times() -> None:
+    machine = SyncSession(0.0)
+    machine.begin({})
+    machine.receive(messages.Have({}), 0.0)
+    told = []
+    for n in range(1000):
+        told += machine.receive(messages.Stuck(f"reason {n % 2}"), 0.0)
+    assert len(told) == MAX_PEER_STUCK_EVENTS
+    assert machine.stuck_reason == "the peer refused what we sent: reason 1"

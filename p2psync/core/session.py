@@ -126,6 +126,7 @@ class SyncSession:
         self.ended_in_sync = False
         #: why the peer cannot get in step with what we sent (its Stuck), until in sync
         self._peer_stuck: str | None = None
+        self._peer_stuck_told = 0  # its Stuck reasons taken note of (and logged)
 
     # ------------------------------------------------------------ output
 
@@ -423,6 +424,9 @@ class SyncSession:
         if message.reason == self._peer_stuck or self.synced:
             return []
         self._peer_stuck = message.reason
+        self._peer_stuck_told += 1
+        if self._peer_stuck_told > MAX_PEER_STUCK_EVENTS:
+            return []  # kept for stuck_reason, but no more log lines from this peer
         return [StuckOnRefused(_PEER_STUCK + message.reason)]
 
     def _on_rules(self, message: Rules) -> list[Event]:
@@ -610,6 +614,9 @@ class SyncSession:
         return [SessionClosed(reason, by_peer=False, error=error, done=done)]
 
 
+#: A peer's Stuck reasons logged per session: an honest peer changes its reason
+#: only when its holdings change; one alternating reasons must not flood the log.
+MAX_PEER_STUCK_EVENTS = 16
 #: How a peer's Stuck is told here (``status``, ``peers``, ``sync``, the log).
 _PEER_STUCK = "the peer refused what we sent: "
 
