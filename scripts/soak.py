@@ -1,6 +1,7 @@
 """p2psync fault battery (issue 13). Run through ``scripts/soak`` (which prepares .venv).
 
     scripts/soak kill [--side receiver|sender|both] [--runs R] [--records N] [--seed S]
+    scripts/soak partition [--writes W] [--shared F] [--runs R]
 
 ``kill``: two agent processes on 127.0.0.1, A holding N records (one entry each)
 and B empty, paired, start syncing; at a random moment of the sync (uniform over
@@ -18,6 +19,13 @@ Each run starts from copies of the same two homes (made once), so runs are
 independent. The report gives runs, failures (each with its reason), the
 distribution of kill points (the share of the N entries B held at the kill, in
 tenths), and the time to complete after the restart (median, min, max).
+
+``partition``: two paired agents, A and B, apart (both stopped) while each
+writes W records (one entry each); a share F of the keys is written on both
+sides, so those records are conflicts once both sides meet. Then both start
+(the partition heals) and the time until both hold the same entries, the same
+records and the same conflict list is measured. Each run starts from fresh
+homes; figures are the median, min and max over the runs.
 """
 
 from __future__ import annotations
@@ -63,6 +71,15 @@ def entry_ids(home: Path) -> set[bytes]:
     conn = sqlite3.connect(f"file:{home / 'store.sqlite'}?mode=ro", uri=True, timeout=30)
     try:
         return {row[0] for row in conn.execute("SELECT id FROM entries")}
+    finally:
+        conn.close()
+
+
+def held(home: Path) -> int:
+    """Entries applied, from the authors' heads (cheap enough to poll)."""
+    conn = sqlite3.connect(f"file:{home / 'store.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(conn.execute("SELECT coalesce(sum(head_seq), 0) FROM authors").fetchone()[0])
     finally:
         conn.close()
 
@@ -162,9 +179,9 @@ class Battery:
 
     def wait_done(self, b: Path) -> None:
         deadline = time.monotonic() + DONE_TIMEOUT
-        while counts(b)[0] < self.template.records:
+        while held(b) < self.template.records:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"B held {counts(b)[0]} entries after {DONE_TIMEOUT:.0f} s")
+                raise TimeoutError(f"B held {held(b)} entries after {DONE_TIMEOUT:.0f} s")
             time.sleep(0.05)
 
     def calibrate(self, work: Path) -> None:
@@ -247,6 +264,87 @@ def report(battery: Battery, records: int) -> None:
             print(f"  FAILED (killed at {o.kill_at:.2f} s, B held {o.held_at_kill}): {o.failure}")
 
 
+def snapshot(home: Path) -> tuple[int, list[tuple[str, str, bytes]], list[tuple[str, str, bytes]]]:
+    """Entries held, every record's winning version, and the conflict list."""
+    conn = sqlite3.connect(f"file:{home / 'store.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        entries = int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+        records = conn.execute(
+            "SELECT collection, key, entry FROM records ORDER BY collection, key"
+        ).fetchall()
+        losers = conn.execute(
+            "SELECT collection, key, entry FROM losers ORDER BY collection, key, entry"
+        ).fetchall()
+        return entries, records, losers
+    finally:
+        conn.close()
+
+
+def partition_run(root: Path, writes: int, shared: float) -> tuple[float, int, int]:
+    """One heal: seconds to converge, entries each side holds, conflicts."""
+    template = make_template(root, 0)
+    a, b = root / "a", root / "b"
+    common = int(writes * shared)
+    for home, side in ((a, "a"), (b, "b")):
+        db = p2psync.open(home)
+        try:
+            db.write(
+                [
+                    p2psync.Change(
+                        p2psync.OpKind.PUT,
+                        "soak",
+                        f"k{i}" if i < common else f"{side}{i}",
+                        {"side": side, "i": i},
+                    )
+                ]
+                for i in range(writes)
+            )
+        finally:
+            db.close()
+    pa = AgentProcess(a, listen=f"127.0.0.1:{template.port_a}", args=["--no-discovery"])
+    pb = AgentProcess(b, listen=f"127.0.0.1:{template.port_b}", args=["--no-discovery"])
+    started = time.monotonic()
+    pa.start()
+    pb.start()
+    try:
+        deadline = started + DONE_TIMEOUT
+        while held(a) < 2 * writes or held(b) < 2 * writes:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not converged after {DONE_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+        took = time.monotonic() - started
+    finally:
+        pa.stop()
+        pb.stop()
+    at_a, at_b = snapshot(a), snapshot(b)
+    if at_a != at_b:
+        raise SystemExit("the two sides differ after healing: records or conflicts")
+    for home in (a, b):
+        problem = verify(home)
+        if problem is not None:
+            raise SystemExit(f"{home.name}'s store does not verify: {problem}")
+    return took, at_a[0], len({(c, k) for c, k, _ in at_a[2]})
+
+
+def partition(args: argparse.Namespace) -> int:
+    times = []
+    for n in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="p2psync-soak-") as tmp:
+            took, entries, conflicts = partition_run(Path(tmp), args.writes, args.shared)
+        times.append(took)
+        print(
+            f"run {n + 1}/{args.runs}: {args.writes:,} writes each side, healed in {took:.2f} s: "
+            f"both hold {entries:,} entries, the same records and the same {conflicts:,} "
+            "conflicts",
+            flush=True,
+        )
+    print(
+        f"\ntime to converge: median {statistics.median(times):.2f} s "
+        f"(min {min(times):.2f}, max {max(times):.2f}) over {len(times)} runs"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -257,7 +355,13 @@ def main() -> int:
     kill.add_argument("--runs", type=int, default=200)
     kill.add_argument("--records", type=int, default=100_000)
     kill.add_argument("--seed", type=int, default=None)
+    part = sub.add_parser("partition", help="writes on both sides of a partition, then heal")
+    part.add_argument("--writes", type=int, default=50_000)
+    part.add_argument("--shared", type=float, default=0.1)
+    part.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    if args.what == "partition":
+        return partition(args)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     rng = random.Random(seed)
     sides = ["receiver", "sender"] if args.side == "both" else [args.side]
