@@ -219,16 +219,18 @@ def reject(db: OpenHome, rule: Rule, reason: str) -> bytes:
 
 
 def reject_strangers(db: OpenHome, reason: str) -> tuple[list[Rule], int]:
-    """Reject every request awaiting this agent from agents it has no rule in force
-    with (``pair reject --all-pending``): a flood of throwaway requests cleared in
-    one step. Returns the rules rejected, and how many proposals from paired peers
-    (rule changes) were left for ``rule accept``/``rule reject``."""
+    """Reject every request awaiting this agent from strangers: agents it has no
+    rule in force with and never asked to pair (``pair reject --all-pending``), a
+    flood of throwaway requests cleared in one step. Returns the rules rejected,
+    and how many proposals from paired or asked peers were left for ``rule
+    accept``/``rule reject``. Rejected, they no longer count against the
+    strangers' caps (slots and bytes); their pairs go with the expiry."""
     me = db.identity.public_key
-    paired = db.store.peers_in_force()
+    known = db.store.peers_in_force() | db.store.peers_proposed_to(me)  # paired, or asked
     waiting = [
         r for r in db.store.rules() if r.state is RuleState.PROPOSED and r.acceptor == me
     ]
-    rejected = [r for r in waiting if r.proposer not in paired]
+    rejected = [r for r in waiting if r.proposer not in known]
     objects = [core.reject(db.identity, r.id, reason, now_ms()) for r in rejected]
     if objects:
         db.store.add_rule_objects(me, objects, now_ms())  # one transaction
@@ -262,7 +264,10 @@ def receive(
     so ``pair pending`` can name it.
     """
     me = db.identity.public_key
-    added = db.store.add_rule_objects(me, list(objects), now_ms(), peer_only=peer)
+    expected = any(ticket.inviter == peer for ticket in joining)  # its proposal, no stranger's
+    added = db.store.add_rule_objects(
+        me, list(objects), now_ms(), peer_only=peer, expected=expected
+    )
     known = db.store.peer(peer)
     if (added and known is None) or (known is not None and not known.name and peer_name):
         db.store.add_peer(peer, peer_name, [], now_ms())

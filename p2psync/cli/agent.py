@@ -15,6 +15,7 @@ from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_peer
 from p2psync.cli.terms import timeout_option
+from p2psync.clock import now_ms
 from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.errors import AgentNotRunning, InvalidDeviceID, P2PSyncError, UsageError
 from p2psync.net import agentsockets
@@ -131,6 +132,7 @@ def _sync_direct(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     with state.open() as db:
+        db.store.expire_requests(db.identity.public_key, now_ms())  # no agent sweeps them
         keys = [resolve_peer(db, peer).key] if peer else None
         if keys and target is None and keys[0] not in db.store.peers_in_force_modes(direct=True):
             from p2psync.mail.mailer import Mailer  # noqa: PLC0415 - see the note at the top

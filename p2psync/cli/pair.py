@@ -43,7 +43,7 @@ from p2psync.errors import (
 )
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
-from p2psync.store.rules import Invite
+from p2psync.store.rules import MAX_STRANGERS, Invite
 
 
 @click.group()
@@ -466,12 +466,13 @@ def pair_pending(state: State, as_json: bool) -> None:
     joined through a relay waiting for the inviter."""
     with state.open() as db:
         me = db.identity.public_key
+        db.store.expire_requests(me, now_ms())  # what a running agent sweeps hourly
         waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
         names = {p.key: p.name for p in db.store.peers()}
         joins = db.store.relay_joins()
-        paired = db.store.peers_in_force()
+        known = db.store.peers_in_force() | db.store.peers_proposed_to(me)
     rows = [{"kind": "rule", **rule_row(me, r, names)} for r in waiting]
-    strangers = sum(1 for r in waiting if r.acceptor == me and r.proposer not in paired)
+    strangers = len({r.proposer for r in waiting if r.acceptor == me and r.proposer not in known})
     now = now_ms()
     joined: list[dict[str, Any]] = [
         {
@@ -534,11 +535,16 @@ def pair_pending(state: State, as_json: bool) -> None:
                 f"you asked {who}: {row['terms']}  (rule {row['id'][:12]}); "
                 "waiting for their answer"
             )
+    if strangers >= MAX_STRANGERS:
+        click.echo(
+            f"{strangers} agents not paired with you have requests waiting: the most this "
+            "agent keeps; requests from others are refused until you answer or reject some"
+        )
     if strangers > 2:
         click.echo(
-            f"{strangers} requests from agents not paired with you; reject them all with "
-            "`p2psync pair reject --all-pending --reason TEXT` (unanswered, they are "
-            "forgotten after 7 days)"
+            "reject every request from agents not paired with you (nor asked by you) with "
+            "`p2psync pair reject --all-pending --reason TEXT`; such requests are "
+            "forgotten 7 days after they first came, answered or not"
         )
 
 
@@ -570,8 +576,8 @@ def pair_accept(
 @click.option(
     "--all-pending",
     is_flag=True,
-    help="Reject every pairing request from agents not paired with this one "
-    "(proposals from paired peers stay for `rule accept`/`rule reject`).",
+    help="Reject every pairing request from agents not paired with this one and not "
+    "asked by it (proposals from paired or asked peers stay for `rule accept`/`rule reject`).",
 )
 @pass_state
 def pair_reject(state: State, peer: str | None, reason: str, all_pending: bool) -> None:
@@ -596,7 +602,7 @@ def pair_reject(state: State, peer: str | None, reason: str, all_pending: bool) 
     click.echo(f"{output.count(len(rejected), 'pairing request')} rejected: {output.safe(reason)}")
     if kept:
         click.echo(
-            f"{output.count(kept, 'proposal')} from paired peers left for "
+            f"{output.count(kept, 'proposal')} from paired peers, or peers you asked, left for "
             "`p2psync rule accept ID` or `p2psync rule reject ID --reason TEXT`"
         )
 

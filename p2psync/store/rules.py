@@ -25,19 +25,21 @@ MAX_OPEN_PROPOSALS = 16
 #: Objects we sign ourselves never count: our own revocation must always go through.
 MAX_OBJECTS_PER_PEER = 1024
 MAX_BYTES_PER_PEER = 1 << 20
-#: Agents with requests awaiting our answer and nothing signed by us yet: beyond
-#: this many, requests from further strangers are refused until some are answered,
-#: rejected (``pair reject --all-pending``) or expire (invite codes still work).
+#: A *stranger* is a peer we have no acceptance with (ever) and never asked to
+#: pair, whose proposals we were not expecting (no invite code of its presented):
+#: its requests are the only objects a throwaway key can make us store.
+#: Strangers with a request awaiting our answer: beyond this many, requests from
+#: further strangers are refused until some are answered, rejected (``pair reject
+#: --all-pending``) or expire. Invite codes still work, both ways.
 MAX_STRANGERS = 64
-#: A pair no acceptance was ever signed in (a stranger's requests, unanswered or
-#: rejected) holds at most this much signed by the peer, and all such pairs together
-#: at most :data:`STRANGERS_BYTES`: throwaway keys cannot fill the disk. An
-#: acceptance of our own proposal (an invite join) is never refused by these.
+#: A stranger's pair holds at most this much signed by it (rejected ones too)...
 MAX_OBJECTS_PER_STRANGER = 32
 MAX_BYTES_PER_STRANGER = 64 << 10
+#: ...and the strangers with a request awaiting our answer together at most this.
 STRANGERS_BYTES = 4 << 20
-#: A stranger's pair with nothing new for this long (a request never answered, or
-#: rejected) is forgotten: its rule objects deleted (:func:`expire_requests`).
+#: A stranger's pair is forgotten (its rule objects deleted: :func:`expire_requests`)
+#: this long after its first object, answered (rejected) or not: asking again does
+#: not keep it.
 REQUEST_TTL_MS = 7 * 24 * 3600 * 1000
 _FLOOR = "rules_floor"  # meta: the rules version, kept moving forward across deletions
 _BUDGET_HINT = (
@@ -52,17 +54,21 @@ def add_objects(
     signed: Iterable[bytes],
     now_ms: int,
     peer_only: bytes | None = None,
+    *,
+    expected: bool = False,
 ) -> list[RuleObject]:
     """Verify and keep rule objects that concern ``me``; return the new ones.
 
     Objects about other pairs (or, with ``peer_only``, about any pair but ``me``
     and that peer), answers to proposals we do not hold, and objects beyond the
-    per-peer limits are refused.
+    per-peer limits (and a stranger's beyond the strangers' ones) are refused.
+    ``expected``: we presented an invite code of ``peer_only``, whose proposal we
+    wait for: it is no stranger.
     """
     added = []
     known: dict[bytes, tuple[bytes, bytes]] = {}  # proposal ID -> (other party, proposer)
     usage: dict[bytes, list[int]] = {}  # peer -> [objects, bytes] it has signed with us
-    strangers_bytes: list[int] = []  # what pairs with no acceptance hold, once read
+    strangers = _Strangers(conn, me, peer_only if expected else None)
     pending = []
     for blob in signed:
         obj = core.decode(blob)
@@ -80,15 +86,16 @@ def add_objects(
             known[obj.id] = (peer, obj.signer)
             if obj.signer != me and _open_proposals(conn, peer) >= MAX_OPEN_PROPOSALS:
                 raise RuleError(f"{MAX_OPEN_PROPOSALS} proposals from this agent await answers")
-            if obj.signer != me and _stranger(conn, peer) and _strangers(conn, me) >= (
-                MAX_STRANGERS
+            if (
+                obj.signer != me
+                and strangers.of(peer)
+                and not strangers.asking(peer)
+                and strangers.count() >= MAX_STRANGERS
             ):
-                expire_requests(conn, me, now_ms)  # room, if some are old enough
-                if _strangers(conn, me) >= MAX_STRANGERS:
-                    raise RuleError(
-                        f"{MAX_STRANGERS} pairing requests from other agents await an "
-                        f"answer here; {_BUDGET_HINT}"
-                    )
+                raise RuleError(
+                    f"{MAX_STRANGERS} pairing requests from other agents await an "
+                    f"answer here; {_BUDGET_HINT}"
+                )
         else:
             assert obj.proposal is not None
             if obj.proposal not in known:
@@ -114,7 +121,7 @@ def add_objects(
             if peer not in usage:
                 usage[peer] = list(
                     conn.execute(
-                        "SELECT count(*), coalesce(sum(length(signed)), 0) FROM rule_objects "
+                        "SELECT count(*), coalesce(sum(size), 0) FROM rule_objects "
                         "WHERE peer = ? AND signer = ?",
                         (peer, peer),
                     ).fetchone()
@@ -125,9 +132,8 @@ def add_objects(
                     f"this agent already holds {count} rule objects ({size} bytes) signed by "
                     "that peer, the most it keeps"
                 )
-            if obj.kind is not core.Kind.ACCEPT and not _accepted(conn, peer):
-                _stranger_budget(conn, me, now_ms, (count, size), len(obj.signed), strangers_bytes)
-                strangers_bytes[0] += len(obj.signed)
+            if strangers.of(peer):
+                strangers.charge(peer, (count, size), len(obj.signed))
             usage[peer] = [count + 1, size + len(obj.signed)]
         position = version(conn) + 1  # its rowid: the rules version once it is in
         conn.execute(
@@ -150,65 +156,81 @@ def add_objects(
     return added
 
 
-def _accepted(conn: sqlite3.Connection, peer: bytes) -> bool:
-    """An acceptance was signed in the pair with ``peer`` (by either side, ever)."""
-    row = conn.execute(
-        "SELECT 1 FROM rule_objects WHERE kind = 'accept' AND peer = ? LIMIT 1", (peer,)
-    ).fetchone()
-    return row is not None
+class _Strangers:
+    """Who is a stranger, and what strangers hold, read once per batch of objects
+    (under the write lock; from indexes)."""
 
+    def __init__(self, conn: sqlite3.Connection, me: bytes, expected: bytes | None) -> None:
+        self.conn = conn
+        self.me = me
+        self.expected = expected
+        self._of: dict[bytes, bool] = {}
+        self._asking: set[bytes] | None = None
+        self._bytes: int | None = None
 
-def _stranger_budget(
-    conn: sqlite3.Connection,
-    me: bytes,
-    now_ms: int,
-    held: tuple[int, int],
-    more: int,
-    total: list[int],
-) -> None:
-    """Refuse an object of ``more`` bytes from a peer with no acceptance in its pair
-    (``held``: the objects and bytes signed by it held) beyond the strangers' budgets;
-    ``total`` caches what all such pairs hold."""
-    count, size = held
-    if count >= MAX_OBJECTS_PER_STRANGER or size + more > MAX_BYTES_PER_STRANGER:
-        raise RuleError(
-            f"this agent already holds {count} rule objects ({size} bytes) from that agent, "
-            "the most it keeps for an agent it is not paired with"
-        )
-    if not total:
-        total.append(_strangers_bytes(conn))
-    if total[0] + more > STRANGERS_BYTES and expire_requests(conn, me, now_ms):
-        total[0] = _strangers_bytes(conn)  # some were old enough to go
-    if total[0] + more > STRANGERS_BYTES:
-        raise RuleError(
-            f"requests from agents not paired with this one fill their budget "
-            f"({STRANGERS_BYTES >> 20} MiB); {_BUDGET_HINT}"
-        )
+    def of(self, peer: bytes) -> bool:
+        """``peer`` is a stranger: no acceptance in the pair, no proposal of ours, no
+        invite code of its presented by us (live, or waiting at a relay)."""
+        if peer not in self._of:
+            known = peer == self.expected
+            for sql, args in (
+                ("SELECT 1 FROM rule_objects WHERE kind = 'accept' AND peer = ?", (peer,)),
+                (
+                    "SELECT 1 FROM rule_objects WHERE kind = 'propose' AND peer = ? "
+                    "AND signer = ?",
+                    (peer, self.me),
+                ),
+                ("SELECT 1 FROM relay_joins WHERE inviter = ?", (peer,)),
+            ):
+                known = known or self.conn.execute(sql + " LIMIT 1", args).fetchone() is not None
+            self._of[peer] = not known
+        return self._of[peer]
 
+    def asking(self, peer: bytes) -> bool:
+        """``peer`` (a stranger) has a request awaiting our answer."""
+        return peer in self._waiting()
 
-def _strangers_bytes(conn: sqlite3.Connection) -> int:
-    """What pairs with no acceptance hold, signed by the peer (from an index)."""
-    row = conn.execute(
-        "SELECT coalesce(sum(o.size), 0) FROM rule_objects o INDEXED BY rule_objects_by_size "
-        "WHERE o.signer = o.peer AND NOT EXISTS (SELECT 1 FROM rule_objects a "
-        "WHERE a.kind = 'accept' AND a.peer = o.peer)"
-    ).fetchone()
-    return int(row[0])
+    def count(self) -> int:
+        return len(self._waiting())
 
+    def _waiting(self) -> set[bytes]:
+        """The strangers with a proposal awaiting our answer."""
+        if self._asking is None:
+            rows = self.conn.execute(
+                "SELECT DISTINCT p.peer FROM rule_objects p INDEXED BY rule_objects_by_kind "
+                "WHERE p.kind = 'propose' AND p.signer = p.peer AND NOT EXISTS "
+                "(SELECT 1 FROM rule_objects a WHERE a.proposal = p.id AND a.kind != 'propose')"
+            ).fetchall()
+            self._asking = {peer for (peer,) in rows if self.of(peer)}
+        return self._asking
 
-def _stranger(conn: sqlite3.Connection, peer: bytes) -> bool:
-    """``peer`` has no rule object with us yet (a first request)."""
-    return conn.execute("SELECT 1 FROM rule_objects WHERE peer = ?", (peer,)).fetchone() is None
-
-
-def _strangers(conn: sqlite3.Connection, me: bytes) -> int:
-    """Agents whose rule objects with us are all their own: requests never answered."""
-    row = conn.execute(
-        "SELECT count(*) FROM (SELECT peer FROM rule_objects GROUP BY peer "
-        "HAVING max(signer = ?) = 0)",
-        (me,),
-    ).fetchone()
-    return int(row[0])
+    def charge(self, peer: bytes, held: tuple[int, int], more: int) -> None:
+        """Refuse an object of ``more`` bytes from stranger ``peer`` (``held``: the
+        objects and bytes signed by it held) beyond the strangers' budgets."""
+        count, size = held
+        if count >= MAX_OBJECTS_PER_STRANGER or size + more > MAX_BYTES_PER_STRANGER:
+            raise RuleError(
+                f"this agent already holds {count} rule objects ({size} bytes) from that "
+                "agent, the most it keeps for an agent it is not paired with"
+            )
+        if self._bytes is None:
+            waiting = sorted(self._waiting() - {peer})
+            self._bytes = sum(
+                int(
+                    self.conn.execute(
+                        "SELECT coalesce(sum(size), 0) FROM rule_objects "
+                        "WHERE peer = ? AND signer = ?",
+                        (other, other),
+                    ).fetchone()[0]
+                )
+                for other in waiting
+            ) + size
+        if self._bytes + more > STRANGERS_BYTES:
+            raise RuleError(
+                f"requests from agents not paired with this one fill their budget "
+                f"({STRANGERS_BYTES >> 20} MiB); {_BUDGET_HINT}"
+            )
+        self._bytes += more
 
 
 def _open_proposals(conn: sqlite3.Connection, peer: bytes) -> int:
@@ -226,29 +248,28 @@ def version(conn: sqlite3.Connection) -> int:
     """Grows whenever a rule object is added or deleted: each object's rowid is the
     version after it was added, and a deletion (of strangers' requests only) moves
     ``rules_floor`` past every rowid there was, so no version is ever seen twice."""
-    row = conn.execute(
-        "SELECT max(coalesce((SELECT max(rowid) FROM rule_objects), 0), "
-        "coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?), 0))",
-        (_FLOOR,),
-    ).fetchone()
-    return int(row[0])
+    top = conn.execute("SELECT coalesce(max(rowid), 0) FROM rule_objects").fetchone()[0]
+    floor = conn.execute("SELECT value FROM meta WHERE key = ?", (_FLOOR,)).fetchone()
+    return max(int(top), int(floor[0]) if floor else 0)
 
 
 def expire_requests(
     conn: sqlite3.Connection, me: bytes, now_ms: int, ttl_ms: int | None = None
 ) -> list[bytes]:
-    """Forget the pairs with strangers that have had nothing new for ``ttl_ms``
-    (default :data:`REQUEST_TTL_MS`): no acceptance ever, no proposal of ours, the
-    newest object received before ``now_ms - ttl_ms``. Their rule objects are
-    deleted, and their ``peers`` row if nothing else was ever learnt of them (no
-    sync, no heads). Returns their keys. A stranger that asks again later is a new
-    request."""
+    """Forget the pairs with strangers ``ttl_ms`` (default :data:`REQUEST_TTL_MS`)
+    after their first object: no acceptance ever, no proposal of ours, the oldest
+    object received before ``now_ms - ttl_ms``, answered (rejected) or not, however
+    often it asked again since. Their rule objects are deleted, and their ``peers``
+    row if nothing else was ever learnt of them (no sync, no heads). Returns their
+    keys. A stranger that asks again later is a new request. Reads one covering
+    index (``rule_objects_by_expiry``)."""
     cutoff = now_ms - (REQUEST_TTL_MS if ttl_ms is None else ttl_ms)
     gone = [
         peer
         for (peer,) in conn.execute(
-            "SELECT peer FROM rule_objects GROUP BY peer HAVING max(kind = 'accept') = 0 "
-            "AND max(kind = 'propose' AND signer = ?) = 0 AND max(received) < ?",
+            "SELECT peer FROM rule_objects INDEXED BY rule_objects_by_expiry GROUP BY peer "
+            "HAVING max(kind = 'accept') = 0 AND max(kind = 'propose' AND signer = ?) = 0 "
+            "AND min(received) < ?",
             (me, cutoff),
         ).fetchall()
     ]

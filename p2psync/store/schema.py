@@ -49,10 +49,12 @@ proof) it refused, sent back as introductions and forgotten after
 key a code names, which the agent visits while the code is open.
 
 Version 14 gives ``rule_objects`` a ``size`` column (``length(signed)``) and an
-index by (peer, signer, size), so the budget on strangers' requests in all is read
-from the index; rule objects of strangers are deleted when their requests expire
-(:func:`p2psync.store.rules.expire_requests`), and ``meta`` ``rules_floor`` keeps
-the rules version moving forward when they are.
+index by (peer, signer, size), so what a peer holds (its quotas, the strangers'
+budget) is read from the index; rule objects of strangers are deleted when their
+requests expire (:func:`p2psync.store.rules.expire_requests`), and ``meta``
+``rules_floor`` keeps the rules version moving forward when they are. Version 15
+indexes them by (peer, kind, signer, received): the expiry sweep reads that index
+alone.
 
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
@@ -323,6 +325,9 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     ALTER TABLE rule_objects ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
     UPDATE rule_objects SET size = length(signed);
     CREATE INDEX rule_objects_by_size ON rule_objects (peer, signer, size)
+    """,
+    15: """
+    CREATE INDEX rule_objects_by_expiry ON rule_objects (peer, kind, signer, received)
     """,
 }
 

@@ -248,11 +248,20 @@ class Store:
     # ------------------------------------------------------------ rules and invites
 
     def add_rule_objects(
-        self, me: bytes, signed: Sequence[bytes], now_ms: int, peer_only: bytes | None = None
+        self,
+        me: bytes,
+        signed: Sequence[bytes],
+        now_ms: int,
+        peer_only: bytes | None = None,
+        *,
+        expected: bool = False,
     ) -> int:
-        """Verify and keep rule objects concerning ``me``; returns how many were new."""
+        """Verify and keep rule objects concerning ``me``; returns how many were new
+        (``expected``: we presented an invite code of ``peer_only``)."""
         with self._db.writing() as conn:
-            return len(rules_mod.add_objects(conn, me, signed, now_ms, peer_only))
+            return len(
+                rules_mod.add_objects(conn, me, signed, now_ms, peer_only, expected=expected)
+            )
 
     def rule_objects(self, peer: bytes | None) -> list[bytes]:
         with self._reader.reading() as conn:
