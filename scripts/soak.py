@@ -8,8 +8,8 @@ and B empty, paired, start syncing; at a random moment of the sync (uniform over
 the duration of a calibration sync measured first) the chosen side gets SIGKILL.
 Then:
 
-* the killed side's store verifies (``Database.verify``: chains, signatures,
-  records against entries);
+* the killed side's store verifies (``Database.verify``: every entry decodes,
+  its ID, payload digests and chain links hold, its last signature verifies);
 * every entry B had committed at the kill (its IDs, read from its store right
   after the kill) is still there at the end: nothing acknowledged is lost;
 * the killed side is restarted and the sync completes: B holds exactly N
