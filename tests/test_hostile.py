@@ -433,23 +433,27 @@ def test_rule_bookkeeping_never_scans_every_rule_object(make_db: MakeDb) -> None
             store_rules.proposed_to(conn, key(db))
             conn.set_trace_callback(None)
         db.store._db.conn.set_trace_callback(None)
-        with db.store._reader.reading() as conn:
-            for sql in statements:
-                if "rule_objects" not in sql or not sql.lstrip().upper().startswith("SELECT"):
-                    continue
-                plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
-                # a scan reads every row unless an index covers it (only the count
-                # of strangers scans, and only a small index)
-                full = [
-                    step
-                    for step in plan
-                    if step.startswith("SCAN ")
-                    and not step.startswith("SCAN (")
-                    and "COVERING INDEX" not in step
-                ]
-                assert not full, (sql, plan)
+        assert_no_full_scans(db, statements)
     finally:
         db.close()
+
+
+def assert_no_full_scans(db: p2psync.Database, statements: list[str]) -> None:
+    """No SELECT on rule_objects among ``statements`` reads every row of the table:
+    a scan reads every row unless an index covers it."""
+    with db.store._reader.reading() as conn:
+        for sql in statements:
+            if "rule_objects" not in sql or not sql.lstrip().upper().startswith("SELECT"):
+                continue
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+            full = [
+                step
+                for step in plan
+                if step.startswith("SCAN ")
+                and not step.startswith("SCAN (")
+                and "COVERING INDEX" not in step
+            ]
+            assert not full, (sql, plan)
 
 
 @pytest.mark.pure

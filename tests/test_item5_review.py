@@ -16,6 +16,7 @@ from p2psync.clock import now_ms
 from p2psync.core import rules as core_rules
 from p2psync.core.rules import RuleState, Terms
 from p2psync.store import rules as store_rules
+from tests.test_hostile import assert_no_full_scans
 from tests.test_pairing import key
 
 pytestmark = pytest.mark.pure
@@ -172,19 +173,7 @@ def test_a_request_refused_for_full_caps_never_scans_every_rule_object(
             a.store.add_rule_objects(key(a), [proposal], now_ms(), peer_only=key(late))
     finally:
         conn.set_trace_callback(None)
-    with a.store._reader.reading() as reader:
-        for sql in statements:
-            if "rule_objects" not in sql or not sql.lstrip().upper().startswith("SELECT"):
-                continue
-            plan = [row[3] for row in reader.execute("EXPLAIN QUERY PLAN " + sql)]
-            full = [
-                step
-                for step in plan
-                if step.startswith("SCAN ")
-                and not step.startswith("SCAN (")
-                and "COVERING INDEX" not in step
-            ]
-            assert not full, (sql, plan)
+    assert_no_full_scans(a, statements)
 
 
 def test_reject_all_pending_leaves_the_requests_of_peers_we_asked(make_db: MakeDb) -> None:

@@ -71,15 +71,17 @@ async def one_byte_flood(nursery: trio.Nursery, port: int, count: int, opened: l
         nursery.start_soon(one)
 
 
-async def stranger_flood(nursery: trio.Nursery, port: int, count: int, held: list[int]) -> None:
-    """``count`` throwaway identities from ATTACKER completing the handshake and
+async def stranger_flood(
+    nursery: trio.Nursery, port: int, count: int, held: list[int], source: str = ATTACKER
+) -> None:
+    """``count`` throwaway identities from ``source`` completing the handshake and
     holding the connection silently, each reconnecting when dropped."""
 
     async def one() -> None:
         while True:
             try:
                 sock = trio.socket.socket()
-                await sock.bind((ATTACKER, 0))
+                await sock.bind((source, 0))
                 await sock.connect(("127.0.0.1", port))
                 stream = trio.SocketStream(sock)
                 secured = await secure(

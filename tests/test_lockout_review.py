@@ -31,6 +31,7 @@ from p2psync.errors import StoreError
 from p2psync.net.halfopen import HalfOpen, source_of
 from p2psync.net.oneshot import join_once
 from p2psync.net.transport import secure
+from tests.test_lockout import stranger_flood as lockout_flood
 from tests.test_pairing import key
 
 pytestmark = pytest.mark.process
@@ -52,37 +53,10 @@ def port_of(agent: Agent) -> int:
 async def stranger_flood(
     nursery: trio.Nursery, port: int, sources: list[str], per_source: int, held: list[int]
 ) -> None:
-    """``per_source`` throwaway identities from each of ``sources``, each completing
-    the handshake, holding the connection silently, and reconnecting when dropped."""
-
-    async def one(source: str) -> None:
-        while True:
-            try:
-                sock = trio.socket.socket()
-                await sock.bind((source, 0))
-                await sock.connect(("127.0.0.1", port))
-                secured = await secure(
-                    trio.SocketStream(sock),
-                    Identity(os.urandom(32)),
-                    initiator=True,
-                    name="flood",
-                    timeout=5,
-                )
-                held[0] += 1
-                try:
-                    while True:
-                        await secured.receive()
-                except Exception:
-                    pass
-                finally:
-                    held[0] -= 1
-                    await secured.aclose()
-            except Exception:
-                await trio.sleep(0.01)
-
+    """``per_source`` throwaway identities from each of ``sources`` (test_lockout's
+    flood, from several addresses)."""
     for source in sources:
-        for _ in range(per_source):
-            nursery.start_soon(one, source)
+        await lockout_flood(nursery, port, per_source, held, source=source)
 
 
 # ------------------------------------------------------------ half-open: total cap
