@@ -47,8 +47,8 @@ class Result:
     def line(self) -> str:
         found = ", ".join(str(p) for p in self.crashes) if self.crashes else "none"
         return (
-            f"{self.target}: {self.runs} inputs in {self.seconds:.0f} s ({self.exec_per_s} exec/s), "
-            f"cov {self.cov} ft {self.ft}, crashes: {found}"
+            f"{self.target}: {self.runs} inputs in {self.seconds:.0f} s "
+            f"({self.exec_per_s} exec/s), cov {self.cov} ft {self.ft}, crashes: {found}"
         )
 
 
@@ -79,11 +79,16 @@ def campaign(
         *extra,
         str(folder),
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     log = log_root / f"{name}.log"
     started = time.monotonic()
     with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
+        done = subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False
+        )
     seconds = time.monotonic() - started
     text = log.read_text(errors="replace")
     stats = {k: int(v) for k, v in _STAT.findall(text)}

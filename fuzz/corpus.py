@@ -16,8 +16,18 @@ from pathlib import Path
 
 from fuzz import targets
 from fuzz.targets import ALICE, BOB, FRAME_KEY, RELAY, join2, sealed_signed, signed_pair
-from p2psync.core import bundle, canonical, entry, envelope, frames, messages, policy
-from p2psync.core import receipt, relaywire, rules
+from p2psync.core import (
+    bundle,
+    canonical,
+    entry,
+    envelope,
+    frames,
+    messages,
+    policy,
+    receipt,
+    relaywire,
+    rules,
+)
 from p2psync.core.entry import OpKind, make_op, sign_entry
 from p2psync.core.messages import Head
 from p2psync.core.rules import Direction, Mode, Route, Terms
@@ -29,13 +39,17 @@ def _h(label: str, size: int = 32) -> bytes:
     return hashlib.blake2b(label.encode(), digest_size=size).digest()
 
 
-def _entries() -> list[entry.Entry]:
+def sample_entries() -> list[entry.Entry]:
     first = sign_entry(
         ALICE,
         1,
         None,
         T0 << 16,
-        [make_op(OpKind.PUT, "vouchers", "V-1", {"party": "ACME", "amount": 1200}, [], _h("s1", 16))],
+        [
+            make_op(
+                OpKind.PUT, "vouchers", "V-1", {"party": "ACME", "amount": 1200}, [], _h("s1", 16)
+            )
+        ],
     )
     second = sign_entry(
         ALICE,
@@ -43,9 +57,18 @@ def _entries() -> list[entry.Entry]:
         first.id,
         (T0 + 5) << 16,
         [
-            make_op(OpKind.PUT, "ledgers", "ACME", {"balance": 1.5, "tags": ["a", b"\x00"]}, [], _h("s2", 16)),
+            make_op(
+                OpKind.PUT,
+                "ledgers",
+                "ACME",
+                {"balance": 1.5, "tags": ["a", b"\x00"]},
+                [],
+                _h("s2", 16),
+            ),
             make_op(OpKind.DELETE, "vouchers", "V-1", None, [first.id], _h("s3", 16)),
-            make_op(OpKind.PUT, "stock", "ééé", [None, True, -7, {"x": {"y": []}}], [], _h("s4", 16)),
+            make_op(
+                OpKind.PUT, "stock", "ééé", [None, True, -7, {"x": {"y": []}}], [], _h("s4", 16)
+            ),
         ],
     )
     return [first, second]
@@ -97,7 +120,7 @@ def _handshake() -> list[bytes]:
 
 
 def _messages() -> list[bytes]:
-    wires = [e.wire() for e in _entries()]
+    wires = [e.wire() for e in sample_entries()]
     return [
         messages.encode(m)
         for m in (
@@ -153,11 +176,11 @@ def _relaywire() -> list[bytes]:
 
 def _entry() -> list[bytes]:
     seeds = []
-    for e in _entries():
+    for e in sample_entries():
         seeds.append(bytes([0]) + e.wire())
         seeds.append(bytes([1]) + join2(e.signed, e.payloads_blob))
         seeds.append(bytes([2]) + e.signed)
-    withheld = entry.withhold(_entries()[1].wire(), lambda c: c != "ledgers")
+    withheld = entry.withhold(sample_entries()[1].wire(), lambda c: c != "ledgers")
     seeds.append(bytes([0]) + withheld)
     return seeds
 
@@ -185,10 +208,14 @@ def _invite() -> list[bytes]:
 
 def _payloads() -> tuple[bytes, bytes, bytes]:
     """A bundle, an introduction and a receipt, as envelopes carry them."""
-    wires = tuple(e.wire() for e in _entries())
-    data = bundle.encode_bundle(bundle.Bundle(_heads(), _h("r", 16), tuple(_rule_objects()[:1]), wires))
+    wires = tuple(e.wire() for e in sample_entries())
+    data = bundle.encode_bundle(
+        bundle.Bundle(_heads(), _h("r", 16), tuple(_rule_objects()[:1]), wires)
+    )
     intro = bundle.encode_introduction(
-        bundle.Introduction("Head office", tuple(_rule_objects()[:2]), (_h("i", 8), _h("p")), (_h("i", 8), "no"))
+        bundle.Introduction(
+            "Head office", tuple(_rule_objects()[:2]), (_h("i", 8), _h("p")), (_h("i", 8), "no")
+        )
     )
     signed = receipt.sign_receipt(ALICE, BOB.public_key, [1, 2, 5], {3: "bad"}, _heads(), T0)
     return data, intro, signed
@@ -206,7 +233,9 @@ def _envelopes() -> list[bytes]:
         start=1,
     ):
         wires.append(
-            envelope.seal_envelope(ALICE, BOB.public_key, seq, cls, targets.EXPIRY_MS, payload, _h(f"e{seq}"))
+            envelope.seal_envelope(
+                ALICE, BOB.public_key, seq, cls, targets.EXPIRY_MS, payload, _h(f"e{seq}")
+            )
         )
     return wires
 
@@ -219,7 +248,15 @@ def _envelope() -> list[bytes]:
     # mode 3: the plaintext (length prefix and signed part; the target pads it),
     # mode 4: the signed body; each as the envelope to Bob the target builds
     body = canonical.encode(
-        {0: 1, 1: ALICE.public_key, 2: BOB.public_key, 3: 1, 4: 1, 5: targets.EXPIRY_MS, 6: b"payload"}
+        {
+            0: 1,
+            1: ALICE.public_key,
+            2: BOB.public_key,
+            3: 1,
+            4: 1,
+            5: targets.EXPIRY_MS,
+            6: b"payload",
+        }
     )
     signed = signed_pair(ALICE, envelope.ENVELOPE_PREFIX, body)
     seeds.append(bytes([3]) + len(signed).to_bytes(4, "big") + signed)
@@ -231,13 +268,22 @@ def _envelope() -> list[bytes]:
 def _bundle() -> list[bytes]:
     data, intro, _ = _payloads()
     file = bundle.encode_file(_envelopes())
-    return [bytes([0]) + data, bytes([1]) + intro, bytes([2]) + file, bytes([2]) + bundle.encode_file([])]
+    return [
+        bytes([0]) + data,
+        bytes([1]) + intro,
+        bytes([2]) + file,
+        bytes([2]) + bundle.encode_file([]),
+    ]
 
 
 def _receipt() -> list[bytes]:
     signed = _payloads()[2]
     empty = receipt.sign_receipt(ALICE, BOB.public_key, [], {}, {}, 0)
-    return [bytes([0]) + signed, bytes([0]) + empty, *(bytes([1]) + b for b in _bodies([signed, empty]))]
+    return [
+        bytes([0]) + signed,
+        bytes([0]) + empty,
+        *(bytes([1]) + b for b in _bodies([signed, empty])),
+    ]
 
 
 def _policy() -> list[bytes]:
@@ -255,7 +301,7 @@ def _canonical() -> list[bytes]:
         [0.0, -0.0, 1e300, 5.960464477539063e-08, 3.4028234663852886e38],
     ]
     seeds = [bytes([0]) + canonical.encode(v) for v in values]
-    seeds += [bytes([1]) + e.signed for e in _entries()]
+    seeds += [bytes([1]) + e.signed for e in sample_entries()]
     seeds += [bytes([2]) + o for o in _rule_objects()[:2]]
     seeds += [bytes([3]) + m for m in _messages()[:4]]
     return seeds

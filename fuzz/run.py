@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-import atheris  # type: ignore[import-not-found]
+import atheris
 
 with atheris.instrument_imports(include=["p2psync", "fuzz.targets"]):
     from fuzz.targets import TARGETS, run_one

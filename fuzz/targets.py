@@ -25,8 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2psync import errors, pairing
-from p2psync.core import bundle, canonical, entry, envelope, frames, messages, policy
-from p2psync.core import receipt, relaywire, rules
+from p2psync.core import (
+    bundle,
+    canonical,
+    entry,
+    envelope,
+    frames,
+    messages,
+    policy,
+    receipt,
+    relaywire,
+    rules,
+)
 from p2psync.core.handshake import PROLOGUE, Handshake, x25519_public
 from p2psync.core.identity import Identity
 from p2psync.core.noise import HandshakeState, KeyPair
@@ -94,7 +104,9 @@ def fuzz_frames(data: bytes) -> None:
 
 
 def _initiator() -> Handshake:
-    return Handshake(ALICE, initiator=True, ephemeral=EPHEMERAL_A, name="Alice", expect=BOB.public_key)
+    return Handshake(
+        ALICE, initiator=True, ephemeral=EPHEMERAL_A, name="Alice", expect=BOB.public_key
+    )
 
 
 def _responder() -> Handshake:
