@@ -7,8 +7,9 @@ for ``--runs`` inputs, and report inputs run, exec/s, the final coverage
 (libFuzzer's ``cov:`` edges and ``ft:`` features) and crashes. libFuzzer keeps the
 inputs that found new coverage in the corpus folder (so a later campaign starts
 from there) and writes a crashing input to ``fuzz/crashes/TARGET/`` (``crash-*``,
-``timeout-*``, ``oom-*``); its log goes to ``fuzz/logs/TARGET.log``. Reproduce a
-crash with ``python -m fuzz.run TARGET fuzz/crashes/TARGET/crash-...``.
+``timeout-*``, ``oom-*``); its log goes to ``fuzz/logs/TARGET.log``. ``--cover``
+then replays each corpus to list the decoder lines no input ran (``fuzz/cover.py``).
+Reproduce a crash with ``python -m fuzz.run TARGET fuzz/crashes/TARGET/crash-...``.
 
 Exit status: 0 no crash, 1 a target crashed, 2 a usage error.
 """
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuzz import corpus
+from fuzz import corpus, cover
 from fuzz.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +126,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--logs", type=Path, default=ROOT / "fuzz" / "logs")
     parser.add_argument("--seed", type=int, help="libFuzzer's random seed (default: random)")
     parser.add_argument("--max-len", type=int, help="longest input libFuzzer tries")
+    parser.add_argument(
+        "--cover",
+        action="store_true",
+        help="then replay each corpus and print the decoder lines it ran (fuzz/cover.py)",
+    )
     args = parser.parse_args(argv)
     if args.target != "all" and args.target not in TARGETS:
         parser.error(f"unknown target {args.target!r}; one of: all, {', '.join(TARGETS)}")
@@ -139,6 +145,9 @@ def main(argv: list[str]) -> int:
         result = campaign(name, args.runs, args.corpus, args.crashes, args.logs, extra)
         print(result.line(), flush=True)
         results.append(result)
+    if args.cover:
+        for name in names:
+            print("\n".join(cover.report(name, args.corpus / name)), flush=True)
     failed = [r for r in results if r.crashes or r.returncode != 0]
     if len(results) > 1:
         total = sum(r.runs for r in results)

@@ -182,6 +182,9 @@ def _entry() -> list[bytes]:
         seeds.append(bytes([2]) + e.signed)
     withheld = entry.withhold(sample_entries()[1].wire(), lambda c: c != "ledgers")
     seeds.append(bytes([0]) + withheld)
+    for e in sample_entries():  # mode 3: payloads, one or a list
+        seeds.append(bytes([3]) + e.payloads_blob)
+        seeds += [bytes([3]) + p for p in e.payloads if p is not None]
     return seeds
 
 

@@ -172,20 +172,45 @@ def fuzz_relaywire(data: bytes) -> None:
 # ---------------------------------------------------------------- entries
 
 
+def entry_around(blob: bytes) -> bytes:
+    """The wire form of an entry by Alice whose payload list is ``blob``: its signed
+    body commits to each payload's digest (all in collection ``vouchers``), so the
+    payloads' own checks run. ``blob`` is taken for a list of byte strings when it
+    decodes as one (1-16 of them), else for one payload."""
+    try:
+        payloads = canonical.loads_strict(blob, what="fuzz", max_depth=1)
+    except errors.DecodeError:
+        payloads = None
+    if type(payloads) is not list or not 0 < len(payloads) <= 16:
+        payloads, blob = [blob], canonical.encode([blob])
+    digests = [
+        hashlib.blake2b(p, digest_size=entry.ID_BYTES).digest() if type(p) is bytes else bytes(32)
+        for p in payloads
+    ]
+    body = canonical.encode(
+        {0: 1, 1: ALICE.public_key, 2: 1, 3: None, 4: 0, 5: [["vouchers", d] for d in digests]}
+    )
+    return entry.wire_form(signed_pair(ALICE, entry.SIGN_PREFIX, body), blob)
+
+
 def fuzz_entry(data: bytes) -> None:
-    """An entry: mode 0 the wire form (``decode_wire``, then its signature check);
-    1 the stored form (``decode_stored``: signed part and payload list, split by
-    :func:`split2`); 2 ``stored_collections`` of a signed part."""
+    """An entry: mode (first byte % 4) 0 the wire form (``decode_wire``, then its
+    signature check); 1 the stored form (``decode_stored``: signed part and payload
+    list, split by :func:`split2`); 2 ``stored_collections`` of a signed part; 3 the
+    fuzzed bytes as the payload list (or one payload) of an entry whose body commits
+    to them (:func:`entry_around`)."""
     if not data:
         return
-    mode, rest = data[0] % 3, data[1:]
+    mode, rest = data[0] % 4, data[1:]
     if mode == 0:
         entry.decode_wire(rest).signature_valid()
     elif mode == 1:
         signed, payloads = split2(rest)
         entry.decode_stored(signed, payloads).signature_valid()
-    else:
+    elif mode == 2:
         entry.stored_collections(rest)
+    else:
+        entry.decode_wire(entry_around(rest))
 
 
 # ---------------------------------------------------------------- rule objects
