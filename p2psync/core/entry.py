@@ -254,11 +254,19 @@ def decode_stored(signed: bytes, payloads_blob: bytes) -> Entry:
 def stored_collections(signed: bytes) -> tuple[str, ...]:
     """The collections a stored entry's ops change, read from its signed body alone
     (no payload is decoded; the entry was verified when it was stored)."""
+    if len(signed) < 2 or signed[0] != 0x82:
+        raise DecodeError("signed entry is not a [body, signature] pair")
     start, end = _bstr_span(signed, 1, "signed entry")
     body = canonical.loads_strict(signed[start:end], what="entry body", max_depth=3)
-    if type(body) is not dict or type(body.get(5)) is not list:
+    refs = body.get(5) if type(body) is dict else None
+    if type(refs) is not list:
         raise DecodeError("entry body has no op list")
-    return tuple(ref[0] for ref in body[5])
+    collections = []
+    for ref in refs:
+        if type(ref) is not list or len(ref) != 2 or type(ref[0]) is not str:
+            raise DecodeError("entry body has an op reference that is not [collection, digest]")
+        collections.append(ref[0])
+    return tuple(collections)
 
 
 def _payload_list(blob: bytes) -> list[Any]:
