@@ -135,6 +135,7 @@ def _messages() -> list[bytes]:
             messages.Rules(_rule_objects()),
             messages.Join(_h("i", 8), _h("p")),
             messages.RulesHeld(_h("r", 16), True),
+            messages.Stuck("entry 4: its clock is far ahead"),
         )
     ]
 
