@@ -226,7 +226,7 @@ def reject_strangers(db: OpenHome, reason: str) -> tuple[list[Rule], int]:
     accept``/``rule reject``. Rejected, they no longer count against the
     strangers' caps (slots and bytes); their pairs go with the expiry."""
     me = db.identity.public_key
-    known = db.store.peers_in_force() | db.store.peers_proposed_to(me)  # paired, or asked
+    known = db.store.not_strangers(me)  # paired once, or asked
     waiting = [
         r for r in db.store.rules() if r.state is RuleState.PROPOSED and r.acceptor == me
     ]

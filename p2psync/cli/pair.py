@@ -470,7 +470,7 @@ def pair_pending(state: State, as_json: bool) -> None:
         waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
         names = {p.key: p.name for p in db.store.peers()}
         joins = db.store.relay_joins()
-        known = db.store.peers_in_force() | db.store.peers_proposed_to(me)
+        known = db.store.not_strangers(me)
     rows = [{"kind": "rule", **rule_row(me, r, names)} for r in waiting]
     strangers = len({r.proposer for r in waiting if r.acceptor == me and r.proposer not in known})
     now = now_ms()

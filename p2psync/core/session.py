@@ -421,6 +421,8 @@ class SyncSession:
     def _on_stuck(self, message: Stuck) -> list[Event]:
         # said once per stuck state by an honest peer; a repeat changes nothing, so
         # a peer that repeats it cannot flood the log
+        if not self.flow.sending:
+            raise RemoteProtocolError("Stuck sent, but no rule lets us send you anything")
         if message.reason == self._peer_stuck or self.synced:
             return []
         self._peer_stuck = message.reason
@@ -483,6 +485,9 @@ class SyncSession:
     def _on_caught(self, message: Caught) -> list[Event]:
         if not self.holdings.peer_caught(message.digest):
             return []  # nothing new: whatever changed since was checked when it did
+        # its heads moved on: a Stuck it sent is no longer its word (a peer still
+        # stuck says so again once quiet for the new heads)
+        self._peer_stuck = None
         return self._synced_event()
 
     # ------------------------------------------------------------ caught up / synced
@@ -510,6 +515,7 @@ class SyncSession:
         in_sync, why = verdict
         if in_sync:
             self._peer_stuck = None
+            self._peer_stuck_told = 0  # a new episode may be told again
             return [SyncedWithPeer(self.holdings.local_digest()), *self.end_if_done()]
         events: list[Event] = [StuckOnRefused(why)]
         if self.on_demand or self.peer_on_demand:

@@ -69,6 +69,8 @@ def add_objects(
     known: dict[bytes, tuple[bytes, bytes]] = {}  # proposal ID -> (other party, proposer)
     usage: dict[bytes, list[int]] = {}  # peer -> [objects, bytes] it has signed with us
     strangers = _Strangers(conn, me, peer_only if expected else None)
+    if peer_only is not None and peer_only != me:
+        _expire_pair(conn, me, peer_only, now_ms)  # a request after its pair's time is new
     pending = []
     for blob in signed:
         obj = core.decode(blob)
@@ -103,6 +105,8 @@ def add_objects(
                     "SELECT peer, signer FROM rule_objects WHERE id = ? AND kind = 'propose'",
                     (obj.proposal,),
                 ).fetchone()
+                if row is None and obj.kind is core.Kind.REVOKE and obj.signer != me:
+                    continue  # withdraws a request we no longer hold (expired): nothing to do
                 if row is None:
                     raise RuleError("an answer to a proposal this agent does not hold")
                 known[obj.proposal] = (row[0], row[1])
@@ -194,12 +198,14 @@ class _Strangers:
         return len(self._waiting())
 
     def _waiting(self) -> set[bytes]:
-        """The strangers with a proposal awaiting our answer."""
+        """The strangers we never answered (nothing signed by us in the pair): a
+        request open, or withdrawn by the stranger itself; only our rejection (or
+        the expiry) frees a stranger's slot and bytes. Reads a covering index."""
         if self._asking is None:
             rows = self.conn.execute(
-                "SELECT DISTINCT p.peer FROM rule_objects p INDEXED BY rule_objects_by_kind "
-                "WHERE p.kind = 'propose' AND p.signer = p.peer AND NOT EXISTS "
-                "(SELECT 1 FROM rule_objects a WHERE a.proposal = p.id AND a.kind != 'propose')"
+                "SELECT peer FROM rule_objects INDEXED BY rule_objects_by_signer "
+                "GROUP BY peer HAVING max(signer = ?) = 0",
+                (self.me,),
             ).fetchall()
             self._asking = {peer for (peer,) in rows if self.of(peer)}
         return self._asking
@@ -251,6 +257,22 @@ def version(conn: sqlite3.Connection) -> int:
     top = conn.execute("SELECT coalesce(max(rowid), 0) FROM rule_objects").fetchone()[0]
     floor = conn.execute("SELECT value FROM meta WHERE key = ?", (_FLOOR,)).fetchone()
     return max(int(top), int(floor[0]) if floor else 0)
+
+
+def _expire_pair(conn: sqlite3.Connection, me: bytes, peer: bytes, now_ms: int) -> None:
+    """Forget the pair with stranger ``peer`` if its time is up (as
+    :func:`expire_requests` would at its next sweep), before it asks anew: from the
+    pair's rows of one covering index."""
+    row = conn.execute(
+        "SELECT min(received), max(kind = 'accept'), max(kind = 'propose' AND signer = ?) "
+        "FROM rule_objects INDEXED BY rule_objects_by_expiry WHERE peer = ?",
+        (me, peer),
+    ).fetchone()
+    if row[0] is None or row[1] or row[2] or row[0] >= now_ms - REQUEST_TTL_MS:
+        return
+    floor = version(conn) + 1
+    conn.execute("DELETE FROM rule_objects WHERE peer = ?", (peer,))
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_FLOOR, floor))
 
 
 def expire_requests(

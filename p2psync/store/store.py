@@ -315,6 +315,13 @@ class Store:
         with self._reader.reading() as conn:
             return rules_mod.proposed_to(conn, me)
 
+    def not_strangers(self, me: bytes) -> set[bytes]:
+        """Peers that are no strangers (``store/rules.py``): an acceptance ever in
+        the pair, or a proposal of ours."""
+        with self._reader.reading() as conn:
+            accepted = conn.execute("SELECT DISTINCT peer FROM rule_objects WHERE kind = 'accept'")
+            return {peer for (peer,) in accepted} | rules_mod.proposed_to(conn, me)
+
     def rules(self, peer: bytes | None = None) -> list[Rule]:
         with self._reader.reading() as conn:
             return rules_mod.rules_with(conn, peer)
