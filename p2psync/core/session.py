@@ -411,9 +411,14 @@ class SyncSession:
     def _on_ping(self, message: Ping) -> list[Event]:
         # at most one Pong waits (the latest): a peer that pings and never reads
         # must not grow the outbox by one a Ping
-        self._outbox = [m for m in self._outbox if not isinstance(m, Pong)]
-        self._outbox.append(Pong(message.nonce))
+        self._latest_only(Pong(message.nonce))
         return []
+
+    def _latest_only(self, message: Pong | Stuck) -> None:
+        """Queue ``message`` in place of any of its kind still waiting: only the
+        latest counts, and a peer that never reads cannot pile them up."""
+        self._outbox = [m for m in self._outbox if type(m) is not type(message)]
+        self._outbox.append(message)
 
     def _on_pong(self, message: Pong) -> list[Event]:
         return []
@@ -526,8 +531,7 @@ class SyncSession:
             # live: the peer, which believes it delivered, hears why, and both stay
             # connected (the entries may yet arrive another way). One Stuck waits
             # at most, the latest: verdicts are said once per state anyway
-            self._outbox = [m for m in self._outbox if not isinstance(m, Stuck)]
-            self._outbox.append(Stuck(why))
+            self._latest_only(Stuck(why))
         return events
 
     def end_if_done(self) -> list[Event]:

@@ -270,9 +270,7 @@ def _expire_pair(conn: sqlite3.Connection, me: bytes, peer: bytes, now_ms: int) 
     ).fetchone()
     if row[0] is None or row[1] or row[2] or row[0] >= now_ms - REQUEST_TTL_MS:
         return
-    floor = version(conn) + 1
-    conn.execute("DELETE FROM rule_objects WHERE peer = ?", (peer,))
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_FLOOR, floor))
+    _forget(conn, [peer], peer_rows=False)  # it is asking again: its name stays
 
 
 def expire_requests(
@@ -295,18 +293,25 @@ def expire_requests(
             (me, cutoff),
         ).fetchall()
     ]
-    if not gone:
-        return gone
-    floor = version(conn) + 1
-    for peer in gone:
-        conn.execute("DELETE FROM rule_objects WHERE peer = ?", (peer,))
-        conn.execute(
-            "DELETE FROM peers WHERE key = ? AND last_sync IS NULL AND NOT EXISTS "
-            "(SELECT 1 FROM peer_heads WHERE peer = ?)",
-            (peer, peer),
-        )
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_FLOOR, floor))
+    if gone:
+        _forget(conn, gone, peer_rows=True)
     return gone
+
+
+def _forget(conn: sqlite3.Connection, peers: list[bytes], *, peer_rows: bool) -> None:
+    """Delete every rule object of these pairs (and, with ``peer_rows``, each
+    ``peers`` row nothing else was learnt of: no sync, no heads), moving the rules
+    version past every rowid there was."""
+    floor = version(conn) + 1
+    for peer in peers:
+        conn.execute("DELETE FROM rule_objects WHERE peer = ?", (peer,))
+        if peer_rows:
+            conn.execute(
+                "DELETE FROM peers WHERE key = ? AND last_sync IS NULL AND NOT EXISTS "
+                "(SELECT 1 FROM peer_heads WHERE peer = ?)",
+                (peer, peer),
+            )
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_FLOOR, floor))
 
 
 def answered_objects(conn: sqlite3.Connection) -> dict[bytes, list[bytes]]:
