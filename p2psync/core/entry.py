@@ -285,6 +285,11 @@ def _payload_list(blob: bytes) -> list[Any]:
     return payloads
 
 
+def payload_list(blob: bytes) -> list[bytes | None]:
+    """The stored payloads array of an entry: each payload, or ``None`` where withheld."""
+    return _payload_list(blob)
+
+
 def _head_size(value: int) -> int:
     """Bytes of the canonical CBOR head carrying ``value`` (an integer or a length)."""
     if value < 24:

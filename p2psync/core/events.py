@@ -110,6 +110,19 @@ class Stored(Protocol):
     def wire(self) -> bytes: ...
 
 
+class MissingPayload(Protocol):
+    """An op held without its payload, as the store reads it to ask a peer."""
+
+    @property
+    def entry(self) -> bytes: ...
+    @property
+    def collection(self) -> str: ...
+    @property
+    def author(self) -> bytes: ...
+    @property
+    def seq(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """An entry from the peer that the store did not apply, and why."""

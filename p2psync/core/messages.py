@@ -20,6 +20,7 @@ type  name       fields
 9     Join       invite id (8 bytes), proof (32 bytes)
 10    RulesHeld  digest of the rule objects held for the pair (16 bytes), on demand (bool)
 11    Stuck      reason (text): we refused entries you sent, not your fault; why
+12    Want       [entry id (32), ...]: send these entries again, with the payloads you may
 ====  =========  ===============================================================
 """
 
@@ -45,6 +46,8 @@ MAX_BATCH_ENTRIES = 10_000
 MAX_REASON_CHARS = 500
 DIGEST_BYTES = 16
 MAX_RULE_OBJECTS = 1000
+#: Most entry IDs one Want names (32 KiB of IDs); a side asks again once answered.
+MAX_WANT_IDS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,15 @@ class Stuck:
 
 
 @dataclass(frozen=True, slots=True)
+class Want:
+    """Entries we hold without payloads the rules now let you send us: send them
+    again, with every payload you hold and may send (ascending, unique IDs of
+    entries you hold)."""
+
+    ids: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class Rules:
     objects: list[bytes]
 
@@ -121,7 +133,9 @@ class RulesHeld:
     on_demand: bool = False  # the sender syncs on demand: on-demand rules count
 
 
-Message = Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld | Stuck
+Message = (
+    Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld | Stuck | Want
+)
 
 
 def heads_digest(heads: Heads) -> bytes:
@@ -170,6 +184,8 @@ def encode(message: Message) -> bytes:
         body = [9, message.invite, message.proof]
     elif isinstance(message, Stuck):
         body = [11, message.reason[:MAX_REASON_CHARS]]
+    elif isinstance(message, Want):
+        body = [12, message.ids]
     else:
         body = [10, message.digest, message.on_demand]
     return canonical.encode(body)
@@ -262,6 +278,18 @@ def _rules_held(body: list[Any]) -> RulesHeld:
     return RulesHeld(_bytes(digest, DIGEST_BYTES), on_demand)
 
 
+def _want(body: list[Any]) -> Want:
+    (ids,) = _fields(body, 1)
+    if type(ids) is not list or not 0 < len(ids) <= MAX_WANT_IDS:
+        raise ValueError(f"a Want names 1-{MAX_WANT_IDS} entries")
+    previous = b""
+    for entry in ids:
+        if _bytes(entry, 32) <= previous:
+            raise ValueError("a Want's entry IDs are ascending, without repeats")
+        previous = entry
+    return Want(ids)
+
+
 def _join(body: list[Any]) -> Join:
     invite, proof = _fields(body, 2)
     return Join(_bytes(invite, 8), _bytes(proof, 32))
@@ -279,6 +307,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     9: _join,
     10: _rules_held,
     11: lambda body: Stuck(_text(body)),
+    12: _want,
 }
 
 

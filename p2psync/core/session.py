@@ -14,6 +14,8 @@ Flow::
     sender: Entries(n, [...]) ...              what the peer lacks, causal order,
                                                at most ``window`` batches unacknowledged
     recv:   Ack(n)                             after batch n is committed
+    recv:   Want([id, ...])                    entries it holds without payloads the
+                                               rules now let come: send them again
     both:   Caught(digest)                     "I have sent you everything I hold"
     either: Ping/Pong                          keepalive while idle
     either: Bye(reason)                        closing, with the reason
@@ -43,6 +45,7 @@ from p2psync.core.events import (
     BatchReceived,
     Event,
     JoinRequested,
+    MissingPayload,
     NothingToSync,
     PeerHeadsReceived,
     Position,
@@ -58,6 +61,7 @@ from p2psync.core.events import (
 from p2psync.core.flow import Flow
 from p2psync.core.holdings import Holdings
 from p2psync.core.messages import (
+    MAX_WANT_IDS,
     Ack,
     Bye,
     Caught,
@@ -72,6 +76,7 @@ from p2psync.core.messages import (
     Rules,
     RulesHeld,
     Stuck,
+    Want,
 )
 from p2psync.core.settling import RuleExchange
 from p2psync.errors import HostileEntry, LocalProtocolError, RemoteProtocolError
@@ -127,6 +132,12 @@ class SyncSession:
         #: why the peer cannot get in step with what we sent (its Stuck), until in sync
         self._peer_stuck: str | None = None
         self._peer_stuck_told = 0  # its Stuck reasons taken note of (and logged)
+        # payloads held missing: ours to ask for, asked and not yet arrived, and
+        # the peer's asked of us and not yet sent
+        self._missing: Sequence[MissingPayload] = ()
+        self._to_ask: list[bytes] = []
+        self._asked: set[bytes] = set()
+        self._wanted: list[bytes] = []
 
     # ------------------------------------------------------------ output
 
@@ -243,9 +254,11 @@ class SyncSession:
 
     # ------------------------------------------------------------ opening
 
-    def begin(self, local: Heads) -> list[Event]:
+    def begin(self, local: Heads, missing: Sequence[MissingPayload] = ()) -> list[Event]:
         """A rule is in force (or the connection has no rules): state our heads and
-        start syncing."""
+        start syncing. ``missing``: ops we hold without their payload; once the
+        peer's heads are known, we ask it for the entries it holds of those whose
+        collection it may send us (:class:`Want`)."""
         if self.state is State.PAIRING:
             self.state = State.HAVE_SENT
         elif self.state is State.HAVE_RECEIVED:
@@ -255,6 +268,7 @@ class SyncSession:
         else:
             raise LocalProtocolError("begin called after we said Have")
         self._pairing_deadline = None
+        self._missing = missing
         self._have = dict(local)
         self._outbox.append(Have(dict(local)))
         return self._opened()
@@ -264,6 +278,7 @@ class SyncSession:
             return []
         assert self._have is not None and self._peer_have is not None
         self.holdings.opened(self._have, self._peer_have)
+        self._plan_asks(self._peer_have)
         self._check_caught()
         return [PeerHeadsReceived(dict(self._peer_have))]
 
@@ -353,6 +368,58 @@ class SyncSession:
         self._outbox.append(Entries(batch, wires))
         self.holdings.peer_has(positions)
 
+    # ------------------------------------------------------------ payloads wanted
+
+    def _plan_asks(self, peer: Heads) -> None:
+        """Ask the peer for the entries it holds (by its Have) of those we hold
+        without a payload the rules of this session let it send us, a Want of at
+        most :data:`MAX_WANT_IDS` at a time. Our Caught waits until all have come:
+        a peer that syncs on demand must not end the session before."""
+        if not self.flow.receiving:
+            return
+        wanted: set[bytes] = set()
+        for m in self._missing:
+            head = peer.get(m.author)
+            fetchable = head is not None and not head.frozen and head.seq >= m.seq
+            if fetchable and self.flow.may_receive(m.collection):
+                wanted.add(m.entry)
+        self._missing = ()
+        self._to_ask = sorted(wanted)
+        self._ask()
+
+    def _ask(self) -> None:
+        if self._asked or not self._to_ask:
+            return
+        chunk, self._to_ask = self._to_ask[:MAX_WANT_IDS], self._to_ask[MAX_WANT_IDS:]
+        self._asked = set(chunk)
+        self._outbox.append(Want(chunk))
+
+    @property
+    def asking(self) -> int:
+        """Entries asked of the peer (or still to ask) that have not come yet."""
+        return len(self._asked) + len(self._to_ask)
+
+    def wanted(self) -> list[bytes]:
+        """Entries the peer asked for (its Want) that we have not sent yet."""
+        return list(self._wanted) if self.state is State.OPEN else []
+
+    def send_wanted(self, ids: Sequence[bytes], wires: list[bytes]) -> None:
+        """Send ``wires`` (read for the first ``ids`` of :meth:`wanted`), their
+        payloads withheld as the flow says."""
+        if ids != self._wanted[: len(ids)]:
+            raise LocalProtocolError("wanted entries sent out of order")
+        del self._wanted[: len(ids)]
+        if wires:
+            self.send_batch(self.flow.outgoing(wires), [])
+
+    def _on_want(self, message: Want) -> list[Event]:
+        if not self.flow.sending:
+            raise RemoteProtocolError("Want sent, but no rule lets us send you anything")
+        if self._wanted:
+            raise RemoteProtocolError("a Want before the last one was answered")
+        self._wanted = list(message.ids)
+        return []
+
     # ------------------------------------------------------------ store events
 
     def local_changed(self, local: Heads) -> None:
@@ -367,9 +434,11 @@ class SyncSession:
         positions: Iterable[Position],
         local: Heads | None = None,
         refusals: Sequence[Refusal] = (),
+        arrived: Iterable[bytes] = (),
     ) -> list[Event]:
         """Batch ``batch`` from the peer is committed: ``positions`` the peer holds,
-        our heads after it (if read), and the entries not applied. One that proves
+        our heads after it (if read), the entries not applied, and the IDs of all
+        it carried (what we asked for by Want has come). One that proves
         the peer hostile closes the session; the others are noted (not the peer's
         fault)."""
         if batch not in self._receiving:
@@ -379,6 +448,9 @@ class SyncSession:
         self._receiving.discard(batch)
         self.holdings.received(positions)
         self._outbox.append(Ack(batch))
+        if self._asked:
+            self._asked.difference_update(arrived)
+            self._ask()
         if local is not None:
             self.local_changed(local)
         for refusal in refusals:
@@ -499,7 +571,7 @@ class SyncSession:
 
     def _check_caught(self) -> None:
         """Send Caught when the peer lacks nothing we hold and all is acknowledged."""
-        if self.state is State.OPEN and not self._unacked:
+        if self.state is State.OPEN and not self._unacked and not self._asked:
             digest = self.holdings.caught_due()
             if digest is not None:
                 self._outbox.append(Caught(digest))
@@ -510,6 +582,8 @@ class SyncSession:
             self.state is State.OPEN
             and not self._unacked
             and not self._receiving
+            and not self._asked
+            and not self._wanted
             and self.holdings.quiet()
         )
 
@@ -662,6 +736,7 @@ TRANSITIONS: dict[State, dict[type[Message], Handler]] = {
         Ack: SyncSession._on_ack,  # type: ignore[dict-item]
         Caught: SyncSession._on_caught,  # type: ignore[dict-item]
         Stuck: SyncSession._on_stuck,  # type: ignore[dict-item]
+        Want: SyncSession._on_want,  # type: ignore[dict-item]
     },
     State.CLOSED: {},
 }

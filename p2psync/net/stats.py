@@ -17,6 +17,8 @@ log = logging.getLogger("p2psync.net.sync")
 class SessionStats:
     sent: int = 0  # entries sent
     received: int = 0  # entries received and accepted
+    filled: int = 0  # entries held already, of which payloads we lacked arrived
+    sent_again: int = 0  # entries the peer asked for again (its Want)
     held: int = 0
     refused: int = 0
     synced: bool = False

@@ -12,6 +12,7 @@ from p2psync.core.flow import Flow
 from p2psync.core.messages import Head
 from p2psync.store.ingest import IngestResult
 from p2psync.store.logs import Outgoing
+from p2psync.store.missing import Missing
 from p2psync.store.store import Store
 
 
@@ -71,6 +72,21 @@ class TrioStore:
             return heads, batch
 
         return await trio.to_thread.run_sync(work)
+
+    async def opening(self, flow: Flow) -> tuple[dict[bytes, Head], list[Missing]]:
+        """Our heads, and the ops we hold without a payload ``flow`` lets the peer
+        send us (to ask it for them: :meth:`SyncSession.begin`)."""
+
+        def work() -> tuple[dict[bytes, Head], list[Missing]]:
+            heads = self.store.heads()
+            if not flow.receiving:
+                return heads, []
+            return heads, self.store.payloads_missing(flow.may_receive)
+
+        return await trio.to_thread.run_sync(work)
+
+    async def entries_by_id(self, ids: Sequence[bytes], max_bytes: int) -> tuple[list[bytes], int]:
+        return await trio.to_thread.run_sync(self.store.entries_by_id, ids, max_bytes)
 
     async def note_peer_heads(self, peer: bytes, heads: Mapping[bytes, Head]) -> int | None:
         return await trio.to_thread.run_sync(self.store.note_peer_heads, peer, dict(heads))

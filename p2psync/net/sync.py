@@ -185,13 +185,15 @@ class _Run:
             if self.machine.closed:
                 return
             self.stats.received += len(result.accepted)
+            self.stats.filled += len(result.filled)
             self.stats.held += len(result.held)
             self.stats.refused += len(result.rejected)
-            if result.accepted:
+            if result.accepted or result.filled:
                 self.feed.bump()  # other sessions forward these to their peers
             refusals = [Refusal(r.author, r.error, r.describe()) for r in result.rejected]
             positions = [(author, seq, eid) for author, (seq, eid) in result.seen.items()]
-            self.handle(self.machine.ingested(event.batch, positions, heads, refusals))
+            arrived = result.decoded if self.machine.asking else ()
+            self.handle(self.machine.ingested(event.batch, positions, heads, refusals, arrived))
             if self.machine.closed:  # the peer sent an entry that proves it hostile
                 return
             if refusals:  # not the sender's fault: logged
@@ -206,6 +208,9 @@ class _Run:
             stale = self.local_stale
             if not self.machine.flow.sending:  # no rule lets us send to this peer
                 await self.sender_wake.wait()
+                continue
+            if self.machine.can_send() and (wanted := self.machine.wanted()):
+                await self.answer_want(wanted)
                 continue
             if self.machine.can_send() and (stale or self.machine.wants()):
                 # one trip to the store: our heads now, and what the peer lacks of them
@@ -231,6 +236,19 @@ class _Run:
                 self.handle(self.machine.poll_synced())
                 continue
             await self.sender_wake.wait()
+
+    async def answer_want(self, wanted: list[bytes]) -> None:
+        """Send again what the peer asked for (its Want), a batch at a time."""
+        wires, taken = await self.store.entries_by_id(wanted[:BATCH_ENTRIES], BATCH_BYTES)
+        if self.machine.closed or not self.machine.can_send() or self.machine.wanted() != wanted:
+            return
+        if taken == 0:  # its Want named entries it knows we hold (by our Have): we do not
+            self.handle(self.machine.fail(f"asked for entry {wanted[0].hex()[:16]}, not held here"))
+            return
+        self.machine.send_wanted(wanted[:taken], wires)
+        self.stats.sent_again += taken
+        self.outbox_ready.set()
+        self.progress()
 
     async def timer(self) -> None:
         while not self.machine.closed:
@@ -283,7 +301,7 @@ async def run_session(
             nursery.start_soon(run.writer)
             # before reading: whatever the peer says finds us started
             if link is None:
-                run.handle(machine.begin(await store.heads()))
+                run.handle(machine.begin(*await store.opening(machine.flow)))
             else:
                 run.rules = RulesPump(link, machine, store, run.handle, on_open)
                 await run.rules.start()

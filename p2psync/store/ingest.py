@@ -31,6 +31,7 @@ from p2psync.errors import (
     HeldLimitError,
     HostileEntry,
     SignatureError,
+    WithheldError,
 )
 from p2psync.store.writer import Verdict, Writer
 
@@ -69,11 +70,15 @@ class IngestResult:
     accepted: list[bytes] = field(default_factory=list)
     held: list[bytes] = field(default_factory=list)
     duplicates: int = 0
+    #: entries held already of which this copy brought payloads ours lacked
+    filled: list[bytes] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     signatures_checked: int = 0
     #: per author, ``(seq, entry ID)`` of the furthest input that decoded: what the
     #: sender holds (a sender holds whole chains, so the last one says it all)
     seen: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
+    #: the ID of every input that decoded, in input order
+    decoded: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -118,7 +123,7 @@ def ingest(
         for item in authentic:  # refusals that are not the sender's fault, now
             if frozen:
                 _refuse(result, item, FrozenAuthorError(f"author {short_id(author)} is frozen"))
-            elif item.deferred is not None:
+            elif item.deferred is not None and not _fills(writer, item):
                 _refuse(result, item, item.deferred)
             else:
                 ready.append(item)
@@ -129,6 +134,13 @@ def ingest(
         (op.collection, op.key) for item in ready for op in item.entry.ops if op is not None
     )
     _apply_all(writer, ready, result, max_held)
+
+
+def _fills(writer: Writer, item: Item) -> bool:
+    """An entry refused for lacking a payload that we hold already: applying it
+    loses nothing, so whatever payloads it brings that ours lacks are merged
+    (asked for by ``Want``, it may come from a peer that lacks some too)."""
+    return isinstance(item.deferred, WithheldError) and writer.has_entry(item.entry.id)
 
 
 def _position(item: Item) -> tuple[int, int]:
@@ -150,6 +162,9 @@ def _apply_all(writer: Writer, ready: list[Item], result: IngestResult, max_held
         elif attempt.outcome is Verdict.WAIT:
             assert attempt.dep is not None
             waiting[attempt.dep].append(item)
+        elif attempt.outcome is Verdict.FILLED:
+            result.filled.append(item.entry.id)
+            writer.drop_held(item.entry.id)
         elif attempt.outcome is Verdict.DUPLICATE:
             result.duplicates += 1
             writer.drop_held(item.entry.id)
@@ -225,6 +240,7 @@ def decode_batch(
                 continue
             deferred = deferred or refusal
         items.append(Item(entry, wire, index, deferred))
+        result.decoded.append(entry.id)
         furthest = result.seen.get(entry.author)
         if furthest is None or entry.seq > furthest[0]:
             result.seen[entry.author] = (entry.seq, entry.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -111,6 +111,25 @@ def entry_at(conn: sqlite3.Connection, author: bytes, seq: int) -> Outgoing | No
     if row is None:
         return None
     return Outgoing(row[0], author, seq, row[1], wire_form(row[2], row[3]))
+
+
+def entries_by_id(
+    conn: sqlite3.Connection, ids: Sequence[bytes], max_bytes: int
+) -> tuple[list[bytes], int]:
+    """Wire forms of the entries ``ids`` names, in that order, until ``max_bytes``
+    (at least one); and how many IDs that took. Stops short at an ID not held."""
+    wires: list[bytes] = []
+    size = 0
+    for entry in ids:
+        row = conn.execute("SELECT signed, payloads FROM entries WHERE id = ?", (entry,)).fetchone()
+        if row is None:
+            break
+        wire = wire_form(row[0], row[1])
+        if wires and size + len(wire) > max_bytes:
+            break
+        wires.append(wire)
+        size += len(wire)
+    return wires, len(wires)
 
 
 def entries(conn: sqlite3.Connection, author: bytes | None) -> list[StoredEntry]:

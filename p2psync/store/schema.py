@@ -56,10 +56,18 @@ requests expire (:func:`p2psync.store.rules.expire_requests`), and ``meta``
 indexes them by (peer, kind, signer, received): the expiry sweep reads that index
 alone.
 
+Version 16 keeps the ops applied without their payload one by one
+(``payloads_missing``: entry, op index, collection, author, seq) and, for each, the
+records on which a later op named it as a base (``missing_superseded``): when a peer
+that may send the payload appears (a rule widened, another path), the agent asks it
+for the entry again and merges the op late, as a version those later ops
+superseded (:mod:`p2psync.store.missing`). The migration reads them from the
+entries already held.
+
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
-sending path does not carry). p2psync cannot fetch those payloads later yet;
-``status`` and ``peers`` say so when a rule would let them arrive.
+sending path does not carry); ``status`` and ``peers`` say so when a rule would let
+them arrive (version 16 keeps them one by one, to fetch them).
 
 Version 8 deletes the ``join:<inviter>`` meta rows earlier versions kept for an
 invite code being joined: the code now lives only in the joining process.
@@ -96,8 +104,10 @@ Version 2 adds peers:
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 from p2psync.errors import StoreError
+from p2psync.store import missing
 
 MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one)
     1: """
@@ -329,6 +339,32 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     15: """
     CREATE INDEX rule_objects_by_expiry ON rule_objects (peer, kind, signer, received)
     """,
+    # ops applied without their payload, one by one, so that a peer that may send
+    # them later is asked for them (store/missing.py); filled by FILLS[16] from the
+    # entries already held
+    16: """
+    CREATE TABLE payloads_missing (
+        entry      BLOB NOT NULL,
+        op         INTEGER NOT NULL,
+        collection TEXT NOT NULL,
+        author     BLOB NOT NULL,
+        seq        INTEGER NOT NULL,
+        PRIMARY KEY (entry, op)
+    ) WITHOUT ROWID;
+    CREATE INDEX payloads_missing_by_author ON payloads_missing (author, seq);
+    CREATE TABLE missing_superseded (
+        entry      BLOB NOT NULL,
+        collection TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        PRIMARY KEY (entry, collection, key)
+    ) WITHOUT ROWID
+    """,
+}
+
+#: Migrations that need more than SQL: run after the statements of their version,
+#: in the same transaction.
+FILLS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    16: missing.rebuild,
 }
 
 LATEST = max(MIGRATIONS)
@@ -367,6 +403,8 @@ def migrate(conn: sqlite3.Connection, now_ms: int) -> None:
             for statement in MIGRATIONS[number].split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if number in FILLS:
+                FILLS[number](conn)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, now_ms))
         conn.execute("COMMIT")
     except BaseException:

@@ -23,7 +23,7 @@ from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
 from p2psync.core.rules import Mode, Rule, Terms
 from p2psync.errors import StoreError
-from p2psync.store import joins, local, logs, meta, peers, records, schema
+from p2psync.store import joins, local, logs, meta, missing, peers, records, schema
 from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect, data_version
 from p2psync.store.gcpause import fewer_collections
@@ -38,6 +38,9 @@ from p2psync.store.writer import Writer
 __all__ = ["STORE_FILE", "AuthorState", "Change", "Store", "StoredEntry"]
 
 STORE_FILE = "store.sqlite"
+#: Most ops held without their payload one session asks a peer for (Wants of
+#: :data:`~p2psync.core.messages.MAX_WANT_IDS` each); the rest, at the next.
+MAX_ASKED_PER_SESSION = 100_000
 
 
 class Store:
@@ -170,6 +173,19 @@ class Store:
     ) -> list[logs.Outgoing]:
         with self._reader.snapshot() as conn:  # one snapshot across the per-author reads
             return logs.entries_after(conn, after, max_entries, max_bytes)
+
+    def entries_by_id(self, ids: Sequence[bytes], max_bytes: int) -> tuple[list[bytes], int]:
+        """Wire forms of the entries ``ids`` names, in order, up to ``max_bytes``
+        (at least one), and how many IDs they are; short at an ID not held."""
+        with self._reader.snapshot() as conn:
+            return logs.entries_by_id(conn, ids, max_bytes)
+
+    def payloads_missing(
+        self, may_receive: Callable[[str], bool], limit: int = MAX_ASKED_PER_SESSION
+    ) -> list[missing.Missing]:
+        """Ops held without their payload in collections ``may_receive`` accepts."""
+        with self._reader.reading() as conn:
+            return missing.wanted(conn, may_receive, limit)
 
     def entry_at(self, author: bytes, seq: int) -> logs.Outgoing | None:
         with self._reader.reading() as conn:

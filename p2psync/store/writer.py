@@ -1,11 +1,13 @@
 """Applying entries to the store inside one write transaction.
 
 :class:`Writer` is the only code that changes ``entries``, ``records``,
-``losers``, ``authors``, ``held``, ``forks`` and ``incomplete``. Ingested entries
+``losers``, ``authors``, ``held``, ``forks``, ``incomplete`` and the ops held
+without their payload (:mod:`p2psync.store.missing`). Ingested entries
 (:mod:`p2psync.store.ingest`) go through :meth:`Writer.try_apply` (which checks
 their place in the chain and their dependencies), local ones
 (:mod:`p2psync.store.local`) straight to :meth:`Writer.apply`; both merge the
-same way.
+same way. A copy of a held entry that brings payloads the held one lacks is merged
+late (:meth:`Writer.fill`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
+from p2psync.core import canonical
 from p2psync.core import hlc as hlc_mod
-from p2psync.core.entry import Entry, OpKind, wire_form
+from p2psync.core.entry import Entry, Op, OpKind, payload_list, wire_form
 from p2psync.core.identity import short_id
 from p2psync.core.merge import Version, merge
 from p2psync.core.messages import MAX_AUTHORS
@@ -29,6 +32,8 @@ from p2psync.errors import (
     ForkError,
     FrozenAuthorError,
 )
+from p2psync.store import missing
+from p2psync.store.missing import Missing
 
 META_CLOCK = "clock"
 
@@ -53,6 +58,7 @@ class Verdict(Enum):
     DUPLICATE = "duplicate"
     WAIT = "wait"
     REFUSED = "refused"
+    FILLED = "filled"  # held already; this copy brought payloads ours lacked
 
 
 class Attempt(NamedTuple):
@@ -63,6 +69,7 @@ class Attempt(NamedTuple):
 
 _APPLIED = Attempt(Verdict.APPLIED)
 _DUPLICATE = Attempt(Verdict.DUPLICATE)
+_FILLED = Attempt(Verdict.FILLED)
 
 _States = dict[tuple[str, str], list[Version]]
 
@@ -121,6 +128,11 @@ class Writer:
         self._new_entries: list[tuple[int, int, bytes, int, bytes, bytes]] = []
         #: ops applied without their payload (withheld upstream), per (collection, author)
         self._incomplete: dict[tuple[str, bytes], int] = {}
+        #: the same ops one by one, and the records where a later op named them
+        self.has_missing = missing.any_missing(conn)
+        self._missing: list[Missing] = []
+        self._missing_here: set[tuple[bytes, str]] = set()  # (entry, collection) of those
+        self._superseded: set[tuple[bytes, str, str]] = set()
 
     # ------------------------------------------------------------ reading
 
@@ -199,8 +211,8 @@ class Writer:
         row = self.conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return row is not None
 
-    def stored_wire(self, head: AuthorHead, seq: int) -> tuple[bytes, bytes] | None:
-        """``(id, wire)`` of the stored entry ``seq`` of an author, if held."""
+    def stored_wire(self, head: AuthorHead, seq: int) -> tuple[bytes, bytes, bytes] | None:
+        """``(id, wire, payloads)`` of the stored entry ``seq`` of an author, if held."""
         if head.idx is None:
             return None
         self._flush_entries()
@@ -210,7 +222,7 @@ class Writer:
         ).fetchone()
         if row is None:
             return None
-        return row[0], wire_form(row[1], row[2])
+        return row[0], wire_form(row[1], row[2]), row[2]
 
     # ------------------------------------------------------------ applying
 
@@ -225,7 +237,9 @@ class Writer:
         if entry.seq <= head.seq:
             stored = self.stored_wire(head, entry.seq)
             if stored is not None and stored[0] == entry.id:
-                return _DUPLICATE
+                if stored[2] == entry.payloads_blob or None not in payload_list(stored[2]):
+                    return _DUPLICATE
+                return self.fill(entry, stored[2])
             ours = stored[1] if stored is not None else b""
             return self._fork(head, entry.seq, ours, wire)
         if entry.seq > head.seq + 1:
@@ -270,24 +284,88 @@ class Writer:
         self._new_entries.append(
             (self._row(head), entry.seq, entry.id, entry.hlc, entry.signed, entry.payloads_blob)
         )
-        for collection, op in zip(entry.collections, entry.ops, strict=True):
+        for index, (collection, op) in enumerate(zip(entry.collections, entry.ops, strict=True)):
             if op is None:  # its payload was withheld: a collection not for us by that path
                 where = (collection, entry.author)
                 self._incomplete[where] = self._incomplete.get(where, 0) + 1
+                self._missing.append(Missing(entry.id, index, collection, entry.author, entry.seq))
+                self._missing_here.add((entry.id, collection))
+                self.has_missing = True
                 continue
-            record = (op.collection, op.key)
+            self._merge(entry, op, states[(op.collection, op.key)])
+        head.seq, head.id, head.hlc, head.dirty = entry.seq, entry.id, entry.hlc, True
+        self.applied.add(entry.id)
+        self.clock = hlc_mod.observe(self.clock, entry.hlc, self.now_ms)
+
+    def _merge(self, entry: Entry, op: Op, old: list[Version], *, superseded: bool = False) -> None:
+        """Merge ``op`` of ``entry`` into the record whose heads are ``old``; a
+        ``superseded`` op (late, named by one applied before it) only takes the
+        versions it names off the heads."""
+        record = (op.collection, op.key)
+        if superseded:
+            kept = [v for v in old if v.entry not in op.bases]
+            if len(kept) < len(old) and kept:  # (the op that named it is a head, or
+                self._records[record] = kept  # its successor: never empty)
+                self._dirty.add(record)
+        else:
             version = Version(
                 entry.id, entry.hlc, entry.author, op.payload, op.kind is OpKind.DELETE
             )
-            old = states[record]
             if not old or (len(old) == 1 and old[0].entry in op.bases):
                 self._records[record] = [version]  # the common case, without merge()
             else:
                 self._records[record] = merge(old, version, op.bases)
             self._dirty.add(record)
-        head.seq, head.id, head.hlc, head.dirty = entry.seq, entry.id, entry.hlc, True
-        self.applied.add(entry.id)
-        self.clock = hlc_mod.observe(self.clock, entry.hlc, self.now_ms)
+        if self.has_missing and op.bases:
+            present = {v.entry for v in old}
+            for base in op.bases:  # a version here that arrives late is superseded
+                if base not in present and self._is_missing(base, op.collection):
+                    self._superseded.add((base, op.collection, op.key))
+
+    def _is_missing(self, entry: bytes, collection: str) -> bool:
+        return (entry, collection) in self._missing_here or missing.missing_in(
+            self.conn, entry, collection
+        )
+
+    def fill(self, entry: Entry, held: bytes) -> Attempt:
+        """Merge late the ops of a held entry (whose stored payloads are ``held``)
+        that this copy brings and ours lacks. An op naming a base not held here
+        stays missing (it would break causal order); a later copy fills it."""
+        ours = payload_list(held)
+        filled: list[tuple[int, str, str]] = []
+        self._flush_pending_missing()
+        for index, op in enumerate(entry.ops):
+            if op is None or ours[index] is not None:
+                continue
+            heads = self.record_heads(op.collection, op.key)
+            present = {version.entry for version in heads}
+            if any(base not in present and not self.has_entry(base) for base in op.bases):
+                continue
+            # heads = versions - bases named: what it names goes, whether or not a
+            # later op named it
+            late = missing.superseded(self.conn, entry.id, op.collection, op.key)
+            self._merge(entry, op, heads, superseded=late)
+            ours[index] = op.payload
+            filled.append((index, op.collection, op.key))
+            where = (op.collection, entry.author)
+            self._incomplete[where] = self._incomplete.get(where, 0) - 1
+        if not filled:
+            return _DUPLICATE
+        self._flush_pending_missing()
+        missing.filled(self.conn, entry.id, filled)
+        self.conn.execute(
+            "UPDATE entries SET payloads = ? WHERE id = ?", (canonical.encode(ours), entry.id)
+        )
+        return _FILLED
+
+    def _flush_pending_missing(self) -> None:
+        self._flush_entries()
+        if self._missing:
+            missing.add(self.conn, self._missing)
+            self._missing.clear()
+        if self._superseded:
+            missing.add_superseded(self.conn, self._superseded)
+            self._superseded.clear()
 
     def _flush_entries(self) -> None:
         if self._new_entries:
@@ -307,7 +385,11 @@ class Writer:
                 "ON CONFLICT (collection, author) DO UPDATE SET ops = ops + excluded.ops",
                 [(c, a, n) for (c, a), n in self._incomplete.items()],
             )
+            if any(n < 0 for n in self._incomplete.values()):  # some were filled
+                self.conn.execute("DELETE FROM incomplete WHERE ops <= 0")
             self._incomplete.clear()
+        self._flush_pending_missing()
+        self._missing_here.clear()
         rows: list[tuple[object, ...]] = []
         loser_keys: list[tuple[str, str]] = []
         loser_rows: list[tuple[object, ...]] = []
