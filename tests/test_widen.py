@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable
 
 import pytest
+import trio
 
 import p2psync
 from p2psync import pairing
@@ -18,7 +19,13 @@ from p2psync.clock import now_ms
 from p2psync.core.entry import withhold
 from p2psync.core.flow import Flow
 from p2psync.core.rules import Permissions, Terms
+from p2psync.core.session import SyncSession
+from p2psync.net.link import PairLink
+from p2psync.net.storeio import ChangeFeed, TrioStore
+from p2psync.net.sync import run_session
+from p2psync.net.transport import SecureStream
 from tests.test_pairing import key, session
+from tests.test_sync import connect
 
 MakeDb = Callable[[str], p2psync.Database]
 
@@ -178,3 +185,34 @@ def test_a_store_from_before_version_16_knows_what_it_lacks(make_db: MakeDb) -> 
         assert again.get("misc", "m") == "y" and not again.in_conflict("misc", "m")
     finally:
         again.close()
+
+
+@pytest.mark.trio_memory
+async def test_two_live_sides_are_in_sync_once_the_payloads_came(make_db: MakeDb) -> None:
+    """The side asked for entries sends them with its heads unchanged, after its
+    Caught for those heads: the asker takes the batch for more to come, so the
+    answering side must say Caught again (it did not: never in sync while live)."""
+    a, c = make_db("a"), make_db("c")
+    agree(a, c, Terms.make(["stock"]))
+    a.put("stock", "S-1", 3)
+    vouchers_only = Flow(Permissions(send=(Terms(),), receive=(Terms.make(["vouchers"]),)))
+    withheld = [withhold(w, lambda name: name == "vouchers") for w in a.export(key(a))]
+    c.store.ingest(withheld, now_ms(), flow=vouchers_only)  # as if through a hub
+    sa, sc = await connect(a, c)
+    machines: dict[str, SyncSession] = {}
+
+    async def side(name: str, stream: SecureStream, db: p2psync.Database, peer: bytes) -> None:
+        link = PairLink(db, peer, handshake_hash=stream.handshake_hash, peer_name="x")
+        await run_session(
+            stream, TrioStore(db.store), ChangeFeed(), live=True, link=link,
+            on_start=lambda machine, _: machines.__setitem__(name, machine),
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "a", sa, a, key(c))
+        nursery.start_soon(side, "c", sc, c, key(a))
+        with trio.fail_after(10):
+            while not (len(machines) == 2 and all(m.synced for m in machines.values())):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert c.get("stock", "S-1") == 3 and c.store.incomplete() == {}

@@ -176,7 +176,7 @@ def describe_link(row: dict[str, Any], *, why: bool = True) -> str:
 
 
 def describe_incomplete(missing: dict[str, int]) -> str:
-    """The known limitation, in words: ops that arrived without their contents."""
+    """Ops that arrived without their contents, in words (asked for at each sync)."""
     shown = sorted(missing)[:5]
     names = ", ".join(repr(c) for c in shown)
     if len(missing) > len(shown):
@@ -184,8 +184,8 @@ def describe_incomplete(missing: dict[str, int]) -> str:
     count = output.plural(sum(missing.values()), "change")
     return (
         f"{count} to {names} arrived here without {'its' if count.startswith('1 ') else 'their'}"
-        " contents, through a peer whose rules leave that out; p2psync cannot fetch them "
-        "later yet, so they will not come from this peer either (README: What flows where)"
+        " contents (a rule on their way left that out); each sync asks the peers whose "
+        "rules let them come, until one holds them (README: What flows where)"
     )
 
 

@@ -95,6 +95,12 @@ class Holdings:
         self._peer_caught = digest
         return True
 
+    def say_caught_again(self) -> None:
+        """Entries went to the peer with our heads unchanged (it asked for them
+        again): it takes them for more to come, so our next Caught is due even for
+        the heads we said it for."""
+        self._caught_sent = None
+
     def _stale(self) -> None:
         self._wanted = self._lacks = None
 

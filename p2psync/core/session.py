@@ -411,6 +411,7 @@ class SyncSession:
         del self._wanted[: len(ids)]
         if wires:
             self.send_batch(self.flow.outgoing(wires), [])
+            self.holdings.say_caught_again()
 
     def _on_want(self, message: Want) -> list[Event]:
         if not self.flow.sending:
