@@ -351,7 +351,7 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         seq        INTEGER NOT NULL,
         PRIMARY KEY (entry, op)
     ) WITHOUT ROWID;
-    CREATE INDEX payloads_missing_by_author ON payloads_missing (author, seq);
+    CREATE INDEX payloads_missing_by_collection ON payloads_missing (collection, author, seq, op);
     CREATE TABLE missing_superseded (
         entry      BLOB NOT NULL,
         collection TEXT NOT NULL,
