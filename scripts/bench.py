@@ -653,8 +653,15 @@ def main() -> None:
     relay.add_argument(
         "--seed", type=int, default=None, help="with --store postgresql: the kill moments' seed"
     )
+    widen = sub.add_parser("widen", help="payloads fetched after a rule widens vs a fresh pair")
+    widen.add_argument("--records", type=int, default=20_000)
+    widen.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    if args.suite == "relay":
+    if args.suite == "widen":
+        from bench_widen import run_widen  # noqa: PLC0415 - its own module (scripts/)
+
+        run_widen(args)
+    elif args.suite == "relay":
         run_relay(args)
     elif args.suite == "local":
         run_local(args)
