@@ -177,6 +177,7 @@ def test_a_store_from_before_version_16_knows_what_it_lacks(make_db: MakeDb) -> 
     with sqlite3.connect(path) as conn:
         conn.execute("DROP TABLE payloads_missing")
         conn.execute("DROP TABLE missing_superseded")
+        conn.execute("DROP TABLE missing_lacked")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 16")
     again = p2psync.open(path.parent)
     try:

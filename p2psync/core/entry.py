@@ -112,6 +112,11 @@ def wire_form(signed: bytes, payloads_blob: bytes) -> bytes:
     return b"\x82" + canonical.encode(signed) + payloads_blob
 
 
+def payload_digest(payload: bytes) -> bytes:
+    """The digest an entry's body names for an op's payload."""
+    return hashlib.blake2b(payload, digest_size=ID_BYTES).digest()
+
+
 def entry_id(signed: bytes) -> bytes:
     return hashlib.blake2b(signed, digest_size=ID_BYTES).digest()
 

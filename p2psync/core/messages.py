@@ -21,6 +21,7 @@ type  name       fields
 10    RulesHeld  digest of the rule objects held for the pair (16 bytes), on demand (bool)
 11    Stuck      reason (text): we refused entries you sent, not your fault; why
 12    Want       [entry id (32), ...]: send these entries again, with the payloads you may
+13    Resent     count (uint): what I hold of your last Want has gone (count entries)
 ====  =========  ===============================================================
 """
 
@@ -117,6 +118,14 @@ class Want:
 
 
 @dataclass(frozen=True, slots=True)
+class Resent:
+    """Every entry of your last Want that we hold has been sent (``count``); the
+    others we do not hold."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Rules:
     objects: list[bytes]
 
@@ -134,7 +143,19 @@ class RulesHeld:
 
 
 Message = (
-    Have | Entries | Ack | Caught | Ping | Pong | Bye | Rules | Join | RulesHeld | Stuck | Want
+    Have
+    | Entries
+    | Ack
+    | Caught
+    | Ping
+    | Pong
+    | Bye
+    | Rules
+    | Join
+    | RulesHeld
+    | Stuck
+    | Want
+    | Resent
 )
 
 
@@ -186,6 +207,8 @@ def encode(message: Message) -> bytes:
         body = [11, message.reason[:MAX_REASON_CHARS]]
     elif isinstance(message, Want):
         body = [12, message.ids]
+    elif isinstance(message, Resent):
+        body = [13, message.count]
     else:
         body = [10, message.digest, message.on_demand]
     return canonical.encode(body)
@@ -308,6 +331,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     10: _rules_held,
     11: lambda body: Stuck(_text(body)),
     12: _want,
+    13: lambda body: Resent(_uint(_fields(body, 1)[0])),
 }
 
 

@@ -16,6 +16,7 @@ Flow::
     recv:   Ack(n)                             after batch n is committed
     recv:   Want([id, ...])                    entries it holds without payloads the
                                                rules now let come: send them again
+    sender: Entries(n, [...]) ... Resent(k)    those it holds, then "that was all"
     both:   Caught(digest)                     "I have sent you everything I hold"
     either: Ping/Pong                          keepalive while idle
     either: Bye(reason)                        closing, with the reason
@@ -73,6 +74,7 @@ from p2psync.core.messages import (
     Message,
     Ping,
     Pong,
+    Resent,
     Rules,
     RulesHeld,
     Stuck,
@@ -132,12 +134,15 @@ class SyncSession:
         #: why the peer cannot get in step with what we sent (its Stuck), until in sync
         self._peer_stuck: str | None = None
         self._peer_stuck_told = 0  # its Stuck reasons taken note of (and logged)
-        # payloads held missing: ours to ask for, asked and not yet arrived, and
-        # the peer's asked of us and not yet sent
+        # payloads held missing: ours to ask for, asked and not yet answered (and
+        # whether the peer's Resent came), and what the peer asked of us and we
+        # have not sent yet (and how many went)
         self._missing: Sequence[MissingPayload] = ()
         self._to_ask: list[bytes] = []
         self._asked: set[bytes] = set()
-        self._wanted: list[bytes] = []
+        self._resent = False
+        self._asked_of_us: list[bytes] = []
+        self._resent_count = 0
 
     # ------------------------------------------------------------ output
 
@@ -373,15 +378,18 @@ class SyncSession:
     def _plan_asks(self, peer: Heads) -> None:
         """Ask the peer for the entries it holds (by its Have) of those we hold
         without a payload the rules of this session let it send us, a Want of at
-        most :data:`MAX_WANT_IDS` at a time. Our Caught waits until all have come:
-        a peer that syncs on demand must not end the session before."""
+        most :data:`MAX_WANT_IDS` at a time (none of an author either side froze
+        after a fork: its chains may differ). Our Caught waits until all are
+        answered: a peer that syncs on demand must not end the session before."""
         if not self.flow.receiving:
             return
+        ours = self._have or {}
         wanted: set[bytes] = set()
         for m in self._missing:
-            head = peer.get(m.author)
-            fetchable = head is not None and not head.frozen and head.seq >= m.seq
-            if fetchable and self.flow.may_receive(m.collection):
+            head, own = peer.get(m.author), ours.get(m.author)
+            frozen = (head is not None and head.frozen) or (own is not None and own.frozen)
+            held = head is not None and head.seq >= m.seq
+            if held and not frozen and self.flow.may_receive(m.collection):
                 wanted.add(m.entry)
         self._missing = ()
         self._to_ask = sorted(wanted)
@@ -394,32 +402,49 @@ class SyncSession:
         self._asked = set(chunk)
         self._outbox.append(Want(chunk))
 
-    @property
-    def asking(self) -> int:
-        """Entries asked of the peer (or still to ask) that have not come yet."""
-        return len(self._asked) + len(self._to_ask)
+    def _answered(self) -> None:
+        """The peer's Resent came: once every batch before it is stored, what it
+        did not send it does not hold; ask for the next ones."""
+        if self._resent and not self._receiving:
+            self._resent = False
+            self._asked = set()
+            self._ask()
 
-    def wanted(self) -> list[bytes]:
-        """Entries the peer asked for (its Want) that we have not sent yet."""
-        return list(self._wanted) if self.state is State.OPEN else []
+    def to_resend(self) -> list[bytes]:
+        """Entries the peer asked for again (its Want) that we have not sent yet."""
+        return list(self._asked_of_us) if self.state is State.OPEN else []
 
-    def send_wanted(self, ids: Sequence[bytes], wires: list[bytes]) -> None:
-        """Send ``wires`` (read for the first ``ids`` of :meth:`wanted`), their
-        payloads withheld as the flow says."""
-        if ids != self._wanted[: len(ids)]:
-            raise LocalProtocolError("wanted entries sent out of order")
-        del self._wanted[: len(ids)]
+    def resend(self, ids: Sequence[bytes], wires: list[bytes]) -> None:
+        """Send again the ``wires`` read for the first ``ids`` of :meth:`to_resend`
+        (those not held here have none), their payloads withheld as the flow says;
+        after the last, say ``Resent``."""
+        if list(ids) != self._asked_of_us[: len(ids)]:
+            raise LocalProtocolError("asked-for entries sent out of order")
+        del self._asked_of_us[: len(ids)]
         if wires:
             self.send_batch(self.flow.outgoing(wires), [])
+            # the peer takes the batch for more to come: our Caught is due again,
+            # even for the heads we said it for
             self.holdings.say_caught_again()
+            self._resent_count += len(wires)
+        if not self._asked_of_us:
+            self._outbox.append(Resent(self._resent_count))
 
     def _on_want(self, message: Want) -> list[Event]:
         if not self.flow.sending:
             raise RemoteProtocolError("Want sent, but no rule lets us send you anything")
-        if self._wanted:
+        if self._asked_of_us:
             raise RemoteProtocolError("a Want before the last one was answered")
-        self._wanted = list(message.ids)
+        self._asked_of_us = list(message.ids)
+        self._resent_count = 0
         return []
+
+    def _on_resent(self, message: Resent) -> list[Event]:
+        if not self._asked or self._resent:
+            raise RemoteProtocolError("Resent, but we asked for nothing")
+        self._resent = True
+        self._answered()
+        return self.poll_synced()
 
     # ------------------------------------------------------------ store events
 
@@ -435,11 +460,9 @@ class SyncSession:
         positions: Iterable[Position],
         local: Heads | None = None,
         refusals: Sequence[Refusal] = (),
-        arrived: Iterable[bytes] = (),
     ) -> list[Event]:
         """Batch ``batch`` from the peer is committed: ``positions`` the peer holds,
-        our heads after it (if read), the entries not applied, and the IDs of all
-        it carried (what we asked for by Want has come). One that proves
+        our heads after it (if read), and the entries not applied. One that proves
         the peer hostile closes the session; the others are noted (not the peer's
         fault)."""
         if batch not in self._receiving:
@@ -449,9 +472,7 @@ class SyncSession:
         self._receiving.discard(batch)
         self.holdings.received(positions)
         self._outbox.append(Ack(batch))
-        if self._asked:
-            self._asked.difference_update(arrived)
-            self._ask()
+        self._answered()
         if local is not None:
             self.local_changed(local)
         for refusal in refusals:
@@ -584,7 +605,7 @@ class SyncSession:
             and not self._unacked
             and not self._receiving
             and not self._asked
-            and not self._wanted
+            and not self._asked_of_us
             and self.holdings.quiet()
         )
 
@@ -738,6 +759,7 @@ TRANSITIONS: dict[State, dict[type[Message], Handler]] = {
         Caught: SyncSession._on_caught,  # type: ignore[dict-item]
         Stuck: SyncSession._on_stuck,  # type: ignore[dict-item]
         Want: SyncSession._on_want,  # type: ignore[dict-item]
+        Resent: SyncSession._on_resent,  # type: ignore[dict-item]
     },
     State.CLOSED: {},
 }

@@ -252,7 +252,8 @@ class RulesPump:
             log.info("paired with %s", short_id(self.link.peer))
         else:
             log.debug("rules in force with %s", short_id(self.link.peer))
-        self.handle(self.machine.begin(*await self.store.opening(self.machine.flow)))
+        opening = await self.store.opening(self.machine.flow, self.link.peer)
+        self.handle(self.machine.begin(*opening))
 
     async def _nothing_to_sync(self, _: NothingToSync) -> None:
         if not self.machine.begun:

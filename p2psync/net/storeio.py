@@ -48,13 +48,13 @@ class TrioStore:
         return await trio.to_thread.run_sync(self.store.heads)
 
     async def ingest(
-        self, wires: Sequence[bytes], flow: Flow | None = None
+        self, wires: Sequence[bytes], flow: Flow | None = None, peer: bytes | None = None
     ) -> tuple[IngestResult, dict[bytes, Head]]:
-        """Ingest a batch from a peer whose ``flow`` says what it may send here;
+        """Ingest a batch from ``peer``, whose ``flow`` says what it may send here;
         also return our heads after it (one trip to the thread)."""
 
         def work() -> tuple[IngestResult, dict[bytes, Head]]:
-            result = self.store.ingest(wires, now_ms(), flow=flow)
+            result = self.store.ingest(wires, now_ms(), flow=flow, peer=peer)
             return result, self.store.heads()
 
         return await trio.to_thread.run_sync(work, limiter=self._writes)
@@ -73,15 +73,17 @@ class TrioStore:
 
         return await trio.to_thread.run_sync(work)
 
-    async def opening(self, flow: Flow) -> tuple[dict[bytes, Head], list[Missing]]:
-        """Our heads, and the ops we hold without a payload ``flow`` lets the peer
+    async def opening(
+        self, flow: Flow, peer: bytes | None = None
+    ) -> tuple[dict[bytes, Head], list[Missing]]:
+        """Our heads, and the ops we hold without a payload ``flow`` lets ``peer``
         send us (to ask it for them: :meth:`SyncSession.begin`)."""
 
         def work() -> tuple[dict[bytes, Head], list[Missing]]:
             heads = self.store.heads()
             if not flow.receiving:
                 return heads, []
-            return heads, self.store.payloads_missing(flow.may_receive)
+            return heads, self.store.payloads_missing(flow.may_receive, peer, now_ms())
 
         return await trio.to_thread.run_sync(work)
 

@@ -177,7 +177,9 @@ class _Run:
             if self.machine.closed:  # a batch queued behind one that ended the session
                 return
             try:
-                result, heads = await self.store.ingest(event.wires, self.machine.flow)
+                result, heads = await self.store.ingest(
+                    event.wires, self.machine.flow, self.secure.peer
+                )
             except StoreError as exc:
                 log.error("cannot store entries from %s: %s", self.who, exc)
                 self.handle(self.machine.close(f"receiver cannot store entries: {exc}"))
@@ -188,12 +190,16 @@ class _Run:
             self.stats.filled += len(result.filled)
             self.stats.held += len(result.held)
             self.stats.refused += len(result.rejected)
+            if result.mended:
+                log.warning(
+                    "%d entries damaged in this store mended from copies %s sent",
+                    len(result.mended), self.who,
+                )
             if result.accepted or result.filled:
                 self.feed.bump()  # other sessions forward these to their peers
             refusals = [Refusal(r.author, r.error, r.describe()) for r in result.rejected]
             positions = [(author, seq, eid) for author, (seq, eid) in result.seen.items()]
-            arrived = result.decoded if self.machine.asking else ()
-            self.handle(self.machine.ingested(event.batch, positions, heads, refusals, arrived))
+            self.handle(self.machine.ingested(event.batch, positions, heads, refusals))
             if self.machine.closed:  # the peer sent an entry that proves it hostile
                 return
             if refusals:  # not the sender's fault: logged
@@ -209,8 +215,8 @@ class _Run:
             if not self.machine.flow.sending:  # no rule lets us send to this peer
                 await self.sender_wake.wait()
                 continue
-            if self.machine.can_send() and (wanted := self.machine.wanted()):
-                await self.answer_want(wanted)
+            if self.machine.can_send() and (asked := self.machine.to_resend()):
+                await self.resend(asked)
                 continue
             if self.machine.can_send() and (stale or self.machine.wants()):
                 # one trip to the store: our heads now, and what the peer lacks of them
@@ -237,16 +243,16 @@ class _Run:
                 continue
             await self.sender_wake.wait()
 
-    async def answer_want(self, wanted: list[bytes]) -> None:
-        """Send again what the peer asked for (its Want), a batch at a time."""
-        wires, taken = await self.store.entries_by_id(wanted[:BATCH_ENTRIES], BATCH_BYTES)
-        if self.machine.closed or not self.machine.can_send() or self.machine.wanted() != wanted:
+    async def resend(self, asked: list[bytes]) -> None:
+        """Send again what the peer asked for (its Want), a batch at a time; the
+        entries not held here are skipped (the machine then says Resent)."""
+        wires, taken = await self.store.entries_by_id(asked[:BATCH_ENTRIES], BATCH_BYTES)
+        if self.machine.closed or not self.machine.can_send():
             return
-        if taken == 0:  # its Want named entries it knows we hold (by our Have): we do not
-            self.handle(self.machine.fail(f"asked for entry {wanted[0].hex()[:16]}, not held here"))
-            return
-        self.machine.send_wanted(wanted[:taken], wires)
-        self.stats.sent_again += taken
+        if self.machine.to_resend()[:taken] != asked[:taken]:
+            return  # (cannot happen: only this task sends; checked all the same)
+        self.machine.resend(asked[:taken], wires)
+        self.stats.sent_again += len(wires)
         self.outbox_ready.set()
         self.progress()
 
@@ -301,7 +307,7 @@ async def run_session(
             nursery.start_soon(run.writer)
             # before reading: whatever the peer says finds us started
             if link is None:
-                run.handle(machine.begin(*await store.opening(machine.flow)))
+                run.handle(machine.begin(*await store.opening(machine.flow, secure.peer)))
             else:
                 run.rules = RulesPump(link, machine, store, run.handle, on_open)
                 await run.rules.start()

@@ -72,13 +72,13 @@ class IngestResult:
     duplicates: int = 0
     #: entries held already of which this copy brought payloads ours lacked
     filled: list[bytes] = field(default_factory=list)
+    #: entries held damaged here whose stored bytes a sound copy mended
+    mended: list[bytes] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     signatures_checked: int = 0
     #: per author, ``(seq, entry ID)`` of the furthest input that decoded: what the
     #: sender holds (a sender holds whole chains, so the last one says it all)
     seen: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
-    #: the ID of every input that decoded, in input order
-    decoded: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -240,7 +240,6 @@ def decode_batch(
                 continue
             deferred = deferred or refusal
         items.append(Item(entry, wire, index, deferred))
-        result.decoded.append(entry.id)
         furthest = result.seen.get(entry.author)
         if furthest is None or entry.seq > furthest[0]:
             result.seen[entry.author] = (entry.seq, entry.id)

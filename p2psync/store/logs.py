@@ -116,20 +116,21 @@ def entry_at(conn: sqlite3.Connection, author: bytes, seq: int) -> Outgoing | No
 def entries_by_id(
     conn: sqlite3.Connection, ids: Sequence[bytes], max_bytes: int
 ) -> tuple[list[bytes], int]:
-    """Wire forms of the entries ``ids`` names, in that order, until ``max_bytes``
-    (at least one); and how many IDs that took. Stops short at an ID not held."""
+    """Wire forms of the entries ``ids`` names that are held, in that order, until
+    ``max_bytes`` (at least one); and how many IDs that took (those not held
+    included)."""
     wires: list[bytes] = []
-    size = 0
+    size = taken = 0
     for entry in ids:
         row = conn.execute("SELECT signed, payloads FROM entries WHERE id = ?", (entry,)).fetchone()
-        if row is None:
-            break
-        wire = wire_form(row[0], row[1])
-        if wires and size + len(wire) > max_bytes:
-            break
-        wires.append(wire)
-        size += len(wire)
-    return wires, len(wires)
+        if row is not None:
+            wire = wire_form(row[0], row[1])
+            if wires and size + len(wire) > max_bytes:
+                break
+            wires.append(wire)
+            size += len(wire)
+        taken += 1
+    return wires, taken
 
 
 def entries(conn: sqlite3.Connection, author: bytes | None) -> list[StoredEntry]:

@@ -16,7 +16,9 @@ row in ``missing_superseded``; the late op of that entry on that record is then
 a version already superseded, and changes no head.
 
 Tables (schema version 16): ``payloads_missing`` (entry, op index, collection,
-author, seq) and ``missing_superseded`` (entry, collection, key).
+author, seq), ``missing_superseded`` (entry, collection, key), and
+``missing_lacked`` (entry, op index, peer, when): a peer asked for an op that sent
+a copy without it too is not asked for it again for :data:`LACKED_FOR_MS`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from typing import NamedTuple
 
 from p2psync.core.entry import decode_stored
 from p2psync.errors import EntryError
+
+#: How long a peer that lacked a payload when asked is not asked for it again: it
+#: may get it meanwhile (a rule of its own widens), but an unchanged pair must not
+#: send the same entries again at every session.
+LACKED_FOR_MS = 24 * 3600 * 1000
 
 
 class Missing(NamedTuple):
@@ -51,6 +58,11 @@ def missing_in(conn: sqlite3.Connection, entry: bytes, collection: str) -> bool:
         (entry, collection),
     ).fetchone()
     return row is not None
+
+
+def ops_of(conn: sqlite3.Connection, entry: bytes) -> set[int]:
+    """The indices of ``entry``'s ops held without payload."""
+    return {i for (i,) in conn.execute("SELECT op FROM payloads_missing WHERE entry = ?", (entry,))}
 
 
 def superseded(conn: sqlite3.Connection, entry: bytes, collection: str, key: str) -> bool:
@@ -80,6 +92,7 @@ def filled(conn: sqlite3.Connection, entry: bytes, ops: Iterable[tuple[int, str,
     """Ops ``(index, collection, key)`` of ``entry`` now hold their payload."""
     for index, collection, key in ops:
         conn.execute("DELETE FROM payloads_missing WHERE entry = ? AND op = ?", (entry, index))
+        conn.execute("DELETE FROM missing_lacked WHERE entry = ? AND op = ?", (entry, index))
         conn.execute(
             "DELETE FROM missing_superseded WHERE entry = ? AND collection = ? AND key = ?",
             (entry, collection, key),
@@ -89,25 +102,55 @@ def filled(conn: sqlite3.Connection, entry: bytes, ops: Iterable[tuple[int, str,
         conn.execute("DELETE FROM missing_superseded WHERE entry = ?", (entry,))
 
 
-def wanted(
-    conn: sqlite3.Connection, may_receive: Callable[[str], bool], limit: int
+def to_ask(
+    conn: sqlite3.Connection,
+    may_receive: Callable[[str], bool],
+    limit: int,
+    peer: bytes | None = None,
+    now_ms: int = 0,
 ) -> list[Missing]:
-    """Ops missing here whose collection ``may_receive`` says a peer may send, in
-    causal order per author (at most ``limit``)."""
-    collections = [
-        c
-        for (c,) in conn.execute("SELECT DISTINCT collection FROM payloads_missing")
-        if may_receive(c)
-    ]
-    if not collections:
-        return []
-    marks = ",".join("?" * len(collections))
-    rows = conn.execute(
-        "SELECT entry, op, collection, author, seq FROM payloads_missing "
-        f"WHERE collection IN ({marks}) ORDER BY author, seq, op LIMIT ?",
-        (*collections, limit),
-    ).fetchall()
-    return [Missing(*row) for row in rows]
+    """Ops missing here whose collection ``may_receive`` says ``peer`` may send,
+    leaving out those ``peer`` lacked too when last asked (within
+    :data:`LACKED_FOR_MS`): at most ``limit``, by collection, author and seq."""
+    rows: list[Missing] = []
+    for collection in _collections(conn):
+        if len(rows) >= limit or not may_receive(collection):
+            continue
+        rows.extend(
+            Missing(*row)
+            for row in conn.execute(
+                "SELECT m.entry, m.op, m.collection, m.author, m.seq FROM payloads_missing m "
+                "WHERE m.collection = ? AND NOT EXISTS (SELECT 1 FROM missing_lacked l "
+                "WHERE l.entry = m.entry AND l.op = m.op AND l.peer = ? AND l.at > ?) "
+                "ORDER BY m.collection, m.author, m.seq, m.op LIMIT ?",
+                (collection, peer or b"", now_ms - LACKED_FOR_MS, limit - len(rows)),
+            )
+        )
+    return rows
+
+
+def _collections(conn: sqlite3.Connection) -> list[str]:
+    """The collections with ops missing: a skip scan of the index, one step per
+    collection, however many ops are missing (and no statement with a parameter
+    per collection: an author may write in as many as it likes)."""
+    found: list[str] = []
+    row = conn.execute("SELECT min(collection) FROM payloads_missing").fetchone()
+    while row is not None and row[0] is not None:
+        found.append(row[0])
+        row = conn.execute(
+            "SELECT min(collection) FROM payloads_missing WHERE collection > ?", (row[0],)
+        ).fetchone()
+    return found
+
+
+def lacked(
+    conn: sqlite3.Connection, peer: bytes, ops: Iterable[tuple[bytes, int]], now_ms: int
+) -> None:
+    """``peer``, asked for these ops (entry, index), sent copies without them too."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO missing_lacked (entry, op, peer, at) VALUES (?, ?, ?, ?)",
+        [(entry, index, peer, now_ms) for entry, index in ops],
+    )
 
 
 def rebuild(conn: sqlite3.Connection) -> None:
@@ -116,16 +159,16 @@ def rebuild(conn: sqlite3.Connection) -> None:
     every payload; only stores that hold some missing read every entry's bases."""
     rows: list[Missing] = []
     cursor = conn.execute(
-        "SELECT a.key, e.seq, e.signed, e.payloads FROM entries e "
+        "SELECT e.id, a.key, e.seq, e.signed, e.payloads FROM entries e "
         "JOIN authors a ON a.idx = e.author WHERE instr(e.payloads, x'f6') > 0"
     )
-    for author, seq, signed, payloads in cursor:
+    for entry_id, author, seq, signed, payloads in cursor:
         try:
             entry = decode_stored(signed, payloads)
         except EntryError:
             continue  # damaged: `p2psync verify` names it
-        rows.extend(
-            Missing(entry.id, index, collection, author, seq)
+        rows.extend(  # by the ID the store holds it under (what a peer knows it by)
+            Missing(entry_id, index, collection, author, seq)
             for index, (collection, op) in enumerate(zip(entry.collections, entry.ops, strict=True))
             if op is None
         )

@@ -58,7 +58,8 @@ alone.
 
 Version 16 keeps the ops applied without their payload one by one
 (``payloads_missing``: entry, op index, collection, author, seq) and, for each, the
-records on which a later op named it as a base (``missing_superseded``): when a peer
+records on which a later op named it as a base (``missing_superseded``), and the
+peers that lacked it too when asked (``missing_lacked``): when a peer
 that may send the payload appears (a rule widened, another path), the agent asks it
 for the entry again and merges the op late, as a version those later ops
 superseded (:mod:`p2psync.store.missing`). The migration reads them from the
@@ -357,6 +358,13 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         collection TEXT NOT NULL,
         key        TEXT NOT NULL,
         PRIMARY KEY (entry, collection, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE missing_lacked (
+        entry BLOB NOT NULL,
+        op    INTEGER NOT NULL,
+        peer  BLOB NOT NULL,
+        at    INTEGER NOT NULL,
+        PRIMARY KEY (entry, op, peer)
     ) WITHOUT ROWID
     """,
 }

@@ -175,17 +175,22 @@ class Store:
             return logs.entries_after(conn, after, max_entries, max_bytes)
 
     def entries_by_id(self, ids: Sequence[bytes], max_bytes: int) -> tuple[list[bytes], int]:
-        """Wire forms of the entries ``ids`` names, in order, up to ``max_bytes``
-        (at least one), and how many IDs they are; short at an ID not held."""
+        """Wire forms of the entries ``ids`` names that are held, in order, up to
+        ``max_bytes`` (at least one), and how many IDs that took."""
         with self._reader.snapshot() as conn:
             return logs.entries_by_id(conn, ids, max_bytes)
 
     def payloads_missing(
-        self, may_receive: Callable[[str], bool], limit: int = MAX_ASKED_PER_SESSION
+        self,
+        may_receive: Callable[[str], bool],
+        peer: bytes | None = None,
+        now_ms: int = 0,
+        limit: int = MAX_ASKED_PER_SESSION,
     ) -> list[missing.Missing]:
-        """Ops held without their payload in collections ``may_receive`` accepts."""
+        """Ops held without their payload in collections ``may_receive`` accepts,
+        but those ``peer`` lacked too when last asked (see :func:`missing.to_ask`)."""
         with self._reader.reading() as conn:
-            return missing.wanted(conn, may_receive, limit)
+            return missing.to_ask(conn, may_receive, limit, peer, now_ms)
 
     def entry_at(self, author: bytes, seq: int) -> logs.Outgoing | None:
         with self._reader.reading() as conn:
@@ -438,12 +443,15 @@ class Store:
         now_ms: int,
         max_skew_ms: int = hlc_mod.DEFAULT_MAX_SKEW_MS,
         flow: Flow | None = None,
+        peer: bytes | None = None,
     ) -> IngestResult:
         """Verify and apply entries from elsewhere, in one transaction (``flow``:
-        what the sender may send here, see :func:`~p2psync.store.ingest.decode_batch`)."""
+        what the sender may send here, see :func:`~p2psync.store.ingest.decode_batch`;
+        ``peer``: the sender, noted when a copy it was asked for lacks a payload it
+        may send)."""
         result = IngestResult()
         with fewer_collections():  # the batch's objects are freed before it ends
-            self._ingest(wires, now_ms, max_skew_ms, flow, result)
+            self._ingest(wires, now_ms, max_skew_ms, flow, result, peer)
         return result
 
     def _ingest(
@@ -453,10 +461,14 @@ class Store:
         max_skew_ms: int,
         flow: Flow | None,
         result: IngestResult,
+        peer: bytes | None = None,
     ) -> None:
         items = decode_batch(wires, now_ms, max_skew_ms, result, flow)
         if items:
             with self._db.writing(visible_first=True) as conn:
                 writer = Writer(conn, now_ms)
+                if peer is not None:
+                    writer.source = (peer, (flow or Flow()).may_receive)
                 ingest(writer, items, result)
                 writer.finish()
+                result.mended = list(writer.mended)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
 from p2psync.core import canonical
 from p2psync.core import hlc as hlc_mod
-from p2psync.core.entry import Entry, Op, OpKind, payload_list, wire_form
+from p2psync.core.entry import Entry, Op, OpKind, payload_digest, payload_list, wire_form
 from p2psync.core.identity import short_id
 from p2psync.core.merge import Version, merge
 from p2psync.core.messages import MAX_AUTHORS
@@ -133,6 +133,12 @@ class Writer:
         self._missing: list[Missing] = []
         self._missing_here: set[tuple[bytes, str]] = set()  # (entry, collection) of those
         self._superseded: set[tuple[bytes, str, str]] = set()
+        #: who sent the entries being ingested, and what it may send here: a copy
+        #: asked for that lacks a payload it may send is noted (not asked again soon)
+        self.source: tuple[bytes, Callable[[str], bool]] | None = None
+        self.lacking: list[tuple[bytes, int]] = []
+        #: held entries whose damaged stored bytes a copy mended
+        self.mended: list[bytes] = []
 
     # ------------------------------------------------------------ reading
 
@@ -211,8 +217,10 @@ class Writer:
         row = self.conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return row is not None
 
-    def stored_wire(self, head: AuthorHead, seq: int) -> tuple[bytes, bytes, bytes] | None:
-        """``(id, wire, payloads)`` of the stored entry ``seq`` of an author, if held."""
+    def stored_wire(
+        self, head: AuthorHead, seq: int
+    ) -> tuple[bytes, bytes, bytes, bytes] | None:
+        """``(id, wire, signed, payloads)`` of the stored entry ``seq`` of an author."""
         if head.idx is None:
             return None
         self._flush_entries()
@@ -222,7 +230,7 @@ class Writer:
         ).fetchone()
         if row is None:
             return None
-        return row[0], wire_form(row[1], row[2]), row[2]
+        return row[0], wire_form(row[1], row[2]), row[1], row[2]
 
     # ------------------------------------------------------------ applying
 
@@ -237,9 +245,10 @@ class Writer:
         if entry.seq <= head.seq:
             stored = self.stored_wire(head, entry.seq)
             if stored is not None and stored[0] == entry.id:
-                if stored[2] == entry.payloads_blob or None not in payload_list(stored[2]):
-                    return _DUPLICATE
-                return self.fill(entry, stored[2])
+                same = stored[3] == entry.payloads_blob and stored[2] == entry.signed
+                if same and (self.source is None or b"\xf6" not in stored[3]):
+                    return _DUPLICATE  # (with a null in ours, it may lack what it may send)
+                return self.fill(entry, stored[2], stored[3])
             ours = stored[1] if stored is not None else b""
             return self._fork(head, entry.seq, ours, wire)
         if entry.seq > head.seq + 1:
@@ -327,36 +336,69 @@ class Writer:
             self.conn, entry, collection
         )
 
-    def fill(self, entry: Entry, held: bytes) -> Attempt:
-        """Merge late the ops of a held entry (whose stored payloads are ``held``)
-        that this copy brings and ours lacks. An op naming a base not held here
-        stays missing (it would break causal order); a later copy fills it."""
-        ours = payload_list(held)
+    def fill(self, entry: Entry, signed: bytes, held: bytes) -> Attempt:
+        """A copy of an entry held here (same ID; ``signed`` and ``held``: the
+        stored signed part and payloads). Ops ours lacks that it brings are merged
+        late; an op naming a base not held here stays missing (it would break
+        causal order) for a copy in a later session. A stored row found damaged
+        (``p2psync verify`` names it) is mended from the copy where it can be:
+        its records were made when it was sound, so only its bytes change."""
+        ours, sound = _stored_payloads(entry, held)
+        if ours is None or not all(sound):  # the op indices missing here, from the table
+            gaps = missing.ops_of(self.conn, entry.id) if self.has_missing else set()
+        else:
+            gaps = {i for i, payload in enumerate(ours) if payload is None}
+        if not gaps and all(sound) and signed == entry.signed:
+            return _DUPLICATE  # (it brings nothing ours lacks)
+        self._flush_pending_missing()
+        new: list[bytes | None] = []
         filled: list[tuple[int, str, str]] = []
-        self._flush_pending_missing()
         for index, op in enumerate(entry.ops):
-            if op is None or ours[index] is not None:
-                continue
-            heads = self.record_heads(op.collection, op.key)
-            present = {version.entry for version in heads}
-            if any(base not in present and not self.has_entry(base) for base in op.bases):
-                continue
-            # heads = versions - bases named: what it names goes, whether or not a
-            # later op named it
-            late = missing.superseded(self.conn, entry.id, op.collection, op.key)
-            self._merge(entry, op, heads, superseded=late)
-            ours[index] = op.payload
-            filled.append((index, op.collection, op.key))
-            where = (op.collection, entry.author)
-            self._incomplete[where] = self._incomplete.get(where, 0) - 1
-        if not filled:
+            if index in gaps:
+                if op is not None and self._fill_op(entry, op):
+                    filled.append((index, op.collection, op.key))
+                    new.append(op.payload)
+                else:
+                    new.append(None)
+                    if op is None and self.source is not None:
+                        may_send = self.source[1]  # it may send it, but lacks it too
+                        if may_send(entry.collections[index]):
+                            self.lacking.append((entry.id, index))
+            elif ours is not None and sound[index]:
+                new.append(ours[index])
+            elif op is not None:
+                new.append(op.payload)  # ours damaged: the copy's, checked on decoding
+            else:
+                return _DUPLICATE  # damaged here, and the copy lacks it: not mended
+        if self.lacking and self.source is not None:
+            missing.lacked(self.conn, self.source[0], self.lacking, self.now_ms)
+            self.lacking.clear()
+        mended = signed != entry.signed or not all(sound)
+        if not filled and not mended:
             return _DUPLICATE
-        self._flush_pending_missing()
-        missing.filled(self.conn, entry.id, filled)
+        if filled:
+            missing.filled(self.conn, entry.id, filled)
+        if mended:
+            self.mended.append(entry.id)
         self.conn.execute(
-            "UPDATE entries SET payloads = ? WHERE id = ?", (canonical.encode(ours), entry.id)
+            "UPDATE entries SET signed = ?, payloads = ? WHERE id = ?",
+            (entry.signed, canonical.encode(new), entry.id),
         )
-        return _FILLED
+        return _FILLED if filled else _DUPLICATE
+
+    def _fill_op(self, entry: Entry, op: Op) -> bool:
+        """Merge ``op`` of a held ``entry`` late, if every base it names is held."""
+        heads = self.record_heads(op.collection, op.key)
+        present = {version.entry for version in heads}
+        if any(base not in present and not self.has_entry(base) for base in op.bases):
+            return False
+        # heads = versions - bases named: what it names goes, whether or not a
+        # later op named it (then it is no head itself)
+        late = missing.superseded(self.conn, entry.id, op.collection, op.key)
+        self._merge(entry, op, heads, superseded=late)
+        where = (op.collection, entry.author)
+        self._incomplete[where] = self._incomplete.get(where, 0) - 1
+        return True
 
     def _flush_pending_missing(self) -> None:
         self._flush_entries()
@@ -503,3 +545,16 @@ class Writer:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 (META_CLOCK, self.clock),
             )
+
+
+def _stored_payloads(entry: Entry, held: bytes) -> tuple[list[bytes | None] | None, list[bool]]:
+    """The stored payloads of ``entry`` and, per op, whether ours is sound (absent,
+    or hashing to its digest); ``None`` and all unsound when they do not decode."""
+    try:
+        ours = payload_list(held)
+    except EntryError:
+        return None, [False] * len(entry.ops)
+    if len(ours) != len(entry.ops) or any(type(p) not in (bytes, type(None)) for p in ours):
+        return None, [False] * len(entry.ops)
+    pairs = zip(ours, entry.digests, strict=True)
+    return ours, [p is None or payload_digest(p) == digest for p, digest in pairs]
