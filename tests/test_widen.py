@@ -16,16 +16,20 @@ import trio
 import p2psync
 from p2psync import pairing
 from p2psync.clock import now_ms
+from p2psync.core import hlc
 from p2psync.core.entry import withhold
 from p2psync.core.flow import Flow
+from p2psync.core.messages import Have, Head, Resent, Want
 from p2psync.core.rules import Permissions, Terms
 from p2psync.core.session import SyncSession
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream
+from p2psync.store.missing import Missing
+from tests.helpers import Author, flip_bit
 from tests.test_pairing import key, session
-from tests.test_sync import connect
+from tests.test_sync import connect, sync_pair
 
 MakeDb = Callable[[str], p2psync.Database]
 
@@ -217,3 +221,89 @@ async def test_two_live_sides_are_in_sync_once_the_payloads_came(make_db: MakeDb
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert c.get("stock", "S-1") == 3 and c.store.incomplete() == {}
+
+
+# ------------------------------------------------------------ Want and Resent
+
+
+def live_author() -> Author:
+    author = Author()
+    author.clock = hlc.from_wall(now_ms())
+    return author
+
+
+@pytest.mark.trio_memory
+async def test_a_want_for_an_entry_the_peer_does_not_hold_is_answered_all_the_same(
+    make_db: MakeDb,
+) -> None:
+    """An author forked and neither side knows yet: we hold its branch A (seq 1,
+    'misc' withheld), the peer its branch B up to seq 2. By the peer's Have it
+    holds seq 1, so we ask for A1; it holds B1 there. It skips A1 and says
+    Resent(0): the session goes on (the fork proofs freeze the author on both
+    sides) instead of ending in an error at every session."""
+    a, b = make_db("a"), make_db("b")
+    x = live_author()
+    a1 = x.put("misc", "m", "branch a")
+    x.seq, x.prev = 0, None
+    b1 = x.put("misc", "m", "branch b")
+    b2 = x.put("misc", "m", "branch b again", bases=[b1.id])
+    a.store.ingest([withhold(a1.wire(), only_stock)], now_ms(), flow=NARROW)
+    b.store.ingest([b1.wire(), b2.wire()], now_ms())
+    for _ in range(2):  # the first ends on the fork (as forks do), the next clean
+        with trio.fail_after(20):
+            stats_a, stats_b = await sync_pair(a, b)
+        for stats in (stats_a, stats_b):
+            assert "Want" not in stats.reason and "Resent" not in stats.reason, stats
+            assert not stats.error or "signed two different entries" in stats.reason, stats
+    assert not stats_a.error and not stats_b.error, (stats_a, stats_b)
+    assert a.store.forks() and b.store.forks()
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("state", ["unasked", "answered"])
+def test_a_resent_nobody_asked_for_is_a_protocol_error(state: str) -> None:
+    """A peer's Resent when we asked nothing (or once more after its answer) is
+    the peer's protocol error: it must not clear what we wait for."""
+    machine = SyncSession(0.0)
+    machine.begin({}, [Missing(b"e" * 32, 0, "misc", b"x" * 32, 1)])
+    machine.receive(Have({b"x" * 32: Head(1, b"e" * 32)}), 0.0)
+    out = machine.take_outbox(0.0)
+    assert Want([b"e" * 32]) in out, out
+    if state == "answered":
+        machine.receive(Resent(0), 0.0)
+        assert not machine.closed
+    else:
+        machine = SyncSession(0.0)
+        machine.begin({})
+        machine.receive(Have({}), 0.0)
+    machine.receive(Resent(0), 0.0)
+    assert machine.closed and "Resent" in (machine.close_reason or "")
+
+
+@pytest.mark.pure
+def test_a_want_while_answering_one_is_a_protocol_error() -> None:
+    machine = SyncSession(0.0)
+    machine.begin({})
+    machine.receive(Have({}), 0.0)
+    machine.receive(Want([b"e" * 32]), 0.0)
+    assert machine.to_resend() == [b"e" * 32]
+    machine.receive(Want([b"f" * 32]), 0.0)
+    assert machine.closed and "answered" in (machine.close_reason or "")
+
+
+@pytest.mark.pure
+def test_a_copy_mends_a_payload_damaged_here(make_db: MakeDb) -> None:
+    """A bit flipped in a stored payload (`p2psync verify` names it): a sound copy
+    of the entry mends the stored bytes and changes no record."""
+    a, b = make_db("a"), make_db("b")
+    a.put("stock", "s", "x" * 40)
+    wire = next(iter(a.export(key(a))))
+    b.store.ingest([wire], now_ms())
+    before = holdings(b)[1:]
+    with sqlite3.connect(b.home.store_path) as conn:
+        (payloads,) = conn.execute("SELECT payloads FROM entries").fetchone()
+        conn.execute("UPDATE entries SET payloads = ?", (flip_bit(payloads, 8 * 30),))
+    assert not b.verify().ok
+    result = b.store.ingest([wire], now_ms(), peer=key(a))
+    assert result.mended and not result.rejected, result
+    assert b.verify().ok and holdings(b)[1:] == before
