@@ -35,6 +35,7 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
             conn.execute(f"DROP TABLE {table}")  # versions 10, 12, 13
         for table in ("payloads_missing", "missing_superseded", "missing_lacked"):
             conn.execute(f"DROP TABLE {table}")  # version 16
+        conn.execute("DROP TABLE entries_damaged")  # version 16
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
@@ -170,6 +171,7 @@ def undo_14_16(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE payloads_missing")  # version 16
     conn.execute("DROP TABLE missing_superseded")  # version 16
     conn.execute("DROP TABLE missing_lacked")  # version 16
+    conn.execute("DROP TABLE entries_damaged")  # version 16
     conn.execute("DROP INDEX rule_objects_by_expiry")  # version 15
     conn.execute("DROP INDEX rule_objects_by_size")  # version 14
     conn.execute("ALTER TABLE rule_objects DROP COLUMN size")

@@ -185,6 +185,7 @@ def test_the_migration_keys_missing_ops_by_the_stored_entry_id(make_db: MakeDb) 
         conn.execute("DROP TABLE payloads_missing")
         conn.execute("DROP TABLE missing_superseded")
         conn.execute("DROP TABLE missing_lacked")
+        conn.execute("DROP TABLE entries_damaged")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 16")
     again = p2psync.open(path.parent)
     try:

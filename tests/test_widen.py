@@ -182,6 +182,7 @@ def test_a_store_from_before_version_16_knows_what_it_lacks(make_db: MakeDb) -> 
         conn.execute("DROP TABLE payloads_missing")
         conn.execute("DROP TABLE missing_superseded")
         conn.execute("DROP TABLE missing_lacked")
+        conn.execute("DROP TABLE entries_damaged")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 16")
     again = p2psync.open(path.parent)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from p2psync.api import LogEntry
+from p2psync.api import LogEntry, VerifyReport
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
 from p2psync.cli.lookup import resolve_author
@@ -150,8 +150,14 @@ def log(
 
 
 @click.command()
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Mark damaged entries to be fetched again: the next sync with a peer that "
+    "holds them mends them.",
+)
 @pass_state
-def verify(state: State) -> None:
+def verify(state: State, repair: bool) -> None:
     """Check every stored chain, hash and signature."""
     show = sys.stderr.isatty()
 
@@ -162,12 +168,16 @@ def verify(state: State) -> None:
 
     with state.open() as db:
         report = db.verify(progress)
+        if repair and report.mendable:
+            db.store.mark_damaged(report.mendable, now_ms())
     if show and report.entries >= 10_000:
         click.echo("", err=True)
-    for found, error in ((report.problems, CorruptionError), (report.forks, IntegrityError)):
-        if found:
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise error(found[0] + more)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise CorruptionError(report.problems[0] + more + _recovery(report, repair))
+    if report.forks:
+        more = f" (and {len(report.forks) - 1} more)" if len(report.forks) > 1 else ""
+        raise IntegrityError(report.forks[0] + more)
     held = ""
     if report.held:
         waits = "waits" if report.held == 1 else "wait"
@@ -183,6 +193,27 @@ def verify(state: State) -> None:
             f"read or change it; run `chmod {fix} {output.safe(shlex.quote(str(path)))}`",
             err=True,
         )
+
+
+def _recovery(report: VerifyReport, repaired: bool) -> str:
+    """How to get a damaged store whole again, after what verify found."""
+    count = len(report.mendable)
+    if not count:
+        return (
+            ". This damage cannot be mended from a peer (the chain does not confirm the "
+            "entry's ID): restore the store from a backup, or start a new home and sync"
+        )
+    entries = output.plural(count, "damaged entry", "damaged entries")
+    if repaired:
+        return (
+            f". {entries} marked: this site no longer sends them and the next sync with a "
+            "peer that holds them (p2psync sync, or the agent) fetches them again and "
+            "mends them; run verify again afterwards"
+        )
+    return (
+        f". {entries} can be fetched again from a peer that holds them: run "
+        "`p2psync verify --repair`, then sync"
+    )
 
 
 COMMANDS = (log, verify)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from p2psync.core.entry import stored_collections, wire_form
+from p2psync.core.entry import MAX_SEQ, stored_collections, wire_form
 from p2psync.core.messages import Head
 
 
@@ -50,11 +50,33 @@ def authors(conn: sqlite3.Connection) -> list[AuthorState]:
 
 
 def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
-    """What this store holds of every author: applied head and frozen flag."""
+    """What this store holds of every author: applied head and frozen flag; of an
+    author with an entry found damaged, only up to the one before it (a peer then
+    sends the rest again, and the damaged one mends: ``entries_damaged``)."""
     rows = conn.execute(
         "SELECT key, head_seq, head_id, frozen FROM authors WHERE head_seq > 0"
     ).fetchall()
-    return {key: Head(seq, head, bool(frozen)) for key, seq, head, frozen in rows}
+    held = {key: Head(seq, head, bool(frozen)) for key, seq, head, frozen in rows}
+    for author, seq in damaged(conn).items():
+        head = held.get(author)
+        if head is None or seq > head.seq:
+            continue
+        before = conn.execute(
+            "SELECT e.id FROM entries e JOIN authors a ON a.idx = e.author "
+            "WHERE a.key = ? AND e.seq = ?",
+            (author, seq - 1),
+        ).fetchone()
+        if before is None:
+            del held[author]  # (seq 1: nothing of it to show)
+        else:
+            held[author] = Head(seq - 1, before[0], head.frozen)
+    return held
+
+
+def damaged(conn: sqlite3.Connection) -> dict[bytes, int]:
+    """Per author, the first seq found damaged and not mended yet."""
+    rows = conn.execute("SELECT author, min(seq) FROM entries_damaged GROUP BY author")
+    return dict(rows.fetchall())
 
 
 #: Rows read at a time while an author's stream is under the byte budget.
@@ -74,14 +96,15 @@ def entries_after(
     bytes (at least one entry) are returned.
     """
     streams = []
+    stops = damaged(conn)  # nothing from a damaged entry on is sent
     for author, seq in after.items():
         row = conn.execute("SELECT idx FROM authors WHERE key = ?", (author,)).fetchone()
         if row is None:
             continue
         cursor = conn.execute(
             "SELECT hlc, seq, id, signed, payloads FROM entries "
-            "WHERE author = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (row[0], seq, max_entries),
+            "WHERE author = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (row[0], seq, stops[author] - 1 if author in stops else MAX_SEQ, max_entries),
         )
         stream: list[Outgoing] = []
         read = 0
@@ -121,8 +144,11 @@ def entries_by_id(
     included)."""
     wires: list[bytes] = []
     size = taken = 0
+    damage = conn.execute("SELECT EXISTS (SELECT 1 FROM entries_damaged)").fetchone()[0]
     for entry in ids:
         row = conn.execute("SELECT signed, payloads FROM entries WHERE id = ?", (entry,)).fetchone()
+        if damage and row is not None and _is_damaged(conn, entry):
+            row = None  # not sent: found damaged here
         if row is not None:
             wire = wire_form(row[0], row[1])
             if wires and size + len(wire) > max_bytes:
@@ -131,6 +157,11 @@ def entries_by_id(
             size += len(wire)
         taken += 1
     return wires, taken
+
+
+def _is_damaged(conn: sqlite3.Connection, entry: bytes) -> bool:
+    row = conn.execute("SELECT 1 FROM entries_damaged WHERE entry = ?", (entry,)).fetchone()
+    return row is not None
 
 
 def entries(conn: sqlite3.Connection, author: bytes | None) -> list[StoredEntry]:

@@ -63,7 +63,10 @@ peers that lacked it too when asked (``missing_lacked``): when a peer
 that may send the payload appears (a rule widened, another path), the agent asks it
 for the entry again and merges the op late, as a version those later ops
 superseded (:mod:`p2psync.store.missing`). The migration reads them from the
-entries already held.
+entries already held. ``entries_damaged`` holds the entries ``p2psync verify
+--repair`` found damaged (author, seq, stored ID): until a sound copy mends them,
+the store says it holds that author's log only up to the one before, so that it
+serves nothing from there and a peer sends the rest again.
 
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
@@ -365,6 +368,13 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         peer  BLOB NOT NULL,
         at    INTEGER NOT NULL,
         PRIMARY KEY (entry, op, peer)
+    ) WITHOUT ROWID;
+    CREATE TABLE entries_damaged (
+        author BLOB NOT NULL,
+        seq    INTEGER NOT NULL,
+        entry  BLOB NOT NULL,
+        found  INTEGER NOT NULL,
+        PRIMARY KEY (author, seq)
     ) WITHOUT ROWID
     """,
 }

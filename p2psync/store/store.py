@@ -423,6 +423,17 @@ class Store:
         with self._reader.snapshot() as conn:
             return verify(conn, progress)
 
+    def mark_damaged(self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int) -> None:
+        """Entries ``(author, seq, ID)`` found damaged: until a sound copy mends
+        them, not served, and this store says it holds their authors' logs only up
+        to the entry before, so that a peer sends them again."""
+        with self._db.writing() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO entries_damaged (author, seq, entry, found) "
+                "VALUES (?, ?, ?, ?)",
+                [(author, seq, entry, now_ms) for author, seq, entry in found],
+            )
+
     # ------------------------------------------------------------ writing
 
     def write_local(

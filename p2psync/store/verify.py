@@ -27,6 +27,9 @@ class VerifyReport:
     authors: int = 0
     held: int = 0
     problems: list[str] = field(default_factory=list)  # damage: the store is corrupt
+    #: damaged entries whose stored ID the chain confirms (the next entry's link, or
+    #: the author's head): ``(author, seq, ID)``, which a sound copy from a peer mends
+    mendable: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     forks: list[str] = field(default_factory=list)  # authors that signed two histories
 
     @property
@@ -75,16 +78,22 @@ def _verify_author(
     )
     for seq, stored_id, hlc, signed, payloads in rows:
         where = f"entry {seq} of {who} ({stored_id.hex()[:16]})"
+        damage: str | None = None
         try:
             entry = decode_stored(signed, payloads)
         except EntryError as exc:
-            return f"{where} is damaged: {exc}"
+            damage = f"{where} is damaged: {exc}"
+        else:
+            if entry.id != stored_id and entry.seq == seq:
+                damage = f"{where}: stored ID does not match its signed bytes"
+        if damage is not None:
+            if seq == expected_seq and _confirmed(conn, idx, seq, stored_id, head_seq, head_id):
+                report.mendable.append((key, seq, stored_id))
+            return damage
         if entry.author != key:
             return f"{where} names another author"
         if seq != expected_seq or entry.seq != seq:
             return f"{where}: sequence broken (expected {expected_seq})"
-        if entry.id != stored_id:
-            return f"{where}: stored ID does not match its signed bytes"
         if entry.prev != prev_id:
             return f"{where}: does not link to entry {seq - 1}"
         if entry.hlc != hlc or entry.hlc <= prev_hlc:
@@ -98,3 +107,26 @@ def _verify_author(
     if last is not None and not last.signature_valid():
         return f"entry {last.seq} of {who} ({last.id.hex()[:16]}): signature does not verify"
     return None
+
+
+def _confirmed(
+    conn: sqlite3.Connection,
+    idx: int,
+    seq: int,
+    stored_id: bytes,
+    head_seq: int,
+    head_id: bytes | None,
+) -> bool:
+    """The chain names ``stored_id`` at ``seq``: the author's head, or the next
+    entry's link (the next must decode for that)."""
+    if seq == head_seq:
+        return head_id == stored_id
+    row = conn.execute(
+        "SELECT signed, payloads FROM entries WHERE author = ? AND seq = ?", (idx, seq + 1)
+    ).fetchone()
+    if row is None:
+        return False
+    try:
+        return decode_stored(row[0], row[1]).prev == stored_id
+    except EntryError:
+        return False

@@ -130,6 +130,9 @@ class Writer:
         self._incomplete: dict[tuple[str, bytes], int] = {}
         #: the same ops one by one, and the records where a later op named them
         self.has_missing = missing.any_missing(conn)
+        self.has_damaged = bool(
+            conn.execute("SELECT EXISTS (SELECT 1 FROM entries_damaged)").fetchone()[0]
+        )
         self._missing: list[Missing] = []
         self._missing_here: set[tuple[bytes, str]] = set()  # (entry, collection) of those
         self._superseded: set[tuple[bytes, str, str]] = set()
@@ -246,7 +249,9 @@ class Writer:
             stored = self.stored_wire(head, entry.seq)
             if stored is not None and stored[0] == entry.id:
                 same = stored[3] == entry.payloads_blob and stored[2] == entry.signed
-                if same and (self.source is None or b"\xf6" not in stored[3]):
+                if same and not self.has_damaged and (
+                    self.source is None or b"\xf6" not in stored[3]
+                ):
                     return _DUPLICATE  # (with a null in ours, it may lack what it may send)
                 return self.fill(entry, stored[2], stored[3])
             ours = stored[1] if stored is not None else b""
@@ -349,6 +354,7 @@ class Writer:
         else:
             gaps = {i for i, payload in enumerate(ours) if payload is None}
         if not gaps and all(sound) and signed == entry.signed:
+            self._sound(entry.id)
             return _DUPLICATE  # (it brings nothing ours lacks)
         self._flush_pending_missing()
         new: list[bytes | None] = []
@@ -384,7 +390,13 @@ class Writer:
             "UPDATE entries SET signed = ?, payloads = ? WHERE id = ?",
             (entry.signed, canonical.encode(new), entry.id),
         )
+        self._sound(entry.id)
         return _FILLED if filled else _DUPLICATE
+
+    def _sound(self, entry_id: bytes) -> None:
+        """The stored entry ``entry_id`` is sound (again): served and shown again."""
+        if self.has_damaged:
+            self.conn.execute("DELETE FROM entries_damaged WHERE entry = ?", (entry_id,))
 
     def _fill_op(self, entry: Entry, op: Op) -> bool:
         """Merge ``op`` of a held ``entry`` late, if every base it names is held."""
