@@ -84,9 +84,14 @@ def run_write(db: p2psync.Database, kind: str, collection: str, key: str, n: int
 
 
 @pytest.mark.slow  # 100 random programs: ~9 s
-@given(programs, st.randoms(use_true_random=False))
+# A seed, not st.randoms(): how many random numbers a delivery draws depends on how
+# many entries the source holds, which depends on the entry IDs (random salts and
+# keys); Hypothesis took a replay that drew a different count for flaky data
+# generation (FlakyStrategyDefinition) and failed the run.
+@given(programs, st.integers(0, 2**32 - 1))
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_three_agents_converge(program: list[tuple[Any, ...]], rng: random.Random) -> None:
+def test_three_agents_converge(program: list[tuple[Any, ...]], seed: int) -> None:
+    rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         dbs = []
         for i in range(AGENTS):
