@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import p2psync
 from p2psync.cli.main import cli
 from p2psync.clock import now_ms
+from p2psync.core.entry import withhold
 from tests.helpers import flip_bit
 from tests.test_sync import sync_pair
 from tests.test_widen import holdings, key
@@ -92,3 +93,19 @@ def test_a_mark_on_a_sound_entry_is_lifted_by_its_copy(make_db: MakeDb) -> None:
     assert b.store.heads()[key(a)].seq == 1
 
 
+
+
+@pytest.mark.pure
+def test_a_copy_that_cannot_mend_says_why(make_db: MakeDb) -> None:
+    """The sender's copy lacks the damaged part (its rules withhold it): the entry
+    is refused with the reason (shown where the pair is stuck), not passed over in
+    silence as a duplicate."""
+    a, b = make_db("a"), make_db("b")
+    a.put("stock", "s", "x" * 50)
+    wire = next(iter(a.export(key(a))))
+    b.ingest([wire])
+    damage(b, 1, "payloads")
+    b.store.mark_damaged(b.verify().mendable, now_ms())
+    result = b.store.ingest([withhold(wire, lambda _: False)], now_ms(), peer=key(a))
+    assert [r.error for r in result.rejected if "cannot mend" in str(r.error)], result
+    assert not b.verify().ok

@@ -31,6 +31,7 @@ from p2psync.errors import (
     EntryError,
     ForkError,
     FrozenAuthorError,
+    WithheldError,
 )
 from p2psync.store import missing
 from p2psync.store.missing import Missing
@@ -374,8 +375,15 @@ class Writer:
                 new.append(ours[index])
             elif op is not None:
                 new.append(op.payload)  # ours damaged: the copy's, checked on decoding
-            else:
-                return _DUPLICATE  # damaged here, and the copy lacks it: not mended
+            else:  # damaged here, and the copy lacks it (withheld on its way): not mended
+                return Attempt(
+                    Verdict.REFUSED,
+                    error=WithheldError(
+                        f"entry {entry.seq} of {short_id(entry.author)} is damaged in this "
+                        f"store and the sender's copy lacks its {entry.collections[index]!r} "
+                        "part, so it cannot mend it; a peer that may send that part can"
+                    ),
+                )
         if self.lacking and self.source is not None:
             missing.lacked(self.conn, self.source[0], self.lacking, self.now_ms)
             self.lacking.clear()
