@@ -170,11 +170,18 @@ def verify(state: State, repair: bool) -> None:
         report = db.verify(progress)
         if repair and report.mendable:
             db.store.mark_damaged(report.mendable, now_ms())
+        own = any(author == db.identity.public_key for author, _, _ in report.mendable)
     if show and report.entries >= 10_000:
         click.echo("", err=True)
     if report.problems:
         more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        raise CorruptionError(report.problems[0] + more + _recovery(report, repair))
+        own_log = (
+            ". It is in this site's own log: only a peer that received that entry can "
+            "send it back, and until then nothing written here after it reaches any peer"
+            if own
+            else ""
+        )
+        raise CorruptionError(report.problems[0] + more + _recovery(report, repair) + own_log)
     if report.forks:
         more = f" (and {len(report.forks) - 1} more)" if len(report.forks) > 1 else ""
         raise IntegrityError(report.forks[0] + more)

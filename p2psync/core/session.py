@@ -143,6 +143,7 @@ class SyncSession:
         self._resent = False
         self._asked_of_us: list[bytes] = []
         self._resent_count = 0
+        self._shrunk = False  # our heads went down (entries marked damaged)
 
     # ------------------------------------------------------------ output
 
@@ -451,6 +452,14 @@ class SyncSession:
     def local_changed(self, local: Heads) -> None:
         """Our store's heads changed (a local write, or another session's ingest);
         :meth:`poll_synced` says what follows."""
+        before = self.holdings.local
+        if self.state is State.OPEN and any(
+            author not in local or local[author].seq < head.seq
+            for author, head in before.items()
+        ):
+            # entries marked damaged here (`verify --repair`): the peer believes we
+            # hold them; a new session, from our new Have, has them sent again
+            self._shrunk = True
         self.holdings.set_local(local)
         self._check_caught()
 
@@ -648,6 +657,8 @@ class SyncSession:
 
     def poll_synced(self) -> list[Event]:
         """Re-check the synced condition (after the store changed)."""
+        if self._shrunk:
+            return self.close("this store's log shrank (entries marked damaged): starting afresh")
         self._check_caught()
         return self._synced_event()
 

@@ -357,6 +357,18 @@ class Writer:
         if not gaps and all(sound) and signed == entry.signed:
             self._sound(entry.id)
             return _DUPLICATE  # (it brings nothing ours lacks)
+        for index, op in enumerate(entry.ops):
+            if index not in gaps and op is None and not (ours is not None and sound[index]):
+                # damaged here, and the copy lacks it (withheld on its way): not
+                # mended, and nothing of it merged either
+                return Attempt(
+                    Verdict.REFUSED,
+                    error=WithheldError(
+                        f"entry {entry.seq} of {short_id(entry.author)} is damaged in this "
+                        f"store and the sender's copy lacks its {entry.collections[index]!r} "
+                        "part, so it cannot mend it; a peer that may send that part can"
+                    ),
+                )
         self._flush_pending_missing()
         new: list[bytes | None] = []
         filled: list[tuple[int, str, str]] = []
@@ -375,15 +387,8 @@ class Writer:
                 new.append(ours[index])
             elif op is not None:
                 new.append(op.payload)  # ours damaged: the copy's, checked on decoding
-            else:  # damaged here, and the copy lacks it (withheld on its way): not mended
-                return Attempt(
-                    Verdict.REFUSED,
-                    error=WithheldError(
-                        f"entry {entry.seq} of {short_id(entry.author)} is damaged in this "
-                        f"store and the sender's copy lacks its {entry.collections[index]!r} "
-                        "part, so it cannot mend it; a peer that may send that part can"
-                    ),
-                )
+            else:  # (cannot be: checked above)
+                new.append(None)
         if self.lacking and self.source is not None:
             missing.lacked(self.conn, self.source[0], self.lacking, self.now_ms)
             self.lacking.clear()
