@@ -13,38 +13,26 @@ import trio
 
 import p2psync
 from p2psync.clock import now_ms
-from p2psync.core import hlc
 from p2psync.core.entry import withhold
 from p2psync.core.flow import Flow
 from p2psync.core.rules import Permissions, Terms
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
-from tests.helpers import Author, flip_bit
+from tests.helpers import flip_bit
 from tests.test_mend import damage, verify_cli
 from tests.test_sync import connect, sync_pair
-from tests.test_widen import key
+from tests.test_widen import NARROW, key, live_author, only_stock
 
 MakeDb = Callable[[str], p2psync.Database]
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: what a peer that may send us only 'stock' (or only 'misc') may send
-NARROW = Flow(Permissions(send=(Terms(),), receive=(Terms.make(["stock"]),)))
+#: what a peer that may send us only 'misc' may send
 ONLY_MISC = Flow(Permissions(send=(Terms(),), receive=(Terms.make(["misc"]),)))
-
-
-def only_stock(collection: str) -> bool:
-    return collection == "stock"
 
 
 def only_misc(collection: str) -> bool:
     return collection == "misc"
-
-
-def live_author() -> Author:
-    author = Author()
-    author.clock = hlc.from_wall(now_ms())
-    return author
 
 
 def missing_rows(db: p2psync.Database) -> list[tuple[object, ...]]:

@@ -13,28 +13,15 @@ import trio
 import p2psync
 from p2psync.cli.peers import describe_incomplete
 from p2psync.clock import now_ms
-from p2psync.core import hlc
 from p2psync.core.entry import withhold
-from p2psync.core.flow import Flow
-from p2psync.core.rules import Permissions, Terms
+from p2psync.core.rules import Terms
 from tests.helpers import Author, flip_bit
 from tests.test_pairing import session
 from tests.test_sync import sync_pair
-from tests.test_widen import agree
+from tests.test_widen import NARROW, agree, forked, live_author, only_stock
 
 MakeDb = Callable[[str], p2psync.Database]
 
-NARROW = Flow(Permissions(send=(Terms(),), receive=(Terms.make(["stock"]),)))
-
-
-def only_stock(collection: str) -> bool:
-    return collection == "stock"
-
-
-def live_author() -> Author:
-    author = Author()
-    author.clock = hlc.from_wall(now_ms())
-    return author
 
 
 @pytest.mark.trio_memory
@@ -72,11 +59,7 @@ async def test_a_want_for_an_entry_of_a_frozen_author_does_not_break_every_sessi
     author beyond seq 1, not frozen there), which it does not hold: it ends the
     session with an error, in every session from now on."""
     a, b = make_db("a"), make_db("b")
-    x = live_author()
-    a1 = x.put("misc", "m", "branch a")
-    x.seq, x.prev = 0, None
-    b1 = x.put("misc", "m", "branch b")
-    b2 = x.put("misc", "m", "branch b again", bases=[b1.id])
+    a1, b1, b2 = forked()
     a.store.ingest([withhold(a1.wire(), only_stock)], now_ms(), flow=NARROW)
     a.store.ingest([b1.wire()], now_ms())  # the fork: x frozen here
     assert a.store.forks()

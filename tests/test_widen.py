@@ -17,7 +17,7 @@ import p2psync
 from p2psync import pairing
 from p2psync.clock import now_ms
 from p2psync.core import hlc
-from p2psync.core.entry import withhold
+from p2psync.core.entry import Entry, withhold
 from p2psync.core.flow import Flow
 from p2psync.core.messages import Have, Head, Resent, Want
 from p2psync.core.rules import Permissions, Terms
@@ -233,6 +233,15 @@ def live_author() -> Author:
     return author
 
 
+def forked() -> tuple[Entry, Entry, Entry]:
+    """An author's fork: branch A's seq 1, then branch B's seq 1 and 2 (all 'misc')."""
+    x = live_author()
+    a1 = x.put("misc", "m", "branch a")
+    x.seq, x.prev = 0, None
+    b1 = x.put("misc", "m", "branch b")
+    return a1, b1, x.put("misc", "m", "branch b again", bases=[b1.id])
+
+
 @pytest.mark.trio_memory
 async def test_a_want_for_an_entry_the_peer_does_not_hold_is_answered_all_the_same(
     make_db: MakeDb,
@@ -243,11 +252,7 @@ async def test_a_want_for_an_entry_the_peer_does_not_hold_is_answered_all_the_sa
     Resent(0) instead of ending the session in an error at every session: the
     first ends on the fork proof (as any fork does), the next is clean."""
     a, b = make_db("a"), make_db("b")
-    x = live_author()
-    a1 = x.put("misc", "m", "branch a")
-    x.seq, x.prev = 0, None
-    b1 = x.put("misc", "m", "branch b")
-    b2 = x.put("misc", "m", "branch b again", bases=[b1.id])
+    a1, b1, b2 = forked()
     a.store.ingest([withhold(a1.wire(), only_stock)], now_ms(), flow=NARROW)
     b.store.ingest([b1.wire(), b2.wire()], now_ms())
     for _ in range(2):  # the first ends on the fork (as forks do), the next clean

@@ -385,10 +385,9 @@ class Writer:
                             self.lacking.append((entry.id, index))
             elif ours is not None and sound[index]:
                 new.append(ours[index])
-            elif op is not None:
-                new.append(op.payload)  # ours damaged: the copy's, checked on decoding
-            else:  # (cannot be: checked above)
-                new.append(None)
+            else:  # ours damaged: the copy's (it has it: checked above; and on decoding)
+                assert op is not None
+                new.append(op.payload)
         if self.lacking and self.source is not None:
             missing.lacked(self.conn, self.source[0], self.lacking, self.now_ms)
             self.lacking.clear()
