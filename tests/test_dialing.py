@@ -20,6 +20,7 @@ from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.clock import now_ms
 from p2psync.core.identity import Identity
 from p2psync.core.rules import Terms
+from p2psync.core.session import SessionConfig
 from p2psync.net.adverts import MAX_FAILURES, AdvertTable
 from p2psync.net.link import PairLink
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -92,9 +93,9 @@ async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
 ) -> None:
     """Connections with agents that have no rule in force are capped: beyond the
     cap a new one closes the oldest (issue 13: the newest refused let a flood of
-    throwaway identities keep everyone out); a peer with a rule in force is let in
-    however many strangers are connected and closes none, and a peer that is known
-    (we proposed) but not yet paired counts as a stranger."""
+    throwaway identities keep everyone out). A peer with a rule in force, and one
+    we asked to pair (a proposal of ours awaits its answer), is let in however many
+    strangers are connected, and closes none of them."""
     monkeypatch.setattr(agent_mod, "MAX_UNPAIRED", 2)
     a, b, known = make_db("a"), make_db("b"), make_db("known")
     me = a.identity.public_key
@@ -104,34 +105,40 @@ async def test_strangers_are_capped_but_a_paired_peer_still_gets_in(
     pairing.accept(a, request)
     assert a.store.peers_in_force() == {b.identity.public_key}
     pairing.propose(a, known.identity.public_key, Terms())  # no answer yet
+    # the strangers here never speak: the pairing deadline must not close them
+    # while the test runs (it is what ends a silent stranger's session otherwise)
+    config = AgentConfig(discovery=False, session=SessionConfig(pairing_timeout=120))
     async with trio.open_nursery() as nursery:
-        agent = await start(nursery, a)
+        agent = Agent(a, [("127.0.0.1", 0)], config)
+        await nursery.start(agent.run)
         host, port = agent.addresses[0].rsplit(":", 1)
+
+        def connected() -> set[bytes]:
+            return {c.peer for c in agent.registry.all() if not c.scope.cancel_called}
 
         async def connect(identity: Identity) -> SecureStream:
             stream = await trio.open_tcp_stream(host, int(port))
-            return await secure(stream, identity, initiator=True, name="x")
-
-        strangers = [await connect(Identity(os.urandom(32))) for _ in range(2)]
-        with trio.fail_after(5):
-            while len(agent.registry.all()) < 2:
-                await trio.sleep(0.01)
-        paired = a.store.peers_in_force()
-        newer = []
-        for identity in (Identity(os.urandom(32)), known.identity):
-            newer.append(await connect(identity))  # gets in: the oldest stranger made room
+            secured = await secure(stream, identity, initiator=True, name="x")
             with trio.fail_after(5):
-                while identity.public_key not in {c.peer for c in agent.registry.all()}:
+                while identity.public_key not in connected():
                     await trio.sleep(0.01)
-            with trio.fail_after(5):  # the evicted one's session ends a moment later
-                while sum(c.peer not in paired for c in agent.registry.all()) > 2:
-                    await trio.sleep(0.01)
-        peer = await connect(b.identity)
-        with trio.fail_after(5):
-            while not any(c.peer == b.identity.public_key for c in agent.registry.all()):
+            return secured
+
+        first = [Identity(os.urandom(32)) for _ in range(2)]
+        streams = [await connect(identity) for identity in first]
+        third = Identity(os.urandom(32))
+        streams.append(await connect(third))  # gets in: the oldest stranger made room
+        with trio.fail_after(5):  # the evicted one's session ends a moment later
+            while len(connected()) > 2:
                 await trio.sleep(0.01)
-        assert known.identity.public_key in {c.peer for c in agent.registry.all()}
-        for stream in (*strangers, *newer, peer):
+        strangers = connected()
+        assert third.public_key in strangers
+        assert len(strangers & {i.public_key for i in first}) == 1
+        streams.append(await connect(known.identity))  # asked to pair: not a stranger
+        streams.append(await connect(b.identity))  # paired
+        await trio.sleep(0.2)  # room for an eviction, were one (wrongly) made
+        assert connected() == strangers | {known.identity.public_key, b.identity.public_key}
+        for stream in streams:
             await stream.aclose()
         nursery.cancel_scope.cancel()
 
