@@ -222,3 +222,25 @@ def test_a_request_made_after_the_ttl_is_not_swept_with_the_old_pair(make_db: Ma
     a.store.expire_requests(key(a), later + HOUR // 2)  # the hourly sweep
     waiting = [r.id for r in a.store.rules(key(s)) if r.state is RuleState.PROPOSED]
     assert waiting == [core_rules.rule_id(again)], "the new request is kept for its own week"
+
+
+def test_entries_held_back_as_damaged_are_stuck_here_without_a_stuck_message() -> None:
+    """A side holding entries it cannot send (marked damaged: ``held_back``) that
+    the peer lacks is not in sync, and says why; but it sends no ``Stuck`` (that
+    means "I refused what you sent"): under a one-way rule the peer, which never
+    sends to us, would close the session on it as a protocol error."""
+    sender = SyncSession(0.0)
+    sender.set_flow(Flow(Permissions(send=(Terms(),))))
+    receiver = SyncSession(0.0)
+    receiver.set_flow(Flow(Permissions(receive=(Terms(),))))
+    sender.begin({AUTHOR: head(1)}, (), {AUTHOR: (2, 5)})
+    receiver.begin({AUTHOR: head(1)})  # it holds entry 1: it lacks 2-5
+    sent: list[str] = []
+    for _ in range(4):
+        for message in sender.take_outbox(0.0):
+            sent.append(type(message).__name__)
+            receiver.receive(messages.decode(messages.encode(message)), 0.0)
+        deliver(receiver, sender)
+    assert "Caught" in sent and "Stuck" not in sent, sent
+    assert not sender.synced and not sender.closed and not receiver.closed
+    assert sender.stuck_reason is not None and "entry 2 of" in sender.stuck_reason

@@ -18,7 +18,7 @@ from p2psync.clock import now_ms
 from p2psync.core.entry import withhold
 from tests.helpers import flip_bit
 from tests.test_sync import sync_pair
-from tests.test_widen import holdings, key
+from tests.test_widen import NARROW, holdings, key, only_stock
 
 MakeDb = Callable[[str], p2psync.Database]
 
@@ -45,6 +45,7 @@ async def test_a_damaged_entry_is_named_not_served_and_mended_from_a_peer(
     a, b, c = make_db("a"), make_db("b"), make_db("c")
     for i in range(5):
         a.put("stock", f"s{i}", "x" * 50)
+    a.put("stock", "s2", "again")  # entry 3's version is gone from b's records
     await sync_pair(b, a)
     records = holdings(b)[1:]
     damage(b, 3, column)
@@ -109,3 +110,71 @@ def test_a_copy_that_cannot_mend_says_why(make_db: MakeDb) -> None:
     result = b.store.ingest([withhold(wire, lambda _: False)], now_ms(), peer=key(a))
     assert [r.error for r in result.rejected if "cannot mend" in str(r.error)], result
     assert not b.verify().ok
+
+
+def damage_entry(db: p2psync.Database, entry_id: bytes, column: str, bit: int) -> None:
+    """Flip bit ``bit`` of ``column`` of the stored entry ``entry_id``."""
+    with sqlite3.connect(db.home.store_path) as conn:
+        (blob,) = conn.execute(
+            f"SELECT {column} FROM entries WHERE id = ?", (entry_id,)
+        ).fetchone()
+        conn.execute(
+            f"UPDATE entries SET {column} = ? WHERE id = ?", (flip_bit(blob, bit), entry_id)
+        )
+
+
+@pytest.mark.pure
+def test_damaged_payloads_still_held_as_records_are_mended_by_repair_alone(
+    make_db: MakeDb,
+) -> None:
+    """Each record version keeps its op payload byte for byte (a head in
+    ``records``, a conflict's loser in ``losers``), so `verify --repair` mends a
+    damaged payload from this site's own rows, with no peer: this site's own
+    entry (no other copy may exist anywhere), another author's, both sides of a
+    conflict, and an entry with an op withheld here (which stays withheld)."""
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    a.put("stock", "k", "from a")
+    c.put("stock", "k", "from c")  # concurrent: one wins at b, the other is a loser
+    with a.transaction() as tx:
+        tx.put("misc", "m", "withheld from b")
+        tx.put("stock", "s", "x" * 40)
+    b.store.ingest(list(c.export(key(c))), now_ms())
+    b.store.ingest([withhold(w, only_stock) for w in a.export(key(a))], now_ms(), flow=NARROW)
+    b.put("stock", "own", "y" * 40)
+    assert b.conflicts() and b.store.incomplete() == {"misc": 1}
+    before = holdings(b)
+    targets = [e.id for e in b.log()]
+    assert len(targets) == 4
+    for entry_id in targets:  # a bit in the last payload of each
+        with sqlite3.connect(b.home.store_path) as conn:
+            (blob,) = conn.execute(
+                "SELECT payloads FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+        damage_entry(b, entry_id, "payloads", (len(blob) - 8) * 8)
+    assert not b.verify().ok
+
+    code, text = verify_cli(b, "--repair")
+    assert code == 0, text
+    assert "4 damaged entries mended from this site's own records" in text, text
+    assert b.verify().ok and holdings(b) == before
+    assert b.store.heads()[key(b)].seq == 1
+
+
+@pytest.mark.pure
+def test_damage_the_records_cannot_mend_is_marked_for_a_peer(make_db: MakeDb) -> None:
+    """What the rows no longer hold is left to a peer's copy: a damaged signed
+    part (the ID is a hash of it), and a payload whose version was superseded."""
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    a.put("stock", "s1", "x" * 40)
+    a.put("stock", "s1", "again")  # entry 1's version is superseded
+    c.put("stock", "s2", "x" * 40)
+    c.put("stock", "s3", "x" * 40)
+    b.store.ingest([*a.export(key(a)), *c.export(key(c))], now_ms())
+    damage_entry(b, next(iter(a.log())).id, "payloads", 200)
+    damage_entry(b, next(iter(c.log())).id, "signed", 200)
+    code, text = verify_cli(b, "--repair")
+    assert code == 1 and "2 damaged entries marked" in text and "mended" not in text, text
+    assert b.store.heads() == {}  # nothing of a or c shown: a peer sends both again
+    b.store.ingest(list(c.export(key(c))), now_ms(), peer=key(c))
+    b.store.ingest(list(a.export(key(a))), now_ms(), peer=key(a))
+    assert b.verify().ok, b.verify().problems  # a's copies mend both

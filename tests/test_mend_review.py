@@ -16,6 +16,7 @@ from p2psync.clock import now_ms
 from p2psync.core.entry import withhold
 from p2psync.core.flow import Flow
 from p2psync.core.rules import Permissions, Terms
+from p2psync.core.session import SyncSession
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
 from tests.helpers import flip_bit
@@ -96,6 +97,9 @@ async def test_a_damaged_entry_the_peer_cannot_mend_is_named_as_the_reason(
         tx.put("stock", "s2", 2)
         tx.put("misc", "m2", "x" * 40)
     a.put("stock", "s3", 3)
+    with a.transaction() as tx:  # entry 2's versions are gone from b's records
+        tx.put("stock", "s2", "again")
+        tx.put("misc", "m2", "again")
     wires = list(a.export(key(a)))
     b.store.ingest(wires, now_ms())
     p.store.ingest([withhold(w, only_stock) for w in wires], now_ms(), flow=NARROW)
@@ -110,12 +114,6 @@ async def test_a_damaged_entry_the_peer_cannot_mend_is_named_as_the_reason(
 
 
 @pytest.mark.trio_memory
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 13, left): a site whose own entry is marked damaged and that no "
-    "peer holds shows its log up to the entry before, and a sync counts as in sync; "
-    "verify --repair says so, sync does not",
-)
 async def test_own_writes_after_an_unmendable_own_entry_do_not_end_in_sync_unsent(
     make_db: MakeDb,
 ) -> None:
@@ -129,17 +127,21 @@ async def test_own_writes_after_an_unmendable_own_entry_do_not_end_in_sync_unsen
     b, c = make_db("b"), make_db("c")
     for i in range(3):
         b.put("stock", f"s{i}", "x" * 50)
+    b.put("stock", "s1", "again")  # entry 2's version is gone from b's records
     damage(b, 2, "payloads")
     code, text = verify_cli(b, "--repair")
     assert code == 1 and "marked" in text, text
     b.put("stock", "after", "written after the repair")
 
     with trio.fail_after(10):
-        stats_b, _ = await sync_pair(b, c)
+        stats_b, stats_c = await sync_pair(b, c)
     delivered = c.get("stock", "after") == "written after the repair"
     assert delivered or (not stats_b.synced and "damaged" in stats_b.reason), (
         f"c lacks b's own later writes, yet b's sync ended: {stats_b.reason!r}"
     )
+    # (fixed: the sync ends "cannot get in step", naming the entry, on both sides)
+    assert "entry 2 of" in stats_b.reason and "after it cannot be sent" in stats_b.reason
+    assert "damaged in the sending site's store" in stats_c.reason, stats_c.reason
 
 
 @pytest.mark.trio_memory
@@ -157,6 +159,7 @@ async def test_repair_while_a_live_session_runs_mends_once_it_reconnects(
     a, b = make_db("a"), make_db("b")
     for i in range(5):
         a.put("stock", f"s{i}", "x" * 50)
+    a.put("stock", "s2", "again")  # entry 3's version is gone from b's records
     sa, sb = await connect(a, b)
     feed_b = ChangeFeed()
     mended = False
@@ -170,7 +173,7 @@ async def test_repair_while_a_live_session_runs_mends_once_it_reconnects(
 
         nursery.start_soon(run_b)
         with trio.fail_after(10):
-            while key(a) not in b.store.heads() or b.store.heads()[key(a)].seq < 5:
+            while key(a) not in b.store.heads() or b.store.heads()[key(a)].seq < 6:
                 await trio.sleep(0.05)
         damage(b, 3, "payloads")
         code, text = verify_cli(b, "--repair")
@@ -214,3 +217,46 @@ def test_the_readme_tells_how_to_mend_a_damaged_store() -> None:
     that a sync then mends it."""
     readme = (ROOT / "README.md").read_text()
     assert "--repair" in readme
+
+
+@pytest.mark.trio_memory
+async def test_a_live_session_says_what_a_damaged_own_entry_keeps_back(
+    make_db: MakeDb,
+) -> None:
+    """Live, the site holding entries it cannot send (its own entry 2 marked
+    damaged, no copy anywhere) is not "in sync": its session is stuck with the
+    reason (what `status`, `peers` and `p2psync sync` through the agent show),
+    and a write made meanwhile does not make it in sync either."""
+    b, c = make_db("b"), make_db("c")
+    for i in range(3):
+        b.put("stock", f"s{i}", "x" * 50)
+    b.put("stock", "s1", "again")  # entry 2's version is gone from b's records
+    damage(b, 2, "payloads")
+    assert verify_cli(b, "--repair")[0] == 1
+    sb, sc = await connect(b, c)
+    feed_b = ChangeFeed()
+    stuck: list[str] = []
+    machines: dict[str, SyncSession] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_session(
+                sb,
+                TrioStore(b.store),
+                feed_b,
+                live=True,
+                on_stuck=lambda stats: stuck.append(stats.stuck or ""),
+                on_start=lambda m, _: machines.update(b=m),
+            )
+        )
+        nursery.start_soon(lambda: run_session(sc, TrioStore(c.store), ChangeFeed(), live=True))
+        with trio.fail_after(10):
+            while not stuck:
+                await trio.sleep(0.02)
+        assert "entry 2 of" in stuck[0] and "after it cannot be sent" in stuck[0], stuck
+        b.put("stock", "later", 1)
+        feed_b.bump()
+        await trio.sleep(0.5)
+        machine = machines["b"]
+        assert not machine.synced
+        assert machine.stuck_reason is not None and "entry 2 of" in machine.stuck_reason
+        nursery.cancel_scope.cancel()

@@ -153,8 +153,9 @@ def log(
 @click.option(
     "--repair",
     is_flag=True,
-    help="Mark damaged entries to be fetched again: the next sync with a peer that "
-    "holds them mends them.",
+    help="Mend damaged entries from this site's own records where they still hold "
+    "them; mark the rest to be fetched again: the next sync with a peer that holds "
+    "them mends them.",
 )
 @pass_state
 def verify(state: State, repair: bool) -> None:
@@ -166,11 +167,25 @@ def verify(state: State, repair: bool) -> None:
             checked = output.plural(count, "entry", "entries")
             click.echo(f"\r{checked} checked...", err=True, nl=False)
 
+    mended = 0
     with state.open() as db:
         report = db.verify(progress)
+        while repair and report.mendable:
+            # first from this site's own rows, where they still hold what was damaged
+            fixed = db.store.mend_from_records(report.mendable, now_ms())
+            if not fixed:
+                break
+            mended += len(fixed)
+            report = db.verify(progress)  # (verify stops at an author's first damage)
         if repair and report.mendable:
             db.store.mark_damaged(report.mendable, now_ms())
         own = any(author == db.identity.public_key for author, _, _ in report.mendable)
+    if mended:
+        click.echo(
+            f"{output.plural(mended, 'damaged entry', 'damaged entries')} mended from "
+            "this site's own records",
+            err=True,
+        )
     if show and report.entries >= 10_000:
         click.echo("", err=True)
     if report.problems:

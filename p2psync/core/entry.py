@@ -259,19 +259,44 @@ def decode_stored(signed: bytes, payloads_blob: bytes) -> Entry:
 def stored_collections(signed: bytes) -> tuple[str, ...]:
     """The collections a stored entry's ops change, read from its signed body alone
     (no payload is decoded; the entry was verified when it was stored)."""
+    return tuple(collection for collection, _ in stored_refs(signed))
+
+
+def stored_prev(signed: bytes) -> bytes | None:
+    """The ``prev`` a stored entry's signed body names (no payload is decoded)."""
+    prev = _stored_body(signed).get(3)
+    if prev is not None and (type(prev) is not bytes or len(prev) != ID_BYTES):
+        raise DecodeError("predecessor is not a 32-byte entry ID")
+    return prev
+
+
+def _stored_body(signed: bytes) -> dict[Any, Any]:
     if len(signed) < 2 or signed[0] != 0x82:
         raise DecodeError("signed entry is not a [body, signature] pair")
     start, end = _bstr_span(signed, 1, "signed entry")
     body = canonical.loads_strict(signed[start:end], what="entry body", max_depth=3)
-    refs = body.get(5) if type(body) is dict else None
+    if type(body) is not dict:
+        raise DecodeError("entry body is not a map")
+    return body
+
+
+def stored_refs(signed: bytes) -> tuple[tuple[str, bytes], ...]:
+    """The ``(collection, digest)`` of each op of a stored entry, read from its
+    signed body alone (no payload is decoded)."""
+    refs = _stored_body(signed).get(5)
     if type(refs) is not list:
         raise DecodeError("entry body has no op list")
-    collections = []
+    found = []
     for ref in refs:
-        if type(ref) is not list or len(ref) != 2 or type(ref[0]) is not str:
+        if (
+            type(ref) is not list
+            or len(ref) != 2
+            or type(ref[0]) is not str
+            or type(ref[1]) is not bytes
+        ):
             raise DecodeError("entry body has an op reference that is not [collection, digest]")
-        collections.append(ref[0])
-    return tuple(collections)
+        found.append((ref[0], ref[1]))
+    return tuple(found)
 
 
 def _payload_list(blob: bytes) -> list[Any]:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from p2psync.core.events import Position
 from p2psync.core.flow import Flow
+from p2psync.core.identity import short_id
 from p2psync.core.messages import MAX_AUTHORS, Head, Heads, heads_digest
 
 
@@ -41,6 +42,9 @@ class Holdings:
         self._told_digest: bytes | None = None
         self._wanted: dict[bytes, int] | None = None
         self._lacks: list[bytes] | None = None
+        #: entries we hold but cannot send (marked damaged, not mended yet): per
+        #: author, ``(first damaged seq, seq held)``; our heads stop before them
+        self.held_back: dict[bytes, tuple[int, int]] = {}
 
     # ------------------------------------------------------------ changes
 
@@ -169,18 +173,35 @@ class Holdings:
             self._lacks = lacking
         return self._lacks
 
+    def unsendable(self) -> list[tuple[bytes, int, int]]:
+        """``(author, damaged seq, seq held)`` for each author of which we hold
+        entries the peer lacks and may have, but cannot send (from an entry marked
+        damaged here on: :attr:`held_back`)."""
+        if not self.held_back:
+            return []
+        found = []
+        for author, (damaged, held) in self.held_back.items():
+            ours = self.local.get(author)
+            if ours is not None and ours.seq >= damaged:
+                continue  # mended since
+            if self.flow.lacks({author: Head(held, b"")}, self.peer):
+                found.append((author, damaged, held))
+        return found
+
     def verdict(self) -> tuple[bool, str] | None:
         """Once quiet, for heads not judged before: ``(True, "")`` in sync, or
         ``(False, why)`` stuck; None when nothing new is to be said."""
         state = self._local_heads_digest() + self._peer_heads_digest()
         lacking = self.lacking()
-        if lacking:
+        unsendable = [] if lacking else self.unsendable()
+        if lacking or unsendable:
             # the peer sent all it had for us, so what we lack we refused (or hold,
-            # waiting for an entry we refused): stuck until a side's heads change
+            # waiting for an entry we refused); or it lacks what we hold but cannot
+            # send: stuck until a side's heads change
             if state == self._stuck:
                 return None
             self._stuck = state
-            return False, self.why(lacking)
+            return False, self.why(lacking) if lacking else self.why_unsendable(unsendable)
         if state == self._synced:
             return None
         self._synced = state
@@ -193,6 +214,20 @@ class Holdings:
         return (
             f"entries of {len(lacking)} author{'s' if len(lacking) != 1 else ''} that the "
             "peer holds were not applied here (see the log)"
+        )
+
+    @staticmethod
+    def why_unsendable(unsendable: list[tuple[bytes, int, int]]) -> str:
+        author, damaged, _ = unsendable[0]
+        more = len(unsendable) - 1
+        others = f" (and entries of {more} more author{'s' if more != 1 else ''})" if more else ""
+        # (said to the peer too: worded for both sides; no count, which later
+        # writes of that author would make stale while the session lasts)
+        return (
+            f"entry {damaged} of {short_id(author)} is damaged in the sending site's store "
+            f"and the receiving site lacks it: that entry and those of {short_id(author)} "
+            f"after it cannot be sent{others} until a sound copy mends it (see `p2psync "
+            "verify` there)"
         )
 
     @property

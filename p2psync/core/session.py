@@ -38,7 +38,7 @@ nothing it sent before is lost. Our own code calling it out of turn raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -260,11 +260,18 @@ class SyncSession:
 
     # ------------------------------------------------------------ opening
 
-    def begin(self, local: Heads, missing: Sequence[MissingPayload] = ()) -> list[Event]:
+    def begin(
+        self,
+        local: Heads,
+        missing: Sequence[MissingPayload] = (),
+        held_back: Mapping[bytes, tuple[int, int]] | None = None,
+    ) -> list[Event]:
         """A rule is in force (or the connection has no rules): state our heads and
         start syncing. ``missing``: ops we hold without their payload; once the
         peer's heads are known, we ask it for the entries it holds of those whose
-        collection it may send us (:class:`Want`)."""
+        collection it may send us (:class:`Want`). ``held_back``: per author,
+        ``(first damaged seq, seq held)`` of entries we hold but cannot send (marked
+        damaged); a peer that lacks them is not "in sync" with us."""
         if self.state is State.PAIRING:
             self.state = State.HAVE_SENT
         elif self.state is State.HAVE_RECEIVED:
@@ -275,6 +282,7 @@ class SyncSession:
             raise LocalProtocolError("begin called after we said Have")
         self._pairing_deadline = None
         self._missing = missing
+        self.holdings.held_back = dict(held_back or {})
         self._have = dict(local)
         self._outbox.append(Have(dict(local)))
         return self._opened()
@@ -632,10 +640,13 @@ class SyncSession:
             # an on-demand sync (ours or the peer's) says why now rather than at its
             # timeout; the peer learns the reason from our Bye
             events += self.close(f"cannot get in step: {why}")
-        else:
+        elif self.holdings.lacking():
             # live: the peer, which believes it delivered, hears why, and both stay
             # connected (the entries may yet arrive another way). One Stuck waits
-            # at most, the latest: verdicts are said once per state anyway
+            # at most, the latest: verdicts are said once per state anyway. (Stuck
+            # means "I refused what you sent": not said for what we hold but cannot
+            # send, which the peer, in sync with all we can send, takes no note of;
+            # a peer that may not send to us would take it for a protocol error.)
             self._latest_only(Stuck(why))
         return events
 
@@ -653,6 +664,9 @@ class SyncSession:
         lacking = self.holdings.lacking() if self._quiet() else []
         if lacking:
             return self.holdings.why(lacking)
+        unsendable = self.holdings.unsendable() if self._quiet() else []
+        if unsendable:
+            return self.holdings.why_unsendable(unsendable)
         return None if self._peer_stuck is None else _PEER_STUCK + self._peer_stuck
 
     def poll_synced(self) -> list[Event]:
@@ -666,7 +680,10 @@ class SyncSession:
     def synced(self) -> bool:
         """In sync: both sides sent all the other may have, and it has arrived."""
         return (
-            self.holdings.ever_synced and self._quiet() and not self.holdings.lacking()
+            self.holdings.ever_synced
+            and self._quiet()
+            and not self.holdings.lacking()
+            and not self.holdings.unsendable()
         )
 
     @property

@@ -15,6 +15,10 @@ from p2psync.store.logs import Outgoing
 from p2psync.store.missing import Missing
 from p2psync.store.store import Store
 
+#: Our heads, the ops held without payload to ask for, and the entries held but
+#: not sendable (damaged): per author, ``(first damaged seq, seq held)``.
+Opening = tuple[dict[bytes, Head], list[Missing], dict[bytes, tuple[int, int]]]
+
 
 class ChangeFeed:
     """A counter bumped whenever the store gains entries; tasks wait for bumps."""
@@ -73,17 +77,17 @@ class TrioStore:
 
         return await trio.to_thread.run_sync(work)
 
-    async def opening(
-        self, flow: Flow, peer: bytes | None = None
-    ) -> tuple[dict[bytes, Head], list[Missing]]:
-        """Our heads, and the ops we hold without a payload ``flow`` lets ``peer``
-        send us (to ask it for them: :meth:`SyncSession.begin`)."""
+    async def opening(self, flow: Flow, peer: bytes | None = None) -> Opening:
+        """Our heads, the ops we hold without a payload ``flow`` lets ``peer`` send
+        us (to ask it for them), and the entries we hold but cannot send (marked
+        damaged): what :meth:`SyncSession.begin` takes."""
 
-        def work() -> tuple[dict[bytes, Head], list[Missing]]:
+        def work() -> Opening:
             heads = self.store.heads()
+            held_back = self.store.held_back()
             if not flow.receiving:
-                return heads, []
-            return heads, self.store.payloads_missing(flow.may_receive, peer, now_ms())
+                return heads, [], held_back
+            return heads, self.store.payloads_missing(flow.may_receive, peer, now_ms()), held_back
 
         return await trio.to_thread.run_sync(work)
 

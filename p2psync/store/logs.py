@@ -73,6 +73,21 @@ def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
     return held
 
 
+def held_back(conn: sqlite3.Connection) -> dict[bytes, tuple[int, int]]:
+    """Per author with an entry marked damaged: ``(first damaged seq, seq held)``.
+    From the damaged entry on, this store holds entries it cannot send (the
+    session says so rather than "in sync" with a peer that lacks them)."""
+    stops = damaged(conn)
+    if not stops:
+        return {}
+    found = {}
+    for author, seq in stops.items():
+        row = conn.execute("SELECT head_seq FROM authors WHERE key = ?", (author,)).fetchone()
+        if row is not None and row[0] >= seq:
+            found[author] = (seq, int(row[0]))
+    return found
+
+
 def damaged(conn: sqlite3.Connection) -> dict[bytes, int]:
     """Per author, the first seq found damaged and not mended yet."""
     rows = conn.execute("SELECT author, min(seq) FROM entries_damaged GROUP BY author")

@@ -32,7 +32,7 @@ from p2psync.store.ledger import Ledger
 from p2psync.store.local import Change
 from p2psync.store.logs import AuthorState, StoredEntry
 from p2psync.store.peers import PeerState
-from p2psync.store.verify import VerifyReport, verify
+from p2psync.store.verify import VerifyReport, copy_from_records, verify
 from p2psync.store.writer import Writer
 
 __all__ = ["STORE_FILE", "AuthorState", "Change", "Store", "StoredEntry"]
@@ -41,6 +41,10 @@ STORE_FILE = "store.sqlite"
 #: Most ops held without their payload one session asks a peer for (Wants of
 #: :data:`~p2psync.core.messages.MAX_WANT_IDS` each); the rest, at the next.
 MAX_ASKED_PER_SESSION = 100_000
+
+#: A copy rebuilt from this store's own rows was accepted once already: a clock
+#: that has gone back since must not refuse it as from the future.
+_NO_SKEW_LIMIT = 100 * 365 * 24 * 3600 * 1000
 
 
 class Store:
@@ -167,6 +171,12 @@ class Store:
     def heads(self) -> dict[bytes, Head]:
         with self._reader.reading() as conn:
             return logs.heads(conn)
+
+    def held_back(self) -> dict[bytes, tuple[int, int]]:
+        """Per author with an entry marked damaged: ``(first damaged seq, seq
+        held)`` (see :func:`logs.held_back`)."""
+        with self._reader.reading() as conn:
+            return logs.held_back(conn)
 
     def entries_after(
         self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
@@ -422,6 +432,19 @@ class Store:
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         with self._reader.snapshot() as conn:
             return verify(conn, progress)
+
+    def mend_from_records(
+        self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int
+    ) -> list[bytes]:
+        """Mend damaged entries ``(author, seq, ID)`` from this store's own rows
+        where they still hold them (:func:`~p2psync.store.verify.copy_from_records`):
+        each rebuilt copy is ingested, checked in full like a peer's. The IDs mended."""
+        with self._reader.snapshot() as conn:
+            copies = [copy_from_records(conn, author, seq) for author, seq, _ in found]
+        wires = [copy for copy in copies if copy is not None]
+        if not wires:
+            return []
+        return self.ingest(wires, now_ms, max_skew_ms=_NO_SKEW_LIMIT).mended
 
     def mark_damaged(self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int) -> None:
         """Entries ``(author, seq, ID)`` found damaged: until a sound copy mends

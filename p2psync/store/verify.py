@@ -16,9 +16,19 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from p2psync.core.entry import decode_stored
+from p2psync.core import canonical
+from p2psync.core.entry import (
+    decode_stored,
+    entry_id,
+    payload_digest,
+    payload_list,
+    stored_prev,
+    stored_refs,
+    wire_form,
+)
 from p2psync.core.identity import short_id
 from p2psync.errors import EntryError
+from p2psync.store import missing
 
 
 @dataclass
@@ -118,15 +128,90 @@ def _confirmed(
     head_id: bytes | None,
 ) -> bool:
     """The chain names ``stored_id`` at ``seq``: the author's head, or the next
-    entry's link (the next must decode for that)."""
-    if seq == head_seq:
-        return head_id == stored_id
+    entry's link, where the next is sound, or is damaged only in its payloads
+    (its signed part still hashes to its own stored ID) and is itself confirmed
+    so, up to a sound entry or the head."""
+    expected = stored_id
+    while True:
+        if seq == head_seq:
+            return head_id == expected
+        row = conn.execute(
+            "SELECT id, signed, payloads FROM entries WHERE author = ? AND seq = ?",
+            (idx, seq + 1),
+        ).fetchone()
+        if row is None:
+            return False
+        next_id, signed, payloads = row
+        try:
+            if stored_prev(signed) != expected or entry_id(signed) != next_id:
+                return False
+            decode_stored(signed, payloads)
+        except EntryError:
+            expected, seq = next_id, seq + 1  # its payloads damaged too: on to the next
+            continue
+        return True
+
+
+def copy_from_records(conn: sqlite3.Connection, author: bytes, seq: int) -> bytes | None:
+    """A sound wire form of the damaged entry ``seq`` of ``author``, rebuilt from
+    this store's own rows, if they still hold it: the signed part must be sound
+    (it hashes to the stored ID), and every op payload that no longer hashes to its
+    digest must still be a version of its record (``records`` or ``losers`` keep
+    the op payload of every head, byte for byte). An op held without its payload
+    stays without. None when that is not enough: a peer's copy must mend it.
+
+    The copy is then ingested like a peer's (:meth:`Store.ingest`): checked in
+    full, it mends the stored bytes (``Writer.fill``)."""
     row = conn.execute(
-        "SELECT signed, payloads FROM entries WHERE author = ? AND seq = ?", (idx, seq + 1)
+        "SELECT e.id, e.signed, e.payloads FROM entries e JOIN authors a ON a.idx = e.author "
+        "WHERE a.key = ? AND e.seq = ?",
+        (author, seq),
     ).fetchone()
     if row is None:
-        return False
+        return None
+    stored_id, signed, blob = row
+    if entry_id(signed) != stored_id:
+        return None  # the signed part itself is damaged
     try:
-        return decode_stored(row[0], row[1]).prev == stored_id
+        refs = stored_refs(signed)
     except EntryError:
-        return False
+        return None
+    try:
+        ours: list[object] = list(payload_list(blob))
+    except EntryError:
+        ours = []
+    if len(ours) != len(refs):
+        ours = [b""] * len(refs)  # none of ours can be told apart: look each up
+    withheld = missing.ops_of(conn, stored_id)
+    payloads: list[bytes | None] = []
+    for index, ((collection, digest), payload) in enumerate(zip(refs, ours, strict=True)):
+        if type(payload) is bytes and payload_digest(payload) == digest:
+            payloads.append(payload)
+            continue
+        if payload is None and index in withheld:
+            payloads.append(None)
+            continue
+        found = _version_payload(conn, collection, stored_id, digest)
+        if found is None:
+            if index in withheld:
+                payloads.append(None)
+                continue
+            return None
+        payloads.append(found)
+    return wire_form(signed, canonical.encode(payloads))
+
+
+def _version_payload(
+    conn: sqlite3.Connection, collection: str, entry: bytes, digest: bytes
+) -> bytes | None:
+    """The op payload of ``entry`` in ``collection`` that hashes to ``digest``, from
+    a record version that still holds it (a head, or a conflict's loser)."""
+    for table in ("records", "losers"):
+        rows = conn.execute(
+            f"SELECT payload FROM {table} WHERE collection = ? AND entry = ?",
+            (collection, entry),
+        )
+        for (payload,) in rows:
+            if payload_digest(payload) == digest:
+                return bytes(payload)
+    return None
