@@ -178,3 +178,46 @@ def test_damage_the_records_cannot_mend_is_marked_for_a_peer(make_db: MakeDb) ->
     b.store.ingest(list(c.export(key(c))), now_ms(), peer=key(c))
     b.store.ingest(list(a.export(key(a))), now_ms(), peer=key(a))
     assert b.verify().ok, b.verify().problems  # a's copies mend both
+
+
+@pytest.mark.trio_memory
+async def test_damage_found_by_a_peer_is_marked_by_the_site_that_sent_it(
+    make_db: MakeDb, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody ran `verify`: b serves a's entry 3 with a bit flipped, c finds it
+    invalid and ends the session (as it would at every session, for ever). b
+    re-checks what c never acknowledged, marks the damaged entry (as `verify
+    --repair` would) and says so in its log; the next session gets c what b holds
+    sound, and once a's copy mends b, c gets the rest from b."""
+    a, b, c = make_db("a"), make_db("b"), make_db("c")
+    for i in range(5):
+        a.put("stock", f"s{i}", "x" * 50)
+    a.put("stock", "s2", "again")  # entry 3's version is gone from b's records
+    await sync_pair(b, a)
+    damage(b, 3, "payloads")
+
+    stats_c, stats_b = await sync_pair(c, b)
+    assert "invalid entry" in stats_c.reason, stats_c
+    assert "entry 3 of" in caplog.text and "no longer sent" in caplog.text, caplog.text
+    assert b.store.held_back() == {key(a): (3, 6)}
+
+    stats_c, stats_b = await sync_pair(c, b)  # no longer ends in error
+    assert not stats_c.error, stats_c
+    assert [x.seq for x in c.authors() if x.author == key(a)] == [2]
+    stats_b, _ = await sync_pair(b, a)  # a's copy mends b
+    assert stats_b.synced and b.verify().ok
+    stats_c, _ = await sync_pair(c, b)
+    assert stats_c.synced and holdings(c) == holdings(a)
+
+
+@pytest.mark.pure
+def test_a_peer_that_leaves_batches_unacknowledged_marks_nothing_sound(
+    make_db: MakeDb,
+) -> None:
+    """A hostile peer can end sessions with our batches unacknowledged at will:
+    the re-check then finds sound entries sound and marks nothing."""
+    a = make_db("a")
+    for i in range(3):
+        a.put("stock", f"s{i}", i)
+    assert a.store.check_sent({key(a): (1, 3), b"\x01" * 32: (1, 9)}, now_ms()) == []
+    assert a.store.held_back() == {} and a.store.heads()[key(a)].seq == 3

@@ -123,6 +123,8 @@ class SyncSession:
         # entries
         self._next_batch_out = 1
         self._unacked: list[int] = []
+        #: per unacknowledged batch of our log entries, per author (first, last seq)
+        self._spans: dict[int, dict[bytes, tuple[int, int]]] = {}
         self._next_batch_in = 1
         self._receiving: set[int] = set()  # batches handed to the shell, not yet ingested
         self._last_received = now
@@ -350,7 +352,22 @@ class SyncSession:
                 self.flow.outgoing([s.wire for s in batch]),
                 [(author, seq, eid) for author, (seq, eid) in last.items()],
             )
+            spans: dict[bytes, tuple[int, int]] = {}
+            for s in batch:
+                spans[s.author] = (spans.get(s.author, (s.seq, 0))[0], s.seq)
+            self._spans[self._next_batch_out - 1] = spans
         return len(batch)
+
+    def unacked_spans(self) -> dict[bytes, tuple[int, int]]:
+        """Per author, the first and last seq of the entries we sent that the
+        peer has not acknowledged (when a session ends so, the shell checks them:
+        a peer that found one invalid closed it)."""
+        merged: dict[bytes, tuple[int, int]] = {}
+        for batch in self._unacked:
+            for author, (first, last) in self._spans.get(batch, {}).items():
+                lo, hi = merged.get(author, (first, last))
+                merged[author] = (min(lo, first), max(hi, last))
+        return merged
 
     def fork_suspects(self, peer_heads: Heads) -> list[tuple[bytes, int, bytes]]:
         """Where the peer names an entry at a seq we hold too, (author, seq, its
@@ -594,7 +611,7 @@ class SyncSession:
     def _on_ack(self, message: Ack) -> list[Event]:
         if not self._unacked or message.batch != self._unacked[0]:
             raise RemoteProtocolError(f"acknowledgement of batch {message.batch} not expected")
-        self._unacked.pop(0)
+        self._spans.pop(self._unacked.pop(0), None)
         self._check_caught()
         return self._synced_event()
 

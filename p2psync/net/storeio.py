@@ -91,6 +91,9 @@ class TrioStore:
 
         return await trio.to_thread.run_sync(work)
 
+    async def check_sent(self, sent: Mapping[bytes, tuple[int, int]]) -> list[str]:
+        return await trio.to_thread.run_sync(self.store.check_sent, dict(sent), now_ms())
+
     async def entries_by_id(self, ids: Sequence[bytes], max_bytes: int) -> tuple[list[bytes], int]:
         return await trio.to_thread.run_sync(self.store.entries_by_id, ids, max_bytes)
 

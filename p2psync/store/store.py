@@ -32,7 +32,7 @@ from p2psync.store.ledger import Ledger
 from p2psync.store.local import Change
 from p2psync.store.logs import AuthorState, StoredEntry
 from p2psync.store.peers import PeerState
-from p2psync.store.verify import VerifyReport, copy_from_records, verify
+from p2psync.store.verify import VerifyReport, copy_from_records, damage_in, verify
 from p2psync.store.writer import Writer
 
 __all__ = ["STORE_FILE", "AuthorState", "Change", "Store", "StoredEntry"]
@@ -445,6 +445,20 @@ class Store:
         if not wires:
             return []
         return self.ingest(wires, now_ms, max_skew_ms=_NO_SKEW_LIMIT).mended
+
+    def check_sent(self, sent: Mapping[bytes, tuple[int, int]], now_ms: int) -> list[str]:
+        """Re-verify entries a session sent that the peer never acknowledged (per
+        author, ``(first seq, last seq)``): a peer that finds one invalid ends the
+        session, and would at every session while this store serves it. Damage the
+        chain confirms is marked as `verify --repair` marks it (not served, fetched
+        again); what was found, in words."""
+        with self._reader.snapshot() as conn:
+            found = [damage_in(conn, author, *span) for author, span in sent.items()]
+        damaged = [f for f in found if f is not None]
+        marks = [mark for _, mark in damaged if mark is not None]
+        if marks:
+            self.mark_damaged(marks, now_ms)
+        return [what for what, _ in damaged]
 
     def mark_damaged(self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int) -> None:
         """Entries ``(author, seq, ID)`` found damaged: until a sound copy mends

@@ -215,3 +215,37 @@ def _version_payload(
             if payload_digest(payload) == digest:
                 return bytes(payload)
     return None
+
+
+def damage_in(
+    conn: sqlite3.Connection, author: bytes, first: int, last: int
+) -> tuple[str, tuple[bytes, int, bytes] | None] | None:
+    """The first damaged entry of ``author`` from seq ``first`` to ``last`` (what a
+    session sent and the peer never acknowledged): what is wrong, and ``(author,
+    seq, ID)`` when the chain confirms its ID (it can be marked, and mended by a
+    peer's copy); None when those entries are sound."""
+    head = conn.execute(
+        "SELECT idx, head_seq, head_id FROM authors WHERE key = ?", (author,)
+    ).fetchone()
+    if head is None:
+        return None
+    idx, head_seq, head_id = head
+    rows = conn.execute(
+        "SELECT seq, id, signed, payloads FROM entries "
+        "WHERE author = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+        (idx, first, last),
+    )
+    for seq, stored_id, signed, payloads in rows:
+        where = f"entry {seq} of {short_id(author)} ({stored_id.hex()[:16]})"
+        try:
+            entry = decode_stored(signed, payloads)
+        except EntryError as exc:
+            damage = f"{where} is damaged: {exc}"
+        else:
+            if entry.id == stored_id and entry.seq == seq and entry.author == author:
+                continue
+            damage = f"{where}: stored ID does not match its signed bytes"
+        if _confirmed(conn, idx, seq, stored_id, head_seq, head_id):
+            return damage, (author, seq, stored_id)
+        return damage, None
+    return None
