@@ -32,7 +32,16 @@ from p2psync.store.ledger import State
 pytestmark = pytest.mark.pure
 
 MakeDb = Callable[[str], p2psync.Database]
-NOW = now_ms()  # entries are stamped by the real clock
+NOW = now_ms()  # entries are stamped by the real clock: reset for each test below
+
+
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    """NOW as each test starts: a value taken at import went stale when the tests
+    ran more than 10 minutes after collection (a slow or loaded machine), and
+    entries written then were refused as from the future."""
+    global NOW  # noqa: PLW0603 (the module-level value the tests read)
+    NOW = now_ms()
 DAY = 24 * 3600 * 1000
 
 
@@ -57,8 +66,8 @@ def write(db: p2psync.Database, count: int, collection: str = "c", start: int = 
     )
 
 
-def deliver(mailer: Mailer, envelopes: list[Outgoing], now: int = NOW) -> list[object]:
-    return [mailer.incoming(e.wire, now) for e in envelopes]
+def deliver(mailer: Mailer, envelopes: list[Outgoing], now: int | None = None) -> list[object]:
+    return [mailer.incoming(e.wire, NOW if now is None else now) for e in envelopes]
 
 
 def states(mailer: Mailer, peer: bytes) -> dict[str, int]:
