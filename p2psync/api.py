@@ -81,7 +81,9 @@ def open(home: str | os.PathLike[str] | None = None) -> Database:
     loaded = home_mod.load(path)
     if not loaded.store_path.exists():
         raise HomeError(f"{path} has an identity but no store; it is damaged or incomplete")
-    return Database(loaded, Store(loaded.store_path, clock.now_ms()))
+    store = Store(loaded.store_path, clock.now_ms())
+    store.max_skew_ms = loaded.max_clock_ahead_ms
+    return Database(loaded, store)
 
 
 class Database:
@@ -163,7 +165,7 @@ class Database:
         return written
 
     def ingest(
-        self, wires: Sequence[bytes], *, max_skew_ms: int = hlc.DEFAULT_MAX_SKEW_MS
+        self, wires: Sequence[bytes], *, max_skew_ms: int | None = None
     ) -> IngestResult:
         """Verify and apply entries (wire form) from any author."""
         result = self.store.ingest(wires, clock.now_ms(), max_skew_ms)

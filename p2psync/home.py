@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from p2psync import clock
+from p2psync.core import hlc
 from p2psync.core.handshake import MAX_NAME_CHARS
 from p2psync.core.identity import Identity
 from p2psync.errors import HomeError, UsageError
@@ -51,11 +52,21 @@ def resolve(home: str | os.PathLike[str] | None = None) -> Path:
     return Path(xdg) / "p2psync"
 
 
+#: config.json key: how far ahead of this machine's clock an entry's clock may be
+#: (seconds) before it is refused as from the future (DESIGN: configurable)
+CLOCK_AHEAD_KEY = "max_clock_ahead_s"
+#: the range allowed: below a minute, ordinary clock drift gets entries refused;
+#: above a day, a site with a wildly wrong clock stamps entries that every later
+#: write must follow (a write here is ordered after every clock it has seen)
+CLOCK_AHEAD_RANGE_S = (60, 86_400)
+
+
 @dataclass(frozen=True)
 class Home:
     path: Path
     identity: Identity
     name: str
+    max_clock_ahead_ms: int = hlc.DEFAULT_MAX_SKEW_MS
 
     @property
     def store_path(self) -> Path:
@@ -139,7 +150,33 @@ def load(path: Path) -> Home:
     identity = read_identity(key_path)
     config = read_config(path)
     name = config.get("name")
-    return Home(path, identity, name if isinstance(name, str) else identity.short_id)
+    display = name if isinstance(name, str) else identity.short_id
+    return Home(path, identity, display, clock_ahead_s(config, path) * 1000)
+
+
+def clock_ahead_s(config: dict[str, object], path: Path) -> int:
+    """The clock-ahead bound ``config`` sets (seconds), or the default; a value out
+    of range is an error, not ignored: it guards what this site accepts."""
+    value = config.get(CLOCK_AHEAD_KEY, hlc.DEFAULT_MAX_SKEW_MS // 1000)
+    low, high = CLOCK_AHEAD_RANGE_S
+    if type(value) is not int or not low <= value <= high:
+        raise HomeError(
+            f"{path / CONFIG_FILE}: {CLOCK_AHEAD_KEY} must be a whole number of seconds "
+            f"from {low} to {high} (got {value!r}); set it with "
+            "`p2psync settings --max-clock-ahead 10m`"
+        )
+    return value
+
+
+def set_clock_ahead(path: Path, seconds: int) -> None:
+    """Keep ``seconds`` as the home's clock-ahead bound (checked as :func:`load` does)."""
+    config = read_config(path)
+    config[CLOCK_AHEAD_KEY] = seconds
+    clock_ahead_s(config, path)
+    try:
+        _write_config(path, config)
+    except OSError as exc:
+        raise HomeError(f"cannot write {path / CONFIG_FILE}: {exc.strerror or exc}") from exc
 
 
 def read_identity(key_path: Path) -> Identity:

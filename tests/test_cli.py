@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import p2psync
-from p2psync import api
+from p2psync import api, clock
 from p2psync.cli import output
 from p2psync.cli.main import cli
 from p2psync.core.entry import Entry, OpKind
@@ -349,3 +349,35 @@ def test_counts_agree_with_their_nouns(run: Run) -> None:
     assert run("verify").output.strip() == "3 entries from 1 author verified"
     assert output.plural(1, "entry", "entries") == "1 entry"
     assert output.plural(0, "conflict") == "0 conflicts"
+
+
+def test_the_clock_ahead_bound_is_a_setting_of_the_home(
+    run: Run, tmp_path: Path, make_db: Callable[[str], p2psync.Database],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DESIGN "Clock": entries too far in the future are refused, the bound
+    configurable (default 10 min): `p2psync settings --max-clock-ahead` keeps it in
+    the home, every ingest of that home uses it, and a bad value in config.json
+    is an error saying how to set it, not silently the default."""
+    writer = make_db("writer")
+    monkeypatch.setattr(clock, "_SKEW_MS", 30 * 60 * 1000)  # the writer is 30 min fast
+    writer.put("c", "k", 1)
+    monkeypatch.setattr(clock, "_SKEW_MS", 0)
+    wires = list(writer.export(writer.identity.public_key))
+    run("init")
+    home = tmp_path / "home"
+    with p2psync.open(home) as db:
+        refused = db.ingest(wires).rejected
+        assert refused and "ahead" in str(refused[0].error), refused
+    assert "600 s" in run("settings").output
+    assert run("settings", "--max-clock-ahead", "1h").exit_code == 0
+    assert json.loads(run("settings", "--json").output)["max_clock_ahead_s"] == 3600
+    with p2psync.open(home) as db:
+        assert db.ingest(wires).accepted and db.get("c", "k") == 1
+    assert run("settings", "--max-clock-ahead", "2d").exit_code == 2
+    config = json.loads((home / "config.json").read_text())
+    (home / "config.json").write_text(json.dumps({**config, "max_clock_ahead_s": "1h"}))
+    result = run("status")
+    assert result.exit_code == 1 and "max_clock_ahead_s" in result.output, result.output
+    assert run("settings", "--max-clock-ahead", "10m").exit_code == 0  # the way out
+    assert run("status").exit_code == 0

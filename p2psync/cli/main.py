@@ -20,6 +20,7 @@ from p2psync import home as home_mod
 from p2psync.cli import agent, bundle, logs, output, pair, peers, records, relay, rule
 from p2psync.cli.context import HOME_HELP, State, pass_state
 from p2psync.cli.logformat import configure
+from p2psync.cli.terms import parse_duration
 from p2psync.errors import P2PSyncError, UsageError
 
 
@@ -95,6 +96,37 @@ def show_id(state: State, as_json: bool) -> None:
         )
     else:
         click.echo(loaded.identity.device_id)
+
+
+@cli.command()
+@click.option(
+    "--max-clock-ahead",
+    metavar="DURATION",
+    help="Refuse entries whose clock is further ahead of this machine's than this "
+    "(1m to 1d; default 10m). A running agent takes it at its next start.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_state
+def settings(state: State, max_clock_ahead: str | None, as_json: bool) -> None:
+    """Show this site's settings, or change one."""
+    if max_clock_ahead is None or not (state.home / home_mod.KEY_FILE).exists():
+        home_mod.load(state.home)  # (not a home: says so; a bad setting can be set again)
+    if max_clock_ahead is not None:
+        seconds = parse_duration(max_clock_ahead, "--max-clock-ahead")
+        low, high = home_mod.CLOCK_AHEAD_RANGE_S
+        if seconds != int(seconds) or not low <= seconds <= high:
+            raise UsageError(
+                f"--max-clock-ahead: {max_clock_ahead!r} is out of range: give 1m to 1d "
+                "in whole seconds"
+            )
+        home_mod.set_clock_ahead(state.home, int(seconds))
+    loaded = home_mod.load(state.home)
+    ahead = loaded.max_clock_ahead_ms // 1000
+    if as_json:
+        output.emit_json({"name": loaded.name, "max_clock_ahead_s": ahead})
+    else:
+        click.echo(f"name: {output.safe(loaded.name)}")
+        click.echo(f"max clock ahead: {ahead} s (entries further ahead are refused)")
 
 
 _GROUPS = (records, logs, pair, rule, peers, agent, bundle, relay)

@@ -230,7 +230,8 @@ def decode_batch(
             ahead_s = (hlc_mod.wall_ms(entry.hlc) - now_ms) / 1000
             deferred = FutureTimestampError(
                 f"its clock is {ahead_s:.0f} s ahead of ours "
-                f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock"
+                f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock "
+                "(and ours: `p2psync settings --max-clock-ahead` sets the bound here)"
             )
         refusal = flow.judge(entry)
         if refusal is not None:

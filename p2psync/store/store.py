@@ -54,6 +54,8 @@ class Store:
         if not create and not path.exists():
             raise StoreError(f"no store at {path}")
         self.path = path
+        #: how far ahead of now an ingested entry's clock may be (the home's setting)
+        self.max_skew_ms = hlc_mod.DEFAULT_MAX_SKEW_MS
         conn = connect(path)
         try:
             schema.migrate(conn, now_ms)
@@ -489,7 +491,7 @@ class Store:
         self,
         wires: Sequence[bytes],
         now_ms: int,
-        max_skew_ms: int = hlc_mod.DEFAULT_MAX_SKEW_MS,
+        max_skew_ms: int | None = None,
         flow: Flow | None = None,
         peer: bytes | None = None,
     ) -> IngestResult:
@@ -498,8 +500,9 @@ class Store:
         ``peer``: the sender, noted when a copy it was asked for lacks a payload it
         may send)."""
         result = IngestResult()
+        skew = self.max_skew_ms if max_skew_ms is None else max_skew_ms
         with fewer_collections():  # the batch's objects are freed before it ends
-            self._ingest(wires, now_ms, max_skew_ms, flow, result, peer)
+            self._ingest(wires, now_ms, skew, flow, result, peer)
         return result
 
     def _ingest(
