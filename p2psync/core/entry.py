@@ -252,7 +252,10 @@ def decode_wire(data: bytes) -> Entry:
 
 
 def decode_stored(signed: bytes, payloads_blob: bytes) -> Entry:
-    """Decode an entry from the two columns the store keeps."""
+    """Decode an entry from the two columns the store keeps (a damaged row may
+    read back as another SQLite type: a DecodeError, like any other damage)."""
+    if type(signed) is not bytes or type(payloads_blob) is not bytes:
+        raise DecodeError("stored entry columns are not byte strings")
     return _decode(signed, _payload_list(payloads_blob), payloads_blob)
 
 

@@ -15,7 +15,7 @@ Ping, a repeated Caught — costs O(1), however many authors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from p2psync.core.events import Position
 from p2psync.core.flow import Flow
@@ -45,6 +45,7 @@ class Holdings:
         #: entries we hold but cannot send (marked damaged, not mended yet): per
         #: author, ``(first damaged seq, seq held)``; our heads stop before them
         self.held_back: dict[bytes, tuple[int, int]] = {}
+        self._held_digest = b""  # (in the verdict's state: a change is judged anew)
 
     # ------------------------------------------------------------ changes
 
@@ -57,6 +58,15 @@ class Holdings:
     def set_flow(self, flow: Flow) -> None:
         self.flow = flow
         self._stale()
+
+    def set_held_back(self, held_back: Mapping[bytes, tuple[int, int]]) -> None:
+        """What we hold but cannot send changed (our heads may not have: they stop
+        before a damaged entry, however many entries we hold after it)."""
+        if held_back != self.held_back:
+            self.held_back = dict(held_back)
+            self._held_digest = heads_digest(
+                {a: Head(held, b"") for a, (_, held) in sorted(self.held_back.items())}
+            )
 
     def set_local(self, local: Heads) -> None:
         """Our store's heads changed."""
@@ -191,7 +201,7 @@ class Holdings:
     def verdict(self) -> tuple[bool, str] | None:
         """Once quiet, for heads not judged before: ``(True, "")`` in sync, or
         ``(False, why)`` stuck; None when nothing new is to be said."""
-        state = self._local_heads_digest() + self._peer_heads_digest()
+        state = self._local_heads_digest() + self._peer_heads_digest() + self._held_digest
         lacking = self.lacking()
         unsendable = [] if lacking else self.unsendable()
         if lacking or unsendable:
@@ -216,18 +226,20 @@ class Holdings:
             "peer holds were not applied here (see the log)"
         )
 
-    @staticmethod
-    def why_unsendable(unsendable: list[tuple[bytes, int, int]]) -> str:
-        author, damaged, _ = unsendable[0]
+    def why_unsendable(self, unsendable: list[tuple[bytes, int, int]]) -> str:
+        author, damaged, held = unsendable[0]
+        who = short_id(author)
+        theirs = self.peer.get(author)
+        first = max(damaged, (theirs.seq if theirs is not None else 0) + 1)
         more = len(unsendable) - 1
         others = f" (and entries of {more} more author{'s' if more != 1 else ''})" if more else ""
-        # (said to the peer too: worded for both sides; no count, which later
-        # writes of that author would make stale while the session lasts)
+        # (said to the peer too: worded for both sides)
+        lacked = f"entry {first}" if first == held else f"entries {first}-{held}"
         return (
-            f"entry {damaged} of {short_id(author)} is damaged in the sending site's store "
-            f"and the receiving site lacks it: that entry and those of {short_id(author)} "
-            f"after it cannot be sent{others} until a sound copy mends it (see `p2psync "
-            "verify` there)"
+            f"the receiving site lacks {lacked} of {who}{others}, which the sending site "
+            f"holds but cannot send: its copy of entry {damaged} of {who} is damaged, "
+            f"and nothing of {who} after it is sent until a sound copy of it reaches the "
+            "sending site from a peer that may send it there (see `p2psync verify` there)"
         )
 
     @property

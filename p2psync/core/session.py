@@ -125,6 +125,9 @@ class SyncSession:
         self._unacked: list[int] = []
         #: per unacknowledged batch of our log entries, per author (first, last seq)
         self._spans: dict[int, dict[bytes, tuple[int, int]]] = {}
+        #: the peer ended the session (its Bye): with entries of ours unacknowledged,
+        #: it may have found one invalid (see :meth:`unacked_spans`)
+        self.closed_by_peer = False
         self._next_batch_in = 1
         self._receiving: set[int] = set()  # batches handed to the shell, not yet ingested
         self._last_received = now
@@ -284,7 +287,7 @@ class SyncSession:
             raise LocalProtocolError("begin called after we said Have")
         self._pairing_deadline = None
         self._missing = missing
-        self.holdings.held_back = dict(held_back or {})
+        self.holdings.set_held_back(held_back or {})
         self._have = dict(local)
         self._outbox.append(Have(dict(local)))
         return self._opened()
@@ -474,8 +477,11 @@ class SyncSession:
 
     # ------------------------------------------------------------ store events
 
-    def local_changed(self, local: Heads) -> None:
-        """Our store's heads changed (a local write, or another session's ingest);
+    def local_changed(
+        self, local: Heads, held_back: Mapping[bytes, tuple[int, int]] | None = None
+    ) -> None:
+        """Our store's heads changed (a local write, or another session's ingest),
+        and with them, if given, what we hold but cannot send (see :meth:`begin`):
         :meth:`poll_synced` says what follows."""
         before = self.holdings.local
         if self.state is State.OPEN and any(
@@ -485,6 +491,8 @@ class SyncSession:
             # entries marked damaged here (`verify --repair`): the peer believes we
             # hold them; a new session, from our new Have, has them sent again
             self._shrunk = True
+        if held_back is not None:
+            self.holdings.set_held_back(held_back)
         self.holdings.set_local(local)
         self._check_caught()
 
@@ -532,6 +540,7 @@ class SyncSession:
 
     def _on_bye(self, message: Bye) -> list[Event]:
         self.ended_in_sync = self.synced
+        self.closed_by_peer = True
         self.state = State.CLOSED
         self.close_reason = message.reason
         return [SessionClosed(message.reason, by_peer=True, error=False)]

@@ -15,9 +15,11 @@ from p2psync.store.logs import Outgoing
 from p2psync.store.missing import Missing
 from p2psync.store.store import Store
 
-#: Our heads, the ops held without payload to ask for, and the entries held but
-#: not sendable (damaged): per author, ``(first damaged seq, seq held)``.
-Opening = tuple[dict[bytes, Head], list[Missing], dict[bytes, tuple[int, int]]]
+#: Entries held but not sendable (marked damaged): per author, ``(first damaged
+#: seq, seq held)``.
+HeldBack = dict[bytes, tuple[int, int]]
+#: Our heads, the ops held without payload to ask for, and what is held back.
+Opening = tuple[dict[bytes, Head], list[Missing], HeldBack]
 
 
 class ChangeFeed:
@@ -65,17 +67,23 @@ class TrioStore:
 
     async def pending(
         self, flow: Flow, peer: Mapping[bytes, Head], max_entries: int, max_bytes: int
-    ) -> tuple[dict[bytes, Head], list[Outgoing]]:
-        """Our heads, and what a peer holding ``peer`` lacks and may get (by
-        ``flow``), in causal order."""
+    ) -> tuple[dict[bytes, Head], list[Outgoing], HeldBack]:
+        """Our heads, what a peer holding ``peer`` lacks and may get (by ``flow``),
+        in causal order, and what we hold but cannot send (marked damaged)."""
 
-        def work() -> tuple[dict[bytes, Head], list[Outgoing]]:
+        def work() -> tuple[dict[bytes, Head], list[Outgoing], HeldBack]:
             heads = self.store.heads()
             after = flow.lacks(heads, peer)
             batch = self.store.entries_after(after, max_entries, max_bytes) if after else []
-            return heads, batch
+            return heads, batch, self.store.held_back()
 
         return await trio.to_thread.run_sync(work)
+
+    async def local(self) -> tuple[dict[bytes, Head], HeldBack]:
+        """Our heads, and what we hold but cannot send (marked damaged)."""
+        return await trio.to_thread.run_sync(
+            lambda: (self.store.heads(), self.store.held_back())
+        )
 
     async def opening(self, flow: Flow, peer: bytes | None = None) -> Opening:
         """Our heads, the ops we hold without a payload ``flow`` lets ``peer`` send

@@ -221,10 +221,10 @@ class _Run:
             if self.machine.can_send() and (stale or self.machine.wants()):
                 # one trip to the store: our heads now, and what the peer lacks of them
                 self.local_stale = False
-                heads, batch = await self.store.pending(
+                heads, batch, held_back = await self.store.pending(
                     self.machine.flow, dict(self.machine.peer), BATCH_ENTRIES, BATCH_BYTES
                 )
-                self.machine.local_changed(heads)
+                self.machine.local_changed(heads, held_back)
                 if batch and not self.machine.can_send():
                     continue
                 # the peer may have gained some meanwhile: the machine leaves those out
@@ -238,7 +238,7 @@ class _Run:
                 continue
             if stale and self.machine.idle:
                 self.local_stale = False
-                self.machine.local_changed(await self.store.heads())
+                self.machine.local_changed(*await self.store.local())
                 self.handle(self.machine.poll_synced())
                 continue
             await self.sender_wake.wait()
@@ -270,9 +270,9 @@ class _Run:
 
 
 async def _check_sent(store: TrioStore, sent: dict[bytes, tuple[int, int]], who: str) -> None:
-    """The session ended with entries we sent unacknowledged: a peer that found
-    one invalid ends it so (and would at every session). Damage found in them is
-    marked (not served; a peer's copy mends it) and said, once, in the log."""
+    """The peer ended the session with entries we sent unacknowledged: a peer
+    that found one invalid ends it so (and would at every session). Damage found
+    in them is marked (not served; a peer's copy mends it) and said in the log."""
     with trio.CancelScope(shield=True):  # (it may run as the session is cancelled)
         try:
             found = await store.check_sent(sent)
@@ -341,7 +341,7 @@ async def run_session(
             run.stats.bytes_sent, run.stats.bytes_received = secure.bytes_out, secure.bytes_in
         await secure.aclose()
     assert run is not None
-    if not machine.synced and (unacked := machine.unacked_spans()):
+    if machine.closed_by_peer and not machine.synced and (unacked := machine.unacked_spans()):
         await _check_sent(store, unacked, run.who)
     if machine.peer:  # what the peer held at the end: its Have, and all since
         run.stats.peer_heads = dict(machine.peer)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
+from p2psync.core.entry import decode_stored
 from p2psync.core.flow import Flow
 from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
 from p2psync.core.rules import Mode, Rule, Terms
-from p2psync.errors import StoreError
+from p2psync.errors import EntryError, StoreError
 from p2psync.store import joins, local, logs, meta, missing, peers, records, schema
 from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect, data_version
@@ -41,10 +42,6 @@ STORE_FILE = "store.sqlite"
 #: Most ops held without their payload one session asks a peer for (Wants of
 #: :data:`~p2psync.core.messages.MAX_WANT_IDS` each); the rest, at the next.
 MAX_ASKED_PER_SESSION = 100_000
-
-#: A copy rebuilt from this store's own rows was accepted once already: a clock
-#: that has gone back since must not refuse it as from the future.
-_NO_SKEW_LIMIT = 100 * 365 * 24 * 3600 * 1000
 
 
 class Store:
@@ -440,13 +437,27 @@ class Store:
     ) -> list[bytes]:
         """Mend damaged entries ``(author, seq, ID)`` from this store's own rows
         where they still hold them (:func:`~p2psync.store.verify.copy_from_records`):
-        each rebuilt copy is ingested, checked in full like a peer's. The IDs mended."""
-        with self._reader.snapshot() as conn:
-            copies = [copy_from_records(conn, author, seq) for author, seq, _ in found]
-        wires = [copy for copy in copies if copy is not None]
-        if not wires:
-            return []
-        return self.ingest(wires, now_ms, max_skew_ms=_NO_SKEW_LIMIT).mended
+        each rebuilt entry is decoded and checked in full (payload digests, ID,
+        signature) before its stored payloads are replaced; records are not touched
+        (they were made when it was sound). Any author, a frozen one too. The IDs
+        mended."""
+        mended = []
+        with self._db.writing() as conn:
+            for author, seq, _ in found:
+                copy = copy_from_records(conn, author, seq)
+                if copy is None:
+                    continue
+                entry_id, signed, payloads = copy
+                try:
+                    entry = decode_stored(signed, payloads)
+                except EntryError:
+                    continue
+                if entry.id != entry_id or entry.author != author or not entry.signature_valid():
+                    continue
+                conn.execute("UPDATE entries SET payloads = ? WHERE id = ?", (payloads, entry_id))
+                conn.execute("DELETE FROM entries_damaged WHERE entry = ?", (entry_id,))
+                mended.append(entry_id)
+        return mended
 
     def check_sent(self, sent: Mapping[bytes, tuple[int, int]], now_ms: int) -> list[str]:
         """Re-verify entries a session sent that the peer never acknowledged (per

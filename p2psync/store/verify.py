@@ -12,6 +12,7 @@ either makes the report not ``ok``.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from p2psync.core.entry import (
     payload_list,
     stored_prev,
     stored_refs,
-    wire_form,
 )
 from p2psync.core.identity import short_id
 from p2psync.errors import EntryError
@@ -142,9 +142,16 @@ def _confirmed(
         if row is None:
             return False
         next_id, signed, payloads = row
+        if type(signed) is not bytes or type(next_id) is not bytes:
+            return False
+        if entry_id(signed) != next_id:
+            return False  # its signed part is damaged (or its ID): it confirms nothing
         try:
-            if stored_prev(signed) != expected or entry_id(signed) != next_id:
+            if stored_prev(signed) != expected:
                 return False
+        except EntryError:
+            return False
+        try:
             decode_stored(signed, payloads)
         except EntryError:
             expected, seq = next_id, seq + 1  # its payloads damaged too: on to the next
@@ -152,16 +159,17 @@ def _confirmed(
         return True
 
 
-def copy_from_records(conn: sqlite3.Connection, author: bytes, seq: int) -> bytes | None:
-    """A sound wire form of the damaged entry ``seq`` of ``author``, rebuilt from
-    this store's own rows, if they still hold it: the signed part must be sound
-    (it hashes to the stored ID), and every op payload that no longer hashes to its
-    digest must still be a version of its record (``records`` or ``losers`` keep
-    the op payload of every head, byte for byte). An op held without its payload
-    stays without. None when that is not enough: a peer's copy must mend it.
-
-    The copy is then ingested like a peer's (:meth:`Store.ingest`): checked in
-    full, it mends the stored bytes (``Writer.fill``)."""
+def copy_from_records(
+    conn: sqlite3.Connection, author: bytes, seq: int
+) -> tuple[bytes, bytes, bytes] | None:
+    """``(ID, signed, payloads)``: the damaged entry ``seq`` of ``author`` made
+    sound from this store's own rows, if they still hold it: the signed part must
+    be sound (it hashes to the stored ID), and every op payload that no longer
+    hashes to its digest must still be a version of its record (``records`` or
+    ``losers`` keep the op payload of every head, byte for byte). An op held
+    without its payload stays without. None when that is not enough: a peer's
+    copy must mend it. (:meth:`Store.mend_from_records` checks the result in full
+    before it writes it.)"""
     row = conn.execute(
         "SELECT e.id, e.signed, e.payloads FROM entries e JOIN authors a ON a.idx = e.author "
         "WHERE a.key = ? AND e.seq = ?",
@@ -170,16 +178,18 @@ def copy_from_records(conn: sqlite3.Connection, author: bytes, seq: int) -> byte
     if row is None:
         return None
     stored_id, signed, blob = row
+    if type(signed) is not bytes or type(stored_id) is not bytes:
+        return None
     if entry_id(signed) != stored_id:
         return None  # the signed part itself is damaged
     try:
         refs = stored_refs(signed)
     except EntryError:
         return None
-    try:
-        ours: list[object] = list(payload_list(blob))
-    except EntryError:
-        ours = []
+    ours: list[object] = []
+    if type(blob) is bytes:
+        with contextlib.suppress(EntryError):
+            ours = list(payload_list(blob))
     if len(ours) != len(refs):
         ours = [b""] * len(refs)  # none of ours can be told apart: look each up
     withheld = missing.ops_of(conn, stored_id)
@@ -198,7 +208,7 @@ def copy_from_records(conn: sqlite3.Connection, author: bytes, seq: int) -> byte
                 continue
             return None
         payloads.append(found)
-    return wire_form(signed, canonical.encode(payloads))
+    return stored_id, signed, canonical.encode(payloads)
 
 
 def _version_payload(
@@ -212,8 +222,8 @@ def _version_payload(
             (collection, entry),
         )
         for (payload,) in rows:
-            if payload_digest(payload) == digest:
-                return bytes(payload)
+            if type(payload) is bytes and payload_digest(payload) == digest:
+                return payload
     return None
 
 
