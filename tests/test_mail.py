@@ -67,7 +67,8 @@ def write(db: p2psync.Database, count: int, collection: str = "c", start: int = 
 
 
 def deliver(mailer: Mailer, envelopes: list[Outgoing], now: int | None = None) -> list[object]:
-    return [mailer.incoming(e.wire, NOW if now is None else now) for e in envelopes]
+    when = now_ms() if now is None else now  # (not NOW: other modules call it too)
+    return [mailer.incoming(e.wire, when) for e in envelopes]
 
 
 def states(mailer: Mailer, peer: bytes) -> dict[str, int]:
