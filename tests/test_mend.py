@@ -221,3 +221,16 @@ def test_a_peer_that_leaves_batches_unacknowledged_marks_nothing_sound(
         a.put("stock", f"s{i}", i)
     assert a.store.check_sent({key(a): (1, 3), b"\x01" * 32: (1, 9)}, now_ms()) == []
     assert a.store.held_back() == {} and a.store.heads()[key(a)].seq == 3
+
+
+@pytest.mark.pure
+def test_an_id_read_back_as_text_is_named_as_damage(make_db: MakeDb) -> None:
+    """A damaged SQLite record header can make a BLOB read back as TEXT: verify
+    names the entry (it printed the ID with bytes.hex: AttributeError)."""
+    a = make_db("a")
+    a.put("stock", "s", 1)
+    a.put("stock", "t", 2)
+    with sqlite3.connect(a.home.store_path) as conn:
+        conn.execute("UPDATE entries SET id = 'not a blob' WHERE seq = 1")
+    code, text = verify_cli(a, "--repair")
+    assert code == 1 and "entry 1 of" in text and "internal error" not in text, text

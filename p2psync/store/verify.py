@@ -87,7 +87,7 @@ def _verify_author(
         (idx,),
     )
     for seq, stored_id, hlc, signed, payloads in rows:
-        where = f"entry {seq} of {who} ({stored_id.hex()[:16]})"
+        where = f"entry {seq} of {who} ({_short_hex(stored_id)})"
         damage: str | None = None
         try:
             entry = decode_stored(signed, payloads)
@@ -142,9 +142,7 @@ def _confirmed(
         if row is None:
             return False
         next_id, signed, payloads = row
-        if type(signed) is not bytes or type(next_id) is not bytes:
-            return False
-        if entry_id(signed) != next_id:
+        if not _hashes_to(signed, next_id):
             return False  # its signed part is damaged (or its ID): it confirms nothing
         try:
             if stored_prev(signed) != expected:
@@ -157,6 +155,16 @@ def _confirmed(
             expected, seq = next_id, seq + 1  # its payloads damaged too: on to the next
             continue
         return True
+
+
+def _hashes_to(signed: object, stored_id: object) -> bool:
+    """A stored signed part hashes to the stored ID (both read back as bytes)."""
+    return type(signed) is bytes and type(stored_id) is bytes and entry_id(signed) == stored_id
+
+
+def _short_hex(value: object) -> str:
+    """The first 16 hex digits of a stored ID, whatever type it read back as."""
+    return value.hex()[:16] if isinstance(value, bytes) else repr(value)[:16]
 
 
 def copy_from_records(
@@ -178,9 +186,7 @@ def copy_from_records(
     if row is None:
         return None
     stored_id, signed, blob = row
-    if type(signed) is not bytes or type(stored_id) is not bytes:
-        return None
-    if entry_id(signed) != stored_id:
+    if not _hashes_to(signed, stored_id):
         return None  # the signed part itself is damaged
     try:
         refs = stored_refs(signed)
@@ -246,7 +252,7 @@ def damage_in(
         (idx, first, last),
     )
     for seq, stored_id, signed, payloads in rows:
-        where = f"entry {seq} of {short_id(author)} ({stored_id.hex()[:16]})"
+        where = f"entry {seq} of {short_id(author)} ({_short_hex(stored_id)})"
         try:
             entry = decode_stored(signed, payloads)
         except EntryError as exc:
