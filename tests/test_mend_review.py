@@ -41,6 +41,17 @@ def missing_rows(db: p2psync.Database) -> list[tuple[object, ...]]:
         return conn.execute("SELECT entry, op, collection FROM payloads_missing").fetchall()
 
 
+def own_entry_2_unmendable(b: p2psync.Database) -> None:
+    """b writes s0-s2, then s1 again (so entry 2's version is gone from its
+    records), and entry 2 is damaged and marked: no copy of it exists anywhere."""
+    for i in range(3):
+        b.put("stock", f"s{i}", "x" * 50)
+    b.put("stock", "s1", "again")
+    damage(b, 2, "payloads")
+    code, text = verify_cli(b, "--repair")
+    assert code == 1 and "marked" in text, text
+
+
 # ------------------------------------------------------------ the late merge
 
 
@@ -125,12 +136,7 @@ async def test_own_writes_after_an_unmendable_own_entry_do_not_end_in_sync_unsen
     with c says "synced" while c lacks everything b wrote since: the new writes
     never leave this site, and nothing says so."""
     b, c = make_db("b"), make_db("c")
-    for i in range(3):
-        b.put("stock", f"s{i}", "x" * 50)
-    b.put("stock", "s1", "again")  # entry 2's version is gone from b's records
-    damage(b, 2, "payloads")
-    code, text = verify_cli(b, "--repair")
-    assert code == 1 and "marked" in text, text
+    own_entry_2_unmendable(b)
     b.put("stock", "after", "written after the repair")
 
     with trio.fail_after(10):
@@ -228,11 +234,7 @@ async def test_a_live_session_says_what_a_damaged_own_entry_keeps_back(
     reason (what `status`, `peers` and `p2psync sync` through the agent show),
     and a write made meanwhile does not make it in sync either."""
     b, c = make_db("b"), make_db("c")
-    for i in range(3):
-        b.put("stock", f"s{i}", "x" * 50)
-    b.put("stock", "s1", "again")  # entry 2's version is gone from b's records
-    damage(b, 2, "payloads")
-    assert verify_cli(b, "--repair")[0] == 1
+    own_entry_2_unmendable(b)
     sb, sc = await connect(b, c)
     feed_b = ChangeFeed()
     stuck: list[str] = []
