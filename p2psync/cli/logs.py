@@ -219,6 +219,12 @@ def verify(state: State, repair: bool) -> None:
 
 def _recovery(report: VerifyReport, repaired: bool) -> str:
     """How to get a damaged store whole again, after what verify found."""
+    if report.file:
+        return (
+            ". The file itself cannot be mended here: with the agent stopped, restore "
+            "store.sqlite from a backup, or start a new home (`p2psync init --home NEW`) "
+            "and pair it with a peer that holds the data"
+        )
     count = len(report.mendable)
     if not count:
         return (

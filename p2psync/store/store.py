@@ -429,8 +429,18 @@ class Store:
     # ------------------------------------------------------------ checking
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        with self._reader.snapshot() as conn:
-            return verify(conn, progress)
+        with self._reader.reading() as conn:
+            conn.execute("BEGIN")  # one snapshot, as Guard.snapshot, but the end below
+            try:
+                return verify(conn, progress)
+            finally:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.DatabaseError:
+                    # after reading a damaged page SQLite fails the COMMIT of a read
+                    # transaction too (and ends it): the report says what is damaged
+                    if conn.in_transaction:
+                        raise
 
     def mend_from_records(
         self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int

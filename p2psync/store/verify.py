@@ -41,6 +41,8 @@ class VerifyReport:
     #: the author's head): ``(author, seq, ID)``, which a sound copy from a peer mends
     mendable: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     forks: list[str] = field(default_factory=list)  # authors that signed two histories
+    #: damage to the SQLite file itself (pages, indexes), beside any entry's
+    file: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -49,11 +51,20 @@ class VerifyReport:
 
 def verify(conn: sqlite3.Connection, progress: Callable[[int], None] | None = None) -> VerifyReport:
     report = VerifyReport()
-    authors = conn.execute(
-        "SELECT idx, key, head_seq, head_id, frozen FROM authors ORDER BY key"
-    ).fetchall()
+    report.file = file_damage(conn)
+    if report.file:
+        report.problems.append("the store file is damaged (" + "; ".join(report.file) + ")")
+    try:
+        authors = conn.execute(
+            "SELECT idx, key, head_seq, head_id, frozen FROM authors ORDER BY key"
+        ).fetchall()
+    except sqlite3.DatabaseError:
+        return report  # (named above)
     for idx, key, head_seq, head_id, frozen in authors:
-        problem = _verify_author(conn, idx, key, head_seq, head_id, report, progress)
+        try:
+            problem = _verify_author(conn, idx, key, head_seq, head_id, report, progress)
+        except sqlite3.DatabaseError as exc:
+            problem = f"the entries of author {short_id(key)} cannot all be read ({exc})"
         if problem:
             report.problems.append(problem)
         elif head_seq:
@@ -64,8 +75,42 @@ def verify(conn: sqlite3.Connection, progress: Callable[[int], None] | None = No
                     f"author {short_id(key)} forked at seq {seq} (proof kept); "
                     "nothing more is accepted from it"
                 )
-    report.held = int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
+    with contextlib.suppress(sqlite3.DatabaseError):
+        report.held = int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
     return report
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def file_damage(conn: sqlite3.Connection) -> list[str]:
+    """What is wrong with the SQLite file itself, below the entries: SQLite's own
+    check of every page and index (``PRAGMA quick_check``), and, where it finds
+    damage or cannot run, which tables cannot be read whole. Empty when sound."""
+    try:
+        lines = [str(row[0]) for row in conn.execute("PRAGMA quick_check(100)")]
+    except sqlite3.DatabaseError as exc:
+        lines = [f"SQLite cannot check it ({exc})"]
+    if lines == ["ok"]:
+        return []
+    lines = [line for part in lines for line in part.splitlines() if not line.startswith("***")]
+    found = [f"SQLite finds {_plural(len(lines), 'problem')}, first: {lines[0]}"]
+    try:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = [row[0] for row in rows]
+    except sqlite3.DatabaseError as exc:
+        return [*found, f"its list of tables cannot be read ({exc})"]
+    unreadable = []
+    for table in tables:
+        try:
+            for _ in conn.execute(f'SELECT * FROM "{table}"'):
+                pass
+        except sqlite3.DatabaseError:
+            unreadable.append(table)
+    if unreadable:
+        found.append("tables that cannot be read whole: " + ", ".join(unreadable))
+    return found
 
 
 def _verify_author(
