@@ -45,7 +45,6 @@ class Holdings:
         #: entries we hold but cannot send (marked damaged, not mended yet): per
         #: author, ``(first damaged seq, seq held)``; our heads stop before them
         self.held_back: dict[bytes, tuple[int, int]] = {}
-        self._held_digest = b""  # (in the verdict's state: a change is judged anew)
 
     # ------------------------------------------------------------ changes
 
@@ -62,11 +61,7 @@ class Holdings:
     def set_held_back(self, held_back: Mapping[bytes, tuple[int, int]]) -> None:
         """What we hold but cannot send changed (our heads may not have: they stop
         before a damaged entry, however many entries we hold after it)."""
-        if held_back != self.held_back:
-            self.held_back = dict(held_back)
-            self._held_digest = heads_digest(
-                {a: Head(held, b"") for a, (_, held) in sorted(self.held_back.items())}
-            )
+        self.held_back = dict(held_back)
 
     def set_local(self, local: Heads) -> None:
         """Our store's heads changed."""
@@ -201,9 +196,14 @@ class Holdings:
     def verdict(self) -> tuple[bool, str] | None:
         """Once quiet, for heads not judged before: ``(True, "")`` in sync, or
         ``(False, why)`` stuck; None when nothing new is to be said."""
-        state = self._local_heads_digest() + self._peer_heads_digest() + self._held_digest
+        state = self._local_heads_digest() + self._peer_heads_digest()
         lacking = self.lacking()
         unsendable = [] if lacking else self.unsendable()
+        if unsendable:
+            # which authors are held back, and from which damaged entry: more
+            # entries written behind the same damaged one are not a new state (the
+            # reason, read again later, counts them)
+            state += heads_digest({a: Head(damaged, b"") for a, damaged, _ in unsendable})
         if lacking or unsendable:
             # the peer sent all it had for us, so what we lack we refused (or hold,
             # waiting for an entry we refused); or it lacks what we hold but cannot

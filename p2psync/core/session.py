@@ -123,10 +123,11 @@ class SyncSession:
         # entries
         self._next_batch_out = 1
         self._unacked: list[int] = []
-        #: per unacknowledged batch of our log entries, per author (first, last seq)
-        self._spans: dict[int, dict[bytes, tuple[int, int]]] = {}
+        #: per unacknowledged batch, the IDs of the entries it carries (ordinary
+        #: flow and Want answers)
+        self._sent_ids: dict[int, list[bytes]] = {}
         #: the peer ended the session (its Bye): with entries of ours unacknowledged,
-        #: it may have found one invalid (see :meth:`unacked_spans`)
+        #: it may have found one invalid (see :meth:`unacked_ids`)
         self.closed_by_peer = False
         self._next_batch_in = 1
         self._receiving: set[int] = set()  # batches handed to the shell, not yet ingested
@@ -355,22 +356,14 @@ class SyncSession:
                 self.flow.outgoing([s.wire for s in batch]),
                 [(author, seq, eid) for author, (seq, eid) in last.items()],
             )
-            spans: dict[bytes, tuple[int, int]] = {}
-            for s in batch:
-                spans[s.author] = (spans.get(s.author, (s.seq, 0))[0], s.seq)
-            self._spans[self._next_batch_out - 1] = spans
+            self._sent_ids[self._next_batch_out - 1] = [s.id for s in batch]
         return len(batch)
 
-    def unacked_spans(self) -> dict[bytes, tuple[int, int]]:
-        """Per author, the first and last seq of the entries we sent that the
-        peer has not acknowledged (when a session ends so, the shell checks them:
-        a peer that found one invalid closed it)."""
-        merged: dict[bytes, tuple[int, int]] = {}
-        for batch in self._unacked:
-            for author, (first, last) in self._spans.get(batch, {}).items():
-                lo, hi = merged.get(author, (first, last))
-                merged[author] = (min(lo, first), max(hi, last))
-        return merged
+    def unacked_ids(self) -> list[bytes]:
+        """The IDs of the entries we sent that the peer has not acknowledged (when
+        the peer ends the session so, the shell checks them: a peer that found one
+        invalid closed it)."""
+        return [i for batch in self._unacked for i in self._sent_ids.get(batch, ())]
 
     def fork_suspects(self, peer_heads: Heads) -> list[tuple[bytes, int, bytes]]:
         """Where the peer names an entry at a seq we hold too, (author, seq, its
@@ -452,6 +445,7 @@ class SyncSession:
         del self._asked_of_us[: len(ids)]
         if wires:
             self.send_batch(self.flow.outgoing(wires), [])
+            self._sent_ids[self._next_batch_out - 1] = list(ids)  # (and some not held)
             # the peer takes the batch for more to come: our Caught is due again,
             # even for the heads we said it for
             self.holdings.say_caught_again()
@@ -620,7 +614,7 @@ class SyncSession:
     def _on_ack(self, message: Ack) -> list[Event]:
         if not self._unacked or message.batch != self._unacked[0]:
             raise RemoteProtocolError(f"acknowledgement of batch {message.batch} not expected")
-        self._spans.pop(self._unacked.pop(0), None)
+        self._sent_ids.pop(self._unacked.pop(0), None)
         self._check_caught()
         return self._synced_event()
 

@@ -13,7 +13,7 @@ from p2psync.core.messages import Head
 from p2psync.store.ingest import IngestResult
 from p2psync.store.logs import Outgoing
 from p2psync.store.missing import Missing
-from p2psync.store.store import Store
+from p2psync.store.store import SentDamage, Store
 
 #: Entries held but not sendable (marked damaged): per author, ``(first damaged
 #: seq, seq held)``.
@@ -99,8 +99,8 @@ class TrioStore:
 
         return await trio.to_thread.run_sync(work)
 
-    async def check_sent(self, sent: Mapping[bytes, tuple[int, int]]) -> list[str]:
-        return await trio.to_thread.run_sync(self.store.check_sent, dict(sent), now_ms())
+    async def check_sent(self, sent: Sequence[bytes]) -> list[SentDamage]:
+        return await trio.to_thread.run_sync(self.store.check_sent, list(sent), now_ms())
 
     async def entries_by_id(self, ids: Sequence[bytes], max_bytes: int) -> tuple[list[bytes], int]:
         return await trio.to_thread.run_sync(self.store.entries_by_id, ids, max_bytes)

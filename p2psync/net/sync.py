@@ -269,23 +269,23 @@ class _Run:
             self.sender_wake.set()
 
 
-async def _check_sent(store: TrioStore, sent: dict[bytes, tuple[int, int]], who: str) -> None:
+async def _check_sent(store: TrioStore, sent: list[bytes], who: str) -> None:
     """The peer ended the session with entries we sent unacknowledged: a peer
     that found one invalid ends it so (and would at every session). Damage found
-    in them is marked (not served; a peer's copy mends it) and said in the log."""
+    in them is mended from our records where they hold it, else marked (not
+    served; a peer's copy mends it), and said in the log."""
     with trio.CancelScope(shield=True):  # (it may run as the session is cancelled)
         try:
             found = await store.check_sent(sent)
         except StoreError as exc:  # a store problem here must not hide the session's end
             log.warning("could not re-check the entries sent to %s: %s", who, exc)
             return
-    for what in found:
+    for damage in found:
         log.warning(
-            "%s, found after a session with %s ended with it unacknowledged: it is no "
-            "longer sent, and the next sync with a peer that holds it mends it (run "
-            "`p2psync verify` to check the whole store)",
-            what,
+            "%s; found after %s ended the session with it unacknowledged: %s",
+            damage.what,
             who,
+            damage.outcome,
         )
 
 
@@ -341,7 +341,7 @@ async def run_session(
             run.stats.bytes_sent, run.stats.bytes_received = secure.bytes_out, secure.bytes_in
         await secure.aclose()
     assert run is not None
-    if machine.closed_by_peer and not machine.synced and (unacked := machine.unacked_spans()):
+    if machine.closed_by_peer and not machine.synced and (unacked := machine.unacked_ids()):
         await _check_sent(store, unacked, run.who)
     if machine.peer:  # what the peer held at the end: its Have, and all since
         run.stats.peer_heads = dict(machine.peer)

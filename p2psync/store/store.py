@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
@@ -33,15 +34,22 @@ from p2psync.store.ledger import Ledger
 from p2psync.store.local import Change
 from p2psync.store.logs import AuthorState, StoredEntry
 from p2psync.store.peers import PeerState
-from p2psync.store.verify import VerifyReport, copy_from_records, damage_in, verify
+from p2psync.store.verify import VerifyReport, copy_from_records, damage_of, verify
 from p2psync.store.writer import Writer
 
-__all__ = ["STORE_FILE", "AuthorState", "Change", "Store", "StoredEntry"]
+__all__ = ["STORE_FILE", "AuthorState", "Change", "SentDamage", "Store", "StoredEntry"]
 
 STORE_FILE = "store.sqlite"
 #: Most ops held without their payload one session asks a peer for (Wants of
 #: :data:`~p2psync.core.messages.MAX_WANT_IDS` each); the rest, at the next.
 MAX_ASKED_PER_SESSION = 100_000
+
+
+class SentDamage(NamedTuple):
+    """Damage found among entries a session sent (:meth:`Store.check_sent`)."""
+
+    what: str
+    outcome: str  # mended here, marked (a peer's copy mends it), or neither
 
 
 class Store:
@@ -469,19 +477,37 @@ class Store:
                 mended.append(entry_id)
         return mended
 
-    def check_sent(self, sent: Mapping[bytes, tuple[int, int]], now_ms: int) -> list[str]:
-        """Re-verify entries a session sent that the peer never acknowledged (per
-        author, ``(first seq, last seq)``): a peer that finds one invalid ends the
-        session, and would at every session while this store serves it. Damage the
-        chain confirms is marked as `verify --repair` marks it (not served, fetched
-        again); what was found, in words."""
+    def check_sent(self, sent: Sequence[bytes], now_ms: int) -> list[SentDamage]:
+        """Re-verify entries a session sent that the peer never acknowledged (their
+        IDs): a peer that finds one invalid ends the session, and would at every
+        session while this store serves it. Damage the chain confirms is mended
+        from this store's records where they hold it, else marked as `verify
+        --repair` marks it (not served; fetched again from a peer). What was found
+        and done, in words."""
         with self._reader.snapshot() as conn:
-            found = [damage_in(conn, author, *span) for author, span in sent.items()]
-        damaged = [f for f in found if f is not None]
-        marks = [mark for _, mark in damaged if mark is not None]
-        if marks:
-            self.mark_damaged(marks, now_ms)
-        return [what for what, _ in damaged]
+            found = [f for f in (damage_of(conn, entry) for entry in dict.fromkeys(sent)) if f]
+        marks = [mark for _, mark in found if mark is not None]
+        mended = set(self.mend_from_records(marks, now_ms)) if marks else set()
+        rest = [mark for mark in marks if mark[2] not in mended]
+        if rest:
+            self.mark_damaged(rest, now_ms)
+        said = []
+        for what, mark in found:
+            if mark is None:
+                outcome = (
+                    "the chain does not confirm its ID, so no peer's copy can be matched "
+                    "to it and it is still sent; run `p2psync verify` (a backup may be "
+                    "needed)"
+                )
+            elif mark[2] in mended:
+                outcome = "mended from this site's own records"
+            else:
+                outcome = (
+                    "it is no longer sent, and the next sync with a peer that holds it "
+                    "mends it (`p2psync verify` checks the whole store)"
+                )
+            said.append(SentDamage(what, outcome))
+        return said
 
     def mark_damaged(self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int) -> None:
         """Entries ``(author, seq, ID)`` found damaged: until a sound copy mends

@@ -278,35 +278,30 @@ def _version_payload(
     return None
 
 
-def damage_in(
-    conn: sqlite3.Connection, author: bytes, first: int, last: int
+def damage_of(
+    conn: sqlite3.Connection, entry: bytes
 ) -> tuple[str, tuple[bytes, int, bytes] | None] | None:
-    """The first damaged entry of ``author`` from seq ``first`` to ``last`` (what a
-    session sent and the peer never acknowledged): what is wrong, and ``(author,
-    seq, ID)`` when the chain confirms its ID (it can be marked, and mended by a
-    peer's copy); None when those entries are sound."""
-    head = conn.execute(
-        "SELECT idx, head_seq, head_id FROM authors WHERE key = ?", (author,)
+    """Whether the stored entry ``entry`` (one a session sent, that the peer never
+    acknowledged) is damaged: what is wrong, and ``(author, seq, ID)`` when the
+    chain confirms its ID (it can be mended or marked); None when it is sound or
+    not held."""
+    row = conn.execute(
+        "SELECT a.idx, a.key, a.head_seq, a.head_id, e.seq, e.signed, e.payloads "
+        "FROM entries e JOIN authors a ON a.idx = e.author WHERE e.id = ?",
+        (entry,),
     ).fetchone()
-    if head is None:
+    if row is None:
         return None
-    idx, head_seq, head_id = head
-    rows = conn.execute(
-        "SELECT seq, id, signed, payloads FROM entries "
-        "WHERE author = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-        (idx, first, last),
-    )
-    for seq, stored_id, signed, payloads in rows:
-        where = f"entry {seq} of {short_id(author)} ({_short_hex(stored_id)})"
-        try:
-            entry = decode_stored(signed, payloads)
-        except EntryError as exc:
-            damage = f"{where} is damaged: {exc}"
-        else:
-            if entry.id == stored_id and entry.seq == seq and entry.author == author:
-                continue
-            damage = f"{where}: stored ID does not match its signed bytes"
-        if _confirmed(conn, idx, seq, stored_id, head_seq, head_id):
-            return damage, (author, seq, stored_id)
-        return damage, None
-    return None
+    idx, author, head_seq, head_id, seq, signed, payloads = row
+    where = f"entry {seq} of {short_id(author)} ({entry.hex()[:16]})"
+    try:
+        decoded = decode_stored(signed, payloads)
+    except EntryError as exc:
+        damage = f"{where} is damaged: {exc}"
+    else:
+        if decoded.id == entry and decoded.seq == seq and decoded.author == author:
+            return None
+        damage = f"{where}: stored ID does not match its signed bytes"
+    if _confirmed(conn, idx, seq, entry, head_seq, head_id):
+        return damage, (author, seq, entry)
+    return damage, None
