@@ -55,10 +55,12 @@ def resolve(home: str | os.PathLike[str] | None = None) -> Path:
 #: config.json key: how far ahead of this machine's clock an entry's clock may be
 #: (seconds) before it is refused as from the future (DESIGN: configurable)
 CLOCK_AHEAD_KEY = "max_clock_ahead_s"
-#: the range allowed: below a minute, ordinary clock drift gets entries refused;
-#: above a day, a site with a wildly wrong clock stamps entries that every later
-#: write must follow (a write here is ordered after every clock it has seen)
-CLOCK_AHEAD_RANGE_S = (60, 86_400)
+#: the range allowed. Below it an honest site's writes get refused: a clock follows
+#: what it accepts up to hlc.MAX_ADOPT_AHEAD_MS ahead of its wall clock, and
+#: ordinary drift comes on top (twice that limit leaves room). Above a day, a site
+#: with a wildly wrong clock stamps entries that every later write must follow (a
+#: write here is ordered after every clock it has seen).
+CLOCK_AHEAD_RANGE_S = (2 * hlc.MAX_ADOPT_AHEAD_MS // 1000, 86_400)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,17 @@ def init(path: Path, name: str | None = None) -> Home:
 
 def load(path: Path) -> Home:
     """Load an existing home; a missing or uninitialised one is a clear error."""
+    key_path = check_home(path)
+    identity = read_identity(key_path)
+    config = read_config(path)
+    name = config.get("name")
+    display = name if isinstance(name, str) else identity.short_id
+    return Home(path, identity, display, clock_ahead_s(config, path) * 1000)
+
+
+def check_home(path: Path) -> Path:
+    """``path`` is an agent's home (its key file, returned); a relay's home or a
+    folder with no home is a clear HomeError."""
     key_path = path / KEY_FILE
     if (path / RELAY_SETTINGS).exists() and not (path / STORE_FILE).exists():
         raise HomeError(
@@ -147,11 +160,7 @@ def load(path: Path) -> Home:
         raise HomeError(
             f"no p2psync home at {path}; run `p2psync init --home {shlex.quote(str(path))}` first"
         )
-    identity = read_identity(key_path)
-    config = read_config(path)
-    name = config.get("name")
-    display = name if isinstance(name, str) else identity.short_id
-    return Home(path, identity, display, clock_ahead_s(config, path) * 1000)
+    return key_path
 
 
 def clock_ahead_s(config: dict[str, object], path: Path) -> int:
@@ -211,18 +220,21 @@ def write_identity(key_path: Path) -> Identity:
 
 
 def read_config(path: Path) -> dict[str, object]:
-    """The home's settings; a missing or unreadable file means the defaults (the
-    identity and store do not depend on it), with a warning."""
+    """The home's settings; a missing file means the defaults. A file that cannot
+    be read or parsed is an error (it holds the name peers see and the bound on
+    what this site accepts: neither may silently fall back, nor be overwritten)."""
+    file = path / CONFIG_FILE
     try:
-        data = json.loads((path / CONFIG_FILE).read_text())
+        data = json.loads(file.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", path / CONFIG_FILE, exc)
-        return {}
+        raise HomeError(
+            f"{file} cannot be read ({exc}); fix it, or remove it to use the defaults "
+            "(the site's name then shows as its short ID)"
+        ) from exc
     if not isinstance(data, dict):
-        log.warning("ignoring %s: not a JSON object", path / CONFIG_FILE)
-        return {}
+        raise HomeError(f"{file} is not a JSON object; fix it, or remove it to use the defaults")
     return data
 
 

@@ -21,7 +21,8 @@ from p2psync.cli import agent, bundle, logs, output, pair, peers, records, relay
 from p2psync.cli.context import HOME_HELP, State, pass_state
 from p2psync.cli.logformat import configure
 from p2psync.cli.terms import parse_duration
-from p2psync.errors import P2PSyncError, UsageError
+from p2psync.errors import AgentNotRunning, P2PSyncError, UsageError
+from p2psync.net import agentsockets
 
 
 class Group(click.Group):
@@ -103,30 +104,42 @@ def show_id(state: State, as_json: bool) -> None:
     "--max-clock-ahead",
     metavar="DURATION",
     help="Refuse entries whose clock is further ahead of this machine's than this "
-    "(1m to 1d; default 10m). A running agent takes it at its next start.",
+    "(2m to 1d; default 10m). A running agent takes it at its next start.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @pass_state
 def settings(state: State, max_clock_ahead: str | None, as_json: bool) -> None:
     """Show this site's settings, or change one."""
-    if max_clock_ahead is None or not (state.home / home_mod.KEY_FILE).exists():
-        home_mod.load(state.home)  # (not a home: says so; a bad setting can be set again)
     if max_clock_ahead is not None:
         seconds = parse_duration(max_clock_ahead, "--max-clock-ahead")
         low, high = home_mod.CLOCK_AHEAD_RANGE_S
-        if seconds != int(seconds) or not low <= seconds <= high:
+        if not low <= seconds <= high or seconds != int(seconds):
             raise UsageError(
-                f"--max-clock-ahead: {max_clock_ahead!r} is out of range: give 1m to 1d "
-                "in whole seconds"
+                f"--max-clock-ahead: {max_clock_ahead!r} is out of range: give "
+                f"{low // 60}m to {high // 86_400}d in whole seconds"
             )
+        home_mod.check_home(state.home)  # (not the rest of load: a bad value can be set again)
         home_mod.set_clock_ahead(state.home, int(seconds))
     loaded = home_mod.load(state.home)
     ahead = loaded.max_clock_ahead_ms // 1000
+    running = False
+    if max_clock_ahead is not None:
+        try:
+            agentsockets.request(state.home, {"op": "status"}, 3)
+            running = True
+        except (AgentNotRunning, OSError, ValueError):
+            pass
     if as_json:
         output.emit_json({"name": loaded.name, "max_clock_ahead_s": ahead})
     else:
         click.echo(f"name: {output.safe(loaded.name)}")
         click.echo(f"max clock ahead: {ahead} s (entries further ahead are refused)")
+    if running:
+        click.echo(
+            "the running agent goes on with the bound it started with until it restarts "
+            "(stop it and run `p2psync run` again)",
+            err=True,
+        )
 
 
 _GROUPS = (records, logs, pair, rule, peers, agent, bundle, relay)

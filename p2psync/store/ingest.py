@@ -229,9 +229,9 @@ def decode_batch(
         if entry.hlc > limit:
             ahead_s = (hlc_mod.wall_ms(entry.hlc) - now_ms) / 1000
             deferred = FutureTimestampError(
-                f"its clock is {ahead_s:.0f} s ahead of ours "
-                f"(at most {max_skew_ms // 1000} s allowed); check the sender's clock "
-                "(and ours: `p2psync settings --max-clock-ahead` sets the bound here)"
+                f"its clock is {ahead_s:.0f} s ahead of the receiving site's (at most "
+                f"{max_skew_ms // 1000} s allowed there, by its `p2psync settings "
+                "--max-clock-ahead`); check the sending site's clock"
             )
         refusal = flow.judge(entry)
         if refusal is not None:
