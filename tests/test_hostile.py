@@ -38,7 +38,7 @@ from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream, secure
 from p2psync.store import rules as store_rules
 from tests.test_pairing import key, session, state_of
-from tests.test_sync import Hostile, connect, fill
+from tests.test_sync import Hostile, connect, fill, store_calls_inline
 
 pytestmark = pytest.mark.trio_memory
 
@@ -200,8 +200,10 @@ async def test_more_open_proposals_than_allowed_are_refused(make_db: MakeDb) -> 
 
 
 @pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time, jumping ahead whenever every task has waited 20 real ms."""
+def clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
+    """Virtual time, jumping ahead whenever every task has waited 20 real ms (store
+    calls run inline: :func:`tests.test_sync.store_calls_inline`)."""
+    store_calls_inline(monkeypatch)
     return trio.testing.MockClock(autojump_threshold=0.02)
 
 

@@ -8,6 +8,7 @@ import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -31,6 +32,7 @@ from tests.helpers import Author
 pytestmark = pytest.mark.trio_memory
 
 MakeDb = Callable[[str], p2psync.Database]
+T = TypeVar("T")
 
 
 def fill(db: p2psync.Database, count: int, collection: str = "c") -> None:
@@ -342,10 +344,25 @@ async def test_garbage_after_the_handshake_closes(make_db: MakeDb) -> None:
     assert stats.error and "authentication" in stats.reason
 
 
+def store_calls_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run what the sessions hand to threads (store calls) inline, for virtual time:
+    a task waiting on a thread counts as blocked, so an autojump clock jumps to the
+    next deadline while a store call runs in its thread. On a loaded machine a call
+    often takes over 20 real ms, and the next deadline may be a test's own (120 s:
+    a TooSlowError) or the 5 s pairing deadline (the session ends "not paired"):
+    each failed about 1 run in 20."""
+
+    async def inline(work: Callable[..., T], *args: object, **_: object) -> T:
+        return work(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+
 @pytest.fixture
-def clock() -> trio.testing.MockClock:
+def clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
     """Virtual time: jumps ahead whenever every task has waited 20 real ms (store
-    calls in threads finish well within that)."""
+    calls run inline: :func:`store_calls_inline`)."""
+    store_calls_inline(monkeypatch)
     return trio.testing.MockClock(autojump_threshold=0.02)
 
 
