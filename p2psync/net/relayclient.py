@@ -187,6 +187,9 @@ class RelayClient:
     async def _request(self, make: Callable[[int], wire.Request | wire.Connect]) -> wire.Message:
         self._check()
         async with self._send_lock:  # rid order = send order = answer order
+            # (again: the session may have ended while we waited for the lock, and
+            # a slot added after _fail emptied them would never be answered)
+            self._check()
             rid = self._next_rid
             self._next_rid += 1
             slot = _Slot(rid)
