@@ -4,14 +4,17 @@ what a newcomer is told. Each test fails on the code under review."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+from click.testing import CliRunner
 
 import p2psync
+from p2psync.cli.main import cli
 from p2psync.clock import now_ms
 from p2psync.core.entry import withhold
 from p2psync.core.flow import Flow
@@ -262,3 +265,18 @@ async def test_a_live_session_says_what_a_damaged_own_entry_keeps_back(
         assert not machine.synced
         assert machine.stuck_reason is not None and "entries 2-5" in machine.stuck_reason
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.pure
+def test_status_says_which_entries_a_damaged_one_keeps_back(make_db: MakeDb) -> None:
+    """`p2psync status` (what a clerk reads first) names the damaged entry that
+    keeps this site's later entries from every peer, text and JSON alike."""
+    b = make_db("b")
+    own_entry_2_unmendable(b)
+    b.put("stock", "after", 1)
+    result = CliRunner().invoke(cli, ["status", "--home", str(b.path)])
+    assert result.exit_code == 0, result.output
+    assert "entry 2 of" in result.output and "entries 2-5 of" in result.output, result.output
+    result = CliRunner().invoke(cli, ["status", "--json", "--home", str(b.path)])
+    damaged = json.loads(result.output)["store"]["damaged"]
+    assert damaged == [{"author": b.identity.short_id, "seq": 2, "held_to": 5}], damaged

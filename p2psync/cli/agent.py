@@ -271,13 +271,19 @@ def status(state: State, as_json: bool) -> None:
             "conflicts": len(db.conflicts()),
             "held": db.store.held_count(),
         }
+        # entries marked damaged (verify --repair, or found by a peer) that no sound
+        # copy has mended yet: per author, the first damaged and the last held
+        damaged = [
+            {"author": short_id(author), "seq": first, "held_to": last}
+            for author, (first, last) in sorted(db.store.held_back().items())
+        ]
         rows = [row for row in peer_rows(db, running) if row["state"] != "discovered (not paired)"]
         me = {"device_id": db.device_id, "name": db.home.name}
-    document = {
+    document: dict[str, Any] = {
         **me,
         "running": running is not None,
         "agent": running,
-        "store": store,
+        "store": {**store, "damaged": damaged},
         "peers": rows,
     }
     if as_json:
@@ -295,6 +301,12 @@ def status(state: State, as_json: bool) -> None:
         f"{output.plural(store['authors'], 'author')}, "
         f"{output.plural(store['conflicts'], 'conflict')}, {store['held']} held"
     )
+    for hurt in damaged:
+        click.echo(
+            f"store: entry {hurt['seq']} of {hurt['author']} is damaged here and waits for a "
+            f"sound copy from a peer; until then entries {hurt['seq']}-{hurt['held_to']} of "
+            f"{hurt['author']} are not sent (`p2psync verify`)"
+        )
     connections = {
         c["device_id"]: c
         for c in (running or {}).get("connections", [])
