@@ -5,9 +5,11 @@ It tracks our heads, the peer's (its ``Have``, plus every entry sent to it or
 received from it, so nothing the peer has is sent again), what the peer knows
 we hold, and the ``Caught`` digests both ways. The pair is **in sync** when both
 sides have said ``Caught`` for what the other knows they hold, nothing is in
-flight, and we lack nothing the peer may send us; **stuck** when all that will
-flow has flowed yet we lack some of it (we refused or hold entries, for a
-reason that is not the peer's fault, kept in :attr:`Holdings.refusals`).
+flight, we lack nothing the peer may send us, and the peer lacks nothing we hold
+for it; **stuck** when all that will flow has flowed yet we lack some of it (we
+refused or hold entries, for a reason that is not the peer's fault, kept in
+:attr:`Holdings.refusals`), or the peer lacks entries we hold but cannot send
+(marked damaged here: :attr:`Holdings.held_back`).
 
 Everything derived is cached, so a peer's message that changes nothing — a
 Ping, a repeated Caught — costs O(1), however many authors.
