@@ -355,8 +355,8 @@ class SyncSession:
             self.send_batch(
                 self.flow.outgoing([s.wire for s in batch]),
                 [(author, seq, eid) for author, (seq, eid) in last.items()],
+                [s.id for s in batch],
             )
-            self._sent_ids[self._next_batch_out - 1] = [s.id for s in batch]
         return len(batch)
 
     def unacked_ids(self) -> list[bytes]:
@@ -384,14 +384,19 @@ class SyncSession:
         self.send_batch(self.flow.outgoing([wire]), [])
         return True
 
-    def send_batch(self, wires: list[bytes], positions: Iterable[Position]) -> None:
+    def send_batch(
+        self, wires: list[bytes], positions: Iterable[Position], ids: Sequence[bytes] = ()
+    ) -> None:
         """Queue an Entries message of ready wire forms; ``positions`` say which
-        entries it carries."""
+        entries it carries (the last of each author), ``ids`` all of them (kept
+        until acknowledged: :meth:`unacked_ids`)."""
         if not self.can_send():
             raise LocalProtocolError("entries to send while the window is full or closed")
         batch = self._next_batch_out
         self._next_batch_out += 1
         self._unacked.append(batch)
+        if ids:
+            self._sent_ids[batch] = list(ids)
         self._outbox.append(Entries(batch, wires))
         self.holdings.peer_has(positions)
 
@@ -444,8 +449,7 @@ class SyncSession:
             raise LocalProtocolError("asked-for entries sent out of order")
         del self._asked_of_us[: len(ids)]
         if wires:
-            self.send_batch(self.flow.outgoing(wires), [])
-            self._sent_ids[self._next_batch_out - 1] = list(ids)  # (and some not held)
+            self.send_batch(self.flow.outgoing(wires), [], ids)  # (some perhaps not held)
             # the peer takes the batch for more to come: our Caught is due again,
             # even for the heads we said it for
             self.holdings.say_caught_again()

@@ -72,18 +72,16 @@ class TrioStore:
         in causal order, and what we hold but cannot send (marked damaged)."""
 
         def work() -> tuple[dict[bytes, Head], list[Outgoing], HeldBack]:
-            heads = self.store.heads()
+            heads, held_back = self.store.local_state()
             after = flow.lacks(heads, peer)
             batch = self.store.entries_after(after, max_entries, max_bytes) if after else []
-            return heads, batch, self.store.held_back()
+            return heads, batch, held_back
 
         return await trio.to_thread.run_sync(work)
 
     async def local(self) -> tuple[dict[bytes, Head], HeldBack]:
         """Our heads, and what we hold but cannot send (marked damaged)."""
-        return await trio.to_thread.run_sync(
-            lambda: (self.store.heads(), self.store.held_back())
-        )
+        return await trio.to_thread.run_sync(self.store.local_state)
 
     async def opening(self, flow: Flow, peer: bytes | None = None) -> Opening:
         """Our heads, the ops we hold without a payload ``flow`` lets ``peer`` send
@@ -91,8 +89,7 @@ class TrioStore:
         damaged): what :meth:`SyncSession.begin` takes."""
 
         def work() -> Opening:
-            heads = self.store.heads()
-            held_back = self.store.held_back()
+            heads, held_back = self.store.local_state()
             if not flow.receiving:
                 return heads, [], held_back
             return heads, self.store.payloads_missing(flow.may_receive, peer, now_ms()), held_back

@@ -115,7 +115,13 @@ class Guard:
             try:
                 yield conn
             finally:
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.DatabaseError:
+                    # after reading a damaged page SQLite fails the COMMIT of a read
+                    # transaction too, and ends it: what was read says what is damaged
+                    if conn.in_transaction:
+                        raise
 
     @contextlib.contextmanager
     def writing(self, *, visible_first: bool = False) -> Iterator[sqlite3.Connection]:

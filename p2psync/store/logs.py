@@ -53,14 +53,26 @@ def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
     """What this store holds of every author: applied head and frozen flag; of an
     author with an entry found damaged, only up to the one before it (a peer then
     sends the rest again, and the damaged one mends: ``entries_damaged``)."""
+    return local_state(conn)[0]
+
+
+def local_state(
+    conn: sqlite3.Connection,
+) -> tuple[dict[bytes, Head], dict[bytes, tuple[int, int]]]:
+    """:func:`heads`, and per author with an entry marked damaged ``(first damaged
+    seq, seq held)``: from the damaged entry on, this store holds entries it
+    cannot send (the session says so rather than "in sync" with a peer that
+    lacks them)."""
     rows = conn.execute(
         "SELECT key, head_seq, head_id, frozen FROM authors WHERE head_seq > 0"
     ).fetchall()
     held = {key: Head(seq, head, bool(frozen)) for key, seq, head, frozen in rows}
+    held_back = {}
     for author, seq in damaged(conn).items():
         head = held.get(author)
         if head is None or seq > head.seq:
             continue
+        held_back[author] = (seq, head.seq)
         before = conn.execute(
             "SELECT e.id FROM entries e JOIN authors a ON a.idx = e.author "
             "WHERE a.key = ? AND e.seq = ?",
@@ -70,22 +82,7 @@ def heads(conn: sqlite3.Connection) -> dict[bytes, Head]:
             del held[author]  # (seq 1: nothing of it to show)
         else:
             held[author] = Head(seq - 1, before[0], head.frozen)
-    return held
-
-
-def held_back(conn: sqlite3.Connection) -> dict[bytes, tuple[int, int]]:
-    """Per author with an entry marked damaged: ``(first damaged seq, seq held)``.
-    From the damaged entry on, this store holds entries it cannot send (the
-    session says so rather than "in sync" with a peer that lacks them)."""
-    stops = damaged(conn)
-    if not stops:
-        return {}
-    found = {}
-    for author, seq in stops.items():
-        row = conn.execute("SELECT head_seq FROM authors WHERE key = ?", (author,)).fetchone()
-        if row is not None and row[0] >= seq:
-            found[author] = (seq, int(row[0]))
-    return found
+    return held, held_back
 
 
 def damaged(conn: sqlite3.Connection) -> dict[bytes, int]:

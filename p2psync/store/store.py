@@ -181,9 +181,13 @@ class Store:
 
     def held_back(self) -> dict[bytes, tuple[int, int]]:
         """Per author with an entry marked damaged: ``(first damaged seq, seq
-        held)`` (see :func:`logs.held_back`)."""
+        held)`` (see :func:`logs.local_state`)."""
+        return self.local_state()[1]
+
+    def local_state(self) -> tuple[dict[bytes, Head], dict[bytes, tuple[int, int]]]:
+        """:meth:`heads` and :meth:`held_back`, read together."""
         with self._reader.reading() as conn:
-            return logs.held_back(conn)
+            return logs.local_state(conn)
 
     def entries_after(
         self, after: Mapping[bytes, int], max_entries: int, max_bytes: int
@@ -437,18 +441,8 @@ class Store:
     # ------------------------------------------------------------ checking
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        with self._reader.reading() as conn:
-            conn.execute("BEGIN")  # one snapshot, as Guard.snapshot, but the end below
-            try:
-                return verify(conn, progress)
-            finally:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.DatabaseError:
-                    # after reading a damaged page SQLite fails the COMMIT of a read
-                    # transaction too (and ends it): the report says what is damaged
-                    if conn.in_transaction:
-                        raise
+        with self._reader.snapshot() as conn:
+            return verify(conn, progress)
 
     def mend_from_records(
         self, found: Sequence[tuple[bytes, int, bytes]], now_ms: int
