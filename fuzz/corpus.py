@@ -272,8 +272,12 @@ def _envelope() -> list[bytes]:
 def _bundle() -> list[bytes]:
     data, intro, _ = _payloads()
     file = bundle.encode_file(_envelopes())
+    asks = bundle.encode_bundle(
+        bundle.Bundle(_heads(), _h("r", 16), wants=tuple(sorted((_h("w1"), _h("w2")))))
+    )
     return [
         bytes([0]) + data,
+        bytes([0]) + asks,
         bytes([1]) + intro,
         bytes([2]) + file,
         bytes([2]) + bundle.encode_file([]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,3 +59,13 @@ def flip_bit(data: bytes, bit: int) -> bytes:
     out = bytearray(data)
     out[bit // 8] ^= 1 << (bit % 8)
     return bytes(out)
+
+
+def undo_from_16(conn: sqlite3.Connection) -> None:
+    """Take a store back to schema version 15: drop what versions 16 (the ops held
+    without payload, damaged entries) and 17 (asks through the mailbox) added."""
+    for table in ("payloads_missing", "missing_superseded", "missing_lacked", "entries_damaged"):
+        conn.execute(f"DROP TABLE {table}")  # version 16
+    conn.execute("DROP TABLE mail_wanted")  # version 17
+    conn.execute("DROP TABLE mail_asked")  # version 17
+    conn.execute("DELETE FROM schema_migrations WHERE version >= 16")

@@ -36,6 +36,8 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
         for table in ("payloads_missing", "missing_superseded", "missing_lacked"):
             conn.execute(f"DROP TABLE {table}")  # version 16
         conn.execute("DROP TABLE entries_damaged")  # version 16
+        conn.execute("DROP TABLE mail_wanted")  # version 17
+        conn.execute("DROP TABLE mail_asked")  # version 17
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
@@ -83,7 +85,7 @@ def test_a_development_store_at_version_5_opens(make_db: MakeDb, tmp_path: Path)
         conn.execute("ALTER TABLE invites DROP COLUMN relay")  # version 13
         for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins", "join_refusals"):
             conn.execute(f"DROP TABLE {table}")  # versions 10, 12, 13
-        undo_14_16(conn)
+        undo_14_on(conn)
         conn.execute("DELETE FROM schema_migrations WHERE version >= 6")
     reopened = p2psync.open(tmp_path / "a")
     try:
@@ -111,7 +113,7 @@ def test_a_version_6_store_gains_the_clock_index_and_withdrawable_invites(
         conn.execute("ALTER TABLE invites DROP COLUMN relay")  # version 13
         for table in ("mail_out", "mail_pairs", "mail_due", "relay_joins", "join_refusals"):
             conn.execute(f"DROP TABLE {table}")  # versions 10, 12, 13
-        undo_14_16(conn)
+        undo_14_on(conn)
         conn.execute("DELETE FROM schema_migrations WHERE version >= 7")
         # version 7 kept the invite code a site was joining; version 8 forgets it
         conn.execute("INSERT INTO meta (key, value) VALUES ('join:ab', x'00')")
@@ -152,7 +154,7 @@ def test_a_version_12_store_keeps_its_joins_and_gains_refusals(
             "expires INTEGER NOT NULL, created INTEGER NOT NULL) WITHOUT ROWID"
         )
         conn.execute("INSERT INTO relay_joins VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-        undo_14_16(conn)
+        undo_14_on(conn)
         conn.execute("DELETE FROM schema_migrations WHERE version >= 13")
     reopened = p2psync.open(tmp_path / "a")
     try:
@@ -165,9 +167,12 @@ def test_a_version_12_store_keeps_its_joins_and_gains_refusals(
         reopened.close()
 
 
-def undo_14_16(conn: sqlite3.Connection) -> None:
+def undo_14_on(conn: sqlite3.Connection) -> None:
     """Take ``rule_objects`` back to before version 14 (its size, its indexes), and
-    drop what version 16 added (the ops held without payload)."""
+    drop what versions 16 and 17 added (the ops held without payload, the asks
+    through the mailbox)."""
+    conn.execute("DROP TABLE mail_wanted")  # version 17
+    conn.execute("DROP TABLE mail_asked")  # version 17
     conn.execute("DROP TABLE payloads_missing")  # version 16
     conn.execute("DROP TABLE missing_superseded")  # version 16
     conn.execute("DROP TABLE missing_lacked")  # version 16

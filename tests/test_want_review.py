@@ -15,7 +15,7 @@ from p2psync.cli.peers import describe_incomplete
 from p2psync.clock import now_ms
 from p2psync.core.entry import withhold
 from p2psync.core.rules import Terms
-from tests.helpers import Author, flip_bit
+from tests.helpers import Author, flip_bit, undo_from_16
 from tests.test_pairing import session
 from tests.test_sync import sync_pair
 from tests.test_widen import NARROW, agree, forked, live_author, only_stock
@@ -165,11 +165,7 @@ def test_the_migration_keys_missing_ops_by_the_stored_entry_id(make_db: MakeDb) 
     with sqlite3.connect(path) as conn:
         (signed,) = conn.execute("SELECT signed FROM entries").fetchone()
         conn.execute("UPDATE entries SET signed = ?", (flip_bit(signed, len(signed) * 8 - 1),))
-        conn.execute("DROP TABLE payloads_missing")
-        conn.execute("DROP TABLE missing_superseded")
-        conn.execute("DROP TABLE missing_lacked")
-        conn.execute("DROP TABLE entries_damaged")
-        conn.execute("DELETE FROM schema_migrations WHERE version >= 16")
+        undo_from_16(conn)
     again = p2psync.open(path.parent)
     try:
         conn = sqlite3.connect(path)

@@ -27,7 +27,7 @@ from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.sync import run_session
 from p2psync.net.transport import SecureStream
 from p2psync.store.missing import Missing
-from tests.helpers import Author, flip_bit
+from tests.helpers import Author, flip_bit, undo_from_16
 from tests.test_pairing import key, session
 from tests.test_sync import connect, sync_pair
 
@@ -179,11 +179,7 @@ def test_a_store_from_before_version_16_knows_what_it_lacks(make_db: MakeDb) -> 
     path = b.home.store_path
     b.close()
     with sqlite3.connect(path) as conn:
-        conn.execute("DROP TABLE payloads_missing")
-        conn.execute("DROP TABLE missing_superseded")
-        conn.execute("DROP TABLE missing_lacked")
-        conn.execute("DROP TABLE entries_damaged")
-        conn.execute("DELETE FROM schema_migrations WHERE version >= 16")
+        undo_from_16(conn)
     again = p2psync.open(path.parent)
     try:
         assert holdings(again) == expected

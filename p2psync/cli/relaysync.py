@@ -130,11 +130,18 @@ def _outcome(
             f"{output.count(row.entries_out, 'entry', 'entries')} at relay {relay} "
             f"until {output.short_time(row.until_ms)}"
         )
-    elif row.deposited > row.introduced:
-        receipts = row.deposited - row.introduced
+    elif row.deposited > row.introduced + row.asking:
+        receipts = row.deposited - row.introduced - row.asking
         parts.append(f"{output.plural(receipts, 'receipt')} left at relay {relay}")
+    if row.asked:
+        parts.append(
+            f"asked again for {output.count(row.asked, 'entry', 'entries')} "
+            "held here without payloads it may send"
+        )
     if row.entries_in or row.received:
         parts.append(f"{output.count(row.entries_in, 'entry', 'entries')} received")
+    if row.filled:
+        parts.append(f"payloads of {output.count(row.filled, 'entry', 'entries')} arrived")
     if row.acknowledged:
         parts.append(f"{output.plural(row.acknowledged, 'envelope')} of ours acknowledged")
     if not parts and not row.refused:

@@ -8,7 +8,14 @@ recipient lacks and may see, in causal order. Full description in
 
     bundle = CBOR {0: 1, 1: heads, 2: rules digest (bstr 16), 3: [rule object, ...],
                    4: [entry, ...]}
+           | CBOR {0: 2, 1: heads, 2: ..., 3: ..., 4: ..., 5: [entry ID (32), ...]}
     heads  = [[author (32), seq, head (32), frozen (bool)], ...]   ascending by author
+
+Version 2 adds ``wants`` (key 5, 1 to :data:`MAX_WANT_IDS` entry IDs, ascending):
+entries the sender holds without a payload that it asks the recipient to send
+again, as a live session's ``Want`` does. It is sent only in a bundle of its own
+(no entries, no rule objects), so that a peer too old to read it refuses that
+bundle alone and loses nothing.
 
 Entries are wire forms as a sync message ``Entries`` carries them (payloads of
 collections the rules do not let go withheld); rule objects are signed rule
@@ -45,6 +52,7 @@ from p2psync.core.messages import (
     DIGEST_BYTES,
     MAX_REASON_CHARS,
     MAX_RULE_OBJECTS,
+    MAX_WANT_IDS,
     Head,
     heads_of_rows,
 )
@@ -52,6 +60,9 @@ from p2psync.core.rules import MAX_RULE_BYTES
 from p2psync.errors import BundleError, DecodeError, UsageError
 
 VERSION = 1
+#: The bundle version that carries ``wants`` (key 5).
+WANTS_VERSION = 2
+ENTRY_ID_BYTES = 32
 #: Largest bundle: the largest data payload.
 MAX_BUNDLE_BYTES = MAX_PAYLOAD_BY_CLASS[EnvelopeClass.DATA]
 #: Most entries one bundle carries (the smallest entry is over 128 bytes: the size
@@ -61,6 +72,9 @@ _MAX_INT = (1 << 63) - 1
 
 FILE_MAGIC = b"p2psync bundle file\n"
 FILE_VERSION = 1
+#: The bundle version that carries ``wants`` (key 5).
+WANTS_VERSION = 2
+ENTRY_ID_BYTES = 32
 #: Most envelopes one bundle file holds, and its largest size.
 MAX_FILE_ENVELOPES = 65_536
 MAX_FILE_BYTES = 1 << 32
@@ -74,6 +88,8 @@ class Bundle:
     rules_digest: bytes
     rule_objects: tuple[bytes, ...] = ()
     entries: tuple[bytes, ...] = field(default=(), repr=False)
+    #: entry IDs the sender asks the recipient to send again (version 2)
+    wants: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def encode_bundle(bundle: Bundle) -> bytes:
@@ -90,13 +106,16 @@ def encode_bundle(bundle: Bundle) -> bytes:
 
 
 def _body(bundle: Bundle, entries: Sequence[bytes]) -> dict[int, Any]:
-    return {
-        0: VERSION,
+    body: dict[int, Any] = {
+        0: WANTS_VERSION if bundle.wants else VERSION,
         1: [[a, h.seq, h.head, h.frozen] for a, h in sorted(bundle.heads.items())],
         2: bundle.rules_digest,
         3: list(bundle.rule_objects),
         4: list(entries),
     }
+    if bundle.wants:
+        body[5] = list(bundle.wants)
+    return body
 
 
 def base_size(bundle: Bundle) -> int:
@@ -127,20 +146,37 @@ def decode_bundle(payload: bytes) -> Bundle:
 
 
 def _fields(body: object) -> Bundle:
-    if (
-        type(body) is not dict
-        or not all(type(key) is int for key in body)
-        or set(body) != set(range(5))
-    ):
-        raise BundleError("a bundle is a map with the keys 0-4")
-    if type(body[0]) is not int or body[0] != VERSION:
-        raise BundleError(f"unknown bundle version {body[0]!r}")
+    if type(body) is not dict or not all(type(key) is int for key in body) or 0 not in body:
+        raise BundleError("a bundle is a map with the keys 0-4 (version 2: 0-5)")
+    version = body[0]
+    if type(version) is not int or version not in (VERSION, WANTS_VERSION):
+        raise BundleError(f"unknown bundle version {version!r}")
+    keys = 5 if version == VERSION else 6
+    if set(body) != set(range(keys)):
+        raise BundleError(f"a version {version} bundle is a map with the keys 0-{keys - 1}")
     digest = body[2]
     if type(digest) is not bytes or len(digest) != DIGEST_BYTES:
         raise BundleError(f"a bundle's rules digest is {DIGEST_BYTES} bytes")
     objects = _strings(body[3], MAX_RULE_OBJECTS, MAX_RULE_BYTES, "rule objects")
     entries = _strings(body[4], MAX_BUNDLE_ENTRIES, MAX_ENTRY_BYTES, "entries")
-    return Bundle(_heads(body[1]), digest, objects, entries)
+    wants = _wants(body[5]) if version == WANTS_VERSION else ()
+    if wants and (objects or entries):
+        raise BundleError("a bundle with wants carries no entries and no rule objects")
+    return Bundle(_heads(body[1]), digest, objects, entries, wants)
+
+
+def _wants(value: object) -> tuple[bytes, ...]:
+    if type(value) is not list or not 0 < len(value) <= MAX_WANT_IDS:
+        raise BundleError(f"a bundle's wants name 1-{MAX_WANT_IDS} entries")
+    previous = b""
+    for entry in value:
+        if type(entry) is not bytes or len(entry) != ENTRY_ID_BYTES or entry <= previous:
+            raise BundleError(
+                f"a bundle's wants are entry IDs ({ENTRY_ID_BYTES} bytes), ascending, "
+                "without repeats"
+            )
+        previous = entry
+    return tuple(value)
 
 
 def _strings(value: object, count: int, size: int, what: str) -> tuple[bytes, ...]:

@@ -61,11 +61,15 @@ class PeerReport:
     introduced: int = 0  # of which introductions (our pairing request or answer)
     requests: int = 0  # introductions received (pairing requests, answers to ours)
     entries_out: int = 0
+    #: envelopes asking for payloads again, and the entries they name
+    asking: int = 0
+    asked: int = 0
     bytes_out: int = 0
     until_ms: int = 0  # the latest "stored until" among them
     refused: list[str] = field(default_factory=list)  # why the relay refused some
     received: int = 0  # data envelopes applied
     entries_in: int = 0
+    filled: int = 0  # entries held without payloads whose payloads arrived
     acknowledged: int = 0  # our envelopes acknowledged by a signed receipt
     problems: list[str] = field(default_factory=list)
 
@@ -229,6 +233,7 @@ def _count(report: ExchangeReport, outcome: Incoming) -> None:
     if outcome.cls is EnvelopeClass.DATA:
         peer.received += 1
         peer.entries_in += outcome.applied
+        peer.filled += outcome.filled
     elif outcome.cls is EnvelopeClass.RECEIPT:
         peer.acknowledged += outcome.acknowledged
     elif outcome.cls is EnvelopeClass.INTRODUCTION and outcome.reason is None:
@@ -276,6 +281,8 @@ async def deliver(client: RelayClient, mailer: Mailer, peer: bytes, report: Exch
                 row.deposited += 1
                 row.introduced += out.cls is EnvelopeClass.INTRODUCTION
                 row.entries_out += out.entries
+                row.asking += out.asks > 0
+                row.asked += out.asks
                 row.bytes_out += len(out.wire)
                 row.until_ms = max(row.until_ms, until_ms)
             else:

@@ -66,6 +66,10 @@ class Incoming:
     held: int = 0
     refused: int = 0
     duplicates: int = 0
+    #: data: entries held already of which payloads we lacked arrived (asked for
+    #: again), and entries the sender asked us to send again (a bundle's wants)
+    filled: int = 0
+    wanted: int = 0
     rules_added: int = 0
     #: receipt: our envelopes it acknowledged, and refused
     acknowledged: int = 0
@@ -184,6 +188,8 @@ def _data(
     if flow.receiving:
         db.store.note_peer_heads(sender, bundle.heads)
     reason = f"invalid entry: {hostile[0].describe()}" if hostile else None
+    # asks are answered only while a rule lets us send it something
+    wants = bundle.wants if flow.sending else ()
     fresh = ledger.receive(
         sender,
         seq,
@@ -192,9 +198,18 @@ def _data(
         reason=reason,
         heads=bundle.heads,
         rules=bundle.rules_digest,
+        wants=wants,
     )
     if result is None:
-        return Incoming(cls, sender, seq, duplicate=not fresh, rules_added=added, reason=reason)
+        return Incoming(
+            cls,
+            sender,
+            seq,
+            duplicate=not fresh,
+            rules_added=added,
+            reason=reason,
+            wanted=len(wants),
+        )
     return Incoming(
         cls,
         sender,
@@ -204,6 +219,7 @@ def _data(
         held=len(result.held),
         refused=len(result.rejected),
         duplicates=result.duplicates,
+        filled=len(result.filled),
         rules_added=added,
         reason=reason,
     )

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from p2psync.core.bundle import (
+    ENTRY_ID_BYTES,
     MAX_BUNDLE_ENTRIES,
     Bundle,
     Introduction,
@@ -44,7 +45,7 @@ from p2psync.core.envelope import (
     seal_envelope,
 )
 from p2psync.core.flow import Flow
-from p2psync.core.messages import Head, rules_digest
+from p2psync.core.messages import MAX_WANT_IDS, Head, rules_digest
 from p2psync.core.receipt import MAX_APPLIED, MAX_REFUSED, sign_receipt
 from p2psync.core.rules import Route, Rule, RuleState, proposed_via_relay
 from p2psync.errors import UsageError
@@ -52,10 +53,16 @@ from p2psync.home import OpenHome
 from p2psync.store.ingest import HELD_FOR_MS
 from p2psync.store.ledger import IN_FLIGHT, Carries, LedgerRow, State
 from p2psync.store.logs import Outgoing as Stored
+from p2psync.store.wants import ASK_AGAIN_MS
 
 #: Entries (and bytes) read from the store at a time while packing.
 READ_ENTRIES = 8192
 READ_BYTES = 4 << 20
+#: Entries a peer asked for again that one call answers at most, and envelopes of
+#: our own asks it makes at most (each :data:`MAX_WANT_IDS` IDs); the rest, at the
+#: next call.
+ANSWERS_PER_CALL = 4096
+ASKS_PER_CALL = 8
 _ZERO = bytes(32)
 
 
@@ -68,6 +75,8 @@ class Outgoing:
     cls: EnvelopeClass
     wire: bytes
     entries: int
+    #: entries whose payloads this envelope asks the peer to send again
+    asks: int = 0
 
 
 @dataclass
@@ -78,6 +87,8 @@ class _Draft:
     carries: Carries = ()
     rules: bytes | None = None
     receipts: tuple[int, ...] = ()
+    #: entry IDs this bundle asks the peer for (its ``wants``)
+    asks: tuple[bytes, ...] = ()
 
 
 def make(
@@ -101,15 +112,24 @@ def make(
     rules = db.store.rules(peer)
     flow = Flow.between(me, peer, rules, live=False, via_relay=True)
     drafts = []
+    answered: list[bytes] = []
     if not receipts_only:
         drafts = _introductions(db, peer, rules, now_ms, pairing=not flow.flows)
     if flow.flows:
         local = heads_of(db.store.heads())
         drafts += _receipts(db, peer, local, now_ms)
         if not receipts_only:
-            drafts += _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes)
+            # entries the peer asked for again go first (payloads withheld as the
+            # flow says); those no longer held are answered with nothing
+            wanted = db.store.ledger.wanted(peer, ANSWERS_PER_CALL) if flow.sending else []
+            found, taken = db.store.entries_with_ids(wanted, READ_BYTES) if wanted else ([], 0)
+            answered = wanted[:taken]
+            drafts += _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes, found)
+            drafts += _asks(db, peer, flow, local, max_sealed, now_ms)
     ledger = db.store.ledger
     if not drafts:
+        if answered:  # none of them held any more: answered with nothing
+            ledger.add([], {}, answered={peer: answered})
         return []
     first = ledger.reserve(peer, len(drafts))
     out, rows = [], []
@@ -117,7 +137,7 @@ def make(
         wire = seal_envelope(
             db.identity, peer, seq, draft.cls, expiry_ms, draft.payload, random(32)
         )
-        out.append(Outgoing(peer, seq, draft.cls, wire, draft.entries))
+        out.append(Outgoing(peer, seq, draft.cls, wire, draft.entries, len(draft.asks)))
         rows.append(
             LedgerRow(
                 peer,
@@ -136,7 +156,14 @@ def make(
             )
         )
     receipts = {(peer, seq): d.receipts for seq, d in enumerate(drafts, first) if d.receipts}
-    ledger.add(rows, receipts)
+    asked = [entry for d in drafts for entry in d.asks]
+    ledger.add(
+        rows,
+        receipts,
+        asked={peer: asked} if asked else None,
+        answered={peer: answered} if answered else None,
+        now_ms=now_ms,
+    )
     return out
 
 
@@ -257,7 +284,10 @@ def _bundles(
     max_sealed: int,
     now_ms: int,
     max_envelopes: int | None = None,
+    answers: list[Stored] | None = None,
 ) -> list[_Draft]:
+    """Bundles of what ``peer`` lacks, after the entries it asked for again
+    (``answers``: those held go, payloads withheld as the flow says)."""
     rows, runs = _on_their_way(db, peer, now_ms)
     after = flow.lacks(local, known_heads(db, peer))
     skip: dict[bytes, list[tuple[int, int]]] = {}
@@ -277,6 +307,8 @@ def _bundles(
     digest = rules_digest(objects)
     base = Bundle(dict(local), digest, tuple(objects) if _rules_due(db, peer, digest, rows) else ())
     packer = _Packer(base, max_sealed)
+    if answers:
+        packer.add(answers, flow.outgoing([s.wire for s in answers]))
     while after and (max_envelopes is None or len(packer.drafts) < max_envelopes):
         batch = db.store.entries_after(after, READ_ENTRIES, READ_BYTES)
         if not batch:
@@ -289,6 +321,49 @@ def _bundles(
         for author in [a for a, seq in after.items() if seq >= local[a].seq]:
             del after[author]
     return packer.finish()
+
+
+def _asks(
+    db: OpenHome,
+    peer: bytes,
+    flow: Flow,
+    local: Mapping[bytes, Head],
+    max_sealed: int,
+    now_ms: int,
+) -> list[_Draft]:
+    """Bundles asking ``peer`` for entries we hold without a payload it may send us
+    and holds itself (by its last word; none of an author either side froze after
+    a fork), not asked of it within :data:`ASK_AGAIN_MS`: a live session's
+    ``Want`` (``store/wants.py``)."""
+    if not flow.receiving:
+        return []
+    known = known_heads(db, peer)
+    missing = db.store.payloads_missing(
+        flow.may_receive,
+        peer,
+        now_ms,
+        limit=ASKS_PER_CALL * MAX_WANT_IDS,
+        asked_since=now_ms - ASK_AGAIN_MS,
+    )
+    ids = set()
+    for m in missing:
+        head, own = known.get(m.author), local.get(m.author)
+        frozen = (head is not None and head.frozen) or (own is not None and own.frozen)
+        if head is not None and head.seq >= m.seq and not frozen:
+            ids.add(m.entry)
+    if not ids:
+        return []
+    base = Bundle(dict(local), rules_digest(db.store.rule_objects(peer)))
+    room = min(max_sealed, MAX_SEALED_BY_CLASS[EnvelopeClass.DATA]) - ENVELOPE_OVERHEAD
+    per = (room - base_size(base) - 8) // (ENTRY_ID_BYTES + head_bytes(ENTRY_ID_BYTES))
+    per = max(1, min(MAX_WANT_IDS, per))
+    wanted = sorted(ids)
+    drafts = []
+    for start in range(0, len(wanted), per):
+        chunk = tuple(wanted[start : start + per])
+        bundle = Bundle(base.heads, base.rules_digest, wants=chunk)
+        drafts.append(_Draft(EnvelopeClass.DATA, encode_bundle(bundle), asks=chunk))
+    return drafts
 
 
 def _skipped(runs: list[tuple[int, int]] | None, seq: int) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 from p2psync.core import canonical
 from p2psync.core.messages import Head
 from p2psync.errors import StoreError
+from p2psync.store import wants as _wants
 from p2psync.store.connection import Guard
 
 #: Seqs received above the high-water mark that a pair keeps.
@@ -188,11 +189,19 @@ class Ledger:
     # ------------------------------------------------------------ what we made
 
     def add(
-        self, rows: Iterable[LedgerRow], receipts: Mapping[tuple[bytes, int], Iterable[int]]
+        self,
+        rows: Iterable[LedgerRow],
+        receipts: Mapping[tuple[bytes, int], Iterable[int]],
+        *,
+        asked: Mapping[bytes, Sequence[bytes]] | None = None,
+        answered: Mapping[bytes, Sequence[bytes]] | None = None,
+        now_ms: int = 0,
     ) -> None:
         """Record new envelopes, and that the owed receipts for ``receipts`` ((peer,
         receipt envelope's seq) -> seqs) are sealed in them: one transaction. They
-        stay owed until that envelope is at a relay or in a file."""
+        stay owed until that envelope is at a relay or in a file. Per peer, the
+        entries these envelopes ask it for (``asked``, at ``now_ms``) and those of
+        its asks they answer (``answered``, see ``store/wants.py``)."""
         values = [
             (
                 r.peer,
@@ -220,6 +229,20 @@ class Ledger:
                     "UPDATE mail_due SET receipt = ? WHERE peer = ? AND seq = ?",
                     [(envelope, peer, s) for s in seqs],
                 )
+            for peer, ids in (asked or {}).items():
+                _wants.asked(conn, peer, ids, now_ms)
+            for peer, ids in (answered or {}).items():
+                _wants.answered(conn, peer, ids)
+
+    def wanted(self, peer: bytes, limit: int) -> list[bytes]:
+        """The oldest ``limit`` entries ``peer`` asked us for, still to answer."""
+        with self._reader.reading() as conn:
+            return _wants.wanted(conn, peer, limit)
+
+    def purge_asks(self, now_ms: int) -> None:
+        """Forget asks past their time, both ways (``store/wants.py``)."""
+        with self._db.writing() as conn:
+            _wants.purge(conn, now_ms)
 
     def move(
         self,
@@ -286,10 +309,12 @@ class Ledger:
         reason: str | None = None,
         heads: Mapping[bytes, Head] | None = None,
         rules: bytes | None = None,
+        wants: Sequence[bytes] = (),
     ) -> bool:
         """Mark ``peer``'s ``seq`` received (False if it was already); with ``owe``, a
-        receipt is owed for it (applied, or refused for ``reason``). Its heads and
-        rules digest (a bundle's) are noted in the same transaction."""
+        receipt is owed for it (applied, or refused for ``reason``). Its heads, rules
+        digest and the entries it asks for (a bundle's) are noted in the same
+        transaction."""
         with self._db.writing() as conn:
             state = _pair(conn, peer)
             if state.received(seq):
@@ -316,6 +341,8 @@ class Ledger:
                 _merge_heads(conn, peer, heads, now_ms)
             if rules is not None:
                 _note_rules(conn, peer, rules, now_ms)
+            if wants:
+                _wants.want(conn, peer, wants, now_ms)
         return True
 
     def due(self, peer: bytes) -> list[tuple[int, str | None]]:

@@ -171,6 +171,32 @@ def entries_by_id(
     return wires, taken
 
 
+def entries_with_ids(
+    conn: sqlite3.Connection, ids: Sequence[bytes], max_bytes: int
+) -> tuple[list[Outgoing], int]:
+    """The entries ``ids`` names that are held and not found damaged, in clock
+    order, until ``max_bytes`` of wire forms (at least one); and how many IDs that
+    took (those not held included)."""
+    found: list[Outgoing] = []
+    damage = conn.execute("SELECT EXISTS (SELECT 1 FROM entries_damaged)").fetchone()[0]
+    size = taken = 0
+    for entry in ids:
+        row = conn.execute(
+            "SELECT e.hlc, a.key, e.seq, e.signed, e.payloads FROM entries e "
+            "JOIN authors a ON a.idx = e.author WHERE e.id = ?",
+            (entry,),
+        ).fetchone()
+        if row is not None and not (damage and _is_damaged(conn, entry)):
+            wire = wire_form(row[3], row[4])
+            if found and size + len(wire) > max_bytes:
+                break
+            found.append(Outgoing(row[0], row[1], row[2], entry, wire))
+            size += len(wire)
+        taken += 1
+    found.sort(key=lambda item: (item.hlc, item.author))
+    return found, taken
+
+
 def _is_damaged(conn: sqlite3.Connection, entry: bytes) -> bool:
     row = conn.execute("SELECT 1 FROM entries_damaged WHERE entry = ?", (entry,)).fetchone()
     return row is not None

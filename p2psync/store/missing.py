@@ -108,24 +108,32 @@ def to_ask(
     limit: int,
     peer: bytes | None = None,
     now_ms: int = 0,
+    asked_since: int | None = None,
 ) -> list[Missing]:
     """Ops missing here whose collection ``may_receive`` says ``peer`` may send,
     leaving out those ``peer`` lacked too when last asked (within
-    :data:`LACKED_FOR_MS`): at most ``limit``, by collection, author and seq."""
+    :data:`LACKED_FOR_MS`) and, given ``asked_since``, those asked of it through
+    the mailbox since then (``store/wants.py``): at most ``limit``, by
+    collection, author and seq."""
     rows: list[Missing] = []
+    sql = (
+        "SELECT m.entry, m.op, m.collection, m.author, m.seq FROM payloads_missing m "
+        "WHERE m.collection = ? AND NOT EXISTS (SELECT 1 FROM missing_lacked l "
+        "WHERE l.entry = m.entry AND l.op = m.op AND l.peer = ? AND l.at > ?) "
+    )
+    if asked_since is not None:
+        sql += (
+            "AND NOT EXISTS (SELECT 1 FROM mail_asked k "
+            "WHERE k.peer = ? AND k.entry = m.entry AND k.at > ?) "
+        )
+    sql += "ORDER BY m.collection, m.author, m.seq, m.op LIMIT ?"
     for collection in _collections(conn):
         if len(rows) >= limit or not may_receive(collection):
             continue
-        rows.extend(
-            Missing(*row)
-            for row in conn.execute(
-                "SELECT m.entry, m.op, m.collection, m.author, m.seq FROM payloads_missing m "
-                "WHERE m.collection = ? AND NOT EXISTS (SELECT 1 FROM missing_lacked l "
-                "WHERE l.entry = m.entry AND l.op = m.op AND l.peer = ? AND l.at > ?) "
-                "ORDER BY m.collection, m.author, m.seq, m.op LIMIT ?",
-                (collection, peer or b"", now_ms - LACKED_FOR_MS, limit - len(rows)),
-            )
-        )
+        args: list[object] = [collection, peer or b"", now_ms - LACKED_FOR_MS]
+        if asked_since is not None:
+            args += [peer or b"", asked_since]
+        rows.extend(Missing(*row) for row in conn.execute(sql, [*args, limit - len(rows)]))
     return rows
 
 

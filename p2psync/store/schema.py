@@ -68,6 +68,12 @@ entries already held. ``entries_damaged`` holds the entries ``p2psync verify
 the store says it holds that author's log only up to the one before, so that it
 serves nothing from there and a peer sends the rest again.
 
+Version 17 carries ``Want`` through the mailbox (:mod:`p2psync.store.wants`):
+``mail_wanted`` holds the entries a peer asked us for in a bundle's ``wants``
+(peer, entry, when), answered in our next bundles to it; ``mail_asked`` the
+entries we asked a peer for that way (peer, entry, when), not asked again for
+:data:`p2psync.store.wants.ASK_AGAIN_MS`.
+
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
 sending path does not carry); ``status`` and ``peers`` say so when a rule would let
@@ -375,6 +381,22 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         entry  BLOB NOT NULL,
         found  INTEGER NOT NULL,
         PRIMARY KEY (author, seq)
+    ) WITHOUT ROWID
+    """,
+    # payloads asked for and asked of us through the mailbox (store/wants.py)
+    17: """
+    CREATE TABLE mail_wanted (
+        peer  BLOB NOT NULL,
+        entry BLOB NOT NULL,
+        at    INTEGER NOT NULL,
+        PRIMARY KEY (peer, entry)
+    ) WITHOUT ROWID;
+    CREATE INDEX mail_wanted_by_time ON mail_wanted (peer, at, entry);
+    CREATE TABLE mail_asked (
+        peer  BLOB NOT NULL,
+        entry BLOB NOT NULL,
+        at    INTEGER NOT NULL,
+        PRIMARY KEY (peer, entry)
     ) WITHOUT ROWID
     """,
 }

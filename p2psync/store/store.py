@@ -201,17 +201,28 @@ class Store:
         with self._reader.snapshot() as conn:
             return logs.entries_by_id(conn, ids, max_bytes)
 
+    def entries_with_ids(
+        self, ids: Sequence[bytes], max_bytes: int
+    ) -> tuple[list[logs.Outgoing], int]:
+        """The entries ``ids`` names that are held (and not found damaged), in
+        clock order, up to ``max_bytes`` (at least one), and how many IDs that
+        took: what a peer asked for again through the mailbox."""
+        with self._reader.snapshot() as conn:
+            return logs.entries_with_ids(conn, ids, max_bytes)
+
     def payloads_missing(
         self,
         may_receive: Callable[[str], bool],
         peer: bytes | None = None,
         now_ms: int = 0,
         limit: int = MAX_ASKED_PER_SESSION,
+        asked_since: int | None = None,
     ) -> list[missing.Missing]:
         """Ops held without their payload in collections ``may_receive`` accepts,
-        but those ``peer`` lacked too when last asked (see :func:`missing.to_ask`)."""
+        but those ``peer`` lacked too when last asked (and, given ``asked_since``,
+        those asked of it through the mailbox since; see :func:`missing.to_ask`)."""
         with self._reader.reading() as conn:
-            return missing.to_ask(conn, may_receive, limit, peer, now_ms)
+            return missing.to_ask(conn, may_receive, limit, peer, now_ms, asked_since)
 
     def entry_at(self, author: bytes, seq: int) -> logs.Outgoing | None:
         with self._reader.reading() as conn:
