@@ -15,7 +15,8 @@ In order, for one wire envelope:
      live session's judge: what no rule lets in is refused, missing predecessors
      are held. Then, in one transaction: the seq received, a receipt owed (applied,
      or refused with the first reason that is the sender's fault), the sender's
-     heads and rules digest noted.
+     heads and rules digest noted, and the entries its bundle asks for again
+     (``wants``, while a rule lets us send it anything: ``store/wants.py``).
    * **receipt** — verified (:func:`~p2psync.core.receipt.receipt_of`); the rows it
      names move to acknowledged or refused (reason); the signer's heads are noted.
    * **introduction** — a pairing request (or an answer to ours) from a site

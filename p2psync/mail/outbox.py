@@ -12,7 +12,10 @@ envelope's entries (no longer in flight) go again.
 
 Entries are read in causal (clock) order and packed, in that order, into as few
 bundles as fit ``max_sealed`` (a single entry too big for it gets an envelope of the
-data class's largest size). Rule objects about the pair ride in the first bundle
+data class's largest size), after the entries the peer asked for again (its
+bundles' ``wants``, ``store/wants.py``). Bundles of our own asks follow: entries we
+hold without a payload the peer may now send us (``_asks``), each in a bundle of
+its own. Rule objects about the pair ride in the first bundle
 when the peer may lack them (its last bundle named another digest, and no envelope
 in flight or acknowledged since carries ours). Seqs are reserved (committed) before
 sealing, rows recorded "queued" before anything is returned.
