@@ -656,6 +656,12 @@ def main() -> None:
     widen = sub.add_parser("widen", help="payloads fetched after a rule widens vs a fresh pair")
     widen.add_argument("--records", type=int, default=20_000)
     widen.add_argument("--runs", type=int, default=5)
+    widen.add_argument(
+        "--via",
+        choices=["session", "mailbox"],
+        default="session",
+        help="a live session over TCP, or envelopes through the mailbox path",
+    )
     args = parser.parse_args()
     if args.suite == "widen":
         from bench_widen import run_widen  # noqa: PLC0415 - its own module (scripts/)

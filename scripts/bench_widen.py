@@ -14,6 +14,12 @@ in turn (the order alternates between runs):
 Both are one session from dial to ``Bye("synced")``; entries/s and the ratio widen /
 fresh (time) are printed per run, then median (min-max). After every widen run B's
 records and stored payloads must equal F's (else the run fails).
+
+With ``--via mailbox`` the rules have route relay and each sync is envelopes
+handed between the two sites' mailers until neither has anything for the other
+(``mail/outbox.py``, ``mail/inbox.py``; no relay node, no network): widen is B
+asking in bundles' ``wants``, A answering in its next bundles, B merging, and
+the receipts; fresh is A's bundles to F and F's receipts.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import p2psync
 from p2psync import home as home_mod
 from p2psync import pairing
 from p2psync.clock import now_ms
-from p2psync.core.rules import Terms
+from p2psync.core.rules import Route, Terms
+from p2psync.mail.mailer import Mailer
 from p2psync.net.link import PairLink
 from p2psync.net.stats import SessionStats
 from p2psync.net.storeio import ChangeFeed, TrioStore
@@ -44,10 +51,13 @@ def _open(base: Path, name: str) -> p2psync.Database:
     return p2psync.open(base / name)
 
 
+ROUTE = Route.AUTO
+
+
 def _agree(a: p2psync.Database, b: p2psync.Database, collections: list[str]) -> None:
     """a proposes, b accepts: both hold every rule object (as after a sync)."""
     ka, kb = a.identity.public_key, b.identity.public_key
-    proposal = pairing.propose(a, kb, Terms.make(collections)).rule
+    proposal = pairing.propose(a, kb, Terms.make(collections, route=ROUTE)).rule
     b.store.add_rule_objects(kb, a.store.rule_objects(kb), now_ms())
     pairing.accept(b, next(r for r in b.store.rules(ka) if r.id == proposal.id))
     a.store.add_rule_objects(ka, b.store.rule_objects(ka), now_ms())
@@ -85,9 +95,28 @@ async def _sync(site: p2psync.Database, source: p2psync.Database) -> SessionStat
     return stats
 
 
+def _by_mail(site: p2psync.Database, source: p2psync.Database) -> SessionStats:
+    """Envelopes both ways until neither site has anything for the other."""
+    ms, mo = Mailer(site), Mailer(source)
+    ks, ko = site.identity.public_key, source.identity.public_key
+    stats = SessionStats()
+    for _ in range(100):
+        out = mo.outgoing(ks, now_ms(), max_envelopes=None)
+        for envelope in out:
+            got = ms.incoming(envelope.wire, now_ms())
+            stats.received += got.applied
+            stats.filled += got.filled
+        back = ms.outgoing(ko, now_ms(), max_envelopes=None)
+        for envelope in back:
+            mo.incoming(envelope.wire, now_ms())
+        if not out and not back:
+            return stats
+    raise SystemExit("widen bench: the sites still exchange envelopes after 100 rounds")
+
+
 def _timed(site: p2psync.Database, source: p2psync.Database) -> tuple[float, SessionStats]:
     started = time.perf_counter()
-    stats = trio.run(_sync, site, source)
+    stats = _by_mail(site, source) if ROUTE is Route.RELAY else trio.run(_sync, site, source)
     return time.perf_counter() - started, stats
 
 
@@ -104,6 +133,8 @@ def _held(db: p2psync.Database) -> tuple[object, ...]:
 
 
 def run_widen(args: argparse.Namespace) -> None:
+    global ROUTE  # noqa: PLW0603 (one setting for the whole run)
+    ROUTE = Route.RELAY if args.via == "mailbox" else Route.AUTO
     n = args.records
     with tempfile.TemporaryDirectory(prefix="p2psync-bench-widen-") as tmp:
         base = Path(tmp)
@@ -118,7 +149,8 @@ def run_widen(args: argparse.Namespace) -> None:
             )
         print(
             f"p2psync widen benchmark: {n:,} entries (a stock op and a misc op each), "
-            f"{args.runs} runs, fresh and widen interleaved"
+            f"{args.runs} runs, fresh and widen interleaved, "
+            + ("envelopes handed between mailers" if ROUTE is Route.RELAY else "live sessions")
         )
         fresh_rates, widen_rates, ratios = [], [], []
         for run in range(args.runs):
@@ -133,7 +165,7 @@ def run_widen(args: argparse.Namespace) -> None:
                     fresh = site
                 else:
                     _agree(site, source, ["stock"])
-                    trio.run(_sync, site, source)
+                    _timed(site, source)
                     _agree(site, source, ["misc"])
                     times[case], stats = _timed(site, source)
                     if stats.filled != n:

@@ -127,8 +127,11 @@ def make(
             wanted = db.store.ledger.wanted(peer, ANSWERS_PER_CALL) if flow.sending else []
             found, taken = db.store.entries_with_ids(wanted, READ_BYTES) if wanted else ([], 0)
             answered = wanted[:taken]
-            drafts += _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes, found)
-            drafts += _asks(db, peer, flow, local, max_sealed, now_ms)
+            bundles = _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes, found)
+            drafts += bundles
+            if max_envelopes is None or len(bundles) < max_envelopes:
+                # our asks once the backlog is out: a call asks at most a few
+                drafts += _asks(db, peer, flow, local, max_sealed, now_ms)
     ledger = db.store.ledger
     if not drafts:
         if answered:  # none of them held any more: answered with nothing
