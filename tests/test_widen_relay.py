@@ -18,7 +18,7 @@ from p2psync.core.bundle import Bundle, decode_bundle, encode_bundle, heads_of
 from p2psync.core.canonical import encode
 from p2psync.core.entry import decode_wire
 from p2psync.core.envelope import EnvelopeClass, open_envelope, seal_envelope
-from p2psync.core.messages import MAX_WANT_IDS
+from p2psync.core.messages import MAX_WANT_IDS, Head
 from p2psync.core.receipt import sign_receipt
 from p2psync.core.rules import Direction, Route, Terms
 from p2psync.errors import BundleError, UsageError
@@ -282,3 +282,21 @@ def test_through_a_relay_node_a_widened_rule_brings_what_it_withheld(
     with p2psync.open(b) as db:
         assert db.get("misc", "m1") == "only once the rule widens"
         assert db.store.incomplete() == {} and db.verify().ok
+
+
+@pytest.mark.pure
+def test_a_direct_session_does_not_retract_an_answer(make_db: MakeDb) -> None:
+    """b's answer (entries a holds, without the payloads) waits at the relay when a
+    direct session shows a holds those entries: the session's heads say nothing of
+    payloads, so the answer is not superseded nor retracted (a mixed pair's direct
+    session cannot bring a relay-only payload)."""
+    a, b = widened(make_db)
+    ma, mb = Mailer(a), Mailer(b)
+    deliver(mb, ma.outgoing(key(b), now_ms()))
+    [answer] = [e for e in mb.outgoing(key(a), now_ms()) if e.entries]
+    assert mb.deposited(key(a), answer.seq, where="r", until_ms=now_ms() + 10**8, now_ms=now_ms())
+    holds = {x.author: Head(x.seq, x.head, x.frozen) for x in a.authors() if x.seq}
+    assert mb.superseded(key(a), holds, now_ms()) == []
+    assert mb.summary(key(a))["at-relay"] == 1
+    deliver(ma, [answer])
+    assert a.store.incomplete() == {}

@@ -263,14 +263,15 @@ class RelayLink:
             else:
                 self._refused.pop(peer, None)
         self.last, self.last_ms = report, now_ms()
-        received = sum(p.entries_in for p in report.peers.values())
+        received = sum(p.entries_in + p.filled for p in report.peers.values())
         if received:
             self.feed.bump()  # live sessions forward what arrived through the relay
         for peer, row in report.peers.items():
             if row.deposited or row.received or row.refused:
                 log.info(
                     "relay %s: %s: %d envelopes (%d entries) deposited, %d received "
-                    "(%d entries), %d refused",
+                    "(%d entries), %d refused; payloads asked again for %d entries, "
+                    "arrived for %d",
                     short_id(client.relay),
                     short_id(peer),
                     row.deposited,
@@ -278,6 +279,8 @@ class RelayLink:
                     row.received,
                     row.entries_in,
                     len(row.refused),
+                    row.asked,
+                    row.filled,
                 )
 
     async def _splices(self, client: RelayClient, splicer: Splicer) -> None:

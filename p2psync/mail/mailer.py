@@ -157,7 +157,7 @@ class Mailer:
             row
             for row in self._ledger.rows(peer, IN_FLIGHT)
             if row.cls == EnvelopeClass.DATA.value
-            and row.entries
+            and row.carries  # (answers to asks carry none: the heads say nothing of payloads)
             and all(a in heads and heads[a].seq >= last for a, _, last in row.carries)
         ]
         moved = self._ledger.move(

@@ -131,7 +131,7 @@ def make(
             drafts += bundles
             if max_envelopes is None or len(bundles) < max_envelopes:
                 # our asks once the backlog is out: a call asks at most a few
-                drafts += _asks(db, peer, flow, local, max_sealed, now_ms)
+                drafts += _asks(db, peer, flow, now_ms, _room(max_sealed))
     ledger = db.store.ledger
     if not drafts:
         if answered:  # none of them held any more: answered with nothing
@@ -313,8 +313,11 @@ def _bundles(
     digest = rules_digest(objects)
     base = Bundle(dict(local), digest, tuple(objects) if _rules_due(db, peer, digest, rows) else ())
     packer = _Packer(base, max_sealed)
-    if answers:
+    if answers:  # bundles of their own, carrying no runs (see _Packer.runs)
+        packer.runs = False
         packer.add(answers, flow.outgoing([s.wire for s in answers]))
+        packer.close()
+        packer.runs = True
     while after and (max_envelopes is None or len(packer.drafts) < max_envelopes):
         batch = db.store.entries_after(after, READ_ENTRIES, READ_BYTES)
         if not batch:
@@ -329,20 +332,19 @@ def _bundles(
     return packer.finish()
 
 
-def _asks(
-    db: OpenHome,
-    peer: bytes,
-    flow: Flow,
-    local: Mapping[bytes, Head],
-    max_sealed: int,
-    now_ms: int,
-) -> list[_Draft]:
+def _room(max_sealed: int) -> int:
+    """Bytes of bundle an envelope of at most ``max_sealed`` holds."""
+    return min(max_sealed, MAX_SEALED_BY_CLASS[EnvelopeClass.DATA]) - ENVELOPE_OVERHEAD
+
+
+def _asks(db: OpenHome, peer: bytes, flow: Flow, now_ms: int, room: int) -> list[_Draft]:
     """Bundles asking ``peer`` for entries we hold without a payload it may send us
     and holds itself (by its last word; none of an author either side froze after
     a fork), not asked of it within :data:`ASK_AGAIN_MS`: a live session's
     ``Want`` (``store/wants.py``)."""
     if not flow.receiving:
         return []
+    local = heads_of(db.store.heads())
     known = known_heads(db, peer)
     missing = db.store.payloads_missing(
         flow.may_receive,
@@ -359,8 +361,7 @@ def _asks(
             ids.add(m.entry)
     if not ids:
         return []
-    base = Bundle(dict(local), rules_digest(db.store.rule_objects(peer)))
-    room = min(max_sealed, MAX_SEALED_BY_CLASS[EnvelopeClass.DATA]) - ENVELOPE_OVERHEAD
+    base = Bundle(local, rules_digest(db.store.rule_objects(peer)))
     per = (room - base_size(base) - 8) // (ENTRY_ID_BYTES + head_bytes(ENTRY_ID_BYTES))
     per = max(1, min(MAX_WANT_IDS, per))
     wanted = sorted(ids)
@@ -395,8 +396,12 @@ class _Packer:
 
     def __init__(self, base: Bundle, max_sealed: int) -> None:
         self.base = base
-        self.limit = min(max_sealed, MAX_SEALED_BY_CLASS[EnvelopeClass.DATA]) - ENVELOPE_OVERHEAD
+        self.limit = _room(max_sealed)
         self.drafts: list[_Draft] = []
+        #: whether the bundles record the runs they carry: not those answering a
+        #: peer's asks (entries it holds by its heads, without payloads), which
+        #: nothing it holds supersedes (Mailer.superseded) or counts as on its way
+        self.runs = True
         self._start()
 
     def _start(self) -> None:
@@ -418,6 +423,11 @@ class _Packer:
             self.stored.append(item)
             self.entry_bytes += cost
 
+    def close(self) -> None:
+        """End the bundle being filled, if it holds entries."""
+        if self.wires:
+            self._flush()
+
     def _flush(self) -> None:
         bundle = Bundle(
             self.base.heads, self.base.rules_digest, self.base.rule_objects, tuple(self.wires)
@@ -434,7 +444,11 @@ class _Packer:
         rules = self.base.rules_digest if self.base.rule_objects else None
         self.drafts.append(
             _Draft(
-                EnvelopeClass.DATA, encode_bundle(bundle), len(self.wires), tuple(carries), rules
+                EnvelopeClass.DATA,
+                encode_bundle(bundle),
+                len(self.wires),
+                tuple(carries) if self.runs else (),
+                rules,
             )
         )
         self.base = Bundle(self.base.heads, self.base.rules_digest)  # objects ride once
