@@ -275,7 +275,7 @@ def test_through_a_relay_node_a_widened_rule_brings_what_it_withheld(
         assert db.get("stock", "s1") == 1 and db.get("misc", "m1") is None
     pair_by_rule(a, b, Terms.make(["misc"], route=Route.RELAY))
     said = cli(b, "sync", "--timeout", "30")
-    assert "asked again for 1 entry held here without payloads it may send" in said, said
+    assert "asked it for the payloads of 1 entry held here without them" in said, said
     cli(a, "sync", "--timeout", "30")
     said = cli(b, "sync", "--timeout", "30")
     assert "payloads of 1 entry arrived" in said, said

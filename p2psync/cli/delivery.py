@@ -19,7 +19,7 @@ from p2psync.cli import output
 from p2psync.core.envelope import EnvelopeClass
 from p2psync.home import OpenHome
 from p2psync.mail.mailer import Mailer
-from p2psync.store.ledger import State
+from p2psync.store.ledger import IN_FLIGHT, State
 
 #: Refusal reasons shown per peer (the newest).
 MAX_REASONS = 3
@@ -28,9 +28,11 @@ MAX_REASONS = 3
 def delivery(db: OpenHome, peer: bytes, now_ms: int) -> dict[str, Any] | None:
     """The ledger of ``peer`` in figures; None when nothing ever went by relay or file."""
     mailer = Mailer(db)
-    rows = [r for r in mailer.ledger(peer) if r.cls == EnvelopeClass.DATA.value]
+    data = [r for r in mailer.ledger(peer) if r.cls == EnvelopeClass.DATA.value]
+    rows = [r for r in data if not r.asks]  # envelopes of entries (and rule objects)
+    asking = sum(r.asks for r in data if r.asks and r.state in IN_FLIGHT)
     gaps = mailer.gaps(peer, now_ms)
-    if not rows and not gaps.received_up_to:
+    if not data and not gaps.received_up_to:
         return None
     by_state: dict[str, dict[str, Any]] = {}
     for state in State:
@@ -49,6 +51,7 @@ def delivery(db: OpenHome, peer: bytes, now_ms: int) -> dict[str, Any] | None:
     )
     return {
         "states": by_state,
+        "asking": asking,
         "last_acknowledged_ms": max(acknowledged) if acknowledged else None,
         "refusals": list(dict.fromkeys(r.reason for r in refused if r.reason))[:MAX_REASONS],
         "missing_from_peer": list(gaps.missing),
@@ -64,22 +67,18 @@ def describe_delivery(figures: dict[str, Any]) -> list[str]:
     parts = []
     queued = states[State.QUEUED.value]
     if queued["envelopes"]:
-        parts.append(f"{output.count(queued['entries'], 'entry', 'entries')} queued here")
+        parts.append(f"{_what(queued)} queued here")
     for key, how in ((State.AT_RELAY.value, "at relay"), (State.HANDED_OVER.value, "as file")):
         held = states[key]
         if held["envelopes"]:
             where = ", ".join(p[:7] for p in held["places"]) if key == State.AT_RELAY.value else ""
             until = f" until {output.short_time(held['until_ms'])}" if held["until_ms"] else ""
-            parts.append(
-                f"{output.count(held['entries'], 'entry', 'entries')} {how}"
-                f"{' ' + where if where else ''}{until}"
-            )
+            parts.append(f"{_what(held)} {how}{' ' + where if where else ''}{until}")
     done = states[State.ACKNOWLEDGED.value]
     if done["envelopes"]:
         when = figures["last_acknowledged_ms"]
         parts.append(
-            f"{output.count(done['entries'], 'entry', 'entries')} acknowledged"
-            + (f" (last {output.short_time(when)})" if when else "")
+            f"{_what(done)} acknowledged" + (f" (last {output.short_time(when)})" if when else "")
         )
     for key, what in (
         (State.EXPIRED.value, "expired (sent again)"),
@@ -88,6 +87,10 @@ def describe_delivery(figures: dict[str, Any]) -> list[str]:
     ):
         if states[key]["envelopes"]:
             parts.append(f"{output.plural(states[key]['envelopes'], 'envelope')} {what}")
+    if figures["asking"]:
+        parts.append(
+            f"asked it for the payloads of {output.count(figures['asking'], 'entry', 'entries')}"
+        )
     lines = [f"by relay/file: {'; '.join(parts)}"] if parts else []
     for reason in figures["refusals"]:
         lines.append(f"refused: {output.safe(reason)}")
@@ -100,3 +103,10 @@ def describe_delivery(figures: dict[str, Any]) -> list[str]:
             f"receipts stopped: {figures['unanswered']} envelopes out with no receipt for a day"
         )
     return lines
+
+
+def _what(figures: dict[str, Any]) -> str:
+    """Entries, or (none: rule objects only) envelopes."""
+    if figures["entries"]:
+        return output.count(figures["entries"], "entry", "entries")
+    return output.plural(figures["envelopes"], "envelope")

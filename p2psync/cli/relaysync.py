@@ -135,13 +135,18 @@ def _outcome(
         parts.append(f"{output.plural(receipts, 'receipt')} left at relay {relay}")
     if row.asked:
         parts.append(
-            f"asked again for {output.count(row.asked, 'entry', 'entries')} "
-            "held here without payloads it may send"
+            f"asked it for the payloads of {output.count(row.asked, 'entry', 'entries')} "
+            "held here without them"
         )
-    if row.entries_in or row.received:
+    if row.entries_in or (row.received and not (row.filled or row.wanted)):
         parts.append(f"{output.count(row.entries_in, 'entry', 'entries')} received")
     if row.filled:
         parts.append(f"payloads of {output.count(row.filled, 'entry', 'entries')} arrived")
+    if row.wanted:
+        parts.append(
+            f"it asked for {output.count(row.wanted, 'entry', 'entries')} again "
+            "(they go with the next exchange)"
+        )
     if row.acknowledged:
         parts.append(f"{output.plural(row.acknowledged, 'envelope')} of ours acknowledged")
     if not parts and not row.refused:

@@ -70,6 +70,7 @@ class PeerReport:
     received: int = 0  # data envelopes applied
     entries_in: int = 0
     filled: int = 0  # entries held without payloads whose payloads arrived
+    wanted: int = 0  # entries it asked us to send again (answered at the next deposit)
     acknowledged: int = 0  # our envelopes acknowledged by a signed receipt
     problems: list[str] = field(default_factory=list)
 
@@ -231,7 +232,9 @@ def _count(report: ExchangeReport, outcome: Incoming) -> None:
     if outcome.reason is not None:
         peer.problems.append(outcome.reason)
     if outcome.cls is EnvelopeClass.DATA:
-        peer.received += 1
+        peer.wanted += outcome.wanted
+        if not outcome.wanted:  # (a bundle that asks carries nothing else)
+            peer.received += 1
         peer.entries_in += outcome.applied
         peer.filled += outcome.filled
     elif outcome.cls is EnvelopeClass.RECEIPT:

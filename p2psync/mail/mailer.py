@@ -124,8 +124,10 @@ class Mailer:
     def expire(self, now_ms: int) -> int:
         """Envelopes on their way past their time (queued ones never deposited after
         :data:`QUEUED_FOR_MS`) become "expired"; how many. Joins and refusals long
-        past are forgotten (``store/joins.py``)."""
+        past are forgotten (``store/joins.py``), and asks for payloads past their time
+        (``store/wants.py``)."""
         self.db.store.purge_joins(now_ms)
+        self._ledger.purge_asks(now_ms)
         count = 0
         for row in self._ledger.rows(states=IN_FLIGHT):
             if row.until_ms is not None and row.until_ms <= now_ms:

@@ -90,8 +90,10 @@ class _Draft:
     carries: Carries = ()
     rules: bytes | None = None
     receipts: tuple[int, ...] = ()
-    #: entry IDs this bundle asks the peer for (its ``wants``)
+    #: entry IDs this bundle asks the peer for (its ``wants``), and the peer's
+    #: asks it answers
     asks: tuple[bytes, ...] = ()
+    answers: tuple[bytes, ...] = ()
 
 
 def make(
@@ -115,7 +117,7 @@ def make(
     rules = db.store.rules(peer)
     flow = Flow.between(me, peer, rules, live=False, via_relay=True)
     drafts = []
-    answered: list[bytes] = []
+    gone: list[bytes] = []
     if not receipts_only:
         drafts = _introductions(db, peer, rules, now_ms, pairing=not flow.flows)
     if flow.flows:
@@ -123,10 +125,14 @@ def make(
         drafts += _receipts(db, peer, local, now_ms)
         if not receipts_only:
             # entries the peer asked for again go first (payloads withheld as the
-            # flow says); those no longer held are answered with nothing
+            # flow says), within the batch; those no longer held are done with
             wanted = db.store.ledger.wanted(peer, ANSWERS_PER_CALL) if flow.sending else []
-            found, taken = db.store.entries_with_ids(wanted, READ_BYTES) if wanted else ([], 0)
-            answered = wanted[:taken]
+            budget = READ_BYTES
+            if max_envelopes is not None:
+                budget = min(budget, max(1, max_envelopes) * _room(max_sealed))
+            found, taken = db.store.entries_with_ids(wanted, budget) if wanted else ([], 0)
+            held = {item.id for item in found}
+            gone = [entry for entry in wanted[:taken] if entry not in held]
             bundles = _bundles(db, peer, flow, local, max_sealed, now_ms, max_envelopes, found)
             drafts += bundles
             if max_envelopes is None or len(bundles) < max_envelopes:
@@ -134,8 +140,8 @@ def make(
                 drafts += _asks(db, peer, flow, now_ms, _room(max_sealed))
     ledger = db.store.ledger
     if not drafts:
-        if answered:  # none of them held any more: answered with nothing
-            ledger.add([], {}, answered={peer: answered})
+        if gone:
+            ledger.add([], {}, gone={peer: gone})
         return []
     first = ledger.reserve(peer, len(drafts))
     out, rows = [], []
@@ -159,15 +165,18 @@ def make(
                 None,
                 draft.carries,
                 draft.rules,
+                len(draft.asks),
             )
         )
     receipts = {(peer, seq): d.receipts for seq, d in enumerate(drafts, first) if d.receipts}
     asked = [entry for d in drafts for entry in d.asks]
+    answers = {(peer, seq): d.answers for seq, d in enumerate(drafts, first) if d.answers}
     ledger.add(
         rows,
         receipts,
         asked={peer: asked} if asked else None,
-        answered={peer: answered} if answered else None,
+        answers=answers,
+        gone={peer: gone} if gone else None,
         now_ms=now_ms,
     )
     return out
@@ -315,7 +324,10 @@ def _bundles(
     packer = _Packer(base, max_sealed)
     if answers:  # bundles of their own, carrying no runs (see _Packer.runs)
         packer.runs = False
-        packer.add(answers, flow.outgoing([s.wire for s in answers]))
+        for item in answers:
+            if max_envelopes is not None and len(packer.drafts) >= max_envelopes:
+                break  # the rest at the next call
+            packer.add([item], flow.outgoing([item.wire]))
         packer.close()
         packer.runs = True
     while after and (max_envelopes is None or len(packer.drafts) < max_envelopes):
@@ -345,26 +357,25 @@ def _asks(db: OpenHome, peer: bytes, flow: Flow, now_ms: int, room: int) -> list
     if not flow.receiving:
         return []
     local = heads_of(db.store.heads())
-    known = known_heads(db, peer)
-    missing = db.store.payloads_missing(
-        flow.may_receive,
-        peer,
-        now_ms,
-        limit=ASKS_PER_CALL * MAX_WANT_IDS,
-        asked_since=now_ms - ASK_AGAIN_MS,
-    )
-    ids = set()
-    for m in missing:
-        head, own = known.get(m.author), local.get(m.author)
-        frozen = (head is not None and head.frozen) or (own is not None and own.frozen)
-        if head is not None and head.seq >= m.seq and not frozen:
-            ids.add(m.entry)
-    if not ids:
+    held = {  # what the peer holds, of authors neither side froze
+        author: head.seq
+        for author, head in known_heads(db, peer).items()
+        if not head.frozen and not (author in local and local[author].frozen)
+    }
+    if not held:
         return []
     base = Bundle(local, rules_digest(db.store.rule_objects(peer)))
     per = (room - base_size(base) - 8) // (ENTRY_ID_BYTES + head_bytes(ENTRY_ID_BYTES))
     per = max(1, min(MAX_WANT_IDS, per))
-    wanted = sorted(ids)
+    missing = db.store.payloads_missing(
+        flow.may_receive,
+        peer,
+        now_ms,
+        limit=ASKS_PER_CALL * per,
+        asked_since=now_ms - ASK_AGAIN_MS,
+        authors=held,
+    )
+    wanted = sorted({m.entry for m in missing})[: ASKS_PER_CALL * per]
     drafts = []
     for start in range(0, len(wanted), per):
         chunk = tuple(wanted[start : start + per])
@@ -449,6 +460,7 @@ class _Packer:
                 len(self.wires),
                 tuple(carries) if self.runs else (),
                 rules,
+                answers=() if self.runs else tuple(item.id for item in self.stored),
             )
         )
         self.base = Bundle(self.base.heads, self.base.rules_digest)  # objects ride once

@@ -90,6 +90,8 @@ class LedgerRow:
     reason: str | None
     carries: Carries
     rules: bytes | None
+    #: how many entries it asks the peer for again (its bundle's wants)
+    asks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,7 @@ class PairState:
 
 _COLUMNS = (
     "peer, seq, cls, state, place, entries, bytes, until_ms, made_ms, done_ms, reason, "
-    "carries, rules"
+    "carries, rules, asks"
 )
 
 
@@ -141,6 +143,7 @@ def _row(values: Sequence[Any]) -> LedgerRow:
         reason,
         carries,
         values[12],
+        values[13],
     )
 
 
@@ -194,14 +197,17 @@ class Ledger:
         receipts: Mapping[tuple[bytes, int], Iterable[int]],
         *,
         asked: Mapping[bytes, Sequence[bytes]] | None = None,
-        answered: Mapping[bytes, Sequence[bytes]] | None = None,
+        answers: Mapping[tuple[bytes, int], Sequence[bytes]] | None = None,
+        gone: Mapping[bytes, Sequence[bytes]] | None = None,
         now_ms: int = 0,
     ) -> None:
         """Record new envelopes, and that the owed receipts for ``receipts`` ((peer,
         receipt envelope's seq) -> seqs) are sealed in them: one transaction. They
         stay owed until that envelope is at a relay or in a file. Per peer, the
-        entries these envelopes ask it for (``asked``, at ``now_ms``) and those of
-        its asks they answer (``answered``, see ``store/wants.py``)."""
+        entries these envelopes ask it for (``asked``, at ``now_ms``), per envelope
+        the asks of the peer it answers (``answers``), and per peer the asks
+        answered with nothing (``gone``: entries no longer held); see
+        ``store/wants.py``."""
         values = [
             (
                 r.peer,
@@ -217,12 +223,13 @@ class Ledger:
                 r.reason,
                 canonical.encode([list(c) for c in r.carries]),
                 r.rules,
+                r.asks,
             )
             for r in rows
         ]
         with self._db.writing() as conn:
             conn.executemany(
-                f"INSERT INTO mail_out ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", values
+                f"INSERT INTO mail_out ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values
             )
             for (peer, envelope), seqs in receipts.items():
                 conn.executemany(
@@ -231,7 +238,9 @@ class Ledger:
                 )
             for peer, ids in (asked or {}).items():
                 _wants.asked(conn, peer, ids, now_ms)
-            for peer, ids in (answered or {}).items():
+            for (peer, envelope), ids in (answers or {}).items():
+                _wants.answering(conn, peer, envelope, ids)
+            for peer, ids in (gone or {}).items():
                 _wants.answered(conn, peer, ids)
 
     def wanted(self, peer: bytes, limit: int) -> list[bytes]:
@@ -273,6 +282,8 @@ class Ledger:
                     "WHERE peer = ? AND seq = ?",
                     (state.value, place, until_ms, now_ms if final else None, reason, peer, seq),
                 )
+                if state is State.ACKNOWLEDGED:  # the asks it answers are done
+                    _wants.acknowledged(conn, peer, seq)
                 if state in (State.AT_RELAY, State.HANDED_OVER):  # its receipts are on their way
                     conn.execute(
                         "DELETE FROM mail_due WHERE peer = ? AND receipt = ?", (peer, seq)

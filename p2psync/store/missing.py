@@ -24,7 +24,7 @@ a copy without it too is not asked for it again for :data:`LACKED_FOR_MS`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from p2psync.core.entry import decode_stored
@@ -109,12 +109,14 @@ def to_ask(
     peer: bytes | None = None,
     now_ms: int = 0,
     asked_since: int | None = None,
+    authors: Mapping[bytes, int] | None = None,
 ) -> list[Missing]:
     """Ops missing here whose collection ``may_receive`` says ``peer`` may send,
     leaving out those ``peer`` lacked too when last asked (within
     :data:`LACKED_FOR_MS`) and, given ``asked_since``, those asked of it through
-    the mailbox since then (``store/wants.py``): at most ``limit``, by
-    collection, author and seq."""
+    the mailbox since then (``store/wants.py``), and, given ``authors``, all but
+    those of these authors up to these seqs (what the peer holds): at most
+    ``limit``, by collection, author and seq."""
     rows: list[Missing] = []
     sql = (
         "SELECT m.entry, m.op, m.collection, m.author, m.seq FROM payloads_missing m "
@@ -126,14 +128,24 @@ def to_ask(
             "AND NOT EXISTS (SELECT 1 FROM mail_asked k "
             "WHERE k.peer = ? AND k.entry = m.entry AND k.at > ?) "
         )
+    if authors is not None:
+        sql += "AND m.author = ? AND m.seq <= ? "
     sql += "ORDER BY m.collection, m.author, m.seq, m.op LIMIT ?"
+    bounds: list[tuple[object, ...]] = (
+        [()] if authors is None else [(a, seq) for a, seq in sorted(authors.items())]
+    )
     for collection in _collections(conn):
         if len(rows) >= limit or not may_receive(collection):
             continue
         args: list[object] = [collection, peer or b"", now_ms - LACKED_FOR_MS]
         if asked_since is not None:
             args += [peer or b"", asked_since]
-        rows.extend(Missing(*row) for row in conn.execute(sql, [*args, limit - len(rows)]))
+        for bound in bounds:  # (one index range per author: none is starved)
+            if len(rows) >= limit:
+                break
+            rows.extend(
+                Missing(*row) for row in conn.execute(sql, [*args, *bound, limit - len(rows)])
+            )
     return rows
 
 

@@ -70,9 +70,11 @@ serves nothing from there and a peer sends the rest again.
 
 Version 17 carries ``Want`` through the mailbox (:mod:`p2psync.store.wants`):
 ``mail_wanted`` holds the entries a peer asked us for in a bundle's ``wants``
-(peer, entry, when), answered in our next bundles to it; ``mail_asked`` the
-entries we asked a peer for that way (peer, entry, when), not asked again for
-:data:`p2psync.store.wants.ASK_AGAIN_MS`.
+(peer, entry, when, and the seq of our envelope that answers it, until the peer
+acknowledges that one); ``mail_asked`` the entries we asked a peer for that way
+(peer, entry, when), not asked again for
+:data:`p2psync.store.wants.ASK_AGAIN_MS`; ``mail_out`` gains ``asks``: how many
+entries an envelope asks for.
 
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
@@ -386,12 +388,15 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
     # payloads asked for and asked of us through the mailbox (store/wants.py)
     17: """
     CREATE TABLE mail_wanted (
-        peer  BLOB NOT NULL,
-        entry BLOB NOT NULL,
-        at    INTEGER NOT NULL,
+        peer   BLOB NOT NULL,
+        entry  BLOB NOT NULL,
+        at     INTEGER NOT NULL,
+        answer INTEGER,
         PRIMARY KEY (peer, entry)
     ) WITHOUT ROWID;
+    ALTER TABLE mail_out ADD COLUMN asks INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX mail_wanted_by_time ON mail_wanted (peer, at, entry);
+    CREATE INDEX mail_wanted_by_answer ON mail_wanted (peer, answer);
     CREATE TABLE mail_asked (
         peer  BLOB NOT NULL,
         entry BLOB NOT NULL,

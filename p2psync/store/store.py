@@ -217,12 +217,14 @@ class Store:
         now_ms: int = 0,
         limit: int = MAX_ASKED_PER_SESSION,
         asked_since: int | None = None,
+        authors: Mapping[bytes, int] | None = None,
     ) -> list[missing.Missing]:
         """Ops held without their payload in collections ``may_receive`` accepts,
         but those ``peer`` lacked too when last asked (and, given ``asked_since``,
-        those asked of it through the mailbox since; see :func:`missing.to_ask`)."""
+        those asked of it through the mailbox since; given ``authors``, only
+        theirs up to those seqs; see :func:`missing.to_ask`)."""
         with self._reader.reading() as conn:
-            return missing.to_ask(conn, may_receive, limit, peer, now_ms, asked_since)
+            return missing.to_ask(conn, may_receive, limit, peer, now_ms, asked_since, authors)
 
     def entry_at(self, author: bytes, seq: int) -> logs.Outgoing | None:
         with self._reader.reading() as conn:

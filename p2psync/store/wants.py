@@ -5,8 +5,10 @@ wanted").
 * ``mail_wanted`` — entries a peer asked us for in a bundle's ``wants``. Only
   entries we hold are kept (an ID we do not hold asks for nothing), at most
   :data:`MAX_WANTED` per peer; our next bundles to it carry them again (their
-  payloads withheld as the rules say), and the rows go in the transaction that
-  records those envelopes. Asks nobody answered within :data:`WANTED_FOR_MS` go.
+  payloads withheld as the rules say), and each row names the envelope that
+  answers it (``answer``), recorded in the same transaction. The row goes when
+  the peer acknowledges that envelope; while it is refused or expired the ask is
+  answered again. Asks not done within :data:`WANTED_FOR_MS` go.
 * ``mail_asked`` — entries we asked a peer for that way: not asked again for
   :data:`ASK_AGAIN_MS` (the answer takes a relay round trip; a peer that lacks
   the payload too, or is too old to read ``wants``, is not asked at every
@@ -42,9 +44,9 @@ def want(conn: sqlite3.Connection, peer: bytes, ids: Sequence[bytes], now_ms: in
         ).fetchone()
         if known is None and room <= 0:
             continue
-        cursor = conn.execute(
-            "INSERT OR REPLACE INTO mail_wanted (peer, entry, at) "
-            "SELECT ?, id, ? FROM entries WHERE id = ?",
+        cursor = conn.execute(  # (asked again: to answer again)
+            "INSERT OR REPLACE INTO mail_wanted (peer, entry, at, answer) "
+            "SELECT ?, id, ?, NULL FROM entries WHERE id = ?",
             (peer, now_ms, entry),
         )
         if cursor.rowcount > 0:
@@ -55,15 +57,34 @@ def want(conn: sqlite3.Connection, peer: bytes, ids: Sequence[bytes], now_ms: in
 
 
 def wanted(conn: sqlite3.Connection, peer: bytes, limit: int) -> list[bytes]:
-    """The oldest ``limit`` entries ``peer`` asked for that are still to answer."""
+    """The oldest ``limit`` entries ``peer`` asked for that are still to answer:
+    not answered yet, or answered by an envelope that was refused or expired (or
+    that the ledger no longer holds)."""
     rows = conn.execute(
-        "SELECT entry FROM mail_wanted WHERE peer = ? ORDER BY at, entry LIMIT ?", (peer, limit)
+        "SELECT w.entry FROM mail_wanted w LEFT JOIN mail_out o "
+        "ON o.peer = w.peer AND o.seq = w.answer WHERE w.peer = ? "
+        "AND (w.answer IS NULL OR o.seq IS NULL OR o.state IN ('refused', 'expired')) "
+        "ORDER BY w.at, w.entry LIMIT ?",
+        (peer, limit),
     )
     return [row[0] for row in rows]
 
 
+def answering(conn: sqlite3.Connection, peer: bytes, envelope: int, ids: Iterable[bytes]) -> None:
+    """Our envelope ``envelope`` to ``peer`` answers these of its asks."""
+    conn.executemany(
+        "UPDATE mail_wanted SET answer = ? WHERE peer = ? AND entry = ?",
+        [(envelope, peer, e) for e in ids],
+    )
+
+
+def acknowledged(conn: sqlite3.Connection, peer: bytes, envelope: int) -> None:
+    """``peer`` acknowledged our envelope ``envelope``: the asks it answers are done."""
+    conn.execute("DELETE FROM mail_wanted WHERE peer = ? AND answer = ?", (peer, envelope))
+
+
 def answered(conn: sqlite3.Connection, peer: bytes, ids: Iterable[bytes]) -> None:
-    """These asks of ``peer`` are answered (an envelope carrying them is recorded)."""
+    """These asks of ``peer`` are done without an answer (entries no longer held)."""
     conn.executemany(
         "DELETE FROM mail_wanted WHERE peer = ? AND entry = ?", [(peer, e) for e in ids]
     )
