@@ -144,8 +144,8 @@ def _outcome(
         parts.append(f"payloads of {output.count(row.filled, 'entry', 'entries')} arrived")
     if row.wanted:
         parts.append(
-            f"it asked for {output.count(row.wanted, 'entry', 'entries')} again "
-            "(they go with the next exchange)"
+            f"it asked for the payloads of {output.count(row.wanted, 'entry', 'entries')} "
+            "again (they go to it with what it lacks)"
         )
     if row.acknowledged:
         parts.append(f"{output.plural(row.acknowledged, 'envelope')} of ours acknowledged")

@@ -356,6 +356,12 @@ def _asks(db: OpenHome, peer: bytes, flow: Flow, now_ms: int, room: int) -> list
     ``Want`` (``store/wants.py``)."""
     if not flow.receiving:
         return []
+    # at most ASKS_PER_CALL envelopes of asks on their way at once: the next ones
+    # once the peer's receipts say it took these (or they expired)
+    rows = db.store.ledger.rows(peer, IN_FLIGHT)
+    waiting = sum(1 for r in rows if r.cls == EnvelopeClass.DATA.value and r.asks)
+    if waiting >= ASKS_PER_CALL:
+        return []
     local = heads_of(db.store.heads())
     held = {  # what the peer holds, of authors neither side froze
         author: head.seq
@@ -375,7 +381,7 @@ def _asks(db: OpenHome, peer: bytes, flow: Flow, now_ms: int, room: int) -> list
         asked_since=now_ms - ASK_AGAIN_MS,
         authors=held,
     )
-    wanted = sorted({m.entry for m in missing})[: ASKS_PER_CALL * per]
+    wanted = sorted({m.entry for m in missing})[: (ASKS_PER_CALL - waiting) * per]
     drafts = []
     for start in range(0, len(wanted), per):
         chunk = tuple(wanted[start : start + per])

@@ -44,9 +44,13 @@ def want(conn: sqlite3.Connection, peer: bytes, ids: Sequence[bytes], now_ms: in
         ).fetchone()
         if known is None and room <= 0:
             continue
-        cursor = conn.execute(  # (asked again: to answer again)
-            "INSERT OR REPLACE INTO mail_wanted (peer, entry, at, answer) "
-            "SELECT ?, id, ?, NULL FROM entries WHERE id = ?",
+        cursor = conn.execute(  # asked again: answered again, unless an answer is on its way
+            "INSERT INTO mail_wanted (peer, entry, at, answer) "
+            "SELECT ?, id, ?, NULL FROM entries WHERE id = ? "
+            "ON CONFLICT (peer, entry) DO UPDATE SET at = excluded.at, answer = CASE "
+            "WHEN (SELECT o.state FROM mail_out o WHERE o.peer = mail_wanted.peer "
+            "AND o.seq = mail_wanted.answer) IN ('queued', 'at-relay', 'handed-over') "
+            "THEN mail_wanted.answer END",
             (peer, now_ms, entry),
         )
         if cursor.rowcount > 0:
