@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,3 +212,28 @@ def test_watch_prints_a_change_made_by_another_process(tmp_path: Path) -> None:
         [*base, "watch", "--since", "-3"], check=False, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.trio_memory
+async def test_watch_async_yields_changes_as_they_are_applied(make_db: MakeDb) -> None:
+    db = make_db("a")
+    db.put("stock", "before", 0)
+    seen: list[tuple[int, str]] = []
+
+    async def consume() -> None:
+        async for change in db.watch_async(since=db.last_change(), poll=0.01):
+            seen.append((change.change, change.key))
+            if len(seen) == 2:
+                return
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await trio.sleep(0.05)
+            db.put("stock", "x", 1)
+            await trio.sleep(0.05)
+            db.put("stock", "y", 2)
+    assert seen == [(2, "x"), (3, "y")]
+    with pytest.raises(p2psync.UsageError):
+        async for _ in db.watch_async(since=-1):
+            pass
