@@ -86,9 +86,17 @@ WATCH_POLL_S = 0.05
 
 
 def _since(since: int) -> int:
-    if type(since) is not int or since < 0:
+    if type(since) is not int or not 0 <= since < 1 << 63:
         raise UsageError(f"a change number is a whole number of 0 or more, not {since!r}")
     return since
+
+
+def _names(collections: Sequence[str] | None) -> list[str] | None:
+    if collections is None:
+        return None
+    if isinstance(collections, str):
+        raise UsageError("collections is a list of names (a single name in a list: [name])")
+    return list(collections)
 
 
 def open(home: str | os.PathLike[str] | None = None) -> Database:
@@ -223,9 +231,16 @@ class Database:
         given), in change order, each once at its latest state: keep the
         ``change`` of the last one handled and pass it next time to resume exactly
         there (``docs/change-feed.md``). Read a page at a time."""
-        since = _since(since)
+        since, names = _since(since), _names(collections)
+        last = self.store.last_change()
+        if since > last:
+            raise UsageError(
+                f"change {since} is beyond this store's latest ({last}): a number kept "
+                "for another home, or this home was restored from a backup; start again "
+                "from 0 (or from `last_change()`)"
+            )
         while True:
-            page = self.store.changes(since, collections)
+            page = self.store.changes(since, names)
             yield from page
             if len(page) < feed.PAGE:
                 return
@@ -242,13 +257,15 @@ class Database:
         """Like :meth:`changes`, then each change as it is applied (by this
         process or another: the store is looked at every ``poll`` seconds), for
         ever, or until ``timeout`` seconds pass with no change."""
-        since = _since(since)
+        since, names = _since(since), _names(collections)
         quiet_since = time.monotonic()
         while True:
-            for change in self.changes(since, collections):
+            top = self.store.last_change()  # every change up to it is committed
+            for change in self.changes(since, names):
                 yield change
                 since = change.change
                 quiet_since = time.monotonic()
+            since = max(since, top)  # (changes up to it not followed: passed over)
             if timeout is not None and time.monotonic() - quiet_since >= timeout:
                 return
             last = self.store.last_change()
@@ -266,16 +283,19 @@ class Database:
         poll: float = WATCH_POLL_S,
     ) -> AsyncIterator[RecordChange]:
         """:meth:`watch` for trio programs: the store is read in a worker thread
-        and the wait is a ``trio.sleep``, so other tasks run meanwhile."""
+        and the wait is a ``trio.sleep``, so other tasks run meanwhile. It runs
+        until cancelled (``trio.move_on_after`` for a time limit)."""
         import trio  # noqa: PLC0415 (the command line starts without trio)
 
-        since = _since(since)
+        since, names = _since(since), _names(collections)
         while True:
-            page = await trio.to_thread.run_sync(self.store.changes, since, collections)
+            top = await trio.to_thread.run_sync(self.store.last_change)
+            page = await trio.to_thread.run_sync(self.store.changes, since, names)
             for change in page:
                 yield change
                 since = change.change
             if len(page) < feed.PAGE:
+                since = max(since, top)
                 await trio.sleep(poll)
 
     def conflicts(self) -> list[Conflict]:

@@ -74,6 +74,7 @@ def undo_from_16(conn: sqlite3.Connection) -> None:
 def undo_17_18(conn: sqlite3.Connection) -> None:
     """Drop what versions 17 (asks through the mailbox) and 18 (the change feed's
     numbers) added; the caller deletes the migrations' rows."""
+    conn.execute("DROP TRIGGER records_numbered")  # version 18
     conn.execute("DROP INDEX records_by_change")  # version 18
     conn.execute("ALTER TABLE records DROP COLUMN change")  # version 18
     conn.execute("DROP TABLE mail_wanted")  # version 17

@@ -84,6 +84,7 @@ def test_a_store_from_before_the_feed_numbers_its_records_in_clock_order(
     path = db.home.store_path
     db.close()
     with sqlite3.connect(path) as conn:
+        conn.execute("DROP TRIGGER records_numbered")
         conn.execute("DROP INDEX records_by_change")
         conn.execute("ALTER TABLE records DROP COLUMN change")
         conn.execute("DELETE FROM schema_migrations WHERE version >= 18")

@@ -44,7 +44,7 @@ def change_text(change: RecordChange) -> str:
 @click.command()
 @click.option(
     "--since",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=(1 << 63) - 1),
     default=None,
     help="Start after this change number (default: only changes from now on).",
 )

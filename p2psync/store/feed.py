@@ -57,16 +57,34 @@ def changes_after(
 ) -> list[RecordChange]:
     """The records changed after ``since`` (in ``collections``, if given), in
     change order, at most ``limit``."""
+    # read along the change index (never a scan of a whole collection), the
+    # collections filtered as it goes
     sql = (
         "SELECT change, collection, key, payload, deleted, author, entry, hlc, conflicted "
-        "FROM records WHERE change > ?"
+        "FROM records INDEXED BY records_by_change WHERE change > ?"
     )
-    args: list[object] = [since]
-    if collections is not None:
-        sql += f" AND collection IN ({','.join('?' * len(collections))})"
-        args.extend(collections)
-    sql += " ORDER BY change LIMIT ?"
-    args.append(limit)
+    wanted = None if collections is None else frozenset(collections)
+    if wanted is not None and len(wanted) <= MAX_NAMED:
+        sql += f" AND collection IN ({','.join('?' * len(wanted))})"
+        found = _rows(conn, sql, [since, *sorted(wanted)], limit)
+        return found
+    found = []
+    while len(found) < limit:  # many names: filtered here, a page at a time
+        page = _rows(conn, sql, [since], PAGE)
+        found += [c for c in page if wanted is None or c.collection in wanted]
+        if len(page) < PAGE:
+            break
+        since = page[-1].change
+    return found[:limit]
+
+
+#: Collections named in the query at most (beyond, they are filtered as read).
+MAX_NAMED = 500
+
+
+def _rows(
+    conn: sqlite3.Connection, sql: str, args: list[object], limit: int
+) -> list[RecordChange]:
     return [
         RecordChange(
             number,
@@ -80,14 +98,20 @@ def changes_after(
             bool(conflicted),
         )
         for number, collection, key, payload, deleted, author, entry, hlc, conflicted in (
-            conn.execute(sql, args)
+            conn.execute(sql + " ORDER BY change LIMIT ?", [*args, limit])
         )
     ]
 
 
 def number(conn: sqlite3.Connection) -> None:
-    """Number the records of a store from before version 18, in clock order
-    (the migration)."""
+    """Number the records of a store from before version 18, in clock order, and
+    make the trigger that numbers a row written without a number (a writer from
+    before version 18, still running, names no ``change``): the migration."""
+    conn.execute(
+        "CREATE TRIGGER records_numbered AFTER INSERT ON records WHEN NEW.change = 0 "
+        "BEGIN UPDATE records SET change = (SELECT max(change) FROM records) + 1 "
+        "WHERE collection = NEW.collection AND key = NEW.key; END"
+    )
     conn.execute(
         "UPDATE records SET change = n.num FROM (SELECT collection, key, "
         "row_number() OVER (ORDER BY hlc, collection, key) AS num FROM records) AS n "

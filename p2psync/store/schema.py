@@ -78,7 +78,9 @@ entries an envelope asks for.
 
 Version 18 gives ``records`` a ``change`` column, indexed: the number of the
 last change applied to the record, increasing across the store (the change feed,
-:mod:`p2psync.store.feed`); records held before are numbered in clock order.
+:mod:`p2psync.store.feed`); records held before are numbered in clock order, and a
+trigger numbers a row written without one (a writer from before version 18 still
+running).
 
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
