@@ -11,6 +11,8 @@
         db.get("vouchers", "V-1001")
         list(db.scan("vouchers", prefix="V-"))
         db.conflicts()
+        for change in db.changes(since=last_seen):   # the change feed
+            ...
 
 Several processes may open one home at once; reads never wait for writers and
 writes are serialised by the store.
@@ -21,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,8 +35,10 @@ from p2psync.core import canonical, hlc
 from p2psync.core.canonical import Value
 from p2psync.core.entry import OpKind, check_collection, check_key, decode_stored, wire_form
 from p2psync.core.identity import Identity
-from p2psync.errors import HomeError
+from p2psync.errors import HomeError, UsageError
 from p2psync.net import agentsockets
+from p2psync.store import feed
+from p2psync.store.feed import RecordChange
 from p2psync.store.ingest import IngestResult
 from p2psync.store.records import Conflict, VersionInfo
 from p2psync.store.store import AuthorState, Change, Store
@@ -47,6 +52,7 @@ __all__ = [
     "IngestResult",
     "LogEntry",
     "LogOp",
+    "RecordChange",
     "Transaction",
     "VerifyReport",
     "VersionInfo",
@@ -73,6 +79,24 @@ class LogEntry:
     hlc: int
     signature: bytes
     ops: tuple[LogOp, ...]
+
+
+#: How often :meth:`Database.watch` looks for new changes.
+WATCH_POLL_S = 0.05
+
+
+def _since(since: int) -> int:
+    if type(since) is not int or not 0 <= since < 1 << 63:
+        raise UsageError(f"a change number is a whole number of 0 or more, not {since!r}")
+    return since
+
+
+def _names(collections: Sequence[str] | None) -> list[str] | None:
+    if collections is None:
+        return None
+    if isinstance(collections, str):
+        raise UsageError("collections is a list of names (a single name in a list: [name])")
+    return list(collections)
 
 
 def open(home: str | os.PathLike[str] | None = None) -> Database:
@@ -193,6 +217,86 @@ class Database:
 
     def collections(self) -> list[tuple[str, int]]:
         return self.store.collections()
+
+    # ------------------------------------------------------------ the change feed
+
+    def last_change(self) -> int:
+        """The number of the latest change applied to the store (0: none yet)."""
+        return self.store.last_change()
+
+    def changes(
+        self, since: int = 0, collections: Sequence[str] | None = None
+    ) -> Iterator[RecordChange]:
+        """Every record changed after change ``since`` (in ``collections``, if
+        given), in change order, each once at its latest state: keep the
+        ``change`` of the last one handled and pass it next time to resume exactly
+        there (``docs/change-feed.md``). Read a page at a time."""
+        since, names = _since(since), _names(collections)
+        last = self.store.last_change()
+        if since > last:
+            raise UsageError(
+                f"change {since} is beyond this store's latest ({last}): a number kept "
+                "for another home, or this home was restored from a backup; start again "
+                "from 0 (or from `last_change()`)"
+            )
+        while True:
+            page = self.store.changes(since, names)
+            yield from page
+            if len(page) < feed.PAGE:
+                return
+            since = page[-1].change
+
+    def watch(
+        self,
+        since: int = 0,
+        collections: Sequence[str] | None = None,
+        *,
+        poll: float = WATCH_POLL_S,
+        timeout: float | None = None,
+    ) -> Iterator[RecordChange]:
+        """Like :meth:`changes`, then each change as it is applied (by this
+        process or another: the store is looked at every ``poll`` seconds), for
+        ever, or until ``timeout`` seconds pass with no change."""
+        since, names = _since(since), _names(collections)
+        quiet_since = time.monotonic()
+        while True:
+            top = self.store.last_change()  # every change up to it is committed
+            for change in self.changes(since, names):
+                yield change
+                since = change.change
+                quiet_since = time.monotonic()
+            since = max(since, top)  # (changes up to it not followed: passed over)
+            if timeout is not None and time.monotonic() - quiet_since >= timeout:
+                return
+            last = self.store.last_change()
+            while last <= since:
+                time.sleep(poll)
+                if timeout is not None and time.monotonic() - quiet_since >= timeout:
+                    return
+                last = self.store.last_change()
+
+    async def watch_async(
+        self,
+        since: int = 0,
+        collections: Sequence[str] | None = None,
+        *,
+        poll: float = WATCH_POLL_S,
+    ) -> AsyncIterator[RecordChange]:
+        """:meth:`watch` for trio programs: the store is read in a worker thread
+        and the wait is a ``trio.sleep``, so other tasks run meanwhile. It runs
+        until cancelled (``trio.move_on_after`` for a time limit)."""
+        import trio  # noqa: PLC0415 (the command line starts without trio)
+
+        since, names = _since(since), _names(collections)
+        while True:
+            top = await trio.to_thread.run_sync(self.store.last_change)
+            page = await trio.to_thread.run_sync(self.store.changes, since, names)
+            for change in page:
+                yield change
+                since = change.change
+            if len(page) < feed.PAGE:
+                since = max(since, top)
+                await trio.sleep(poll)
 
     def conflicts(self) -> list[Conflict]:
         return self.store.conflicts()

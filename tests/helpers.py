@@ -63,17 +63,21 @@ def flip_bit(data: bytes, bit: int) -> bytes:
 
 def undo_from_16(conn: sqlite3.Connection) -> None:
     """Take a store back to schema version 15: drop what versions 16 (the ops held
-    without payload, damaged entries) and 17 (asks through the mailbox) added."""
+    without payload, damaged entries), 17 (asks through the mailbox) and 18 (the
+    change feed) added."""
+    undo_17_18(conn)
     for table in ("payloads_missing", "missing_superseded", "missing_lacked", "entries_damaged"):
         conn.execute(f"DROP TABLE {table}")  # version 16
-    undo_17(conn)
     conn.execute("DELETE FROM schema_migrations WHERE version >= 16")
 
 
-def undo_17(conn: sqlite3.Connection) -> None:
-    """Drop what version 17 (asks through the mailbox) added; the caller deletes
-    the migration's row."""
-    conn.execute("DROP TABLE mail_wanted")
-    conn.execute("DROP TABLE mail_asked")
+def undo_17_18(conn: sqlite3.Connection) -> None:
+    """Drop what versions 17 (asks through the mailbox) and 18 (the change feed's
+    numbers) added; the caller deletes the migrations' rows."""
+    conn.execute("DROP TRIGGER records_numbered")  # version 18
+    conn.execute("DROP INDEX records_by_change")  # version 18
+    conn.execute("ALTER TABLE records DROP COLUMN change")  # version 18
+    conn.execute("DROP TABLE mail_wanted")  # version 17
+    conn.execute("DROP TABLE mail_asked")  # version 17
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'mail_out'").fetchone():
         conn.execute("ALTER TABLE mail_out DROP COLUMN asks")  # (a test dropped it whole)

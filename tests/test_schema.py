@@ -13,7 +13,7 @@ import p2psync
 from p2psync import pairing
 from p2psync.core.rules import Terms
 from p2psync.store import schema
-from tests.helpers import undo_17
+from tests.helpers import undo_17_18
 
 pytestmark = pytest.mark.pure
 
@@ -37,7 +37,7 @@ def test_a_version_3_store_is_brought_forward_with_its_data(
         for table in ("payloads_missing", "missing_superseded", "missing_lacked"):
             conn.execute(f"DROP TABLE {table}")  # version 16
         conn.execute("DROP TABLE entries_damaged")  # version 16
-        undo_17(conn)
+        undo_17_18(conn)
         conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
         conn.execute(
             "INSERT INTO peers (key, name, state, added) VALUES (?, 'hq', 'trusted', 0)",
@@ -169,9 +169,9 @@ def test_a_version_12_store_keeps_its_joins_and_gains_refusals(
 
 def undo_14_on(conn: sqlite3.Connection) -> None:
     """Take ``rule_objects`` back to before version 14 (its size, its indexes), and
-    drop what versions 16 and 17 added (the ops held without payload, the asks
-    through the mailbox)."""
-    undo_17(conn)
+    drop what versions 16-18 added (the ops held without payload, the asks
+    through the mailbox, the change feed's numbers)."""
+    undo_17_18(conn)
     conn.execute("DROP TABLE payloads_missing")  # version 16
     conn.execute("DROP TABLE missing_superseded")  # version 16
     conn.execute("DROP TABLE missing_lacked")  # version 16

@@ -76,6 +76,12 @@ acknowledges that one); ``mail_asked`` the entries we asked a peer for that way
 :data:`p2psync.store.wants.ASK_AGAIN_MS`; ``mail_out`` gains ``asks``: how many
 entries an envelope asks for.
 
+Version 18 gives ``records`` a ``change`` column, indexed: the number of the
+last change applied to the record, increasing across the store (the change feed,
+:mod:`p2psync.store.feed`); records held before are numbered in clock order, and a
+trigger numbers a row written without one (a writer from before version 18 still
+running).
+
 Version 9 adds ``incomplete``: per collection and author, how many ops were
 applied without their payload (it was withheld upstream: a collection the
 sending path does not carry); ``status`` and ``peers`` say so when a rule would let
@@ -119,7 +125,7 @@ import sqlite3
 from collections.abc import Callable
 
 from p2psync.errors import StoreError
-from p2psync.store import missing
+from p2psync.store import feed, missing
 
 MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one)
     1: """
@@ -404,12 +410,19 @@ MIGRATIONS: dict[int, str] = {  # statements separated by ";" (none contains one
         PRIMARY KEY (peer, entry)
     ) WITHOUT ROWID
     """,
+    # the change feed (store/feed.py): the number of each record's last change;
+    # numbered by FILLS[18] for records already held
+    18: """
+    ALTER TABLE records ADD COLUMN change INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX records_by_change ON records (change)
+    """,
 }
 
 #: Migrations that need more than SQL: run after the statements of their version,
 #: in the same transaction.
 FILLS: dict[int, Callable[[sqlite3.Connection], None]] = {
     16: missing.rebuild,
+    18: feed.number,
 }
 
 LATEST = max(MIGRATIONS)

@@ -25,7 +25,7 @@ from p2psync.core.identity import Identity
 from p2psync.core.messages import Head
 from p2psync.core.rules import Mode, Rule, Terms
 from p2psync.errors import EntryError, StoreError
-from p2psync.store import joins, local, logs, meta, missing, peers, records, schema
+from p2psync.store import feed, joins, local, logs, meta, missing, peers, records, schema
 from p2psync.store import rules as rules_mod
 from p2psync.store.connection import Guard, connect, data_version
 from p2psync.store.gcpause import fewer_collections
@@ -127,6 +127,17 @@ class Store:
     def collections(self) -> list[tuple[str, int]]:
         with self._reader.reading() as conn:
             return records.collections(conn)
+
+    def changes(
+        self, since: int, collections: Sequence[str] | None = None, limit: int = feed.PAGE
+    ) -> list[feed.RecordChange]:
+        """Records changed after change ``since`` (see :mod:`p2psync.store.feed`)."""
+        with self._reader.reading() as conn:
+            return feed.changes_after(conn, since, collections, limit)
+
+    def last_change(self) -> int:
+        with self._reader.reading() as conn:
+            return feed.last_change(conn)
 
     def conflicts(self) -> list[records.Conflict]:
         with self._reader.snapshot() as conn:  # winners and losers from one snapshot

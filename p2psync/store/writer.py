@@ -33,7 +33,7 @@ from p2psync.errors import (
     FrozenAuthorError,
     WithheldError,
 )
-from p2psync.store import missing
+from p2psync.store import feed, missing
 from p2psync.store.missing import Missing
 
 META_CLOCK = "clock"
@@ -125,7 +125,9 @@ class Writer:
         # they had losers in the table), records changed since, entry rows to insert.
         self._records: dict[tuple[str, str], list[Version]] = {}
         self._had_losers: set[tuple[str, str]] = set()
-        self._dirty: set[tuple[str, str]] = set()
+        #: records changed since the last flush, in the order they changed (their
+        #: change numbers follow it)
+        self._dirty: dict[tuple[str, str], None] = {}
         self._new_entries: list[tuple[int, int, bytes, int, bytes, bytes]] = []
         #: ops applied without their payload (withheld upstream), per (collection, author)
         self._incomplete: dict[tuple[str, bytes], int] = {}
@@ -321,7 +323,7 @@ class Writer:
             kept = [v for v in old if v.entry not in op.bases]
             if len(kept) < len(old) and kept:  # (the op that named it is a head, or
                 self._records[record] = kept  # its successor: never empty)
-                self._dirty.add(record)
+                self._touch(record)
         else:
             version = Version(
                 entry.id, entry.hlc, entry.author, op.payload, op.kind is OpKind.DELETE
@@ -330,12 +332,17 @@ class Writer:
                 self._records[record] = [version]  # the common case, without merge()
             else:
                 self._records[record] = merge(old, version, op.bases)
-            self._dirty.add(record)
+            self._touch(record)
         if self.has_missing and op.bases:
             present = {v.entry for v in old}
             for base in op.bases:  # a version here that arrives late is superseded
                 if base not in present and self._is_missing(base, op.collection):
                     self._superseded.add((base, op.collection, op.key))
+
+    def _touch(self, record: tuple[str, str]) -> None:
+        """``record`` changed: it moves to the end of the order of changes."""
+        self._dirty.pop(record, None)
+        self._dirty[record] = None
 
     def _is_missing(self, entry: bytes, collection: str) -> bool:
         return (entry, collection) in self._missing_here or missing.missing_in(
@@ -459,9 +466,11 @@ class Writer:
         rows: list[tuple[object, ...]] = []
         loser_keys: list[tuple[str, str]] = []
         loser_rows: list[tuple[object, ...]] = []
+        change = feed.last_change(self.conn) if self._dirty else 0
         for record in self._dirty:
             heads = self._records[record]
             winner = heads[0]
+            change += 1
             rows.append(
                 (
                     *record,
@@ -471,6 +480,7 @@ class Writer:
                     winner.payload,
                     winner.deleted,
                     len(heads) > 1,
+                    change,
                 )
             )
             if len(heads) > 1 or record in self._had_losers:
@@ -480,7 +490,7 @@ class Writer:
                 )
         self.conn.executemany(
             "INSERT OR REPLACE INTO records (collection, key, entry, hlc, author, payload, "
-            "deleted, conflicted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "deleted, conflicted, change) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         if loser_keys:
