@@ -22,7 +22,7 @@ from p2psync.mail.exchange import ExchangeReport, _count
 from p2psync.mail.mailer import QUEUED_FOR_MS, Mailer
 from p2psync.store import wants
 from tests.test_mail import deliver, key, pair
-from tests.test_widen_relay import asks_in, exchange, widened
+from tests.test_widen_relay import asks_in, exchange, widened, write_pairs
 
 MakeDb = Callable[[str], p2psync.Database]
 DAY = 24 * 3600 * 1000
@@ -119,13 +119,7 @@ def test_one_call_makes_at_most_asks_per_call_envelopes_of_asks(make_db: MakeDb)
     envelope an ask holds far fewer IDs, so one call makes a hundred of them."""
     a, b = make_db("a"), make_db("b")
     pair(a, b, Terms.make(["stock"], route=Route.RELAY))
-    b.write(
-        [
-            p2psync.Change(p2psync.OpKind.PUT, "stock", f"s{i}", i),
-            p2psync.Change(p2psync.OpKind.PUT, "misc", f"m{i}", i),
-        ]
-        for i in range(400)
-    )
+    write_pairs(b, 400)
     exchange(a, b)
     pair(b, a, Terms.make(["misc"], route=Route.RELAY))
     out = Mailer(a).outgoing(key(b), now_ms(), max_sealed=MIN_SEALED_BYTES, max_envelopes=1)
@@ -155,13 +149,7 @@ def test_entries_the_peer_does_not_hold_do_not_starve_those_it_does(
             tx.put("misc", f"m{i}", f"misc {i}")
     exchange(a, b)
     pair(a, c, Terms.make(["stock"], route=Route.RELAY))
-    c.write(
-        [
-            p2psync.Change(p2psync.OpKind.PUT, "stock", f"c{i}", i),
-            p2psync.Change(p2psync.OpKind.PUT, "aaa", f"a{i}", i),
-        ]
-        for i in range(1030)
-    )
+    write_pairs(c, 1030, "aaa", ("c", "a"))
     exchange(a, c)
     assert a.store.incomplete() == {"misc": 2, "aaa": 1030}
     pair(b, a, Terms.make(["misc", "aaa"], route=Route.RELAY))

@@ -27,7 +27,7 @@ from p2psync.mail.mailer import Mailer
 from p2psync.store import missing, wants
 from tests.test_mail import deliver as hand
 from tests.test_mail import key, pair
-from tests.test_widen_relay import exchange, widened
+from tests.test_widen_relay import exchange, widened, write_pairs
 
 MakeDb = Callable[[str], p2psync.Database]
 DAY = 24 * 3600 * 1000
@@ -55,13 +55,7 @@ def many_missing(make_db: MakeDb, count: int) -> tuple[p2psync.Database, p2psync
     ask b for them (the rule widened)."""
     a, b = make_db("a"), make_db("b")
     pair(a, b, Terms.make(["stock"], route=Route.RELAY))
-    b.write(
-        [
-            p2psync.Change(p2psync.OpKind.PUT, "stock", f"s{i}", i),
-            p2psync.Change(p2psync.OpKind.PUT, "misc", f"m{i}", i),
-        ]
-        for i in range(count)
-    )
+    write_pairs(b, count)
     exchange(a, b)
     pair(b, a, Terms.make(["misc"], route=Route.RELAY))
     return a, b

@@ -33,6 +33,19 @@ from tests.test_widen import holdings, write_history
 MakeDb = Callable[[str], p2psync.Database]
 
 
+def write_pairs(
+    db: p2psync.Database, count: int, other: str = "misc", prefixes: tuple[str, str] = ("s", "m")
+) -> None:
+    """``count`` entries, each a put in 'stock' and one in ``other`` (value: its index)."""
+    db.write(
+        [
+            p2psync.Change(p2psync.OpKind.PUT, "stock", f"{prefixes[0]}{i}", i),
+            p2psync.Change(p2psync.OpKind.PUT, other, f"{prefixes[1]}{i}", i),
+        ]
+        for i in range(count)
+    )
+
+
 def exchange(a: p2psync.Database, b: p2psync.Database, *, rounds: int = 10) -> int:
     """Hand envelopes both ways until neither has anything for the other; how
     many rounds that took."""
@@ -170,13 +183,7 @@ def test_many_missing_payloads_are_asked_for_in_bundles_of_at_most_1024(
 ) -> None:
     a, b = make_db("a"), make_db("b")
     pair(a, b, Terms.make(["stock"], route=Route.RELAY))
-    b.write(
-        [
-            p2psync.Change(p2psync.OpKind.PUT, "stock", f"s{i}", i),
-            p2psync.Change(p2psync.OpKind.PUT, "misc", f"m{i}", i),
-        ]
-        for i in range(2500)
-    )
+    write_pairs(b, 2500)
     exchange(a, b)
     pair(b, a, Terms.make(["misc"], route=Route.RELAY))
     out = Mailer(a).outgoing(key(b), now_ms(), max_envelopes=None)
