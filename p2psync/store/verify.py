@@ -13,6 +13,7 @@ either makes the report not ``ok``.
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,7 +111,25 @@ def file_damage(conn: sqlite3.Connection) -> list[str]:
             unreadable.append(table)
     if unreadable:
         found.append("tables that cannot be read whole: " + ", ".join(unreadable))
+    elif owners := _owners(conn, lines):
+        # a damaged page that a whole read happens not to touch: name its table
+        found.append("damaged pages belong to: " + ", ".join(owners))
     return found
+
+
+def _owners(conn: sqlite3.Connection, lines: list[str]) -> list[str]:
+    """The tables or indexes holding the pages SQLite's check names (by the
+    ``dbstat`` table, where this SQLite has it); empty when that cannot be read."""
+    pages = sorted({int(m) for line in lines for m in re.findall(r"page (\d+)", line)})
+    owners: list[str] = []
+    try:
+        for page in pages[:100]:
+            row = conn.execute("SELECT name FROM dbstat WHERE pageno = ?", (page,)).fetchone()
+            if row is not None and row[0] not in owners:
+                owners.append(str(row[0]))
+    except sqlite3.DatabaseError:
+        return owners
+    return owners
 
 
 def _verify_author(
