@@ -81,6 +81,11 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("api", "the Python API: p2psync.open(home) -> Database", ("p2psync", "p2psync.api")),
     (
+        "views",
+        "what the CLI and the HTTP API say about the site, as plain data",
+        ("p2psync.views", "p2psync.views.*"),
+    ),
+    (
         "agent",
         "the running agent: listeners, dialers, connections, local sockets, status",
         ("p2psync.agent", "p2psync.agent.*"),

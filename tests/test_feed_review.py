@@ -204,13 +204,11 @@ def test_watch_async_takes_the_timeout_the_doc_says_it_shares(make_db: MakeDb) -
     assert "timeout" in inspect.signature(p2psync.Database.watch_async).parameters
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet: a CLI form of last_change (issue 14)")
 @pytest.mark.pure
 def test_the_latest_number_can_be_read_from_the_command_line(tmp_path: Path) -> None:
-    """A script fed by ``p2psync watch --json`` that starts "from now" has no
-    number to keep until a change arrives, and no command says the latest one
-    (``watch --no-follow`` without ``--since`` prints nothing; ``status --json``
-    has no ``last_change``): ``db.last_change()`` has no command-line form."""
+    """A script fed by ``p2psync watch --json`` that starts "from now" needs the
+    number to keep before a change arrives: ``status --json`` gives it (``store``,
+    ``last_change``), and ``status`` says it."""
     home = tmp_path / "a"
     home_mod.init(home, "a")
     with p2psync.open(home) as db:

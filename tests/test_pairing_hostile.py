@@ -20,7 +20,7 @@ from p2psync import pairing
 from p2psync.agent import agent as agent_mod
 from p2psync.agent.agent import Agent, AgentConfig
 from p2psync.agent.control import _sync
-from p2psync.cli.peers import describe_link, peer_rows
+from p2psync.cli.peers import describe_link
 from p2psync.clock import now_ms
 from p2psync.core import messages
 from p2psync.core import rules as core
@@ -34,6 +34,7 @@ from p2psync.net.oneshot import join_once, sync_once
 from p2psync.net.storeio import ChangeFeed, TrioStore
 from p2psync.net.transport import SecureStream, secure
 from p2psync.store.peers import PeerState
+from p2psync.views.peers import peer_rows
 from tests.test_pairing import key, pair_cli, session, state_of
 
 pytestmark = pytest.mark.process

@@ -16,9 +16,9 @@ import pytest
 
 import p2psync
 from p2psync import pairing
-from p2psync.cli.lookup import relationship
 from p2psync.core.identity import device_id
 from p2psync.core.rules import Terms
+from p2psync.views.peers import relationship
 from tests.agents import SpawnedAgent, cli, run, value_at, wait_for
 
 pytestmark = pytest.mark.process

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import p2psync
-from p2psync.cli.delivery import delivery, describe_delivery
+from p2psync.cli.delivery import describe_delivery
 from p2psync.cli.relaysync import _outcome
 from p2psync.clock import now_ms
 from p2psync.core.bundle import heads_of
@@ -21,6 +21,7 @@ from p2psync.mail import outbox
 from p2psync.mail.exchange import ExchangeReport, _count
 from p2psync.mail.mailer import QUEUED_FOR_MS, Mailer
 from p2psync.store import wants
+from p2psync.views.delivery import delivery
 from tests.test_mail import deliver, key, pair
 from tests.test_widen_relay import asks_in, exchange, widened, write_pairs
 

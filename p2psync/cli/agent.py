@@ -256,36 +256,17 @@ def status(state: State, as_json: bool) -> None:
     from p2psync.cli.peers import (  # noqa: PLC0415 - see the top
         describe_incomplete,
         describe_link,
-        peer_rows,
     )
+    from p2psync.views.status import site_status  # noqa: PLC0415 - see the top
 
     try:
         running: dict[str, Any] | None = agentsockets.request(state.home, {"op": "status"}, 3)
     except (AgentNotRunning, OSError, ValueError):
         running = None
     with state.open() as db:
-        authors = db.authors()
-        store = {
-            "entries": sum(a.seq for a in authors),
-            "authors": len([a for a in authors if a.seq]),
-            "conflicts": len(db.conflicts()),
-            "held": db.store.held_count(),
-        }
-        # entries marked damaged (verify --repair, or found by a peer) that no sound
-        # copy has mended yet: per author, the first damaged and the last held
-        damaged = [
-            {"author": short_id(author), "seq": first, "held_to": last}
-            for author, (first, last) in sorted(db.store.held_back().items())
-        ]
-        rows = [row for row in peer_rows(db, running) if row["state"] != "discovered (not paired)"]
-        me = {"device_id": db.device_id, "name": db.home.name}
-    document: dict[str, Any] = {
-        **me,
-        "running": running is not None,
-        "agent": running,
-        "store": {**store, "damaged": damaged},
-        "peers": rows,
-    }
+        document = site_status(db, running)
+    me = {"device_id": document["device_id"], "name": document["name"]}
+    store, rows = document["store"], document["peers"]
     if as_json:
         output.emit_json(document)
         return
@@ -299,9 +280,10 @@ def status(state: State, as_json: bool) -> None:
     click.echo(
         f"store: {output.plural(store['entries'], 'entry', 'entries')} from "
         f"{output.plural(store['authors'], 'author')}, "
-        f"{output.plural(store['conflicts'], 'conflict')}, {store['held']} held"
+        f"{output.plural(store['conflicts'], 'conflict')}, {store['held']} held, "
+        f"last change {store['last_change']} (`p2psync watch --since N`)"
     )
-    for hurt in damaged:
+    for hurt in store["damaged"]:
         click.echo(
             f"store: entry {hurt['seq']} of {hurt['author']} is damaged here and waits for a "
             f"sound copy from a peer; until then entries {hurt['seq']}-{hurt['held_to']} of "

@@ -10,7 +10,7 @@ from typing import Any, Protocol, TypeVar, overload
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Rule, RuleState, in_force, on_demand_only
+from p2psync.core.rules import Rule, RuleState
 from p2psync.errors import (
     AgentNotRunning,
     InvalidDeviceID,
@@ -20,8 +20,7 @@ from p2psync.errors import (
 )
 from p2psync.net import agentsockets as sockets
 from p2psync.net.address import parse_address
-from p2psync.pairing import last_ended
-from p2psync.store.peers import Peer, PeerState
+from p2psync.store.peers import Peer
 from p2psync.store.rules import Invite
 
 
@@ -184,28 +183,6 @@ def waiting_for_us(db: Database, rule: Rule) -> Rule:
 
 def notify(state: State) -> None:
     sockets.notify(state.home, sockets.CHANGED_PEERS)
-
-
-def relationship(me: bytes, peer: Peer, rules: list[Rule]) -> str:
-    """paired / pending / rejected / revoked / removed / not paired, in words."""
-    if peer.state is PeerState.REMOVED:
-        return "removed"
-    paired_by = in_force(rules)
-    if paired_by:
-        if on_demand_only(paired_by):
-            return "paired (on demand: p2psync sync)"
-        return "paired"
-    if any(r.state is RuleState.PROPOSED and r.acceptor == me for r in rules):
-        return "pending: awaiting your answer (p2psync pair pending)"
-    if any(r.state is RuleState.PROPOSED and r.proposer == me for r in rules):
-        return "pending: awaiting their answer"
-    ended = last_ended(rules)
-    if ended is not None and ended.state is RuleState.REJECTED:
-        who = "you" if ended.acceptor == me else "them"
-        return f"rejected by {who}: {ended.reason}"
-    if ended is not None:
-        return "not paired: the rules were revoked"
-    return "not paired"
 
 
 def agent_status(state: State) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from p2psync.cli.lookup import (
     resolve_invite,
     resolve_peer,
 )
-from p2psync.cli.rule import rule_row, say_proposal
+from p2psync.cli.rule import say_proposal
 from p2psync.cli.terms import (
     RuleOptions,
     accept_in_view,
@@ -44,6 +44,7 @@ from p2psync.errors import (
 from p2psync.net.address import parse_address
 from p2psync.store.peers import Peer, PeerState
 from p2psync.store.rules import MAX_STRANGERS, Invite
+from p2psync.views.rules import pending
 
 
 @click.group()
@@ -465,30 +466,7 @@ def pair_pending(state: State, as_json: bool) -> None:
     """Pairing requests and rule proposals waiting for an answer, and invite codes
     joined through a relay waiting for the inviter."""
     with state.open() as db:
-        me = db.identity.public_key
-        db.store.expire_requests(me, now_ms())  # what a running agent sweeps hourly
-        waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
-        names = {p.key: p.name for p in db.store.peers()}
-        joins = db.store.relay_joins()
-        known = db.store.not_strangers(me)
-    rows = [{"kind": "rule", **rule_row(me, r, names)} for r in waiting]
-    strangers = len({r.proposer for r in waiting if r.acceptor == me and r.proposer not in known})
-    now = now_ms()
-    joined: list[dict[str, Any]] = [
-        {
-            "kind": "join",
-            "awaiting": "them",
-            "peer": device_id(j.inviter),
-            "peer_name": names.get(j.inviter),
-            "invite": j.invite.hex(),
-            "relay": device_id(j.relay),
-            "since": j.created,
-            "expires": j.expires,
-            "expired": j.expires < now,
-            "refused": j.refused,
-        }
-        for j in joins
-    ]
+        rows, joined, strangers = pending(db)
     if as_json:
         output.emit_json(rows + joined)
         return

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from p2psync import pairing
@@ -18,10 +16,11 @@ from p2psync.cli.lookup import (
     waiting_for_us,
 )
 from p2psync.cli.terms import RuleOptions, accept_in_view, rule_options
-from p2psync.core.identity import device_id, short_id
-from p2psync.core.rules import Rule, RuleState
+from p2psync.core.identity import short_id
+from p2psync.core.rules import RuleState
 from p2psync.errors import StateError
 from p2psync.store.peers import Peer
+from p2psync.views.rules import rule_row
 
 
 @click.group()
@@ -141,30 +140,6 @@ def rule_revoke(state: State, rule_id: str) -> None:
         pairing.revoke(db, found)
     notify(state)
     click.echo(f"revoked rule {found.id.hex()[:12]}")
-
-
-def rule_row(me: bytes, rule: Rule, names: dict[bytes, str | None]) -> dict[str, Any]:
-    peer = rule.acceptor if rule.proposer == me else rule.proposer
-    return {
-        "id": rule.id.hex(),
-        "peer": device_id(peer),
-        "peer_name": names.get(peer),
-        "proposed_by": "you" if rule.proposer == me else "them",
-        "awaiting": (
-            None
-            if rule.state is not RuleState.PROPOSED
-            else "you"
-            if rule.acceptor == me
-            else "them"
-        ),
-        "state": rule.state.value,
-        "reason": rule.reason,
-        "terms": rule.terms_for(me).describe(),
-        "collections": list(rule.terms.collections),
-        "direction": rule.terms_for(me).direction.value,
-        "mode": rule.terms.mode.value,
-        "route": rule.terms.route.value,
-    }
 
 
 COMMANDS = (rule,)

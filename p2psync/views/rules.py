@@ -1,0 +1,66 @@
+"""Rules and pairing requests as rows (``rule list``, ``pair pending``, the HTTP API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2psync.clock import now_ms
+from p2psync.core.identity import device_id
+from p2psync.core.rules import Rule, RuleState
+from p2psync.home import OpenHome
+
+
+def rule_row(me: bytes, rule: Rule, names: dict[bytes, str | None]) -> dict[str, Any]:
+    peer = rule.acceptor if rule.proposer == me else rule.proposer
+    return {
+        "id": rule.id.hex(),
+        "peer": device_id(peer),
+        "peer_name": names.get(peer),
+        "proposed_by": "you" if rule.proposer == me else "them",
+        "awaiting": (
+            None
+            if rule.state is not RuleState.PROPOSED
+            else "you"
+            if rule.acceptor == me
+            else "them"
+        ),
+        "state": rule.state.value,
+        "reason": rule.reason,
+        "terms": rule.terms_for(me).describe(),
+        "collections": list(rule.terms.collections),
+        "direction": rule.terms_for(me).direction.value,
+        "mode": rule.terms.mode.value,
+        "route": rule.terms.route.value,
+    }
+
+
+def pending(db: OpenHome) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Pairing requests and rule proposals waiting for an answer (``kind`` "rule"),
+    invite codes joined through a relay waiting for the inviter (``kind`` "join"),
+    and how many agents not paired with us (nor asked by us) have requests waiting.
+    Expired requests are forgotten first (what a running agent sweeps hourly)."""
+    me = db.identity.public_key
+    db.store.expire_requests(me, now_ms())
+    waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
+    names = {p.key: p.name for p in db.store.peers()}
+    joins = db.store.relay_joins()
+    known = db.store.not_strangers(me)
+    rows = [{"kind": "rule", **rule_row(me, r, names)} for r in waiting]
+    strangers = len({r.proposer for r in waiting if r.acceptor == me and r.proposer not in known})
+    now = now_ms()
+    joined: list[dict[str, Any]] = [
+        {
+            "kind": "join",
+            "awaiting": "them",
+            "peer": device_id(j.inviter),
+            "peer_name": names.get(j.inviter),
+            "invite": j.invite.hex(),
+            "relay": device_id(j.relay),
+            "since": j.created,
+            "expires": j.expires,
+            "expired": j.expires < now,
+            "refused": j.refused,
+        }
+        for j in joins
+    ]
+    return rows, joined, strangers
