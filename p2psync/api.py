@@ -211,9 +211,17 @@ class Database:
         """True when the record has concurrent versions that ``resolve`` would end."""
         return self.store.in_conflict(collection, key)
 
-    def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
-        """Live records of a collection in key order, optionally by key prefix."""
-        return self.store.scan(collection, prefix)
+    def scan(
+        self, collection: str, prefix: str = "", after: str | None = None
+    ) -> Iterator[tuple[str, Value]]:
+        """Live records of a collection in key order, optionally by key prefix and
+        only those with a key after ``after`` (to page: the last key seen)."""
+        return self.store.scan(collection, prefix, after)
+
+    def version(self, collection: str, key: str) -> tuple[VersionInfo, bool] | None:
+        """The winning version of a record (a deletion too: ``deleted``), and whether
+        it is in conflict; None when the record was never written."""
+        return self.store.head(collection, key)
 
     def collections(self) -> list[tuple[str, int]]:
         return self.store.collections()
@@ -245,6 +253,22 @@ class Database:
             if len(page) < feed.PAGE:
                 return
             since = page[-1].change
+
+    def changes_page(
+        self, since: int, collections: Sequence[str] | None = None, limit: int = feed.PAGE
+    ) -> list[RecordChange]:
+        """One page of :meth:`changes`: at most ``limit`` (1 to 1,000) records
+        changed after ``since``; fewer than ``limit`` means none are left."""
+        since, names = _since(since), _names(collections)
+        if not 1 <= limit <= feed.PAGE:
+            raise UsageError(f"limit {limit} is out of range: give 1 to {feed.PAGE}")
+        page = self.store.changes(since, names, limit)
+        if not page and since > self.store.last_change():
+            raise UsageError(
+                f"change {since} is beyond this store's latest: a number kept for another "
+                "home, or this home was restored from a backup; start again from 0"
+            )
+        return page
 
     def watch(
         self,

@@ -91,6 +91,11 @@ RINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("p2psync.agent", "p2psync.agent.*"),
     ),
     (
+        "http",
+        "the agent's local HTTP API and web console (Starlette on Hypercorn's trio worker)",
+        ("p2psync.http", "p2psync.http.*"),
+    ),
+    (
         "cli",
         "the command line and the demo (the only places that print)",
         ("p2psync.__main__", "p2psync.cli", "p2psync.cli.*", "p2psync.demo"),

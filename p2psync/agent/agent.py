@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -71,6 +71,10 @@ def _host(address: str) -> str:
     """The host of ``format_address``'s ``host:port`` or ``[host]:port``."""
     host = address.rsplit(":", 1)[0]
     return host[1:-1] if host.startswith("[") else host
+
+#: A service run in the agent's nursery: ``service(agent, task_status=...)`` reports
+#: the URLs it serves at once started.
+Service = Callable[..., Awaitable[Any]]
 
 NOTE_EVERY = 10.0  # seconds between "last in sync" notes of a live connection
 MAX_HANDSHAKES = 32  # inbound handshakes in progress at once (beyond: the oldest idle goes)
@@ -117,6 +121,7 @@ class Agent:
         self.peers = Peers(db.store, self.identity.public_key, self.adverts)
         self.registry = Registry()
         self.addresses: list[str] = []
+        self.urls: list[str] = []  # what the services (the HTTP API) serve at
         self.dialing = Dialing(
             self.peers,
             self.registry,
@@ -148,9 +153,14 @@ class Agent:
     # ------------------------------------------------------------ running
 
     async def run(
-        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        services: Sequence[Service] = (),
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; reports the listen addresses once listening."""
+        """Serve until cancelled; reports the listen addresses once listening.
+        ``services`` (the HTTP API) start in the agent's nursery after its own
+        sockets, each given the agent; the URLs they report are in ``urls``."""
         if self.config.discovery:
             check_interfaces(self.config.discovery_interfaces)
         listeners = await self._open_listeners()
@@ -175,6 +185,8 @@ class Agent:
                     priority=self.peers.ours_advert,
                 )
                 await nursery.start(self.discovery.run)
+            for service in services:
+                self.urls.extend(await nursery.start(service, self))
             nursery.start_soon(self._poll_changes)
             nursery.start_soon(self._expire_requests)
             nursery.start_soon(self.relay_link.run)
@@ -239,6 +251,7 @@ class Agent:
             "device_id": self.identity.device_id,
             "name": self.name,
             "started": self.started_ms,
+            "http": self.urls,
         }
         tmp = self.home / (AGENT_FILE + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -632,7 +645,16 @@ class Agent:
             adverts=self.adverts,
         )
         document["relay"] = describe(self.relay_link)
+        document["http"] = self.urls
         return document
+
+    def peers_changed(self) -> None:
+        """Pairing changed in this process (the HTTP API): reload the peers, dial."""
+        self._spawn(self._notified_peers)
+
+    async def _notified_peers(self) -> None:
+        await self._reload_peers()
+        self.dial_now()
 
     def dial_now(self, key: bytes | None = None) -> None:
         """Skip the backoff wait of one dialer (or all)."""

@@ -35,6 +35,9 @@ class AgentProcess:
         self.command = list(command)  # ("relay", "serve") runs a relay node
         self.address = listen
         self.args = list(args)
+        if self.command == ["run"] and not any(a.startswith("--http") for a in self.args):
+            # many agents on one machine: the HTTP API only where asked for (--http)
+            self.args.append("--no-http")
         self.prefix = list(prefix)
         self.log = log
         self.process: subprocess.Popen[str] | None = None

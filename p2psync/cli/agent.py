@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 # the time without them.
 
 DEFAULT_LISTEN = "0.0.0.0:7717"
+DEFAULT_HTTP = "127.0.0.1:7718"  # (p2psync.http.server's; not imported: see the top)
 
 
 @click.command()
@@ -48,6 +50,21 @@ DEFAULT_LISTEN = "0.0.0.0:7717"
     metavar="IP",
     help="Limit discovery to these interfaces (repeatable).",
 )
+@click.option(
+    "--http",
+    "http",
+    metavar="HOST:PORT",
+    help=f"Serve the HTTP API and web console here (default {DEFAULT_HTTP}: this machine "
+    "only; port 0 = any). Every request needs the key in HOME/http.key.",
+)
+@click.option("--no-http", is_flag=True, help="Do not serve the HTTP API.")
+@click.option(
+    "--http-host",
+    multiple=True,
+    metavar="NAME",
+    help="A host name the HTTP API answers to besides IP addresses and localhost "
+    "(repeatable; others are refused against DNS rebinding).",
+)
 @click.option("--quiet", is_flag=True, help="Log warnings only.")
 @pass_state
 def run(
@@ -55,15 +72,27 @@ def run(
     listen: tuple[str, ...],
     no_discovery: bool,
     discovery_interface: tuple[str, ...],
+    http: str | None,
+    no_http: bool,
+    http_host: tuple[str, ...],
     quiet: bool,
 ) -> None:
     """Run the agent in the foreground until SIGINT or SIGTERM."""
-    from p2psync.agent.agent import Agent, AgentConfig  # noqa: PLC0415
+    from p2psync.agent.agent import Agent, AgentConfig, Service  # noqa: PLC0415
     from p2psync.cli.foreground import run_until_signal  # noqa: PLC0415
+    if no_http and (http or http_host):
+        raise UsageError("--no-http turns the HTTP API off: give it without --http/--http-host")
     try:
         addresses = [parse_address(a) for a in (listen or (DEFAULT_LISTEN,))]
+        http_address = None if no_http else parse_address(http or DEFAULT_HTTP)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    services: list[Service] = []
+    if http_address is not None:
+        from p2psync.http.server import HttpService  # noqa: PLC0415 - see the top
+
+        names = frozenset(name.strip().lower() for name in http_host if name.strip())
+        services.append(HttpService(*http_address, allowed_hosts=names).serve)
     if not quiet and not state.debug:
         logging.getLogger("p2psync").setLevel(logging.INFO)
     with state.open() as db, agent_lock(db.path):
@@ -72,7 +101,10 @@ def run(
         )
         agent = Agent(db, addresses, config)
 
-        run_until_signal(agent.run)
+        run_until_signal(
+            partial(agent.run, services=services),
+            lambda: [f"HTTP API and console on {url}/" for url in agent.urls],
+        )
     click.echo("stopped")
 
 

@@ -16,11 +16,12 @@ from p2psync.errors import P2PSyncError
 Serve = Callable[..., Awaitable[Any]]  # serve(task_status=...) reports its addresses
 
 
-def run_until_signal(serve: Serve) -> None:
+def run_until_signal(serve: Serve, more: Callable[[], list[str]] | None = None) -> None:
     """Start ``serve`` under trio, print ``listening on ADDRESS`` for each address it
     reports, and stop it cleanly on SIGINT or SIGTERM (caught from the start: a
     signal while starting stops it too). A start-up failure that trio's nurseries
-    wrapped in exception groups comes out as the p2psync error it is."""
+    wrapped in exception groups comes out as the p2psync error it is. ``more``
+    gives lines to print after those (what else is served)."""
 
     async def stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for signum in signals:
@@ -35,6 +36,8 @@ def run_until_signal(serve: Serve) -> None:
                 listening = await nursery.start(serve)
                 for address in listening:
                     click.echo(f"listening on {address}")
+                for line in more() if more is not None else []:
+                    click.echo(line)
                 sys.stdout.flush()
 
     try:

@@ -6,40 +6,18 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
-from p2psync import pairing
-from p2psync.api import Database
-from p2psync.core.rules import Direction, Mode, Route, Rule, Terms
+from p2psync.core.rules import Direction, Mode, Route
 from p2psync.errors import UsageError
+from p2psync.views.rules import RuleOptions, accept_in_view
+
+__all__ = ["RuleOptions", "accept_in_view", "parse_duration", "rule_options", "timeout_option"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class RuleOptions:
-    """``--collection/--direction/--mode/--route`` as given (empty or None: not
-    given), in this agent's view whether it proposes or accepts."""
-
-    collections: tuple[str, ...] = ()
-    direction: str | None = None
-    mode: str | None = None
-    route: str | None = None
-
-    def terms(self, base: Terms | None = None) -> Terms:
-        """The terms the options make; what they do not give comes from ``base``
-        (default: everything, both, online, auto)."""
-        base = base or Terms()
-        return Terms.make(
-            list(self.collections) or list(base.collections),
-            Direction(self.direction) if self.direction else base.direction,
-            Mode(self.mode) if self.mode else base.mode,
-            Route(self.route) if self.route else base.route,
-        )
 
 
 def rule_options(narrowing: bool = False) -> Callable[[Callable[..., R]], Callable[..., R]]:
@@ -110,14 +88,6 @@ def parse_duration(text: str, option: str | None = None) -> float:
         raise UsageError(f"{where}{text!r} is not a duration like 90s, 10m, 2h or 1d")
     number, unit = float(match.group(1)), match.group(2) or "s"
     return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
-
-
-def accept_in_view(db: Database, rule: Rule, options: RuleOptions) -> Terms:
-    """Accept ``rule`` with options given in the acceptor's view; returns the terms
-    in that view."""
-    mine = options.terms(base=rule.proposed.flipped())
-    pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
-    return mine
 
 
 def _seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:

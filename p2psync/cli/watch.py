@@ -15,21 +15,8 @@ import click
 from p2psync.api import RecordChange
 from p2psync.cli import output
 from p2psync.cli.context import State, pass_state
-from p2psync.core.identity import device_id, short_id
-
-
-def change_json(change: RecordChange) -> dict[str, object]:
-    return {
-        "change": change.change,
-        "collection": change.collection,
-        "key": change.key,
-        "value": change.value,
-        "deleted": change.deleted,
-        "author": device_id(change.author),
-        "entry": change.entry.hex(),
-        "hlc": change.hlc,
-        "conflict": change.conflict,
-    }
+from p2psync.core.identity import short_id
+from p2psync.views.records import change_json
 
 
 def change_text(change: RecordChange) -> str:

@@ -55,6 +55,19 @@ def get(conn: sqlite3.Connection, collection: str, key: str) -> Value:
     return payload_value(row[0])
 
 
+def head(conn: sqlite3.Connection, collection: str, key: str) -> tuple[VersionInfo, bool] | None:
+    """The version of a record that wins (a deletion too), and whether other
+    versions are kept (a conflict); None when the record was never written."""
+    row = conn.execute(
+        "SELECT entry, hlc, author, payload, deleted, conflicted FROM records "
+        "WHERE collection = ? AND key = ?",
+        (collection, key),
+    ).fetchone()
+    if row is None:
+        return None
+    return _info(row[:5]), bool(row[5])
+
+
 def in_conflict(conn: sqlite3.Connection, collection: str, key: str) -> bool:
     row = conn.execute(
         "SELECT conflicted FROM records WHERE collection = ? AND key = ?", (collection, key)
@@ -96,6 +109,14 @@ def scan_page(
         args.append(end)
     sql += f" ORDER BY key LIMIT {SCAN_PAGE}"
     return conn.execute(sql, args).fetchall()
+
+
+def has_collection(conn: sqlite3.Connection, collection: str) -> bool:
+    """A record of ``collection`` was ever written here (deleted ones count)."""
+    row = conn.execute(
+        "SELECT 1 FROM records WHERE collection = ? LIMIT 1", (collection,)
+    ).fetchone()
+    return row is not None
 
 
 def collections(conn: sqlite3.Connection) -> list[tuple[str, int]]:

@@ -113,8 +113,13 @@ class Store:
         with self._reader.reading() as conn:
             return records.in_conflict(conn, collection, key)
 
-    def scan(self, collection: str, prefix: str = "") -> Iterator[tuple[str, Value]]:
-        after: str | None = None
+    def head(self, collection: str, key: str) -> tuple[records.VersionInfo, bool] | None:
+        with self._reader.reading() as conn:
+            return records.head(conn, collection, key)
+
+    def scan(
+        self, collection: str, prefix: str = "", after: str | None = None
+    ) -> Iterator[tuple[str, Value]]:
         while True:
             with self._reader.reading() as conn:
                 page = records.scan_page(conn, collection, prefix, after)
@@ -123,6 +128,10 @@ class Store:
             if len(page) < records.SCAN_PAGE:
                 return
             after = page[-1][0]
+
+    def has_collection(self, collection: str) -> bool:
+        with self._reader.reading() as conn:
+            return records.has_collection(conn, collection)
 
     def collections(self) -> list[tuple[str, int]]:
         with self._reader.reading() as conn:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from p2psync import pairing
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
-from p2psync.core.rules import Rule, RuleState
+from p2psync.core.rules import Direction, Mode, Route, Rule, RuleState, Terms
 from p2psync.home import OpenHome
 
 
@@ -64,3 +66,33 @@ def pending(db: OpenHome) -> tuple[list[dict[str, Any]], list[dict[str, Any]], i
         for j in joins
     ]
     return rows, joined, strangers
+
+
+@dataclass(frozen=True, slots=True)
+class RuleOptions:
+    """``--collection/--direction/--mode/--route`` as given (empty or None: not
+    given), in this agent's view whether it proposes or accepts."""
+
+    collections: tuple[str, ...] = ()
+    direction: str | None = None
+    mode: str | None = None
+    route: str | None = None
+
+    def terms(self, base: Terms | None = None) -> Terms:
+        """The terms the options make; what they do not give comes from ``base``
+        (default: everything, both, online, auto)."""
+        base = base or Terms()
+        return Terms.make(
+            list(self.collections) or list(base.collections),
+            Direction(self.direction) if self.direction else base.direction,
+            Mode(self.mode) if self.mode else base.mode,
+            Route(self.route) if self.route else base.route,
+        )
+
+
+def accept_in_view(db: OpenHome, rule: Rule, options: RuleOptions) -> Terms:
+    """Accept ``rule`` with options given in the acceptor's view; returns the terms
+    in that view."""
+    mine = options.terms(base=rule.proposed.flipped())
+    pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
+    return mine

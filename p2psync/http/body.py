@@ -1,0 +1,88 @@
+"""Reading what a request sends: a JSON body within the size limit, the record a
+path names (percent-decoded segment by segment, so a ``/`` inside a name is
+``%2F``), query numbers in range."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.requests import Request
+
+from p2psync.core.entry import check_collection, check_key
+from p2psync.errors import UsageError
+from p2psync.http.errors import HttpError
+from p2psync.http.guard import MAX_BODY
+
+
+async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
+    """The body as JSON; 413 beyond ``limit`` bytes (counted as they come, so a
+    chunked body cannot get round it), 400 when it is not JSON."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"the body is over {limit:,} bytes")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if not data.strip():
+        raise UsageError("the request has no body: send a JSON document")
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise UsageError("the body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise UsageError("the body nests too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise UsageError(f"the body is not acceptable JSON: {exc}") from None
+
+
+def segments(request: Request, prefix: str) -> list[str]:
+    """The percent-decoded segments of the raw path after ``prefix``."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    path = raw.decode("latin-1").split("?", 1)[0]
+    rest = path[len(prefix) :].strip("/")
+    try:
+        return [unquote(part, errors="strict") for part in rest.split("/")] if rest else []
+    except UnicodeDecodeError:
+        raise UsageError("the path is not UTF-8 once percent-decoded") from None
+
+
+def record_target(request: Request) -> tuple[str, str]:
+    """``/records/COLLECTION/KEY``: the key may hold ``/`` (as is or as %2F), the
+    collection only as %2F."""
+    parts = segments(request, "/records")
+    if len(parts) < 2:
+        raise UsageError("name a record: /records/COLLECTION/KEY")
+    return check_collection(parts[0]), check_key("/".join(parts[1:]))
+
+
+def number(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """Query parameter ``name`` as an integer in ``low..high``."""
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise UsageError(f"{name}={value} is out of range: give {low} to {high}")
+    return value
+
+
+def seconds(request: Request, name: str, default: float, high: float) -> float:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a number of seconds") from None
+    if not 0 <= value <= high:  # NaN is refused too: it compares false
+        raise UsageError(f"{name}={text} is out of range: give 0 to {high:g} seconds")
+    return value

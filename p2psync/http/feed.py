@@ -1,0 +1,134 @@
+"""``/changes`` (the change feed as JSON, with long-poll) and ``/events`` (server-
+sent events: record changes, and the site's events from :class:`~p2psync.http.
+events.Hub`). Both are woken by the agent's own signal that the store gained
+entries (``ChangeFeed``), not by polling the store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from p2psync.errors import UsageError
+from p2psync.http.body import number, seconds
+from p2psync.http.events import Hub
+from p2psync.http.site import Site
+from p2psync.store.feed import PAGE, RecordChange
+from p2psync.views.records import change_json
+from p2psync.views.values import to_json
+
+MAX_SINCE = (1 << 63) - 1
+LONG_POLL = 60.0  # seconds a /changes request may wait at most
+KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
+MAX_STREAMS = 64  # event streams open at once
+
+
+def routes(site: Site, hub: Hub) -> list[Route]:
+    db = site.db
+
+    def collections(request: Request) -> list[str] | None:
+        names = request.query_params.getlist("collection")
+        return names or None
+
+    async def read(since: int, names: list[str] | None, limit: int) -> list[RecordChange]:
+        return await trio.to_thread.run_sync(db.changes_page, since, names, limit)
+
+    async def changes(request: Request) -> Response:
+        since = number(request, "since", 0, 0, MAX_SINCE)
+        limit = number(request, "limit", PAGE, 1, PAGE)
+        wait = seconds(request, "timeout", 0.0, LONG_POLL)
+        names = collections(request)
+        version = site.feed.version
+        found = await read(since, names, limit)
+        if not found and wait > 0:
+            with trio.move_on_after(wait):
+                while not found:
+                    version = await site.feed.wait_beyond(version)
+                    found = await read(since, names, limit)
+        return JSONResponse(
+            {
+                "changes": [_json(change) for change in found],
+                # pass as ?since= next time
+                "last": found[-1].change if found else since,
+            }
+        )
+
+    async def events(request: Request) -> Response:
+        names = collections(request)
+        given = request.headers.get("last-event-id") or request.query_params.get("since")
+        if given is not None:
+            try:
+                since = int(given)
+            except ValueError:
+                raise UsageError(f"since={given!r} is not a change number") from None
+            if not 0 <= since <= MAX_SINCE:
+                raise UsageError(f"since={since} is out of range")
+            latest = await trio.to_thread.run_sync(db.last_change)
+            if since > latest:
+                raise UsageError(
+                    f"since={since} is beyond the latest change here ({latest}): another "
+                    "home's number, or a store restored from a backup"
+                )
+        else:
+            since = await trio.to_thread.run_sync(db.last_change)
+        if hub.listeners >= MAX_STREAMS:
+            raise UsageError(f"{MAX_STREAMS} event streams are open already; close one")
+        return StreamingResponse(
+            _stream(site, hub, since, names),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    return [
+        Route("/changes", changes, methods=["GET"]),
+        Route("/events", events, methods=["GET"]),
+    ]
+
+
+def _json(change: RecordChange) -> dict[str, Any]:
+    row = change_json(change)
+    row["value"] = to_json(row["value"])
+    return row
+
+
+def _sse(kind: str, data: dict[str, Any], ident: int | None = None) -> bytes:
+    head = f"id: {ident}\n" if ident is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(
+    site: Site, hub: Hub, since: int, names: list[str] | None
+) -> AsyncIterator[bytes]:
+    """``hello`` first (the latest change number), then ``change`` events (their
+    ``id`` is the change number: a reconnecting EventSource resumes after it) and
+    the hub's events, with a comment every :data:`KEEPALIVE` seconds."""
+    db = site.db
+    hub.listen()
+    try:
+        seen = hub.seq
+        yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": since})
+        while True:
+            version = site.feed.version
+            found = await trio.to_thread.run_sync(db.changes_page, since, names, PAGE)
+            for change in found:
+                row = _json(change)
+                yield _sse("change", row, change.change)
+                if change.conflict:
+                    yield _sse("conflict", row, change.change)
+                since = change.change
+            for event in hub.after(seen):
+                yield _sse(event.kind, event.data)
+                seen = event.seq
+            if len(found) == PAGE:
+                continue
+            with trio.move_on_after(KEEPALIVE) as quiet:
+                await hub.wait(seen, version, KEEPALIVE)
+            if quiet.cancelled_caught:
+                yield b": keepalive\n\n"
+    finally:
+        hub.leave()

@@ -1,0 +1,85 @@
+"""Serving the HTTP API with Hypercorn's trio worker, in the agent's nursery."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from p2psync.errors import P2PSyncError
+from p2psync.http.app import build
+from p2psync.http.events import Hub
+from p2psync.http.guard import Access
+from p2psync.http.keys import api_key
+from p2psync.http.site import Site
+from p2psync.net.address import format_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP = "127.0.0.1:7718"
+
+
+@dataclass(frozen=True)
+class HttpService:
+    """``p2psync run --http HOST:PORT`` (``allowed_hosts``: names beside IP
+    literals and ``localhost`` the ``Host`` header may give)."""
+
+    host: str
+    port: int
+    allowed_hosts: frozenset[str] = frozenset()
+
+    async def serve(
+        self, site: Site, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; reports the URLs once listening."""
+        key = await trio.to_thread.run_sync(api_key, site.db.path)
+        hub = Hub(site)
+        app = build(site, hub, Access(key=key, allowed_hosts=self.allowed_hosts))
+        config = Config()
+        config.bind = [format_address(self.host, self.port)]
+        config.accesslog = None
+        errors = logging.getLogger("p2psync.http.hypercorn")
+        errors.setLevel(logging.WARNING)  # (its "Running on": the agent says it)
+        config.errorlog = errors
+        config.graceful_timeout = 1.0
+        config.keep_alive_timeout = 75.0
+        config.h11_max_incomplete_size = 64 * 1024  # request line and headers
+        config.include_server_header = False
+        try:
+            sockets = config.create_sockets()
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+        except OSError as exc:
+            raise P2PSyncError(_cannot_serve(self.host, self.port, exc)) from exc
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            urls: list[str] = await nursery.start(
+                lambda task_status: worker_serve(
+                    # Starlette is an ASGI app; hypercorn's types name its own scopes
+                    wrap_app(cast(Any, app), config.wsgi_max_body_size, None),
+                    config,
+                    sockets=sockets,
+                    task_status=task_status,
+                )
+            )
+            log.info("HTTP API on %s (API key in %s)", ", ".join(urls), site.db.path / "http.key")
+            task_status.started(urls)
+
+
+def _cannot_serve(host: str, port: int, exc: OSError) -> str:
+    address = format_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"the HTTP API cannot listen on {address}: another program uses it; choose "
+            "another with --http HOST:PORT, or turn the HTTP API off with --no-http"
+        )
+    return (
+        f"the HTTP API cannot listen on {address}: {exc.strerror or exc}; choose another "
+        "address with --http HOST:PORT, or turn it off with --no-http"
+    )
