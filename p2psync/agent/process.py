@@ -35,9 +35,7 @@ class AgentProcess:
         self.command = list(command)  # ("relay", "serve") runs a relay node
         self.address = listen
         self.args = list(args)
-        if self.command == ["run"] and not any(a.startswith("--http") for a in self.args):
-            # many agents on one machine: the HTTP API only where asked for (--http)
-            self.args.append("--no-http")
+        self.http_url: str | None = None  # the HTTP API's, when started with --http
         self.prefix = list(prefix)
         self.log = log
         self.process: subprocess.Popen[str] | None = None
@@ -45,6 +43,10 @@ class AgentProcess:
     def start(self, *extra: str) -> None:
         """Start and wait for ``listening on``; a port 0 becomes the port chosen,
         kept across restarts."""
+        args = [*self.args, *extra]
+        http = any(a == "--http" or a.startswith("--http=") for a in args)
+        if self.command == ["run"] and not http and "--no-http" not in args:
+            args.append("--no-http")  # many agents on one machine: HTTP where asked for
         stderr: int | IO[str] = subprocess.DEVNULL
         handle = self.log.open("a") if self.log is not None else None
         if handle is not None:
@@ -61,8 +63,7 @@ class AgentProcess:
                     *self.command,
                     "--listen",
                     self.address,
-                    *self.args,
-                    *extra,
+                    *args,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -78,6 +79,13 @@ class AgentProcess:
             log = f": {self.log.read_text()[-500:]}" if self.log is not None else ""
             raise P2PSyncError(f"the agent at {self.home} did not start{log}")
         self.address = line.split()[-1]
+        if http and self.command == ["run"]:
+            while line and not line.startswith("HTTP API"):
+                line = self.process.stdout.readline()
+            if not line:
+                self.stop()
+                raise P2PSyncError(f"the agent at {self.home} did not start its HTTP API")
+            self.http_url = line.split()[-1].rstrip("/")
 
     @property
     def pid(self) -> int:

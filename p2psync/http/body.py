@@ -30,9 +30,11 @@ async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
     if not data.strip():
         raise UsageError("the request has no body: send a JSON document")
     try:
-        return json.loads(data)
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError("the body is not UTF-8 text") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
     except RecursionError:

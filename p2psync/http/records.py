@@ -57,7 +57,7 @@ def routes(site: Site) -> list[Route]:
         )
 
     async def record(request: Request) -> Response:
-        if len(segments(request, "/records")) == 1:
+        if len(segments(request, "/records")) == 1 and request.method == "GET":
             return await listing(request)
         collection, key = record_target(request)
         if request.method == "GET":
