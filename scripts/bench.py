@@ -662,8 +662,19 @@ def main() -> None:
         default="session",
         help="a live session over TCP, or envelopes through the mailbox path",
     )
+    web = sub.add_parser("http", help="HTTP API: write-to-SSE latency, transactions, idle cost")
+    web.add_argument("--runs", type=int, default=3)
+    web.add_argument("--writes", type=int, default=200, help="latency samples per run (0: skip)")
+    web.add_argument("--records", type=int, default=100_000, help="per transactions run (0: skip)")
+    web.add_argument(
+        "--idle-seconds", type=float, default=30, help="idle window per agent (0: skip)"
+    )
     args = parser.parse_args()
-    if args.suite == "widen":
+    if args.suite == "http":
+        from bench_http import run_http  # noqa: PLC0415 - its own module (scripts/)
+
+        run_http(args)
+    elif args.suite == "widen":
         from bench_widen import run_widen  # noqa: PLC0415 - its own module (scripts/)
 
         run_widen(args)
