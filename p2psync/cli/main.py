@@ -17,7 +17,19 @@ import click
 
 from p2psync import __version__
 from p2psync import home as home_mod
-from p2psync.cli import agent, bundle, logs, output, pair, peers, records, relay, rule, watch
+from p2psync.cli import (
+    agent,
+    bundle,
+    console,
+    logs,
+    output,
+    pair,
+    peers,
+    records,
+    relay,
+    rule,
+    watch,
+)
 from p2psync.cli.context import HOME_HELP, State, pass_state
 from p2psync.cli.logformat import configure
 from p2psync.cli.terms import parse_duration
@@ -142,7 +154,7 @@ def settings(state: State, max_clock_ahead: str | None, as_json: bool) -> None:
         )
 
 
-_GROUPS = (records, watch, logs, pair, rule, peers, agent, bundle, relay)
+_GROUPS = (records, watch, logs, pair, rule, peers, agent, bundle, relay, console)
 for _command in (command for group in _GROUPS for command in group.COMMANDS):
     cli.add_command(_command)
 

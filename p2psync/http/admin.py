@@ -68,7 +68,7 @@ def routes(site: Site) -> list[Route]:
         options = _options(body)
 
         def work() -> dict[str, Any]:
-            rule = _waiting(db, _rule(db, request.path_params["rule"]))
+            rule = waiting(db, find_rule(db, request.path_params["rule"]))
             mine = accept_in_view(db, rule, options)
             peer = rule.proposer
             db.store.add_peer(peer, None, [], now_ms())
@@ -87,7 +87,7 @@ def routes(site: Site) -> list[Route]:
             raise UsageError(f"the reason is {len(reason)} characters; at most {MAX_REASON}")
 
         def work() -> dict[str, Any]:
-            rule = _waiting(db, _rule(db, request.path_params["rule"]))
+            rule = waiting(db, find_rule(db, request.path_params["rule"]))
             pairing.reject(db, rule, reason.strip())
             return {"rejected": rule.id.hex(), "reason": reason.strip()}
 
@@ -125,7 +125,7 @@ def routes(site: Site) -> list[Route]:
 
     async def revoke(request: Request) -> Response:
         def work() -> dict[str, Any]:
-            rule = _rule(db, request.path_params["rule"])
+            rule = find_rule(db, request.path_params["rule"])
             if rule.state is RuleState.REVOKED:
                 raise StateError(f"rule {rule.id.hex()[:12]} is already revoked")
             pairing.revoke(db, rule)
@@ -219,7 +219,7 @@ def _device(text: str) -> bytes:
     return parse_device_id(text)
 
 
-def _rule(db: Database, text: str) -> Rule:
+def find_rule(db: Database, text: str) -> Rule:
     text = text.strip().lower()
     if not _RULE_ID.fullmatch(text):
         raise UsageError(f"{text[:80]!r} is not a rule ID (12 to 64 hex digits)")
@@ -231,7 +231,7 @@ def _rule(db: Database, text: str) -> Rule:
     return found[0]
 
 
-def _waiting(db: Database, rule: Rule) -> Rule:
+def waiting(db: Database, rule: Rule) -> Rule:
     if rule.acceptor != db.identity.public_key or rule.state is not RuleState.PROPOSED:
         whose = "this site's own" if rule.proposer == db.identity.public_key else "a"
         raise StateError(

@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from p2psync.errors import P2PSyncError
 from p2psync.http import admin, feed, records
+from p2psync.http.console import Console
 from p2psync.http.errors import internal_error, p2psync_error, problem
 from p2psync.http.events import Hub
 from p2psync.http.guard import Access, Guard
@@ -28,7 +29,7 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return problem(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
 
 
-def build(site: Site, hub: Hub, access: Access) -> Starlette:
+def build(site: Site, hub: Hub, access: Access, console: Console | None = None) -> Starlette:
     async def openapi(_request: Request) -> Response:
         return JSONResponse(document())
 
@@ -37,6 +38,7 @@ def build(site: Site, hub: Hub, access: Access) -> Starlette:
         *records.routes(site),
         *feed.routes(site, hub),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *(console.routes() if console is not None else []),
     ]
     return Starlette(
         routes=routes,

@@ -83,6 +83,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         status, message, extra = refusal
+        if status == 401 and scope["method"] == "GET" and scope["path"].startswith("/console/"):
+            # a browser without a session: to the login page
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 303,
+                    "headers": [(b"location", b"/console/login"), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
         body = error_body(status, message)
         await send(
             {

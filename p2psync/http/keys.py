@@ -58,3 +58,36 @@ def matches(given: str | None, key: str) -> bool:
     if given is None:
         return False
     return hmac.compare_digest(given.encode("utf-8", "replace"), key.encode())
+
+
+#: How long a one-time console link works.
+LINK_TTL_MS = 10 * 60 * 1000
+
+
+def console_link_token(key: str, now_ms: int, nonce: str | None = None) -> str:
+    """A one-time login token for the web console (``p2psync console`` prints a link
+    with it): ``EXPIRY.NONCE.MAC``, the MAC made with the API key, so whoever can
+    read the key file can make one and nobody else can; the agent takes each once."""
+    expires = now_ms + LINK_TTL_MS
+    nonce = nonce or secrets.token_hex(16)
+    return f"{expires}.{nonce}.{_link_mac(key, expires, nonce)}"
+
+
+def check_link_token(key: str, token: str, now_ms: int) -> tuple[str, int] | None:
+    """``(nonce, expiry)`` of a sound, unexpired token (whether it was used is the
+    caller's to remember); None otherwise."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 15:
+        return None
+    expires, nonce, mac = int(parts[0]), parts[1], parts[2]
+    if not now_ms <= expires <= now_ms + LINK_TTL_MS:
+        return None
+    wanted = _link_mac(key, expires, nonce).encode()
+    if not hmac.compare_digest(mac.encode("ascii", "replace"), wanted):
+        return None
+    return nonce, expires
+
+
+def _link_mac(key: str, expires: int, nonce: str) -> str:
+    message = f"p2psync console link|{expires}|{nonce}".encode("utf-8", "replace")
+    return hmac.new(key.encode(), message, "sha256").hexdigest()

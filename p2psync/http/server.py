@@ -14,6 +14,7 @@ from hypercorn.utils import wrap_app
 
 from p2psync.errors import P2PSyncError
 from p2psync.http.app import build
+from p2psync.http.console import Console, Sessions, public
 from p2psync.http.events import Hub
 from p2psync.http.guard import Access
 from p2psync.http.keys import api_key
@@ -40,7 +41,11 @@ class HttpService:
         """Serve until cancelled; reports the URLs once listening."""
         key = await trio.to_thread.run_sync(api_key, site.db.path)
         hub = Hub(site)
-        app = build(site, hub, Access(key=key, allowed_hosts=self.allowed_hosts))
+        sessions = Sessions(key)
+        access = Access(
+            key=key, allowed_hosts=self.allowed_hosts, public=public, session=sessions.allows
+        )
+        app = build(site, hub, access, Console(site, sessions))
         config = Config()
         config.bind = [format_address(self.host, self.port)]
         config.accesslog = None
