@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ class Site:
 
     is_relay = False  # the relay node's process is stopped with the sites
 
-    def __init__(self, base: Path, name: str, discovery: bool) -> None:
+    def __init__(self, base: Path, name: str, discovery: bool, http: bool = False) -> None:
         self.name = name
         self.home = base / name.lower().replace(" ", "-")
         self.device_id = home_mod.init(self.home, name).identity.device_id
         args = ["--discovery-interface", "127.0.0.1"] if discovery else ["--no-discovery"]
+        if http:
+            args += ["--http", "127.0.0.1:0"]  # the HTTP API and console, any free port
         self.agent = AgentProcess(self.home, args=args, log=self.home / "agent.log")
 
     @property
@@ -98,12 +101,20 @@ def run(say: Say, shell: Say, keep: bool = False) -> None:
             shutil.rmtree(base, ignore_errors=True)
 
 
+def _http_get(url: str, home: Path, path: str) -> Any:
+    """GET ``path`` of a site's HTTP API, with its key."""
+    request = urllib.request.Request(
+        url + path, headers={"X-API-Key": (home / "http.key").read_text().strip()}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
 def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
     say("Three sites, each with its own agent, home and key, on this machine (127.0.0.1)")
     discovery = _mdns_usable()
-    head, north, south = (
-        Site(base, n, discovery) for n in ("Head office", "Branch North", "Branch South")
-    )
+    head = Site(base, "Head office", discovery, http=True)
+    north, south = (Site(base, n, discovery) for n in ("Branch North", "Branch South"))
     sites.extend([head, north, south])
     for site in sites:
         site.start()
@@ -161,6 +172,16 @@ def _story(base: Path, sites: list[Site], say: Say, shell: Say) -> None:
         "ms after the command was started (including its own start-up)"
     )
     shell(f"Branch South reads: {json.dumps(south.get('vouchers', 'V-1001'))}")
+
+    say("A program beside the head office follows the change feed over its HTTP API")
+    url = head.agent.http_url or ""
+    changes = _http_get(url, head.home, "/changes?since=0&collection=vouchers")
+    for change in changes["changes"]:
+        shell(
+            f"GET {url}/changes?since=0&collection=vouchers  ->  #{change['change']} "
+            f"{change['collection']}/{change['key']} = {json.dumps(change['value'])}"
+        )
+    shell(f"web console: {url}/ (log in with the link `p2psync console` prints)")
 
     say(
         "A conflict: Branch South goes offline, and both it and the head office "
