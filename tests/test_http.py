@@ -343,6 +343,20 @@ def test_events_resume_after_the_last_event_id(site: SpawnedAgent, api: Api) -> 
         again.close()
 
 
+def test_a_quiet_stream_gets_keepalive_comments(api: Api) -> None:
+    events = EventStream(api, "/events?keepalive=1")
+    try:
+        events.next()  # hello
+        assert events.conn.sock is not None
+        events.conn.sock.settimeout(5)
+        lines = [events.response.readline() for _ in range(2)]
+        assert lines == [b": keepalive\n", b"\n"], lines
+    finally:
+        events.close()
+    bad = api.call("GET", "/events?keepalive=0")
+    assert bad.status == 400
+
+
 def test_openapi_lists_every_path(api: Api) -> None:
     document = api.ok("GET", "/openapi.json")
     assert document["openapi"].startswith("3.")

@@ -68,17 +68,16 @@ class Hub:
     def after(self, seq: int) -> list[Event]:
         return [event for event in self.events if event.seq > seq]
 
-    async def wait(self, seq: int, feed_version: int, timeout: float) -> None:
-        """Until an event after ``seq`` is published, the store gains entries
-        beyond ``feed_version``, or ``timeout`` seconds pass."""
+    async def wait(self, seq: int, feed_version: int, timeout: float) -> bool:
+        """Until an event after ``seq`` is published or the store gains entries
+        beyond ``feed_version`` (True), or ``timeout`` seconds pass (False)."""
         if self.seq > seq or self.site.feed.version > feed_version:
-            return
+            return True
         published = self._published
-        await first_of(
-            published.wait,
-            lambda: self.site.feed.wait_beyond(feed_version),
-            lambda: trio.sleep(timeout),
-        )
+        with trio.move_on_after(timeout):
+            await first_of(published.wait, partial(self.site.feed.wait_beyond, feed_version))
+            return True
+        return False
 
     # ------------------------------------------------------------ the looks
 

@@ -76,10 +76,13 @@ def routes(site: Site, hub: Hub) -> list[Route]:
                 )
         else:
             since = await trio.to_thread.run_sync(db.last_change)
+        keepalive = seconds(request, "keepalive", KEEPALIVE, 300)
+        if keepalive < 1:
+            raise UsageError("keepalive is 1 to 300 seconds")
         if hub.listeners >= MAX_STREAMS:
             raise UsageError(f"{MAX_STREAMS} event streams are open already; close one")
         return StreamingResponse(
-            _stream(site, hub, since, names),
+            _stream(site, hub, since, names, keepalive),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -102,11 +105,11 @@ def _sse(kind: str, data: dict[str, Any], ident: int | None = None) -> bytes:
 
 
 async def _stream(
-    site: Site, hub: Hub, since: int, names: list[str] | None
+    site: Site, hub: Hub, since: int, names: list[str] | None, keepalive: float
 ) -> AsyncIterator[bytes]:
     """``hello`` first (the latest change number), then ``change`` events (their
     ``id`` is the change number: a reconnecting EventSource resumes after it) and
-    the hub's events, with a comment every :data:`KEEPALIVE` seconds."""
+    the hub's events, with a comment after ``keepalive`` quiet seconds."""
     db = site.db
     hub.listen()
     try:
@@ -126,9 +129,7 @@ async def _stream(
                 seen = event.seq
             if len(found) == PAGE:
                 continue
-            with trio.move_on_after(KEEPALIVE) as quiet:
-                await hub.wait(seen, version, KEEPALIVE)
-            if quiet.cancelled_caught:
+            if not await hub.wait(seen, version, keepalive):
                 yield b": keepalive\n\n"
     finally:
         hub.leave()

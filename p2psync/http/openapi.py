@@ -91,7 +91,8 @@ PATHS: dict[str, dict[str, Any]] = {
                 "Server-sent events: hello, change, conflict, peer, request, ledger, error",
                 query={"since": "start after this change number (or the Last-Event-ID "
                        "header); default: from now", "collection": "only changes of "
-                       "this collection (repeatable)"},
+                       "this collection (repeatable)", "keepalive": "seconds of quiet before a "
+                       "comment is sent (1-300, default 15)"},
             ),
             "responses": {"200": {"description": "an event stream",
                                   "content": {"text/event-stream": {}}}, "401": _ERROR},
