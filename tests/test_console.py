@@ -138,11 +138,13 @@ def test_every_form_needs_the_session_s_csrf_token_and_its_origin(
 def test_accept_and_keep_a_version_through_the_console_and_names_escaped(
     tmp_path: Path,
 ) -> None:
-    hq = SpawnedAgent(tmp_path / "hq", "hq").init().start("--http", "127.0.0.1:0")
+    hq = SpawnedAgent(tmp_path / "hq", "hq").init()
     hostile = SpawnedAgent(tmp_path / "b", "b")
     hostile.name = "<script>alert(1)</script>"  # the name its requests carry
-    hostile.init().start()
+    hostile.init()
     try:
+        hq.start("--http", "127.0.0.1:0")
+        hostile.start()
         assert hq.http_url is not None
         api = Api.of(hq.http_url, hq.home)
         hostile.pair(hq)

@@ -375,9 +375,11 @@ def test_pairing_a_peer_s_write_and_a_conflict_through_the_api(tmp_path: Path) -
     request arrive, HQ accepts it narrowed through the API, the branch connects
     (a peer event), the branch's write arrives as a change event, and a conflict
     is ended by choosing a version."""
-    hq = http_agent(tmp_path, "hq")
-    branch = SpawnedAgent(tmp_path / "branch", "branch").init().start()
+    hq = SpawnedAgent(tmp_path / "hq", "hq").init()
+    branch = SpawnedAgent(tmp_path / "branch", "branch").init()
     try:
+        hq.start("--http", "127.0.0.1:0")
+        branch.start()
         assert hq.http_url is not None
         api = Api.of(hq.http_url, hq.home)
         events = EventStream(api)
@@ -442,9 +444,11 @@ def test_pairing_a_peer_s_write_and_a_conflict_through_the_api(tmp_path: Path) -
 
 
 def test_a_request_rejected_with_a_reason(tmp_path: Path) -> None:
-    hq = http_agent(tmp_path, "hq")
-    branch = SpawnedAgent(tmp_path / "branch", "branch").init().start()
+    hq = SpawnedAgent(tmp_path / "hq", "hq").init()
+    branch = SpawnedAgent(tmp_path / "branch", "branch").init()
     try:
+        hq.start("--http", "127.0.0.1:0")
+        branch.start()
         assert hq.http_url is not None
         api = Api.of(hq.http_url, hq.home)
         branch.pair(hq)
