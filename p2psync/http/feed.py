@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from p2psync.errors import UsageError
 from p2psync.http.body import number, seconds
+from p2psync.http.errors import HttpError
 from p2psync.http.events import Hub
 from p2psync.http.site import Site
 from p2psync.store.feed import PAGE, RecordChange
@@ -80,7 +81,7 @@ def routes(site: Site, hub: Hub) -> list[Route]:
         if keepalive < 1:
             raise UsageError("keepalive is 1 to 300 seconds")
         if hub.listeners >= MAX_STREAMS:
-            raise UsageError(f"{MAX_STREAMS} event streams are open already; close one")
+            raise HttpError(429, f"{MAX_STREAMS} event streams are open already; close one")
         return StreamingResponse(
             _stream(site, hub, since, names, keepalive),
             media_type="text/event-stream",
