@@ -85,7 +85,7 @@ class Listener(threading.Thread):
         assert self.response.status == 200, self.response.status
         self.seen: dict[str, float] = {}
         self.ready = threading.Event()
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
     def run(self) -> None:
         try:
@@ -109,9 +109,17 @@ class Listener(threading.Thread):
                 key = json.loads(text[6:])["key"]
                 with self.lock:
                     self.seen[key] = at
+                    self.lock.notify_all()
 
     def arrived(self, key: str) -> float | None:
         with self.lock:
+            return self.seen.get(key)
+
+    def wait_for(self, key: str, timeout: float) -> float | None:
+        """When ``key``'s change event arrived (blocking, without holding the GIL
+        in a polling loop the reader thread would have to win it from)."""
+        with self.lock:
+            self.lock.wait_for(lambda: key in self.seen, timeout)
             return self.seen.get(key)
 
 
@@ -149,7 +157,7 @@ def bench_events(base: Path, writes: int) -> tuple[list[float], list[float]]:
                 db.put("live", key, {"i": i})
                 while True:
                     if by_event:
-                        at = listener.arrived(key)
+                        at = listener.wait_for(key, 10)
                         if at is not None:
                             sse.append((at - started) * 1000)
                             break
