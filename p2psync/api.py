@@ -83,6 +83,8 @@ class LogEntry:
 
 #: How often :meth:`Database.watch` looks for new changes.
 WATCH_POLL_S = 0.05
+#: How often a waiting :meth:`Database.watch` checks that its store is still there.
+HOME_CHECK_S = 1.0
 
 
 def _since(since: int) -> int:
@@ -116,6 +118,25 @@ class Database:
     def __init__(self, home: home_mod.Home, store: Store) -> None:
         self.home = home
         self.store = store
+        try:
+            found = home.store_path.stat()
+            self._file: tuple[int, int] | None = (found.st_dev, found.st_ino)
+        except OSError:
+            self._file = None
+
+    def _still_here(self) -> None:
+        """Raise when the store file this was opened on is gone or replaced (the home
+        deleted, moved, or restored under it): a watcher would wait for ever."""
+        try:
+            found = self.home.store_path.stat()
+            here = (found.st_dev, found.st_ino) == self._file or self._file is None
+        except OSError:
+            here = False
+        if not here:
+            raise HomeError(
+                f"the store at {self.home.store_path} was deleted or replaced while it "
+                "was open; open the home again"
+            )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -293,10 +314,14 @@ class Database:
             if timeout is not None and time.monotonic() - quiet_since >= timeout:
                 return
             last = self.store.last_change()
+            looked = time.monotonic()
             while last <= since:
                 time.sleep(poll)
                 if timeout is not None and time.monotonic() - quiet_since >= timeout:
                     return
+                if time.monotonic() - looked >= HOME_CHECK_S:
+                    looked = time.monotonic()
+                    self._still_here()
                 last = self.store.last_change()
 
     async def watch_async(
