@@ -34,8 +34,9 @@ from starlette.types import Scope
 from p2psync import pairing
 from p2psync.api import Database
 from p2psync.clock import now_ms
+from p2psync.core import hlc
 from p2psync.core.entry import OpKind, check_collection, check_key
-from p2psync.core.identity import parse_device_id, short_id
+from p2psync.core.identity import device_id, parse_device_id, short_id
 from p2psync.core.rules import Direction, Mode, RuleState
 from p2psync.core.rules import Route as RuleRoute
 from p2psync.errors import P2PSyncError, UsageError
@@ -62,7 +63,7 @@ SECURITY_HEADERS = {
     "form-action 'self'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -152,6 +153,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["when"] = _when
+    env.filters["clock"] = lambda stamp: _when(hlc.wall_ms(stamp))
     env.filters["json"] = _json_text
     env.filters["short"] = lambda text: str(text or "")[:7]
     return env
@@ -196,7 +198,9 @@ class Console:
             raise UsageError("log in to the console first")
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
-        if origin is not None and origin.split("://", 1)[-1] != host:
+        # "null": the browser would not say (a privacy setting, a sandbox): the token
+        # decides, as it does for every form
+        if origin not in (None, "null") and origin != f"http://{host}":
             raise UsageError("a form from another site was refused")
         body = b""
         async for chunk in request.stream():
@@ -312,7 +316,10 @@ class Console:
         )
 
     async def conflicts(self, request: Request) -> Response:
-        found = await trio.to_thread.run_sync(self.site.db.conflicts)
+        db = self.site.db
+        found = await trio.to_thread.run_sync(db.conflicts)
+        names = {device_id(p.key): p.name for p in await trio.to_thread.run_sync(db.store.peers)}
+        names[db.device_id] = f"{db.name} (this site)"
         rows = [
             {
                 "collection": c.collection,
@@ -321,7 +328,7 @@ class Console:
             }
             for c in found
         ]
-        return self.page(request, "conflicts.html", conflicts=rows)
+        return self.page(request, "conflicts.html", conflicts=rows, names=names)
 
     async def records(self, request: Request) -> Response:
         db = self.site.db

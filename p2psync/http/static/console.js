@@ -1,7 +1,9 @@
 // p2psync console: keeps the part of a page marked data-live up to date from the
 // agent's event stream (/events), without a manual refresh. The page is fetched
 // again and its live part swapped in, a moment after the events of the kinds it
-// lists; a form being filled in is never swapped away.
+// lists; while a field or button in it has the focus (someone is filling in a
+// form, or moving through it by keyboard) nothing is swapped, and a part that did
+// not change is left alone.
 (function () {
   "use strict";
   var live = document.querySelector("[data-live]");
@@ -14,8 +16,8 @@
 
   function busy() {
     var active = document.activeElement;
-    return active && live.contains(active) && "value" in active && active.value !== "" &&
-      active.type !== "hidden" && active.type !== "submit";
+    return active && active !== live && live.contains(active) &&
+      /^(INPUT|SELECT|TEXTAREA|BUTTON|A)$/.test(active.tagName);
   }
 
   function refresh() {
@@ -27,8 +29,12 @@
         if (html === null) { return; }
         var fresh = new DOMParser().parseFromString(html, "text/html").querySelector("[data-live]");
         if (fresh && !busy()) {
-          live.innerHTML = fresh.innerHTML;
+          if (fresh.innerHTML !== live.innerHTML) {
+            live.innerHTML = fresh.innerHTML;
+          }
           say("Updated " + new Date().toLocaleTimeString());
+        } else if (fresh) {
+          timer = setTimeout(refresh, 2000);
         }
       })
       .catch(function () { say("Could not reach the agent; retrying"); });
