@@ -28,6 +28,7 @@ from p2psync.cli import (
     records,
     relay,
     rule,
+    service,
     watch,
 )
 from p2psync.cli.context import HOME_HELP, State, pass_state
@@ -154,7 +155,7 @@ def settings(state: State, max_clock_ahead: str | None, as_json: bool) -> None:
         )
 
 
-_GROUPS = (records, watch, logs, pair, rule, peers, agent, bundle, relay, console)
+_GROUPS = (records, watch, logs, pair, rule, peers, agent, bundle, relay, console, service)
 for _command in (command for group in _GROUPS for command in group.COMMANDS):
     cli.add_command(_command)
 

@@ -1,0 +1,188 @@
+"""`p2psync service unit`: a hardened systemd unit for `p2psync run` (or, with
+``--relay``, for `p2psync relay serve`), printed for the operator to install.
+
+The unit runs as the user who owns the home (or ``--user``), may write only the
+home (``ProtectSystem=strict`` with ``ReadWritePaths``), has no capabilities (but
+``CAP_NET_BIND_SERVICE`` for a port below 1024), no new privileges, a private
+/tmp, and is restarted when it fails. The agent stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from p2psync import home as home_mod
+from p2psync.cli.context import State, pass_state
+from p2psync.errors import HomeError, UsageError
+from p2psync.net.address import parse_address
+
+
+@click.group()
+def service() -> None:
+    """Run p2psync as a system service."""
+
+
+@service.command(name="unit")
+@click.option(
+    "--relay", is_flag=True, help="The relay node's unit (`relay serve`; --home: its home)."
+)
+@click.option("--user", metavar="NAME", help="Run as this user (default: the home's owner).")
+@click.option(
+    "--executable",
+    metavar="PATH",
+    help="The p2psync program to run (default: the one running now).",
+)
+@click.option("--listen", multiple=True, metavar="HOST:PORT", help="Passed to the service.")
+@click.option("--http", metavar="HOST:PORT", help="Passed to `run` (the HTTP API's address).")
+@click.option("--no-http", is_flag=True, help="Passed to `run`.")
+@click.option("--no-discovery", is_flag=True, help="Passed to `run`.")
+@pass_state
+def unit(
+    state: State,
+    relay: bool,
+    user: str | None,
+    executable: str | None,
+    listen: tuple[str, ...],
+    http: str | None,
+    no_http: bool,
+    no_discovery: bool,
+) -> None:
+    """Print a hardened systemd unit for this home's agent (or relay node)."""
+    if relay:
+        from p2psync.relay import home as relay_home  # noqa: PLC0415 - only here
+
+        home = relay_home.resolve(state.home_arg).resolve()
+        if not (home / home_mod.RELAY_SETTINGS).exists():
+            raise HomeError(
+                f"no relay home at {home}; run `p2psync relay init --home {home}` first"
+            )
+        if http or no_http or no_discovery:
+            raise UsageError("--http, --no-http and --no-discovery are for an agent's unit")
+    else:
+        home = state.home.resolve()
+        home_mod.check_home(home)
+    if no_http and http:
+        raise UsageError("give --http or --no-http, not both")
+    for address in (*listen, *([http] if http else [])):
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    program = _program(executable)
+    owner = _user(home, user)
+    group = grp.getgrgid(pwd.getpwnam(owner).pw_gid).gr_name
+    args = [program, "--home", str(home)]
+    if relay:
+        args += ["relay", "serve", *[f"--listen={a}" for a in listen]]
+    else:
+        args += ["run", *[f"--listen={a}" for a in listen]]
+        args += [f"--http={http}"] if http else ["--no-http"] if no_http else []
+        args += ["--no-discovery"] if no_discovery else []
+    ports = [parse_address(a)[1] for a in listen] or ([7717] if not relay else [])
+    low_port = any(0 < port < 1024 for port in ports)
+    what = "relay node" if relay else "agent"
+    lines = [
+        "[Unit]",
+        f"Description=p2psync {what} ({_escape(str(home))})",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={' '.join(_quote(a) for a in args)}",
+        f"User={_escape(owner)}",
+        f"Group={_escape(group)}",
+        "UMask=0077",
+        "Restart=on-failure",
+        "RestartSec=5s",
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=30",
+        "# hardening: the home is all it may write",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={_quote(str(home))}",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "NoNewPrivileges=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "SystemCallArchitectures=native",
+        # netlink: the interfaces' addresses (discovery, `pair invite` hints)
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" if low_port else "CapabilityBoundingSet=",
+        *(["AmbientCapabilities=CAP_NET_BIND_SERVICE"] if low_port else []),
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    click.echo("\n".join(lines))
+    name = "p2psync-relay.service" if relay else "p2psync.service"
+    click.echo(
+        f"save this as /etc/systemd/system/{name}, then: systemctl daemon-reload && "
+        f"systemctl enable --now {name}",
+        err=True,
+    )
+
+
+def _program(executable: str | None) -> str:
+    """The absolute path of the p2psync program the unit runs."""
+    running = Path(sys.argv[0]).absolute() if Path(sys.argv[0]).name == "p2psync" else None
+    found = executable or (str(running) if running else None) or shutil.which("p2psync")
+    if found is None:
+        raise UsageError(
+            "cannot tell where the p2psync program is; give it with --executable PATH"
+        )
+    path = Path(found)
+    if not path.is_absolute():
+        raise UsageError(f"--executable: {found!r} is not an absolute path")
+    if not os.access(path, os.X_OK):
+        raise UsageError(f"--executable: {found} is not an executable file")
+    return str(path)
+
+
+def _user(home: Path, user: str | None) -> str:
+    """``user`` (it must exist), else the owner of the home; root only when asked."""
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"--user: there is no user {user!r} on this machine") from None
+        return user
+    owner = pwd.getpwuid(home.stat().st_uid).pw_name
+    if owner == "root":
+        raise UsageError(
+            f"{home} belongs to root: a service should run as a user of its own (create "
+            "one, give it the home with chown -R, and pass --user NAME), or pass --user root"
+        )
+    return owner
+
+
+def _escape(text: str) -> str:
+    """A value systemd reads literally: specifiers (%) doubled; no line breaks."""
+    if "\n" in text or "\r" in text:
+        raise UsageError(f"{text!r} holds a line break, which a unit file cannot")
+    return text.replace("%", "%%")
+
+
+def _quote(text: str) -> str:
+    """One word of ExecStart (or a path of ReadWritePaths), double-quoted for
+    systemd: backslashes and quotes escaped, % and $ doubled."""
+    text = _escape(text).replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$")
+    return f'"{text}"'
+
+
+COMMANDS = (service,)

@@ -1,0 +1,140 @@
+"""`p2psync service unit`: the systemd unit it prints runs the right command for
+the right home as the right user, hardened, and systemd reads it as meant."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from p2psync import home as home_mod
+from p2psync.cli.main import cli
+
+
+def unit(home: Path, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(
+        cli, ["--home", str(home), "service", "unit", "--executable", "/bin/true", *args]
+    )
+    return result.exit_code, result.stdout, result.stderr
+
+
+def directives(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            found[name] = value
+    return found
+
+
+def exec_words(value: str) -> list[str]:
+    """ExecStart's words as systemd reads them (double-quoted, \\\\ and \\" escaped,
+    $$ and %% for $ and %)."""
+    words, i = [], 0
+    while i < len(value):
+        if value[i] == " ":
+            i += 1
+            continue
+        assert value[i] == '"', value[i:]
+        i += 1
+        word = ""
+        while value[i] != '"':
+            if value[i] == "\\":
+                i += 1
+            word += value[i]
+            i += 1
+        i += 1
+        words.append(word.replace("$$", "$").replace("%%", "%"))
+    return words
+
+
+@pytest.mark.pure
+def test_the_agent_unit_runs_this_home_hardened(tmp_path: Path) -> None:
+    home = tmp_path / "a home with %s and $HOME"
+    home_mod.init(home, "a")
+    code, text, err = unit(home, "--user", "nobody", "--listen", "0.0.0.0:7717",
+                           "--http", "127.0.0.1:7718")
+    assert code == 0, err
+    found = directives(text)
+    assert exec_words(found["ExecStart"]) == [
+        "/bin/true", "--home", str(home.resolve()), "run", "--listen=0.0.0.0:7717",
+        "--http=127.0.0.1:7718",
+    ]
+    assert exec_words(found["ReadWritePaths"]) == [str(home.resolve())]
+    assert found["User"] == "nobody" and found["ProtectSystem"] == "strict"
+    assert found["NoNewPrivileges"] == "yes" and found["Restart"] == "on-failure"
+    assert found["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in found
+    assert "%%s" in found["Description"]
+    assert "systemctl enable --now p2psync.service" in err
+
+
+@pytest.mark.pure
+def test_a_port_below_1024_gets_that_capability_alone(tmp_path: Path) -> None:
+    home_mod.init(tmp_path / "a", "a")
+    code, text, err = unit(tmp_path / "a", "--user", "nobody", "--listen", "0.0.0.0:443")
+    assert code == 0, err
+    found = directives(text)
+    assert found["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert found["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+
+
+@pytest.mark.pure
+def test_the_relay_unit_runs_relay_serve(tmp_path: Path) -> None:
+    home = tmp_path / "relay"
+    result = CliRunner().invoke(cli, ["relay", "init", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    code, text, err = unit(home, "--relay", "--user", "nobody", "--listen", "0.0.0.0:7720")
+    assert code == 0, err
+    words = exec_words(directives(text)["ExecStart"])
+    assert words[1:] == ["--home", str(home.resolve()), "relay", "serve", "--listen=0.0.0.0:7720"]
+    assert "p2psync-relay.service" in err
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        ((), 2, "belongs to root"),  # tests run as root: the home is root's
+        (("--user", "no-such-user-here"), 2, "no user"),
+        (("--user", "nobody", "--listen", "nowhere"), 2, ""),
+        (("--user", "nobody", "--http", "1:2", "--no-http"), 2, "not both"),
+    ],
+)
+def test_what_cannot_make_a_sound_unit_is_refused(
+    tmp_path: Path, args: tuple[str, ...], code: int, words: str
+) -> None:
+    home_mod.init(tmp_path / "a", "a")
+    got, text, err = unit(tmp_path / "a", *args)
+    assert got == code and text == "", (got, text, err)
+    assert words in err and "Traceback" not in err
+
+
+@pytest.mark.pure
+def test_a_folder_that_is_not_a_home_is_refused(tmp_path: Path) -> None:
+    code, text, err = unit(tmp_path / "nothing", "--user", "nobody")
+    assert code == 1 and text == "" and "p2psync init" in err
+
+
+@pytest.mark.process
+def test_systemd_reads_the_unit_as_written(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (the systemd package)")
+    home = tmp_path / "odd home %n $USER \\ \"q\""
+    home_mod.init(home, "a")
+    code, text, err = unit(home, "--user", "nobody")
+    assert code == 0, err
+    path = tmp_path / "p2psync.service"
+    path.write_text(text)
+    result = subprocess.run(
+        [analyze, "verify", str(path)], check=False, capture_output=True, text=True,
+        timeout=60,
+    )
+    problems = [
+        line for line in result.stderr.splitlines()
+        if "nobody" not in line  # "Special user nobody configured": the test's own choice
+    ]
+    assert result.returncode == 0 and not problems, result.stderr
