@@ -26,6 +26,7 @@ misused a protocol machine (a bug here, never the peer's doing). A
     │   └── RelayUnavailable           no relay answers, or it did not admit us
     ├── HomeError                      home folder missing, uninitialised, or already initialised
     ├── StoreError                     the SQLite store could not be read or written
+    ├── HttpError                      the HTTP API refused a request (too large, too many)
     ├── ConnectionLost                 the other end closed the connection or it broke
     ├── ProtocolError                  a protocol was broken (by one side or the other)
     │   ├── RemoteProtocolError        REMOTE: the peer broke it; the connection is closed for it
@@ -135,6 +136,15 @@ class RelayUnavailable(StateError):
 
 class HomeError(P2PSyncError):
     """The home folder is missing, not initialised, or already initialised."""
+
+
+class HttpError(P2PSyncError):
+    """The HTTP API refused a request for a reason of its own, with the status code
+    that says so (413 a body too large, 429 too many event streams)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StoreError(P2PSyncError):

@@ -11,8 +11,7 @@ from urllib.parse import unquote
 from starlette.requests import Request
 
 from p2psync.core.entry import check_collection, check_key
-from p2psync.errors import UsageError
-from p2psync.http.errors import HttpError
+from p2psync.errors import HttpError, UsageError
 from p2psync.http.guard import MAX_BODY
 
 

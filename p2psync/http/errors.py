@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from p2psync.errors import (
+    HttpError,
     NotFoundError,
     P2PSyncError,
     StateError,
@@ -19,13 +20,7 @@ from p2psync.errors import (
 
 log = logging.getLogger(__name__)
 
-
-class HttpError(P2PSyncError):
-    """A request refused by the HTTP layer itself, with its status code."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["HttpError", "error_body", "problem", "status_of"]
 
 
 def error_body(status: int, message: str) -> bytes:

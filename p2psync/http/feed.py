@@ -14,9 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from p2psync.errors import UsageError
+from p2psync.errors import HttpError, UsageError
 from p2psync.http.body import number, seconds
-from p2psync.http.errors import HttpError
 from p2psync.http.events import Hub
 from p2psync.http.site import Site
 from p2psync.store.feed import PAGE, RecordChange
