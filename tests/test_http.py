@@ -227,6 +227,9 @@ def test_a_transaction_is_one_entry_and_all_or_nothing(site: SpawnedAgent, api: 
         ("POST", "/requests/zz/accept", None, 400, "not a rule ID"),
         ("POST", "/requests/" + "a" * 12 + "/accept", None, 404, "no rule"),
         ("GET", "/peers/NOT-A-DEVICE", None, 400, ""),
+        ("PUT", "/records/bad/a%0Ab", b"1", 400, "invalid record key"),
+        ("GET", "/changes?collection=", None, 400, "invalid collection name"),
+        ("GET", "/changes?collection=a&collection=b%2A", None, 400, "invalid collection name"),
     ],
 )
 def test_bad_requests_get_a_json_error_and_write_nothing(

@@ -33,7 +33,7 @@ def served() -> set[tuple[str, str]]:
         assert isinstance(route, Route)
         methods = {m.lower() for m in route.methods or ()} - {"head"}
         paths = [route.path]
-        if route.path == "/records/{rest:path}":  # one route, both forms
+        if route.path == "/records/{rest:p2psync_rest}":  # one route, both forms
             paths = ["/records/{collection}", "/records/{collection}/{key}"]
         for path in paths:
             for method in methods:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from p2psync.core.entry import check_collection
 from p2psync.errors import HttpError, UsageError
 from p2psync.http.body import number, seconds
 from p2psync.http.events import Hub
@@ -33,7 +34,7 @@ def routes(site: Site, hub: Hub) -> list[Route]:
 
     def collections(request: Request) -> list[str] | None:
         names = request.query_params.getlist("collection")
-        return names or None
+        return [check_collection(name) for name in names] or None
 
     async def read(since: int, names: list[str] | None, limit: int) -> list[RecordChange]:
         return await trio.to_thread.run_sync(db.changes_page, since, names, limit)

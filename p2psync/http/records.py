@@ -7,6 +7,7 @@ from itertools import islice
 from typing import Any
 
 import trio
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,6 +21,16 @@ from p2psync.views.records import version_row
 from p2psync.views.values import from_json, to_json
 
 MAX_PAGE = 1000
+
+
+class _Anything(PathConvertor):
+    """A path's rest, line breaks too (Starlette's ``path`` stops at one): a name
+    holding one is then refused as a bad name, not as an unknown path."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("p2psync_rest", _Anything())
 
 
 def routes(site: Site) -> list[Route]:
@@ -94,7 +105,7 @@ def routes(site: Site) -> list[Route]:
 
     return [
         Route("/records", collections, methods=["GET"]),
-        Route("/records/{rest:path}", record, methods=["GET", "PUT", "DELETE"]),
+        Route("/records/{rest:p2psync_rest}", record, methods=["GET", "PUT", "DELETE"]),
         Route("/transactions", transaction, methods=["POST"]),
     ]
 
