@@ -360,6 +360,24 @@ def test_a_quiet_stream_gets_keepalive_comments(api: Api) -> None:
     assert bad.status == 400
 
 
+def test_event_streams_are_capped_and_a_closed_one_frees_its_place(api: Api) -> None:
+    streams = [EventStream(api) for _ in range(64)]
+    try:
+        assert [s.status for s in streams] == [200] * 64
+        refused = api.call("GET", "/events")
+        assert refused.status == 429 and "64 event streams" in refused.body["error"]
+    finally:
+        for stream in streams:
+            stream.close()
+
+    def open_again() -> bool:
+        stream = EventStream(api)
+        stream.close()
+        return stream.status == 200
+
+    wait_for(open_again, timeout=10)
+
+
 def test_openapi_lists_every_path(api: Api) -> None:
     document = api.ok("GET", "/openapi.json")
     assert document["openapi"].startswith("3.")

@@ -13,6 +13,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from p2psync.core.entry import check_collection
 from p2psync.errors import HttpError, UsageError
@@ -82,7 +83,8 @@ def routes(site: Site, hub: Hub) -> list[Route]:
             raise UsageError("keepalive is 1 to 300 seconds")
         if hub.listeners >= MAX_STREAMS:
             raise HttpError(429, f"{MAX_STREAMS} event streams are open already; close one")
-        return StreamingResponse(
+        return EventResponse(
+            hub,
             _stream(site, hub, since, names, keepalive),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
@@ -92,6 +94,22 @@ def routes(site: Site, hub: Hub) -> list[Route]:
         Route("/changes", changes, methods=["GET"]),
         Route("/events", events, methods=["GET"]),
     ]
+
+
+class EventResponse(StreamingResponse):
+    """An event stream, counted from the moment it is answered to the moment its
+    connection ends (however it ends), so at most :data:`MAX_STREAMS` are open."""
+
+    def __init__(self, hub: Hub, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hub = hub
+        hub.listen()  # counted now: the next request sees it
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.hub.leave()
 
 
 def _json(change: RecordChange) -> dict[str, Any]:
@@ -112,25 +130,21 @@ async def _stream(
     ``id`` is the change number: a reconnecting EventSource resumes after it) and
     the hub's events, with a comment after ``keepalive`` quiet seconds."""
     db = site.db
-    hub.listen()
-    try:
-        seen = hub.seq
-        yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": since})
-        while True:
-            version = site.feed.version
-            found = await trio.to_thread.run_sync(db.changes_page, since, names, PAGE)
-            for change in found:
-                row = _json(change)
-                yield _sse("change", row, change.change)
-                if change.conflict:
-                    yield _sse("conflict", row, change.change)
-                since = change.change
-            for event in hub.after(seen):
-                yield _sse(event.kind, event.data)
-                seen = event.seq
-            if len(found) == PAGE:
-                continue
-            if not await hub.wait(seen, version, keepalive):
-                yield b": keepalive\n\n"
-    finally:
-        hub.leave()
+    seen = hub.seq
+    yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": since})
+    while True:
+        version = site.feed.version
+        found = await trio.to_thread.run_sync(db.changes_page, since, names, PAGE)
+        for change in found:
+            row = _json(change)
+            yield _sse("change", row, change.change)
+            if change.conflict:
+                yield _sse("conflict", row, change.change)
+            since = change.change
+        for event in hub.after(seen):
+            yield _sse(event.kind, event.data)
+            seen = event.seq
+        if len(found) == PAGE:
+            continue
+        if not await hub.wait(seen, version, keepalive):
+            yield b": keepalive\n\n"
