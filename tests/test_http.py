@@ -312,6 +312,8 @@ def test_changes_pages_and_long_polls(site: SpawnedAgent, api: Api) -> None:
     assert answer["last"] == start + 2
     only = api.ok("GET", f"/changes?since={start}&collection=feed")
     assert [c["key"] for c in only["changes"]] == ["a"]
+    # past the changes it does not follow too: the next read starts after them
+    assert only["last"] == start + 2
     empty = api.ok("GET", f"/changes?since={answer['last']}")
     assert empty == {"changes": [], "last": answer["last"]}
     # a long-poll returns when a change comes (written by another process: the CLI)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from p2psync.api import Database
 from p2psync.core.entry import check_collection
 from p2psync.errors import HttpError, UsageError
 from p2psync.http.body import number, seconds
@@ -37,8 +38,13 @@ def routes(site: Site, hub: Hub) -> list[Route]:
         names = request.query_params.getlist("collection")
         return [check_collection(name) for name in names] or None
 
-    async def read(since: int, names: list[str] | None, limit: int) -> list[RecordChange]:
-        return await trio.to_thread.run_sync(db.changes_page, since, names, limit)
+    async def read(
+        since: int, names: list[str] | None, limit: int
+    ) -> tuple[list[RecordChange], int]:
+        """A page of changes after ``since``, and how far the caller may move on:
+        past the last one listed, or (a page not full) past every change so far,
+        those of collections it does not follow too."""
+        return await trio.to_thread.run_sync(_page, db, since, names, limit)
 
     async def changes(request: Request) -> Response:
         since = number(request, "since", 0, 0, MAX_SINCE)
@@ -46,17 +52,16 @@ def routes(site: Site, hub: Hub) -> list[Route]:
         wait = seconds(request, "timeout", 0.0, LONG_POLL)
         names = collections(request)
         version = site.feed.version
-        found = await read(since, names, limit)
+        found, last = await read(since, names, limit)
         if not found and wait > 0:
             with trio.move_on_after(wait):
                 while not found:
                     version = await site.feed.wait_beyond(version)
-                    found = await read(since, names, limit)
+                    found, last = await read(last, names, limit)
         return JSONResponse(
             {
                 "changes": [_json(change) for change in found],
-                # pass as ?since= next time
-                "last": found[-1].change if found else since,
+                "last": last,  # pass as ?since= next time
             }
         )
 
@@ -112,6 +117,16 @@ class EventResponse(StreamingResponse):
             self.hub.leave()
 
 
+def _page(
+    db: Database, since: int, names: list[str] | None, limit: int
+) -> tuple[list[RecordChange], int]:
+    top = db.last_change()  # every change up to it is committed
+    found = db.changes_page(since, names, limit)
+    if len(found) == limit:
+        return found, found[-1].change
+    return found, max(since, top, found[-1].change if found else 0)
+
+
 def _json(change: RecordChange) -> dict[str, Any]:
     row = change_json(change)
     row["value"] = to_json(row["value"])
@@ -134,13 +149,13 @@ async def _stream(
     yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": since})
     while True:
         version = site.feed.version
-        found = await trio.to_thread.run_sync(db.changes_page, since, names, PAGE)
+        found, last = await trio.to_thread.run_sync(_page, db, since, names, PAGE)
         for change in found:
             row = _json(change)
             yield _sse("change", row, change.change)
             if change.conflict:
                 yield _sse("conflict", row, change.change)
-            since = change.change
+        since = last
         for event in hub.after(seen):
             yield _sse(event.kind, event.data)
             seen = event.seq
