@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any, cast
@@ -74,7 +75,21 @@ class HttpService:
                 )
             )
             log.info("HTTP API on %s (API key in %s)", ", ".join(urls), site.db.path / "http.key")
+            if not _loopback(self.host):
+                log.warning(
+                    "the HTTP API on %s is plain HTTP: its key and console sessions cross "
+                    "the network unencrypted; serve it on 127.0.0.1 (the default) or behind "
+                    "a TLS proxy",
+                    format_address(self.host, self.port),
+                )
             task_status.started(urls)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _cannot_serve(host: str, port: int, exc: OSError) -> str:
