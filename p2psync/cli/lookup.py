@@ -10,12 +10,11 @@ from typing import Any, Protocol, TypeVar, overload
 from p2psync.api import Database
 from p2psync.cli.context import State
 from p2psync.core.identity import device_id, parse_device_id, short_id
-from p2psync.core.rules import Rule, RuleState
+from p2psync.core.rules import Rule
 from p2psync.errors import (
     AgentNotRunning,
     InvalidDeviceID,
     NotFoundError,
-    StateError,
     UsageError,
 )
 from p2psync.net import agentsockets as sockets
@@ -168,17 +167,6 @@ def _by_id(text: str, items: Sequence[T], what: str, digits: int, listing: str) 
 
 def an(noun: str) -> str:
     return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
-
-
-def waiting_for_us(db: Database, rule: Rule) -> Rule:
-    """``rule`` if it is a proposal awaiting this agent's answer."""
-    if rule.acceptor != db.identity.public_key or rule.state is not RuleState.PROPOSED:
-        whose = "this agent's own" if rule.proposer == db.identity.public_key else "a"
-        raise StateError(
-            f"rule {rule.id.hex()[:12]} is {whose} {rule.state.value} proposal, not one "
-            "waiting for this agent's answer; see `p2psync rule list`"
-        )
-    return rule
 
 
 def notify(state: State) -> None:

@@ -13,14 +13,13 @@ from p2psync.cli.lookup import (
     notify,
     resolve_peer,
     resolve_rule,
-    waiting_for_us,
 )
 from p2psync.cli.terms import RuleOptions, accept_in_view, rule_options
 from p2psync.core.identity import short_id
 from p2psync.core.rules import RuleState
 from p2psync.errors import StateError
 from p2psync.store.peers import Peer
-from p2psync.views.rules import rule_row
+from p2psync.views.rules import rule_row, waiting_for_us
 
 
 @click.group()
@@ -109,7 +108,7 @@ def rule_accept(
 ) -> None:
     """Accept a proposed rule, optionally narrowed (options in this agent's view)."""
     with state.open() as db:
-        found = waiting_for_us(db, resolve_rule(db, rule_id))
+        found = waiting_for_us(db, resolve_rule(db, rule_id), "`p2psync rule list`")
         mine = accept_in_view(db, found, options)
     notify(state)
     click.echo(f"accepted rule {found.id.hex()[:12]}: {mine.describe()}")
@@ -122,7 +121,7 @@ def rule_accept(
 def rule_reject(state: State, rule_id: str, reason: str) -> None:
     """Reject a proposed rule."""
     with state.open() as db:
-        found = waiting_for_us(db, resolve_rule(db, rule_id))
+        found = waiting_for_us(db, resolve_rule(db, rule_id), "`p2psync rule list`")
         pairing.reject(db, found, reason)
     notify(state)
     click.echo(f"rejected rule {found.id.hex()[:12]}: {reason}")

@@ -28,7 +28,7 @@ from p2psync.store.local import Change
 from p2psync.views.delivery import delivery
 from p2psync.views.peers import peer_rows
 from p2psync.views.records import version_row
-from p2psync.views.rules import RuleOptions, accept_in_view, pending, rule_row
+from p2psync.views.rules import RuleOptions, accept_in_view, pending, rule_row, waiting_for_us
 from p2psync.views.status import site_status
 from p2psync.views.values import from_json, to_json
 
@@ -232,13 +232,7 @@ def find_rule(db: Database, text: str) -> Rule:
 
 
 def waiting(db: Database, rule: Rule) -> Rule:
-    if rule.acceptor != db.identity.public_key or rule.state is not RuleState.PROPOSED:
-        whose = "this site's own" if rule.proposer == db.identity.public_key else "a"
-        raise StateError(
-            f"rule {rule.id.hex()[:12]} is {whose} {rule.state.value} proposal, not one "
-            "waiting for this site's answer"
-        )
-    return rule
+    return waiting_for_us(db, rule, "GET /requests")
 
 
 async def _optional_body(request: Request) -> Any:

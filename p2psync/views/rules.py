@@ -9,6 +9,7 @@ from p2psync import pairing
 from p2psync.clock import now_ms
 from p2psync.core.identity import device_id
 from p2psync.core.rules import Direction, Mode, Route, Rule, RuleState, Terms
+from p2psync.errors import StateError
 from p2psync.home import OpenHome
 
 
@@ -96,3 +97,16 @@ def accept_in_view(db: OpenHome, rule: Rule, options: RuleOptions) -> Terms:
     mine = options.terms(base=rule.proposed.flipped())
     pairing.accept(db, rule, mine.flipped())  # rules are signed in the proposer's view
     return mine
+
+
+def waiting_for_us(db: OpenHome, rule: Rule, listing: str) -> Rule:
+    """``rule`` if it is a proposal awaiting this site's answer; else a StateError
+    that says what it is (``listing``: where the user sees the rules)."""
+    me = db.identity.public_key
+    if rule.acceptor != me or rule.state is not RuleState.PROPOSED:
+        whose = "this agent's own" if rule.proposer == me else "a"
+        raise StateError(
+            f"rule {rule.id.hex()[:12]} is {whose} {rule.state.value} proposal, not one "
+            f"waiting for this agent's answer; see {listing}"
+        )
+    return rule
