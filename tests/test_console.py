@@ -163,7 +163,14 @@ def test_accept_and_keep_a_version_through_the_console_and_names_escaped(
             headers={**jar, **FORM},
             key=None,
         )
-        assert done.status == 303 and "paired" in done.headers["location"]
+        assert done.status == 303 and done.headers["location"] == "/console/requests"
+        shown = api.call("GET", "/console/requests", key=None, headers=jar).body
+        assert "paired with" in shown
+        again = api.call("GET", "/console/requests", key=None, headers=jar).body
+        assert "paired with" not in again  # shown once
+        crafted = api.call("GET", "/console/requests?done=call+evil&failed=call+evil",
+                           key=None, headers=jar).body
+        assert "call evil" not in crafted
         wait_for(lambda: api.ok("GET", "/peers")["peers"][0]["connected"], timeout=20)
         hostile.stop()
         api.ok("PUT", "/records/stock/K", "hq")
@@ -184,7 +191,10 @@ def test_accept_and_keep_a_version_through_the_console_and_names_escaped(
             headers={**jar, **FORM},
             key=None,
         )
-        assert kept.status == 303 and "kept" in kept.headers["location"]
+        assert kept.status == 303
+        assert "kept the version" in api.call(
+            "GET", "/console/conflicts", key=None, headers=jar
+        ).body
         assert api.ok("GET", "/records/stock/K")["value"] == "branch"
         assert api.ok("GET", "/conflicts")["conflicts"] == []
     finally:

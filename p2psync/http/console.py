@@ -21,7 +21,7 @@ from http.cookies import SimpleCookie
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import parse_qs, urlencode
 
 import jinja2
 import trio
@@ -72,6 +72,10 @@ SECURITY_HEADERS = {
 class Session:
     csrf: str
     last_used: float
+    #: what the last form did (or why it failed), shown once by the next page:
+    #: kept here, not in the URL, so a crafted link cannot put words on a page
+    notice: str = ""
+    problem: str = ""
 
 
 class Sessions:
@@ -179,13 +183,18 @@ class Console:
 
     def page(self, request: Request, template: str, **context: Any) -> Response:
         session = self.sessions.get(request.cookies.get(COOKIE))
+        notice = problem = ""
+        if session is not None:
+            notice, problem, session.notice, session.problem = (
+                session.notice, session.problem, "", ""
+            )
         html = self.env.get_template(template).render(
             site_name=self.site.db.name,
             device_id=self.site.db.device_id,
             csrf=session.csrf if session else "",
             path=request.url.path,
-            notice=request.query_params.get("done", ""),
-            problem=request.query_params.get("failed", ""),
+            notice=notice,
+            problem=problem,
             **context,
         )
         return HTMLResponse(html, headers=SECURITY_HEADERS)
@@ -366,13 +375,15 @@ class Console:
         if back is None:
             raise UsageError(f"no console action {action!r}")
         fields = await self._form(request)
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        assert session is not None  # (_form checked it)
         try:
-            done = await trio.to_thread.run_sync(self._do, action, fields)
+            session.notice = await trio.to_thread.run_sync(self._do, action, fields)
         except P2PSyncError as exc:
-            return RedirectResponse(f"/console/{back}?failed={quote(str(exc))}", status_code=303)
+            session.problem = str(exc)
         if action in ("accept", "reject", "propose", "revoke"):
             self.site.peers_changed()
-        return RedirectResponse(f"/console/{back}?done={quote(done)}", status_code=303)
+        return RedirectResponse(f"/console/{back}", status_code=303)
 
     def _do(self, action: str, fields: dict[str, str]) -> str:
         db = self.site.db
