@@ -200,3 +200,18 @@ def test_accept_and_keep_a_version_through_the_console_and_names_escaped(
     finally:
         hostile.stop()
         hq.stop()
+
+
+@pytest.mark.pure
+def test_a_link_made_before_the_agent_started_does_not_work() -> None:
+    """Used links are remembered in memory: after a restart they would work again
+    within their 10 minutes, so links made before the start are refused."""
+    from p2psync.http.console import Sessions  # noqa: PLC0415
+
+    key = "k" * 43
+    started = now_ms()
+    sessions = Sessions(key, started_ms=started)
+    before = console_link_token(key, started - 60_000)
+    after = console_link_token(key, now_ms())
+    assert not sessions.take_link(before)
+    assert sessions.take_link(after) and not sessions.take_link(after)

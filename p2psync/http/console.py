@@ -41,7 +41,7 @@ from p2psync.core.rules import Direction, Mode, RuleState
 from p2psync.core.rules import Route as RuleRoute
 from p2psync.errors import P2PSyncError, UsageError
 from p2psync.http.admin import find_rule, waiting
-from p2psync.http.keys import check_link_token, matches
+from p2psync.http.keys import LINK_TTL_MS, check_link_token, matches
 from p2psync.http.site import Site
 from p2psync.store.local import Change
 from p2psync.views.peers import peer_rows
@@ -56,6 +56,7 @@ SESSION_S = 12 * 3600  # a session lasts this long from its last use
 MAX_SESSIONS = 64
 MAX_FORM = 64 * 1024  # bytes of a console form
 PAGE = 50  # records per page in the browser
+LINK_SKEW_MS = 2000  # a link made this long before the agent started still works
 #: Every console page: scripts, styles and connections from this origin only.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -82,10 +83,13 @@ class Sessions:
     """Console sessions in the agent's memory (a restart logs everyone out), and
     the one-time links already used."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, started_ms: int | None = None) -> None:
         self.key = key
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._used_links: dict[str, int] = {}
+        # links made before this start are refused: the links used before a
+        # restart are forgotten with it, and must not work again
+        self.started_ms = now_ms() if started_ms is None else started_ms
 
     def open(self) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
@@ -118,6 +122,8 @@ class Sessions:
         found = check_link_token(self.key, token, now)
         self._used_links = {n: e for n, e in self._used_links.items() if e >= now}
         if found is None or found[0] in self._used_links:
+            return False
+        if found[1] - LINK_TTL_MS < self.started_ms - LINK_SKEW_MS:
             return False
         self._used_links[found[0]] = found[1]
         return True
