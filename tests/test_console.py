@@ -202,6 +202,7 @@ def test_accept_and_keep_a_version_through_the_console_and_names_escaped(
         hq.stop()
 
 
+@pytest.mark.pure
 def test_a_link_made_before_the_agent_started_does_not_work() -> None:
     """Used links are remembered in memory: after a restart they would work again
     within their 10 minutes, so links made before the start are refused."""
