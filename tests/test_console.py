@@ -197,6 +197,24 @@ def test_accept_and_keep_a_version_through_the_console_and_names_escaped(
         ).body
         assert api.ok("GET", "/records/stock/K")["value"] == "branch"
         assert api.ok("GET", "/conflicts")["conflicts"] == []
+        # propose a rule, then revoke it, through the rules page's forms
+        form = {"csrf": csrf, "peer": hostile.device_id, "collections": "vouchers",
+                "direction": "send", "mode": "on-demand", "route": "auto"}
+        proposed = api.call("POST", "/console/act/propose", raw=urlencode(form).encode(),
+                            headers={**jar, **FORM}, key=None)
+        assert proposed.status == 303
+        page = api.call("GET", "/console/rules", key=None, headers=jar).body
+        assert "proposed: vouchers" in page
+        mine = [r for r in api.ok("GET", "/rules")["rules"] if r["state"] == "proposed"]
+        assert len(mine) == 1 and mine[0]["mode"] == "on-demand"
+        revoked = api.call("POST", "/console/act/revoke",
+                           raw=urlencode({"csrf": csrf, "rule": mine[0]["id"]}).encode(),
+                           headers={**jar, **FORM}, key=None)
+        assert revoked.status == 303
+        assert "revoked the rule" in api.call("GET", "/console/rules", key=None,
+                                               headers=jar).body
+        states = {r["id"]: r["state"] for r in api.ok("GET", "/rules")["rules"]}
+        assert states[mine[0]["id"]] == "revoked"
     finally:
         hostile.stop()
         hq.stop()

@@ -434,6 +434,17 @@ def test_pairing_a_peer_s_write_and_a_conflict_through_the_api(tmp_path: Path) -
             assert api.ok("GET", f"/peers/{branch.device_id}")["state"] == "paired"
             rules = api.ok("GET", "/rules")["rules"]
             assert rules and rules[0]["state"] == "accepted"
+            proposal = {"peer": branch.device_id, "collections": ["vouchers"],
+                        "direction": "send"}
+            made = api.call("POST", "/rules", proposal)
+            assert made.status == 201 and made.body["new"], made
+            assert made.body["rule"]["state"] == "proposed"
+            assert made.body["rule"]["direction"] == "send"
+            same = api.call("POST", "/rules", proposal)
+            assert same.status == 200 and not same.body["new"]
+            stranger = api.call("POST", "/rules", {**proposal, "peer": hq.device_id})
+            assert stranger.status == 404  # this site is not its own peer
+            assert api.ok("GET", "/ledger") == {"ledger": []}  # nothing by relay or file
         finally:
             events.close()
         # a conflict: both write the same record while apart
@@ -458,6 +469,7 @@ def test_pairing_a_peer_s_write_and_a_conflict_through_the_api(tmp_path: Path) -
             "POST", "/conflicts/resolve", {"collection": "stock", "key": "S-2", "value": 1}
         )
         assert not_now.status == 409
+        rules = [r for r in api.ok("GET", "/rules")["rules"] if r["state"] == "accepted"]
         revoked = api.ok("POST", f"/rules/{rules[0]['id']}/revoke")
         assert revoked["revoked"] == rules[0]["id"]
         assert api.call("POST", f"/rules/{rules[0]['id']}/revoke").status == 409
