@@ -46,6 +46,10 @@ def last_change(site: SpawnedAgent) -> int:
 # ---------------------------------------------------------------- the key and the host
 
 
+def test_status_says_where_the_api_is(site: SpawnedAgent) -> None:
+    assert f"HTTP API and console: {site.http_url}/" in cli(site.home, "status")
+
+
 def test_the_key_is_made_for_the_home_alone_and_required(site: SpawnedAgent, api: Api) -> None:
     key = site.home / "http.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -309,6 +309,8 @@ def status(state: State, as_json: bool) -> None:
         click.echo(
             f"agent: running, pid {running['pid']}, listening on {', '.join(running['listen'])}"
         )
+        for url in running.get("http") or []:
+            click.echo(f"HTTP API and console: {url}/ (`p2psync console` for a login link)")
     click.echo(
         f"store: {output.plural(store['entries'], 'entry', 'entries')} from "
         f"{output.plural(store['authors'], 'author')}, "
