@@ -21,6 +21,7 @@ import click
 from p2psync import home as home_mod
 from p2psync.cli.context import State, pass_state
 from p2psync.errors import HomeError, UsageError
+from p2psync.net import agentsockets
 from p2psync.net.address import parse_address
 
 
@@ -75,6 +76,12 @@ def unit(
             parse_address(address)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if not relay and len(str(home / "control.sock").encode()) > agentsockets.MAX_SOCKET_PATH:
+        raise UsageError(
+            f"{home} is too deep for a service: its agent's sockets would live outside "
+            "the home (in a private folder under /tmp), which the unit's private /tmp "
+            "hides from the commands; move the home to a shorter path"
+        )
     program = _program(executable)
     owner = _user(home, user)
     group = grp.getgrgid(pwd.getpwnam(owner).pw_gid).gr_name
@@ -106,7 +113,7 @@ def unit(
         "TimeoutStopSec=30",
         "# hardening: the home is all it may write",
         "ProtectSystem=strict",
-        f"ReadWritePaths={_quote(str(home))}",
+        f"ReadWritePaths={_quote(str(home), exec_line=False)}",
         "PrivateTmp=yes",
         "PrivateDevices=yes",
         "NoNewPrivileges=yes",
@@ -156,13 +163,19 @@ def _program(executable: str | None) -> str:
 
 def _user(home: Path, user: str | None) -> str:
     """``user`` (it must exist), else the owner of the home; root only when asked."""
+    owner = pwd.getpwuid(home.stat().st_uid).pw_name
     if user is not None:
         try:
             pwd.getpwnam(user)
         except KeyError:
             raise UsageError(f"--user: there is no user {user!r} on this machine") from None
+        if user not in (owner, "root"):
+            raise UsageError(
+                f"--user {user}: {home} belongs to {owner} and only its owner may read it "
+                f"(the agent's key is there): give it to {user} first "
+                f"(chown -R {user}: {home})"
+            )
         return user
-    owner = pwd.getpwuid(home.stat().st_uid).pw_name
     if owner == "root":
         raise UsageError(
             f"{home} belongs to root: a service should run as a user of its own (create "
@@ -178,10 +191,13 @@ def _escape(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def _quote(text: str) -> str:
+def _quote(text: str, exec_line: bool = True) -> str:
     """One word of ExecStart (or a path of ReadWritePaths), double-quoted for
-    systemd: backslashes and quotes escaped, % and $ doubled."""
-    text = _escape(text).replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$")
+    systemd: backslashes and quotes escaped, % doubled, and $ doubled where
+    systemd expands it (Exec lines only)."""
+    text = _escape(text).replace("\\", "\\\\").replace('"', '\\"')
+    if exec_line:
+        text = text.replace("$", "$$")
     return f'"{text}"'
 
 

@@ -51,12 +51,11 @@ from p2psync.views.status import site_status
 from p2psync.views.values import from_json, to_json
 
 HERE = Path(__file__).parent
-COOKIE = "p2psync_console"
+COOKIE = "p2psync_console"  # + "_" and the first characters of the site's device ID
 SESSION_S = 12 * 3600  # a session lasts this long from its last use
 MAX_SESSIONS = 64
 MAX_FORM = 64 * 1024  # bytes of a console form
 PAGE = 50  # records per page in the browser
-LINK_SKEW_MS = 2000  # a link made this long before the agent started still works
 #: Every console page: scripts, styles and connections from this origin only.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -73,18 +72,23 @@ SECURITY_HEADERS = {
 class Session:
     csrf: str
     last_used: float
-    #: what the last form did (or why it failed), shown once by the next page:
-    #: kept here, not in the URL, so a crafted link cannot put words on a page
+    #: what the last form did (or why it failed) and the page it went back to,
+    #: shown once by that page: kept here, not in the URL, so a crafted link
+    #: cannot put words on a page
     notice: str = ""
     problem: str = ""
+    back: str = ""
 
 
 class Sessions:
     """Console sessions in the agent's memory (a restart logs everyone out), and
     the one-time links already used."""
 
-    def __init__(self, key: str, started_ms: int | None = None) -> None:
+    def __init__(self, key: str, started_ms: int | None = None, site: str = "") -> None:
         self.key = key
+        # a browser keeps cookies per host, not per port: each site's has its own
+        # name, so logging in to two agents on one machine keeps both sessions
+        self.cookie = f"{COOKIE}_{site[:7]}" if site else COOKIE
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._used_links: dict[str, int] = {}
         # links made before this start are refused: the links used before a
@@ -123,8 +127,8 @@ class Sessions:
         self._used_links = {n: e for n, e in self._used_links.items() if e >= now}
         if found is None or found[0] in self._used_links:
             return False
-        if found[1] - LINK_TTL_MS < self.started_ms - LINK_SKEW_MS:
-            return False
+        if found[1] - LINK_TTL_MS < self.started_ms:
+            return False  # (`p2psync console` makes links only while the agent runs)
         self._used_links[found[0]] = found[1]
         return True
 
@@ -133,18 +137,18 @@ class Sessions:
         the console's forms (which check its CSRF token)."""
         if scope["method"] not in ("GET", "HEAD") and not scope["path"].startswith("/console/"):
             return False
-        return self.get(_cookie(scope)) is not None
+        return self.get(_cookie(scope, self.cookie)) is not None
 
 
-def _cookie(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == b"cookie":
+def _cookie(scope: Scope, name: str) -> str | None:
+    for header, value in scope.get("headers", []):
+        if header == b"cookie":
             jar: SimpleCookie = SimpleCookie()
             try:
                 jar.load(value.decode("latin-1"))
             except Exception:  # a malformed cookie header is no session
                 return None
-            morsel = jar.get(COOKIE)
+            morsel = jar.get(name)
             if morsel is not None:
                 return morsel.value
     return None
@@ -188,12 +192,16 @@ class Console:
     # ------------------------------------------------------------ rendering
 
     def page(self, request: Request, template: str, **context: Any) -> Response:
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        session = self.sessions.get(request.cookies.get(self.sessions.cookie))
         notice = problem = ""
-        if session is not None:
-            notice, problem, session.notice, session.problem = (
-                session.notice, session.problem, "", ""
-            )
+        # shown by the page the form went back to, not by a live refresh of it
+        if (
+            session is not None
+            and session.back == request.url.path
+            and not request.headers.get("x-console-live")
+        ):
+            notice, problem = session.notice, session.problem
+            session.notice = session.problem = session.back = ""
         html = self.env.get_template(template).render(
             site_name=self.site.db.name,
             device_id=self.site.db.device_id,
@@ -208,14 +216,14 @@ class Console:
     async def _form(self, request: Request) -> dict[str, str]:
         """The form of a console action, its CSRF token checked (and its Origin, when
         the browser sends one)."""
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        session = self.sessions.get(request.cookies.get(self.sessions.cookie))
         if session is None:
             raise UsageError("log in to the console first")
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
         # "null": the browser would not say (a privacy setting, a sandbox): the token
         # decides, as it does for every form
-        if origin not in (None, "null") and origin != f"http://{host}":
+        if origin not in (None, "null") and origin not in (f"http://{host}", f"https://{host}"):
             raise UsageError("a form from another site was refused")
         body = b""
         async for chunk in request.stream():
@@ -262,15 +270,20 @@ class Console:
         token, _session = self.sessions.open()
         response = RedirectResponse("/console/", status_code=303, headers=SECURITY_HEADERS)
         response.set_cookie(
-            COOKIE, token, max_age=SESSION_S, httponly=True, samesite="strict", path="/"
+            self.sessions.cookie,
+            token,
+            max_age=SESSION_S,
+            httponly=True,
+            samesite="strict",
+            path="/",
         )
         return response
 
     async def logout(self, request: Request) -> Response:
         await self._form(request)
-        self.sessions.close(request.cookies.get(COOKIE))
+        self.sessions.close(request.cookies.get(self.sessions.cookie))
         response = RedirectResponse("/console/login", status_code=303)
-        response.delete_cookie(COOKIE, path="/")
+        response.delete_cookie(self.sessions.cookie, path="/")
         return response
 
     # ------------------------------------------------------------ pages
@@ -381,8 +394,10 @@ class Console:
         if back is None:
             raise UsageError(f"no console action {action!r}")
         fields = await self._form(request)
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        session = self.sessions.get(request.cookies.get(self.sessions.cookie))
         assert session is not None  # (_form checked it)
+        session.notice = session.problem = ""
+        session.back = f"/console/{back}"
         try:
             session.notice = await trio.to_thread.run_sync(self._do, action, fields)
         except P2PSyncError as exc:
@@ -393,6 +408,12 @@ class Console:
 
     def _do(self, action: str, fields: dict[str, str]) -> str:
         db = self.site.db
+        for field, choices in (("direction", Direction), ("mode", Mode), ("route", RuleRoute)):
+            allowed = [member.value for member in choices]
+            if fields.get(field) and fields[field] not in allowed:
+                raise UsageError(
+                    f"{field} is one of {', '.join(allowed)}, not {fields[field]!r}"
+                )
         if action in ("accept", "reject"):
             rule = waiting(db, find_rule(db, fields.get("rule", "")))
             if action == "reject":

@@ -83,8 +83,9 @@ class Guard:
             await self.app(scope, receive, send)
             return
         status, message, extra = refusal
-        if status == 401 and scope["method"] == "GET" and scope["path"].startswith("/console/"):
-            # a browser without a session: to the login page
+        if status == 401 and scope["path"].startswith("/console/"):
+            # a browser without a session (never had one, or it ended: a restart, 12
+            # idle hours), whatever it sent: to the login page
             await send(
                 {
                     "type": "http.response.start",

@@ -42,7 +42,7 @@ class HttpService:
         """Serve until cancelled; reports the URLs once listening."""
         key = await trio.to_thread.run_sync(api_key, site.db.path)
         hub = Hub(site)
-        sessions = Sessions(key)
+        sessions = Sessions(key, site=site.db.device_id)
         access = Access(
             key=key, allowed_hosts=self.allowed_hosts, public=public, session=sessions.allows
         )

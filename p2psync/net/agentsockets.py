@@ -33,7 +33,7 @@ from p2psync.errors import AgentNotRunning, AgentSocketError
 
 NOTIFY = "agent.sock"
 CONTROL = "control.sock"
-_MAX_PATH = 100
+MAX_SOCKET_PATH = 100  # bytes of a socket's path in the home; longer: elsewhere
 MAX_ANSWER = 4 << 20
 
 CHANGED_ENTRIES = b"e"
@@ -42,7 +42,7 @@ CHANGED_PEERS = b"p"
 
 def socket_path(home: Path, name: str) -> str:
     path = str(home.resolve() / name)
-    if len(path.encode()) <= _MAX_PATH:
+    if len(path.encode()) <= MAX_SOCKET_PATH:
         return path
     digest = hashlib.blake2b(str(home.resolve()).encode(), digest_size=8).hexdigest()
     return os.path.join(_private_dir(), f"p2psync-{digest}-{name}")

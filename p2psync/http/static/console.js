@@ -23,7 +23,9 @@
   function refresh() {
     timer = null;
     if (busy()) { timer = setTimeout(refresh, 2000); return; }
-    fetch(window.location.href, { credentials: "same-origin", cache: "no-store" })
+    fetch(window.location.href, {
+      credentials: "same-origin", cache: "no-store", headers: { "X-Console-Live": "1" }
+    })
       .then(function (response) { return response.ok ? response.text() : null; })
       .then(function (html) {
         if (html === null) { return; }
@@ -32,12 +34,12 @@
           if (fresh.innerHTML !== live.innerHTML) {
             live.innerHTML = fresh.innerHTML;
           }
-          say("Updated " + new Date().toLocaleTimeString());
         } else if (fresh) {
           timer = setTimeout(refresh, 2000);
         }
       })
       .catch(function () { say("Could not reach the agent; retrying"); });
+    // (each update is not announced: a screen reader would read it out every time)
   }
 
   var events = new EventSource("/events");
