@@ -160,6 +160,8 @@ def routes(site: Site) -> list[Route]:
         if ("entry" in body) == ("value" in body):
             raise UsageError('give either "entry" (the version to keep) or "value" (a new one)')
         chosen = body.get("entry")
+        if "entry" in body and not isinstance(chosen, str):
+            raise UsageError('"entry" is the hex id of the version to keep (GET /conflicts)')
         value = None if chosen is not None else from_json(body["value"])
 
         def work() -> dict[str, Any]:

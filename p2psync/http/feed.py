@@ -146,7 +146,8 @@ async def _stream(
     the hub's events, with a comment after ``keepalive`` quiet seconds."""
     db = site.db
     seen = hub.seq
-    yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": since})
+    latest = await trio.to_thread.run_sync(db.last_change)
+    yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": latest})
     while True:
         version = site.feed.version
         found, last = await trio.to_thread.run_sync(_page, db, since, names, PAGE)

@@ -6,15 +6,16 @@ import errno
 import ipaddress
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from p2psync.errors import P2PSyncError
 from p2psync.http.app import build
+from p2psync.http.connections import serve
 from p2psync.http.console import Console, Sessions, public
 from p2psync.http.events import Hub
 from p2psync.http.guard import Access
@@ -65,15 +66,20 @@ class HttpService:
             raise P2PSyncError(_cannot_serve(self.host, self.port, exc)) from exc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.run)
-            urls: list[str] = await nursery.start(
-                lambda task_status: worker_serve(
+            await nursery.start(
+                partial(
+                    serve,
                     # Starlette is an ASGI app; hypercorn's types name its own scopes
                     wrap_app(cast(Any, app), config.wsgi_max_body_size, None),
                     config,
-                    sockets=sockets,
-                    task_status=task_status,
+                    sockets.insecure_sockets,
+                    grace=config.graceful_timeout,
                 )
             )
+            urls = [
+                f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
+                for sock in sockets.insecure_sockets
+            ]
             log.info("HTTP API on %s (API key in %s)", ", ".join(urls), site.db.path / "http.key")
             if not _loopback(self.host):
                 log.warning(

@@ -21,7 +21,7 @@ from p2psync.core import hlc as hlc_mod
 from p2psync.core.canonical import Value
 from p2psync.core.entry import Op, OpKind, check_collection, check_key, make_op, sign_entry
 from p2psync.core.identity import Identity, short_id
-from p2psync.errors import IntegrityError
+from p2psync.errors import IntegrityError, InvalidRecord
 from p2psync.store import meta
 from p2psync.store.writer import Writer
 
@@ -72,6 +72,10 @@ def write(
             for change in changes:
                 check_collection(change.collection)
                 check_key(change.key)
+            if len({(c.collection, c.key) for c in changes}) != len(changes):
+                # Checked here, not only by sign_entry: a delete of a record not
+                # yet live is left out below, which would hide a put then a delete.
+                raise InvalidRecord("a transaction may change each record only once")
         writer.prefetch((c.collection, c.key) for changes in chunk for c in changes)
         for changes in chunk:
             entry_id = _write_one(writer, identity, changes, now_ms, salt)

@@ -97,8 +97,12 @@ def scan_page(
     conn: sqlite3.Connection, collection: str, prefix: str, after: str | None
 ) -> list[tuple[str, bytes]]:
     """Up to :data:`SCAN_PAGE` live ``(key, payload)`` rows after ``after``, in key order."""
-    low = after if after is not None else prefix
-    low_op = ">" if after is not None else ">="
+    # A cursor below the prefix (a stored one, or any key) starts at the prefix:
+    # the page keeps to it. Python's str order is UTF-8 byte order, SQLite's.
+    if after is not None and after >= prefix:
+        low, low_op = after, ">"
+    else:
+        low, low_op = prefix, ">="
     end = _prefix_end(prefix)
     sql = (
         f"SELECT key, payload FROM records WHERE collection = ? AND key {low_op} ? AND deleted = 0"

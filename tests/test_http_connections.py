@@ -1,0 +1,86 @@
+"""The HTTP service's connections (``p2psync/http/connections.py``): a send to a
+client that stopped reading gives up, one to a slow reader that keeps reading
+does not, and stopping the service ends a send under way — over real loopback
+sockets with small buffers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from p2psync.http.connections import Connection
+
+pytestmark = pytest.mark.process
+
+
+@asynccontextmanager
+async def pair() -> AsyncIterator[tuple[trio.SocketStream, trio.socket.SocketType]]:
+    """A server-side stream and the client's raw socket, both with small buffers."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await client.connect(listener.getsockname())
+    accepted, _ = await listener.accept()
+    accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.close()
+    stream = trio.SocketStream(accepted)
+    try:
+        yield stream, client
+    finally:
+        await stream.aclose()
+        client.close()
+
+
+async def test_a_send_to_a_client_that_stopped_reading_gives_up() -> None:
+    async with pair() as (stream, _client):
+        connection = Connection(stream, stall=0.3)
+        began = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError, match="stopped reading"):
+            with trio.fail_after(5):
+                # shielded, as Hypercorn sends: the stall still ends it
+                with trio.CancelScope(shield=True):
+                    await connection.send_all(b"x" * 4_000_000)
+        assert trio.current_time() - began < 2
+
+
+async def test_a_slow_reader_that_keeps_reading_gets_everything() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    got = bytearray()
+    async with pair() as (stream, client):
+
+        async def read() -> None:
+            while len(got) < len(data):
+                got.extend(await client.recv(8192))
+                await trio.sleep(0.005)  # 128 reads or more: over 0.6 s
+
+        connection = Connection(stream, stall=0.3)
+        began = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await connection.send_all(data)
+        took = trio.current_time() - began
+    assert bytes(got) == data
+    assert took > 0.3, f"{took:.2f} s: too fast to show that the stall is per slice"
+
+
+async def test_stopping_ends_a_send_under_way_and_refuses_the_next() -> None:
+    async with pair() as (stream, _client):
+        connection = Connection(stream, stall=60)
+
+        async def stop_soon() -> None:
+            await trio.sleep(0.2)
+            connection.stop()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_soon)
+            with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+                with trio.CancelScope(shield=True):
+                    await connection.send_all(b"x" * 4_000_000)
+        with pytest.raises(trio.BrokenResourceError, match="stopping"):
+            await connection.send_all(b"more")
