@@ -73,6 +73,7 @@ def test_the_agent_unit_runs_this_home_hardened(tmp_path: Path) -> None:
     assert path_word(found["ReadWritePaths"]) == str(home.resolve())
     assert found["User"] == "root" and found["ProtectSystem"] == "strict"
     assert found["NoNewPrivileges"] == "yes" and found["Restart"] == "on-failure"
+    assert found["MemoryDenyWriteExecute"] == "yes"
     assert found["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in found
     assert "%%s" in found["Description"]
     assert "systemctl enable --now p2psync.service" in err

@@ -127,6 +127,10 @@ def unit(
         "RestrictRealtime=yes",
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
+        # no W+X memory: checked with the agent (discovery, HTTP API, console) and
+        # `p2psync demo` (sync, relay) under the same seccomp filter; PyNaCl's cffi
+        # modules are compiled, and no JIT or ctypes callback is on their way
+        "MemoryDenyWriteExecute=yes",
         "SystemCallArchitectures=native",
         # netlink: the interfaces' addresses (discovery, `pair invite` hints)
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
