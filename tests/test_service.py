@@ -3,6 +3,7 @@ the right home as the right user, hardened, and systemd reads it as meant."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -77,6 +78,44 @@ def test_the_agent_unit_runs_this_home_hardened(tmp_path: Path) -> None:
     assert found["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in found
     assert "%%s" in found["Description"]
     assert "systemctl enable --now p2psync.service" in err
+
+
+def nobodys_home(tmp_path: Path) -> Path:
+    """An agent's home owned by nobody, whose own home is no user's files."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a home to another user needs root")
+    home = tmp_path / "a"
+    home_mod.init(home, "a")
+    for path in (home, *home.rglob("*")):
+        os.chown(path, 65534, 65534)
+    return home
+
+
+@pytest.mark.pure
+def test_no_users_files_are_seen_unless_the_service_needs_them(tmp_path: Path) -> None:
+    home = nobodys_home(tmp_path)
+    code, text, err = unit(home)  # as its owner, nobody (home: /nonexistent)
+    assert code == 0, err
+    assert directives(text)["User"] == "nobody"
+    assert directives(text)["ProtectHome"] == "yes"
+    code, text, err = unit(home, "--user", "root")  # root's own files are in /root
+    assert code == 0, err
+    assert directives(text)["ProtectHome"] == "read-only"
+
+
+@pytest.mark.pure
+def test_a_program_whose_python_is_in_a_users_files_keeps_them_readable(
+    tmp_path: Path,
+) -> None:
+    home = nobodys_home(tmp_path)
+    program = tmp_path / "p2psync"
+    program.write_text("#!/home/someone/venv/bin/python\nimport p2psync\n")
+    program.chmod(0o755)
+    result = CliRunner().invoke(
+        cli, ["--home", str(home), "service", "unit", "--executable", str(program)]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert directives(result.stdout)["ProtectHome"] == "read-only"
 
 
 @pytest.mark.pure

@@ -2,7 +2,8 @@
 ``--relay``, for `p2psync relay serve`), printed for the operator to install.
 
 The unit runs as the user who owns the home (or ``--user``), may write only the
-home (``ProtectSystem=strict`` with ``ReadWritePaths``), has no capabilities (but
+home (``ProtectSystem=strict`` with ``ReadWritePaths``), sees no user's files
+unless it needs some (``ProtectHome=``), has no capabilities (but
 ``CAP_NET_BIND_SERVICE`` for a port below 1024), no new privileges, a private
 /tmp, and is restarted when it fails. The agent stops cleanly on SIGTERM.
 """
@@ -84,7 +85,12 @@ def unit(
         )
     program = _program(executable)
     owner = _user(home, user)
-    group = grp.getgrgid(pwd.getpwnam(owner).pw_gid).gr_name
+    account = pwd.getpwnam(owner)
+    group = grp.getgrgid(account.pw_gid).gr_name
+    # what the service reads: its home, its program and that program's interpreter
+    # (a venv's python leads to the one it was made from), its user's home (~/.pgpass)
+    needed = [home, Path(program).resolve(), Path(account.pw_dir).resolve()]
+    needed += [Path(interpreter).resolve()] if (interpreter := _interpreter(program)) else []
     args = [program, "--home", str(home)]
     if relay:
         args += ["relay", "serve", *[f"--listen={a}" for a in listen]]
@@ -114,6 +120,7 @@ def unit(
         "# hardening: the home is all it may write",
         "ProtectSystem=strict",
         f"ReadWritePaths={_quote(str(home), exec_line=False)}",
+        f"ProtectHome={_protect_home(needed)}",
         "PrivateTmp=yes",
         "PrivateDevices=yes",
         "NoNewPrivileges=yes",
@@ -163,6 +170,31 @@ def _program(executable: str | None) -> str:
     if not os.access(path, os.X_OK):
         raise UsageError(f"--executable: {found} is not an executable file")
     return str(path)
+
+
+def _interpreter(program: str) -> str | None:
+    """The interpreter on the ``#!`` line of ``program`` (a console script's
+    python), if it names one by its path."""
+    try:
+        with open(program, "rb") as file:
+            first = file.readline(4096)
+    except OSError:
+        return None
+    words = first[2:].split() if first.startswith(b"#!") else []
+    return os.fsdecode(words[0]) if words and words[0].startswith(b"/") else None
+
+
+#: The folders ProtectHome= hides (yes) or makes read-only (read-only).
+_USERS_FILES = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def _protect_home(needed: list[Path]) -> str:
+    """``yes`` (every user's files hidden) unless the service needs a path in them;
+    then ``read-only``: writing there is refused already (ProtectSystem=strict), and
+    the home, a ReadWritePaths= nested in it, stays writable. (An inaccessible
+    folder cannot have a writable one inside it.)"""
+    hidden = any(path == top or top in path.parents for path in needed for top in _USERS_FILES)
+    return "read-only" if hidden else "yes"
 
 
 def _user(home: Path, user: str | None) -> str:
