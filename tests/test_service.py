@@ -133,10 +133,12 @@ def test_the_relay_unit_runs_relay_serve(tmp_path: Path) -> None:
     home = tmp_path / "relay"
     result = CliRunner().invoke(cli, ["relay", "init", "--home", str(home)])
     assert result.exit_code == 0, result.output
-    code, text, err = unit(home, "--relay", "--user", "root", "--listen", "0.0.0.0:7720")
+    code, text, err = unit(home, "--relay", "--user", "root", "--listen", "0.0.0.0:7720",
+                           "--advertise", "relay.example.org:7720")
     assert code == 0, err
     words = exec_words(directives(text)["ExecStart"])
-    assert words[1:] == ["--home", str(home.resolve()), "relay", "serve", "--listen=0.0.0.0:7720"]
+    assert words[1:] == ["--home", str(home.resolve()), "relay", "serve",
+                         "--listen=0.0.0.0:7720", "--advertise=relay.example.org:7720"]
     assert "p2psync-relay.service" in err
 
 
@@ -149,6 +151,7 @@ def test_the_relay_unit_runs_relay_serve(tmp_path: Path) -> None:
         (("--user", "root", "--listen", "nowhere"), 2, ""),
         (("--user", "nobody"), 2, "belongs to root"),  # it could not read the home
         (("--user", "root", "--http", "1:2", "--no-http"), 2, "not both"),
+        (("--user", "root", "--advertise", "x.example:1"), 2, "--relay"),
     ],
 )
 def test_what_cannot_make_a_sound_unit_is_refused(

@@ -45,6 +45,12 @@ def service() -> None:
 @click.option("--http", metavar="HOST:PORT", help="Passed to `run` (the HTTP API's address).")
 @click.option("--no-http", is_flag=True, help="Passed to `run`.")
 @click.option("--no-discovery", is_flag=True, help="Passed to `run`.")
+@click.option(
+    "--advertise",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Passed to `relay serve` (where agents reach this node of a relay).",
+)
 @pass_state
 def unit(
     state: State,
@@ -55,6 +61,7 @@ def unit(
     http: str | None,
     no_http: bool,
     no_discovery: bool,
+    advertise: tuple[str, ...],
 ) -> None:
     """Print a hardened systemd unit for this home's agent (or relay node)."""
     if relay:
@@ -70,9 +77,11 @@ def unit(
     else:
         home = state.home.resolve()
         home_mod.check_home(home)
+        if advertise:
+            raise UsageError("--advertise is for a relay node's unit (with --relay)")
     if no_http and http:
         raise UsageError("give --http or --no-http, not both")
-    for address in (*listen, *([http] if http else [])):
+    for address in (*listen, *advertise, *([http] if http else [])):
         try:
             parse_address(address)
         except ValueError as exc:
@@ -94,6 +103,7 @@ def unit(
     args = [program, "--home", str(home)]
     if relay:
         args += ["relay", "serve", *[f"--listen={a}" for a in listen]]
+        args += [f"--advertise={a}" for a in advertise]
     else:
         args += ["run", *[f"--listen={a}" for a in listen]]
         args += [f"--http={http}"] if http else ["--no-http"] if no_http else []
