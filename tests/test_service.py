@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from p2psync import home as home_mod
+from p2psync.cli import service
 from p2psync.cli.main import cli
 
 
@@ -161,6 +162,24 @@ def test_what_cannot_make_a_sound_unit_is_refused(
     got, text, err = unit(tmp_path / "a", *args)
     assert got == code and text == "", (got, text, err)
     assert words in err and "Traceback" not in err
+
+
+@pytest.mark.pure
+def test_a_home_of_a_uid_with_no_user_is_refused_in_a_sentence(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a home to another uid needs root")
+    home = tmp_path / "a"
+    home_mod.init(home, "a")
+    os.chown(home, 54321, 54321)  # no user, no group of that number here
+    code, text, err = unit(home, "--user", "root")
+    assert code == 2 and text == "", (code, text, err)
+    assert "uid 54321, which is no user" in err and "Traceback" not in err
+
+
+@pytest.mark.pure
+def test_a_group_with_no_name_is_given_by_its_number() -> None:
+    assert service._group(0) == "root"
+    assert service._group(54321) == "54321"  # Group= takes a GID as well
 
 
 @pytest.mark.pure

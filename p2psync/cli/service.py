@@ -95,7 +95,7 @@ def unit(
     program = _program(executable)
     owner = _user(home, user)
     account = pwd.getpwnam(owner)
-    group = grp.getgrgid(account.pw_gid).gr_name
+    group = _group(account.pw_gid)
     # what the service reads: its home, its program and that program's interpreter
     # (a venv's python leads to the one it was made from), its user's home (~/.pgpass)
     needed = [home, Path(program).resolve(), Path(account.pw_dir).resolve()]
@@ -209,7 +209,14 @@ def _protect_home(needed: list[Path]) -> str:
 
 def _user(home: Path, user: str | None) -> str:
     """``user`` (it must exist), else the owner of the home; root only when asked."""
-    owner = pwd.getpwuid(home.stat().st_uid).pw_name
+    uid = home.stat().st_uid
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise UsageError(
+            f"{home} belongs to uid {uid}, which is no user on this machine: give it to "
+            "the user the service should run as (chown -R NAME: HOME) and pass --user NAME"
+        ) from None
     if user is not None:
         try:
             pwd.getpwnam(user)
@@ -228,6 +235,14 @@ def _user(home: Path, user: str | None) -> str:
             "one, give it the home with chown -R, and pass --user NAME), or pass --user root"
         )
     return owner
+
+
+def _group(gid: int) -> str:
+    """The group's name, or its number (Group= takes either) when it has none."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _escape(text: str) -> str:
