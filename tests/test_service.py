@@ -120,6 +120,17 @@ def test_a_program_whose_python_is_in_a_users_files_keeps_them_readable(
 
 
 @pytest.mark.pure
+def test_a_home_in_tmp_is_said_to_be_hidden_by_the_private_tmp(tmp_path: Path) -> None:
+    if not tmp_path.resolve().is_relative_to("/tmp"):
+        pytest.skip("the tests' temporary folders are not in /tmp here")
+    home_mod.init(tmp_path / "a", "a")
+    code, text, err = unit(tmp_path / "a", "--user", "root")
+    assert code == 0 and text, err
+    assert f"warning: {(tmp_path / 'a').resolve()} is in a temporary folder" in err
+    assert "/bin/true is in" not in err  # the program is not
+
+
+@pytest.mark.pure
 def test_a_port_below_1024_gets_that_capability_alone(tmp_path: Path) -> None:
     home_mod.init(tmp_path / "a", "a")
     code, text, err = unit(tmp_path / "a", "--user", "root", "--listen", "0.0.0.0:443")

@@ -158,6 +158,13 @@ def unit(
         "WantedBy=multi-user.target",
     ]
     click.echo("\n".join(lines))
+    for path in (home, Path(program).resolve()):
+        if _under(path, _TEMPORARY):
+            click.echo(
+                f"warning: {path} is in a temporary folder, which the unit's private /tmp "
+                "hides: the service would not start; move it (to /srv, say)",
+                err=True,
+            )
     name = "p2psync-relay.service" if relay else "p2psync.service"
     click.echo(
         f"save this as /etc/systemd/system/{name}, then: systemctl daemon-reload && "
@@ -203,8 +210,15 @@ def _protect_home(needed: list[Path]) -> str:
     then ``read-only``: writing there is refused already (ProtectSystem=strict), and
     the home, a ReadWritePaths= nested in it, stays writable. (An inaccessible
     folder cannot have a writable one inside it.)"""
-    hidden = any(path == top or top in path.parents for path in needed for top in _USERS_FILES)
-    return "read-only" if hidden else "yes"
+    return "read-only" if any(_under(path, _USERS_FILES) for path in needed) else "yes"
+
+
+#: The folders PrivateTmp= replaces with the service's own empty ones.
+_TEMPORARY = (Path("/tmp"), Path("/var/tmp"))
+
+
+def _under(path: Path, tops: tuple[Path, ...]) -> bool:
+    return any(path == top or top in path.parents for top in tops)
 
 
 def _user(home: Path, user: str | None) -> str:
