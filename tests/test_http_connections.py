@@ -79,8 +79,11 @@ async def test_stopping_ends_a_send_under_way_and_refuses_the_next() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_soon)
-            with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
-                with trio.CancelScope(shield=True):
-                    await connection.send_all(b"x" * 4_000_000)
+            with (
+                trio.fail_after(5),
+                pytest.raises(trio.BrokenResourceError),
+                trio.CancelScope(shield=True),
+            ):
+                await connection.send_all(b"x" * 4_000_000)
         with pytest.raises(trio.BrokenResourceError, match="stopping"):
             await connection.send_all(b"more")
