@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from click.testing import CliRunner
 from p2psync import home as home_mod
 from p2psync.cli import service
 from p2psync.cli.main import cli
+from tests.agents import SpawnedAgent, value_at, wait_for
+from tests.agents import cli as run_cli
+from tests.httpclient import Api
 
 
 def unit(home: Path, *args: str) -> tuple[int, str, str]:
@@ -215,3 +219,76 @@ def test_systemd_reads_the_unit_as_written(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+NOWX = Path(__file__).with_name("nowx.py")
+
+
+def without_wx_memory(*command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``command`` under the seccomp filter of MemoryDenyWriteExecute=yes."""
+    result = subprocess.run(
+        [sys.executable, str(NOWX), *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode == 3 and result.stderr.startswith("nowx:"):
+        pytest.skip(result.stderr.strip())
+    return result
+
+
+@pytest.mark.process
+def test_the_filter_standing_in_for_memory_deny_write_execute_refuses_wx_memory() -> None:
+    """The stand-in is real: W+X memory is refused under it, W and X apart are not."""
+    wx = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)"
+    result = without_wx_memory(sys.executable, "-c", wx)
+    assert result.returncode == 1 and "PermissionError" in result.stderr, result
+    assert subprocess.run([sys.executable, "-c", wx], check=False).returncode == 0
+    w = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE)"
+    assert without_wx_memory(sys.executable, "-c", w).returncode == 0
+
+
+@pytest.mark.process
+def test_the_agent_serves_its_api_and_console_without_wx_memory(tmp_path: Path) -> None:
+    """The agent's unit says MemoryDenyWriteExecute=yes: an agent started under the
+    same filter (HTTP API, console, discovery on 127.0.0.1) serves, and stops
+    cleanly; a peer syncs with it."""
+    if not NOWX.exists():
+        pytest.skip("tests/nowx.py is missing")
+    probe = without_wx_memory("true")
+    assert probe.returncode == 0, probe.stderr
+    hq = SpawnedAgent(tmp_path / "hq", "hq").init()
+    hq.prefix = [sys.executable, str(NOWX)]
+    hq.args = ["--discovery-interface", "127.0.0.1"]
+    branch = SpawnedAgent(tmp_path / "branch", "branch").init()
+    hq.start("--http", "127.0.0.1:0")
+    try:
+        branch.start()
+        try:
+            hq.pair(branch)
+            branch.pair(hq)
+            run_cli(branch.home, "put", "stock", "A-1", '{"qty": 4}')
+            wait_for(lambda: value_at(hq, "stock", "A-1") == {"qty": 4}, timeout=20)
+        finally:
+            branch.stop()
+        assert hq.http_url is not None
+        api = Api.of(hq.http_url, hq.home)
+        assert api.ok("GET", "/records/stock/A-1")["value"] == {"qty": 4}
+        assert api.ok("PUT", "/records/stock/A-2", {"qty": 1})
+        link = run_cli(hq.home, "console").strip()
+        page = Api(hq.http_url, None).call("GET", link[len(hq.http_url) :])
+        assert page.status in (200, 303), page
+    finally:
+        code = hq.stop()
+    assert code == 0, (tmp_path / "hq.log").read_text()[-2000:]
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_the_demo_runs_without_wx_memory() -> None:
+    """Agents syncing directly and through a relay node, bundles, the HTTP API:
+    ``p2psync demo`` under the filter does all it does without."""
+    result = without_wx_memory(sys.executable, "-m", "p2psync", "demo", timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Done: all agents stopped" in result.stdout
