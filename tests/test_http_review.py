@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from p2psync.core.rules import MAX_PATTERN_CHARS, Terms
+from p2psync.errors import UsageError
 from tests.agents import SpawnedAgent
 from tests.httpclient import Api, EventStream
 
@@ -145,3 +147,22 @@ def test_a_client_that_stops_reading_events_does_not_keep_the_agent_from_stoppin
         sock.close()
         if agent.running:
             agent.kill9()
+
+
+@pytest.mark.process
+def test_an_error_quotes_little_of_a_long_input(api: Api) -> None:
+    """A bad key of a million characters was quoted whole in the error (a 1 MB
+    answer, and as much in any log that keeps errors)."""
+    long_key = "k\n" * 500_000
+    answer = api.call(
+        "POST", "/transactions", {"changes": [{"collection": "c", "key": long_key, "value": 1}]}
+    )
+    assert answer.status == 400 and "invalid record key" in answer.body["error"], answer.status
+    assert len(answer.body["error"]) < 300, len(answer.body["error"])
+
+
+@pytest.mark.pure
+def test_a_long_rule_pattern_is_quoted_in_part_with_the_reason() -> None:
+    with pytest.raises(UsageError, match=f"1-{MAX_PATTERN_CHARS} characters") as caught:
+        Terms.make(["x" * 100_000])
+    assert len(str(caught.value)) < 200

@@ -143,10 +143,16 @@ def check_collection(name: object) -> str:
         or not _encodable(name)
     ):
         raise InvalidRecord(
-            f"invalid collection name {name!r}: use 1-{MAX_COLLECTION_CHARS} characters, "
+            f"invalid collection name {_shown(name)}: use 1-{MAX_COLLECTION_CHARS} characters, "
             "no control characters and none of * ? [ ]"
         )
     return name
+
+
+def _shown(value: object) -> str:
+    """``value`` quoted for a message, at most 80 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def check_key(key: object) -> str:
@@ -158,7 +164,8 @@ def check_key(key: object) -> str:
         or not _encodable(key)
     ):
         raise InvalidRecord(
-            f"invalid record key {key!r}: use 1-{MAX_KEY_CHARS} characters, no control characters"
+            f"invalid record key {_shown(key)}: use 1-{MAX_KEY_CHARS} characters, "
+            "no control characters"
         )
     return key
 

@@ -94,12 +94,16 @@ class Terms:
             raise UsageError(f"a rule names 1-{MAX_PATTERNS} collection patterns")
         checked = []
         for pattern in patterns:  # type: ignore[attr-defined]
-            if (
-                type(pattern) is not str
-                or not 0 < len(pattern) <= MAX_PATTERN_CHARS
-                or not pattern.isprintable()
-            ):
-                raise UsageError(f"invalid collection pattern {pattern!r}")
+            if type(pattern) is not str or not pattern.isprintable():
+                raise UsageError(
+                    f"invalid collection pattern {repr(pattern)[:80]}: a pattern is "
+                    "printable text"
+                )
+            if not 0 < len(pattern) <= MAX_PATTERN_CHARS:
+                raise UsageError(
+                    f"invalid collection pattern {repr(pattern)[:80]}: a pattern has "
+                    f"1-{MAX_PATTERN_CHARS} characters"
+                )
             checked.append(pattern)
         return cls(tuple(sorted(set(checked))), direction, mode, route)
 

@@ -259,6 +259,8 @@ def _options(body: Any) -> RuleOptions:
         value = body.get(name)
         allowed = [member.value for member in kind]
         if value is not None and value not in allowed:
-            raise UsageError(f'"{name}" is one of {", ".join(allowed)}, not {value!r}')
+            raise UsageError(
+                f'"{name}" is one of {", ".join(allowed)}, not {repr(value)[:80]}'
+            )
         given[name] = value
     return RuleOptions(tuple(collections), given["direction"], given["mode"], given["route"])

@@ -392,7 +392,7 @@ class Console:
         back = {"accept": "requests", "reject": "requests", "propose": "rules",
                 "revoke": "rules", "keep": "conflicts", "write": "conflicts"}.get(action)
         if back is None:
-            raise UsageError(f"no console action {action!r}")
+            raise UsageError(f"no console action {repr(action)[:80]}")
         fields = await self._form(request)
         session = self.sessions.get(request.cookies.get(self.sessions.cookie))
         assert session is not None  # (_form checked it)
@@ -412,7 +412,7 @@ class Console:
             allowed = [member.value for member in choices]
             if fields.get(field) and fields[field] not in allowed:
                 raise UsageError(
-                    f"{field} is one of {', '.join(allowed)}, not {fields[field]!r}"
+                    f"{field} is one of {', '.join(allowed)}, not {repr(fields[field])[:80]}"
                 )
         if action in ("accept", "reject"):
             rule = waiting(db, find_rule(db, fields.get("rule", "")))
