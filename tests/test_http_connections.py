@@ -5,14 +5,19 @@ sockets with small buffers."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, cast
 
 import pytest
 import trio
+from hypercorn.config import Config
+from hypercorn.utils import wrap_app
 
-from p2psync.http.connections import Connection
+from p2psync.http.connections import Connection, serve
 
 pytestmark = pytest.mark.process
 
@@ -87,3 +92,63 @@ async def test_stopping_ends_a_send_under_way_and_refuses_the_next() -> None:
                 await connection.send_all(b"x" * 4_000_000)
         with pytest.raises(trio.BrokenResourceError, match="stopping"):
             await connection.send_all(b"more")
+
+
+async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The smallest ASGI app: 200 ``ok`` to any request."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def ask(port: int) -> bytes:
+    """One GET on a new connection: what comes back before the server closes it
+    or 1 s passes (the connection then stays open, kept by the caller)."""
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+    got = b""
+    with trio.move_on_after(1):
+        while chunk := await client.receive_some():
+            got += chunk
+            if got.endswith(b"ok"):
+                break
+    ASKED.append(client)
+    return got
+
+
+ASKED: list[trio.SocketStream] = []
+
+
+async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> None:
+    """A local program opening connections without end would take the file
+    descriptors the agent needs for its peers and store: beyond the limit, a
+    connection is told 503 and closed; one freed lets the next in."""
+    config = Config()
+    config.keep_alive_timeout = 75
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    app = wrap_app(cast(Any, hello_app), config.wsgi_max_body_size, None)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(serve, app, config, [listening], max_connections=2)
+            )
+            assert (await ask(port)).endswith(b"ok")
+            assert (await ask(port)).endswith(b"ok")  # both kept alive
+            refused = await ask(port)
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+            assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"] == (
+                "the agent serves 2 HTTP connections already; try again later"
+            )
+            await ASKED[0].aclose()
+            with trio.fail_after(5):
+                while not (await ask(port)).endswith(b"ok"):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in ASKED:
+            await client.aclose()
+        ASKED.clear()
+        listening.close()

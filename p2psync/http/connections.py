@@ -13,18 +13,23 @@ use): Hypercorn's ``TCPServer`` speaks HTTP on each connection.
 
 from __future__ import annotations
 
+import json
 import socket
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 
 #: A send to a client that takes nothing for this long ends its connection.
 STALL_SECONDS = 30.0
+#: Connections served at once; more are answered 503 and closed, so that no
+#: local program can take the file descriptors the agent needs to sync.
+MAX_CONNECTIONS = 256
 #: Sent at most this much at a time, so a slow client that keeps reading is not
 #: taken for one that stopped.
 _SLICE = 64 * 1024
@@ -40,6 +45,7 @@ class Connection(trio.abc.HalfCloseableStream):
         self.stall = stall
         self._sending: trio.CancelScope | None = None
         self._stopped = False
+        self.gone = trio.Event()  # the client closed its end (or reset it)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -61,7 +67,14 @@ class Connection(trio.abc.HalfCloseableStream):
         await self.stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.stream.receive_some(max_bytes)
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            self.gone.set()
+            raise
+        if not data:
+            self.gone.set()
+        return data
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
@@ -82,26 +95,50 @@ async def serve(
     sockets: list[socket.socket],
     *,
     grace: float = 1.0,
+    max_connections: int = MAX_CONNECTIONS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve HTTP on the listening ``sockets`` until cancelled; then idle
+    """Serve HTTP on the listening ``sockets`` (at most ``max_connections`` at
+    once) until cancelled; then idle
     connections close at once, requests under way have ``grace`` seconds, and
     every connection left is ended."""
     context = WorkerContext(None)
     state: dict[str, Any] = {}
     open_: set[Connection] = set()
+    busy = _busy(max_connections)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
 
     async def handle(stream: trio.SocketStream) -> None:
+        if len(open_) >= max_connections:
+            # the answer, then what the client sent read (briefly): closing with
+            # it unread would reset the connection before the answer is read
+            with trio.move_on_after(0.25), suppress(trio.BrokenResourceError):
+                await stream.send_all(busy)
+                await stream.send_eof()
+                while await stream.receive_some(MAX_RECV):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
         connection = Connection(stream)
         open_.add(connection)
         try:
-            # TCPServer is typed for worker_serve's streams; ours has their methods.
-            server = TCPServer(
-                app, config, context, ConnectionState(state.copy()), connection  # type: ignore[arg-type]
-            )
-            await server
+            async with trio.open_nursery() as nursery:
+
+                async def speak() -> None:
+                    # TCPServer is typed for worker_serve's streams; ours has their methods.
+                    await TCPServer(
+                        app, config, context, ConnectionState(state.copy()), connection  # type: ignore[arg-type]
+                    )
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(speak)
+                await connection.gone.wait()
+                # Hypercorn takes a client's end as the end of what it asked, but
+                # keeps the connection (a socket, a task) until its keep-alive
+                # timer runs out, up to 75 s later: end it now.
+                nursery.cancel_scope.cancel()
         finally:
+            stream.socket.close()  # (TCPServer's own close may have been cancelled)
             open_.discard(connection)
 
     async with trio.open_nursery() as connections:
@@ -120,3 +157,15 @@ async def serve(
                 for connection in list(open_):
                     connection.stop()
             connections.cancel_scope.cancel()
+
+
+def _busy(limit: int) -> bytes:
+    """The answer to a connection beyond ``limit``."""
+    body = json.dumps(
+        {"error": f"the agent serves {limit} HTTP connections already; try again later",
+         "status": 503}
+    ).encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
