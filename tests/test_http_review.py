@@ -5,6 +5,7 @@ reason its docstring gives."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,21 @@ def test_a_long_rule_pattern_is_quoted_in_part_with_the_reason() -> None:
     with pytest.raises(UsageError, match=f"1-{MAX_PATTERN_CHARS} characters") as caught:
         Terms.make(["x" * 100_000])
     assert len(str(caught.value)) < 200
+
+
+@pytest.mark.process
+def test_listing_requests_reads_without_writing(site: SpawnedAgent, api: Api) -> None:
+    """GET /requests (and the events hub's and the console's looks at requests)
+    swept expired requests first: a write on every read, which waits for the
+    store's writer (a long sync batch) and fails when the store cannot be written.
+    The running agent sweeps them hourly; a look needs no write."""
+    with sqlite3.connect(site.home / "store.sqlite", timeout=1) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # another writer holds the store
+        try:
+            began = time.monotonic()
+            answer = api.call("GET", "/requests")
+            took = time.monotonic() - began
+        finally:
+            writer.rollback()
+    assert answer.status == 200, answer
+    assert took < 1, f"{took:.1f} s"

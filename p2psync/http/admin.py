@@ -7,6 +7,7 @@ revoke), ``/conflicts`` (resolve by choosing a version or writing a value) and
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import trio
@@ -60,7 +61,7 @@ def routes(site: Site) -> list[Route]:
         raise NotFoundError(f"no peer {device_id(wanted)} known here")
 
     async def requests(_request: Request) -> Response:
-        rows, joins, strangers = await in_thread(pending, db)
+        rows, joins, strangers = await in_thread(partial(pending, db, expire=False))
         return JSONResponse({"requests": rows, "joins": joins, "strangers_waiting": strangers})
 
     async def accept(request: Request) -> Response:

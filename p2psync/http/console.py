@@ -291,7 +291,7 @@ class Console:
     async def overview(self, request: Request) -> Response:
         running = self.site.status()
         status = await trio.to_thread.run_sync(site_status, self.site.db, running)
-        asks, _joins, _strangers = await trio.to_thread.run_sync(pending, self.site.db)
+        asks, _joins, _strangers = await trio.to_thread.run_sync(self._pending)
         waiting_here = [a for a in asks if a["awaiting"] == "you"]
         wrong: list[str] = []
         for row in status["peers"]:
@@ -315,8 +315,13 @@ class Console:
         rows = await trio.to_thread.run_sync(peer_rows, self.site.db, self.site.status())
         return self.page(request, "peers.html", peers=rows)
 
+    def _pending(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """What waits for an answer, without the sweep of expired requests (a
+        write; the agent sweeps them hourly)."""
+        return pending(self.site.db, expire=False)
+
     async def requests(self, request: Request) -> Response:
-        asks, joins, strangers = await trio.to_thread.run_sync(pending, self.site.db)
+        asks, joins, strangers = await trio.to_thread.run_sync(self._pending)
         return self.page(
             request, "requests.html", requests=asks, joins=joins, strangers=strangers,
             directions=[d.value for d in Direction],

@@ -108,7 +108,7 @@ class Hub:
 
         def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             rows = peer_rows(site.db, running)
-            asks, _joins, _strangers = pending(site.db)
+            asks, _joins, _strangers = pending(site.db, expire=False)  # the agent sweeps
             return rows, asks
 
         rows, asks = await trio.to_thread.run_sync(read)

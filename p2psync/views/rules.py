@@ -37,13 +37,17 @@ def rule_row(me: bytes, rule: Rule, names: dict[bytes, str | None]) -> dict[str,
     }
 
 
-def pending(db: OpenHome) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+def pending(
+    db: OpenHome, *, expire: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """Pairing requests and rule proposals waiting for an answer (``kind`` "rule"),
     invite codes joined through a relay waiting for the inviter (``kind`` "join"),
     and how many agents not paired with us (nor asked by us) have requests waiting.
-    Expired requests are forgotten first (what a running agent sweeps hourly)."""
+    With ``expire``, expired requests are forgotten first (a write); inside a
+    running agent, which sweeps them hourly, a look needs no write."""
     me = db.identity.public_key
-    db.store.expire_requests(me, now_ms())
+    if expire:
+        db.store.expire_requests(me, now_ms())
     waiting = [r for r in db.store.rules() if r.state is RuleState.PROPOSED]
     names = {p.key: p.name for p in db.store.peers()}
     joins = db.store.relay_joins()
