@@ -94,6 +94,21 @@ def test_listening_on_an_address_that_is_not_this_machines(home: Path) -> None:
     assert "--listen HOST:PORT" in message
 
 
+def test_a_relay_node_on_an_address_that_is_not_this_machines(tmp_path: Path) -> None:
+    """The relay node says why as the agent does (it gave the bare OS error)."""
+    relay = tmp_path / "relay"
+    subprocess.run([sys.executable, "-m", "p2psync", "relay", "init", "--home", str(relay)],
+                   capture_output=True, check=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "p2psync", "--home", str(relay), "relay", "serve",
+         "--listen", f"{ABSENT_IP}:7720"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    message = one_sentence(result)
+    assert message.startswith(f"cannot listen on {ABSENT_IP}:7720: {ABSENT_IP} is not an address")
+    assert "--listen HOST:PORT" in message
+
+
 def test_discovery_on_an_address_that_is_not_this_machines(home: Path) -> None:
     assert ABSENT_IP not in _local_ips()
     result = run_agent(home, "--listen", "127.0.0.1:0", "--discovery-interface", ABSENT_IP)

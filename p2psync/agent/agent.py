@@ -23,12 +23,10 @@ get the few objects they use, never the agent.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
 import os
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,7 +48,7 @@ from p2psync.core.identity import short_id
 from p2psync.core.session import SessionConfig, SyncSession
 from p2psync.errors import P2PSyncError
 from p2psync.home import AGENT_FILE
-from p2psync.net.address import format_address, parse_address
+from p2psync.net.address import cannot_listen, format_address, parse_address
 from p2psync.net.adverts import AdvertTable, Found
 from p2psync.net.agentsockets import CHANGED_PEERS
 from p2psync.net.discovery import Discovery, check_interfaces, local_ipv4
@@ -204,7 +202,8 @@ class Agent:
                 try:
                     listeners.extend(await trio.open_tcp_listeners(port, host=host))
                 except OSError as exc:
-                    raise P2PSyncError(_cannot_listen(host, port, exc)) from exc
+                    message = cannot_listen(host, port, exc, "--listen HOST:PORT")
+                    raise P2PSyncError(message) from exc
         except BaseException:
             for listener in listeners:
                 listener.socket.close()
@@ -659,33 +658,4 @@ class Agent:
     def dial_now(self, key: bytes | None = None) -> None:
         """Skip the backoff wait of one dialer (or all)."""
         self.dialing.now(key)
-
-
-def _cannot_listen(host: str, port: int, exc: OSError) -> str:
-    """Why listening on ``host:port`` failed, and what to do: one sentence."""
-    address = format_address(host, port)
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"{address} is in use by another program; "
-            "choose another port with --listen HOST:PORT"
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return (
-            f"cannot listen on {address}: {host} is not an address of this machine; "
-            "give one of its addresses (or 0.0.0.0 for all) with --listen HOST:PORT"
-        )
-    if exc.errno == errno.EACCES:
-        return (
-            f"cannot listen on {address}: permission denied (ports below 1024 need root); "
-            "choose another port with --listen HOST:PORT"
-        )
-    if isinstance(exc, socket.gaierror):
-        return (
-            f"cannot listen on {address}: {host!r} is not a known host name; "
-            "give an address of this machine with --listen HOST:PORT"
-        )
-    return (
-        f"cannot listen on {address}: {exc.strerror or exc}; "
-        "choose another address with --listen HOST:PORT"
-    )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from p2psync.http.events import Hub
 from p2psync.http.guard import Access
 from p2psync.http.keys import api_key
 from p2psync.http.site import Site
-from p2psync.net.address import format_address
+from p2psync.net.address import cannot_listen, format_address
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,15 @@ class HttpService:
             for sock in sockets.insecure_sockets:
                 sock.listen(config.backlog)
         except OSError as exc:
-            raise P2PSyncError(_cannot_serve(self.host, self.port, exc)) from exc
+            raise P2PSyncError(
+                cannot_listen(
+                    self.host,
+                    self.port,
+                    exc,
+                    "--http HOST:PORT (or turn the HTTP API off with --no-http)",
+                    who="the HTTP API",
+                )
+            ) from exc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.run)
             await nursery.start(
@@ -96,16 +103,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def _cannot_serve(host: str, port: int, exc: OSError) -> str:
-    address = format_address(host, port)
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"the HTTP API cannot listen on {address}: another program uses it; choose "
-            "another with --http HOST:PORT, or turn the HTTP API off with --no-http"
-        )
-    return (
-        f"the HTTP API cannot listen on {address}: {exc.strerror or exc}; choose another "
-        "address with --http HOST:PORT, or turn it off with --no-http"
-    )

@@ -48,6 +48,7 @@ from p2psync.errors import (
     ProtocolError,
     StoreError,
 )
+from p2psync.net.address import cannot_listen
 from p2psync.net.transport import SecureStream, secure
 from p2psync.relay.backend import open_admission, open_mailbox, shown
 from p2psync.relay.cluster import (
@@ -250,7 +251,7 @@ class Node:
                     listeners.extend(await trio.open_tcp_listeners(port, host=host))
                 except OSError as exc:
                     raise P2PSyncError(
-                        f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                        cannot_listen(host, port, exc, "--listen HOST:PORT")
                     ) from exc
         except BaseException:
             for listener in listeners:
