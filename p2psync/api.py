@@ -291,6 +291,29 @@ class Database:
             )
         return page
 
+    def feed_page(
+        self, since: int, collections: Sequence[str] | None = None, limit: int = feed.PAGE
+    ) -> tuple[list[RecordChange], int]:
+        """At most ``limit`` records changed after ``since`` (in ``collections``),
+        and the number to pass as ``since`` next: after the last one listed or,
+        when the page is not full, after every change so far (those of collections
+        not followed too, so that they are not read again). What :meth:`watch`,
+        ``p2psync watch`` and the HTTP API's feed read a page at a time."""
+        since, names = _since(since), _names(collections)
+        if not 1 <= limit <= feed.PAGE:
+            raise UsageError(f"limit {limit} is out of range: give 1 to {feed.PAGE}")
+        top = self.store.last_change()  # every change up to it is committed
+        if since > top:
+            raise UsageError(
+                f"change {since} is beyond this store's latest ({top}): a number kept "
+                "for another home, or this home was restored from a backup; start again "
+                "from 0 (or from `last_change()`)"
+            )
+        page = self.store.changes(since, names, limit)
+        if len(page) == limit:
+            return page, page[-1].change
+        return page, max(since, top, page[-1].change if page else 0)
+
     def watch(
         self,
         since: int = 0,
@@ -305,12 +328,14 @@ class Database:
         since, names = _since(since), _names(collections)
         quiet_since = time.monotonic()
         while True:
-            top = self.store.last_change()  # every change up to it is committed
-            for change in self.changes(since, names):
+            page, after = self.feed_page(since, names)
+            for change in page:
                 yield change
                 since = change.change
                 quiet_since = time.monotonic()
-            since = max(since, top)  # (changes up to it not followed: passed over)
+            since = after
+            if len(page) == feed.PAGE:
+                continue
             if timeout is not None and time.monotonic() - quiet_since >= timeout:
                 return
             last = self.store.last_change()
@@ -338,13 +363,12 @@ class Database:
 
         since, names = _since(since), _names(collections)
         while True:
-            top = await trio.to_thread.run_sync(self.store.last_change)
-            page = await trio.to_thread.run_sync(self.store.changes, since, names)
+            page, after = await trio.to_thread.run_sync(self.feed_page, since, names)
             for change in page:
                 yield change
                 since = change.change
+            since = after
             if len(page) < feed.PAGE:
-                since = max(since, top)
                 await trio.sleep(poll)
 
     def conflicts(self) -> list[Conflict]:

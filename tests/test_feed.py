@@ -55,6 +55,26 @@ def test_each_record_is_listed_once_at_its_latest_change(make_db: MakeDb) -> Non
 
 
 @pytest.mark.pure
+def test_a_feed_page_says_where_the_next_one_starts(make_db: MakeDb) -> None:
+    """``feed_page`` (watch, watch_async and the HTTP API's /changes and /events
+    read through it): after the last change listed when the page is full, else
+    after every change so far, those of collections not followed too."""
+    db = make_db("a")
+    for key in "abc":
+        db.put("stock", key, 1)
+    db.put("misc", "m", 1)  # change 4, not followed below
+    page, after = db.feed_page(0, ["stock"], limit=2)
+    assert [c.key for c in page] == ["a", "b"] and after == 2
+    page, after = db.feed_page(after, ["stock"], limit=2)
+    assert [c.key for c in page] == ["c"] and after == 4  # past misc/m
+    assert db.feed_page(after, ["stock"]) == ([], 4)
+    with pytest.raises(p2psync.UsageError, match="beyond this store's latest"):
+        db.feed_page(5)
+    with pytest.raises(p2psync.UsageError, match="out of range"):
+        db.feed_page(0, limit=0)
+
+
+@pytest.mark.pure
 def test_received_changes_conflicts_and_late_payloads_are_changes_too(make_db: MakeDb) -> None:
     a, b = make_db("a"), make_db("b")
     a.put("stock", "k", "a's")

@@ -15,7 +15,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from p2psync.api import Database
 from p2psync.core.entry import check_collection
 from p2psync.errors import HttpError, UsageError
 from p2psync.http.body import number, seconds
@@ -44,7 +43,7 @@ def routes(site: Site, hub: Hub) -> list[Route]:
         """A page of changes after ``since``, and how far the caller may move on:
         past the last one listed, or (a page not full) past every change so far,
         those of collections it does not follow too."""
-        return await trio.to_thread.run_sync(_page, db, since, names, limit)
+        return await trio.to_thread.run_sync(db.feed_page, since, names, limit)
 
     async def changes(request: Request) -> Response:
         since = number(request, "since", 0, 0, MAX_SINCE)
@@ -117,16 +116,6 @@ class EventResponse(StreamingResponse):
             self.hub.leave()
 
 
-def _page(
-    db: Database, since: int, names: list[str] | None, limit: int
-) -> tuple[list[RecordChange], int]:
-    top = db.last_change()  # every change up to it is committed
-    found = db.changes_page(since, names, limit)
-    if len(found) == limit:
-        return found, found[-1].change
-    return found, max(since, top, found[-1].change if found else 0)
-
-
 def _json(change: RecordChange) -> dict[str, Any]:
     row = change_json(change)
     row["value"] = to_json(row["value"])
@@ -150,7 +139,7 @@ async def _stream(
     yield _sse("hello", {"device_id": db.device_id, "name": db.name, "last_change": latest})
     while True:
         version = site.feed.version
-        found, last = await trio.to_thread.run_sync(_page, db, since, names, PAGE)
+        found, last = await trio.to_thread.run_sync(db.feed_page, since, names, PAGE)
         for change in found:
             row = _json(change)
             yield _sse("change", row, change.change)
