@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,25 @@ class SpawnedAgent(AgentProcess):
 
     def status(self) -> dict[str, Any]:
         return json.loads(cli(self.home, "status", "--json"))  # type: ignore[no-any-return]
+
+    def last_change(self) -> int:
+        with self.db() as db:
+            return db.last_change()
+
+
+def http_agent(base: Path, name: str, *extra: str) -> SpawnedAgent:
+    """An agent started with its HTTP API on a free loopback port."""
+    return SpawnedAgent(base / name, name).init().start("--http", "127.0.0.1:0", *extra)
+
+
+@contextmanager
+def serving(base: Path, name: str) -> Iterator[SpawnedAgent]:
+    """:func:`http_agent`, stopped at the end (a module's ``site`` fixture)."""
+    agent = http_agent(base, name)
+    try:
+        yield agent
+    finally:
+        agent.stop()
 
 
 def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) -> None:

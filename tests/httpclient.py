@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2psync.agent.process import AgentProcess
+
 
 @dataclass
 class Answer:
@@ -29,6 +31,12 @@ class Api:
     @classmethod
     def of(cls, url: str, home: Path) -> Api:
         return cls(url, (home / "http.key").read_text().strip())
+
+    @classmethod
+    def of_agent(cls, agent: AgentProcess) -> Api:
+        """The API of an agent started with ``--http``, with its key."""
+        assert agent.http_url is not None, "the agent was started without --http"
+        return cls.of(agent.http_url, agent.home)
 
     def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)

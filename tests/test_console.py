@@ -13,7 +13,7 @@ import pytest
 
 from p2psync.clock import now_ms
 from p2psync.http.keys import LINK_TTL_MS, console_link_token
-from tests.agents import SpawnedAgent, cli, wait_for
+from tests.agents import SpawnedAgent, cli, serving, wait_for
 from tests.httpclient import Api
 
 pytestmark = pytest.mark.process
@@ -23,18 +23,13 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpawnedAgent]:
-    base = tmp_path_factory.mktemp("console")
-    agent = SpawnedAgent(base / "hq", "hq").init().start("--http", "127.0.0.1:0")
-    try:
+    with serving(tmp_path_factory.mktemp("console"), "hq") as agent:
         yield agent
-    finally:
-        agent.stop()
 
 
 @pytest.fixture
 def api(site: SpawnedAgent) -> Api:
-    assert site.http_url is not None
-    return Api.of(site.http_url, site.home)
+    return Api.of_agent(site)
 
 
 def session_of(answer_headers: dict[str, str]) -> str:

@@ -13,34 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import SpawnedAgent, cli, run, wait_for
+from tests.agents import SpawnedAgent, cli, http_agent, run, serving, wait_for
 from tests.httpclient import Api, EventStream
 
 pytestmark = pytest.mark.process
 
 
-def http_agent(base: Path, name: str, *extra: str) -> SpawnedAgent:
-    return SpawnedAgent(base / name, name).init().start("--http", "127.0.0.1:0", *extra)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpawnedAgent]:
-    agent = http_agent(tmp_path_factory.mktemp("http"), "hq")
-    try:
+    with serving(tmp_path_factory.mktemp("http"), "hq") as agent:
         yield agent
-    finally:
-        agent.stop()
 
 
 @pytest.fixture
 def api(site: SpawnedAgent) -> Api:
-    assert site.http_url is not None
-    return Api.of(site.http_url, site.home)
-
-
-def last_change(site: SpawnedAgent) -> int:
-    with site.db() as db:
-        return db.last_change()
+    return Api.of_agent(site)
 
 
 # ---------------------------------------------------------------- the key and the host
@@ -53,7 +40,7 @@ def test_status_says_where_the_api_is(site: SpawnedAgent) -> None:
 def test_the_key_is_made_for_the_home_alone_and_required(site: SpawnedAgent, api: Api) -> None:
     key = site.home / "http.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    before = last_change(site)
+    before = site.last_change()
     for given in (None, "not-the-key", api.key + "x"):  # type: ignore[operator]
         answer = api.call("PUT", "/records/k/a", 1, key=given)
         assert answer.status == 401, answer
@@ -61,7 +48,7 @@ def test_the_key_is_made_for_the_home_alone_and_required(site: SpawnedAgent, api
     assert api.call("GET", "/status", key=None).status == 401
     bearer = api.call("GET", "/status", key=None, headers={"Authorization": f"Bearer {api.key}"})
     assert bearer.status == 200
-    assert last_change(site) == before  # nothing written on a refused request
+    assert site.last_change() == before  # nothing written on a refused request
 
 
 @pytest.mark.parametrize(
@@ -82,12 +69,12 @@ def test_the_key_is_made_for_the_home_alone_and_required(site: SpawnedAgent, api
 def test_a_host_that_dns_rebinding_could_give_is_refused(
     site: SpawnedAgent, api: Api, host: str, status: int
 ) -> None:
-    before = last_change(site)
+    before = site.last_change()
     answer = api.call("PUT", "/records/hosts/x", 1, headers={"Host": host})
     assert answer.status == status, (host, answer)
     if status != 200:
         assert "host" in answer.body["error"]
-        assert last_change(site) == before
+        assert site.last_change() == before
 
 
 def test_a_request_without_a_host_is_refused(api: Api) -> None:
@@ -192,14 +179,14 @@ def test_a_transaction_is_one_entry_and_all_or_nothing(site: SpawnedAgent, api: 
         assert not db.exists("tx", "gone")
         entries = [e for e in db.log() if e.id.hex() == answer["entry"]]
     assert len(entries) == 1 and len(entries[0].ops) == 3
-    before = last_change(site)
+    before = site.last_change()
     bad = api.call(
         "POST",
         "/transactions",
         {"changes": [{"collection": "tx", "key": "c", "value": 1}, {"collection": "tx"}]},
     )
     assert bad.status == 400 and "key" in bad.body["error"]
-    assert last_change(site) == before
+    assert site.last_change() == before
     with site.db() as db:
         assert db.get("tx", "c") is None
 
@@ -245,13 +232,13 @@ def test_bad_requests_get_a_json_error_and_write_nothing(
     status: int,
     words: str,
 ) -> None:
-    before = last_change(site)
+    before = site.last_change()
     answer = api.call(method, path, raw=raw)
     assert answer.status == status, answer
     assert answer.headers.get("content-type") == "application/json"
     assert answer.body["status"] == status and words in answer.body["error"], answer.body
     assert "Traceback" not in answer.body["error"]
-    assert last_change(site) == before
+    assert site.last_change() == before
 
 
 def raw_request(api: Api, head: str, chunks: Iterator[bytes]) -> tuple[int, bytes]:
@@ -277,7 +264,7 @@ def raw_request(api: Api, head: str, chunks: Iterator[bytes]) -> tuple[int, byte
 def test_an_oversize_body_is_refused_whether_declared_or_chunked(
     site: SpawnedAgent, api: Api
 ) -> None:
-    before = last_change(site)
+    before = site.last_change()
     size = 9 << 20
     head = (
         f"POST /transactions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {api.key}\r\n"
@@ -297,7 +284,7 @@ def test_an_oversize_body_is_refused_whether_declared_or_chunked(
     )
     status, body = raw_request(api, head, chunked())
     assert status == 413, body
-    assert last_change(site) == before
+    assert site.last_change() == before
     assert api.ok("GET", "/status")["running"]  # and the agent goes on
 
 

@@ -14,32 +14,19 @@ import pytest
 
 from p2psync.core.rules import MAX_PATTERN_CHARS, Terms
 from p2psync.errors import UsageError
-from tests.agents import SpawnedAgent
+from tests.agents import SpawnedAgent, http_agent, serving
 from tests.httpclient import Api, EventStream
-
-
-def http_agent(base: Path, name: str) -> SpawnedAgent:
-    return SpawnedAgent(base / name, name).init().start("--http", "127.0.0.1:0")
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpawnedAgent]:
-    agent = http_agent(tmp_path_factory.mktemp("review"), "hq")
-    try:
+    with serving(tmp_path_factory.mktemp("review"), "hq") as agent:
         yield agent
-    finally:
-        agent.stop()
 
 
 @pytest.fixture
 def api(site: SpawnedAgent) -> Api:
-    assert site.http_url is not None
-    return Api.of(site.http_url, site.home)
-
-
-def last_change(site: SpawnedAgent) -> int:
-    with site.db() as db:
-        return db.last_change()
+    return Api.of_agent(site)
 
 
 @pytest.mark.process
@@ -65,7 +52,7 @@ def test_a_transaction_that_puts_and_deletes_one_record_is_refused(
     written: the delete is dropped as a no-op (``store.local._write_one`` judges
     "live" from the store before the transaction), so the record the client
     deleted exists, and the answer counts a change that was not made."""
-    before = last_change(site)
+    before = site.last_change()
     answer = api.call(
         "POST",
         "/transactions",
@@ -77,7 +64,7 @@ def test_a_transaction_that_puts_and_deletes_one_record_is_refused(
         },
     )
     assert answer.status == 400, answer
-    assert last_change(site) == before
+    assert site.last_change() == before
     with site.db() as db:
         assert not db.exists("twice", "a")
 
@@ -104,7 +91,7 @@ def test_hello_gives_the_latest_change_when_resuming(site: SpawnedAgent, api: Ap
     start = api.ok("GET", "/status")["store"]["last_change"]
     api.ok("PUT", "/records/hello/a", 1)
     api.ok("PUT", "/records/hello/b", 2)
-    latest = last_change(site)
+    latest = site.last_change()
     events = EventStream(api, f"/events?since={start}")
     try:
         kind, hello, _ = events.next()
