@@ -186,9 +186,10 @@ def test_a_home_of_a_uid_with_no_user_is_refused_in_a_sentence(tmp_path: Path) -
     home = tmp_path / "a"
     home_mod.init(home, "a")
     os.chown(home, 54321, 54321)  # no user, no group of that number here
-    code, text, err = unit(home, "--user", "root")
+    code, text, err = unit(home)
     assert code == 2 and text == "", (code, text, err)
     assert "uid 54321, which is no user" in err and "Traceback" not in err
+    assert "or pass --user root" in err  # (which tests/test_review2.py shows works)
 
 
 @pytest.mark.pure

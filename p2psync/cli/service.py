@@ -210,7 +210,9 @@ def _protect_home(needed: list[Path]) -> str:
     then ``read-only``: writing there is refused already (ProtectSystem=strict), and
     the home, a ReadWritePaths= nested in it, stays writable. (An inaccessible
     folder cannot have a writable one inside it.)"""
-    return "read-only" if any(_under(path, _USERS_FILES) for path in needed) else "yes"
+    # (/home may be a link, to /var/home on ostree systems: systemd hides both)
+    tops = (*_USERS_FILES, *(top.resolve() for top in _USERS_FILES))
+    return "read-only" if any(_under(path, tops) for path in needed) else "yes"
 
 
 #: The folders PrivateTmp= replaces with the service's own empty ones.
@@ -227,9 +229,12 @@ def _user(home: Path, user: str | None) -> str:
     try:
         owner = pwd.getpwuid(uid).pw_name
     except KeyError:
+        if user == "root":
+            return user  # root reads any home
         raise UsageError(
             f"{home} belongs to uid {uid}, which is no user on this machine: give it to "
-            "the user the service should run as (chown -R NAME: HOME) and pass --user NAME"
+            "the user the service should run as (chown -R NAME: HOME) and pass --user "
+            "NAME, or pass --user root"
         ) from None
     if user is not None:
         try:

@@ -7,8 +7,12 @@ service could not stop, and the client would keep one of the event streams.
 Here each connection is a :class:`Connection` whose sends end, and whose
 connection is closed, when the client has taken nothing for
 :data:`STALL_SECONDS`, or when the service stops and its grace period is over.
-The rest is ``worker_serve``'s (without lifespan events, which the app does not
-use): Hypercorn's ``TCPServer`` speaks HTTP on each connection.
+When the service stops, idle connections close at once and a request under way
+has a grace period to be answered (connections are shielded from the agent's
+cancellation until then). A connection the client closed ends at once, and at
+most :data:`MAX_CONNECTIONS` are served. The rest is ``worker_serve``'s (without
+lifespan events, which the app does not use): Hypercorn's ``TCPServer`` speaks
+HTTP on each connection.
 """
 
 from __future__ import annotations
@@ -30,9 +34,6 @@ STALL_SECONDS = 30.0
 #: Connections served at once; more are answered 503 and closed, so that no
 #: local program can take the file descriptors the agent needs to sync.
 MAX_CONNECTIONS = 256
-#: Sent at most this much at a time, so a slow client that keeps reading is not
-#: taken for one that stopped.
-_SLICE = 64 * 1024
 
 
 class Connection(trio.abc.HalfCloseableStream):
@@ -45,23 +46,35 @@ class Connection(trio.abc.HalfCloseableStream):
         self.stall = stall
         self._sending: trio.CancelScope | None = None
         self._stopped = False
-        self.gone = trio.Event()  # the client closed its end (or reset it)
+        self.gone = trio.Event()  # the client closed its end (or reset it), or it stalled
+        self.scope = trio.CancelScope()  # what serves it (serve's handle)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` whole, as long as the client takes some of it at least
+        every ``stall`` seconds; else (or once stopped) the connection is ended."""
         view = memoryview(data)
-        for start in range(0, len(view), _SLICE):
+        sock = self.stream.socket
+        while view:
             if self._stopped:
+                self.gone.set()
                 raise trio.BrokenResourceError("the HTTP service is stopping")
             # A scope of its own: its deadline and stop() reach the send even
-            # inside the shield Hypercorn puts around it.
+            # inside the shield Hypercorn puts around it. Each send returns when
+            # the client has taken some: the deadline counts from the last taken.
             with trio.CancelScope(deadline=trio.current_time() + self.stall) as scope:
                 self._sending = scope
                 try:
-                    await self.stream.send_all(view[start : start + _SLICE])
+                    sent = await sock.send(view)
+                except OSError as exc:
+                    self.gone.set()
+                    raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
                 finally:
                     self._sending = None
             if scope.cancelled_caught:
-                raise trio.BrokenResourceError("the client stopped reading")
+                self.gone.set()  # ends the connection (see serve)
+                why = "the HTTP service is stopping" if self._stopped else None
+                raise trio.BrokenResourceError(why or "the client stopped reading")
+            view = view[sent:]
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -83,10 +96,12 @@ class Connection(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
     def stop(self) -> None:
-        """End a send under way and refuse the next ones."""
+        """End the connection: a send under way, the next ones, what serves it."""
         self._stopped = True
+        self.gone.set()
         if self._sending is not None:
             self._sending.cancel()
+        self.scope.cancel()
 
 
 async def serve(
@@ -122,24 +137,30 @@ async def serve(
         connection = Connection(stream)
         open_.add(connection)
         try:
-            async with trio.open_nursery() as nursery:
-
-                async def speak() -> None:
-                    # TCPServer is typed for worker_serve's streams; ours has their methods.
-                    await TCPServer(
-                        app, config, context, ConnectionState(state.copy()), connection  # type: ignore[arg-type]
-                    )
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(speak)
-                await connection.gone.wait()
-                # Hypercorn takes a client's end as the end of what it asked, but
-                # keeps the connection (a socket, a task) until its keep-alive
-                # timer runs out, up to 75 s later: end it now.
-                nursery.cancel_scope.cancel()
+            # Shielded: when the service stops, a request under way has the grace
+            # to be answered; then stop() ends the connection (serve's finally).
+            with trio.CancelScope(shield=True) as connection.scope:
+                await converse(connection)
         finally:
             stream.socket.close()  # (TCPServer's own close may have been cancelled)
             open_.discard(connection)
+
+    async def converse(connection: Connection) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def speak() -> None:
+                # TCPServer is typed for worker_serve's streams; ours has their methods.
+                await TCPServer(
+                    app, config, context, ConnectionState(state.copy()), connection  # type: ignore[arg-type]
+                )
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(speak)
+            await connection.gone.wait()
+            # Hypercorn takes a client's end as the end of what it asked, but
+            # keeps the connection (a socket, a task) until its keep-alive
+            # timer runs out, up to 75 s later: end it now.
+            nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as connections:
         try:

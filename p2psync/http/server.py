@@ -1,4 +1,5 @@
-"""Serving the HTTP API with Hypercorn's trio worker, in the agent's nursery."""
+"""Serving the HTTP API in the agent's nursery (Hypercorn's HTTP on each connection,
+served by :mod:`p2psync.http.connections`)."""
 
 from __future__ import annotations
 
