@@ -176,7 +176,8 @@ def routes(site: Site) -> list[Route]:
             change = Change(OpKind.PUT, collection, key, value, resolve=True)
             if chosen is not None:
                 versions = [conflict.winner, *conflict.losers]
-                picked = next((v for v in versions if v.entry.hex() == chosen), None)
+                wanted = chosen.lower()  # hex has no case
+                picked = next((v for v in versions if v.entry.hex() == wanted), None)
                 if picked is None:
                     raise NotFoundError(
                         f"entry {str(chosen)[:64]!r} is not one of the versions of "

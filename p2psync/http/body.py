@@ -8,19 +8,32 @@ import json
 from typing import Any
 from urllib.parse import unquote
 
+import trio
 from starlette.requests import Request
 
 from p2psync.core.entry import check_collection, check_key
 from p2psync.errors import HttpError, UsageError
+from p2psync.http.connections import STALL_SECONDS
 from p2psync.http.guard import MAX_BODY
 
 
-async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
+async def read_json(request: Request, limit: int = MAX_BODY, stall: float = STALL_SECONDS) -> Any:
     """The body as JSON; 413 beyond ``limit`` bytes (counted as they come, so a
-    chunked body cannot get round it), 400 when it is not JSON."""
+    chunked body cannot get round it), 408 when nothing of it comes for ``stall``
+    seconds (a client that hung mid-request would hold its connection for ever),
+    400 when it is not JSON."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    arriving = aiter(request.stream())
+    while True:
+        chunk: bytes | None = None
+        with trio.move_on_after(stall) as waiting:
+            try:
+                chunk = await anext(arriving)
+            except StopAsyncIteration:
+                break
+        if waiting.cancelled_caught or chunk is None:
+            raise HttpError(408, f"nothing of the body for {stall:g} s: send it whole, promptly")
         size += len(chunk)
         if size > limit:
             raise HttpError(413, f"the body is over {limit:,} bytes")
