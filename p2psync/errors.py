@@ -142,9 +142,10 @@ class HttpError(P2PSyncError):
     """The HTTP API refused a request for a reason of its own, with the status code
     that says so (413 a body too large, 429 too many event streams)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers  # of the answer (e.g. that the connection closes)
 
 
 class StoreError(P2PSyncError):

@@ -40,12 +40,13 @@ def api(site: SpawnedAgent) -> Api:
 
 
 @pytest.mark.process
-def test_resolve_takes_an_entry_id_in_capitals(
+def test_resolve_takes_an_entry_id_in_capitals_or_with_a_line_end(
     site: SpawnedAgent, api: Api, make_db: Callable[[str], p2psync.Database]
 ) -> None:
     """An entry ID is hex, which has no case: ``"entry": "AB12..."`` (as a
     spreadsheet or another program may have upper-cased it) was answered 404
-    "is not one of the versions" although it names one."""
+    "is not one of the versions" although it names one; so was one pasted with
+    its line end (rule IDs are stripped)."""
     api.ok("PUT", "/records/stock/CAPS", {"qty": 1})
     other = make_db("branch")
     other.put("stock", "CAPS", {"qty": 2})
@@ -56,7 +57,7 @@ def test_resolve_takes_an_entry_id_in_capitals(
     done = api.call(
         "POST",
         "/conflicts/resolve",
-        {"collection": "stock", "key": "CAPS", "entry": chosen["entry"].upper()},
+        {"collection": "stock", "key": "CAPS", "entry": chosen["entry"].upper() + "\n"},
     )
     assert done.status == 200, done
     assert api.ok("GET", "/records/stock/CAPS")["value"] == {"qty": 2}

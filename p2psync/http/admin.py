@@ -176,7 +176,7 @@ def routes(site: Site) -> list[Route]:
             change = Change(OpKind.PUT, collection, key, value, resolve=True)
             if chosen is not None:
                 versions = [conflict.winner, *conflict.losers]
-                wanted = chosen.lower()  # hex has no case
+                wanted = chosen.strip().lower()  # hex has no case; a pasted line end
                 picked = next((v for v in versions if v.entry.hex() == wanted), None)
                 if picked is None:
                     raise NotFoundError(

@@ -5,6 +5,7 @@ path names (percent-decoded segment by segment, so a ``/`` inside a name is
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 from urllib.parse import unquote
 
@@ -16,29 +17,51 @@ from p2psync.errors import HttpError, UsageError
 from p2psync.http.connections import STALL_SECONDS
 from p2psync.http.guard import MAX_BODY
 
+#: The headers of an answer after which the connection closes.
+CLOSE = {"connection": "close"}
 
-async def read_json(request: Request, limit: int = MAX_BODY, stall: float = STALL_SECONDS) -> Any:
-    """The body as JSON; 413 beyond ``limit`` bytes (counted as they come, so a
-    chunked body cannot get round it), 408 when nothing of it comes for ``stall``
-    seconds (a client that hung mid-request would hold its connection for ever),
-    400 when it is not JSON."""
+
+async def read_body(
+    request: Request,
+    limit: int,
+    *,
+    what: str = "the body",
+    stall: float | None = None,
+    deadline: float | None = None,
+) -> bytes:
+    """The body, whole: 413 beyond ``limit`` bytes (counted as they come, so a
+    chunked body cannot get round it); 408 when nothing of it comes for ``stall``
+    seconds (:data:`STALL_SECONDS` unless given: a client that hung mid-request
+    would hold its connection for ever) or, with a ``deadline``, when it is not
+    all there within that many seconds (for forms anyone may send: a byte every
+    29 s would pass any stall). The 408 says the connection closes, as it does."""
+    stall = STALL_SECONDS if stall is None else stall
     chunks: list[bytes] = []
     size = 0
     arriving = aiter(request.stream())
-    while True:
-        chunk: bytes | None = None
-        with trio.move_on_after(stall) as waiting:
-            try:
-                chunk = await anext(arriving)
-            except StopAsyncIteration:
-                break
-        if waiting.cancelled_caught or chunk is None:
-            raise HttpError(408, f"nothing of the body for {stall:g} s: send it whole, promptly")
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"the body is over {limit:,} bytes")
-        chunks.append(chunk)
-    data = b"".join(chunks)
+    with trio.move_on_after(math.inf if deadline is None else deadline):
+        while True:
+            with trio.move_on_after(stall) as waiting:
+                try:
+                    chunk = await anext(arriving)
+                except StopAsyncIteration:
+                    return b"".join(chunks)
+            if waiting.cancelled_caught:
+                raise HttpError(
+                    408, f"nothing of {what} for {stall:g} s: send it whole, promptly",
+                    headers=CLOSE,
+                )
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"{what} is over {limit:,} bytes")
+            chunks.append(chunk)
+    raise HttpError(408, f"{what} did not arrive within {deadline:g} s", headers=CLOSE)
+
+
+async def read_json(request: Request, limit: int = MAX_BODY, stall: float | None = None) -> Any:
+    """The body as JSON (read by :func:`read_body`: 413, 408), 400 when it is
+    not JSON."""
+    data = await read_body(request, limit, stall=stall)
     if not data.strip():
         raise UsageError("the request has no body: send a JSON document")
     try:

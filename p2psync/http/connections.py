@@ -29,7 +29,8 @@ from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 
-#: A send to a client that takes nothing for this long ends its connection.
+#: A send to a client that takes nothing for this long ends its connection (and
+#: a request body of which nothing comes for this long is answered 408: body.py).
 STALL_SECONDS = 30.0
 #: Connections served at once; more are answered 503 and closed, so that no
 #: local program can take the file descriptors the agent needs to sync.

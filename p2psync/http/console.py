@@ -41,6 +41,7 @@ from p2psync.core.rules import Direction, Mode, RuleState
 from p2psync.core.rules import Route as RuleRoute
 from p2psync.errors import P2PSyncError, UsageError
 from p2psync.http.admin import find_rule, waiting
+from p2psync.http.body import read_body
 from p2psync.http.keys import LINK_TTL_MS, check_link_token, matches
 from p2psync.http.site import Site
 from p2psync.store.local import Change
@@ -55,6 +56,7 @@ COOKIE = "p2psync_console"  # + "_" and the first characters of the site's devic
 SESSION_S = 12 * 3600  # a session lasts this long from its last use
 MAX_SESSIONS = 64
 MAX_FORM = 64 * 1024  # bytes of a console form
+FORM_SECONDS = 30.0  # for the whole of a console form to arrive
 PAGE = 50  # records per page in the browser
 #: Every console page: scripts, styles and connections from this origin only.
 SECURITY_HEADERS = {
@@ -225,11 +227,7 @@ class Console:
         # decides, as it does for every form
         if origin not in (None, "null") and origin not in (f"http://{host}", f"https://{host}"):
             raise UsageError("a form from another site was refused")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM:
-                raise UsageError("the form is too large")
+        body = await read_body(request, MAX_FORM, what="the form", deadline=FORM_SECONDS)
         try:
             text = body.decode("utf-8")
             fields = {k: v[-1] for k, v in parse_qs(text).items()}
@@ -253,11 +251,8 @@ class Console:
         return self.page(request, "login.html", error="")
 
     async def login(self, request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM:
-                raise UsageError("the form is too large")
+        # (anyone may send it: a deadline for the whole, not only a stall limit)
+        body = await read_body(request, MAX_FORM, what="the form", deadline=FORM_SECONDS)
         fields = parse_qs(body.decode("utf-8", "replace"))
         given = (fields.get("key") or [""])[-1].strip()
         if matches(given, self.sessions.key):

@@ -56,7 +56,7 @@ async def p2psync_error(_request: Request, exc: Exception) -> Response:
     status = status_of(exc)
     if status >= 500:
         log.warning("HTTP request failed: %s", exc)
-    return problem(status, str(exc))
+    return problem(status, str(exc), exc.headers if isinstance(exc, HttpError) else None)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
