@@ -95,24 +95,28 @@ async def test_stopping_ends_a_send_under_way_and_refuses_the_next() -> None:
 
 
 async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The smallest ASGI app: 200 ``ok`` to any request."""
+    """The smallest ASGI app: 200 ``ok`` to any request but ``/hold``."""
     if scope["type"] != "http":
         return
+    if scope["path"] == "/hold":  # a request under way until cancelled
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"held", "more_body": True})
+        await trio.sleep_forever()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def ask(port: int) -> bytes:
+async def ask(port: int, path: str = "/") -> bytes:
     """One GET on a new connection: what comes back before the server closes it
     or 1 s passes (the connection then stays open, kept by the caller)."""
     client = await trio.open_tcp_stream("127.0.0.1", port)
-    await client.send_all(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+    await client.send_all(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode())
     got = b""
     with trio.move_on_after(1):
         while chunk := await client.receive_some():
             got += chunk
-            if got.endswith(b"ok"):
+            if got.endswith((b"ok", b"held\r\n")):
                 break
     ASKED.append(client)
     return got
@@ -123,7 +127,8 @@ ASKED: list[trio.SocketStream] = []
 
 async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> None:
     """A local program opening connections without end would take the file
-    descriptors the agent needs for its peers and store: beyond the limit, a
+    descriptors the agent needs for its peers and store: beyond the limit (every
+    connection with a request under way: an idle one would make room), a
     connection is told 503 and closed; one freed lets the next in."""
     config = Config()
     config.keep_alive_timeout = 75
@@ -135,8 +140,8 @@ async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> Non
             await nursery.start(
                 partial(serve, app, config, [listening], max_connections=2)
             )
-            assert (await ask(port)).endswith(b"ok")
-            assert (await ask(port)).endswith(b"ok")  # both kept alive
+            assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
+            assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")  # both under way
             refused = await ask(port)
             assert refused.startswith(b"HTTP/1.1 503"), refused
             assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"] == (
@@ -149,6 +154,45 @@ async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> Non
             nursery.cancel_scope.cancel()
     finally:
         for client in ASKED:
+            await client.aclose()
+        ASKED.clear()
+        listening.close()
+
+
+async def test_at_the_limit_the_longest_idle_connection_makes_room() -> None:
+    """At the connection limit a new client was answered 503, however many of
+    the open connections were idle: any local program, with no key, could open
+    256 and send nothing (or trickle a header), and renew them every 75 s (the
+    keep-alive timeout), shutting the API and console out for everyone. Now the
+    connection idle longest is closed to make room; only when every connection
+    has a request under way is a new one answered 503."""
+    config = Config()
+    config.keep_alive_timeout = 75
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    app = wrap_app(cast(Any, hello_app), config.wsgi_max_body_size, None)
+    silent: list[trio.SocketStream] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, app, config, [listening], max_connections=2))
+            for _ in range(2):  # two that trickle a header (or say nothing)
+                silent.append(await trio.open_tcp_stream("127.0.0.1", port))
+                await silent[-1].send_all(b"GET / HT")
+                await trio.sleep(0.05)
+            assert (await ask(port)).endswith(b"ok")  # the oldest silent one made room
+            with trio.fail_after(2):
+                assert await silent[0].receive_some() == b""  # ... and was closed
+            # the other silent one, then the idle keep-alive one, make room for two
+            # requests under way; with those the next is refused
+            assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
+            assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
+            with trio.fail_after(2):
+                assert await silent[1].receive_some() == b""
+            refused = await ask(port)
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in [*silent, *ASKED]:
             await client.aclose()
         ASKED.clear()
         listening.close()

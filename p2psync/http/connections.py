@@ -10,7 +10,10 @@ connection is closed, when the client has taken nothing for
 When the service stops, idle connections close at once and a request under way
 has a grace period to be answered (connections are shielded from the agent's
 cancellation until then). A connection the client closed ends at once, and at
-most :data:`MAX_CONNECTIONS` are served. The rest is ``worker_serve``'s (without
+most :data:`MAX_CONNECTIONS` are served: at the limit, the connection idle
+longest is closed to make room for a new one (so idle connections, a program's
+that sends nothing, cannot shut others out); only when every one has a request
+under way is a new one answered 503. The rest is ``worker_serve``'s (without
 lifespan events, which the app does not use): Hypercorn's ``TCPServer`` speaks
 HTTP on each connection.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -49,6 +53,9 @@ class Connection(trio.abc.HalfCloseableStream):
         self._stopped = False
         self.gone = trio.Event()  # the client closed its end (or reset it), or it stalled
         self.scope = trio.CancelScope()  # what serves it (serve's handle)
+        # since when no request is under way (None: one is): a new connection is
+        # idle until its request's head is whole
+        self.idle_since: float | None = trio.current_time()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` whole, as long as the client takes some of it at least
@@ -105,6 +112,24 @@ class Connection(trio.abc.HalfCloseableStream):
         self.scope.cancel()
 
 
+class _Server(TCPServer):
+    """Hypercorn's ``TCPServer``, telling its :class:`Connection` when a request
+    is under way and when it is idle (as Hypercorn's keep-alive timer is told)."""
+
+    def __init__(
+        self, app: AppWrapper, config: Config, context: WorkerContext, state: ConnectionState,
+        connection: Connection,
+    ) -> None:
+        # TCPServer is typed for worker_serve's streams; ours has their methods.
+        super().__init__(app, config, context, state, connection)  # type: ignore[arg-type]
+        self.connection = connection
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            self.connection.idle_since = trio.current_time() if event.idle else None
+        await super().protocol_send(event)
+
+
 async def serve(
     app: AppWrapper,
     config: Config,
@@ -125,7 +150,7 @@ async def serve(
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
 
     async def handle(stream: trio.SocketStream) -> None:
-        if len(open_) >= max_connections:
+        if len(open_) >= max_connections and not _make_room(open_):
             # the answer, then what the client sent read (briefly): closing with
             # it unread would reset the connection before the answer is read
             with trio.move_on_after(0.25), suppress(trio.BrokenResourceError):
@@ -150,10 +175,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
 
             async def speak() -> None:
-                # TCPServer is typed for worker_serve's streams; ours has their methods.
-                await TCPServer(
-                    app, config, context, ConnectionState(state.copy()), connection  # type: ignore[arg-type]
-                )
+                await _Server(app, config, context, ConnectionState(state.copy()), connection)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(speak)
@@ -179,6 +201,17 @@ async def serve(
                 for connection in list(open_):
                     connection.stop()
             connections.cancel_scope.cancel()
+
+
+def _make_room(open_: set[Connection]) -> bool:
+    """End the connection idle longest, if one is idle."""
+    idle = [c for c in open_ if c.idle_since is not None]
+    if not idle:
+        return False
+    oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+    oldest.stop()
+    open_.discard(oldest)  # (its handler, cancelled, closes its socket)
+    return True
 
 
 def _busy(limit: int) -> bytes:
