@@ -17,7 +17,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from p2psync.http.connections import Connection, serve
+from p2psync.http.connections import TRUSTED, Connection, serve
 
 pytestmark = pytest.mark.process
 
@@ -95,10 +95,13 @@ async def test_stopping_ends_a_send_under_way_and_refuses_the_next() -> None:
 
 
 async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The smallest ASGI app: 200 ``ok`` to any request but ``/hold``."""
+    """The smallest ASGI app: 200 ``ok`` to any request but ``/hold`` and
+    ``/wait``, under way until cancelled (``/hold`` trusted, as with the key)."""
     if scope["type"] != "http":
         return
-    if scope["path"] == "/hold":  # a request under way until cancelled
+    if scope["path"] in ("/hold", "/wait"):  # a request under way until cancelled
+        if scope["path"] == "/hold":
+            scope[TRUSTED] = True  # as the guard marks one that gave the key
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"held", "more_body": True})
         await trio.sleep_forever()
@@ -159,19 +162,28 @@ async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> Non
         listening.close()
 
 
-async def test_at_the_limit_the_longest_idle_connection_makes_room() -> None:
+async def test_at_the_limit_an_idle_or_untrusted_connection_makes_room() -> None:
     """At the connection limit a new client was answered 503, however many of
     the open connections were idle: any local program, with no key, could open
     256 and send nothing (or trickle a header), and renew them every 75 s (the
     keep-alive timeout), shutting the API and console out for everyone. Now the
-    connection idle longest is closed to make room; only when every connection
-    has a request under way is a new one answered 503."""
+    connection idle longest is closed to make room, else the one longest busy
+    with requests not trusted (no key, no session: a public page read slowly);
+    only when every connection has trusted requests under way is a new one
+    answered 503."""
     config = Config()
     config.keep_alive_timeout = 75
     listening = socket.create_server(("127.0.0.1", 0))
     port = listening.getsockname()[1]
     app = wrap_app(cast(Any, hello_app), config.wsgi_max_body_size, None)
     silent: list[trio.SocketStream] = []
+
+    async def closed(client: trio.SocketStream) -> bool:
+        with trio.fail_after(2):
+            while await client.receive_some():
+                pass  # (the rest of what was under way)
+        return True
+
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve, app, config, [listening], max_connections=2))
@@ -180,15 +192,17 @@ async def test_at_the_limit_the_longest_idle_connection_makes_room() -> None:
                 await silent[-1].send_all(b"GET / HT")
                 await trio.sleep(0.05)
             assert (await ask(port)).endswith(b"ok")  # the oldest silent one made room
-            with trio.fail_after(2):
-                assert await silent[0].receive_some() == b""  # ... and was closed
-            # the other silent one, then the idle keep-alive one, make room for two
-            # requests under way; with those the next is refused
+            assert await closed(silent[0])
+            # the other silent one makes room for an untrusted request under way,
+            # the idle kept-alive one for a trusted one
+            assert (await ask(port, "/wait")).startswith(b"HTTP/1.1 200")
+            assert await closed(silent[1])
             assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
+            assert await closed(ASKED[0])
+            # none idle: the untrusted one makes room
             assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
-            with trio.fail_after(2):
-                assert await silent[1].receive_some() == b""
-            refused = await ask(port)
+            assert await closed(ASKED[1])
+            refused = await ask(port)  # two trusted under way: refused
             assert refused.startswith(b"HTTP/1.1 503"), refused
             nursery.cancel_scope.cancel()
     finally:

@@ -10,10 +10,14 @@ connection is closed, when the client has taken nothing for
 When the service stops, idle connections close at once and a request under way
 has a grace period to be answered (connections are shielded from the agent's
 cancellation until then). A connection the client closed ends at once, and at
-most :data:`MAX_CONNECTIONS` are served: at the limit, the connection idle
-longest is closed to make room for a new one (so idle connections, a program's
-that sends nothing, cannot shut others out); only when every one has a request
-under way is a new one answered 503. The rest is ``worker_serve``'s (without
+most :data:`MAX_CONNECTIONS` are served. At the limit a connection is closed to
+make room for a new one: the one idle longest (no request of it in the app: kept
+alive between requests, still sending a request's head, or speaking a protocol
+it never makes a request in), else the oldest whose requests under way are not
+trusted (the guard marks a request that gave the key or a session
+:data:`TRUSTED`): so no one without the key can shut others out, whatever they
+send or however slowly they read. Only when every connection has trusted
+requests under way is a new one answered 503. The rest is ``worker_serve``'s (without
 lifespan events, which the app does not use): Hypercorn's ``TCPServer`` speaks
 HTTP on each connection.
 """
@@ -22,13 +26,14 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import trio
+from hypercorn import typing as asgi
 from hypercorn.config import Config
-from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -36,9 +41,17 @@ from hypercorn.typing import AppWrapper, ConnectionState
 #: A send to a client that takes nothing for this long ends its connection (and
 #: a request body of which nothing comes for this long is answered 408: body.py).
 STALL_SECONDS = 30.0
-#: Connections served at once; more are answered 503 and closed, so that no
-#: local program can take the file descriptors the agent needs to sync.
+#: Connections served at once (beyond, one is closed to make room, or the new one
+#: is answered 503), so that no local program can take the file descriptors the
+#: agent needs to sync.
 MAX_CONNECTIONS = 256
+#: In a request's scope: it gave the API key or a console session (set by the
+#: guard); a connection with such a request under way is not closed to make room.
+TRUSTED = "p2psync.trusted"
+#: In the state Hypercorn copies into each request's scope: its connection.
+_CONNECTION = "p2psync.connection"
+
+Scope = dict[str, Any]  # an ASGI request's
 
 
 class Connection(trio.abc.HalfCloseableStream):
@@ -53,9 +66,23 @@ class Connection(trio.abc.HalfCloseableStream):
         self._stopped = False
         self.gone = trio.Event()  # the client closed its end (or reset it), or it stalled
         self.scope = trio.CancelScope()  # what serves it (serve's handle)
-        # since when no request is under way (None: one is): a new connection is
-        # idle until its request's head is whole
-        self.idle_since: float | None = trio.current_time()
+        self.under_way: list[Scope] = []  # its requests in the app
+        self.since = trio.current_time()  # when it last became idle, or busy
+
+    def begin(self, scope: Scope) -> None:
+        if not self.under_way:
+            self.since = trio.current_time()
+        self.under_way.append(scope)
+
+    def end(self, scope: Scope) -> None:
+        self.under_way.remove(scope)
+        if not self.under_way:
+            self.since = trio.current_time()
+
+    @property
+    def trusted(self) -> bool:
+        """Every request under way (one at least) gave the key or a session."""
+        return bool(self.under_way) and all(s.get(TRUSTED) for s in self.under_way)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` whole, as long as the client takes some of it at least
@@ -112,22 +139,30 @@ class Connection(trio.abc.HalfCloseableStream):
         self.scope.cancel()
 
 
-class _Server(TCPServer):
-    """Hypercorn's ``TCPServer``, telling its :class:`Connection` when a request
-    is under way and when it is idle (as Hypercorn's keep-alive timer is told)."""
+class _Tracked:
+    """The app, telling each request's :class:`Connection` when it is under way."""
 
-    def __init__(
-        self, app: AppWrapper, config: Config, context: WorkerContext, state: ConnectionState,
-        connection: Connection,
+    def __init__(self, app: AppWrapper) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: asgi.Scope,
+        receive: asgi.ASGIReceiveCallable,
+        send: asgi.ASGISendCallable,
+        sync_spawn: Callable[..., Any],
+        call_soon: Callable[..., Any],
     ) -> None:
-        # TCPServer is typed for worker_serve's streams; ours has their methods.
-        super().__init__(app, config, context, state, connection)  # type: ignore[arg-type]
-        self.connection = connection
-
-    async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
-            self.connection.idle_since = trio.current_time() if event.idle else None
-        await super().protocol_send(event)
+        request = cast(Scope, scope)
+        connection: Connection | None = request.get("state", {}).get(_CONNECTION)
+        if connection is None:  # (a lifespan event)
+            await self.app(scope, receive, send, sync_spawn, call_soon)
+            return
+        connection.begin(request)
+        try:
+            await self.app(scope, receive, send, sync_spawn, call_soon)
+        finally:
+            connection.end(request)
 
 
 async def serve(
@@ -148,6 +183,7 @@ async def serve(
     open_: set[Connection] = set()
     busy = _busy(max_connections)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    tracked = _Tracked(app)
 
     async def handle(stream: trio.SocketStream) -> None:
         if len(open_) >= max_connections and not _make_room(open_):
@@ -175,7 +211,14 @@ async def serve(
         async with trio.open_nursery() as nursery:
 
             async def speak() -> None:
-                await _Server(app, config, context, ConnectionState(state.copy()), connection)
+                # TCPServer is typed for worker_serve's streams; ours has their methods.
+                await TCPServer(
+                    tracked,
+                    config,
+                    context,
+                    ConnectionState({**state, _CONNECTION: connection}),
+                    connection,  # type: ignore[arg-type]
+                )
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(speak)
@@ -195,6 +238,8 @@ async def serve(
         finally:
             with trio.CancelScope(shield=True):
                 await context.terminated.set()  # idle keep-alive connections close
+                for connection in [c for c in open_ if not c.under_way]:
+                    connection.stop()  # (and those in no state Hypercorn counts as idle)
                 with trio.move_on_after(grace):
                     while open_:
                         await trio.sleep(0.02)
@@ -204,13 +249,15 @@ async def serve(
 
 
 def _make_room(open_: set[Connection]) -> bool:
-    """End the connection idle longest, if one is idle."""
-    idle = [c for c in open_ if c.idle_since is not None]
-    if not idle:
+    """End the connection idle longest or, with none idle, the one longest busy
+    with requests not trusted; False when every one is busy with trusted ones."""
+    idle = [c for c in open_ if not c.under_way]
+    candidates = idle or [c for c in open_ if not c.trusted]
+    if not candidates:
         return False
-    oldest = min(idle, key=lambda c: c.idle_since or 0.0)
-    oldest.stop()
-    open_.discard(oldest)  # (its handler, cancelled, closes its socket)
+    victim = min(candidates, key=lambda c: c.since)
+    victim.stop()
+    open_.discard(victim)  # (its handler, cancelled, closes its socket)
     return True
 
 
