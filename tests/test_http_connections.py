@@ -17,7 +17,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from p2psync.http.connections import TRUSTED, Connection, serve
+from p2psync.http.connections import KEYED, TRUSTED, Connection, serve
 
 pytestmark = pytest.mark.process
 
@@ -101,7 +101,7 @@ async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if scope["path"] in ("/hold", "/wait"):  # a request under way until cancelled
         if scope["path"] == "/hold":
-            scope[TRUSTED] = True  # as the guard marks one that gave the key
+            scope[TRUSTED] = KEYED  # as the guard marks one that gave the key
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"held", "more_body": True})
         await trio.sleep_forever()
@@ -167,10 +167,11 @@ async def test_at_the_limit_an_idle_or_untrusted_connection_makes_room() -> None
     the open connections were idle: any local program, with no key, could open
     256 and send nothing (or trickle a header), and renew them every 75 s (the
     keep-alive timeout), shutting the API and console out for everyone. Now the
-    connection idle longest is closed to make room, else the one longest busy
-    with requests not trusted (no key, no session: a public page read slowly);
-    only when every connection has trusted requests under way is a new one
-    answered 503."""
+    least trusted connection is closed to make room (among equals, the one idle
+    or busy longest: here, with no key, silent ones, a kept-alive one, one busy
+    with a page read slowly); only when every connection has keyed requests
+    under way is a new one answered 503 (tests/test_review_trust.py has the
+    order between key, session and neither)."""
     config = Config()
     config.keep_alive_timeout = 75
     listening = socket.create_server(("127.0.0.1", 0))

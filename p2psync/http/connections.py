@@ -11,13 +11,17 @@ When the service stops, idle connections close at once and a request under way
 has a grace period to be answered (connections are shielded from the agent's
 cancellation until then). A connection the client closed ends at once, and at
 most :data:`MAX_CONNECTIONS` are served. At the limit a connection is closed to
-make room for a new one: the one idle longest (no request of it in the app: kept
-alive between requests, still sending a request's head, or speaking a protocol
-it never makes a request in), else the oldest whose requests under way are not
-trusted (the guard marks a request that gave the key or a session
-:data:`TRUSTED`): so no one without the key can shut others out, whatever they
-send or however slowly they read. Only when every connection has trusted
-requests under way is a new one answered 503. The rest is ``worker_serve``'s (without
+make room for a new one, the least trusted first and, among equals, the one
+idle or busy longest. A connection's trust is that of its requests under way (the
+guard marks in :data:`TRUSTED` a request that gave the key, :data:`KEYED`, or a
+console session, :data:`SESSION`; the least of them counts), or, while none is
+(kept alive between requests, still sending a request's head, or speaking a
+protocol it never makes a request in), the most its past requests had. So
+connections of programs without the key go before any other, whatever they
+send or however slowly they read; a session's (it can only read) go before
+the key's; a keyed client's kept-alive connection goes only when everything
+else has the key too. Only when every connection has keyed requests under way
+is a new one answered 503. The rest is ``worker_serve``'s (without
 lifespan events, which the app does not use): Hypercorn's ``TCPServer`` speaks
 HTTP on each connection.
 """
@@ -45,9 +49,11 @@ STALL_SECONDS = 30.0
 #: is answered 503), so that no local program can take the file descriptors the
 #: agent needs to sync.
 MAX_CONNECTIONS = 256
-#: In a request's scope: it gave the API key or a console session (set by the
-#: guard); a connection with such a request under way is not closed to make room.
+#: In a request's scope, how far it is trusted (set by the guard): it gave a
+#: console session (SESSION) or the API key (KEYED); unmarked, neither.
 TRUSTED = "p2psync.trusted"
+SESSION = 1
+KEYED = 2
 #: In the state Hypercorn copies into each request's scope: its connection.
 _CONNECTION = "p2psync.connection"
 
@@ -68,6 +74,7 @@ class Connection(trio.abc.HalfCloseableStream):
         self.scope = trio.CancelScope()  # what serves it (serve's handle)
         self.under_way: list[Scope] = []  # its requests in the app
         self.since = trio.current_time()  # when it last became idle, or busy
+        self._had = 0  # the most trust its past requests had
 
     def begin(self, scope: Scope) -> None:
         if not self.under_way:
@@ -75,14 +82,19 @@ class Connection(trio.abc.HalfCloseableStream):
         self.under_way.append(scope)
 
     def end(self, scope: Scope) -> None:
-        self.under_way.remove(scope)
+        # by identity: two requests under way may have equal scopes
+        self.under_way = [s for s in self.under_way if s is not scope]
+        self._had = max(self._had, _trust(scope))
         if not self.under_way:
             self.since = trio.current_time()
 
     @property
-    def trusted(self) -> bool:
-        """Every request under way (one at least) gave the key or a session."""
-        return bool(self.under_way) and all(s.get(TRUSTED) for s in self.under_way)
+    def trust(self) -> int:
+        """The least trust of its requests under way; with none, the most its
+        past requests had."""
+        if self.under_way:
+            return min(_trust(s) for s in self.under_way)
+        return self._had
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` whole, as long as the client takes some of it at least
@@ -248,14 +260,18 @@ async def serve(
             connections.cancel_scope.cancel()
 
 
+def _trust(scope: Scope) -> int:
+    level = scope.get(TRUSTED, 0)
+    return level if isinstance(level, int) else 0
+
+
 def _make_room(open_: set[Connection]) -> bool:
-    """End the connection idle longest or, with none idle, the one longest busy
-    with requests not trusted; False when every one is busy with trusted ones."""
-    idle = [c for c in open_ if not c.under_way]
-    candidates = idle or [c for c in open_ if not c.trusted]
+    """End the least trusted connection (among equals, the one idle or busy
+    longest); False when every one has keyed requests under way."""
+    candidates = [c for c in open_ if not (c.under_way and c.trust >= KEYED)]
     if not candidates:
         return False
-    victim = min(candidates, key=lambda c: c.since)
+    victim = min(candidates, key=lambda c: (c.trust, c.since))
     victim.stop()
     open_.discard(victim)  # (its handler, cancelled, closes its socket)
     return True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from p2psync.http.connections import TRUSTED
+from p2psync.http.connections import KEYED, SESSION, TRUSTED
 from p2psync.http.errors import error_body
 from p2psync.http.keys import matches
 
@@ -139,11 +139,11 @@ class Guard:
             given = auth[7:].strip()
         if given is not None:
             if matches(given, self.access.key):
-                scope[TRUSTED] = True  # (its connection is not closed to make room)
+                scope[TRUSTED] = KEYED  # (its connection is the last to make room)
                 return None
             return 401, "wrong API key (it is in HOME/http.key)", []
         if self.access.session(scope):
-            scope[TRUSTED] = True
+            scope[TRUSTED] = SESSION
             return None
         return (
             401,
