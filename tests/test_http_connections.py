@@ -9,15 +9,13 @@ import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
-from p2psync.http.connections import KEYED, TRUSTED, Connection, serve
+from p2psync.http.connections import KEYED, TRUSTED, Connection
+from tests.served import served
 
 pytestmark = pytest.mark.process
 
@@ -133,16 +131,8 @@ async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> Non
     descriptors the agent needs for its peers and store: beyond the limit (every
     connection with a request under way: an idle one would make room), a
     connection is told 503 and closed; one freed lets the next in."""
-    config = Config()
-    config.keep_alive_timeout = 75
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    app = wrap_app(cast(Any, hello_app), config.wsgi_max_body_size, None)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(serve, app, config, [listening], max_connections=2)
-            )
+        async with served(hello_app, max_connections=2) as port:
             assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
             assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")  # both under way
             refused = await ask(port)
@@ -154,12 +144,10 @@ async def test_connections_beyond_the_limit_are_answered_503_and_closed() -> Non
             with trio.fail_after(5):
                 while not (await ask(port)).endswith(b"ok"):
                     await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
     finally:
         for client in ASKED:
             await client.aclose()
         ASKED.clear()
-        listening.close()
 
 
 async def test_at_the_limit_an_idle_or_untrusted_connection_makes_room() -> None:
@@ -172,11 +160,6 @@ async def test_at_the_limit_an_idle_or_untrusted_connection_makes_room() -> None
     with a page read slowly); only when every connection has keyed requests
     under way is a new one answered 503 (tests/test_review_trust.py has the
     order between key, session and neither)."""
-    config = Config()
-    config.keep_alive_timeout = 75
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    app = wrap_app(cast(Any, hello_app), config.wsgi_max_body_size, None)
     silent: list[trio.SocketStream] = []
 
     async def closed(client: trio.SocketStream) -> bool:
@@ -186,28 +169,25 @@ async def test_at_the_limit_an_idle_or_untrusted_connection_makes_room() -> None
         return True
 
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, app, config, [listening], max_connections=2))
+        async with served(hello_app, max_connections=2) as port:
             for _ in range(2):  # two that trickle a header (or say nothing)
                 silent.append(await trio.open_tcp_stream("127.0.0.1", port))
                 await silent[-1].send_all(b"GET / HT")
                 await trio.sleep(0.05)
             assert (await ask(port)).endswith(b"ok")  # the oldest silent one made room
             assert await closed(silent[0])
-            # the other silent one makes room for an untrusted request under way,
-            # the idle kept-alive one for a trusted one
+            # the other silent one makes room for a request under way with no key,
+            # then the kept-alive one (idle longer than that one is busy) for a keyed
             assert (await ask(port, "/wait")).startswith(b"HTTP/1.1 200")
             assert await closed(silent[1])
             assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
             assert await closed(ASKED[0])
-            # none idle: the untrusted one makes room
+            # the one with no key makes room for another keyed one
             assert (await ask(port, "/hold")).startswith(b"HTTP/1.1 200")
             assert await closed(ASKED[1])
-            refused = await ask(port)  # two trusted under way: refused
+            refused = await ask(port)  # two keyed under way: refused
             assert refused.startswith(b"HTTP/1.1 503"), refused
-            nursery.cancel_scope.cancel()
     finally:
         for client in [*silent, *ASKED]:
             await client.aclose()
         ASKED.clear()
-        listening.close()

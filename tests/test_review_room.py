@@ -22,6 +22,7 @@ from p2psync.http import connections
 from p2psync.http.connections import MAX_CONNECTIONS, serve
 from tests.agents import SpawnedAgent, serving
 from tests.httpclient import Api, EventStream
+from tests.served import address_of, hold, served
 
 pytestmark = pytest.mark.process
 
@@ -61,19 +62,6 @@ def site(tmp_path: Any) -> Iterator[SpawnedAgent]:
         yield agent
 
 
-def _address(agent: SpawnedAgent) -> tuple[str, int]:
-    api = Api.of_agent(agent)
-    return api.host, api.port
-
-
-def _hold(address: tuple[str, int], first: bytes, count: int) -> list[socket.socket]:
-    """``count`` connections that each send ``first`` and then nothing."""
-    held = []
-    for _ in range(count):
-        s = socket.create_connection(address, timeout=5)
-        s.sendall(first)
-        held.append(s)
-    return held
 
 
 # --- 1. HTTP/2 with prior knowledge: a connection that is never idle -----------------
@@ -88,25 +76,17 @@ async def test_an_h2_preface_is_not_a_request_under_way() -> None:
     ever: it is never chosen to make room, and (the keep-alive timer stopped
     with that same event) it outlives the keep-alive timeout too. Two of them
     (the limit here) shut every client out: 503."""
-    config = Config()
-    config.keep_alive_timeout = 0.5
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    app = wrap_app(cast(Any, tiny_app), config.wsgi_max_body_size, None)
     held: list[trio.SocketStream] = []
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, app, config, [listening], max_connections=2))
+        async with served(tiny_app, max_connections=2, keep_alive=0.5) as port:
             for _ in range(2):
                 held.append(await trio.open_tcp_stream("127.0.0.1", port))
                 await held[-1].send_all(H2_PREFACE)
             await trio.sleep(1.5)  # three keep-alive timeouts, and then some
             answer = await get(port)
-            nursery.cancel_scope.cancel()
     finally:
         for client in held:
             await client.aclose()
-        listening.close()
     assert answer.endswith(b"ok"), answer
 
 
@@ -117,7 +97,7 @@ def test_256_h2_prefaces_shut_a_real_agent_out(site: SpawnedAgent) -> None:
     neither the eviction nor the 75 s keep-alive timer ends them). 568a40a was
     meant to end exactly this (silent connections shutting the API out)."""
     api = Api.of_agent(site)
-    held = _hold(_address(site), H2_PREFACE, MAX_CONNECTIONS)
+    held = hold(address_of(site), H2_PREFACE, MAX_CONNECTIONS)
     try:
         time.sleep(0.5)
         answer = api.call("GET", "/status")
@@ -143,7 +123,7 @@ def test_256_unkeyed_login_heads_shut_a_real_agent_out(site: SpawnedAgent) -> No
     (it races each freed slot against everyone else, and wins by trying in a
     loop). The lock-out 568a40a describes needs one more header line, not a key."""
     api = Api.of_agent(site)
-    held = _hold(_address(site), LOGIN_HEAD, MAX_CONNECTIONS)
+    held = hold(address_of(site), LOGIN_HEAD, MAX_CONNECTIONS)
     try:
         time.sleep(0.5)
         answer = api.call("GET", "/status")
@@ -223,7 +203,7 @@ def test_guard_an_event_stream_outlives_300_silent_connections(site: SpawnedAgen
     held: list[socket.socket] = []
     try:
         assert events.next()[0] == "hello"
-        held = _hold(_address(site), b"", 300)
+        held = hold(address_of(site), b"", 300)
         time.sleep(0.5)
         api.ok("PUT", "/records/room/after", 1)
         _, change, _ = events.until(lambda k, d: k == "change")
@@ -248,7 +228,7 @@ def test_guard_a_long_poll_outlives_300_silent_connections(site: SpawnedAgent) -
     held: list[socket.socket] = []
     try:
         time.sleep(0.5)
-        held = _hold(_address(site), b"", 300)
+        held = hold(address_of(site), b"", 300)
         time.sleep(0.5)
         api.ok("PUT", "/records/room/polled", 1)
         poller.join(15)
@@ -274,7 +254,7 @@ def test_a_keyed_event_stream_outlives_300_unkeyed_login_heads(site: SpawnedAgen
     held: list[socket.socket] = []
     try:
         assert events.next()[0] == "hello"
-        held = _hold(_address(site), LOGIN_HEAD, 300)
+        held = hold(address_of(site), LOGIN_HEAD, 300)
         time.sleep(0.5)
         assert api.call("GET", "/status").status == 200
         api.ok("PUT", "/records/room/keyed", 1)

@@ -10,18 +10,16 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from functools import partial
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
-from p2psync.http.connections import KEYED, MAX_CONNECTIONS, TRUSTED, Connection, serve
+from p2psync.http.connections import KEYED, MAX_CONNECTIONS, TRUSTED, Connection
 from tests.agents import SpawnedAgent, serving
 from tests.httpclient import Api
+from tests.served import address_of, served
 
 LOGIN_HEAD = (
     b"POST /console/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -87,24 +85,16 @@ async def test_a_keyed_keep_alive_connection_outlives_unkeyed_busy_ones() -> Non
     client's next request on its connection finds it closed, while the
     attacker's untrusted request is still served. Untrusted busy connections
     should go first (or trust should outlast the request)."""
-    config = Config()
-    config.keep_alive_timeout = 75
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    app = wrap_app(cast(Any, keyed_app), config.wsgi_max_body_size, None)
     clients: list[trio.SocketStream] = []
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, app, config, [listening], max_connections=2))
+        async with served(keyed_app, max_connections=2) as port:
             clients.append(await _connect(port, "/wait"))  # the attacker's, unkeyed
             clients.append(keyed := await _connect(port, "/keyed"))  # kept alive
             clients.append(await _connect(port, "/wait"))  # the attacker's next
             answer = await _still_served(keyed)
-            nursery.cancel_scope.cancel()
     finally:
         for client in clients:
             await client.aclose()
-        listening.close()
     assert answer.endswith(b"ok"), answer
 
 
@@ -115,15 +105,9 @@ async def test_a_keyed_client_sending_its_head_outlives_unkeyed_busy_ones() -> N
     connection closes it, not one of the attacker's busy unkeyed ones. Opening a
     connection every few milliseconds, with every slot busy unkeyed, the
     attacker closes every other client's connection before its request begins."""
-    config = Config()
-    config.keep_alive_timeout = 75
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    app = wrap_app(cast(Any, keyed_app), config.wsgi_max_body_size, None)
     clients: list[trio.SocketStream] = []
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, app, config, [listening], max_connections=2))
+        async with served(keyed_app, max_connections=2) as port:
             clients.append(await _connect(port, "/wait"))
             clients.append(await _connect(port, "/wait"))
             clients.append(keyed := await _connect(port))  # closes the first /wait
@@ -140,11 +124,9 @@ async def test_a_keyed_client_sending_its_head_outlives_unkeyed_busy_ones() -> N
                             break
             except trio.BrokenResourceError as exc:
                 answer = repr(exc).encode()
-            nursery.cancel_scope.cancel()
     finally:
         for client in clients:
             await client.aclose()
-        listening.close()
     assert answer.endswith(b"ok"), answer
 
 
@@ -153,10 +135,6 @@ def site(tmp_path: Any) -> Iterator[SpawnedAgent]:
     with serving(tmp_path, "trust") as agent:
         yield agent
 
-
-def _address(agent: SpawnedAgent) -> tuple[str, int]:
-    api = Api.of_agent(agent)
-    return api.host, api.port
 
 
 @pytest.mark.process
@@ -167,7 +145,7 @@ def test_a_flood_of_unkeyed_connections_shuts_keyed_clients_out(site: SpawnedAge
     new one that has not yet had its request taken to the app. Most keyed
     requests fail (connection reset or closed without an answer)."""
     api = Api.of_agent(site)
-    address = _address(site)
+    address = address_of(site)
     held: list[socket.socket] = []
     stop = threading.Event()
 
@@ -232,7 +210,7 @@ def test_a_console_session_can_shut_keyed_clients_out(site: SpawnedAgent) -> Non
     held = []
     try:
         for _ in range(MAX_CONNECTIONS):
-            s = socket.create_connection(_address(site), timeout=5)
+            s = socket.create_connection(address_of(site), timeout=5)
             s.sendall(poll)
             held.append(s)
         time.sleep(0.5)
